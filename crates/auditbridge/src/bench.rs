@@ -1,0 +1,324 @@
+//! `auditbridge bench`: end-to-end throughput and latency of the ingest path, printed next to
+//! the raw limit measured in the same run on the same machine.
+//!
+//! Everything runs against the real services with names of its own (a fresh database, subject
+//! prefix, stream and consumer), and a real worker process (this binary, `worker`), so the
+//! figures include NATS, validation, the transaction and the acks, and the worker's peak RSS
+//! can be read from /proc.
+//!
+//! 1. Raw limit: the same rows written by `COPY` straight into a copy of `audit_events`.
+//! 2. Throughput: N events published as fast as JetStream acknowledges them while the worker
+//!    consumes; measured from the first publish until the last row is visible.
+//! 3. Latency: events at a fixed rate; a poller sees each commit (every 5 ms) and the time
+//!    from publish to "visible in PostgreSQL" is recorded per event. The poll interval makes
+//!    this a slight over-estimate of publish-to-commit.
+
+use std::collections::HashMap;
+use std::process::{ExitCode, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use async_nats::jetstream;
+use auditbridge_config::Config;
+use auditbridge_event::{Event, synth::Generator};
+use auditbridge_store::{NewEvent, Store};
+use bytes::Bytes;
+use futures::StreamExt as _;
+use tokio::process::{Child, Command};
+use uuid::Uuid;
+
+use crate::publish::{Outgoing, publish_all};
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Events for the throughput run (and for the raw limit).
+    #[arg(long, default_value_t = 300_000)]
+    events: usize,
+    /// Events per second for the latency run.
+    #[arg(long, default_value_t = 5_000.0)]
+    latency_rate: f64,
+    /// Length of the latency run.
+    #[arg(long, default_value_t = 10)]
+    latency_seconds: u64,
+    /// Tenants in the generated traffic.
+    #[arg(long, default_value_t = 50)]
+    tenants: usize,
+    /// Keep the benchmark's database and stream afterwards.
+    #[arg(long)]
+    keep: bool,
+}
+
+struct Names {
+    database_url: String,
+    prefix: String,
+    stream: String,
+    consumer: String,
+}
+
+impl Names {
+    fn new(config: &Config) -> Names {
+        let tag = Uuid::now_v7().simple().to_string()[20..].to_owned();
+        let base = &config.database_url[..config.database_url.len() - config.database_name().len()];
+        Names {
+            database_url: format!("{base}ab_bench_{tag}"),
+            prefix: format!("bench{tag}"),
+            stream: format!("ABB_{tag}"),
+            consumer: format!("bench_{tag}"),
+        }
+    }
+
+    fn config(&self, config: &Config) -> Config {
+        let mut c = config.clone();
+        c.database_url = self.database_url.clone();
+        c.subject_prefix = self.prefix.clone();
+        c.stream = self.stream.clone();
+        c.consumer = self.consumer.clone();
+        c
+    }
+}
+
+pub async fn run(args: Args, config: &Config) -> anyhow::Result<ExitCode> {
+    let names = Names::new(config);
+    let bench_config = names.config(config);
+    auditbridge_store::migrate(&names.database_url).await?;
+    let store = Store::connect_lazy(&names.database_url, 4)?;
+    let client = auditbridge_worker::connect_nats(&config.nats_url, "auditbridge-bench").await?;
+    let js = jetstream::new(client.clone());
+
+    let result = measure(&args, &bench_config, &names, &store, &js).await;
+
+    if !args.keep {
+        let _ = js.delete_stream(&names.stream).await;
+        store.close().await;
+        let _ = auditbridge_store::drop_database(&names.database_url).await;
+    } else {
+        println!(
+            "kept database {} and stream {}",
+            names.database_url, names.stream
+        );
+    }
+    result.map(|()| ExitCode::SUCCESS)
+}
+
+async fn measure(
+    args: &Args,
+    config: &Config,
+    names: &Names,
+    store: &Store,
+    js: &jetstream::Context,
+) -> anyhow::Result<()> {
+    println!(
+        "auditbridge bench: {} events, {} tenants, latency at {}/s for {}s",
+        args.events, args.tenants, args.latency_rate, args.latency_seconds
+    );
+    let mut generator = Generator::new(7, args.tenants);
+    let events: Vec<(Event, Bytes)> = (0..args.events)
+        .map(|_| {
+            let e = generator.next_event();
+            let raw = Bytes::from(serde_json::to_vec(&e).expect("events serialize"));
+            (e, raw)
+        })
+        .collect();
+    let mean_bytes = events.iter().map(|(_, r)| r.len()).sum::<usize>() / events.len().max(1);
+    println!("mean event size: {mean_bytes} bytes");
+
+    // 1. Raw limit.
+    let rows: Vec<NewEvent<'_>> = events
+        .iter()
+        .map(|(event, raw)| NewEvent { event, raw })
+        .collect();
+    let raw = store.bench_raw_copy(&rows, 10_000).await?;
+    let raw_rate = events.len() as f64 / raw.as_secs_f64();
+    println!(
+        "raw limit     COPY into a copy of audit_events (10k rows/txn): {:>9.0} rows/s",
+        raw_rate
+    );
+    drop(rows);
+
+    // The stream and consumer exist before the worker starts, so the clock measures work.
+    let stream = auditbridge_worker::provision::ensure_stream(js, config).await?;
+    auditbridge_worker::provision::ensure_consumer(&stream, config).await?;
+    let mut worker = spawn_worker(names, config)?;
+    let pid = worker.id().context("worker pid")?;
+
+    // 2. Throughput.
+    let prefix = config.subject_prefix.clone();
+    let started = Instant::now();
+    let publisher = {
+        let js = js.clone();
+        let outgoing: Vec<Outgoing> = events
+            .iter()
+            .map(|(e, raw)| Outgoing {
+                subject: e.subject(&prefix),
+                id: e.id.to_string(),
+                payload: raw.clone(),
+            })
+            .collect();
+        tokio::spawn(async move {
+            let report = publish_all(&js, futures::stream::iter(outgoing), None).await;
+            (report, started.elapsed())
+        })
+    };
+    let target = events.len() as i64;
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        if store.count_events().await? >= target {
+            break;
+        }
+        if Instant::now() > deadline {
+            let _ = worker.kill().await;
+            bail!("the worker did not store {target} events within 10 minutes");
+        }
+        if let Ok(Some(status)) = worker.try_wait() {
+            bail!("the worker exited early: {status}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let elapsed = started.elapsed();
+    let (report, publish_elapsed) = publisher.await?;
+    if report.failed > 0 {
+        bail!("{} publishes failed", report.failed);
+    }
+    let rate = events.len() as f64 / elapsed.as_secs_f64();
+    println!(
+        "publish       {} events acknowledged by JetStream in {:.2}s: {:>9.0} events/s",
+        report.acked,
+        publish_elapsed.as_secs_f64(),
+        report.acked as f64 / publish_elapsed.as_secs_f64()
+    );
+    println!(
+        "pipeline      first publish to last commit, 1 worker:        {:>9.0} events/s  ({:.2} of raw COPY; target >= 30000 and >= 0.70)",
+        rate,
+        rate / raw_rate
+    );
+    drop(events);
+
+    // 3. Latency at a fixed rate.
+    let latencies = latency_run(args, config, store, js).await?;
+    let rss = peak_rss_kib(pid);
+
+    stop_worker(&mut worker).await;
+    match latencies {
+        Some((p50, p99, max, n)) => println!(
+            "latency       publish to visible commit at {}/s ({n} events): p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms  (target p99 <= 100 ms)",
+            args.latency_rate, p50, p99, max
+        ),
+        None => println!("latency       no events observed"),
+    }
+    match rss {
+        Some(kib) => println!(
+            "worker RSS    peak {:.1} MB  (target <= 150 MB)",
+            kib as f64 / 1024.0
+        ),
+        None => println!("worker RSS    unavailable"),
+    }
+    Ok(())
+}
+
+/// Publishes at a fixed rate and watches commits appear; returns (p50, p99, max) in ms.
+async fn latency_run(
+    args: &Args,
+    config: &Config,
+    store: &Store,
+    js: &jetstream::Context,
+) -> anyhow::Result<Option<(f64, f64, f64, usize)>> {
+    let total = (args.latency_rate * args.latency_seconds as f64) as usize;
+    let sent_at: Arc<Mutex<HashMap<Uuid, Instant>>> = Arc::default();
+    let mut generator = Generator::new(11, args.tenants);
+    let prefix = config.subject_prefix.clone();
+    let start_seq = store
+        .bench_ids_after(0)
+        .await?
+        .last()
+        .map(|(s, _)| *s)
+        .unwrap_or(0);
+
+    let publisher = {
+        let js = js.clone();
+        let sent_at = sent_at.clone();
+        let rate = args.latency_rate;
+        tokio::spawn(async move {
+            let messages = futures::stream::iter(0..total).map(move |_| {
+                let e = generator.next_event();
+                sent_at
+                    .lock()
+                    .expect("not poisoned")
+                    .insert(e.id, Instant::now());
+                Outgoing::from_event(&e, &prefix)
+            });
+            publish_all(&js, messages, Some(rate)).await
+        })
+    };
+
+    let mut seen: Vec<f64> = Vec::with_capacity(total);
+    let mut last_seq = start_seq;
+    let deadline = Instant::now() + Duration::from_secs(args.latency_seconds + 120);
+    while seen.len() < total && Instant::now() < deadline {
+        let rows = store.bench_ids_after(last_seq).await?;
+        let now = Instant::now();
+        if let Some((s, _)) = rows.last() {
+            last_seq = *s;
+        }
+        {
+            let sent = sent_at.lock().expect("not poisoned");
+            seen.extend(
+                rows.iter()
+                    .filter_map(|(_, id)| sent.get(id))
+                    .map(|t| now.duration_since(*t).as_secs_f64() * 1000.0),
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    publisher.await?;
+    if seen.is_empty() {
+        return Ok(None);
+    }
+    seen.sort_by(|a, b| a.total_cmp(b));
+    let q = |p: f64| seen[((seen.len() as f64 - 1.0) * p).round() as usize];
+    Ok(Some((q(0.5), q(0.99), q(1.0), seen.len())))
+}
+
+fn spawn_worker(names: &Names, config: &Config) -> anyhow::Result<Child> {
+    let exe = std::env::current_exe().context("locating the auditbridge binary")?;
+    Command::new(exe)
+        .arg("worker")
+        .env("AUDITBRIDGE_DATABASE_URL", &names.database_url)
+        .env("AUDITBRIDGE_SUBJECT_PREFIX", &names.prefix)
+        .env("AUDITBRIDGE_STREAM", &names.stream)
+        .env("AUDITBRIDGE_CONSUMER", &names.consumer)
+        .env("AUDITBRIDGE_NATS_URL", &config.nats_url)
+        .env("AUDITBRIDGE_METRICS_ADDR", "127.0.0.1:0")
+        .env(
+            "AUDITBRIDGE_LOG",
+            std::env::var("AUDITBRIDGE_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .context("starting the worker")
+}
+
+async fn stop_worker(worker: &mut Child) {
+    if let Some(pid) = worker.id() {
+        // SIGTERM, as an operator would; the worker drains and exits.
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status();
+    }
+    if tokio::time::timeout(Duration::from_secs(20), worker.wait())
+        .await
+        .is_err()
+    {
+        let _ = worker.kill().await;
+    }
+}
+
+/// VmHWM: the peak resident set of a process, in KiB.
+fn peak_rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}

@@ -1,0 +1,128 @@
+//! The `auditbridge` command. Each subcommand lives in its own module; this one parses the
+//! command line, loads the configuration, and maps failures to an exit code and one clear
+//! message.
+
+mod bench;
+mod publish;
+mod status;
+
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use auditbridge_config::Config;
+use auditbridge_worker::{Worker, telemetry};
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+/// Carries audit events from NATS JetStream into an immutable, deduplicated trail in
+/// PostgreSQL. Configuration: AUDITBRIDGE_* variables and the TOML file named by
+/// AUDITBRIDGE_CONFIG (see README).
+#[derive(Debug, Parser)]
+#[command(name = "auditbridge", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Create the database if it is missing and apply the migrations.
+    Migrate,
+    /// Consume, validate and persist events; provisions the stream and consumer if missing.
+    Worker,
+    /// Publish events: synthetic ones with --generate, or JSON lines from standard input.
+    Publish(publish::Args),
+    /// Show the consumer's pending counts, stored events and dead letters.
+    Status(status::Args),
+    /// Measure end-to-end throughput and latency next to the raw limits of this machine.
+    Bench(bench::Args),
+}
+
+/// Entry point of the binary (also used by the end-to-end test crate's copy of it).
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config = match Config::load() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    telemetry::init_logging(&config.log, config.log_format);
+    for var in config.unknown_env() {
+        tracing::warn!(variable = %var, message = "Unknown AUDITBRIDGE_* variable ignored (a typo?).");
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli.command, config)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(command: Command, config: Config) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::Migrate => {
+            let created = auditbridge_store::migrate(&config.database_url)
+                .await
+                .with_context(|| {
+                    format!(
+                        "migrating {}",
+                        auditbridge_config::redact_url(&config.database_url)
+                    )
+                })?;
+            if created {
+                println!("created database {}", config.database_name());
+            }
+            println!(
+                "database {} is at migration {}",
+                config.database_name(),
+                auditbridge_store::MIGRATOR
+                    .iter()
+                    .map(|m| m.version)
+                    .max()
+                    .unwrap_or(0)
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Worker => {
+            let shutdown = CancellationToken::new();
+            tokio::spawn(cancel_on_signal(shutdown.clone()));
+            let worker = Worker::build(config).await?;
+            tracing::info!(metrics = %worker.metrics_addr(), message = "Worker starting.");
+            worker.run(shutdown).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Publish(args) => publish::run(args, &config).await,
+        Command::Status(args) => status::run(args, &config).await,
+        Command::Bench(args) => bench::run(args, &config).await,
+    }
+}
+
+/// Cancels `token` on SIGTERM or SIGINT.
+async fn cancel_on_signal(token: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!(message = "Cannot install signal handlers.");
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!(message = "SIGTERM: stopping."),
+        _ = int.recv() => tracing::info!(message = "SIGINT: stopping."),
+    }
+    token.cancel();
+}

@@ -1,0 +1,200 @@
+//! `auditbridge status`: what JetStream still holds for the workers, what PostgreSQL has
+//! stored, and what was refused.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use async_nats::jetstream;
+use auditbridge_config::Config;
+use auditbridge_store::Store;
+use serde_json::json;
+use time::format_description::well_known::Rfc3339;
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Print one JSON document instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+pub async fn run(args: Args, config: &Config) -> anyhow::Result<ExitCode> {
+    let mut ok = true;
+    let mut doc = json!({});
+
+    // JetStream: the stream and the shared consumer.
+    let nats = tokio::time::timeout(
+        Duration::from_secs(5),
+        async_nats::ConnectOptions::new()
+            .name("auditbridge-status")
+            .connection_timeout(Duration::from_secs(3))
+            .connect(&config.nats_url),
+    )
+    .await;
+    match nats {
+        Ok(Ok(client)) => {
+            let js = jetstream::new(client);
+            match js.get_stream(&config.stream).await {
+                Ok(mut stream) => {
+                    match stream.info().await {
+                        Ok(info) => {
+                            doc["stream"] = json!({
+                                "name": config.stream,
+                                "messages": info.state.messages,
+                                "bytes": info.state.bytes,
+                                "first_seq": info.state.first_sequence,
+                                "last_seq": info.state.last_sequence,
+                            });
+                        }
+                        Err(e) => {
+                            ok = false;
+                            doc["stream"] = json!({"name": config.stream, "error": e.to_string()});
+                        }
+                    }
+                    match stream.consumer_info(&config.consumer).await {
+                        Ok(info) => {
+                            doc["consumer"] = json!({
+                                "name": config.consumer,
+                                "pending": info.num_pending,
+                                "ack_pending": info.num_ack_pending,
+                                "redelivered": info.num_redelivered,
+                                "waiting_pulls": info.num_waiting,
+                                "acked_through_stream_seq": info.ack_floor.stream_sequence,
+                            });
+                        }
+                        Err(e) => {
+                            ok = false;
+                            doc["consumer"] =
+                                json!({"name": config.consumer, "error": e.to_string()});
+                        }
+                    }
+                }
+                Err(e) => {
+                    ok = false;
+                    doc["stream"] = json!({"name": config.stream, "error": e.to_string()});
+                }
+            }
+        }
+        Ok(Err(e)) => {
+            ok = false;
+            doc["nats"] = json!({"url": config.nats_url, "error": e.to_string()});
+        }
+        Err(_) => {
+            ok = false;
+            doc["nats"] = json!({"url": config.nats_url, "error": "timed out connecting"});
+        }
+    }
+
+    // PostgreSQL: stored events and dead letters.
+    let store = Store::connect_lazy(&config.database_url, 2)?;
+    match tokio::time::timeout(Duration::from_secs(30), store.status()).await {
+        Ok(Ok(s)) => {
+            doc["database"] = json!({
+                "name": config.database_name(),
+                "events": s.events,
+                "newest_received_at": s.newest_received_at.and_then(|t| t.format(&Rfc3339).ok()),
+            });
+            doc["dead_letters"] = s
+                .dead_letters
+                .iter()
+                .map(|d| {
+                    json!({
+                        "kind": d.kind,
+                        "count": d.count,
+                        "newest": d.newest.format(&Rfc3339).ok(),
+                        "latest_reason": d.latest_reason,
+                    })
+                })
+                .collect();
+        }
+        Ok(Err(e)) => {
+            ok = false;
+            doc["database"] = json!({"name": config.database_name(), "error": e.to_string()});
+        }
+        Err(_) => {
+            ok = false;
+            doc["database"] = json!({"name": config.database_name(), "error": "timed out"});
+        }
+    }
+    store.close().await;
+
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&doc)?);
+    } else {
+        print_text(&doc);
+    }
+    Ok(if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+fn print_text(doc: &serde_json::Value) {
+    if let Some(e) = doc["nats"]["error"].as_str() {
+        println!(
+            "NATS        {}: UNREACHABLE: {e}",
+            doc["nats"]["url"].as_str().unwrap_or("")
+        );
+    }
+    let s = &doc["stream"];
+    match s["error"].as_str() {
+        Some(e) => println!(
+            "stream      {}: ERROR: {e}",
+            s["name"].as_str().unwrap_or("")
+        ),
+        None if !s.is_null() => println!(
+            "stream      {}: {} messages, {} bytes, seq {}..{}",
+            s["name"].as_str().unwrap_or(""),
+            s["messages"],
+            s["bytes"],
+            s["first_seq"],
+            s["last_seq"]
+        ),
+        None => {}
+    }
+    let c = &doc["consumer"];
+    match c["error"].as_str() {
+        Some(e) => println!(
+            "consumer    {}: ERROR: {e}",
+            c["name"].as_str().unwrap_or("")
+        ),
+        None if !c.is_null() => println!(
+            "consumer    {}: {} pending, {} ack-pending, {} redelivered, {} waiting pulls",
+            c["name"].as_str().unwrap_or(""),
+            c["pending"],
+            c["ack_pending"],
+            c["redelivered"],
+            c["waiting_pulls"]
+        ),
+        None => {}
+    }
+    let d = &doc["database"];
+    match d["error"].as_str() {
+        Some(e) => println!(
+            "database    {}: ERROR: {e}",
+            d["name"].as_str().unwrap_or("")
+        ),
+        None => println!(
+            "database    {}: {} events stored, newest received {}",
+            d["name"].as_str().unwrap_or(""),
+            d["events"],
+            d["newest_received_at"].as_str().unwrap_or("-")
+        ),
+    }
+    match doc["dead_letters"].as_array() {
+        Some(list) if !list.is_empty() => {
+            println!("dead letters (not replayed):");
+            for l in list {
+                println!(
+                    "  {:<18} {:>8}  newest {}  e.g. {}",
+                    l["kind"].as_str().unwrap_or(""),
+                    l["count"],
+                    l["newest"].as_str().unwrap_or("-"),
+                    l["latest_reason"].as_str().unwrap_or("")
+                );
+            }
+        }
+        Some(_) => println!("dead letters: none"),
+        None => {}
+    }
+}

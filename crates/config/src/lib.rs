@@ -1,0 +1,703 @@
+//! The typed configuration tree shared by every command.
+//!
+//! Settings are resolved in three layers: built-in defaults that work on a local machine, an
+//! optional TOML file named by `AUDITBRIDGE_CONFIG`, then `AUDITBRIDGE_*` environment
+//! variables. Every value is validated here, at startup, and an error names the setting and
+//! where its value came from (the variable, or the key in the file), so an operator can fix it
+//! without reading code. Unknown keys in the file are refused; unknown `AUDITBRIDGE_*`
+//! variables are reported by [`Config::unknown_env`] so the caller can warn about typos.
+//!
+//! This crate does no network I/O; it reads the configuration file and nothing else.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Where a setting's value came from; used in error messages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Origin {
+    Default,
+    File(PathBuf),
+    Env,
+}
+
+/// A setting that could not be used. The message names the setting the way the operator
+/// wrote it (`AUDITBRIDGE_BATCH_SIZE`, or `batch_size` in a named file).
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("invalid setting {setting}={value:?}: {expected}")]
+    Invalid {
+        setting: String,
+        value: String,
+        expected: String,
+    },
+    #[error("cannot read configuration file {path} (from AUDITBRIDGE_CONFIG): {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("configuration file {path} is not valid TOML: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error(
+        "configuration file {path}: unknown setting {key:?} (known settings: {known})",
+        known = KEYS.iter().map(|k| k.name).collect::<Vec<_>>().join(", ")
+    )]
+    UnknownKey { path: PathBuf, key: String },
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Settings of the ingest path (JetStream → PostgreSQL).
+#[derive(Debug, Clone, PartialEq)]
+pub struct IngestConfig {
+    /// Most messages persisted in one transaction.
+    pub batch_size: usize,
+    /// Longest a partial batch waits for more messages before it is persisted.
+    pub batch_wait: Duration,
+    /// Largest accepted payload; larger ones are dead-lettered.
+    pub max_event_bytes: usize,
+    /// JetStream redelivers a message not acknowledged within this time.
+    pub ack_wait: Duration,
+    /// Most messages delivered and not yet acknowledged, across all workers.
+    pub max_ack_pending: i64,
+    /// How long the stream keeps messages (they can be replayed within it).
+    pub stream_max_age: Duration,
+    /// JetStream drops a re-sent `Nats-Msg-Id` inside this window.
+    pub duplicate_window: Duration,
+    /// PostgreSQL connections per worker.
+    pub db_max_connections: u32,
+}
+
+/// The whole configuration of a worker (and of the other commands, which use parts of it).
+#[derive(Clone, PartialEq)]
+pub struct Config {
+    pub nats_url: String,
+    pub database_url: String,
+    pub subject_prefix: String,
+    pub stream: String,
+    pub consumer: String,
+    pub metrics_addr: SocketAddr,
+    pub api_addr: SocketAddr,
+    pub log: String,
+    pub log_format: LogFormat,
+    pub ingest: IngestConfig,
+    /// How long a stopping worker may take to finish the batch in flight and flush.
+    pub shutdown_timeout: Duration,
+    /// Raw destination definitions (`{"name","type","params"}`), from the file's
+    /// `[[destinations]]` tables followed by the `AUDITBRIDGE_DESTINATIONS` JSON array.
+    /// They are validated by the destinations layer, which knows each type's parameters.
+    pub destinations: Vec<serde_json::Value>,
+    unknown_env: Vec<String>,
+}
+
+impl fmt::Debug for Config {
+    // By hand, so that a password in a URL never reaches a log line.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Config")
+            .field("nats_url", &redact_url(&self.nats_url))
+            .field("database_url", &redact_url(&self.database_url))
+            .field("subject_prefix", &self.subject_prefix)
+            .field("stream", &self.stream)
+            .field("consumer", &self.consumer)
+            .field("metrics_addr", &self.metrics_addr)
+            .field("api_addr", &self.api_addr)
+            .field("log", &self.log)
+            .field("log_format", &self.log_format)
+            .field("ingest", &self.ingest)
+            .field("shutdown_timeout", &self.shutdown_timeout)
+            .field("destinations", &self.destinations.len())
+            .finish()
+    }
+}
+
+/// Replaces the password of `scheme://user:password@host/...` with `***`.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let (authority, path) = match rest.find('/') {
+        Some(i) => rest.split_at(i),
+        None => (rest, ""),
+    };
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _password)) => format!("{scheme}://{user}:***@{host}{path}"),
+            None => url.to_owned(),
+        },
+        None => url.to_owned(),
+    }
+}
+
+struct Key {
+    name: &'static str,
+    default: &'static str,
+}
+
+/// Every scalar setting, its file key and its default. The environment variable is
+/// `AUDITBRIDGE_` followed by the key in upper case.
+const KEYS: &[Key] = &[
+    Key {
+        name: "nats_url",
+        default: "nats://127.0.0.1:4222",
+    },
+    Key {
+        name: "database_url",
+        default: "postgres://postgres@127.0.0.1:5432/auditbridge",
+    },
+    Key {
+        name: "subject_prefix",
+        default: "audit",
+    },
+    Key {
+        name: "stream",
+        default: "AUDIT",
+    },
+    Key {
+        name: "consumer",
+        default: "auditbridge",
+    },
+    Key {
+        name: "metrics_addr",
+        default: "127.0.0.1:9464",
+    },
+    Key {
+        name: "api_addr",
+        default: "127.0.0.1:8080",
+    },
+    Key {
+        name: "log",
+        default: "info",
+    },
+    Key {
+        name: "log_format",
+        default: "text",
+    },
+    Key {
+        name: "batch_size",
+        default: "500",
+    },
+    Key {
+        name: "batch_wait",
+        default: "20ms",
+    },
+    Key {
+        name: "max_event_bytes",
+        default: "65536",
+    },
+    Key {
+        name: "ack_wait",
+        default: "30s",
+    },
+    Key {
+        name: "max_ack_pending",
+        default: "20000",
+    },
+    Key {
+        name: "stream_max_age",
+        default: "7d",
+    },
+    Key {
+        name: "duplicate_window",
+        default: "2m",
+    },
+    Key {
+        name: "db_max_connections",
+        default: "8",
+    },
+    Key {
+        name: "shutdown_timeout",
+        default: "15s",
+    },
+];
+
+/// Variables that are read elsewhere and must not be reported as unknown.
+const OTHER_ENV: &[&str] = &["AUDITBRIDGE_CONFIG", "AUDITBRIDGE_DESTINATIONS"];
+
+fn env_name(key: &str) -> String {
+    format!("AUDITBRIDGE_{}", key.to_ascii_uppercase())
+}
+
+struct Value {
+    text: String,
+    origin: Origin,
+}
+
+/// The merged raw values, before typing.
+struct Layers {
+    values: BTreeMap<&'static str, Value>,
+}
+
+impl Layers {
+    fn setting_name(&self, key: &str) -> String {
+        match &self.values[key].origin {
+            Origin::Env => env_name(key),
+            Origin::File(path) => format!("{key} (in {})", path.display()),
+            Origin::Default => format!("{key} (default)"),
+        }
+    }
+
+    fn get(&self, key: &str) -> &str {
+        &self.values[key].text
+    }
+
+    fn invalid(&self, key: &str, expected: impl Into<String>) -> ConfigError {
+        ConfigError::Invalid {
+            setting: self.setting_name(key),
+            value: self.get(key).to_owned(),
+            expected: expected.into(),
+        }
+    }
+
+    fn parse<T: std::str::FromStr>(&self, key: &str, expected: &str) -> Result<T, ConfigError> {
+        self.get(key)
+            .trim()
+            .parse()
+            .map_err(|_| self.invalid(key, expected))
+    }
+
+    fn int_in<T>(&self, key: &str, lo: T, hi: T) -> Result<T, ConfigError>
+    where
+        T: std::str::FromStr + PartialOrd + fmt::Display + Copy,
+    {
+        let expected = format!("an integer from {lo} to {hi}");
+        let v: T = self.parse(key, &expected)?;
+        if v < lo || v > hi {
+            return Err(self.invalid(key, expected));
+        }
+        Ok(v)
+    }
+
+    fn duration_in(&self, key: &str, lo: Duration, hi: Duration) -> Result<Duration, ConfigError> {
+        let expected = format!(
+            "a duration such as \"500ms\", \"30s\" or \"7d\", from {} to {}",
+            humantime::format_duration(lo),
+            humantime::format_duration(hi)
+        );
+        let v = humantime::parse_duration(self.get(key).trim())
+            .map_err(|_| self.invalid(key, expected.clone()))?;
+        if v < lo || v > hi {
+            return Err(self.invalid(key, expected));
+        }
+        Ok(v)
+    }
+
+    fn url(&self, key: &str, schemes: &[&str]) -> Result<String, ConfigError> {
+        let v = self.get(key).trim();
+        let expected = format!("a URL starting with {}", schemes.join(" or "));
+        let ok = schemes.iter().any(|s| {
+            v.strip_prefix(s)
+                .and_then(|r| r.strip_prefix("://"))
+                .is_some_and(|r| !r.is_empty() && !r.starts_with('/'))
+        });
+        if !ok {
+            return Err(self.invalid(key, expected));
+        }
+        Ok(v.to_owned())
+    }
+
+    /// NATS names: stream and consumer names may not contain whitespace, `.`, `*`, `>`,
+    /// path separators or control characters.
+    fn nats_name(&self, key: &str) -> Result<String, ConfigError> {
+        let v = self.get(key);
+        let ok = !v.is_empty()
+            && v.len() <= 255
+            && v.chars()
+                .all(|c| c.is_ascii_graphic() && !matches!(c, '.' | '*' | '>' | '/' | '\\'));
+        if !ok {
+            return Err(self.invalid(
+                key,
+                "a name of printable ASCII without spaces, '.', '*', '>', '/' or '\\'",
+            ));
+        }
+        Ok(v.to_owned())
+    }
+
+    /// A subject prefix: one or more dot-separated tokens, no wildcards.
+    fn subject_prefix(&self, key: &str) -> Result<String, ConfigError> {
+        let v = self.get(key);
+        let ok = !v.is_empty()
+            && v.split('.').all(|t| {
+                !t.is_empty()
+                    && t.chars()
+                        .all(|c| c.is_ascii_graphic() && c != '*' && c != '>')
+            });
+        if !ok {
+            return Err(self.invalid(
+                key,
+                "dot-separated subject tokens without spaces or wildcards, such as \"audit\"",
+            ));
+        }
+        Ok(v.to_owned())
+    }
+}
+
+impl Config {
+    /// Loads the configuration from the process environment (and the file it names).
+    pub fn load() -> Result<Config, ConfigError> {
+        Config::from_env(std::env::vars())
+    }
+
+    /// Loads the configuration from the given variables instead of the process environment.
+    pub fn from_env(
+        vars: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let env: BTreeMap<String, String> = vars
+            .into_iter()
+            .filter(|(k, _)| k.starts_with("AUDITBRIDGE_"))
+            .collect();
+
+        let mut values: BTreeMap<&'static str, Value> = KEYS
+            .iter()
+            .map(|k| {
+                (
+                    k.name,
+                    Value {
+                        text: k.default.to_owned(),
+                        origin: Origin::Default,
+                    },
+                )
+            })
+            .collect();
+
+        let mut destinations = Vec::new();
+        if let Some(path) = env.get("AUDITBRIDGE_CONFIG").filter(|p| !p.is_empty()) {
+            destinations = read_file(Path::new(path), &mut values)?;
+        }
+        for key in KEYS {
+            if let Some(v) = env.get(&env_name(key.name)) {
+                values.insert(
+                    key.name,
+                    Value {
+                        text: v.clone(),
+                        origin: Origin::Env,
+                    },
+                );
+            }
+        }
+        if let Some(raw) = env
+            .get("AUDITBRIDGE_DESTINATIONS")
+            .filter(|s| !s.trim().is_empty())
+        {
+            let parsed: serde_json::Value =
+                serde_json::from_str(raw).map_err(|e| ConfigError::Invalid {
+                    setting: "AUDITBRIDGE_DESTINATIONS".into(),
+                    value: raw.clone(),
+                    expected: format!("a JSON array of {{\"name\",\"type\",\"params\"}} ({e})"),
+                })?;
+            match parsed {
+                serde_json::Value::Array(items) => destinations.extend(items),
+                _ => {
+                    return Err(ConfigError::Invalid {
+                        setting: "AUDITBRIDGE_DESTINATIONS".into(),
+                        value: raw.clone(),
+                        expected: "a JSON array of {\"name\",\"type\",\"params\"}".into(),
+                    });
+                }
+            }
+        }
+
+        let unknown_env = env
+            .keys()
+            .filter(|k| {
+                !OTHER_ENV.contains(&k.as_str())
+                    && !KEYS.iter().any(|key| env_name(key.name) == **k)
+            })
+            .cloned()
+            .collect();
+
+        let l = Layers { values };
+        let log_format = match l.get("log_format").trim() {
+            "text" => LogFormat::Text,
+            "json" => LogFormat::Json,
+            _ => return Err(l.invalid("log_format", "\"text\" or \"json\"")),
+        };
+        let ingest = IngestConfig {
+            batch_size: l.int_in("batch_size", 1, 10_000)?,
+            batch_wait: l.duration_in(
+                "batch_wait",
+                Duration::from_millis(1),
+                Duration::from_secs(10),
+            )?,
+            max_event_bytes: l.int_in("max_event_bytes", 256, 8 * 1024 * 1024)?,
+            ack_wait: l.duration_in(
+                "ack_wait",
+                Duration::from_secs(1),
+                Duration::from_secs(3600),
+            )?,
+            max_ack_pending: l.int_in("max_ack_pending", 1, 1_000_000)?,
+            stream_max_age: l.duration_in(
+                "stream_max_age",
+                Duration::from_secs(60),
+                Duration::from_secs(10 * 365 * 86_400),
+            )?,
+            duplicate_window: l.duration_in(
+                "duplicate_window",
+                Duration::from_secs(1),
+                Duration::from_secs(86_400),
+            )?,
+            db_max_connections: l.int_in("db_max_connections", 2, 1000)?,
+        };
+        if ingest.duplicate_window > ingest.stream_max_age {
+            return Err(l.invalid(
+                "duplicate_window",
+                "a duration no longer than stream_max_age",
+            ));
+        }
+        Ok(Config {
+            nats_url: l.url("nats_url", &["nats", "tls", "ws", "wss"])?,
+            database_url: l.url("database_url", &["postgres", "postgresql"])?,
+            subject_prefix: l.subject_prefix("subject_prefix")?,
+            stream: l.nats_name("stream")?,
+            consumer: l.nats_name("consumer")?,
+            metrics_addr: l.parse("metrics_addr", "a socket address such as 127.0.0.1:9464")?,
+            api_addr: l.parse("api_addr", "a socket address such as 127.0.0.1:8080")?,
+            log: l.get("log").to_owned(),
+            log_format,
+            ingest,
+            shutdown_timeout: l.duration_in(
+                "shutdown_timeout",
+                Duration::from_secs(1),
+                Duration::from_secs(600),
+            )?,
+            destinations,
+            unknown_env,
+        })
+    }
+
+    /// `AUDITBRIDGE_*` variables that no setting reads (probably typos).
+    pub fn unknown_env(&self) -> &[String] {
+        &self.unknown_env
+    }
+
+    /// The database name in `database_url` (the part after the last `/`, before `?`).
+    pub fn database_name(&self) -> &str {
+        let tail = self.database_url.rsplit('/').next().unwrap_or("");
+        tail.split('?').next().unwrap_or("")
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config::from_env(std::iter::empty()).expect("the built-in defaults are valid")
+    }
+}
+
+/// Reads the TOML file into `values`; returns its `[[destinations]]`.
+fn read_file(
+    path: &Path,
+    values: &mut BTreeMap<&'static str, Value>,
+) -> Result<Vec<serde_json::Value>, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    let table: toml::Table = text
+        .parse()
+        .map_err(|e: toml::de::Error| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })?;
+    let mut destinations = Vec::new();
+    for (key, value) in table {
+        if key == "destinations" {
+            let items = match value {
+                toml::Value::Array(items) => items,
+                _ => {
+                    return Err(ConfigError::Parse {
+                        path: path.to_owned(),
+                        message: "`destinations` must be an array of tables ([[destinations]])"
+                            .into(),
+                    });
+                }
+            };
+            for item in items {
+                let json = serde_json::to_value(&item).map_err(|e| ConfigError::Parse {
+                    path: path.to_owned(),
+                    message: format!("destinations: {e}"),
+                })?;
+                destinations.push(json);
+            }
+            continue;
+        }
+        let Some(known) = KEYS.iter().find(|k| k.name == key) else {
+            return Err(ConfigError::UnknownKey {
+                path: path.to_owned(),
+                key,
+            });
+        };
+        let text = match value {
+            toml::Value::String(s) => s,
+            toml::Value::Integer(i) => i.to_string(),
+            toml::Value::Float(f) => f.to_string(),
+            toml::Value::Boolean(b) => b.to_string(),
+            other => {
+                return Err(ConfigError::Invalid {
+                    setting: format!("{key} (in {})", path.display()),
+                    value: other.to_string(),
+                    expected: "a string or a number".into(),
+                });
+            }
+        };
+        values.insert(
+            known.name,
+            Value {
+                text,
+                origin: Origin::File(path.to_owned()),
+            },
+        );
+    }
+    Ok(destinations)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_match_the_contract() {
+        let c = Config::from_env(env(&[])).unwrap();
+        assert_eq!(c.nats_url, "nats://127.0.0.1:4222");
+        assert_eq!(
+            c.database_url,
+            "postgres://postgres@127.0.0.1:5432/auditbridge"
+        );
+        assert_eq!(c.subject_prefix, "audit");
+        assert_eq!(c.stream, "AUDIT");
+        assert_eq!(c.consumer, "auditbridge");
+        assert_eq!(c.metrics_addr.to_string(), "127.0.0.1:9464");
+        assert_eq!(c.api_addr.to_string(), "127.0.0.1:8080");
+        assert_eq!(c.log, "info");
+        assert_eq!(c.log_format, LogFormat::Text);
+        assert_eq!(c.database_name(), "auditbridge");
+        assert!(c.destinations.is_empty());
+    }
+
+    #[test]
+    fn env_overrides_file_and_file_overrides_defaults() {
+        let dir = std::env::temp_dir().join(format!("abcfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("a.toml");
+        std::fs::write(
+            &path,
+            "batch_size = 100\nstream = \"FROMFILE\"\n[[destinations]]\nname = \"siem\"\ntype = \"http\"\n",
+        )
+        .unwrap();
+        let c = Config::from_env(env(&[
+            ("AUDITBRIDGE_CONFIG", path.to_str().unwrap()),
+            ("AUDITBRIDGE_BATCH_SIZE", "250"),
+            (
+                "AUDITBRIDGE_DESTINATIONS",
+                r#"[{"name":"bus","type":"rabbitmq"}]"#,
+            ),
+        ]))
+        .unwrap();
+        assert_eq!(c.ingest.batch_size, 250);
+        assert_eq!(c.stream, "FROMFILE");
+        assert_eq!(c.destinations.len(), 2);
+        assert_eq!(c.destinations[0]["name"], "siem");
+        assert_eq!(c.destinations[1]["name"], "bus");
+    }
+
+    #[test]
+    fn invalid_values_name_the_setting_and_its_origin() {
+        let err = Config::from_env(env(&[("AUDITBRIDGE_BATCH_SIZE", "lots")])).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("AUDITBRIDGE_BATCH_SIZE"), "{msg}");
+        assert!(msg.contains("\"lots\""), "{msg}");
+        assert!(msg.contains("integer from 1 to 10000"), "{msg}");
+
+        for (var, value) in [
+            ("AUDITBRIDGE_BATCH_SIZE", "0"),
+            ("AUDITBRIDGE_BATCH_WAIT", "soon"),
+            ("AUDITBRIDGE_ACK_WAIT", "0s"),
+            ("AUDITBRIDGE_NATS_URL", "127.0.0.1:4222"),
+            ("AUDITBRIDGE_DATABASE_URL", "mysql://x/y"),
+            ("AUDITBRIDGE_METRICS_ADDR", "localhost"),
+            ("AUDITBRIDGE_STREAM", "A.B"),
+            ("AUDITBRIDGE_CONSUMER", "has space"),
+            ("AUDITBRIDGE_SUBJECT_PREFIX", "audit.>"),
+            ("AUDITBRIDGE_SUBJECT_PREFIX", "a..b"),
+            ("AUDITBRIDGE_LOG_FORMAT", "xml"),
+            ("AUDITBRIDGE_DESTINATIONS", "{\"name\":1}"),
+            ("AUDITBRIDGE_DESTINATIONS", "[oops"),
+        ] {
+            let err = Config::from_env(env(&[(var, value)]))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(var), "{var}={value}: {err}");
+        }
+    }
+
+    #[test]
+    fn file_errors_name_the_file_and_key() {
+        let dir = std::env::temp_dir().join(format!("abcfg2-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("b.toml");
+        std::fs::write(&path, "batch_sise = 3\n").unwrap();
+        let err = Config::from_env(env(&[("AUDITBRIDGE_CONFIG", path.to_str().unwrap())]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("batch_sise") && err.contains("b.toml"),
+            "{err}"
+        );
+
+        std::fs::write(&path, "batch_size = \"x\"\n").unwrap();
+        let err = Config::from_env(env(&[("AUDITBRIDGE_CONFIG", path.to_str().unwrap())]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("batch_size (in ") && err.contains("b.toml"),
+            "{err}"
+        );
+
+        let missing = dir.join("missing.toml");
+        let err = Config::from_env(env(&[("AUDITBRIDGE_CONFIG", missing.to_str().unwrap())]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("missing.toml"), "{err}");
+    }
+
+    #[test]
+    fn unknown_variables_are_reported() {
+        let c = Config::from_env(env(&[
+            ("AUDITBRIDGE_BACTH_SIZE", "3"),
+            ("AUDITBRIDGE_LOG", "debug"),
+        ]))
+        .unwrap();
+        assert_eq!(c.unknown_env(), ["AUDITBRIDGE_BACTH_SIZE".to_owned()]);
+    }
+
+    #[test]
+    fn passwords_are_redacted() {
+        assert_eq!(
+            redact_url("postgres://app:s3cret@db:5432/audit"),
+            "postgres://app:***@db:5432/audit"
+        );
+        assert_eq!(
+            redact_url("postgres://app@db/audit"),
+            "postgres://app@db/audit"
+        );
+        let c = Config::from_env(env(&[(
+            "AUDITBRIDGE_DATABASE_URL",
+            "postgres://app:s3cret@db:5432/audit",
+        )]))
+        .unwrap();
+        assert!(!format!("{c:?}").contains("s3cret"));
+    }
+}

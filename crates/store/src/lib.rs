@@ -1,0 +1,150 @@
+//! PostgreSQL access for Auditbridge. This is the only crate that speaks SQL.
+//!
+//! - [`migrate`] creates the database when it is missing and applies `migrations/`.
+//! - [`Store::persist`] writes one batch (events and dead letters) in one transaction.
+//! - [`Store::status`] answers `auditbridge status`.
+//!
+//! Errors are split by what the caller should do: [`StoreError::Unavailable`] means "the
+//! database could not do it now, keep the batch and retry"; [`StoreError::Rejected`] means "the
+//! database refused this data", which the worker answers by isolating the offending event.
+
+mod error;
+mod persist;
+mod status;
+
+pub use error::StoreError;
+pub use persist::{DeadLetter, NewEvent, PersistOutcome};
+pub use status::{DeadLetterCount, Status};
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::migrate::{MigrateDatabase, Migrator};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{PgPool, Postgres};
+
+/// The SQL migrations in `migrations/` at the repository root, embedded at compile time.
+pub static MIGRATOR: Migrator = sqlx::migrate!("../../migrations");
+
+/// Creates the database named in `url` if it does not exist (connecting to the server's
+/// maintenance database to do so), then applies every pending migration. Returns whether the
+/// database was created. Safe to run concurrently: sqlx takes an advisory lock.
+pub async fn migrate(url: &str) -> Result<bool, StoreError> {
+    let created = if Postgres::database_exists(url).await? {
+        false
+    } else {
+        match Postgres::create_database(url).await {
+            Ok(()) => true,
+            // Another `migrate` created it between our check and our CREATE.
+            Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42P04") => false,
+            Err(e) => return Err(e.into()),
+        }
+    };
+    let pool = PgPoolOptions::new()
+        .max_connections(1)
+        .connect_with(connect_options(url)?)
+        .await?;
+    MIGRATOR.run(&pool).await.map_err(StoreError::Migrate)?;
+    pool.close().await;
+    Ok(created)
+}
+
+/// Drops the database named in `url` (used by tests and benchmarks for their own databases).
+pub async fn drop_database(url: &str) -> Result<(), StoreError> {
+    let name = url
+        .rsplit('/')
+        .next()
+        .and_then(|t| t.split('?').next())
+        .unwrap_or_default();
+    let base = &url[..url.len() - url.rsplit('/').next().unwrap_or_default().len()];
+    let admin = format!("{base}postgres");
+    let pool = PgPoolOptions::new()
+        .max_connections(1)
+        .connect_with(connect_options(&admin)?)
+        .await?;
+    let sql = format!(
+        "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
+        name.replace('"', "\"\"")
+    );
+    sqlx::query(sqlx::AssertSqlSafe(sql)).execute(&pool).await?;
+    pool.close().await;
+    Ok(())
+}
+
+fn connect_options(url: &str) -> Result<PgConnectOptions, StoreError> {
+    let options = PgConnectOptions::from_str(url).map_err(StoreError::Config)?;
+    Ok(options.application_name("auditbridge"))
+}
+
+/// A pool of connections to the trail's database.
+#[derive(Clone, Debug)]
+pub struct Store {
+    pool: PgPool,
+    /// Whether the last batch met an id that was already stored. While that keeps happening
+    /// (redelivery after a crash) the writer goes straight to the `ON CONFLICT` path instead of
+    /// trying `COPY` first; see [`Store::persist`].
+    recent_conflict: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Store {
+    /// A pool that connects on first use, so a worker can start while PostgreSQL is down and
+    /// catch up when it returns.
+    pub fn connect_lazy(url: &str, max_connections: u32) -> Result<Store, StoreError> {
+        let pool = PgPoolOptions::new()
+            .max_connections(max_connections)
+            .min_connections(0)
+            .acquire_timeout(Duration::from_secs(5))
+            // A connection that died with the server is noticed before it is handed out.
+            .test_before_acquire(true)
+            .connect_lazy_with(connect_options(url)?);
+        Ok(Store::from_pool(pool))
+    }
+
+    pub fn from_pool(pool: PgPool) -> Store {
+        Store {
+            pool,
+            recent_conflict: Default::default(),
+        }
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Cheap liveness check, for `/readyz`.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    /// Fails with [`StoreError::NotMigrated`] unless every migration this build knows is
+    /// applied, so a worker never writes into a schema it does not expect.
+    pub async fn check_schema(&self) -> Result<(), StoreError> {
+        let applied: Vec<i64> = match sqlx::query_scalar(
+            "SELECT version FROM _sqlx_migrations WHERE success ORDER BY version",
+        )
+        .fetch_all(&self.pool)
+        .await
+        {
+            Ok(v) => v,
+            Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42P01") => Vec::new(),
+            Err(e) => return Err(e.into()),
+        };
+        let missing: Vec<i64> = MIGRATOR
+            .iter()
+            .map(|m| m.version)
+            .filter(|v| !applied.contains(v))
+            .collect();
+        if missing.is_empty() {
+            Ok(())
+        } else {
+            Err(StoreError::NotMigrated { missing })
+        }
+    }
+
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
+pub mod bench;

@@ -1,0 +1,324 @@
+//! The Auditbridge worker: consumes the shared JetStream consumer, persists batches to
+//! PostgreSQL, and acknowledges after commit. Any number of workers can run; they keep no
+//! local state.
+//!
+//! [`Worker::build`] connects nothing yet but binds the metrics port (so a test can bind port
+//! 0 and read the address); [`Worker::run`] then works until its shutdown token is cancelled.
+
+mod http;
+mod ingest;
+pub mod provision;
+pub mod telemetry;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use async_nats::jetstream;
+use auditbridge_config::Config;
+use auditbridge_store::{Store, StoreError};
+use metrics::gauge;
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::ingest::{Ingest, Stopped, retry_backoff};
+use crate::telemetry::*;
+
+/// What `/readyz` reports, updated by the tasks that find out.
+#[derive(Debug, Default)]
+pub struct Health {
+    pub db: AtomicBool,
+    pub nats: AtomicBool,
+    pub consumer: AtomicBool,
+}
+
+impl Health {
+    pub fn ready(&self) -> bool {
+        self.db.load(Ordering::Relaxed)
+            && self.nats.load(Ordering::Relaxed)
+            && self.consumer.load(Ordering::Relaxed)
+    }
+}
+
+/// A worker, built and ready to run.
+pub struct Worker {
+    config: Config,
+    listener: TcpListener,
+    prometheus: PrometheusHandle,
+    health: Arc<Health>,
+}
+
+impl Worker {
+    /// Binds the metrics address and installs the metrics recorder.
+    pub async fn build(config: Config) -> anyhow::Result<Worker> {
+        let listener = TcpListener::bind(config.metrics_addr)
+            .await
+            .with_context(|| format!("binding AUDITBRIDGE_METRICS_ADDR={}", config.metrics_addr))?;
+        Ok(Worker {
+            config,
+            listener,
+            prometheus: prometheus(),
+            health: Arc::default(),
+        })
+    }
+
+    /// The address `/metrics`, `/healthz` and `/readyz` are served on.
+    pub fn metrics_addr(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .expect("a bound listener has an address")
+    }
+
+    pub fn health(&self) -> Arc<Health> {
+        self.health.clone()
+    }
+
+    /// Runs until `shutdown` is cancelled, then stops pulling, finishes the batch in flight
+    /// (or abandons it unacknowledged after `shutdown_timeout`), flushes acknowledgements and
+    /// closes connections.
+    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let Worker {
+            config,
+            listener,
+            prometheus,
+            health,
+        } = self;
+        let tasks = TaskTracker::new();
+        let background = CancellationToken::new();
+
+        let store = Store::connect_lazy(&config.database_url, config.ingest.db_max_connections)?;
+        let nats = connect_nats(&config.nats_url, "auditbridge-worker").await?;
+        let js = jetstream::new(nats.clone());
+
+        tasks.spawn(http::serve(
+            listener,
+            health.clone(),
+            prometheus.clone(),
+            background.clone(),
+        ));
+        tasks.spawn({
+            let background = background.clone();
+            async move {
+                tokio::select! {
+                    _ = background.cancelled() => {}
+                    _ = upkeep(prometheus) => {}
+                }
+            }
+        });
+        tasks.spawn(watch_health(
+            store.clone(),
+            nats.clone(),
+            health.clone(),
+            background.clone(),
+        ));
+
+        let ingest = Ingest {
+            store: store.clone(),
+            subject_prefix: config.subject_prefix.clone(),
+            stream: config.stream.clone(),
+            config: config.ingest.clone(),
+            health: health.clone(),
+        };
+        let work = ingest_until_stopped(&config, &js, &ingest, &health, &background, &shutdown);
+        tokio::pin!(work);
+        let result = tokio::select! {
+            r = &mut work => r,
+            _ = shutdown.cancelled() => {
+                match tokio::time::timeout(config.shutdown_timeout, &mut work).await {
+                    Ok(r) => r,
+                    Err(_) => {
+                        tracing::warn!(timeout = ?config.shutdown_timeout, message = "Gave up on the batch in flight at the shutdown deadline; its messages stay unacknowledged and will be redelivered.");
+                        Ok(())
+                    }
+                }
+            }
+        };
+
+        // Acknowledgements are buffered in the client: send them before going away.
+        if tokio::time::timeout(Duration::from_secs(5), nats.flush())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                message = "Could not flush acknowledgements to NATS; those messages will be redelivered and deduplicated."
+            );
+        }
+        background.cancel();
+        tasks.close();
+        let _ = tokio::time::timeout(Duration::from_secs(5), tasks.wait()).await;
+        let _ = tokio::time::timeout(Duration::from_secs(5), store.close()).await;
+        tracing::info!(message = "Worker stopped.");
+        result
+    }
+}
+
+/// Connects to NATS, retrying in the background if it is not there yet; the client reconnects
+/// by itself for as long as the process lives.
+pub async fn connect_nats(url: &str, name: &str) -> anyhow::Result<async_nats::Client> {
+    async_nats::ConnectOptions::new()
+        .name(name)
+        .retry_on_initial_connect()
+        .max_reconnects(None)
+        .connection_timeout(Duration::from_secs(5))
+        .event_callback(|event| async move {
+            match event {
+                async_nats::Event::Disconnected => {
+                    tracing::warn!(message = "Disconnected from NATS; reconnecting.");
+                }
+                async_nats::Event::Connected => tracing::info!(message = "Connected to NATS."),
+                other => tracing::debug!(event = %other, message = "NATS client event."),
+            }
+        })
+        .connect(url)
+        .await
+        .with_context(|| format!("connecting to NATS at {url}"))
+}
+
+/// Provisions the stream and consumer (retrying while NATS or PostgreSQL is unavailable),
+/// then consumes; provisions again if the consumer is deleted under us.
+async fn ingest_until_stopped(
+    config: &Config,
+    js: &jetstream::Context,
+    ingest: &Ingest,
+    health: &Health,
+    background: &CancellationToken,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<()> {
+    let mut backoff = retry_backoff();
+    let mut attempts = 0u32;
+    loop {
+        if shutdown.is_cancelled() {
+            return Ok(());
+        }
+        let step = async {
+            match ingest.store.check_schema().await {
+                Err(e @ StoreError::NotMigrated { .. }) => return Err(Fatal(e.into())),
+                Err(e) => {
+                    return Err(Retry(
+                        anyhow::Error::from(e).context("checking the database schema"),
+                    ));
+                }
+                Ok(()) => {}
+            }
+            let stream = provision::ensure_stream(js, config)
+                .await
+                .map_err(classify)?;
+            let consumer = provision::ensure_consumer(&stream, config)
+                .await
+                .map_err(classify)?;
+            Ok((stream, consumer))
+        };
+        let (stream, consumer) = match step.await {
+            Ok(v) => v,
+            Err(Fatal(e)) => return Err(e),
+            Err(Retry(e)) => {
+                attempts += 1;
+                if attempts == 1 || attempts.is_multiple_of(10) {
+                    tracing::warn!(
+                        error = format!("{e:#}"),
+                        attempts,
+                        message = "Cannot start consuming yet; retrying."
+                    );
+                }
+                let delay = backoff.next().unwrap_or(Duration::from_secs(5));
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(()),
+                    _ = tokio::time::sleep(delay) => continue,
+                }
+            }
+        };
+        attempts = 0;
+        health.consumer.store(true, Ordering::Relaxed);
+        tracing::info!(stream = %config.stream, consumer = %config.consumer, subjects = %provision::stream_subject(&config.subject_prefix), message = "Consuming.");
+
+        let watcher = tokio::spawn(watch_consumer(
+            stream,
+            config.consumer.clone(),
+            background.child_token(),
+        ));
+        let stopped = ingest.consume(&consumer, shutdown).await;
+        watcher.abort();
+        health.consumer.store(false, Ordering::Relaxed);
+        match stopped {
+            Ok(Stopped::Shutdown) => return Ok(()),
+            Ok(Stopped::ConsumerLost) => {
+                tracing::error!(consumer = %config.consumer, message = "The consumer was deleted; provisioning it again.");
+            }
+            Err(e) => {
+                tracing::warn!(
+                    error = format!("{e:#}"),
+                    message = "Consuming stopped; starting again."
+                );
+                let delay = backoff.next().unwrap_or(Duration::from_secs(5));
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(()),
+                    _ = tokio::time::sleep(delay) => {}
+                }
+            }
+        }
+    }
+}
+
+enum Step {
+    Retry(anyhow::Error),
+    Fatal(anyhow::Error),
+}
+use Step::{Fatal, Retry};
+
+/// Configuration conflicts on the stream or consumer need a person; everything else (NATS
+/// down, timeouts) is retried.
+fn classify(e: anyhow::Error) -> Step {
+    if e.downcast_ref::<provision::Conflict>().is_some() {
+        Fatal(e)
+    } else {
+        Retry(e)
+    }
+}
+
+/// Keeps `/readyz` and the `*_up` gauges current.
+async fn watch_health(
+    store: Store,
+    nats: async_nats::Client,
+    health: Arc<Health>,
+    stop: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(Duration::from_secs(2));
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let db = matches!(
+            tokio::time::timeout(Duration::from_secs(2), store.ping()).await,
+            Ok(Ok(()))
+        );
+        let nats_up = nats.connection_state() == async_nats::connection::State::Connected;
+        health.db.store(db, Ordering::Relaxed);
+        health.nats.store(nats_up, Ordering::Relaxed);
+        gauge!(DATABASE_UP).set(if db { 1.0 } else { 0.0 });
+        gauge!(NATS_UP).set(if nats_up { 1.0 } else { 0.0 });
+    }
+}
+
+/// Publishes the consumer's pending and ack-pending counts as gauges.
+async fn watch_consumer(
+    stream: jetstream::stream::Stream,
+    consumer: String,
+    stop: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        if let Ok(info) = stream.consumer_info(&consumer).await {
+            gauge!(CONSUMER_PENDING).set(info.num_pending as f64);
+            gauge!(CONSUMER_ACK_PENDING).set(info.num_ack_pending as f64);
+        }
+    }
+}

@@ -1,0 +1,139 @@
+//! Metric names, units and descriptions, decided in one place; the Prometheus recorder; logs.
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use auditbridge_config::LogFormat;
+use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+pub const EVENTS_RECEIVED: &str = "auditbridge_events_received_total";
+pub const EVENTS_PERSISTED: &str = "auditbridge_events_persisted_total";
+pub const EVENTS_DUPLICATE: &str = "auditbridge_events_duplicate_total";
+/// Label `kind`: oversize | not_json | schema | subject_mismatch | db_rejected.
+pub const EVENTS_DEAD_LETTERED: &str = "auditbridge_events_dead_lettered_total";
+pub const BATCH_SIZE: &str = "auditbridge_batch_size_messages";
+pub const PERSIST_DURATION: &str = "auditbridge_persist_duration_seconds";
+pub const PUBLISH_TO_COMMIT: &str = "auditbridge_publish_to_commit_seconds";
+/// Label `reason`: unavailable | rejected.
+pub const PERSIST_FAILURES: &str = "auditbridge_persist_failures_total";
+pub const ACK_FAILURES: &str = "auditbridge_ack_failures_total";
+pub const CONSUMER_PENDING: &str = "auditbridge_consumer_pending_messages";
+pub const CONSUMER_ACK_PENDING: &str = "auditbridge_consumer_ack_pending_messages";
+pub const DATABASE_UP: &str = "auditbridge_database_up";
+pub const NATS_UP: &str = "auditbridge_nats_up";
+
+fn describe() {
+    describe_counter!(
+        EVENTS_RECEIVED,
+        Unit::Count,
+        "Messages pulled from JetStream."
+    );
+    describe_counter!(
+        EVENTS_PERSISTED,
+        Unit::Count,
+        "Events newly stored in audit_events."
+    );
+    describe_counter!(
+        EVENTS_DUPLICATE,
+        Unit::Count,
+        "Events whose id was already stored (redelivery or re-send)."
+    );
+    describe_counter!(
+        EVENTS_DEAD_LETTERED,
+        Unit::Count,
+        "Messages refused and kept in dead_letters, by kind."
+    );
+    describe_histogram!(BATCH_SIZE, Unit::Count, "Messages per persisted batch.");
+    describe_histogram!(
+        PERSIST_DURATION,
+        Unit::Seconds,
+        "Time to write and commit one batch."
+    );
+    describe_histogram!(
+        PUBLISH_TO_COMMIT,
+        Unit::Seconds,
+        "From JetStream storing a message to the commit that contains it."
+    );
+    describe_counter!(
+        PERSIST_FAILURES,
+        Unit::Count,
+        "Failed attempts to persist a batch, by reason."
+    );
+    describe_counter!(
+        ACK_FAILURES,
+        Unit::Count,
+        "Acknowledgements that could not be sent."
+    );
+    describe_gauge!(
+        CONSUMER_PENDING,
+        Unit::Count,
+        "Messages in the stream not yet delivered to the consumer."
+    );
+    describe_gauge!(
+        CONSUMER_ACK_PENDING,
+        Unit::Count,
+        "Messages delivered and not yet acknowledged."
+    );
+    describe_gauge!(DATABASE_UP, "1 when PostgreSQL answered the last check.");
+    describe_gauge!(NATS_UP, "1 when the NATS connection is up.");
+}
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Installs the process-wide Prometheus recorder once and returns its handle. Later calls
+/// (several workers in one test process) share it.
+pub fn prometheus() -> PrometheusHandle {
+    HANDLE
+        .get_or_init(|| {
+            let seconds = [
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                10.0, 30.0, 60.0,
+            ];
+            let sizes = [
+                1.0, 10.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0,
+            ];
+            let recorder = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &seconds)
+                .and_then(|b| b.set_buckets_for_metric(Matcher::Suffix("_messages".into()), &sizes))
+                .expect("bucket lists are non-empty")
+                .build_recorder();
+            let handle = recorder.handle();
+            // Another recorder may already be installed (a test harness); metrics then go
+            // there and /metrics shows only what this handle sees.
+            let _ = metrics::set_global_recorder(recorder);
+            describe();
+            handle
+        })
+        .clone()
+}
+
+/// Keeps the recorder's histograms drained; run once per process.
+pub async fn upkeep(handle: PrometheusHandle) {
+    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    loop {
+        tick.tick().await;
+        handle.run_upkeep();
+    }
+}
+
+/// Sets up `tracing` for a command: filter from `AUDITBRIDGE_LOG`, text or JSON lines on
+/// stderr. Safe to call twice (the second call does nothing).
+pub fn init_logging(filter: &str, format: LogFormat) {
+    // The NATS client logs every (re)connection at info; our own event callback already
+    // reports those once, so it is quieted unless the filter names it.
+    let filter = if filter.contains("async_nats") {
+        filter.to_owned()
+    } else {
+        format!("{filter},async_nats=warn")
+    };
+    let filter = tracing_subscriber::EnvFilter::try_new(&filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,async_nats=warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+        LogFormat::Text => builder.try_init(),
+    };
+}

@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# The project's test command (the README's, and CI's through .ci/run):
+#   scripts/test.sh [extra cargo test arguments...]
+# 1. makes sure PostgreSQL, RabbitMQ and NATS/JetStream run locally (scripts/services.sh),
+# 2. cargo fmt --check and clippy with warnings as errors,
+# 3. drops test databases (ab_test_*) left behind by earlier interrupted runs,
+# 4. cargo test --workspace --no-fail-fast "$@", and exits with its status.
+set -euo pipefail
+
+started=$SECONDS
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+# shellcheck source-path=SCRIPTDIR source=services.sh
+. "$ROOT/scripts/services.sh"
+
+step() { printf '\n== %s\n' "$*"; }
+die() {
+    printf 'test.sh: ERROR: %s\n' "$*" >&2
+    exit 1
+}
+# shellcheck disable=SC2317 # called by the EXIT trap
+report() {
+    local rc=$? t=$((SECONDS - started))
+    printf 'test.sh: exit %s after %dm%02ds\n' "$rc" $((t / 60)) $((t % 60))
+}
+trap report EXIT
+
+step "services"
+ensure_services
+
+step "cargo fmt --all -- --check"
+cargo fmt --version >/dev/null 2>&1 || die "rustfmt is missing: rustup component add rustfmt"
+cargo fmt --all -- --check || die "code is not formatted: run 'cargo fmt --all'"
+
+step "cargo clippy --workspace --all-targets -- -D warnings"
+cargo clippy --version >/dev/null 2>&1 || die "clippy is missing: rustup component add clippy"
+cargo clippy --workspace --all-targets -- -D warnings
+
+step "dropping leftover test databases (ab_test_*)"
+# Tests create databases named ab_test_* and drop them when done; an interrupted run leaves
+# some behind. (Leftover JetStream streams ABT_* are not cleaned here: that needs a NATS client,
+# and the tests delete their own streams.)
+pg() { PGCONNECT_TIMEOUT=10 timeout 120 psql -X -q -h 127.0.0.1 -p 5432 -U postgres -d postgres -v ON_ERROR_STOP=1 "$@"; }
+if dbs=$(pg -Atc "select datname from pg_database where datname like 'ab\_test\_%' order by 1"); then
+    dropped=0
+    while IFS= read -r db; do
+        [[ -n $db ]] || continue
+        if pg -c "DROP DATABASE IF EXISTS \"${db//\"/\"\"}\" WITH (FORCE)"; then
+            dropped=$((dropped + 1))
+        else
+            printf 'test.sh: warning: could not drop database %s\n' "$db" >&2
+        fi
+    done <<<"$dbs"
+    printf 'dropped %d leftover test database(s)\n' "$dropped"
+else
+    printf 'test.sh: warning: could not list databases; skipping the cleanup\n' >&2
+fi
+
+step "cargo test --workspace --no-fail-fast $*"
+# Test binaries run one after another; faults_global restarts the shared services and
+# serialises its own tests.
+status=0
+cargo test --workspace --no-fail-fast "$@" || status=$?
+exit "$status"
