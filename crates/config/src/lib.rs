@@ -74,6 +74,9 @@ pub struct IngestConfig {
     pub duplicate_window: Duration,
     /// PostgreSQL connections per worker.
     pub db_max_connections: u32,
+    /// Batches a worker persists at once: while one commits, the next is validated and
+    /// written, so neither the worker nor PostgreSQL waits for the other.
+    pub persist_concurrency: usize,
 }
 
 /// The whole configuration of a worker (and of the other commands, which use parts of it).
@@ -182,7 +185,7 @@ const KEYS: &[Key] = &[
     },
     Key {
         name: "batch_size",
-        default: "500",
+        default: "2000",
     },
     Key {
         name: "batch_wait",
@@ -211,6 +214,10 @@ const KEYS: &[Key] = &[
     Key {
         name: "db_max_connections",
         default: "8",
+    },
+    Key {
+        name: "persist_concurrency",
+        default: "3",
     },
     Key {
         name: "shutdown_timeout",
@@ -444,7 +451,17 @@ impl Config {
                 Duration::from_secs(86_400),
             )?,
             db_max_connections: l.int_in("db_max_connections", 2, 1000)?,
+            persist_concurrency: l.int_in("persist_concurrency", 1, 16)?,
         };
+        if ingest.persist_concurrency as u32 >= ingest.db_max_connections {
+            return Err(l.invalid(
+                "persist_concurrency",
+                format!(
+                    "fewer than db_max_connections ({}), which must also serve health checks",
+                    ingest.db_max_connections
+                ),
+            ));
+        }
         if ingest.duplicate_window > ingest.stream_max_age {
             return Err(l.invalid(
                 "duplicate_window",

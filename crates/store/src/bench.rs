@@ -45,18 +45,33 @@ impl Store {
         Ok(elapsed)
     }
 
-    /// Ids of events stored after `after_seq`, in insertion order, with their `seq`. Used by
-    /// the benchmark (one worker, so `seq` order is commit order) to observe commits.
+    /// Events that became visible after `after`, in the relay's commit-safe order
+    /// (`tx_id`, `seq`), with the position to pass next time. Only rows of transactions older
+    /// than every transaction still running are read, so a batch that commits late cannot
+    /// fall behind the position (see ARCHITECTURE.md, "The outbox"). Uses the outbox index,
+    /// so polling stays cheap as the table grows.
     pub async fn bench_ids_after(
         &self,
-        after_seq: i64,
-    ) -> Result<Vec<(i64, uuid::Uuid)>, StoreError> {
-        Ok(
-            sqlx::query_as("SELECT seq, id FROM audit_events WHERE seq > $1 ORDER BY seq")
-                .bind(after_seq)
-                .fetch_all(&self.pool)
-                .await?,
+        after: &Position,
+    ) -> Result<(Vec<uuid::Uuid>, Position), StoreError> {
+        let rows: Vec<(String, i64, uuid::Uuid)> = sqlx::query_as(
+            "SELECT tx_id::text, seq, id FROM audit_events \
+             WHERE (tx_id, seq) > ($1::text::xid8, $2) \
+               AND tx_id < pg_snapshot_xmin(pg_current_snapshot()) \
+             ORDER BY tx_id, seq",
         )
+        .bind(&after.tx_id)
+        .bind(after.seq)
+        .fetch_all(&self.pool)
+        .await?;
+        let next = rows
+            .last()
+            .map(|(tx_id, seq, _)| Position {
+                tx_id: tx_id.clone(),
+                seq: *seq,
+            })
+            .unwrap_or_else(|| after.clone());
+        Ok((rows.into_iter().map(|(_, _, id)| id).collect(), next))
     }
 
     /// Exact number of stored events.
@@ -64,5 +79,21 @@ impl Store {
         Ok(sqlx::query_scalar("SELECT count(*) FROM audit_events")
             .fetch_one(&self.pool)
             .await?)
+    }
+}
+
+/// A place in the (tx_id, seq) order of `audit_events`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Position {
+    pub tx_id: String,
+    pub seq: i64,
+}
+
+impl Position {
+    pub fn start() -> Position {
+        Position {
+            tx_id: "0".into(),
+            seq: 0,
+        }
     }
 }

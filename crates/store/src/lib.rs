@@ -94,8 +94,9 @@ impl Store {
             .max_connections(max_connections)
             .min_connections(0)
             .acquire_timeout(Duration::from_secs(5))
-            // A connection that died with the server is noticed before it is handed out.
-            .test_before_acquire(true)
+            // No ping before each use: a connection that died with the server fails its
+            // batch, which is retried (and the pool replaces the connection).
+            .test_before_acquire(false)
             .connect_lazy_with(connect_options(url)?);
         Ok(Store::from_pool(pool))
     }

@@ -18,6 +18,7 @@ use auditbridge_config::IngestConfig;
 use auditbridge_event::{Event, Invalid};
 use auditbridge_store::{DeadLetter, NewEvent, Store, StoreError};
 use backon::{BackoffBuilder, ExponentialBuilder};
+use futures::stream::FuturesUnordered;
 use metrics::{counter, histogram};
 use time::OffsetDateTime;
 use tokio_stream::StreamExt as _;
@@ -79,14 +80,20 @@ impl Ingest {
             .await?;
         let chunks = messages.chunks_timeout(batch, self.config.batch_wait);
         tokio::pin!(chunks);
-        loop {
+        // Batches being persisted and acknowledged. They are independent (each is acked after
+        // its own commit), so up to `persist_concurrency` run at once and may finish in any
+        // order. They are polled by this loop, on this task: no batch outlives `consume`.
+        let mut in_flight = FuturesUnordered::new();
+        let limit = self.config.persist_concurrency;
+        let stopped = loop {
             let chunk = tokio::select! {
                 biased;
-                _ = shutdown.cancelled() => return Ok(Stopped::Shutdown),
-                chunk = chunks.next() => chunk,
+                _ = shutdown.cancelled() => break Ok(Stopped::Shutdown),
+                Some(()) = in_flight.next(), if !in_flight.is_empty() => continue,
+                chunk = chunks.next(), if in_flight.len() < limit => chunk,
             };
             let Some(chunk) = chunk else {
-                anyhow::bail!("the JetStream message stream ended");
+                break Err(anyhow::anyhow!("the JetStream message stream ended"));
             };
             let mut batch = Vec::with_capacity(chunk.len());
             let mut lost = false;
@@ -107,12 +114,16 @@ impl Ingest {
             }
             if !batch.is_empty() {
                 self.health.nats.store(true, Ordering::Relaxed);
-                self.process(batch, shutdown).await;
+                in_flight.push(self.process(batch, shutdown));
             }
             if lost {
-                return Ok(Stopped::ConsumerLost);
+                break Ok(Stopped::ConsumerLost);
             }
-        }
+        };
+        // Finish what was pulled: commit and ack, or (at shutdown, while the database is
+        // away) abandon it unacknowledged.
+        while in_flight.next().await.is_some() {}
+        stopped
     }
 
     fn check(&self, msg: &Message, seen: &mut HashSet<auditbridge_event::Uuid>) -> Verdict {
@@ -189,7 +200,11 @@ impl Ingest {
                 Ok(outcome) => {
                     histogram!(PERSIST_DURATION).record(started.elapsed().as_secs_f64());
                     counter!(EVENTS_PERSISTED).increment(outcome.inserted);
-                    counter!(EVENTS_DUPLICATE).increment(outcome.duplicates);
+                    let in_batch = verdicts
+                        .iter()
+                        .filter(|v| matches!(v, Verdict::DuplicateInBatch))
+                        .count() as u64;
+                    counter!(EVENTS_DUPLICATE).increment(outcome.duplicates + in_batch);
                     for (_, kind, _) in &refused {
                         counter!(EVENTS_DEAD_LETTERED, "kind" => *kind).increment(1);
                     }

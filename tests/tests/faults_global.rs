@@ -1,0 +1,75 @@
+//! Faults that touch the shared services themselves. Cargo runs test binaries one after
+//! another, so nothing else runs while these do; within this binary a lock keeps them apart.
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use auditbridge_tests::TestEnv;
+use tokio::sync::Mutex;
+
+const T: Duration = Duration::from_secs(120);
+static SERIAL: Mutex<()> = Mutex::const_new(());
+
+/// Restarts the local PostgreSQL cluster (as root, the way the machine starts it).
+fn restart_postgres() -> anyhow::Result<()> {
+    let version = std::fs::read_dir("/etc/postgresql")?
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .max_by_key(|v| v.parse::<u32>().unwrap_or(0))
+        .ok_or_else(|| anyhow::anyhow!("no cluster under /etc/postgresql"))?;
+    let status = std::process::Command::new("pg_ctlcluster")
+        .args([
+            "--skip-systemctl-redirect",
+            &version,
+            "main",
+            "restart",
+            "-m",
+            "fast",
+        ])
+        .status()?;
+    anyhow::ensure!(status.success(), "pg_ctlcluster restart failed: {status}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_postgres_restart_during_load_loses_nothing() -> anyhow::Result<()> {
+    let _serial = SERIAL.lock().await;
+    let mut env = TestEnv::new().await?;
+    env.ensure_stream().await?;
+    let mut worker = env
+        .spawn_worker("w", &[("AUDITBRIDGE_BATCH_SIZE", "500")])
+        .await?;
+    worker.wait_ready(T).await?;
+    let events = env.events(10_000);
+
+    let (first, second) = events.split_at(4_000);
+    env.publish(first).await?;
+    env.wait_for_count(2_000, T).await?;
+    // The restart severs every connection, including the test's own pool.
+    restart_postgres()?;
+    env.publish(second).await?;
+
+    let deadline = Instant::now() + T;
+    loop {
+        match env.count().await {
+            Ok(n) if n >= 10_000 => break,
+            _ if Instant::now() > deadline => anyhow::bail!("not every event stored in time"),
+            _ => tokio::time::sleep(Duration::from_millis(250)).await,
+        }
+    }
+    env.wait_for_drained(T).await?;
+    assert_eq!(
+        env.stored_ids().await?,
+        events.iter().map(|e| e.id).collect::<HashSet<_>>()
+    );
+    assert!(worker.is_running(), "the worker must ride out the restart");
+    // The restart really reached the worker: at least one batch failed and was retried.
+    assert!(
+        worker
+            .metric("auditbridge_persist_failures_total{reason=\"unavailable\"}")
+            .await?
+            > 0.0,
+        "the restart did not interrupt the worker; log: {}",
+        worker.log.display()
+    );
+    Ok(())
+}
