@@ -48,7 +48,10 @@ pub fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    telemetry::init_logging(&config.log, config.log_format);
+    if let Err(e) = telemetry::init_logging(&config.log, config.log_format) {
+        eprintln!("error: {e}");
+        return ExitCode::from(2);
+    }
     for var in config.unknown_env() {
         tracing::warn!(variable = %var, message = "Unknown AUDITBRIDGE_* variable ignored (a typo?).");
     }

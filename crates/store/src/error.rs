@@ -5,20 +5,22 @@ use sqlx::error::DatabaseError;
 pub enum StoreError {
     /// The database could not do it now (down, restarting, overloaded, connection lost, a
     /// schema object missing). Keep the batch, back off, retry.
+    // The inner error is part of the message, not a `#[source]`, so that `{:#}` chains do not
+    // print it twice.
     #[error("database unavailable: {0}")]
-    Unavailable(#[source] sqlx::Error),
+    Unavailable(sqlx::Error),
     /// The database refused the data itself (a data exception or a constraint). Retrying the
     /// same rows cannot succeed.
     #[error("database rejected the data: {0}")]
-    Rejected(#[source] sqlx::Error),
+    Rejected(sqlx::Error),
     #[error(
         "the database schema is not up to date (missing migrations {missing:?}); run `auditbridge migrate`"
     )]
     NotMigrated { missing: Vec<i64> },
     #[error("invalid database URL: {0}")]
-    Config(#[source] sqlx::Error),
+    Config(sqlx::Error),
     #[error("applying migrations failed: {0}")]
-    Migrate(#[source] sqlx::migrate::MigrateError),
+    Migrate(sqlx::migrate::MigrateError),
 }
 
 impl StoreError {

@@ -51,16 +51,19 @@ pub async fn migrate(url: &str) -> Result<bool, StoreError> {
 
 /// Drops the database named in `url` (used by tests and benchmarks for their own databases).
 pub async fn drop_database(url: &str) -> Result<(), StoreError> {
-    let name = url
-        .rsplit('/')
-        .next()
-        .and_then(|t| t.split('?').next())
-        .unwrap_or_default();
-    let base = &url[..url.len() - url.rsplit('/').next().unwrap_or_default().len()];
-    let admin = format!("{base}postgres");
+    let options = connect_options(url)?;
+    let name = options
+        .get_database()
+        .ok_or_else(|| {
+            StoreError::Config(sqlx::Error::Configuration(
+                "no database name in the URL".into(),
+            ))
+        })?
+        .to_owned();
+    // Same server, user and parameters; the maintenance database instead of the target.
     let pool = PgPoolOptions::new()
         .max_connections(1)
-        .connect_with(connect_options(&admin)?)
+        .connect_with(options.database("postgres"))
         .await?;
     let sql = format!(
         "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
@@ -128,7 +131,12 @@ impl Store {
         .await
         {
             Ok(v) => v,
-            Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42P01") => Vec::new(),
+            // No migrations table, or no database at all (3D000): nothing is applied.
+            Err(sqlx::Error::Database(e))
+                if matches!(e.code().as_deref(), Some("42P01") | Some("3D000")) =>
+            {
+                Vec::new()
+            }
             Err(e) => return Err(e.into()),
         };
         let missing: Vec<i64> = MIGRATOR

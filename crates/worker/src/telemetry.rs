@@ -117,23 +117,29 @@ pub async fn upkeep(handle: PrometheusHandle) {
     }
 }
 
-/// Sets up `tracing` for a command: filter from `AUDITBRIDGE_LOG`, text or JSON lines on
-/// stderr. Safe to call twice (the second call does nothing).
-pub fn init_logging(filter: &str, format: LogFormat) {
+/// Sets up `tracing` for a command: filter from `AUDITBRIDGE_LOG`, text (coloured only on a
+/// terminal) or JSON lines on stderr. An invalid filter is an error naming the variable.
+/// Safe to call twice (the second call does nothing).
+pub fn init_logging(filter: &str, format: LogFormat) -> Result<(), String> {
+    use std::io::IsTerminal as _;
     // The NATS client logs every (re)connection at info; our own event callback already
     // reports those once, so it is quieted unless the filter names it.
-    let filter = if filter.contains("async_nats") {
+    let full = if filter.contains("async_nats") {
         filter.to_owned()
     } else {
         format!("{filter},async_nats=warn")
     };
-    let filter = tracing_subscriber::EnvFilter::try_new(&filter)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,async_nats=warn"));
+    let parsed = tracing_subscriber::EnvFilter::try_new(&full).map_err(|e| {
+        format!("invalid setting AUDITBRIDGE_LOG={filter:?}: expected a tracing filter such as \"info\" or \"auditbridge_worker=debug,info\" ({e})")
+    })?;
     let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+        .with_env_filter(parsed)
         .with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
-        LogFormat::Text => builder.try_init(),
+        LogFormat::Text => builder
+            .with_ansi(std::io::stderr().is_terminal())
+            .try_init(),
     };
+    Ok(())
 }
