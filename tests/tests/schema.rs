@@ -608,7 +608,7 @@ async fn worker_refuses_an_unmigrated_database() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn worker_refuses_a_database_that_does_not_exist() -> anyhow::Result<()> {
     let env = TestEnv::new().await?;
-    let missing = format!("{}/ab_test_{}_missing", auditbridge_tests::PG_BASE, env.tag);
+    let missing = format!("{PG_BASE}/ab_test_{}_missing", env.tag);
     let mut worker = env
         .spawn_worker("missing", &[("AUDITBRIDGE_DATABASE_URL", &missing)])
         .await?;

@@ -36,6 +36,27 @@ enum Command {
     Status(status::Args),
     /// Measure end-to-end throughput and latency next to the raw limits of this machine.
     Bench(bench::Args),
+    /// Manage destinations' progress.
+    #[command(subcommand)]
+    Destinations(DestinationsCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum DestinationsCommand {
+    /// Replay a destination from a point in time: its cursor moves to just before the first
+    /// event stored at or after --to, and the relay delivers from there again.
+    Rewind {
+        /// The destination's name.
+        name: String,
+        /// An RFC 3339 timestamp, e.g. 2026-11-22T10:00:00Z.
+        #[arg(long, value_parser = parse_timestamp)]
+        to: time::OffsetDateTime,
+    },
+}
+
+fn parse_timestamp(s: &str) -> Result<time::OffsetDateTime, String> {
+    time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
+        .map_err(|e| format!("expected an RFC 3339 timestamp such as 2026-11-22T10:00:00Z ({e})"))
 }
 
 /// Entry point of the binary (also used by the end-to-end test crate's copy of it).
@@ -110,6 +131,26 @@ async fn run(command: Command, config: Config) -> anyhow::Result<ExitCode> {
         Command::Publish(args) => publish::run(args, &config).await,
         Command::Status(args) => status::run(args, &config).await,
         Command::Bench(args) => bench::run(args, &config).await,
+        Command::Destinations(DestinationsCommand::Rewind { name, to }) => {
+            let store = auditbridge_store::Store::connect_lazy(&config.database_url, 2)?;
+            let moved = store.rewind(&name, to).await?;
+            store.close().await;
+            match moved {
+                Some(cursor) => {
+                    println!(
+                        "destination {name} rewound to {to}: cursor ({}, {}); its relay restarts from there within one lease renewal",
+                        cursor.tx_id, cursor.seq
+                    );
+                    Ok(ExitCode::SUCCESS)
+                }
+                None => {
+                    eprintln!(
+                        "error: no destination named {name:?} (it is created when a worker first starts with it configured)"
+                    );
+                    Ok(ExitCode::FAILURE)
+                }
+            }
+        }
     }
 }
 

@@ -115,6 +115,15 @@ pub async fn run(args: Args, config: &Config) -> anyhow::Result<ExitCode> {
             doc["database"] = json!({"name": config.database_name(), "error": "timed out"});
         }
     }
+    if doc["database"]["error"].is_null() {
+        match destinations(&store, config).await {
+            Ok(list) => doc["destinations"] = list,
+            Err(e) => {
+                ok = false;
+                doc["destinations"] = json!({"error": format!("{e:#}")});
+            }
+        }
+    }
     store.close().await;
 
     if args.json {
@@ -127,6 +136,35 @@ pub async fn run(args: Args, config: &Config) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// Each destination's progress: cursor lag, last error, lease holder.
+async fn destinations(store: &Store, config: &Config) -> anyhow::Result<serde_json::Value> {
+    let configured: Vec<String> =
+        auditbridge_destinations::parse_destinations(&config.destinations)
+            .map(|d| d.into_iter().map(|d| d.name).collect())
+            .unwrap_or_default();
+    let now = time::OffsetDateTime::now_utc();
+    let mut list = Vec::new();
+    for d in store.destinations().await? {
+        let backlog = store.backlog(&d.cursor).await?;
+        let lease_live = d.lease_expires_at.is_some_and(|t| t > now);
+        list.push(json!({
+            "name": d.name,
+            "type": d.kind,
+            "configured": configured.contains(&d.name),
+            "backlog_events": backlog.events,
+            "lag_seconds": backlog.oldest.map(|t| (now - t).as_seconds_f64().max(0.0)),
+            "delivered_total": d.delivered_total,
+            "skipped_total": d.skipped_total,
+            "last_delivered_at": d.last_delivered_at.and_then(|t| t.format(&Rfc3339).ok()),
+            "failing": d.failing,
+            "last_error": d.last_error,
+            "last_error_at": d.last_error_at.and_then(|t| t.format(&Rfc3339).ok()),
+            "lease_holder": if lease_live { d.lease_holder } else { None },
+        }));
+    }
+    Ok(serde_json::Value::Array(list))
 }
 
 fn print_text(doc: &serde_json::Value) {
@@ -196,5 +234,51 @@ fn print_text(doc: &serde_json::Value) {
         }
         Some(_) => println!("dead letters: none"),
         None => {}
+    }
+    match &doc["destinations"] {
+        serde_json::Value::Array(list) if !list.is_empty() => {
+            println!("destinations:");
+            for d in list {
+                let lag = d["lag_seconds"]
+                    .as_f64()
+                    .map_or("-".to_owned(), |s| format!("{s:.1}s"));
+                println!(
+                    "  {:<16} {:<8} backlog {:>8} events, lag {:>8}, delivered {}, {}{}{}",
+                    d["name"].as_str().unwrap_or(""),
+                    d["type"].as_str().unwrap_or(""),
+                    d["backlog_events"],
+                    lag,
+                    d["delivered_total"],
+                    match d["lease_holder"].as_str() {
+                        Some(h) => format!("relayed by {h}"),
+                        None => "no relay holds it".to_owned(),
+                    },
+                    if d["failing"].as_bool() == Some(true) {
+                        ", FAILING"
+                    } else {
+                        ""
+                    },
+                    if d["configured"].as_bool() == Some(false) {
+                        ", not in the configuration"
+                    } else {
+                        ""
+                    },
+                );
+                if let Some(e) = d["last_error"].as_str() {
+                    println!(
+                        "  {:<16} last error at {}: {e}",
+                        "",
+                        d["last_error_at"].as_str().unwrap_or("-")
+                    );
+                }
+            }
+        }
+        serde_json::Value::Object(o) => {
+            println!(
+                "destinations: ERROR: {}",
+                o.get("error").and_then(|e| e.as_str()).unwrap_or("")
+            );
+        }
+        _ => {}
     }
 }

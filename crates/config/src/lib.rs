@@ -94,6 +94,9 @@ pub struct Config {
     pub ingest: IngestConfig,
     /// How long a stopping worker may take to finish the batch in flight and flush.
     pub shutdown_timeout: Duration,
+    /// A destination's relay lease lasts this long unless renewed; another worker takes over
+    /// within about this time after the holder dies.
+    pub lease_ttl: Duration,
     /// Raw destination definitions (`{"name","type","params"}`), from the file's
     /// `[[destinations]]` tables followed by the `AUDITBRIDGE_DESTINATIONS` JSON array.
     /// They are validated by the destinations layer, which knows each type's parameters.
@@ -116,6 +119,7 @@ impl fmt::Debug for Config {
             .field("log_format", &self.log_format)
             .field("ingest", &self.ingest)
             .field("shutdown_timeout", &self.shutdown_timeout)
+            .field("lease_ttl", &self.lease_ttl)
             .field("destinations", &self.destinations.len())
             .finish()
     }
@@ -218,6 +222,10 @@ const KEYS: &[Key] = &[
     Key {
         name: "persist_concurrency",
         default: "3",
+    },
+    Key {
+        name: "lease_ttl",
+        default: "10s",
     },
     Key {
         name: "shutdown_timeout",
@@ -481,6 +489,11 @@ impl Config {
             ingest,
             shutdown_timeout: l.duration_in(
                 "shutdown_timeout",
+                Duration::from_secs(1),
+                Duration::from_secs(600),
+            )?,
+            lease_ttl: l.duration_in(
+                "lease_ttl",
                 Duration::from_secs(1),
                 Duration::from_secs(600),
             )?,

@@ -4,6 +4,7 @@
 
 use std::time::{Duration, Instant};
 
+use crate::outbox::Position;
 use crate::persist::{NewEvent, encode_copy_row};
 use crate::{Store, StoreError};
 
@@ -79,21 +80,5 @@ impl Store {
         Ok(sqlx::query_scalar("SELECT count(*) FROM audit_events")
             .fetch_one(&self.pool)
             .await?)
-    }
-}
-
-/// A place in the (tx_id, seq) order of `audit_events`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Position {
-    pub tx_id: String,
-    pub seq: i64,
-}
-
-impl Position {
-    pub fn start() -> Position {
-        Position {
-            tx_id: "0".into(),
-            seq: 0,
-        }
     }
 }

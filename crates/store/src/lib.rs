@@ -9,10 +9,12 @@
 //! database refused this data", which the worker answers by isolating the offending event.
 
 mod error;
+pub mod outbox;
 mod persist;
 mod status;
 
 pub use error::StoreError;
+pub use outbox::{Backlog, DestinationState, OutboxRow, Position, StartAt};
 pub use persist::{DeadLetter, NewEvent, PersistOutcome};
 pub use status::{DeadLetterCount, Status};
 
@@ -87,6 +89,8 @@ pub struct Store {
     /// (redelivery after a crash) the writer goes straight to the `ON CONFLICT` path instead of
     /// trying `COPY` first; see [`Store::persist`].
     recent_conflict: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Whether each committed batch notifies relays (only needed when destinations exist).
+    notify: bool,
 }
 
 impl Store {
@@ -108,7 +112,14 @@ impl Store {
         Store {
             pool,
             recent_conflict: Default::default(),
+            notify: false,
         }
+    }
+
+    /// Makes every committed batch send a notification on [`outbox::NOTIFY_CHANNEL`].
+    pub fn with_notify(mut self, notify: bool) -> Store {
+        self.notify = notify;
+        self
     }
 
     pub fn pool(&self) -> &PgPool {

@@ -104,6 +104,13 @@ impl Store {
         if !dead_letters.is_empty() {
             outcome.dead_lettered = insert_dead_letters(&mut tx, dead_letters).await?;
         }
+        if self.notify && outcome.inserted > 0 {
+            // Delivered at commit, and only if it commits.
+            sqlx::query("SELECT pg_notify($1, '')")
+                .bind(crate::outbox::NOTIFY_CHANNEL)
+                .execute(&mut *tx)
+                .await?;
+        }
 
         tx.commit().await?;
         Ok(outcome)

@@ -8,6 +8,7 @@
 mod http;
 mod ingest;
 pub mod provision;
+mod relay;
 pub mod telemetry;
 
 use std::net::SocketAddr;
@@ -47,19 +48,23 @@ impl Health {
 /// A worker, built and ready to run.
 pub struct Worker {
     config: Config,
+    destinations: Vec<auditbridge_destinations::DestinationConfig>,
     listener: TcpListener,
     prometheus: PrometheusHandle,
     health: Arc<Health>,
 }
 
 impl Worker {
-    /// Binds the metrics address and installs the metrics recorder.
+    /// Validates the destinations, binds the metrics address and installs the metrics
+    /// recorder.
     pub async fn build(config: Config) -> anyhow::Result<Worker> {
+        let destinations = auditbridge_destinations::parse_destinations(&config.destinations)?;
         let listener = TcpListener::bind(config.metrics_addr)
             .await
             .with_context(|| format!("binding AUDITBRIDGE_METRICS_ADDR={}", config.metrics_addr))?;
         Ok(Worker {
             config,
+            destinations,
             listener,
             prometheus: prometheus(),
             health: Arc::default(),
@@ -83,6 +88,7 @@ impl Worker {
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let Worker {
             config,
+            destinations,
             listener,
             prometheus,
             health,
@@ -90,7 +96,8 @@ impl Worker {
         let tasks = TaskTracker::new();
         let background = CancellationToken::new();
 
-        let store = Store::connect_lazy(&config.database_url, config.ingest.db_max_connections)?;
+        let store = Store::connect_lazy(&config.database_url, config.ingest.db_max_connections)?
+            .with_notify(!destinations.is_empty());
         let nats = connect_nats(&config.nats_url, "auditbridge-worker").await?;
         let js = jetstream::new(nats.clone());
 
@@ -115,6 +122,29 @@ impl Worker {
             health.clone(),
             background.clone(),
         ));
+
+        if !destinations.is_empty() {
+            // Relays get a pool of their own: a slow destination can never take a connection
+            // the ingest path needs (guarantee 3).
+            let relay_store =
+                Store::connect_lazy(&config.database_url, destinations.len() as u32 + 3)?;
+            let (wake_tx, wake_rx) = tokio::sync::watch::channel(0u64);
+            tasks.spawn(relay::listen(
+                relay_store.clone(),
+                wake_tx,
+                background.clone(),
+            ));
+            let ctx = Arc::new(relay::RelayContext {
+                store: relay_store,
+                holder: holder_id(),
+                lease_ttl: config.lease_ttl,
+                wake: wake_rx,
+            });
+            tracing::info!(holder = %ctx.holder, destinations = destinations.len(), message = "Relaying destinations.");
+            for d in destinations {
+                tasks.spawn(relay::supervise(d, ctx.clone(), shutdown.clone()));
+            }
+        }
 
         let ingest = Ingest {
             store: store.clone(),
@@ -149,7 +179,9 @@ impl Worker {
         }
         background.cancel();
         tasks.close();
-        let _ = tokio::time::timeout(Duration::from_secs(5), tasks.wait()).await;
+        // Relays finish (or abandon) the delivery in flight; unconfirmed events are simply
+        // sent again by the next holder.
+        let _ = tokio::time::timeout(config.shutdown_timeout, tasks.wait()).await;
         let _ = tokio::time::timeout(Duration::from_secs(5), store.close()).await;
         tracing::info!(message = "Worker stopped.");
         result
@@ -321,4 +353,14 @@ async fn watch_consumer(
             gauge!(CONSUMER_ACK_PENDING).set(info.num_ack_pending as f64);
         }
     }
+}
+
+/// This worker's name as a lease holder: host, process and a random part (a restarted
+/// process is a new holder).
+fn holder_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "unknown".into());
+    let nonce = &auditbridge_event::Uuid::new_v4().simple().to_string()[..8];
+    format!("{host}-{}-{nonce}", std::process::id())
 }

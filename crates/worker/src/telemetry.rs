@@ -77,6 +77,7 @@ fn describe() {
     );
     describe_gauge!(DATABASE_UP, "1 when PostgreSQL answered the last check.");
     describe_gauge!(NATS_UP, "1 when the NATS connection is up.");
+    describe_destinations();
 }
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
@@ -142,4 +143,53 @@ pub fn init_logging(filter: &str, format: LogFormat) -> Result<(), String> {
             .try_init(),
     };
     Ok(())
+}
+
+// Per destination; label `destination` (configured names: few, low cardinality).
+pub const DEST_DELIVERED: &str = "auditbridge_destination_delivered_total";
+/// Label `reason` too: connect | timeout | status_5xx | status_429 | status_4xx | nack | ...
+pub const DEST_FAILURES: &str = "auditbridge_destination_failures_total";
+pub const DEST_SKIPPED: &str = "auditbridge_destination_skipped_total";
+pub const DEST_BACKLOG_EVENTS: &str = "auditbridge_destination_backlog_events";
+pub const DEST_BACKLOG_SECONDS: &str = "auditbridge_destination_backlog_age_seconds";
+pub const DEST_UP: &str = "auditbridge_destination_up";
+pub const DEST_LEASE_HELD: &str = "auditbridge_destination_lease_held";
+pub const DEST_LATENCY: &str = "auditbridge_destination_delivery_latency_seconds";
+
+fn describe_destinations() {
+    describe_counter!(
+        DEST_DELIVERED,
+        Unit::Count,
+        "Events confirmed by the destination."
+    );
+    describe_counter!(
+        DEST_FAILURES,
+        Unit::Count,
+        "Failed delivery attempts, by reason."
+    );
+    describe_counter!(
+        DEST_SKIPPED,
+        Unit::Count,
+        "Events skipped because they were older than max_backlog_age."
+    );
+    describe_gauge!(
+        DEST_BACKLOG_EVENTS,
+        Unit::Count,
+        "Stored events after the destination's cursor (before its filter)."
+    );
+    describe_gauge!(
+        DEST_BACKLOG_SECONDS,
+        Unit::Seconds,
+        "Age of the oldest stored event the destination has not confirmed."
+    );
+    describe_gauge!(DEST_UP, "1 when the last delivery attempt succeeded.");
+    describe_gauge!(
+        DEST_LEASE_HELD,
+        "1 on the worker that relays the destination."
+    );
+    describe_histogram!(
+        DEST_LATENCY,
+        Unit::Seconds,
+        "From the event's commit to the destination's confirmation."
+    );
 }

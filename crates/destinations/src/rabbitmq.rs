@@ -1,0 +1,1007 @@
+//! The RabbitMQ destination: publishes events to an operator-owned exchange, persistent and
+//! with publisher confirms, and reports success only when the broker confirmed every message.
+//!
+//! The sink keeps one connection with one confirm-mode channel. It does not use lapin's own
+//! recovery: after any failure it drops both, and the next `deliver` connects from scratch.
+//! That keeps the failure handling in one place (the relay's backoff) and means a delivery
+//! never runs on a half-recovered channel whose confirms could be lost.
+
+use std::borrow::Cow;
+use std::fmt;
+use std::time::Duration;
+
+use lapin::message::BasicReturnMessage;
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::{
+    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ErrorKind,
+    PublisherConfirm,
+};
+use tokio::time::Instant;
+use tracing::{debug, info};
+use uuid::Uuid;
+
+use crate::config::{RabbitMode, RabbitParams, render_routing_key};
+use crate::{DeliveryError, OutEvent};
+
+/// How long one connect attempt (TCP, AMQP handshake, channel, `confirm.select`) may take, so
+/// a broker that accepts connections but never answers cannot stall the relay.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Publishes to one RabbitMQ exchange. Connects lazily, on the first `deliver`.
+pub struct RabbitSink {
+    name: String,
+    params: RabbitParams,
+    /// The URL with its password replaced, for logs and error details.
+    redacted_url: String,
+    link: Option<Link>,
+}
+
+/// An open connection and its confirm-mode channel. Dropping it closes both.
+struct Link {
+    connection: Connection,
+    channel: Channel,
+}
+
+/// One message ready to publish.
+struct Message<'a> {
+    /// The event id (the first one in batch mode), for error details.
+    id: Uuid,
+    routing_key: ShortString,
+    body: Cow<'a, [u8]>,
+    properties: BasicProperties,
+}
+
+// Written by hand so that the URL's password never reaches a log through `{:?}`.
+impl fmt::Debug for RabbitSink {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RabbitSink")
+            .field("name", &self.name)
+            .field("url", &self.redacted_url)
+            .field("exchange", &self.params.exchange)
+            .field("mode", &self.params.mode)
+            .field("connected", &self.is_connected())
+            .finish_non_exhaustive()
+    }
+}
+
+impl RabbitSink {
+    /// Builds the sink; does no I/O.
+    pub fn new(name: &str, params: RabbitParams) -> RabbitSink {
+        RabbitSink {
+            name: name.to_owned(),
+            redacted_url: redact_url(&params.url),
+            params,
+            link: None,
+        }
+    }
+
+    /// Whether the sink holds a connection and channel that are both open.
+    pub fn is_connected(&self) -> bool {
+        self.link
+            .as_ref()
+            .is_some_and(|l| l.connection.status().connected() && l.channel.status().connected())
+    }
+
+    /// Publishes all of `events` and returns `events.len()` once the broker confirmed every
+    /// message. On any failure nothing counts as delivered (the relay sends the whole batch
+    /// again: duplicates around failures, never a loss) and the connection is dropped.
+    pub async fn deliver(&mut self, events: &[OutEvent]) -> Result<usize, DeliveryError> {
+        if events.is_empty() {
+            return Ok(0);
+        }
+        let exchange = ShortString::try_new(self.params.exchange.as_str()).map_err(|e| {
+            DeliveryError::Refused {
+                reason: "exchange",
+                detail: format!("exchange name {:?}: {e}", self.params.exchange),
+            }
+        })?;
+        let messages = match self.params.mode {
+            RabbitMode::Event => events
+                .iter()
+                .map(|e| self.event_message(e))
+                .collect::<Result<Vec<_>, _>>()?,
+            RabbitMode::Batch => vec![self.batch_message(events)?],
+        };
+
+        let result = self.publish(exchange, &messages).await;
+        if let Err(error) = &result {
+            // Whatever failed, the next call starts from a new connection.
+            self.link = None;
+            debug!(destination = %self.name, reason = error.reason(), %error, message = "Dropped the RabbitMQ connection after a failure.");
+        }
+        result.map(|()| events.len())
+    }
+
+    async fn publish(
+        &mut self,
+        exchange: ShortString,
+        messages: &[Message<'_>],
+    ) -> Result<(), DeliveryError> {
+        let channel = self.channel().await?;
+        let options = BasicPublishOptions {
+            mandatory: self.params.mandatory,
+            immediate: false,
+        };
+        // `max_in_flight` is at least 1 (checked at startup); `max` guards a hand-built config.
+        for window in messages.chunks(self.params.max_in_flight.max(1)) {
+            publish_window(
+                &channel,
+                &exchange,
+                options,
+                window,
+                self.params.confirm_timeout,
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// The open channel, connecting first when there is none or the old one died.
+    async fn channel(&mut self) -> Result<Channel, DeliveryError> {
+        if self.is_connected()
+            && let Some(link) = &self.link
+        {
+            return Ok(link.channel.clone());
+        }
+        // Close what is left of a dead link before opening the next one.
+        self.link = None;
+        let link = self.connect().await?;
+        let channel = link.channel.clone();
+        self.link = Some(link);
+        Ok(channel)
+    }
+
+    async fn connect(&self) -> Result<Link, DeliveryError> {
+        let properties = ConnectionProperties::default()
+            .with_connection_name(format!("auditbridge {}", self.name).into());
+        let attempt = async {
+            let connection = Connection::connect(&self.params.url, properties).await?;
+            let channel = connection.create_channel().await?;
+            channel
+                .confirm_select(ConfirmSelectOptions::default())
+                .await?;
+            Ok::<_, lapin::Error>(Link {
+                connection,
+                channel,
+            })
+        };
+        match tokio::time::timeout(CONNECT_TIMEOUT, attempt).await {
+            Ok(Ok(link)) => {
+                info!(destination = %self.name, url = %self.redacted_url, message = "Connected to RabbitMQ.");
+                Ok(link)
+            }
+            Ok(Err(error)) => Err(retry(
+                "connect",
+                format!(
+                    "cannot connect to {}: {}",
+                    self.redacted_url,
+                    self.scrub(&error.to_string())
+                ),
+            )),
+            Err(_) => Err(retry(
+                "connect",
+                format!(
+                    "connecting to {} took longer than {CONNECT_TIMEOUT:?}",
+                    self.redacted_url
+                ),
+            )),
+        }
+    }
+
+    fn event_message<'a>(&self, event: &'a OutEvent) -> Result<Message<'a>, DeliveryError> {
+        let mut headers = FieldTable::default();
+        headers.insert(
+            "tenant".into(),
+            AMQPValue::LongString(event.tenant.as_str().into()),
+        );
+        headers.insert(
+            "action".into(),
+            AMQPValue::LongString(event.action.as_str().into()),
+        );
+        headers.insert(
+            "outcome".into(),
+            AMQPValue::LongString(event.outcome.as_str().into()),
+        );
+        Ok(Message {
+            id: event.id,
+            routing_key: self.routing_key(event)?,
+            body: Cow::Borrowed(event.json.as_bytes()),
+            properties: properties(event, "application/json", headers),
+        })
+    }
+
+    /// One NDJSON message for the whole call, routed and identified by its first event.
+    fn batch_message<'a>(&self, events: &[OutEvent]) -> Result<Message<'a>, DeliveryError> {
+        let first = &events[0];
+        let mut body = Vec::with_capacity(events.iter().map(|e| e.json.len() + 1).sum());
+        for event in events {
+            body.extend_from_slice(event.json.as_bytes());
+            body.push(b'\n');
+        }
+        let count = i64::try_from(events.len()).unwrap_or(i64::MAX);
+        let mut headers = FieldTable::default();
+        headers.insert("count".into(), AMQPValue::LongLongInt(count));
+        Ok(Message {
+            id: first.id,
+            routing_key: self.routing_key(first)?,
+            body: Cow::Owned(body),
+            properties: properties(first, "application/x-ndjson", headers),
+        })
+    }
+
+    fn routing_key(&self, event: &OutEvent) -> Result<ShortString, DeliveryError> {
+        let key = render_routing_key(
+            &self.params.routing_key,
+            &event.tenant,
+            &event.action,
+            &event.outcome,
+            &event.source,
+        );
+        // AMQP caps routing keys at 255 bytes; resending the same event cannot fix that.
+        ShortString::try_new(key).map_err(|e| DeliveryError::Refused {
+            reason: "routing_key",
+            detail: format!(
+                "routing key for event {} from template {:?}: {e}",
+                event.id, self.params.routing_key
+            ),
+        })
+    }
+
+    /// Removes the URL (which holds the password) from a message that might quote it.
+    fn scrub(&self, text: &str) -> String {
+        text.replace(&self.params.url, &self.redacted_url)
+    }
+}
+
+fn properties(event: &OutEvent, content_type: &str, headers: FieldTable) -> BasicProperties {
+    BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_content_type(content_type.into())
+        .with_message_id(event.id.to_string().into())
+        .with_timestamp(u64::try_from(event.received_at.unix_timestamp()).unwrap_or(0))
+        .with_headers(headers)
+}
+
+/// Publishes `window` and waits for all of its confirms. A confirm that has not come
+/// `confirm_timeout` after the last publish of the window counts as failed.
+async fn publish_window(
+    channel: &Channel,
+    exchange: &ShortString,
+    options: BasicPublishOptions,
+    window: &[Message<'_>],
+    confirm_timeout: Duration,
+) -> Result<(), DeliveryError> {
+    // All publishes of the window run together: each one waits until lapin wrote its frames,
+    // and waiting for them one by one costs a wakeup of the I/O loop per message. They are
+    // first polled in order, so the messages still go out in the order of `window`.
+    let publishes = window.iter().map(|message| {
+        channel.basic_publish(
+            exchange.clone(),
+            message.routing_key.clone(),
+            options,
+            &message.body,
+            message.properties.clone(),
+        )
+    });
+    let mut pending = Vec::with_capacity(window.len());
+    let mut publish_error = None;
+    for (message, published) in window
+        .iter()
+        .zip(futures::future::join_all(publishes).await)
+    {
+        match published {
+            Ok(confirm) => pending.push((message, confirm)),
+            Err(error) => {
+                publish_error.get_or_insert((message, error));
+            }
+        }
+    }
+    // When a publish failed because the broker closed the channel, the earlier confirms carry
+    // the broker's reason (`NOT_FOUND - no exchange ...`): look at them first.
+    let deadline = Instant::now() + confirm_timeout;
+    for (message, confirm) in pending {
+        check_confirm(
+            exchange.as_str(),
+            message,
+            confirm,
+            deadline,
+            confirm_timeout,
+        )
+        .await?;
+    }
+    match publish_error {
+        Some((message, error)) => Err(retry(
+            lapin_reason(&error),
+            format!(
+                "publishing event {} to exchange {:?} failed: {error}",
+                message.id,
+                exchange.as_str()
+            ),
+        )),
+        None => Ok(()),
+    }
+}
+
+async fn check_confirm(
+    exchange: &str,
+    message: &Message<'_>,
+    confirm: PublisherConfirm,
+    deadline: Instant,
+    confirm_timeout: Duration,
+) -> Result<(), DeliveryError> {
+    let id = message.id;
+    match tokio::time::timeout_at(deadline, confirm).await {
+        Err(_) => Err(retry(
+            "confirm_timeout",
+            format!(
+                "no publisher confirm for event {id} on exchange {exchange:?} within {confirm_timeout:?}"
+            ),
+        )),
+        Ok(Err(error)) => Err(retry(
+            lapin_reason(&error),
+            format!("publishing event {id} to exchange {exchange:?} failed: {error}"),
+        )),
+        Ok(Ok(Confirmation::Ack(None))) => Ok(()),
+        Ok(Ok(Confirmation::Ack(Some(returned)))) => Err(returned_error(exchange, id, &returned)),
+        Ok(Ok(Confirmation::Nack(_))) => Err(retry(
+            "nack",
+            format!(
+                "the broker nacked event {id} on exchange {exchange:?} (routing key {:?})",
+                message.routing_key.as_str()
+            ),
+        )),
+        Ok(Ok(Confirmation::NotRequested)) => Err(retry(
+            "channel",
+            "the channel is not in confirm mode; cannot tell whether the broker took the message"
+                .into(),
+        )),
+    }
+}
+
+fn returned_error(exchange: &str, id: Uuid, returned: &BasicReturnMessage) -> DeliveryError {
+    retry(
+        "returned",
+        format!(
+            "the broker returned event {id}: exchange {exchange:?} has no route for routing key {:?} ({} {})",
+            returned.delivery.routing_key.as_str(),
+            returned.reply_code,
+            returned.reply_text,
+        ),
+    )
+}
+
+/// The metric reason for a lapin error: the connection as a whole (`connect`) or just the
+/// channel (`channel`, e.g. the broker closed it because the exchange is missing).
+fn lapin_reason(error: &lapin::Error) -> &'static str {
+    match error.kind() {
+        ErrorKind::IOError(_)
+        | ErrorKind::InvalidConnectionState(_)
+        | ErrorKind::MissingHeartbeatError
+        | ErrorKind::RuntimeShutdownError(_) => "connect",
+        _ if error.is_amqp_hard_error() => "connect",
+        _ => "channel",
+    }
+}
+
+fn retry(reason: &'static str, detail: String) -> DeliveryError {
+    DeliveryError::Retry {
+        reason,
+        detail,
+        retry_after: None,
+    }
+}
+
+/// `amqp://user:secret@host/vhost` → `amqp://user:***@host/vhost`.
+fn redact_url(url: &str) -> String {
+    let Some(scheme_end) = url.find("://").map(|i| i + 3) else {
+        return url.to_owned();
+    };
+    let authority_end = url[scheme_end..]
+        .find(['/', '?', '#'])
+        .map_or(url.len(), |i| scheme_end + i);
+    let authority = &url[scheme_end..authority_end];
+    let Some(at) = authority.rfind('@') else {
+        return url.to_owned();
+    };
+    let user_info = &authority[..at];
+    let Some(colon) = user_info.find(':') else {
+        return url.to_owned();
+    };
+    format!(
+        "{}{}:***{}",
+        &url[..scheme_end],
+        &user_info[..colon],
+        &url[scheme_end + at..]
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::{HashMap, HashSet};
+
+    use lapin::ExchangeKind;
+    use lapin::message::BasicGetMessage;
+    use lapin::options::{
+        BasicGetOptions, ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions,
+        QueueDeclareOptions, QueueDeleteOptions,
+    };
+    use time::OffsetDateTime;
+
+    const URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+    /// A topic exchange of its own (and, when bound, a queue that takes everything), set up by
+    /// the test the way an operator would.
+    struct Broker {
+        _connection: Connection,
+        channel: Channel,
+        exchange: String,
+        queue: String,
+    }
+
+    impl Broker {
+        async fn new(bound: bool) -> Broker {
+            let suffix = Uuid::new_v4();
+            Broker::declare(
+                format!("test.ab.{suffix}"),
+                format!("test.ab.{suffix}"),
+                bound,
+            )
+            .await
+        }
+
+        async fn declare(exchange: String, queue: String, bound: bool) -> Broker {
+            let connection = Connection::connect(URL, ConnectionProperties::default())
+                .await
+                .unwrap();
+            let channel = connection.create_channel().await.unwrap();
+            channel
+                .exchange_declare(
+                    exchange.as_str().into(),
+                    ExchangeKind::Topic,
+                    ExchangeDeclareOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
+                .unwrap();
+            if bound {
+                let options = QueueDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                };
+                channel
+                    .queue_declare(queue.as_str().into(), options, FieldTable::default())
+                    .await
+                    .unwrap();
+                channel
+                    .queue_bind(
+                        queue.as_str().into(),
+                        exchange.as_str().into(),
+                        "#".into(),
+                        QueueBindOptions::default(),
+                        FieldTable::default(),
+                    )
+                    .await
+                    .unwrap();
+            }
+            Broker {
+                _connection: connection,
+                channel,
+                exchange,
+                queue,
+            }
+        }
+
+        fn params(&self, mode: RabbitMode) -> RabbitParams {
+            params(&self.exchange, mode)
+        }
+
+        /// Takes `want` messages off the queue, giving up after 10 s; then checks none is left.
+        async fn take(&self, want: usize) -> Vec<BasicGetMessage> {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            let mut got = Vec::with_capacity(want);
+            while got.len() < want && Instant::now() < deadline {
+                match self.get().await {
+                    Some(m) => got.push(m),
+                    None => tokio::time::sleep(Duration::from_millis(20)).await,
+                }
+            }
+            assert_eq!(got.len(), want, "messages on queue {}", self.queue);
+            assert!(
+                self.get().await.is_none(),
+                "more than {want} messages on queue {}",
+                self.queue
+            );
+            got
+        }
+
+        async fn get(&self) -> Option<BasicGetMessage> {
+            self.channel
+                .basic_get(self.queue.as_str().into(), BasicGetOptions { no_ack: true })
+                .await
+                .unwrap()
+        }
+
+        async fn queued(&self) -> u32 {
+            let options = QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            };
+            let queue = self
+                .channel
+                .queue_declare(self.queue.as_str().into(), options, FieldTable::default())
+                .await
+                .unwrap();
+            queue.message_count()
+        }
+
+        async fn delete(self) {
+            let _ = self
+                .channel
+                .queue_delete(self.queue.as_str().into(), QueueDeleteOptions::default())
+                .await;
+            self.channel
+                .exchange_delete(
+                    self.exchange.as_str().into(),
+                    ExchangeDeleteOptions::default(),
+                )
+                .await
+                .unwrap();
+        }
+    }
+
+    fn params(exchange: &str, mode: RabbitMode) -> RabbitParams {
+        RabbitParams {
+            url: URL.into(),
+            exchange: exchange.into(),
+            routing_key: "audit.{tenant}.{action}.{outcome}.{source}".into(),
+            mandatory: true,
+            mode,
+            confirm_timeout: Duration::from_secs(10),
+            max_in_flight: 1000,
+        }
+    }
+
+    fn event(n: usize) -> OutEvent {
+        let id = Uuid::new_v4();
+        let tenant = if n.is_multiple_of(2) {
+            "acme"
+        } else {
+            "globex"
+        };
+        let outcome = if n.is_multiple_of(3) {
+            "denied"
+        } else {
+            "success"
+        };
+        OutEvent {
+            id,
+            tenant: tenant.into(),
+            action: "document.update".into(),
+            outcome: outcome.into(),
+            source: "docs-api".into(),
+            received_at: OffsetDateTime::now_utc(),
+            json: serde_json::json!({"id": id, "tenant": tenant, "action": "document.update", "outcome": outcome, "n": n})
+                .to_string(),
+        }
+    }
+
+    fn header<'a>(m: &'a BasicGetMessage, key: &str) -> &'a AMQPValue {
+        let headers = m.properties.headers().as_ref().expect("headers");
+        headers
+            .inner()
+            .get(key)
+            .unwrap_or_else(|| panic!("header {key} missing"))
+    }
+
+    fn retry_reason(result: Result<usize, DeliveryError>) -> (&'static str, String) {
+        match result {
+            Err(DeliveryError::Retry { reason, detail, .. }) => (reason, detail),
+            other => panic!("expected a Retry error, got {other:?}"),
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn event_mode_publishes_one_persistent_message_per_event() {
+        let broker = Broker::new(true).await;
+        let mut sink = RabbitSink::new("bus", broker.params(RabbitMode::Event));
+        let events: Vec<OutEvent> = (0..12).map(event).collect();
+
+        assert_eq!(sink.deliver(&events).await.unwrap(), 12);
+        assert!(sink.is_connected());
+
+        let by_id: HashMap<String, &OutEvent> =
+            events.iter().map(|e| (e.id.to_string(), e)).collect();
+        let messages = broker.take(12).await;
+        let mut seen = HashSet::new();
+        for m in &messages {
+            let id = m
+                .properties
+                .message_id()
+                .as_ref()
+                .expect("message_id")
+                .to_string();
+            let e = by_id[&id];
+            assert!(seen.insert(id.clone()), "{id} arrived twice");
+            assert_eq!(m.data, e.json.as_bytes());
+            assert_eq!(
+                m.routing_key.as_str(),
+                format!("audit.{}.document.update.{}.docs-api", e.tenant, e.outcome)
+            );
+            assert_eq!(*m.properties.delivery_mode(), Some(2));
+            assert_eq!(
+                m.properties
+                    .content_type()
+                    .as_ref()
+                    .map(ShortString::as_str),
+                Some("application/json")
+            );
+            assert_eq!(
+                *m.properties.timestamp(),
+                Some(e.received_at.unix_timestamp() as u64)
+            );
+            assert_eq!(
+                header(m, "tenant"),
+                &AMQPValue::LongString(e.tenant.as_str().into())
+            );
+            assert_eq!(
+                header(m, "action"),
+                &AMQPValue::LongString("document.update".into())
+            );
+            assert_eq!(
+                header(m, "outcome"),
+                &AMQPValue::LongString(e.outcome.as_str().into())
+            );
+        }
+        let order: Vec<&str> = messages
+            .iter()
+            .map(|m| m.properties.message_id().as_ref().unwrap().as_str())
+            .collect();
+        let want: Vec<String> = events.iter().map(|e| e.id.to_string()).collect();
+        assert_eq!(order, want, "messages arrive in the order given");
+        broker.delete().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn batch_mode_publishes_one_ndjson_message_per_call() {
+        let broker = Broker::new(true).await;
+        let mut sink = RabbitSink::new("bus", broker.params(RabbitMode::Batch));
+        let events: Vec<OutEvent> = (1..=7).map(event).collect();
+
+        assert_eq!(sink.deliver(&events).await.unwrap(), 7);
+
+        let messages = broker.take(1).await;
+        let m = &messages[0];
+        let body = String::from_utf8(m.data.clone()).unwrap();
+        let want: String = events.iter().map(|e| format!("{}\n", e.json)).collect();
+        assert_eq!(body, want);
+        let ids: Vec<String> = body
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).unwrap()["id"]
+                    .as_str()
+                    .unwrap()
+                    .to_owned()
+            })
+            .collect();
+        assert_eq!(
+            ids,
+            events.iter().map(|e| e.id.to_string()).collect::<Vec<_>>()
+        );
+        assert_eq!(
+            m.properties.message_id().as_ref().unwrap().as_str(),
+            events[0].id.to_string()
+        );
+        assert_eq!(
+            m.properties
+                .content_type()
+                .as_ref()
+                .map(ShortString::as_str),
+            Some("application/x-ndjson")
+        );
+        assert_eq!(*m.properties.delivery_mode(), Some(2));
+        assert_eq!(header(m, "count"), &AMQPValue::LongLongInt(7));
+        // Routed by the first event (n = 1: globex, success).
+        assert_eq!(
+            m.routing_key.as_str(),
+            "audit.globex.document.update.success.docs-api"
+        );
+        broker.delete().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_unroutable_mandatory_message_is_a_failure() {
+        let broker = Broker::new(false).await;
+        let mut params = broker.params(RabbitMode::Event);
+        params.routing_key = "{tenant}.{action}".into();
+        let mut sink = RabbitSink::new("bus", params.clone());
+        let events: Vec<OutEvent> = (0..3).map(event).collect();
+
+        let (reason, detail) = retry_reason(sink.deliver(&events).await);
+        assert_eq!(reason, "returned");
+        assert!(
+            detail.contains("acme.document.update") && detail.contains("NO_ROUTE"),
+            "{detail}"
+        );
+        assert!(!sink.is_connected());
+
+        // Without `mandatory` the broker drops unroutable messages and confirms them.
+        params.mandatory = false;
+        let mut sink = RabbitSink::new("bus", params);
+        assert_eq!(sink.deliver(&events).await.unwrap(), 3);
+        broker.delete().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_nack_is_a_failure() {
+        // A full queue with `reject-publish` overflow makes the broker nack further publishes.
+        let broker = Broker::new(false).await;
+        let mut arguments = FieldTable::default();
+        arguments.insert("x-max-length".into(), AMQPValue::LongLongInt(1));
+        arguments.insert(
+            "x-overflow".into(),
+            AMQPValue::LongString("reject-publish".into()),
+        );
+        let queue = broker.queue.as_str();
+        broker
+            .channel
+            .queue_declare(queue.into(), QueueDeclareOptions::default(), arguments)
+            .await
+            .unwrap();
+        broker
+            .channel
+            .queue_bind(
+                queue.into(),
+                broker.exchange.as_str().into(),
+                "#".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        let mut sink = RabbitSink::new("bus", broker.params(RabbitMode::Event));
+        let events: Vec<OutEvent> = (0..3).map(event).collect();
+
+        let (reason, detail) = retry_reason(sink.deliver(&events).await);
+        assert_eq!(reason, "nack");
+        assert!(detail.contains(&events[1].id.to_string()), "{detail}");
+        assert!(!sink.is_connected());
+        broker.delete().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_broker_that_never_answers_fails_within_the_connect_timeout() {
+        // Accepts TCP connections and never speaks AMQP.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let silent = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((socket, _)) = listener.accept().await {
+                held.push(socket);
+            }
+        });
+        let mut sink = RabbitSink::new(
+            "bus",
+            RabbitParams {
+                url: format!("amqp://guest:guest@127.0.0.1:{port}/%2f"),
+                ..params("x", RabbitMode::Event)
+            },
+        );
+        let started = Instant::now();
+        let (reason, detail) = retry_reason(sink.deliver(&[event(0)]).await);
+        assert_eq!(reason, "connect");
+        assert!(detail.contains("took longer than"), "{detail}");
+        assert!(
+            started.elapsed() < CONNECT_TIMEOUT + Duration::from_secs(2),
+            "took {:?}",
+            started.elapsed()
+        );
+        silent.abort();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_missing_exchange_fails_the_channel_and_the_next_call_reconnects() {
+        let suffix = Uuid::new_v4();
+        let exchange = format!("test.ab.missing.{suffix}");
+        let mut sink = RabbitSink::new("bus", params(&exchange, RabbitMode::Event));
+        let events: Vec<OutEvent> = (0..5).map(event).collect();
+
+        let (reason, detail) = retry_reason(sink.deliver(&events).await);
+        assert_eq!(reason, "channel");
+        assert!(
+            detail.contains("NOT_FOUND") && detail.contains(&exchange),
+            "{detail}"
+        );
+        assert!(!sink.is_connected());
+
+        // The operator creates the exchange; the same sink delivers on a new connection.
+        let broker = Broker::declare(exchange, format!("test.ab.{suffix}"), true).await;
+        assert_eq!(sink.deliver(&events).await.unwrap(), 5);
+        assert!(sink.is_connected());
+        let ids: HashSet<String> = broker
+            .take(5)
+            .await
+            .iter()
+            .map(|m| m.properties.message_id().as_ref().unwrap().to_string())
+            .collect();
+        assert_eq!(ids, events.iter().map(|e| e.id.to_string()).collect());
+        broker.delete().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_wrong_password_fails_to_connect_quickly_without_showing_it() {
+        let password = format!("not-the-password-{}", Uuid::new_v4());
+        let url = format!("amqp://guest:{password}@127.0.0.1:5672/%2f");
+        let params = RabbitParams {
+            url: url.clone(),
+            exchange: "amq.topic".into(),
+            routing_key: "{tenant}".into(),
+            mandatory: false,
+            mode: RabbitMode::Event,
+            confirm_timeout: Duration::from_secs(10),
+            max_in_flight: 10,
+        };
+        let mut sink = RabbitSink::new("bus", params);
+        let started = Instant::now();
+        let (reason, detail) = retry_reason(sink.deliver(&[event(0)]).await);
+        assert_eq!(reason, "connect");
+        assert!(
+            started.elapsed() < Duration::from_secs(6),
+            "took {:?}",
+            started.elapsed()
+        );
+        assert!(
+            !detail.contains(&password) && detail.contains("guest:***@127.0.0.1"),
+            "{detail}"
+        );
+        assert!(!format!("{sink:?}").contains(&password));
+        assert!(!sink.is_connected());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_empty_call_does_no_io() {
+        let params = RabbitParams {
+            // Nothing listens on port 1: any attempt to connect would fail.
+            url: "amqp://guest:guest@127.0.0.1:1/%2f".into(),
+            exchange: "x".into(),
+            routing_key: "{tenant}".into(),
+            mandatory: true,
+            mode: RabbitMode::Event,
+            confirm_timeout: Duration::from_secs(1),
+            max_in_flight: 10,
+        };
+        let mut sink = RabbitSink::new("bus", params);
+        assert_eq!(sink.deliver(&[]).await.unwrap(), 0);
+        assert!(!sink.is_connected());
+        let (reason, _) = retry_reason(sink.deliver(&[event(0)]).await);
+        assert_eq!(reason, "connect");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_call_larger_than_max_in_flight_is_published_in_windows() {
+        let broker = Broker::new(true).await;
+        let mut params = broker.params(RabbitMode::Event);
+        params.max_in_flight = 100;
+        let mut sink = RabbitSink::new("bus", params);
+        let events: Vec<OutEvent> = (0..2000).map(event).collect();
+
+        assert_eq!(sink.deliver(&events).await.unwrap(), 2000);
+
+        // All arrived, once each, and in the order given (one channel, one queue).
+        let ids: Vec<String> = broker
+            .take(2000)
+            .await
+            .iter()
+            .map(|m| m.properties.message_id().as_ref().unwrap().to_string())
+            .collect();
+        assert_eq!(
+            ids,
+            events.iter().map(|e| e.id.to_string()).collect::<Vec<_>>()
+        );
+        broker.delete().await;
+    }
+
+    #[test]
+    fn urls_are_redacted() {
+        assert_eq!(
+            redact_url("amqp://guest:secret@host:5672/%2f"),
+            "amqp://guest:***@host:5672/%2f"
+        );
+        assert_eq!(redact_url("amqps://u:p@ss@host/v"), "amqps://u:***@host/v");
+        assert_eq!(redact_url("amqp://host:5672/%2f"), "amqp://host:5672/%2f");
+        assert_eq!(redact_url("amqp://user@host"), "amqp://user@host");
+    }
+
+    /// Event mode with confirms, 20,000 events in calls of 500 (max_in_flight 1000), against
+    /// the same 20,000 messages published with lapin directly (windows of 1000 unconfirmed,
+    /// all publishes of a window in flight together). Both go to a durable queue; the rounds
+    /// alternate so that load from elsewhere on the machine hits both alike. Prints the rates
+    /// (run with `--release --nocapture` for meaningful figures); asserts only that everything
+    /// arrived.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn throughput_of_event_mode_against_raw_lapin() {
+        const TOTAL: usize = 20_000;
+        const ROUNDS: usize = 2;
+        let events: Vec<OutEvent> = (0..TOTAL).map(event).collect();
+        let (mut sink_rates, mut raw_rates) = (Vec::new(), Vec::new());
+        for _ in 0..ROUNDS {
+            sink_rates.push(sink_rate(&events).await);
+            raw_rates.push(raw_rate(&events).await);
+        }
+        let best = |rates: &[f64]| rates.iter().copied().fold(0.0, f64::max);
+        println!(
+            "rabbitmq event mode, {TOTAL} persistent messages with confirms: sink {:.0} msg/s \
+             (calls of 500, rounds {sink_rates:.0?}), raw lapin {:.0} msg/s (rounds {raw_rates:.0?})",
+            best(&sink_rates),
+            best(&raw_rates),
+        );
+    }
+
+    async fn sink_rate(events: &[OutEvent]) -> f64 {
+        let broker = Broker::new(true).await;
+        let mut sink = RabbitSink::new("bench", broker.params(RabbitMode::Event));
+        sink.deliver(&events[..1]).await.unwrap(); // connect outside the measurement
+        let started = Instant::now();
+        for call in events.chunks(500) {
+            assert_eq!(sink.deliver(call).await.unwrap(), call.len());
+        }
+        let rate = events.len() as f64 / started.elapsed().as_secs_f64();
+        assert_eq!(broker.queued().await as usize, events.len() + 1);
+        broker.delete().await;
+        rate
+    }
+
+    async fn raw_rate(events: &[OutEvent]) -> f64 {
+        let broker = Broker::new(true).await;
+        let connection = Connection::connect(URL, ConnectionProperties::default())
+            .await
+            .unwrap();
+        let channel = connection.create_channel().await.unwrap();
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .unwrap();
+        // The sink's own message building, so both publish the same bytes and properties.
+        let helper = RabbitSink::new("bench", broker.params(RabbitMode::Event));
+        let messages: Vec<Message<'_>> = events
+            .iter()
+            .map(|e| helper.event_message(e).unwrap())
+            .collect();
+        let exchange: ShortString = broker.exchange.as_str().into();
+        let options = BasicPublishOptions {
+            mandatory: true,
+            immediate: false,
+        };
+        let started = Instant::now();
+        for window in messages.chunks(1000) {
+            let publishes = window
+                .iter()
+                .map(|m| publish_one(&channel, &exchange, options, m));
+            for confirm in futures::future::join_all(publishes).await {
+                assert_eq!(confirm.unwrap().await.unwrap(), Confirmation::Ack(None));
+            }
+        }
+        let rate = events.len() as f64 / started.elapsed().as_secs_f64();
+        assert_eq!(broker.queued().await as usize, events.len());
+        broker.delete().await;
+        rate
+    }
+
+    async fn publish_one(
+        channel: &Channel,
+        exchange: &ShortString,
+        options: BasicPublishOptions,
+        m: &Message<'_>,
+    ) -> lapin::Result<PublisherConfirm> {
+        channel
+            .basic_publish(
+                exchange.clone(),
+                m.routing_key.clone(),
+                options,
+                &m.body,
+                m.properties.clone(),
+            )
+            .await
+    }
+}

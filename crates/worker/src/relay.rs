@@ -1,0 +1,459 @@
+//! The relay: carries stored events to each destination, reading the outbox from the
+//! destination's cursor and moving the cursor only after the destination confirmed.
+//!
+//! Every worker runs a supervisor per configured destination, but only the one holding the
+//! destination's lease relays it. The lease is renewed while it works; if the holder dies,
+//! the lease expires and another worker's supervisor takes it over within one TTL. Every
+//! cursor move is fenced by the lease, so a worker that lost its lease (paused, partitioned)
+//! cannot move a cursor the new holder owns.
+//!
+//! Destinations are independent: each has its own task, sink, backoff and cursor, so one
+//! failing or slow destination delays nobody else, and ingest never waits for any of them.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use auditbridge_destinations::{DeliveryError, DestinationConfig, OutEvent, Sink, Start};
+use auditbridge_store::{OutboxRow, Position, StartAt, Store};
+use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
+use metrics::{counter, gauge, histogram};
+use time::OffsetDateTime;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::telemetry::*;
+
+/// What all relays of one worker share.
+pub(crate) struct RelayContext {
+    pub store: Store,
+    /// This worker's identity in `destinations.lease_holder`.
+    pub holder: String,
+    pub lease_ttl: Duration,
+    /// Bumped on every commit notification; relays wait on it when they have caught up.
+    pub wake: watch::Receiver<u64>,
+}
+
+/// How long a caught-up relay waits for a notification before polling anyway (a commit can
+/// become readable without one, when an older transaction elsewhere held the horizon).
+const POLL: Duration = Duration::from_millis(500);
+
+/// Registers the destination (keeping its progress if it exists), then competes for its
+/// lease and relays while holding it, until shutdown.
+pub(crate) async fn supervise(
+    config: DestinationConfig,
+    ctx: Arc<RelayContext>,
+    shutdown: CancellationToken,
+) {
+    let name = config.name.clone();
+    let start = match &config.start {
+        Start::Now => StartAt::Now,
+        Start::Earliest => StartAt::Earliest,
+        Start::At(t) => StartAt::At(*t),
+    };
+    let mut registered = false;
+    let mut failures = 0u32;
+    loop {
+        if shutdown.is_cancelled() {
+            return;
+        }
+        if !registered {
+            match ctx
+                .store
+                .register_destination(&name, config.kind.type_name(), &start)
+                .await
+            {
+                Ok(created) => {
+                    registered = true;
+                    if created {
+                        tracing::info!(destination = %name, message = "Registered a new destination.");
+                    }
+                }
+                Err(e) => {
+                    failures += 1;
+                    if failures == 1 || failures.is_multiple_of(20) {
+                        tracing::warn!(destination = %name, error = %e, message = "Cannot register the destination yet; retrying.");
+                    }
+                }
+            }
+        }
+        if registered {
+            match ctx
+                .store
+                .acquire_lease(&name, &ctx.holder, ctx.lease_ttl)
+                .await
+            {
+                Ok(Some(state)) => {
+                    tracing::info!(destination = %name, cursor = ?state.cursor, message = "Took the destination's lease; relaying.");
+                    gauge!(DEST_LEASE_HELD, "destination" => name.clone()).set(1.0);
+                    relay_while_held(&config, &ctx, state.cursor, &shutdown).await;
+                    gauge!(DEST_LEASE_HELD, "destination" => name.clone()).set(0.0);
+                    if shutdown.is_cancelled() {
+                        // Hand over at once rather than after the TTL.
+                        let _ = ctx.store.release_lease(&name, &ctx.holder).await;
+                        return;
+                    }
+                    continue;
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::debug!(destination = %name, error = %e, message = "Lease check failed.")
+                }
+            }
+        }
+        // Someone else holds it (or the database is away): look again well within a TTL.
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(ctx.lease_ttl / 3) => {}
+        }
+    }
+}
+
+/// Relays from `cursor` until the lease is lost or shutdown.
+async fn relay_while_held(
+    config: &DestinationConfig,
+    ctx: &RelayContext,
+    cursor: Position,
+    shutdown: &CancellationToken,
+) {
+    let name = config.name.as_str();
+    let held = shutdown.child_token();
+    let (cursor_tx, cursor_rx) = watch::channel(cursor.clone());
+    let renewer = tokio::spawn(keep_lease(
+        ctx.store.clone(),
+        name.to_owned(),
+        ctx.holder.clone(),
+        ctx.lease_ttl,
+        held.clone(),
+    ));
+    let reporter = tokio::spawn(report_backlog(
+        ctx.store.clone(),
+        name.to_owned(),
+        cursor_rx,
+        held.clone(),
+    ));
+
+    let mut relay = Relay {
+        config,
+        ctx,
+        cursor,
+        cursor_tx,
+        held: held.clone(),
+        sink: match Sink::new(config) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(destination = %name, error = %e, message = "Cannot build the destination's sink.");
+                held.cancel();
+                let _ = renewer.await;
+                reporter.abort();
+                return;
+            }
+        },
+        backoff: backoff(config),
+    };
+    relay.run().await;
+    held.cancel();
+    let _ = renewer.await;
+    reporter.abort();
+}
+
+fn backoff(config: &DestinationConfig) -> ExponentialBackoff {
+    ExponentialBuilder::default()
+        .with_min_delay(config.retry_min)
+        .with_max_delay(config.retry_max)
+        .with_jitter()
+        .without_max_times()
+        .build()
+}
+
+struct Relay<'a> {
+    config: &'a DestinationConfig,
+    ctx: &'a RelayContext,
+    cursor: Position,
+    cursor_tx: watch::Sender<Position>,
+    held: CancellationToken,
+    sink: Sink,
+    backoff: ExponentialBackoff,
+}
+
+impl Relay<'_> {
+    fn name(&self) -> &str {
+        &self.config.name
+    }
+
+    async fn run(&mut self) {
+        let mut wake = self.ctx.wake.clone();
+        while !self.held.is_cancelled() {
+            wake.borrow_and_update();
+            let rows = match self
+                .ctx
+                .store
+                .read_outbox(&self.cursor, self.config.batch_size)
+                .await
+            {
+                Ok(rows) => rows,
+                Err(e) => {
+                    tracing::warn!(destination = %self.name(), error = %e, message = "Cannot read the outbox; retrying.");
+                    if !self.pause(Duration::from_secs(1)).await {
+                        return;
+                    }
+                    continue;
+                }
+            };
+            if rows.is_empty() {
+                tokio::select! {
+                    _ = self.held.cancelled() => return,
+                    _ = wake.changed() => {}
+                    _ = tokio::time::sleep(POLL) => {}
+                }
+                continue;
+            }
+            if !self.relay_rows(rows).await {
+                return;
+            }
+        }
+    }
+
+    /// Skips what is too old, delivers what matches, and moves the cursor past the rows.
+    /// False when the relay must stop (lease lost, shutdown).
+    async fn relay_rows(&mut self, rows: Vec<OutboxRow>) -> bool {
+        let last = rows
+            .last()
+            .map(|r| r.position.clone())
+            .expect("rows is not empty");
+        let mut rows = rows;
+
+        if let Some(max_age) = self.config.max_backlog_age {
+            let limit = OffsetDateTime::now_utc() - max_age;
+            let old = rows.iter().take_while(|r| r.received_at < limit).count();
+            if old > 0 {
+                let to = rows[old - 1].position.clone();
+                tracing::warn!(destination = %self.name(), skipped = old, max_backlog_age = %humantime::format_duration(max_age), message = "Skipping backlog older than max_backlog_age: these events will NOT be delivered to this destination.");
+                counter!(DEST_SKIPPED, "destination" => self.name().to_owned())
+                    .increment(old as u64);
+                if !self.advance(&to, 0, old as u64).await {
+                    return false;
+                }
+                rows.drain(..old);
+                if rows.is_empty() {
+                    return true;
+                }
+            }
+        }
+
+        let filter = &self.config.filter;
+        let matching: Vec<(Position, OutEvent)> = rows
+            .into_iter()
+            .filter(|r| filter.matches(&r.tenant, &r.action, &r.outcome))
+            .map(|r| {
+                (
+                    r.position,
+                    OutEvent {
+                        id: r.id,
+                        tenant: r.tenant,
+                        action: r.action,
+                        outcome: r.outcome,
+                        source: r.source,
+                        received_at: r.received_at,
+                        json: r.json,
+                    },
+                )
+            })
+            .collect();
+        let events: Vec<OutEvent> = matching.iter().map(|(_, e)| e.clone()).collect();
+
+        let mut done = 0;
+        while done < events.len() {
+            match self.sink.deliver(&events[done..]).await {
+                Ok(n) => {
+                    let n = n.clamp(1, events.len() - done);
+                    let confirmed_at = OffsetDateTime::now_utc();
+                    let label = self.name().to_owned();
+                    for e in &events[done..done + n] {
+                        histogram!(DEST_LATENCY, "destination" => label.clone())
+                            .record((confirmed_at - e.received_at).as_seconds_f64().max(0.0));
+                    }
+                    counter!(DEST_DELIVERED, "destination" => label.clone()).increment(n as u64);
+                    gauge!(DEST_UP, "destination" => label).set(1.0);
+                    self.backoff = backoff(self.config);
+                    done += n;
+                    // Past the last row read when everything is confirmed (non-matching rows
+                    // included), else just past the last confirmed event.
+                    let to = if done == events.len() {
+                        last.clone()
+                    } else {
+                        matching[done - 1].0.clone()
+                    };
+                    if !self.advance(&to, n as u64, 0).await {
+                        return false;
+                    }
+                }
+                Err(e) => {
+                    if !self.failed(&e).await {
+                        return false;
+                    }
+                    if self.config.max_backlog_age.is_some() {
+                        // While we waited the events in hand aged: read again from the cursor
+                        // so the age limit is applied to them before the next attempt.
+                        return true;
+                    }
+                }
+            }
+        }
+        if events.is_empty() {
+            return self.advance(&last, 0, 0).await;
+        }
+        true
+    }
+
+    /// Records a failure and waits the backoff (or the destination's Retry-After, capped).
+    async fn failed(&mut self, e: &DeliveryError) -> bool {
+        let name = self.name().to_owned();
+        counter!(DEST_FAILURES, "destination" => name.clone(), "reason" => e.reason()).increment(1);
+        gauge!(DEST_UP, "destination" => name.clone()).set(0.0);
+        let refused = matches!(e, DeliveryError::Refused { .. });
+        let delay = self.backoff.next().unwrap_or(self.config.retry_max);
+        let delay = e
+            .retry_after()
+            .map_or(delay, |r| r.min(self.config.retry_max).max(delay));
+        if refused {
+            tracing::error!(destination = %name, reason = e.reason(), error = %e, retry_in = ?delay, message = "The destination refused the delivery; the events are kept and retried. Check its configuration.");
+        } else {
+            tracing::warn!(destination = %name, reason = e.reason(), error = %e, retry_in = ?delay, message = "Delivery failed; retrying.");
+        }
+        if let Err(err) = self
+            .ctx
+            .store
+            .record_failure(&name, &self.ctx.holder, &e.to_string(), refused)
+            .await
+        {
+            tracing::debug!(destination = %name, error = %err, message = "Could not record the failure.");
+        }
+        self.pause(delay).await
+    }
+
+    async fn advance(&mut self, to: &Position, delivered: u64, skipped: u64) -> bool {
+        let started = Instant::now();
+        loop {
+            match self
+                .ctx
+                .store
+                .advance(self.name(), &self.ctx.holder, to, delivered, skipped)
+                .await
+            {
+                Ok(true) => {
+                    self.cursor = to.clone();
+                    let _ = self.cursor_tx.send(to.clone());
+                    return true;
+                }
+                Ok(false) => {
+                    tracing::warn!(destination = %self.name(), message = "Lost the destination's lease; another worker carries on from the stored cursor.");
+                    self.held.cancel();
+                    return false;
+                }
+                Err(e) => {
+                    // Delivered but not yet recorded: keep trying for as long as the lease may
+                    // be ours; if it is lost, the next holder resends (duplicates, no loss).
+                    if started.elapsed() > self.ctx.lease_ttl {
+                        tracing::warn!(destination = %self.name(), error = %e, message = "Cannot record progress; giving the lease up (the events will be sent again).");
+                        self.held.cancel();
+                        return false;
+                    }
+                    if !self.pause(Duration::from_millis(500)).await {
+                        return false;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Sleeps unless the lease is lost or shutdown comes first.
+    async fn pause(&self, d: Duration) -> bool {
+        tokio::select! {
+            _ = self.held.cancelled() => false,
+            _ = tokio::time::sleep(d) => true,
+        }
+    }
+}
+
+/// Renews the lease every third of its TTL; cancels `held` if it is lost.
+async fn keep_lease(
+    store: Store,
+    name: String,
+    holder: String,
+    ttl: Duration,
+    held: CancellationToken,
+) {
+    let mut last_ok = Instant::now();
+    loop {
+        tokio::select! {
+            _ = held.cancelled() => return,
+            _ = tokio::time::sleep(ttl / 3) => {}
+        }
+        match store.renew_lease(&name, &holder, ttl).await {
+            Ok(true) => last_ok = Instant::now(),
+            Ok(false) => {
+                tracing::warn!(destination = %name, message = "The destination's lease was taken (expired or rewound); stopping.");
+                held.cancel();
+                return;
+            }
+            Err(e) if last_ok.elapsed() >= ttl => {
+                tracing::warn!(destination = %name, error = %e, message = "Cannot renew the lease before it expires; stopping.");
+                held.cancel();
+                return;
+            }
+            Err(_) => {}
+        }
+    }
+}
+
+/// Publishes the backlog gauges every 5 s while the lease is held.
+async fn report_backlog(
+    store: Store,
+    name: String,
+    cursor: watch::Receiver<Position>,
+    held: CancellationToken,
+) {
+    loop {
+        let at = cursor.borrow().clone();
+        if let Ok(b) = store.backlog(&at).await {
+            gauge!(DEST_BACKLOG_EVENTS, "destination" => name.clone()).set(b.events as f64);
+            let age = b.oldest.map_or(0.0, |t| {
+                (OffsetDateTime::now_utc() - t).as_seconds_f64().max(0.0)
+            });
+            gauge!(DEST_BACKLOG_SECONDS, "destination" => name.clone()).set(age);
+        }
+        tokio::select! {
+            _ = held.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+        }
+    }
+}
+
+/// Listens for commit notifications and bumps `wake`; reconnects with a pause if the
+/// database goes away (relays fall back to polling meanwhile).
+pub(crate) async fn listen(store: Store, wake: watch::Sender<u64>, stop: CancellationToken) {
+    loop {
+        let mut listener = match store.listen().await {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::debug!(error = %e, message = "Cannot listen for commits yet.");
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                }
+            }
+        };
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                n = listener.recv() => match n {
+                    Ok(_) => wake.send_modify(|v| *v = v.wrapping_add(1)),
+                    Err(e) => {
+                        tracing::debug!(error = %e, message = "Commit listener lost; reconnecting.");
+                        break;
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,415 @@
+//! Forwarding to HTTP destinations through failures, leases and filters, with real workers,
+//! NATS, PostgreSQL and a real HTTP receiver on 127.0.0.1.
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use anyhow::bail;
+use auditbridge_event::Event;
+use auditbridge_tests::receiver::{Answer, Receiver};
+use auditbridge_tests::{TestEnv, Worker};
+use serde_json::json;
+use uuid::Uuid;
+
+const T: Duration = Duration::from_secs(60);
+
+fn ids<'a>(events: impl IntoIterator<Item = &'a Event>) -> HashSet<Uuid> {
+    events.into_iter().map(|e| e.id).collect()
+}
+
+/// Waits until `check` holds, polling every 100 ms, or fails with `what` after `timeout`.
+async fn until(
+    what: &str,
+    timeout: Duration,
+    mut check: impl FnMut() -> bool,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    while !check() {
+        if Instant::now() > deadline {
+            bail!("timed out waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(())
+}
+
+async fn status_json(env: &TestEnv, destinations: &str) -> anyhow::Result<serde_json::Value> {
+    let out = env
+        .command(
+            &["status", "--json"],
+            &[("AUDITBRIDGE_DESTINATIONS", destinations)],
+        )
+        .output()
+        .await?;
+    Ok(serde_json::from_slice(&out.stdout)?)
+}
+
+fn destination<'a>(status: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
+    status["destinations"]
+        .as_array()
+        .and_then(|l| l.iter().find(|d| d["name"] == name))
+        .unwrap_or(&serde_json::Value::Null)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_destination_rides_out_500s_then_429s_and_delivers_everything() -> anyhow::Result<()> {
+    let mut env = TestEnv::new().await?;
+    env.ensure_stream().await?;
+    let rx = Receiver::start().await?;
+    rx.answer(Answer::Status(500));
+    let dest = (json!([{"name": "siem", "type": "http", "params": {
+        "url": rx.url("/siem"), "start": "earliest", "retry_min": "50ms", "retry_max": "1s",
+        "max_batch_events": 200
+    }}]))
+    .to_string();
+    // Two workers: concurrent writers, one relay.
+    let w1 = env
+        .spawn_worker("w1", &[("AUDITBRIDGE_DESTINATIONS", &dest)])
+        .await?;
+    let w2 = env
+        .spawn_worker("w2", &[("AUDITBRIDGE_DESTINATIONS", &dest)])
+        .await?;
+    w1.wait_ready(T).await?;
+    w2.wait_ready(T).await?;
+
+    let events = env.events(3_000);
+    env.publish(&events).await?;
+    // Ingest does not wait for the failing destination.
+    env.wait_for_count(3_000, T).await?;
+    until("three 500s", T, || {
+        rx.requests().iter().filter(|r| r.answered == 500).count() >= 3
+    })
+    .await?;
+    assert!(rx.delivered().is_empty());
+
+    rx.answer(Answer::TooMany(1));
+    until("two 429s", T, || {
+        rx.requests().iter().filter(|r| r.answered == 429).count() >= 2
+    })
+    .await?;
+    let tries: Vec<Instant> = rx
+        .requests()
+        .iter()
+        .filter(|r| r.answered == 429)
+        .map(|r| r.at)
+        .collect();
+    assert!(
+        tries[1].duration_since(tries[0]) >= Duration::from_millis(900),
+        "Retry-After: 1 was not honoured ({:?} between attempts)",
+        tries[1].duration_since(tries[0])
+    );
+
+    rx.answer(Answer::Ok);
+    until("every event delivered", T, || {
+        rx.delivered().len() == events.len()
+    })
+    .await?;
+    assert_eq!(rx.delivered(), ids(&events));
+
+    // Progress, failures and the lease are visible.
+    let status = status_json(&env, &dest).await?;
+    let siem = destination(&status, "siem");
+    assert!(
+        siem["delivered_total"].as_i64().unwrap_or(0) >= 3_000,
+        "{siem}"
+    );
+    assert_eq!(siem["failing"], false);
+    assert!(
+        siem["last_error"].as_str().unwrap_or("").contains("429"),
+        "{siem}"
+    );
+    assert!(siem["lease_holder"].is_string(), "{siem}");
+    let mut fails_5xx = 0.0;
+    let mut fails_429 = 0.0;
+    for w in [&w1, &w2] {
+        fails_5xx += w
+            .metric("auditbridge_destination_failures_total{destination=\"siem\",reason=\"status_5xx\"}")
+            .await?;
+        fails_429 += w
+            .metric("auditbridge_destination_failures_total{destination=\"siem\",reason=\"status_429\"}")
+            .await?;
+    }
+    assert!(
+        fails_5xx >= 3.0 && fails_429 >= 2.0,
+        "{fails_5xx} {fails_429}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn filters_and_start_positions_route_exactly_what_they_should_and_signatures_verify()
+-> anyhow::Result<()> {
+    let mut env = TestEnv::new().await?;
+    env.ensure_stream().await?;
+    let rx = Receiver::start().await?;
+
+    // Events stored before the destinations exist.
+    let before = env.events(300);
+    env.publish(&before).await?;
+    let first = env.spawn_worker("plain", &[]).await?;
+    env.wait_for_count(300, T).await?;
+    drop(first);
+
+    let tenant = before[0].tenant.clone();
+    let dest = (json!([
+        {"name": "all-earliest", "type": "http", "params": {"url": rx.url("/earliest"), "start": "earliest"}},
+        {"name": "all-now", "type": "http", "params": {"url": rx.url("/now"), "secret": "s3cret"}},
+        {"name": "one-tenant", "type": "http", "params": {"url": rx.url("/tenant"), "start": "earliest",
+            "filter": {"tenants": [tenant]}, "format": "json_array"}},
+        {"name": "documents", "type": "http", "params": {"url": rx.url("/documents"), "start": "earliest",
+            "filter": {"actions": ["document"]}}},
+        {"name": "refusals", "type": "http", "params": {"url": rx.url("/refusals"), "start": "earliest",
+            "filter": {"outcomes": ["denied", "failure"]}}}
+    ])).to_string();
+    let worker = env
+        .spawn_worker("relay", &[("AUDITBRIDGE_DESTINATIONS", &dest)])
+        .await?;
+    worker.wait_ready(T).await?;
+    // `now` means from the destination's creation: wait until it exists before publishing.
+    let deadline = Instant::now() + T;
+    while destination(&status_json(&env, &dest).await?, "all-now").is_null() {
+        assert!(
+            Instant::now() < deadline,
+            "destination all-now never registered"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let after = env.events(500);
+    env.publish(&after).await?;
+    let all: Vec<Event> = before.iter().chain(&after).cloned().collect();
+
+    until("the earliest destination", T, || {
+        rx.delivered_on("/earliest").len() == all.len()
+    })
+    .await?;
+    until("the now destination", T, || {
+        rx.delivered_on("/now").len() >= after.len()
+    })
+    .await?;
+    let want = |f: &dyn Fn(&Event) -> bool| ids(all.iter().filter(|e| f(e)));
+    let want_tenant = want(&|e| e.tenant == tenant);
+    let want_docs = want(&|e| e.action == "document" || e.action.starts_with("document."));
+    let want_refusals = want(&|e| matches!(e.outcome.as_str(), "denied" | "failure"));
+    assert!(!want_docs.is_empty() && !want_refusals.is_empty() && want_tenant.len() < all.len());
+    until("the filtered destinations", T, || {
+        rx.delivered_on("/tenant") == want_tenant
+            && rx.delivered_on("/documents") == want_docs
+            && rx.delivered_on("/refusals") == want_refusals
+    })
+    .await?;
+
+    assert_eq!(rx.delivered_on("/earliest"), ids(&all));
+    assert_eq!(
+        rx.delivered_on("/now"),
+        ids(&after),
+        "`now` must start at creation"
+    );
+    // Nothing extra arrives later either.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(rx.delivered_on("/tenant"), want_tenant);
+
+    // Every request to the signed destination verifies; a tampered body does not.
+    let signed: Vec<_> = rx
+        .requests()
+        .into_iter()
+        .filter(|r| r.path == "/now")
+        .collect();
+    assert!(!signed.is_empty());
+    for r in &signed {
+        let ts: u64 = r.headers["x-auditbridge-timestamp"].to_str()?.parse()?;
+        let sig = r.headers["x-auditbridge-signature"].to_str()?;
+        assert!(auditbridge_destinations::http::verify(
+            b"s3cret", ts, &r.body, sig
+        ));
+        let mut tampered = r.body.to_vec();
+        tampered[0] ^= 1;
+        assert!(!auditbridge_destinations::http::verify(
+            b"s3cret", ts, &tampered, sig
+        ));
+    }
+    let unsigned = rx
+        .requests()
+        .into_iter()
+        .find(|r| r.path == "/earliest")
+        .unwrap();
+    assert!(!unsigned.headers.contains_key("x-auditbridge-signature"));
+    Ok(())
+}
+
+/// The pid in a lease holder name (`host-pid-nonce`).
+fn holder_pid(holder: &str) -> Option<u32> {
+    holder.rsplit('-').nth(1)?.parse().ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_lease_holder_is_replaced_and_every_event_delivered() -> anyhow::Result<()> {
+    let mut env = TestEnv::new().await?;
+    env.ensure_stream().await?;
+    let rx = Receiver::start().await?;
+    let dest = (json!([{"name": "siem", "type": "http", "params": {
+        "url": rx.url("/siem"), "start": "earliest", "max_batch_events": 100
+    }}]))
+    .to_string();
+    let vars = [
+        ("AUDITBRIDGE_DESTINATIONS", dest.as_str()),
+        ("AUDITBRIDGE_LEASE_TTL", "2s"),
+    ];
+    let mut workers: Vec<Worker> = vec![
+        env.spawn_worker("w1", &vars).await?,
+        env.spawn_worker("w2", &vars).await?,
+    ];
+    for w in &workers {
+        w.wait_ready(T).await?;
+    }
+    let first = env.events(2_000);
+    env.publish(&first).await?;
+    until("some deliveries", T, || rx.delivered().len() >= 200).await?;
+
+    let holder = destination(&status_json(&env, &dest).await?, "siem")["lease_holder"]
+        .as_str()
+        .map(str::to_owned)
+        .ok_or_else(|| anyhow::anyhow!("nobody holds the lease"))?;
+    let pid = holder_pid(&holder).ok_or_else(|| anyhow::anyhow!("no pid in {holder}"))?;
+    let idx = workers
+        .iter()
+        .position(|w| w.pid() == pid)
+        .expect("the holder is one of ours");
+    workers[idx].signal("KILL");
+    workers[idx].wait_exit(Duration::from_secs(10)).await?;
+    let killed_at = Instant::now();
+
+    let second = env.events(1_000);
+    env.publish(&second).await?;
+    let all: HashSet<Uuid> = ids(first.iter().chain(&second));
+    until("every event delivered after the takeover", T, || {
+        rx.delivered() == all
+    })
+    .await?;
+    let new_holder = destination(&status_json(&env, &dest).await?, "siem")["lease_holder"]
+        .as_str()
+        .map(str::to_owned)
+        .unwrap_or_default();
+    assert_ne!(
+        holder_pid(&new_holder),
+        Some(pid),
+        "the dead worker still holds the lease"
+    );
+    assert_eq!(holder_pid(&new_holder), Some(workers[1 - idx].pid()));
+    eprintln!("takeover and catch-up took {:?}", killed_at.elapsed());
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rewind_replays_and_max_backlog_age_skips_loudly() -> anyhow::Result<()> {
+    let mut env = TestEnv::new().await?;
+    env.ensure_stream().await?;
+    let rx = Receiver::start().await?;
+    let dest = (json!([
+        {"name": "replayable", "type": "http", "params": {"url": rx.url("/replay"), "start": "earliest"}},
+        {"name": "impatient", "type": "http", "params": {"url": rx.url("/impatient"), "start": "earliest",
+            "max_backlog_age": "2s", "retry_min": "100ms", "retry_max": "500ms"}}
+    ])).to_string();
+    rx.answer(Answer::Status(400));
+    let worker = env
+        .spawn_worker("w", &[("AUDITBRIDGE_DESTINATIONS", &dest)])
+        .await?;
+    worker.wait_ready(T).await?;
+
+    let old = env.events(300);
+    env.publish(&old).await?;
+    env.wait_for_count(300, T).await?;
+    // A 400 keeps the batch and marks the destination failing.
+    let deadline = Instant::now() + T;
+    loop {
+        let s = status_json(&env, &dest).await?;
+        let d = destination(&s, "impatient");
+        if d["failing"] == true {
+            assert!(
+                d["last_error"].as_str().unwrap_or("").contains("400"),
+                "{d}"
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "never marked failing: {s}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Let the backlog age past 2 s, then recover.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let mark = time::OffsetDateTime::now_utc();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let new = env.events(100);
+    env.publish(&new).await?;
+    env.wait_for_count(400, T).await?;
+    rx.answer(Answer::Ok);
+
+    until("new events on the impatient destination", T, || {
+        rx.delivered_on("/impatient") == ids(&new)
+    })
+    .await?;
+    until("everything on the replayable destination", T, || {
+        rx.delivered_on("/replay") == ids(old.iter().chain(&new))
+    })
+    .await?;
+    let s = status_json(&env, &dest).await?;
+    assert_eq!(destination(&s, "impatient")["skipped_total"], 300, "{s}");
+    assert_eq!(destination(&s, "replayable")["skipped_total"], 0);
+    assert_eq!(
+        worker
+            .metric("auditbridge_destination_skipped_total{destination=\"impatient\"}")
+            .await?,
+        300.0
+    );
+    assert!(
+        worker
+            .log_text()
+            .contains("Skipping backlog older than max_backlog_age")
+    );
+
+    // Rewind the replayable destination to before the new events: they come again, the old
+    // ones do not.
+    let before_rewind = rx.delivered_count();
+    let ts = mark.format(&time::format_description::well_known::Rfc3339)?;
+    let out = env
+        .command(
+            &["destinations", "rewind", "replayable", "--to", &ts],
+            &[("AUDITBRIDGE_DESTINATIONS", &dest)],
+        )
+        .output()
+        .await?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    until("the replay", T, || {
+        rx.delivered_count() >= before_rewind + new.len()
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let replayed: Vec<Uuid> = rx
+        .requests()
+        .iter()
+        .filter(|r| r.path == "/replay" && r.answered == 200)
+        .flat_map(|r| r.ids())
+        .collect();
+    for e in &new {
+        assert_eq!(
+            replayed.iter().filter(|id| **id == e.id).count(),
+            2,
+            "replayed once more"
+        );
+    }
+    for e in &old {
+        assert_eq!(
+            replayed.iter().filter(|id| **id == e.id).count(),
+            1,
+            "not replayed"
+        );
+    }
+    let unknown = env
+        .command(&["destinations", "rewind", "nope", "--to", &ts], &[])
+        .output()
+        .await?;
+    assert!(!unknown.status.success());
+    Ok(())
+}

@@ -1,0 +1,150 @@
+//! The outbox under concurrent writers: transactions that insert early and commit late (the
+//! commit-order trap of a `bigserial` cursor) must not make a reader skip anything.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use auditbridge_store::{Position, Store};
+use auditbridge_tests::TestEnv;
+use uuid::Uuid;
+
+/// One writer transaction: when it inserted (its highest seq) and when it committed.
+#[derive(Debug, Clone, Copy)]
+struct Committed {
+    max_seq: i64,
+    at: Instant,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_writers_that_commit_out_of_order_skip_nothing() -> anyhow::Result<()> {
+    let env = TestEnv::new().await?;
+    let store = Store::from_pool(env.pool.clone());
+    let written: Arc<Mutex<HashSet<Uuid>>> = Arc::default();
+    let commits: Arc<Mutex<Vec<Committed>>> = Arc::default();
+    let writers_done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    const WRITERS: usize = 6;
+    const TXS: usize = 25;
+
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(WRITERS as u32 + 2)
+        .connect(&env.database_url)
+        .await?;
+    let mut tasks = Vec::new();
+    for w in 0..WRITERS {
+        let (pool, written, commits, done) = (
+            pool.clone(),
+            written.clone(),
+            commits.clone(),
+            writers_done.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            for t in 0..TXS {
+                let mut tx = pool.begin().await?;
+                let rows: Vec<(Uuid, i64)> = sqlx::query_as(
+                    "INSERT INTO audit_events \
+                       (id, tenant, action, outcome, occurred_at, actor_id, source, event) \
+                     SELECT gen_random_uuid(), 'acme', 'doc.update', 'success', now(), 'u', 's', '{}' \
+                     FROM generate_series(1, $1) RETURNING id, seq",
+                )
+                .bind(1 + ((w * 7 + t * 3) % 20) as i32)
+                .fetch_all(&mut *tx)
+                .await?;
+                // Hold the transaction open for a varying time so later inserts (higher seq)
+                // commit first.
+                let hold = ((w * 13 + t * 17) % 60) as f64 / 1000.0;
+                sqlx::query("SELECT pg_sleep($1)").bind(hold).execute(&mut *tx).await?;
+                tx.commit().await?;
+                let at = Instant::now();
+                written.lock().unwrap().extend(rows.iter().map(|r| r.0));
+                commits.lock().unwrap().push(Committed {
+                    max_seq: rows.iter().map(|r| r.1).max().unwrap_or(0),
+                    at,
+                });
+            }
+            done.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            anyhow::Ok(())
+        }));
+    }
+
+    // The outbox reader and, beside it, the naive reader the brief warns about (a cursor on
+    // `seq` alone), polling as fast as they can while the writers work.
+    let mut cursor = Position::start();
+    let mut seen: Vec<Uuid> = Vec::new();
+    // Where each id was first read, to explain a repeat if one ever happens.
+    let mut first_seen: std::collections::HashMap<Uuid, (Position, Position)> = Default::default();
+    let mut repeats: Vec<String> = Vec::new();
+    let mut naive_last: i64 = 0;
+    let mut naive_seen: HashSet<Uuid> = HashSet::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let finished = writers_done.load(std::sync::atomic::Ordering::SeqCst) == WRITERS;
+        let rows = store.read_outbox(&cursor, 200).await?;
+        let before = cursor.clone();
+        if let Some(last) = rows.last() {
+            cursor = last.position.clone();
+        }
+        for r in &rows {
+            if let Some(first) = first_seen.insert(r.id, (r.position.clone(), before.clone())) {
+                repeats.push(format!(
+                    "{} first at {:?} (read after {:?}), again at {:?} (read after {:?})",
+                    r.id, first.0, first.1, r.position, before
+                ));
+            }
+        }
+        seen.extend(rows.iter().map(|r| r.id));
+
+        let naive: Vec<(Uuid, i64)> =
+            sqlx::query_as("SELECT id, seq FROM audit_events WHERE seq > $1 ORDER BY seq")
+                .bind(naive_last)
+                .fetch_all(&env.pool)
+                .await?;
+        if let Some(l) = naive.last() {
+            naive_last = l.1;
+        }
+        naive_seen.extend(naive.iter().map(|r| r.0));
+
+        if finished && rows.is_empty() && seen.len() >= written.lock().unwrap().len() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the reader did not catch up");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    for t in tasks {
+        t.await??;
+    }
+
+    let written = written.lock().unwrap().clone();
+    let unique: HashSet<Uuid> = seen.iter().copied().collect();
+    assert!(
+        repeats.is_empty(),
+        "the outbox reader saw events twice:\n{}",
+        repeats.join("\n")
+    );
+    assert_eq!(unique.len(), seen.len());
+    assert_eq!(unique, written, "the outbox reader skipped events");
+
+    // The trap was really there: commits happened out of seq order...
+    let mut commits = commits.lock().unwrap().clone();
+    commits.sort_by_key(|c| c.at);
+    let out_of_order = commits
+        .windows(2)
+        .filter(|w| w[1].max_seq < w[0].max_seq)
+        .count();
+    assert!(
+        out_of_order > 0,
+        "writers never committed out of seq order; the test proves nothing"
+    );
+    // ...and the naive reader fell into it.
+    let missed = written.difference(&naive_seen).count();
+    assert!(
+        missed > 0,
+        "the naive seq cursor missed nothing this time ({out_of_order} out-of-order commits); \
+         the test did not exercise the trap"
+    );
+    eprintln!(
+        "{} events, {out_of_order} out-of-order commits, naive seq cursor missed {missed}, outbox missed 0",
+        written.len()
+    );
+    Ok(())
+}
