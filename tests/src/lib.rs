@@ -18,6 +18,7 @@ use tokio::process::{Child, Command};
 use uuid::Uuid;
 
 pub mod proxy;
+pub mod rabbit;
 pub mod receiver;
 
 pub const NATS_URL: &str = "nats://127.0.0.1:4222";

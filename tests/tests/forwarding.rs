@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::bail;
 use auditbridge_event::Event;
+use auditbridge_tests::rabbit::TestBroker;
 use auditbridge_tests::receiver::{Answer, Receiver};
 use auditbridge_tests::{TestEnv, Worker};
 use serde_json::json;
@@ -57,10 +58,11 @@ async fn http_destination_rides_out_500s_then_429s_and_delivers_everything() -> 
     env.ensure_stream().await?;
     let rx = Receiver::start().await?;
     rx.answer(Answer::Status(500));
+    let broker = TestBroker::new(&env.tag).await?;
     let dest = (json!([{"name": "siem", "type": "http", "params": {
         "url": rx.url("/siem"), "start": "earliest", "retry_min": "50ms", "retry_max": "1s",
         "max_batch_events": 200
-    }}]))
+    }}, broker.destination("bus", json!({}))]))
     .to_string();
     // Two workers: concurrent writers, one relay.
     let w1 = env
@@ -81,6 +83,18 @@ async fn http_destination_rides_out_500s_then_429s_and_delivers_everything() -> 
     })
     .await?;
     assert!(rx.delivered().is_empty());
+    // Meanwhile the RabbitMQ destination kept up: everything is on the bus while the webhook
+    // still fails.
+    let mut on_bus = Vec::new();
+    broker
+        .collect_until(T, &mut on_bus, |got| {
+            got.iter()
+                .flat_map(|g| g.ids(false))
+                .collect::<HashSet<_>>()
+                == ids(&events)
+        })
+        .await?;
+    assert!(rx.delivered().is_empty(), "the webhook was still failing");
 
     rx.answer(Answer::TooMany(1));
     until("two 429s", T, || {
@@ -411,5 +425,64 @@ async fn rewind_replays_and_max_backlog_age_skips_loudly() -> anyhow::Result<()>
         .output()
         .await?;
     assert!(!unknown.status.success());
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rabbitmq_event_and_batch_modes_carry_every_event_with_its_routing_key()
+-> anyhow::Result<()> {
+    let mut env = TestEnv::new().await?;
+    env.ensure_stream().await?;
+    let events_bus = TestBroker::new(&format!("{}e", env.tag)).await?;
+    let batch_bus = TestBroker::new(&format!("{}b", env.tag)).await?;
+    let events = env.events(1_500);
+    let tenant = events[0].tenant.clone();
+    let dest = (json!([
+        events_bus.destination(
+            "per-event",
+            json!({"routing_key": "audit.{tenant}.{action}.{outcome}"})
+        ),
+        batch_bus.destination(
+            "batched",
+            json!({"mode": "batch", "batch_size": 200, "filter": {"tenants": [tenant]}})
+        )
+    ]))
+    .to_string();
+    let worker = env
+        .spawn_worker("w", &[("AUDITBRIDGE_DESTINATIONS", &dest)])
+        .await?;
+    worker.wait_ready(T).await?;
+    env.publish(&events).await?;
+
+    let mut per_event = Vec::new();
+    events_bus
+        .collect_until(T, &mut per_event, |got| got.len() >= events.len())
+        .await?;
+    let want_tenant = ids(events.iter().filter(|e| e.tenant == tenant));
+    let mut batched = Vec::new();
+    batch_bus
+        .collect_until(T, &mut batched, |got| {
+            got.iter().flat_map(|g| g.ids(true)).collect::<HashSet<_>>() == want_tenant
+        })
+        .await?;
+
+    // One message per event, each with its id and a rendered routing key; no extras.
+    assert_eq!(per_event.len(), events.len());
+    let by_id: std::collections::HashMap<Uuid, &Event> = events.iter().map(|e| (e.id, e)).collect();
+    for m in &per_event {
+        let id: Uuid = m.message_id.as_deref().unwrap_or_default().parse()?;
+        let e = by_id[&id];
+        assert_eq!(
+            m.routing_key,
+            format!("audit.{}.{}.{}", e.tenant, e.action, e.outcome.as_str())
+        );
+        let body: Event = serde_json::from_slice(&m.body)?;
+        assert_eq!(&body, e);
+    }
+    // Batches: NDJSON, at most batch_size each, only the filtered tenant.
+    assert!(batched.len() < want_tenant.len(), "batch mode should batch");
+    let all: Vec<Uuid> = batched.iter().flat_map(|g| g.ids(true)).collect();
+    assert_eq!(all.len(), want_tenant.len(), "no event twice");
+    assert!(batched.iter().all(|g| g.ids(true).len() <= 200));
     Ok(())
 }

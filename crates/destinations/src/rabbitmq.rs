@@ -125,14 +125,30 @@ impl RabbitSink {
         };
         // `max_in_flight` is at least 1 (checked at startup); `max` guards a hand-built config.
         for window in messages.chunks(self.params.max_in_flight.max(1)) {
-            publish_window(
+            let result = publish_window(
                 &channel,
                 &exchange,
                 options,
                 window,
                 self.params.confirm_timeout,
             )
-            .await?;
+            .await;
+            if let Err(DeliveryError::Retry {
+                reason: "confirm_timeout",
+                detail,
+                ..
+            }) = &result
+                && self
+                    .link
+                    .as_ref()
+                    .is_some_and(|l| l.connection.status().blocked())
+            {
+                return Err(retry(
+                    "confirm_timeout",
+                    format!("{detail} (the broker is blocking publishers: a memory or disk alarm)"),
+                ));
+            }
+            result?;
         }
         Ok(())
     }
@@ -284,12 +300,23 @@ async fn publish_window(
             message.properties.clone(),
         )
     });
+    // A publish waits until its frames are written, which a broker that blocks publishers
+    // (a resource alarm) can delay for as long as the alarm lasts.
+    let Ok(published) =
+        tokio::time::timeout(confirm_timeout, futures::future::join_all(publishes)).await
+    else {
+        return Err(retry(
+            "confirm_timeout",
+            format!(
+                "the broker did not take {} messages for exchange {:?} within {confirm_timeout:?}",
+                window.len(),
+                exchange.as_str()
+            ),
+        ));
+    };
     let mut pending = Vec::with_capacity(window.len());
     let mut publish_error = None;
-    for (message, published) in window
-        .iter()
-        .zip(futures::future::join_all(publishes).await)
-    {
+    for (message, published) in window.iter().zip(published) {
         match published {
             Ok(confirm) => pending.push((message, confirm)),
             Err(error) => {
@@ -471,7 +498,7 @@ mod tests {
                     ..Default::default()
                 };
                 channel
-                    .queue_declare(queue.as_str().into(), options, FieldTable::default())
+                    .queue_declare(queue.as_str().into(), options, expiring())
                     .await
                     .unwrap();
                 channel
@@ -549,6 +576,13 @@ mod tests {
                 .await
                 .unwrap();
         }
+    }
+
+    /// Queue arguments that let the broker remove a queue a failed test left behind.
+    fn expiring() -> FieldTable {
+        let mut arguments = FieldTable::default();
+        arguments.insert("x-expires".into(), AMQPValue::LongLongInt(600_000));
+        arguments
     }
 
     fn params(exchange: &str, mode: RabbitMode) -> RabbitParams {
@@ -734,10 +768,66 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_connection_closed_by_the_broker_is_replaced_on_the_next_call() {
+        let broker = Broker::new(true).await;
+        let name = format!("closed-{}", Uuid::new_v4());
+        let mut sink = RabbitSink::new(&name, broker.params(RabbitMode::Event));
+        let first: Vec<OutEvent> = (0..3).map(event).collect();
+        assert_eq!(sink.deliver(&first).await.unwrap(), 3);
+
+        // Only this sink's connection is closed, by the broker (as `stop_app` does to all).
+        let rabbitmqctl = |args: &[&str]| {
+            let out = std::process::Command::new("rabbitmqctl")
+                .args(args)
+                .output()
+                .expect("rabbitmqctl");
+            assert!(
+                out.status.success(),
+                "rabbitmqctl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            String::from_utf8(out.stdout).unwrap()
+        };
+        // Tab-separated: the Erlang pid (as `close_connection` wants it), then the properties.
+        let listing = rabbitmqctl(&["-q", "list_connections", "pid", "client_properties"]);
+        let pid = listing
+            .lines()
+            .find(|line| line.contains(&name))
+            .and_then(|line| line.split('\t').next())
+            .unwrap_or_else(|| panic!("no connection named {name} in {listing}"));
+        rabbitmqctl(&["close_connection", pid, "test"]);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while sink.is_connected() {
+            assert!(
+                Instant::now() < deadline,
+                "the sink did not notice the closed connection"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+
+        let second: Vec<OutEvent> = (0..3).map(event).collect();
+        assert_eq!(sink.deliver(&second).await.unwrap(), 3);
+        assert!(sink.is_connected());
+        let ids: Vec<String> = broker
+            .take(6)
+            .await
+            .iter()
+            .map(|m| m.properties.message_id().as_ref().unwrap().to_string())
+            .collect();
+        let want: Vec<String> = first
+            .iter()
+            .chain(&second)
+            .map(|e| e.id.to_string())
+            .collect();
+        assert_eq!(ids, want);
+        broker.delete().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_nack_is_a_failure() {
         // A full queue with `reject-publish` overflow makes the broker nack further publishes.
         let broker = Broker::new(false).await;
-        let mut arguments = FieldTable::default();
+        let mut arguments = expiring();
         arguments.insert("x-max-length".into(), AMQPValue::LongLongInt(1));
         arguments.insert(
             "x-overflow".into(),
@@ -923,7 +1013,9 @@ mod tests {
     async fn throughput_of_event_mode_against_raw_lapin() {
         const TOTAL: usize = 20_000;
         const ROUNDS: usize = 2;
-        let events: Vec<OutEvent> = (0..TOTAL).map(event).collect();
+        // 600-byte events, as in the design's measured limits.
+        let events: Vec<OutEvent> = (0..TOTAL).map(|n| padded(event(n), 600)).collect();
+        assert_eq!(events[0].json.len(), 600);
         let (mut sink_rates, mut raw_rates) = (Vec::new(), Vec::new());
         for _ in 0..ROUNDS {
             sink_rates.push(sink_rate(&events).await);
@@ -931,11 +1023,21 @@ mod tests {
         }
         let best = |rates: &[f64]| rates.iter().copied().fold(0.0, f64::max);
         println!(
-            "rabbitmq event mode, {TOTAL} persistent messages with confirms: sink {:.0} msg/s \
+            "rabbitmq event mode, {TOTAL} persistent 600-byte messages with confirms: sink {:.0} msg/s \
              (calls of 500, rounds {sink_rates:.0?}), raw lapin {:.0} msg/s (rounds {raw_rates:.0?})",
             best(&sink_rates),
             best(&raw_rates),
         );
+    }
+
+    /// Grows the event's JSON to `size` bytes with a padding field.
+    fn padded(mut e: OutEvent, size: usize) -> OutEvent {
+        e.json.pop(); // the closing brace
+        e.json.push_str(r#","pad":""#);
+        let pad = size.saturating_sub(e.json.len() + 2);
+        e.json.extend(std::iter::repeat_n('x', pad));
+        e.json.push_str(r#""}"#);
+        e
     }
 
     async fn sink_rate(events: &[OutEvent]) -> f64 {
