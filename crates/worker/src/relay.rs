@@ -96,7 +96,7 @@ pub(crate) async fn supervise(
                 }
                 Ok(None) => {}
                 Err(e) => {
-                    tracing::debug!(destination = %name, error = %e, message = "Lease check failed.")
+                    tracing::debug!(destination = %name, error = %e, message = "Lease check failed.");
                 }
             }
         }
