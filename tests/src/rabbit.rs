@@ -139,8 +139,8 @@ impl TestBroker {
         let mut params = serde_json::json!({
             "url": AMQP_URL, "exchange": self.exchange, "start": "earliest"
         });
-        if let (Some(p), Some(e)) = (params.as_object_mut(), extra.as_object()) {
-            p.extend(e.clone());
+        if let (Some(p), serde_json::Value::Object(e)) = (params.as_object_mut(), extra) {
+            p.extend(e);
         }
         serde_json::json!({"name": name, "type": "rabbitmq", "params": params})
     }
