@@ -15,7 +15,8 @@
 #   DEMO_RATE    events per second it publishes (default 500)
 #   DEMO_FOLLOW  1 (default) to follow, 0 like --no-follow
 #   AUDITBRIDGE_* are passed to every command (see the design brief), except that each
-#   worker gets its own AUDITBRIDGE_METRICS_ADDR.
+#   worker gets its own AUDITBRIDGE_METRICS_ADDR. Without AUDITBRIDGE_DESTINATIONS (or a
+#   config file) the demo forwards to RabbitMQ's amq.topic exchange.
 # Logs and pid files go to .demo/ at the repository root.
 set -euo pipefail
 
@@ -34,7 +35,7 @@ die() {
     printf '[up] ERROR: %s\n' "$*" >&2
     exit 1
 }
-usage() { sed -n '2,19p' "$ROOT/scripts/up.sh" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,21p' "$ROOT/scripts/up.sh" | sed 's/^# \{0,1\}//'; }
 
 # ---------------------------------------------------------------------------------------------
 # Process helpers (pids are only ever taken from our own pid files, and checked to be ours)
@@ -210,6 +211,14 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
+
+# The demo forwards every event to RabbitMQ's built-in amq.topic exchange (no queue is bound,
+# so the broker confirms and drops them; bind a queue to "#" to watch them arrive), unless the
+# caller configured destinations of their own.
+if [[ -z ${AUDITBRIDGE_DESTINATIONS:-} && -z ${AUDITBRIDGE_CONFIG:-} ]]; then
+    export AUDITBRIDGE_DESTINATIONS='[{"name":"demo-bus","type":"rabbitmq","params":{"url":"amqp://guest:guest@127.0.0.1:5672/%2f","exchange":"amq.topic","mandatory":false}}]'
+    log "destination demo-bus: RabbitMQ exchange amq.topic (set AUDITBRIDGE_DESTINATIONS to use your own)"
+fi
 
 # setsid: own session, so a terminal's Ctrl-C or hang-up reaches only this script, which then
 # stops the processes in order (and --no-follow leaves them running after we exit).

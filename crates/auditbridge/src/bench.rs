@@ -34,7 +34,7 @@ use crate::publish::{Outgoing, publish_all};
 pub struct Args {
     /// Events for the throughput run (and for the raw limit).
     #[arg(long, default_value_t = 300_000)]
-    events: usize,
+    pub(crate) events: usize,
     /// Events per second for the latency run.
     #[arg(long, default_value_t = 5_000.0)]
     latency_rate: f64,
@@ -43,16 +43,38 @@ pub struct Args {
     latency_seconds: u64,
     /// Tenants in the generated traffic.
     #[arg(long, default_value_t = 50)]
-    tenants: usize,
+    pub(crate) tenants: usize,
     /// Keep the benchmark's database and stream afterwards.
     #[arg(long)]
     keep: bool,
+    /// Which part to run.
+    #[arg(long, value_enum, default_value_t = Part::All)]
+    only: Part,
+    /// Forwarding: stored events to drain as a backlog, per mode.
+    #[arg(long, default_value_t = 1_000_000)]
+    pub(crate) backlog: usize,
+    /// Forwarding: messages for the raw RabbitMQ limit.
+    #[arg(long, default_value_t = 60_000)]
+    pub(crate) raw_messages: usize,
+    /// Forwarding: events per second for the latency run.
+    #[arg(long, default_value_t = 2_000.0)]
+    pub(crate) forward_rate: f64,
+    /// Forwarding: length of the latency run.
+    #[arg(long, default_value_t = 10)]
+    pub(crate) forward_seconds: u64,
 }
 
-struct Names {
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Part {
+    All,
+    Ingest,
+    Forward,
+}
+
+pub(crate) struct Names {
     database_url: String,
     prefix: String,
-    stream: String,
+    pub(crate) stream: String,
     consumer: String,
 }
 
@@ -86,7 +108,13 @@ pub async fn run(args: Args, config: &Config) -> anyhow::Result<ExitCode> {
     let client = auditbridge_worker::connect_nats(&config.nats_url, "auditbridge-bench").await?;
     let js = jetstream::new(client.clone());
 
-    let result = measure(&args, &bench_config, &names, &store, &js).await;
+    let mut result = Ok(());
+    if args.only != Part::Forward {
+        result = measure(&args, &bench_config, &names, &store, &js).await;
+    }
+    if result.is_ok() && args.only != Part::Ingest {
+        result = crate::bench_forward::measure(&args, &bench_config, &names, &store, &js).await;
+    }
 
     if !args.keep {
         let _ = js.delete_stream(&names.stream).await;
@@ -139,7 +167,7 @@ async fn measure(
     // The stream and consumer exist before the worker starts, so the clock measures work.
     let stream = auditbridge_worker::provision::ensure_stream(js, config).await?;
     auditbridge_worker::provision::ensure_consumer(&stream, config).await?;
-    let mut worker = spawn_worker(names, config)?;
+    let mut worker = spawn_worker(names, config, &[])?;
     let pid = worker.id().context("worker pid")?;
 
     // 2. Throughput.
@@ -295,7 +323,11 @@ async fn latency_run(
     Ok(Some((q(0.5), q(0.99), q(1.0), seen.len())))
 }
 
-fn spawn_worker(names: &Names, config: &Config) -> anyhow::Result<Child> {
+pub(crate) fn spawn_worker(
+    names: &Names,
+    config: &Config,
+    extra: &[(&str, String)],
+) -> anyhow::Result<Child> {
     let exe = std::env::current_exe().context("locating the auditbridge binary")?;
     Command::new(exe)
         .arg("worker")
@@ -309,13 +341,14 @@ fn spawn_worker(names: &Names, config: &Config) -> anyhow::Result<Child> {
             "AUDITBRIDGE_LOG",
             std::env::var("AUDITBRIDGE_LOG").unwrap_or_else(|_| "warn".into()),
         )
+        .envs(extra.iter().map(|(k, v)| (*k, v.as_str())))
         .stdin(Stdio::null())
         .kill_on_drop(true)
         .spawn()
         .context("starting the worker")
 }
 
-async fn stop_worker(worker: &mut Child) {
+pub(crate) async fn stop_worker(worker: &mut Child) {
     if let Some(pid) = worker.id() {
         // SIGTERM, as an operator would; the worker drains and exits.
         let _ = std::process::Command::new("kill")
@@ -331,10 +364,19 @@ async fn stop_worker(worker: &mut Child) {
 }
 
 /// VmHWM: the peak resident set of a process, in KiB.
-fn peak_rss_kib(pid: u32) -> Option<u64> {
+pub(crate) fn peak_rss_kib(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     status
         .lines()
         .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+/// VmRSS: the current resident set of a process, in KiB.
+pub(crate) fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }

@@ -3,6 +3,7 @@
 //! message.
 
 mod bench;
+mod bench_forward;
 mod publish;
 mod status;
 

@@ -1,0 +1,428 @@
+//! `auditbridge bench`, forwarding part: how fast stored events reach RabbitMQ, next to the
+//! raw limit measured in the same run (the same messages published straight to RabbitMQ with
+//! lapin and publisher confirms, to the same kind of queue).
+//!
+//! 1. Raw limit: persistent messages, confirms in windows of 1000.
+//! 2. Backlog drain, `event` mode: a backlog of stored events (an outage's worth) drained by
+//!    one worker from `start: earliest`; rate and worker RSS sampled along the way.
+//! 3. Backlog drain, `batch` mode: the same backlog, one NDJSON message per batch.
+//! 4. Latency: events at a fixed rate through ingest and relay; a consumer on the queue stamps
+//!    each arrival. Publish-to-arrival includes ingest, so it bounds commit-to-confirmed from
+//!    above.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use async_nats::jetstream;
+use auditbridge_config::Config;
+use auditbridge_event::synth::Generator;
+use auditbridge_store::{NewEvent, Store};
+use futures::StreamExt as _;
+use lapin::options::{
+    BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions,
+    ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
+    QueuePurgeOptions,
+};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Connection, ConnectionProperties, ExchangeKind};
+use uuid::Uuid;
+
+use crate::bench::{Args, Names, peak_rss_kib, rss_kib, spawn_worker, stop_worker};
+use crate::publish::{Outgoing, publish_all};
+
+const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+struct Bus {
+    conn: Connection,
+    channel: lapin::Channel,
+    exchange: String,
+    queue: String,
+}
+
+impl Bus {
+    async fn declare(tag: &str) -> anyhow::Result<Bus> {
+        let conn = Connection::connect(AMQP_URL, ConnectionProperties::default())
+            .await
+            .context("connecting to RabbitMQ at 127.0.0.1:5672")?;
+        let channel = conn.create_channel().await?;
+        let exchange = format!("abbench.{tag}");
+        let queue = format!("abbench.{tag}.q");
+        channel
+            .exchange_declare(
+                exchange.as_str().into(),
+                ExchangeKind::Topic,
+                ExchangeDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+        // A durable queue that keeps the newest 200k messages: every message is really
+        // persisted, but a million-event drain does not fill the broker's disk.
+        let mut args = FieldTable::default();
+        args.insert("x-max-length".into(), AMQPValue::LongLongInt(200_000));
+        args.insert("x-expires".into(), AMQPValue::LongLongInt(3_600_000));
+        channel
+            .queue_declare(
+                queue.as_str().into(),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                args,
+            )
+            .await?;
+        channel
+            .queue_bind(
+                queue.as_str().into(),
+                exchange.as_str().into(),
+                "#".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        Ok(Bus {
+            conn,
+            channel,
+            exchange,
+            queue,
+        })
+    }
+
+    async fn purge(&self) -> anyhow::Result<()> {
+        self.channel
+            .queue_purge(self.queue.as_str().into(), QueuePurgeOptions::default())
+            .await?;
+        Ok(())
+    }
+
+    async fn delete(self) {
+        let _ = self
+            .channel
+            .queue_delete(self.queue.as_str().into(), QueueDeleteOptions::default())
+            .await;
+        let _ = self
+            .channel
+            .exchange_delete(
+                self.exchange.as_str().into(),
+                ExchangeDeleteOptions::default(),
+            )
+            .await;
+        let _ = self.conn.close(200, "done".into()).await;
+    }
+
+    fn destination(&self, name: &str, mode: &str, start: &str) -> String {
+        serde_json::json!([{"name": name, "type": "rabbitmq", "params": {
+            "url": AMQP_URL, "exchange": self.exchange, "mode": mode, "start": start
+        }}])
+        .to_string()
+    }
+}
+
+pub(crate) async fn measure(
+    args: &Args,
+    config: &Config,
+    names: &Names,
+    store: &Store,
+    js: &jetstream::Context,
+) -> anyhow::Result<()> {
+    let tag = names.stream.trim_start_matches("ABB_").to_owned();
+    let bus = Bus::declare(&tag).await?;
+    let result = run(args, config, names, store, js, &bus).await;
+    bus.delete().await;
+    result
+}
+
+async fn run(
+    args: &Args,
+    config: &Config,
+    names: &Names,
+    store: &Store,
+    js: &jetstream::Context,
+    bus: &Bus,
+) -> anyhow::Result<()> {
+    println!(
+        "forwarding: RabbitMQ, backlog {} events, latency at {}/s",
+        args.backlog, args.forward_rate
+    );
+
+    // 1. Raw limit.
+    let mut generator = Generator::new(21, args.tenants);
+    let bodies: Vec<(Uuid, Vec<u8>)> = (0..args.raw_messages)
+        .map(|_| {
+            let e = generator.next_event();
+            (e.id, serde_json::to_vec(&e).expect("events serialize"))
+        })
+        .collect();
+    let raw_rate = raw_publish(bus, &bodies).await?;
+    println!(
+        "raw limit     lapin publish with confirms, persistent, windows of 1000: {raw_rate:>9.0} msg/s"
+    );
+    bus.purge().await?;
+    drop(bodies);
+
+    // A backlog, as an outage would leave it: stored events no destination has confirmed.
+    let have = store.count_events().await? as usize;
+    if have < args.backlog {
+        fill_backlog(store, args.backlog - have, args.tenants).await?;
+    }
+    let backlog = store.count_events().await? as usize;
+
+    // 2 and 3. Drains.
+    for (mode, name) in [("event", "drain-event"), ("batch", "drain-batch")] {
+        let dest = bus.destination(name, mode, "earliest");
+        let mut worker = spawn_worker(names, config, &[("AUDITBRIDGE_DESTINATIONS", dest)])?;
+        let pid = worker.id().context("worker pid")?;
+        let drain = watch_drain(store, name, backlog, pid).await;
+        let peak = peak_rss_kib(pid);
+        stop_worker(&mut worker).await;
+        bus.purge().await?;
+        let d = drain?;
+        let note = if mode == "event" {
+            format!("({:.2} of raw; target >= 0.80)", d.rate / raw_rate)
+        } else {
+            "(target: at least the ingest rate)".to_owned()
+        };
+        println!(
+            "drain {mode:<6} {backlog} events by one worker: {:>9.0} events/s {note}; first/last 10%: {:.0}/{:.0} events/s",
+            d.rate, d.first_tenth_rate, d.last_tenth_rate
+        );
+        println!(
+            "              worker RSS at 10%/50%/90%/end: {} MB; peak {:.1} MB",
+            d.rss_mb
+                .iter()
+                .map(|m| format!("{m:.1}"))
+                .collect::<Vec<_>>()
+                .join("/"),
+            peak.unwrap_or(0) as f64 / 1024.0
+        );
+    }
+
+    // 4. Latency at a fixed rate, event mode, from now on.
+    let dest = bus.destination("latency", "event", "now");
+    let mut worker = spawn_worker(names, config, &[("AUDITBRIDGE_DESTINATIONS", dest)])?;
+    let latency = latency_run(args, config, store, js, bus).await;
+    stop_worker(&mut worker).await;
+    match latency? {
+        Some((p50, p99, max, n)) => println!(
+            "latency       publish to arrival in the queue at {}/s ({n} events): p50 {p50:.1} ms, p99 {p99:.1} ms, max {max:.1} ms  (target p99 commit-to-confirmed <= 250 ms)",
+            args.forward_rate
+        ),
+        None => println!("latency       no events arrived"),
+    }
+    Ok(())
+}
+
+/// Publishes every body with confirms, 1000 in flight at a time; returns messages/s.
+async fn raw_publish(bus: &Bus, bodies: &[(Uuid, Vec<u8>)]) -> anyhow::Result<f64> {
+    let channel = bus.conn.create_channel().await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    let started = Instant::now();
+    for window in bodies.chunks(1000) {
+        let mut confirms = Vec::with_capacity(window.len());
+        for (id, body) in window {
+            let props = BasicProperties::default()
+                .with_delivery_mode(2)
+                .with_content_type("application/json".into())
+                .with_message_id(id.to_string().into());
+            confirms.push(
+                channel
+                    .basic_publish(
+                        bus.exchange.as_str().into(),
+                        "raw.limit".into(),
+                        BasicPublishOptions {
+                            mandatory: true,
+                            ..Default::default()
+                        },
+                        body,
+                        props,
+                    )
+                    .await?,
+            );
+        }
+        for c in confirms {
+            let confirmation = c.await?;
+            if !confirmation.is_ack() {
+                bail!("the broker did not ack a raw publish: {confirmation:?}");
+            }
+        }
+    }
+    let rate = bodies.len() as f64 / started.elapsed().as_secs_f64();
+    let _ = channel.close(200, "done".into()).await;
+    Ok(rate)
+}
+
+/// Stores `n` more synthetic events straight through the store's writer.
+async fn fill_backlog(store: &Store, n: usize, tenants: usize) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let mut generator = Generator::new(33, tenants);
+    let mut left = n;
+    while left > 0 {
+        let chunk = left.min(5_000);
+        let events: Vec<_> = (0..chunk)
+            .map(|_| {
+                let e = generator.next_event();
+                let raw = serde_json::to_vec(&e).expect("events serialize");
+                (e, raw)
+            })
+            .collect();
+        let rows: Vec<NewEvent<'_>> = events
+            .iter()
+            .map(|(event, raw)| NewEvent { event, raw })
+            .collect();
+        store.persist(&rows, &[]).await?;
+        left -= chunk;
+    }
+    println!(
+        "backlog       stored {n} more events in {:.1}s",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+struct Drain {
+    rate: f64,
+    first_tenth_rate: f64,
+    last_tenth_rate: f64,
+    rss_mb: Vec<f64>,
+}
+
+/// Watches a destination's delivered count until it reaches `total`.
+async fn watch_drain(store: &Store, name: &str, total: usize, pid: u32) -> anyhow::Result<Drain> {
+    let deadline = Instant::now() + Duration::from_secs(1800);
+    let mut started: Option<Instant> = None;
+    let mut marks: Vec<(usize, Instant)> = Vec::new();
+    let mut rss_mb = Vec::new();
+    let mut next_rss = [0.1, 0.5, 0.9].into_iter().peekable();
+    loop {
+        let delivered = store
+            .destinations()
+            .await?
+            .into_iter()
+            .find(|d| d.name == name)
+            .map_or(0, |d| d.delivered_total as usize);
+        let now = Instant::now();
+        if delivered > 0 && started.is_none() {
+            started = Some(now);
+        }
+        marks.push((delivered, now));
+        if let Some(&f) = next_rss.peek()
+            && delivered as f64 >= f * total as f64
+        {
+            next_rss.next();
+            rss_mb.push(rss_kib(pid).unwrap_or(0) as f64 / 1024.0);
+        }
+        if delivered >= total {
+            rss_mb.push(rss_kib(pid).unwrap_or(0) as f64 / 1024.0);
+            break;
+        }
+        if now > deadline {
+            bail!("destination {name} delivered only {delivered} of {total} in 30 minutes");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let start = started.context("nothing was delivered")?;
+    let end = marks.last().map(|m| m.1).unwrap_or(start);
+    let rate_between = |lo: f64, hi: f64| {
+        let at = |f: f64| {
+            marks
+                .iter()
+                .find(|(d, _)| *d as f64 >= f * total as f64)
+                .map(|m| m.1)
+                .unwrap_or(end)
+        };
+        let (a, b) = (at(lo), at(hi));
+        (hi - lo) * total as f64 / b.duration_since(a).as_secs_f64().max(1e-3)
+    };
+    Ok(Drain {
+        rate: total as f64 / end.duration_since(start).as_secs_f64().max(1e-3),
+        first_tenth_rate: rate_between(0.0, 0.1),
+        last_tenth_rate: rate_between(0.9, 1.0),
+        rss_mb,
+    })
+}
+
+/// Publishes at a fixed rate while a consumer on the queue stamps arrivals.
+async fn latency_run(
+    args: &Args,
+    config: &Config,
+    store: &Store,
+    js: &jetstream::Context,
+    bus: &Bus,
+) -> anyhow::Result<Option<(f64, f64, f64, usize)>> {
+    // Wait until the destination exists (its `now` is its creation).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !store
+        .destinations()
+        .await?
+        .iter()
+        .any(|d| d.name == "latency")
+    {
+        if Instant::now() > deadline {
+            bail!("the latency destination was never registered");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    bus.purge().await?;
+    let total = (args.forward_rate * args.forward_seconds as f64) as usize;
+    let sent_at: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+    let channel = bus.conn.create_channel().await?;
+    let mut consumer = channel
+        .basic_consume(
+            bus.queue.as_str().into(),
+            "bench-latency".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+
+    let publisher = {
+        let js = js.clone();
+        let sent_at = sent_at.clone();
+        let prefix = config.subject_prefix.clone();
+        let rate = args.forward_rate;
+        let mut generator = Generator::new(44, args.tenants);
+        tokio::spawn(async move {
+            let messages = futures::stream::iter(0..total).map(move |_| {
+                let e = generator.next_event();
+                sent_at
+                    .lock()
+                    .expect("not poisoned")
+                    .insert(e.id.to_string(), Instant::now());
+                Outgoing::from_event(&e, &prefix)
+            });
+            publish_all(&js, messages, Some(rate)).await
+        })
+    };
+
+    let mut seen = Vec::with_capacity(total);
+    let deadline = Instant::now() + Duration::from_secs(args.forward_seconds + 120);
+    while seen.len() < total && Instant::now() < deadline {
+        let next = tokio::time::timeout(Duration::from_secs(1), consumer.next()).await;
+        let Ok(Some(Ok(delivery))) = next else {
+            continue;
+        };
+        let now = Instant::now();
+        if let Some(id) = delivery.properties.message_id().as_ref()
+            && let Some(t) = sent_at.lock().expect("not poisoned").get(id.as_str())
+        {
+            seen.push(now.duration_since(*t).as_secs_f64() * 1000.0);
+        }
+    }
+    publisher.await?;
+    let _ = channel.close(200, "done".into()).await;
+    if seen.is_empty() {
+        return Ok(None);
+    }
+    seen.sort_by(|a, b| a.total_cmp(b));
+    let q = |p: f64| seen[((seen.len() as f64 - 1.0) * p).round() as usize];
+    Ok(Some((q(0.5), q(0.99), q(1.0), seen.len())))
+}
