@@ -84,6 +84,13 @@ async fn concurrent_writers_that_commit_out_of_order_skip_nothing() -> anyhow::R
         if let Some(last) = rows.last() {
             cursor = last.position.clone();
         }
+        // Positions rise numerically (the xid8 order, not its text: "10000" < "9999").
+        let mut prev = (before.tx_id.parse::<u64>()?, before.seq);
+        for r in &rows {
+            let pos = (r.position.tx_id.parse::<u64>()?, r.position.seq);
+            assert!(pos > prev, "outbox order went from {prev:?} to {pos:?}");
+            prev = pos;
+        }
         for r in &rows {
             if let Some(first) = first_seen.insert(r.id, (r.position.clone(), before.clone())) {
                 repeats.push(format!(
@@ -146,5 +153,52 @@ async fn concurrent_writers_that_commit_out_of_order_skip_nothing() -> anyhow::R
         "{} events, {out_of_order} out-of-order commits, naive seq cursor missed {missed}, outbox missed 0",
         written.len()
     );
+    Ok(())
+}
+
+/// The outbox read must walk the (tx_id, seq) index in xid8 order. Sorting by the text form
+/// of the xid (a real bug once: the output column shadowed the table's in ORDER BY) both
+/// reorders positions where the xid gains a digit and sorts the whole backlog on every read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_outbox_read_walks_the_commit_order_index() -> anyhow::Result<()> {
+    let mut env = TestEnv::new().await?;
+    let store = Store::from_pool(env.pool.clone());
+    for _ in 0..10 {
+        let events = env.events(2_000);
+        let raws: Vec<Vec<u8>> = events
+            .iter()
+            .map(|e| serde_json::to_vec(e).unwrap())
+            .collect();
+        let rows: Vec<auditbridge_store::NewEvent<'_>> = events
+            .iter()
+            .zip(&raws)
+            .map(|(event, raw)| auditbridge_store::NewEvent { event, raw })
+            .collect();
+        store.persist(&rows, &[]).await?;
+    }
+    sqlx::query("ANALYZE audit_events")
+        .execute(&env.pool)
+        .await?;
+    let explain = format!("EXPLAIN {}", auditbridge_store::outbox::READ_OUTBOX);
+    let plan: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(explain))
+        .bind("0")
+        .bind(0i64)
+        .bind(500i64)
+        .fetch_all(&env.pool)
+        .await?;
+    let plan = plan.join("\n");
+    assert!(
+        plan.contains("Index Scan using audit_events_outbox_order"),
+        "{plan}"
+    );
+    assert!(!plan.contains("Sort"), "{plan}");
+
+    let rows = store.read_outbox(&Position::start(), 20_000).await?;
+    assert_eq!(rows.len(), 20_000);
+    let positions: Vec<(u64, i64)> = rows
+        .iter()
+        .map(|r| (r.position.tx_id.parse().unwrap(), r.position.seq))
+        .collect();
+    assert!(positions.windows(2).all(|w| w[0] < w[1]));
     Ok(())
 }

@@ -154,6 +154,7 @@ async fn destinations(store: &Store, config: &Config) -> anyhow::Result<serde_js
             "type": d.kind,
             "configured": configured.contains(&d.name),
             "backlog_events": backlog.events,
+            "backlog_exact": backlog.exact,
             "lag_seconds": backlog.oldest.map(|t| (now - t).as_seconds_f64().max(0.0)),
             "delivered_total": d.delivered_total,
             "skipped_total": d.skipped_total,
@@ -243,9 +244,10 @@ fn print_text(doc: &serde_json::Value) {
                     .as_f64()
                     .map_or("-".to_owned(), |s| format!("{s:.1}s"));
                 println!(
-                    "  {:<16} {:<8} backlog {:>8} events, lag {:>8}, delivered {}, {}{}{}",
+                    "  {:<16} {:<8} backlog {}{:>8} events, lag {:>8}, delivered {}, {}{}{}",
                     d["name"].as_str().unwrap_or(""),
                     d["type"].as_str().unwrap_or(""),
+                    if d["backlog_exact"] == false { "~" } else { "" },
                     d["backlog_events"],
                     lag,
                     d["delivered_total"],

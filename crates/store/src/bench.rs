@@ -56,7 +56,7 @@ impl Store {
         after: &Position,
     ) -> Result<(Vec<uuid::Uuid>, Position), StoreError> {
         let rows: Vec<(String, i64, uuid::Uuid)> = sqlx::query_as(
-            "SELECT tx_id::text, seq, id FROM audit_events \
+            "SELECT tx_id::text AS tx_text, seq, id FROM audit_events \
              WHERE (tx_id, seq) > ($1::text::xid8, $2) \
                AND tx_id < pg_snapshot_xmin(pg_current_snapshot()) \
              ORDER BY tx_id, seq",

@@ -77,8 +77,15 @@ pub struct DestinationState {
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Backlog {
     pub events: i64,
+    /// False when `events` is an estimate (backlogs over [`EXACT_BACKLOG_UP_TO`]).
+    pub exact: bool,
     pub oldest: Option<OffsetDateTime>,
 }
+
+/// Backlogs up to this size are counted exactly; larger ones are estimated from `seq`, so
+/// that watching a million-event backlog does not cost the database a full count every few
+/// seconds while it drains.
+pub const EXACT_BACKLOG_UP_TO: i64 = 100_000;
 
 const STATE_COLUMNS: &str = "name, type, cursor_tx::text, cursor_seq, lease_holder, \
     lease_expires_at, delivered_total, skipped_total, last_delivered_at, last_error, \
@@ -118,8 +125,23 @@ fn state(r: StateRow) -> DestinationState {
     }
 }
 
+// A rule for every query here: the `xid8` goes out as text (`tx_id::text AS tx_text`) under
+// another name. Left as `tx_id::text`, the output column is called `tx_id`, `ORDER BY tx_id`
+// then sorts the *text* ("10000" < "9999"), the cursor can step backwards where the xid gains
+// a digit, and the index on (tx_id, seq) is not used.
+
+/// The outbox read: events after a position, below the horizon, in commit-safe order. Public
+/// so a test can check its plan walks the (tx_id, seq) index.
+pub const READ_OUTBOX: &str = "SELECT tx_id::text AS tx_text, seq, id, tenant, action, outcome, \
+        source, received_at, event::text \
+    FROM audit_events \
+    WHERE (tx_id, seq) > ($1::text::xid8, $2) \
+      AND tx_id < pg_snapshot_xmin(pg_current_snapshot()) \
+    ORDER BY tx_id, seq \
+    LIMIT $3";
+
 /// The position of the newest event a reader can safely have passed right now.
-const HEAD: &str = "SELECT tx_id::text, seq FROM audit_events \
+const HEAD: &str = "SELECT tx_id::text AS tx_text, seq FROM audit_events \
     WHERE tx_id < pg_snapshot_xmin(pg_current_snapshot()) \
     ORDER BY tx_id DESC, seq DESC LIMIT 1";
 
@@ -158,7 +180,7 @@ impl Store {
             StartAt::Now => sqlx::query_as(HEAD).fetch_optional(&self.pool).await?,
             StartAt::At(t) => {
                 let first: Option<(String, i64)> = sqlx::query_as(
-                    "SELECT tx_id::text, seq FROM audit_events WHERE received_at >= $1 \
+                    "SELECT tx_id::text AS tx_text, seq FROM audit_events WHERE received_at >= $1 \
                      ORDER BY tx_id, seq LIMIT 1",
                 )
                 .bind(t)
@@ -248,20 +270,12 @@ impl Store {
             OffsetDateTime,
             String,
         );
-        let rows: Vec<Row> = sqlx::query_as(
-            "SELECT tx_id::text, seq, id, tenant, action, outcome, source, received_at, \
-                    event::text \
-             FROM audit_events \
-             WHERE (tx_id, seq) > ($1::text::xid8, $2) \
-               AND tx_id < pg_snapshot_xmin(pg_current_snapshot()) \
-             ORDER BY tx_id, seq \
-             LIMIT $3",
-        )
-        .bind(&after.tx_id)
-        .bind(after.seq)
-        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
-        .fetch_all(&self.pool)
-        .await?;
+        let rows: Vec<Row> = sqlx::query_as(READ_OUTBOX)
+            .bind(&after.tx_id)
+            .bind(after.seq)
+            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+            .fetch_all(&self.pool)
+            .await?;
         Ok(rows
             .into_iter()
             .map(|r| OutboxRow {
@@ -333,16 +347,33 @@ impl Store {
 
     /// How many events lie after `after` (before any filter), and when the oldest was stored.
     pub async fn backlog(&self, after: &Position) -> Result<Backlog, StoreError> {
-        let (events, oldest): (i64, Option<OffsetDateTime>) = sqlx::query_as(
-            "SELECT (SELECT count(*) FROM audit_events WHERE (tx_id, seq) > ($1::text::xid8, $2)), \
+        let (counted, oldest, head_seq): (i64, Option<OffsetDateTime>, Option<i64>) = sqlx::query_as(
+            "SELECT (SELECT count(*) FROM (SELECT 1 FROM audit_events \
+                     WHERE (tx_id, seq) > ($1::text::xid8, $2) LIMIT $3) AS capped), \
                     (SELECT received_at FROM audit_events WHERE (tx_id, seq) > ($1::text::xid8, $2) \
-                     ORDER BY tx_id, seq LIMIT 1)",
+                     ORDER BY tx_id, seq LIMIT 1), \
+                    (SELECT seq FROM audit_events ORDER BY tx_id DESC, seq DESC LIMIT 1)",
         )
         .bind(&after.tx_id)
         .bind(after.seq)
+        .bind(EXACT_BACKLOG_UP_TO + 1)
         .fetch_one(&self.pool)
         .await?;
-        Ok(Backlog { events, oldest })
+        if counted <= EXACT_BACKLOG_UP_TO {
+            return Ok(Backlog {
+                events: counted,
+                exact: true,
+                oldest,
+            });
+        }
+        // `seq` counts inserts, so the distance from the cursor to the newest row is the
+        // backlog give or take rolled-back batches and concurrent ordering.
+        let estimate = head_seq.map_or(counted, |h| (h - after.seq).max(counted));
+        Ok(Backlog {
+            events: estimate,
+            exact: false,
+            oldest,
+        })
     }
 
     /// Every destination's row.
