@@ -238,7 +238,9 @@ async fn measure(
     );
     drop(events);
 
-    // 3. Latency at a fixed rate.
+    // 3. Latency at a fixed rate, in steady state: the bulk load above leaves about a
+    // gigabyte of WAL whose checkpoint would otherwise land inside this run.
+    store.bench_checkpoint().await?;
     let latencies = latency_run(args, config, store, js).await?;
     let rss = peak_rss_kib(pid);
 
@@ -365,18 +367,18 @@ pub(crate) async fn stop_worker(worker: &mut Child) {
 
 /// VmHWM: the peak resident set of a process, in KiB.
 pub(crate) fn peak_rss_kib(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+    proc_status_kib(pid, "VmHWM:")
 }
 
 /// VmRSS: the current resident set of a process, in KiB.
 pub(crate) fn rss_kib(pid: u32) -> Option<u64> {
+    proc_status_kib(pid, "VmRSS:")
+}
+
+fn proc_status_kib(pid: u32, field: &str) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     status
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }

@@ -125,22 +125,30 @@ impl fmt::Debug for Config {
     }
 }
 
-/// Replaces the password of `scheme://user:password@host/...` with `***`.
+/// Replaces the password of `scheme://user:password@host/...` with `***` (everything else
+/// is kept, so the URL still says where it points). The one place URLs are redacted.
 pub fn redact_url(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
+    let Some(scheme_end) = url.find("://").map(|i| i + 3) else {
         return url.to_owned();
     };
-    let (authority, path) = match rest.find('/') {
-        Some(i) => rest.split_at(i),
-        None => (rest, ""),
+    let authority_end = url[scheme_end..]
+        .find(['/', '?', '#'])
+        .map_or(url.len(), |i| scheme_end + i);
+    let authority = &url[scheme_end..authority_end];
+    // The last '@' ends the user info: a password may contain '@' itself.
+    let Some(at) = authority.rfind('@') else {
+        return url.to_owned();
     };
-    match authority.rsplit_once('@') {
-        Some((userinfo, host)) => match userinfo.split_once(':') {
-            Some((user, _password)) => format!("{scheme}://{user}:***@{host}{path}"),
-            None => url.to_owned(),
-        },
-        None => url.to_owned(),
-    }
+    let user_info = &authority[..at];
+    let Some(colon) = user_info.find(':') else {
+        return url.to_owned();
+    };
+    format!(
+        "{}{}:***{}",
+        &url[..scheme_end],
+        &user_info[..colon],
+        &url[scheme_end + at..]
+    )
 }
 
 struct Key {

@@ -179,20 +179,7 @@ impl std::fmt::Debug for RabbitParams {
     }
 }
 
-/// `scheme://user:password@host/...` with the password replaced by `***`.
-pub fn redact_url(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
-    };
-    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
-    match authority.rsplit_once('@') {
-        Some((userinfo, host)) => {
-            let user = userinfo.split(':').next().unwrap_or("");
-            format!("{scheme}://{user}:***@{host}{path}")
-        }
-        None => url.to_owned(),
-    }
-}
+pub use auditbridge_config::redact_url;
 
 // ---- raw serde shapes ----
 
@@ -547,7 +534,13 @@ fn parse_one(value: &serde_json::Value, label: &str) -> Result<DestinationConfig
         .as_deref()
         .map(|v| duration(&name, "params.max_backlog_age", Some(v), Duration::ZERO))
         .transpose()?;
-    let batch_size = common.batch_size.unwrap_or(500);
+    // RabbitMQ: one confirm window per batch, so the broker always has a full window to work
+    // on; HTTP: the request size limits cut batches anyway.
+    let default_batch = match &kind {
+        Kind::RabbitMq(r) => r.max_in_flight.min(10_000),
+        Kind::Http(h) => h.max_batch_events.min(10_000),
+    };
+    let batch_size = common.batch_size.unwrap_or(default_batch);
     if batch_size == 0 || batch_size > 10_000 {
         return Err(err(&name, "params.batch_size", "expected 1 to 10000"));
     }

@@ -21,7 +21,7 @@ use tokio::time::Instant;
 use tracing::{debug, info};
 use uuid::Uuid;
 
-use crate::config::{RabbitMode, RabbitParams, render_routing_key};
+use crate::config::{RabbitMode, RabbitParams, redact_url, render_routing_key};
 use crate::{DeliveryError, OutEvent};
 
 /// How long one connect attempt (TCP, AMQP handshake, channel, `confirm.select`) may take, so
@@ -417,30 +417,6 @@ fn retry(reason: &'static str, detail: String) -> DeliveryError {
         detail,
         retry_after: None,
     }
-}
-
-/// `amqp://user:secret@host/vhost` → `amqp://user:***@host/vhost`.
-fn redact_url(url: &str) -> String {
-    let Some(scheme_end) = url.find("://").map(|i| i + 3) else {
-        return url.to_owned();
-    };
-    let authority_end = url[scheme_end..]
-        .find(['/', '?', '#'])
-        .map_or(url.len(), |i| scheme_end + i);
-    let authority = &url[scheme_end..authority_end];
-    let Some(at) = authority.rfind('@') else {
-        return url.to_owned();
-    };
-    let user_info = &authority[..at];
-    let Some(colon) = user_info.find(':') else {
-        return url.to_owned();
-    };
-    format!(
-        "{}{}:***{}",
-        &url[..scheme_end],
-        &user_info[..colon],
-        &url[scheme_end + at..]
-    )
 }
 
 #[cfg(test)]
@@ -990,17 +966,6 @@ mod tests {
             events.iter().map(|e| e.id.to_string()).collect::<Vec<_>>()
         );
         broker.delete().await;
-    }
-
-    #[test]
-    fn urls_are_redacted() {
-        assert_eq!(
-            redact_url("amqp://guest:secret@host:5672/%2f"),
-            "amqp://guest:***@host:5672/%2f"
-        );
-        assert_eq!(redact_url("amqps://u:p@ss@host/v"), "amqps://u:***@host/v");
-        assert_eq!(redact_url("amqp://host:5672/%2f"), "amqp://host:5672/%2f");
-        assert_eq!(redact_url("amqp://user@host"), "amqp://user@host");
     }
 
     /// Event mode with confirms, 20,000 events in calls of 500 (max_in_flight 1000), against

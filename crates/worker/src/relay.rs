@@ -165,6 +165,8 @@ fn backoff(config: &DestinationConfig) -> ExponentialBackoff {
         .build()
 }
 
+type ReadAhead = tokio::task::JoinHandle<Result<Vec<OutboxRow>, auditbridge_store::StoreError>>;
+
 struct Relay<'a> {
     config: &'a DestinationConfig,
     ctx: &'a RelayContext,
@@ -182,14 +184,31 @@ impl Relay<'_> {
 
     async fn run(&mut self) {
         let mut wake = self.ctx.wake.clone();
+        // The next batch, read while the current one is delivered: (where it starts, the read).
+        let mut ahead: Option<(Position, ReadAhead)> = None;
         while !self.held.is_cancelled() {
             wake.borrow_and_update();
-            let rows = match self
-                .ctx
-                .store
-                .read_outbox(&self.cursor, self.config.batch_size)
-                .await
-            {
+            let read = match ahead.take() {
+                // Used only if the current batch was relayed to its end (the usual case);
+                // otherwise (a partial delivery before a re-read) it is dropped.
+                Some((from, handle)) if from == self.cursor => match handle.await {
+                    Ok(result) => result,
+                    // The read-ahead task itself failed: read again here.
+                    Err(_) => {
+                        self.ctx
+                            .store
+                            .read_outbox(&self.cursor, self.config.batch_size)
+                            .await
+                    }
+                },
+                _ => {
+                    self.ctx
+                        .store
+                        .read_outbox(&self.cursor, self.config.batch_size)
+                        .await
+                }
+            };
+            let rows = match read {
                 Ok(rows) => rows,
                 Err(e) => {
                     tracing::warn!(destination = %self.name(), error = %e, message = "Cannot read the outbox; retrying.");
@@ -207,6 +226,20 @@ impl Relay<'_> {
                 }
                 continue;
             }
+            // Start reading what follows while this batch goes out: the broker or receiver
+            // is not left idle while the database answers. Reading ahead is as safe as reading
+            // later: it returns only rows below the horizon at that moment.
+            let last = rows
+                .last()
+                .map(|r| r.position.clone())
+                .expect("rows is not empty");
+            let store = self.ctx.store.clone();
+            let limit = self.config.batch_size;
+            let from = last.clone();
+            ahead = Some((
+                last,
+                tokio::spawn(async move { store.read_outbox(&from, limit).await }),
+            ));
             if !self.relay_rows(rows).await {
                 return;
             }
