@@ -167,7 +167,8 @@ async fn measure(
     // The stream and consumer exist before the worker starts, so the clock measures work.
     let stream = auditbridge_worker::provision::ensure_stream(js, config).await?;
     auditbridge_worker::provision::ensure_consumer(&stream, config).await?;
-    let mut worker = spawn_worker(names, config, &[])?;
+    let metrics = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    let mut worker = spawn_worker_at(names, config, &[], &metrics.to_string())?;
     let pid = worker.id().context("worker pid")?;
 
     // 2. Throughput.
@@ -241,14 +242,25 @@ async fn measure(
     // 3. Latency at a fixed rate, in steady state: the bulk load above leaves about a
     // gigabyte of WAL whose checkpoint would otherwise land inside this run.
     store.bench_checkpoint().await?;
+    let before = commit_histogram(metrics).await?;
     let latencies = latency_run(args, config, store, js).await?;
+    let after = commit_histogram(metrics).await?;
+    let commit = Histogram::between(&before, &after);
     let rss = peak_rss_kib(pid);
 
     stop_worker(&mut worker).await;
+    println!(
+        "latency       publish to commit at {}/s (worker histogram, {} events): p50 {:.1} ms, p99 {:.1} ms, {:.2}% within 100 ms  (target p99 <= 100 ms)",
+        args.latency_rate,
+        commit.count(),
+        commit.quantile(0.5) * 1000.0,
+        commit.quantile(0.99) * 1000.0,
+        commit.share_within(0.1) * 100.0
+    );
     match latencies {
         Some((p50, p99, max, n)) => println!(
-            "latency       publish to visible commit at {}/s ({n} events): p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms  (target p99 <= 100 ms)",
-            args.latency_rate, p50, p99, max
+            "              publish to visible in the outbox (stricter: waits for every older batch too, {n} events): p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+            p50, p99, max
         ),
         None => println!("latency       no events observed"),
     }
@@ -330,6 +342,16 @@ pub(crate) fn spawn_worker(
     config: &Config,
     extra: &[(&str, String)],
 ) -> anyhow::Result<Child> {
+    spawn_worker_at(names, config, extra, "127.0.0.1:0")
+}
+
+/// Like [`spawn_worker`], serving `/metrics` on `metrics`.
+fn spawn_worker_at(
+    names: &Names,
+    config: &Config,
+    extra: &[(&str, String)],
+    metrics: &str,
+) -> anyhow::Result<Child> {
     let exe = std::env::current_exe().context("locating the auditbridge binary")?;
     Command::new(exe)
         .arg("worker")
@@ -338,7 +360,7 @@ pub(crate) fn spawn_worker(
         .env("AUDITBRIDGE_STREAM", &names.stream)
         .env("AUDITBRIDGE_CONSUMER", &names.consumer)
         .env("AUDITBRIDGE_NATS_URL", &config.nats_url)
-        .env("AUDITBRIDGE_METRICS_ADDR", "127.0.0.1:0")
+        .env("AUDITBRIDGE_METRICS_ADDR", metrics)
         .env(
             "AUDITBRIDGE_LOG",
             std::env::var("AUDITBRIDGE_LOG").unwrap_or_else(|_| "warn".into()),
@@ -381,4 +403,79 @@ fn proc_status_kib(pid: u32, field: &str) -> Option<u64> {
         .lines()
         .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+/// Cumulative bucket counts of `auditbridge_publish_to_commit_seconds`: (upper bound, count).
+type Buckets = Vec<(f64, f64)>;
+
+/// Reads the worker's publish-to-commit histogram from its `/metrics`.
+async fn commit_histogram(addr: std::net::SocketAddr) -> anyhow::Result<Buckets> {
+    let body = reqwest::get(format!("http://{addr}/metrics"))
+        .await?
+        .text()
+        .await?;
+    let prefix = "auditbridge_publish_to_commit_seconds_bucket{le=\"";
+    Ok(body
+        .lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix(prefix)?;
+            let (le, count) = rest.split_once("\"} ")?;
+            let le = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().ok()?
+            };
+            Some((le, count.trim().parse().ok()?))
+        })
+        .collect())
+}
+
+/// The observations made between two scrapes of a cumulative histogram.
+struct Histogram(Buckets);
+
+impl Histogram {
+    fn between(before: &Buckets, after: &Buckets) -> Histogram {
+        Histogram(
+            after
+                .iter()
+                .map(|(le, n)| {
+                    let was = before
+                        .iter()
+                        .find(|(b, _)| b == le)
+                        .map_or(0.0, |(_, c)| *c);
+                    (*le, n - was)
+                })
+                .collect(),
+        )
+    }
+
+    fn count(&self) -> f64 {
+        self.0.last().map_or(0.0, |(_, n)| *n)
+    }
+
+    fn share_within(&self, seconds: f64) -> f64 {
+        let within = self
+            .0
+            .iter()
+            .find(|(le, _)| (*le - seconds).abs() < 1e-9)
+            .map_or(0.0, |(_, n)| *n);
+        within / self.count().max(1.0)
+    }
+
+    /// Linear interpolation inside the bucket the quantile falls in.
+    fn quantile(&self, q: f64) -> f64 {
+        let target = q * self.count();
+        let mut lower = (0.0, 0.0);
+        for &(le, n) in &self.0 {
+            if n >= target {
+                if !le.is_finite() {
+                    return lower.0;
+                }
+                let span = (n - lower.1).max(1e-9);
+                return lower.0 + (le - lower.0) * ((target - lower.1) / span);
+            }
+            lower = (le, n);
+        }
+        lower.0
+    }
 }
