@@ -274,7 +274,7 @@ impl Relay<'_> {
         }
 
         let filter = &self.config.filter;
-        let matching: Vec<(Position, OutEvent)> = rows
+        let (positions, events): (Vec<Position>, Vec<OutEvent>) = rows
             .into_iter()
             .filter(|r| filter.matches(&r.tenant, &r.action, &r.outcome))
             .map(|r| {
@@ -291,8 +291,7 @@ impl Relay<'_> {
                     },
                 )
             })
-            .collect();
-        let events: Vec<OutEvent> = matching.iter().map(|(_, e)| e.clone()).collect();
+            .unzip();
 
         let mut done = 0;
         while done < events.len() {
@@ -314,7 +313,7 @@ impl Relay<'_> {
                     let to = if done == events.len() {
                         last.clone()
                     } else {
-                        matching[done - 1].0.clone()
+                        positions[done - 1].clone()
                     };
                     if !self.advance(&to, n as u64, 0).await {
                         return false;
