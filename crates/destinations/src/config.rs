@@ -219,19 +219,6 @@ struct RawRabbit {
     confirm_timeout: Option<String>,
     #[serde(default)]
     max_in_flight: Option<usize>,
-    // common
-    #[serde(default)]
-    filter: Option<RawFilter>,
-    #[serde(default)]
-    start: Option<String>,
-    #[serde(default)]
-    max_backlog_age: Option<String>,
-    #[serde(default)]
-    batch_size: Option<usize>,
-    #[serde(default)]
-    retry_min: Option<String>,
-    #[serde(default)]
-    retry_max: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -254,19 +241,6 @@ struct RawHttp {
     timeout: Option<String>,
     #[serde(default)]
     secret: Option<String>,
-    // common
-    #[serde(default)]
-    filter: Option<RawFilter>,
-    #[serde(default)]
-    start: Option<String>,
-    #[serde(default)]
-    max_backlog_age: Option<String>,
-    #[serde(default)]
-    batch_size: Option<usize>,
-    #[serde(default)]
-    retry_min: Option<String>,
-    #[serde(default)]
-    retry_max: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -276,14 +250,34 @@ struct RawBasic {
     password: String,
 }
 
+/// Parameters every destination type takes. They are split off the params object before the
+/// type's own parameters are read, so that both parts can refuse unknown keys (serde's
+/// `flatten` cannot be combined with `deny_unknown_fields`).
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
 struct Common {
+    #[serde(default)]
     filter: Option<RawFilter>,
+    #[serde(default)]
     start: Option<String>,
+    #[serde(default)]
     max_backlog_age: Option<String>,
+    #[serde(default)]
     batch_size: Option<usize>,
+    #[serde(default)]
     retry_min: Option<String>,
+    #[serde(default)]
     retry_max: Option<String>,
 }
+
+const COMMON_KEYS: [&str; 6] = [
+    "filter",
+    "start",
+    "max_backlog_age",
+    "batch_size",
+    "retry_min",
+    "retry_max",
+];
 
 /// Validates every definition; fails on the first bad one, or on a duplicate name.
 pub fn parse_destinations(
@@ -340,9 +334,24 @@ fn parse_one(value: &serde_json::Value, label: &str) -> Result<DestinationConfig
             format!("expected [a-z0-9][a-z0-9_-]{{0,62}}, got {name:?}"),
         ));
     }
-    let params = serde_json::Value::Object(raw.params);
-    let param_err = |e: serde_json::Error| err(&name, "params", e.to_string());
-    let (kind, common) = match raw.kind.as_str() {
+    let (common_params, own_params): (serde_json::Map<_, _>, serde_json::Map<_, _>) = raw
+        .params
+        .into_iter()
+        .partition(|(k, _)| COMMON_KEYS.contains(&k.as_str()));
+    let common: Common = serde_json::from_value(serde_json::Value::Object(common_params))
+        .map_err(|e| err(&name, "params", e.to_string()))?;
+    let params = serde_json::Value::Object(own_params);
+    let param_err = |e: serde_json::Error| {
+        err(
+            &name,
+            "params",
+            format!(
+                "{e} (or one of the common parameters: {})",
+                COMMON_KEYS.join(", ")
+            ),
+        )
+    };
+    let kind = match raw.kind.as_str() {
         "rabbitmq" => {
             let r: RawRabbit = serde_json::from_value(params).map_err(param_err)?;
             if !(r.url.starts_with("amqp://") || r.url.starts_with("amqps://")) {
@@ -369,30 +378,20 @@ fn parse_one(value: &serde_json::Value, label: &str) -> Result<DestinationConfig
             if max_in_flight == 0 || max_in_flight > 100_000 {
                 return Err(err(&name, "params.max_in_flight", "expected 1 to 100000"));
             }
-            (
-                Kind::RabbitMq(RabbitParams {
-                    url: r.url,
-                    exchange: r.exchange,
-                    routing_key,
-                    mandatory: r.mandatory.unwrap_or(true),
-                    mode,
-                    confirm_timeout: duration(
-                        &name,
-                        "params.confirm_timeout",
-                        r.confirm_timeout.as_deref(),
-                        Duration::from_secs(10),
-                    )?,
-                    max_in_flight,
-                }),
-                Common {
-                    filter: r.filter,
-                    start: r.start,
-                    max_backlog_age: r.max_backlog_age,
-                    batch_size: r.batch_size,
-                    retry_min: r.retry_min,
-                    retry_max: r.retry_max,
-                },
-            )
+            Kind::RabbitMq(RabbitParams {
+                url: r.url,
+                exchange: r.exchange,
+                routing_key,
+                mandatory: r.mandatory.unwrap_or(true),
+                mode,
+                confirm_timeout: duration(
+                    &name,
+                    "params.confirm_timeout",
+                    r.confirm_timeout.as_deref(),
+                    Duration::from_secs(10),
+                )?,
+                max_in_flight,
+            })
         }
         "http" => {
             let h: RawHttp = serde_json::from_value(params).map_err(param_err)?;
@@ -466,31 +465,21 @@ fn parse_one(value: &serde_json::Value, label: &str) -> Result<DestinationConfig
                     "expected at least 1024",
                 ));
             }
-            (
-                Kind::Http(HttpParams {
-                    url: h.url,
-                    format,
-                    max_batch_events,
-                    max_batch_bytes,
-                    headers: h.headers.into_iter().collect(),
-                    auth,
-                    timeout: duration(
-                        &name,
-                        "params.timeout",
-                        h.timeout.as_deref(),
-                        Duration::from_secs(10),
-                    )?,
-                    secret: h.secret,
-                }),
-                Common {
-                    filter: h.filter,
-                    start: h.start,
-                    max_backlog_age: h.max_backlog_age,
-                    batch_size: h.batch_size,
-                    retry_min: h.retry_min,
-                    retry_max: h.retry_max,
-                },
-            )
+            Kind::Http(HttpParams {
+                url: h.url,
+                format,
+                max_batch_events,
+                max_batch_bytes,
+                headers: h.headers.into_iter().collect(),
+                auth,
+                timeout: duration(
+                    &name,
+                    "params.timeout",
+                    h.timeout.as_deref(),
+                    Duration::from_secs(10),
+                )?,
+                secret: h.secret,
+            })
         }
         other => {
             return Err(err(
