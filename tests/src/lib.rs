@@ -242,27 +242,33 @@ impl TestEnv {
     }
 }
 
+/// Runs async clean-up from a `Drop` and waits for it: on a thread of its own with a runtime
+/// of its own, because a runtime cannot be blocked on from inside another (and a test's
+/// runtime may be the one unwinding).
+pub fn run_cleanup(cleanup: impl Future<Output = ()> + Send + 'static) {
+    let _ = std::thread::spawn(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime for cleanup")
+            .block_on(cleanup);
+    })
+    .join();
+}
+
 impl Drop for TestEnv {
-    // Runs even when an assertion failed, so no stream or database outlives its test. Done
-    // on a thread of its own because a runtime cannot be blocked on from inside another.
+    // Runs even when an assertion failed, so no stream or database outlives its test.
     fn drop(&mut self) {
         let stream = self.stream.clone();
         let url = self.database_url.clone();
         let pool = self.pool.clone();
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("a runtime for cleanup");
-            rt.block_on(async move {
-                pool.close().await;
-                if let Ok(client) = async_nats::connect(NATS_URL).await {
-                    let _ = jetstream::new(client).delete_stream(&stream).await;
-                }
-                let _ = auditbridge_store::drop_database(&url).await;
-            });
-        })
-        .join();
+        run_cleanup(async move {
+            pool.close().await;
+            if let Ok(client) = async_nats::connect(NATS_URL).await {
+                let _ = jetstream::new(client).delete_stream(&stream).await;
+            }
+            let _ = auditbridge_store::drop_database(&url).await;
+        });
     }
 }
 

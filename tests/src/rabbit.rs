@@ -149,26 +149,18 @@ impl TestBroker {
 impl Drop for TestBroker {
     fn drop(&mut self) {
         let (exchange, queue) = (self.exchange.clone(), self.queue.clone());
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("runtime");
-            rt.block_on(async move {
-                if let Ok(conn) =
-                    Connection::connect(AMQP_URL, ConnectionProperties::default()).await
-                    && let Ok(ch) = conn.create_channel().await
-                {
-                    let _ = ch
-                        .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
-                        .await;
-                    let _ = ch
-                        .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
-                        .await;
-                    let _ = conn.close(200, "done".into()).await;
-                }
-            });
-        })
-        .join();
+        crate::run_cleanup(async move {
+            if let Ok(conn) = Connection::connect(AMQP_URL, ConnectionProperties::default()).await
+                && let Ok(ch) = conn.create_channel().await
+            {
+                let _ = ch
+                    .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+                    .await;
+                let _ = ch
+                    .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
+                    .await;
+                let _ = conn.close(200, "done".into()).await;
+            }
+        });
     }
 }

@@ -97,22 +97,15 @@ impl Drop for RoleGuard {
     fn drop(&mut self) {
         let role = self.role.clone();
         let url = self.database_url.clone();
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("a runtime for cleanup");
-            rt.block_on(async move {
-                if let Ok(mut conn) = PgConnection::connect(&url).await {
-                    let sql = format!("DROP OWNED BY {role}; DROP ROLE IF EXISTS {role}");
-                    if let Err(e) = sqlx::raw_sql(AssertSqlSafe(sql)).execute(&mut conn).await {
-                        eprintln!("cleanup: dropping role {role} failed: {e}");
-                    }
-                    let _ = conn.close().await;
+        auditbridge_tests::run_cleanup(async move {
+            if let Ok(mut conn) = PgConnection::connect(&url).await {
+                let sql = format!("DROP OWNED BY {role}; DROP ROLE IF EXISTS {role}");
+                if let Err(e) = sqlx::raw_sql(AssertSqlSafe(sql)).execute(&mut conn).await {
+                    eprintln!("cleanup: dropping role {role} failed: {e}");
                 }
-            });
-        })
-        .join();
+                let _ = conn.close().await;
+            }
+        });
     }
 }
 
@@ -122,18 +115,11 @@ struct DatabaseGuard(String);
 impl Drop for DatabaseGuard {
     fn drop(&mut self) {
         let url = self.0.clone();
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("a runtime for cleanup");
-            rt.block_on(async move {
-                if let Err(e) = auditbridge_store::drop_database(&url).await {
-                    eprintln!("cleanup: dropping {url} failed: {e}");
-                }
-            });
-        })
-        .join();
+        auditbridge_tests::run_cleanup(async move {
+            if let Err(e) = auditbridge_store::drop_database(&url).await {
+                eprintln!("cleanup: dropping {url} failed: {e}");
+            }
+        });
     }
 }
 
