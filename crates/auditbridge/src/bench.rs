@@ -140,14 +140,7 @@ async fn measure(
         "auditbridge bench: {} events, {} tenants, latency at {}/s for {}s",
         args.events, args.tenants, args.latency_rate, args.latency_seconds
     );
-    let mut generator = Generator::new(7, args.tenants);
-    let events: Vec<(Event, Bytes)> = (0..args.events)
-        .map(|_| {
-            let e = generator.next_event();
-            let raw = Bytes::from(serde_json::to_vec(&e).expect("events serialize"));
-            (e, raw)
-        })
-        .collect();
+    let events = synthetic(&mut Generator::new(7, args.tenants), args.events);
     let mean_bytes = events.iter().map(|(_, r)| r.len()).sum::<usize>() / events.len().max(1);
     println!("mean event size: {mean_bytes} bytes");
 
@@ -478,4 +471,15 @@ impl Histogram {
         }
         lower.0
     }
+}
+
+/// `n` synthetic events, each with its JSON as published.
+pub(crate) fn synthetic(generator: &mut Generator, n: usize) -> Vec<(Event, Bytes)> {
+    (0..n)
+        .map(|_| {
+            let e = generator.next_event();
+            let raw = Bytes::from(serde_json::to_vec(&e).expect("events serialize"));
+            (e, raw)
+        })
+        .collect()
 }

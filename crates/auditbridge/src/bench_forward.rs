@@ -19,6 +19,7 @@ use async_nats::jetstream;
 use auditbridge_config::Config;
 use auditbridge_event::synth::Generator;
 use auditbridge_store::{NewEvent, Store};
+use bytes::Bytes;
 use futures::StreamExt as _;
 use lapin::options::{
     BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions,
@@ -29,7 +30,7 @@ use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Connection, ConnectionProperties, ExchangeKind};
 use uuid::Uuid;
 
-use crate::bench::{Args, Names, peak_rss_kib, rss_kib, spawn_worker, stop_worker};
+use crate::bench::{Args, Names, peak_rss_kib, rss_kib, spawn_worker, stop_worker, synthetic};
 use crate::publish::{Outgoing, publish_all};
 
 const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
@@ -174,13 +175,11 @@ async fn run(
     );
 
     // 1. Raw limit.
-    let mut generator = Generator::new(21, args.tenants);
-    let bodies: Vec<(Uuid, Vec<u8>)> = (0..args.raw_messages)
-        .map(|_| {
-            let e = generator.next_event();
-            (e.id, serde_json::to_vec(&e).expect("events serialize"))
-        })
-        .collect();
+    let bodies: Vec<(Uuid, Bytes)> =
+        synthetic(&mut Generator::new(21, args.tenants), args.raw_messages)
+            .into_iter()
+            .map(|(e, raw)| (e.id, raw))
+            .collect();
     let downstream = bus.downstream().await?;
     let raw_rate = raw_publish(bus, &bodies).await?;
     println!(
@@ -245,7 +244,7 @@ async fn run(
 }
 
 /// Publishes every body with confirms, 1000 in flight at a time; returns messages/s.
-async fn raw_publish(bus: &Bus, bodies: &[(Uuid, Vec<u8>)]) -> anyhow::Result<f64> {
+async fn raw_publish(bus: &Bus, bodies: &[(Uuid, Bytes)]) -> anyhow::Result<f64> {
     let channel = bus.conn.create_channel().await?;
     channel
         .confirm_select(ConfirmSelectOptions::default())
@@ -292,13 +291,7 @@ async fn fill_backlog(store: &Store, n: usize, tenants: usize) -> anyhow::Result
     let mut left = n;
     while left > 0 {
         let chunk = left.min(5_000);
-        let events: Vec<_> = (0..chunk)
-            .map(|_| {
-                let e = generator.next_event();
-                let raw = serde_json::to_vec(&e).expect("events serialize");
-                (e, raw)
-            })
-            .collect();
+        let events = synthetic(&mut generator, chunk);
         let rows: Vec<NewEvent<'_>> = events
             .iter()
             .map(|(event, raw)| NewEvent { event, raw })
@@ -383,16 +376,17 @@ async fn latency_run(
     js: &jetstream::Context,
     bus: &Bus,
 ) -> anyhow::Result<Option<(f64, f64, f64, usize)>> {
-    // Wait until the destination exists (its `now` is its creation).
+    // Wait until the destination exists (its `now` is its creation) and a relay holds its
+    // lease: this measures the relay at work, not the worker starting up.
     let deadline = Instant::now() + Duration::from_secs(60);
     while !store
         .destinations()
         .await?
         .iter()
-        .any(|d| d.name == "latency")
+        .any(|d| d.name == "latency" && d.lease_holder.is_some())
     {
         if Instant::now() > deadline {
-            bail!("the latency destination was never registered");
+            bail!("no relay took the latency destination's lease");
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
