@@ -486,3 +486,63 @@ async fn rabbitmq_event_and_batch_modes_carry_every_event_with_its_routing_key()
     assert!(batched.iter().all(|g| g.ids(true).len() <= 200));
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn adding_and_removing_destinations_on_restart_keeps_the_others_progress()
+-> anyhow::Result<()> {
+    let mut env = TestEnv::new().await?;
+    env.ensure_stream().await?;
+    let rx = Receiver::start().await?;
+    let kept = json!({"name": "kept", "type": "http", "params": {"url": rx.url("/kept"), "start": "earliest"}});
+    let dropped = json!({"name": "dropped", "type": "http", "params": {"url": rx.url("/dropped"), "start": "earliest"}});
+    let added = json!({"name": "added", "type": "http", "params": {"url": rx.url("/added"), "start": "earliest"}});
+
+    let first_config = json!([kept.clone(), dropped]).to_string();
+    let first = env
+        .spawn_worker("first", &[("AUDITBRIDGE_DESTINATIONS", &first_config)])
+        .await?;
+    let before = env.events(400);
+    env.publish(&before).await?;
+    until("both destinations caught up", T, || {
+        rx.delivered_on("/kept") == ids(&before) && rx.delivered_on("/dropped") == ids(&before)
+    })
+    .await?;
+    let mut first = first;
+    first.signal("TERM");
+    first.wait_exit(Duration::from_secs(20)).await?;
+    let kept_requests = rx.requests().iter().filter(|r| r.path == "/kept").count();
+
+    // Restart with `dropped` removed and `added` new; `kept` unchanged.
+    let second_config = json!([kept, added]).to_string();
+    let _second = env
+        .spawn_worker("second", &[("AUDITBRIDGE_DESTINATIONS", &second_config)])
+        .await?;
+    let after = env.events(100);
+    env.publish(&after).await?;
+    let all = ids(before.iter().chain(&after));
+    until("the restart's deliveries", T, || {
+        rx.delivered_on("/kept") == all && rx.delivered_on("/added") == all
+    })
+    .await?;
+    // `kept` resumed from its cursor: only the new events were sent to it again.
+    let kept_again: Vec<Uuid> = rx
+        .requests()
+        .iter()
+        .filter(|r| r.path == "/kept")
+        .skip(kept_requests)
+        .flat_map(|r| r.ids())
+        .collect();
+    assert_eq!(
+        kept_again.iter().copied().collect::<HashSet<_>>(),
+        ids(&after)
+    );
+    assert_eq!(kept_again.len(), after.len(), "nothing sent twice to kept");
+    // `dropped` got nothing more, and its progress is kept for if it comes back.
+    assert_eq!(rx.delivered_on("/dropped"), ids(&before));
+    let s = status_json(&env, &second_config).await?;
+    let d = destination(&s, "dropped");
+    assert_eq!(d["configured"], false, "{s}");
+    assert_eq!(d["delivered_total"], 400, "{s}");
+    assert_eq!(d["backlog_events"], 100, "{s}");
+    Ok(())
+}
