@@ -1,0 +1,532 @@
+//! The declarative mapping from a foreign JSON payload to a v1 [`Event`]: pure, no I/O.
+//!
+//! A source either already speaks v1 ([`Mapping::Identity`]: the payload is decoded and
+//! validated as it is) or describes, per field, where the value is found in the foreign
+//! object (a JSON pointer such as `/sender/login`) or which constant it takes
+//! (`{"const": "user"}`). The foreign event type is looked up in the source's action map;
+//! the map's keys are the allow-list, so a type nobody mapped is refused with a reason
+//! instead of inventing an action.
+//!
+//! **Dedup.** A mapped event's `id` is derived from (source name, the source's own event id)
+//! by [`derive_id`], so a re-delivery of the same foreign event yields the same v1 id, hence
+//! the same `Nats-Msg-Id`, and is stored once (JetStream's duplicate window, then the
+//! worker's `ON CONFLICT (id)`).
+
+use std::collections::BTreeMap;
+
+use auditbridge_event::{Actor, Event, Outcome, Target, Uuid, validate_action};
+use serde_json::{Map, Value};
+use sha2::{Digest, Sha256};
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+
+/// How a source's payloads become v1 events.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Mapping {
+    /// The payload is already a v1 event.
+    Identity,
+    /// Field by field from a foreign object.
+    Fields(Box<FieldMapping>),
+}
+
+/// Where one string field comes from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Field {
+    /// A JSON pointer (RFC 6901) into the payload; numbers and booleans are taken as text.
+    Pointer(String),
+    /// A fixed value.
+    Const(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct ActorMapping {
+    pub id: Option<Field>,
+    pub kind: Option<Field>,
+    pub name: Option<Field>,
+    pub ip: Option<Field>,
+    pub user_agent: Option<Field>,
+}
+
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct TargetMapping {
+    pub id: Option<Field>,
+    pub kind: Option<Field>,
+    pub name: Option<Field>,
+}
+
+/// A field-by-field mapping. Built (and checked) by the configuration parser.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FieldMapping {
+    /// The source's own event id: the dedup key.
+    pub id: Field,
+    pub tenant: Field,
+    /// The foreign event type: the values at these pointers joined with `.`
+    /// (e.g. `["/event", "/action"]` gives `issues.opened`).
+    pub event_type: Vec<String>,
+    /// Foreign type → v1 action. Its keys are the allow-list.
+    pub actions: BTreeMap<String, String>,
+    /// RFC 3339 text or Unix seconds. Absent: the time the payload was received.
+    pub occurred_at: Option<String>,
+    /// Absent: `unknown`.
+    pub outcome: Option<Field>,
+    /// Foreign outcome value → v1 outcome; values that are already v1 outcomes pass.
+    pub outcomes: BTreeMap<String, Outcome>,
+    pub actor: ActorMapping,
+    pub target: Option<TargetMapping>,
+    /// Absent: the source's name.
+    pub source: Option<Field>,
+    pub reason: Option<Field>,
+    pub request_id: Option<Field>,
+    /// Metadata key → JSON pointer; the value is copied as JSON. `source_event_id` is always
+    /// added.
+    pub metadata: BTreeMap<String, String>,
+}
+
+/// Why a payload was not turned into an event. Permanent: the same payload is refused again.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{detail}")]
+pub struct Refusal {
+    pub kind: RefusalKind,
+    pub detail: String,
+}
+
+/// A stable, low-cardinality label for a [`Refusal`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RefusalKind {
+    /// Not JSON, or not an object.
+    NotJson,
+    /// The foreign event type is not in the source's action map.
+    UnmappedType,
+    /// A field the mapping needs is absent or has the wrong JSON type.
+    MissingField,
+    /// The result (or, for identity, the payload) is not a valid v1 event.
+    Invalid,
+    /// Larger than the event size limit.
+    Oversize,
+}
+
+impl RefusalKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RefusalKind::NotJson => "not_json",
+            RefusalKind::UnmappedType => "unmapped_type",
+            RefusalKind::MissingField => "missing_field",
+            RefusalKind::Invalid => "invalid",
+            RefusalKind::Oversize => "oversize",
+        }
+    }
+}
+
+fn refuse(kind: RefusalKind, detail: impl Into<String>) -> Refusal {
+    Refusal {
+        kind,
+        detail: detail.into(),
+    }
+}
+
+/// The namespace of derived ids: changing it would make re-deliveries across the change store
+/// twice, so it is fixed.
+const ID_NAMESPACE: &[u8] = b"auditbridge.sources.v1\0";
+
+/// The v1 id of the foreign event `foreign_id` of source `source`: deterministic, so a
+/// re-delivery gets the same id. With a known `occurred_at` the id is UUIDv7-shaped (its
+/// first 48 bits are the event's Unix milliseconds, so ids stay time-ordered, which keeps the
+/// primary-key index append-mostly); without one it is a UUIDv8 of the hash alone (the
+/// receive time cannot be part of it: it differs per delivery). The remaining bits are the
+/// SHA-256 of the namespace, the source name and the foreign id.
+pub fn derive_id(source: &str, foreign_id: &str, occurred_at: Option<OffsetDateTime>) -> Uuid {
+    let mut h = Sha256::new();
+    h.update(ID_NAMESPACE);
+    h.update(source.as_bytes());
+    h.update([0]);
+    h.update(foreign_id.as_bytes());
+    let digest = h.finalize();
+    let mut b = [0u8; 16];
+    b.copy_from_slice(&digest[..16]);
+    let millis = occurred_at
+        .map(|t| t.unix_timestamp_nanos() / 1_000_000)
+        .filter(|ms| (0..1i128 << 48).contains(ms));
+    match millis {
+        Some(ms) => {
+            let ms = u64::try_from(ms).unwrap_or(0).to_be_bytes();
+            b[..6].copy_from_slice(&ms[2..]);
+            b[6] = (b[6] & 0x0f) | 0x70;
+            b[8] = (b[8] & 0x3f) | 0x80;
+            Uuid::from_bytes(b)
+        }
+        None => uuid::Builder::from_custom_bytes(b).into_uuid(),
+    }
+}
+
+impl Mapping {
+    /// Turns one payload into a valid v1 event. `received_at` stands in for `occurred_at`
+    /// when the mapping has no pointer for it.
+    pub fn apply(
+        &self,
+        source: &str,
+        payload: &[u8],
+        max_bytes: usize,
+        received_at: OffsetDateTime,
+    ) -> Result<Event, Refusal> {
+        match self {
+            Mapping::Identity => auditbridge_event::decode(payload, max_bytes).map_err(|e| {
+                let kind = match e.kind {
+                    auditbridge_event::InvalidKind::Oversize => RefusalKind::Oversize,
+                    auditbridge_event::InvalidKind::NotJson => RefusalKind::NotJson,
+                    _ => RefusalKind::Invalid,
+                };
+                refuse(kind, e.detail)
+            }),
+            Mapping::Fields(m) => {
+                if payload.len() > max_bytes {
+                    return Err(refuse(
+                        RefusalKind::Oversize,
+                        format!("payload is {} bytes, more than {max_bytes}", payload.len()),
+                    ));
+                }
+                let doc: Value = serde_json::from_slice(payload)
+                    .map_err(|e| refuse(RefusalKind::NotJson, format!("not JSON: {e}")))?;
+                if !doc.is_object() {
+                    return Err(refuse(RefusalKind::NotJson, "expected a JSON object"));
+                }
+                let event = m.map(source, &doc, received_at)?;
+                let size = serde_json::to_vec(&event).map_or(0, |v| v.len());
+                if size > max_bytes {
+                    return Err(refuse(
+                        RefusalKind::Oversize,
+                        format!("the mapped event is {size} bytes, more than {max_bytes}"),
+                    ));
+                }
+                Ok(event)
+            }
+        }
+    }
+}
+
+/// The text at a pointer: strings as they are, numbers and booleans as written; `None` when
+/// absent or null.
+fn text_at(doc: &Value, pointer: &str) -> Result<Option<String>, Refusal> {
+    match doc.pointer(pointer) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s.clone())),
+        Some(v @ (Value::Number(_) | Value::Bool(_))) => Ok(Some(v.to_string())),
+        Some(_) => Err(refuse(
+            RefusalKind::MissingField,
+            format!("{pointer}: expected a string or number, found an object or array"),
+        )),
+    }
+}
+
+impl Field {
+    fn get(&self, doc: &Value) -> Result<Option<String>, Refusal> {
+        match self {
+            Field::Const(c) => Ok(Some(c.clone())),
+            Field::Pointer(p) => text_at(doc, p),
+        }
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            Field::Const(c) => format!("the constant {c:?}"),
+            Field::Pointer(p) => p.clone(),
+        }
+    }
+}
+
+fn optional(field: Option<&Field>, doc: &Value) -> Result<Option<String>, Refusal> {
+    field.map_or(Ok(None), |f| f.get(doc))
+}
+
+fn required(field: &Field, doc: &Value, what: &str) -> Result<String, Refusal> {
+    field.get(doc)?.filter(|s| !s.is_empty()).ok_or_else(|| {
+        refuse(
+            RefusalKind::MissingField,
+            format!("{what}: nothing at {}", field.describe()),
+        )
+    })
+}
+
+impl FieldMapping {
+    fn map(
+        &self,
+        source: &str,
+        doc: &Value,
+        received_at: OffsetDateTime,
+    ) -> Result<Event, Refusal> {
+        let foreign_id = required(&self.id, doc, "id")?;
+        let mut parts = Vec::with_capacity(self.event_type.len());
+        for p in &self.event_type {
+            match text_at(doc, p)? {
+                Some(t) if !t.is_empty() => parts.push(t),
+                _ => {
+                    return Err(refuse(
+                        RefusalKind::MissingField,
+                        format!("event type: nothing at {p}"),
+                    ));
+                }
+            }
+        }
+        let event_type = parts.join(".");
+        let Some(action) = self.actions.get(&event_type) else {
+            return Err(refuse(
+                RefusalKind::UnmappedType,
+                format!(
+                    "event type {event_type:?} is not in the action map of source {source} (allowed: {})",
+                    self.actions.keys().cloned().collect::<Vec<_>>().join(", ")
+                ),
+            ));
+        };
+        let occurred_at = match &self.occurred_at {
+            None => None,
+            Some(p) => Some(timestamp_at(doc, p)?),
+        };
+        let outcome = match optional(self.outcome.as_ref(), doc)? {
+            None => Outcome::Unknown,
+            Some(v) => match self.outcomes.get(&v) {
+                Some(o) => *o,
+                None => v.parse().map_err(|_| {
+                    refuse(
+                        RefusalKind::Invalid,
+                        format!("outcome: {v:?} is neither mapped in outcomes nor a v1 outcome"),
+                    )
+                })?,
+            },
+        };
+        let actor = Actor {
+            id: match &self.actor.id {
+                Some(f) => required(f, doc, "actor.id")?,
+                None => return Err(refuse(RefusalKind::MissingField, "actor.id: not mapped")),
+            },
+            kind: optional(self.actor.kind.as_ref(), doc)?,
+            name: optional(self.actor.name.as_ref(), doc)?,
+            ip: optional(self.actor.ip.as_ref(), doc)?,
+            user_agent: optional(self.actor.user_agent.as_ref(), doc)?,
+        };
+        let target = match &self.target {
+            None => None,
+            Some(t) => {
+                let target = Target {
+                    id: optional(t.id.as_ref(), doc)?,
+                    kind: optional(t.kind.as_ref(), doc)?,
+                    name: optional(t.name.as_ref(), doc)?,
+                };
+                (target != Target::default()).then_some(target)
+            }
+        };
+        let mut metadata = Map::new();
+        for (key, pointer) in &self.metadata {
+            if let Some(v) = doc.pointer(pointer).filter(|v| !v.is_null()) {
+                metadata.insert(key.clone(), v.clone());
+            }
+        }
+        metadata.insert("source_event_id".into(), Value::String(foreign_id.clone()));
+        let event = Event {
+            id: derive_id(source, &foreign_id, occurred_at),
+            tenant: required(&self.tenant, doc, "tenant")?,
+            occurred_at: occurred_at.unwrap_or(received_at),
+            action: action.clone(),
+            outcome,
+            actor,
+            target,
+            source: match &self.source {
+                Some(f) => required(f, doc, "source")?,
+                None => source.to_owned(),
+            },
+            reason: optional(self.reason.as_ref(), doc)?,
+            request_id: optional(self.request_id.as_ref(), doc)?,
+            metadata: Some(metadata),
+        };
+        event
+            .validate()
+            .map_err(|e| refuse(RefusalKind::Invalid, e.detail))?;
+        Ok(event)
+    }
+}
+
+fn timestamp_at(doc: &Value, pointer: &str) -> Result<OffsetDateTime, Refusal> {
+    let bad = |what: String| refuse(RefusalKind::MissingField, format!("occurred_at: {what}"));
+    match doc.pointer(pointer) {
+        Some(Value::String(s)) => OffsetDateTime::parse(s, &Rfc3339)
+            .map_err(|e| bad(format!("{s:?} at {pointer} is not RFC 3339 ({e})"))),
+        Some(Value::Number(n)) => {
+            let secs = n
+                .as_f64()
+                .ok_or_else(|| bad(format!("{n} at {pointer} is not a number of seconds")))?;
+            OffsetDateTime::from_unix_timestamp_nanos((secs * 1e9) as i128)
+                .map_err(|e| bad(format!("{n} at {pointer} is out of range ({e})")))
+        }
+        _ => Err(bad(format!(
+            "expected RFC 3339 text or Unix seconds at {pointer}"
+        ))),
+    }
+}
+
+/// Checks a v1 action named in a configuration (the action map's values).
+pub(crate) fn check_action(action: &str) -> Result<(), String> {
+    validate_action(action).map_err(|e| e.detail)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn now() -> OffsetDateTime {
+        time::macros::datetime!(2026-11-23 12:00:00 UTC)
+    }
+
+    fn github_like() -> Mapping {
+        let config = json!({
+            "id": "/delivery",
+            "tenant": "/installation/account",
+            "type": ["/event", "/action"],
+            "actions": {"issues.opened": "issue.create", "issues.closed": "issue.close"},
+            "occurred_at": "/created_at",
+            "outcome": {"const": "success"},
+            "actor": {"id": "/sender/id", "type": {"const": "user"}, "name": "/sender/login"},
+            "target": {"id": "/issue/number", "type": {"const": "issue"}, "name": "/issue/title"},
+            "metadata": {"repository": "/repository"}
+        });
+        crate::config::parse_mapping(&config).unwrap()
+    }
+
+    fn payload(kind: &str) -> Vec<u8> {
+        serde_json::to_vec(&json!({
+            "delivery": "d-1",
+            "event": "issues",
+            "action": kind,
+            "created_at": "2026-11-23T10:00:00Z",
+            "installation": {"account": "acme"},
+            "sender": {"id": 42, "login": "ada"},
+            "issue": {"number": 7, "title": "Crash"},
+            "repository": {"full_name": "acme/app"}
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_foreign_payload_becomes_a_valid_event() {
+        let e = github_like()
+            .apply("gh", &payload("opened"), 65536, now())
+            .unwrap();
+        assert_eq!(e.tenant, "acme");
+        assert_eq!(e.action, "issue.create");
+        assert_eq!(e.outcome, Outcome::Success);
+        assert_eq!(e.actor.id, "42");
+        assert_eq!(e.actor.kind.as_deref(), Some("user"));
+        assert_eq!(e.actor.name.as_deref(), Some("ada"));
+        let t = e.target.unwrap();
+        assert_eq!(t.id.as_deref(), Some("7"));
+        assert_eq!(t.name.as_deref(), Some("Crash"));
+        assert_eq!(e.source, "gh");
+        assert_eq!(
+            e.occurred_at,
+            time::macros::datetime!(2026-11-23 10:00:00 UTC)
+        );
+        let m = e.metadata.unwrap();
+        assert_eq!(m["source_event_id"], "d-1");
+        assert_eq!(m["repository"]["full_name"], "acme/app");
+        assert_eq!(e.id.get_version_num(), 7);
+    }
+
+    #[test]
+    fn the_id_depends_only_on_source_and_foreign_id() {
+        let m = github_like();
+        let a = m.apply("gh", &payload("opened"), 65536, now()).unwrap();
+        let later = now() + time::Duration::hours(1);
+        let b = m.apply("gh", &payload("opened"), 65536, later).unwrap();
+        assert_eq!(a.id, b.id, "a re-delivery keeps its id");
+        let c = m.apply("gh2", &payload("opened"), 65536, now()).unwrap();
+        assert_ne!(a.id, c.id, "another source's event 'd-1' is another event");
+        // Time-ordered: the id starts with the event's milliseconds.
+        let t = time::macros::datetime!(2026-11-23 10:00:00 UTC);
+        let ms = u64::try_from(t.unix_timestamp() * 1000).unwrap();
+        assert_eq!(a.id.as_u128() >> 80, u128::from(ms));
+        let v8 = derive_id("gh", "d-1", None);
+        assert_eq!(v8.get_version_num(), 8);
+        assert_eq!(v8, derive_id("gh", "d-1", None));
+        assert_ne!(v8, derive_id("gh", "d-2", None));
+    }
+
+    #[test]
+    fn unlisted_types_are_refused_with_the_allow_list() {
+        let err = github_like()
+            .apply("gh", &payload("deleted"), 65536, now())
+            .unwrap_err();
+        assert_eq!(err.kind, RefusalKind::UnmappedType);
+        assert!(err.detail.contains("issues.deleted"), "{err}");
+        assert!(err.detail.contains("issues.opened"), "{err}");
+    }
+
+    #[test]
+    fn missing_and_malformed_fields_are_named() {
+        let m = github_like();
+        let mut doc: Value = serde_json::from_slice(&payload("opened")).unwrap();
+        doc["installation"]["account"] = json!("Not A Tenant");
+        let err = m
+            .apply("gh", &serde_json::to_vec(&doc).unwrap(), 65536, now())
+            .unwrap_err();
+        assert_eq!(err.kind, RefusalKind::Invalid);
+        assert!(err.detail.contains("tenant"), "{err}");
+
+        doc["installation"] = json!({});
+        let err = m
+            .apply("gh", &serde_json::to_vec(&doc).unwrap(), 65536, now())
+            .unwrap_err();
+        assert_eq!(err.kind, RefusalKind::MissingField);
+        assert!(err.detail.contains("/installation/account"), "{err}");
+
+        let mut doc: Value = serde_json::from_slice(&payload("opened")).unwrap();
+        doc["sender"]["id"] = json!({"nested": 1});
+        let err = m
+            .apply("gh", &serde_json::to_vec(&doc).unwrap(), 65536, now())
+            .unwrap_err();
+        assert!(err.detail.contains("/sender/id"), "{err}");
+
+        let err = m.apply("gh", b"[1,2]", 65536, now()).unwrap_err();
+        assert_eq!(err.kind, RefusalKind::NotJson);
+        let err = m.apply("gh", b"{oops", 65536, now()).unwrap_err();
+        assert_eq!(err.kind, RefusalKind::NotJson);
+        let err = m.apply("gh", &payload("opened"), 100, now()).unwrap_err();
+        assert_eq!(err.kind, RefusalKind::Oversize);
+    }
+
+    #[test]
+    fn outcomes_map_and_default_to_unknown() {
+        let config = json!({
+            "id": "/id", "tenant": {"const": "acme"}, "type": "/t",
+            "actions": {"login": "session.create"},
+            "outcome": "/result", "outcomes": {"ok": "success", "blocked": "denied"},
+            "actor": {"id": "/user"}
+        });
+        let m = crate::config::parse_mapping(&config).unwrap();
+        let ev = |result: Value| {
+            let body = json!({"id": 1, "t": "login", "user": "u", "result": result});
+            m.apply("s", &serde_json::to_vec(&body).unwrap(), 65536, now())
+        };
+        assert_eq!(ev(json!("ok")).unwrap().outcome, Outcome::Success);
+        assert_eq!(ev(json!("blocked")).unwrap().outcome, Outcome::Denied);
+        assert_eq!(ev(json!("failure")).unwrap().outcome, Outcome::Failure);
+        assert_eq!(ev(Value::Null).unwrap().outcome, Outcome::Unknown);
+        assert_eq!(ev(json!("weird")).unwrap_err().kind, RefusalKind::Invalid);
+        // No occurred_at pointer: the receive time, and an id that does not depend on it.
+        let e = ev(json!("ok")).unwrap();
+        assert_eq!(e.occurred_at, now());
+        assert_eq!(e.id, derive_id("s", "1", None));
+    }
+
+    #[test]
+    fn identity_decodes_v1_events() {
+        let line = br#"{"id":"0192f7a4-6b1e-7c3d-9a2b-5f1e2d3c4b5a","tenant":"acme","occurred_at":"2026-11-22T10:15:30.123Z","action":"document.update","outcome":"success","actor":{"id":"u-42"},"source":"docs-api"}"#;
+        let e = Mapping::Identity.apply("f", line, 65536, now()).unwrap();
+        assert_eq!(e.id.to_string(), "0192f7a4-6b1e-7c3d-9a2b-5f1e2d3c4b5a");
+        let err = Mapping::Identity
+            .apply("f", br#"{"id":"x"}"#, 65536, now())
+            .unwrap_err();
+        assert_eq!(err.kind, RefusalKind::Invalid);
+        let err = Mapping::Identity
+            .apply("f", b"nope", 65536, now())
+            .unwrap_err();
+        assert_eq!(err.kind, RefusalKind::NotJson);
+    }
+}

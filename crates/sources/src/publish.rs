@@ -1,0 +1,127 @@
+//! Publishing to JetStream, shared by every source: `<prefix>.<tenant>.<action>` with
+//! `Nats-Msg-Id` = the event id, and nothing counts as published before JetStream's ack.
+
+use std::time::{Duration, Instant};
+
+use async_nats::HeaderMap;
+use async_nats::jetstream;
+use auditbridge_event::{Event, Uuid};
+use backon::BackoffBuilder as _;
+use bytes::Bytes;
+
+/// One message ready to publish.
+#[derive(Debug, Clone)]
+pub struct Outgoing {
+    pub subject: String,
+    pub id: Uuid,
+    pub payload: Bytes,
+}
+
+impl Outgoing {
+    /// `raw`: the payload exactly as received when it already is this event (identity
+    /// mapping), so the trail stores the producer's bytes; otherwise the event is serialized.
+    pub fn new(event: &Event, prefix: &str, raw: Option<Bytes>) -> Outgoing {
+        Outgoing {
+            subject: event.subject(prefix),
+            id: event.id,
+            payload: raw.unwrap_or_else(|| {
+                Bytes::from(serde_json::to_vec(event).expect("an Event always serializes"))
+            }),
+        }
+    }
+}
+
+/// JetStream did not acknowledge everything in time. Retryable: re-publishing is safe, the
+/// ids deduplicate.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "JetStream acknowledged {acked} of {total} messages within {waited:?} (last error: {last})"
+)]
+pub struct PublishError {
+    pub acked: usize,
+    pub total: usize,
+    pub waited: Duration,
+    pub last: String,
+}
+
+/// Where sources hand their events: JetStream in production, a recorder in unit tests.
+pub trait Sink: Send + Sync {
+    /// Publishes the whole batch; `Ok` only when every message was acknowledged.
+    fn publish(&self, batch: &[Outgoing]) -> impl Future<Output = Result<(), PublishError>> + Send;
+}
+
+/// Publishes to JetStream, retrying what was not acknowledged (with backoff) until `timeout`.
+#[derive(Clone)]
+pub struct Publisher {
+    js: jetstream::Context,
+    timeout: Duration,
+}
+
+impl Publisher {
+    pub fn new(js: jetstream::Context, timeout: Duration) -> Publisher {
+        Publisher { js, timeout }
+    }
+}
+
+impl Sink for Publisher {
+    async fn publish(&self, batch: &[Outgoing]) -> Result<(), PublishError> {
+        let started = Instant::now();
+        let mut pending: Vec<&Outgoing> = batch.iter().collect();
+        let mut backoff = backon::ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(50))
+            .with_max_delay(Duration::from_secs(1))
+            .with_jitter()
+            .without_max_times()
+            .build();
+        let mut last = String::from("none");
+        loop {
+            let remaining = self.timeout.saturating_sub(started.elapsed());
+            let attempt = async {
+                let mut acks = Vec::with_capacity(pending.len());
+                for out in &pending {
+                    let mut headers = HeaderMap::new();
+                    headers.insert("Nats-Msg-Id", out.id.to_string().as_str());
+                    acks.push(self.js.publish_with_headers(
+                        out.subject.clone(),
+                        headers,
+                        out.payload.clone(),
+                    ));
+                }
+                // Sent one after the other (each only buffers into the connection), then
+                // every ack awaited at once.
+                let mut futures = Vec::with_capacity(acks.len());
+                for a in acks {
+                    futures.push(async move { a.await?.await });
+                }
+                futures::future::join_all(futures).await
+            };
+            match tokio::time::timeout(remaining, attempt).await {
+                Ok(results) => {
+                    let mut still = Vec::new();
+                    for (out, r) in pending.iter().zip(results) {
+                        if let Err(e) = r {
+                            last = e.to_string();
+                            still.push(*out);
+                        }
+                    }
+                    pending = still;
+                }
+                Err(_) => last = "timed out".into(),
+            }
+            if pending.is_empty() {
+                return Ok(());
+            }
+            let delay = backoff.next().unwrap_or(Duration::from_secs(1));
+            if started.elapsed() + delay >= self.timeout {
+                return Err(PublishError {
+                    acked: batch.len() - pending.len(),
+                    total: batch.len(),
+                    waited: started.elapsed(),
+                    last,
+                });
+            }
+            tracing::debug!(pending = pending.len(), error = %last, message = "Publish not acknowledged; retrying.");
+            tokio::time::sleep(delay).await;
+        }
+    }
+}

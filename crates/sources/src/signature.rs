@@ -1,0 +1,233 @@
+//! The check of an incoming webhook's HMAC-SHA256 signature: the receiving side of the scheme
+//! the HTTP destination signs with (`auditbridge_destinations::http::sign`), generalised to
+//! configurable header names and prefix, and to body-only schemes (GitHub's
+//! `X-Hub-Signature-256: sha256=<hex>`).
+
+use std::time::Duration;
+
+use hmac::{Hmac, KeyInit, Mac};
+use sha2::Sha256;
+
+use crate::config::WebhookParams;
+
+/// Why a request's signature was refused. Each is answered 401 and counted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SignatureError {
+    #[error("missing header {0}")]
+    MissingHeader(String),
+    #[error("header {0} is not Unix seconds")]
+    BadTimestamp(String),
+    /// Outside the replay window: possibly a captured request sent again.
+    #[error("timestamp is {age_secs} s away from the server clock (replay window {window_secs} s)")]
+    Expired { age_secs: u64, window_secs: u64 },
+    #[error("signature does not match")]
+    Mismatch,
+}
+
+impl SignatureError {
+    /// A low-cardinality label for metrics.
+    pub fn label(&self) -> &'static str {
+        match self {
+            SignatureError::MissingHeader(_) => "missing",
+            SignatureError::BadTimestamp(_) => "bad_timestamp",
+            SignatureError::Expired { .. } => "expired",
+            SignatureError::Mismatch => "mismatch",
+        }
+    }
+}
+
+/// Checks a request: `header` looks a header up by its lowercase name; `body` is the raw body
+/// as received; `now` is Unix seconds. The digest comparison is constant-time
+/// (`Mac::verify_slice`).
+pub fn verify_request<'a>(
+    params: &WebhookParams,
+    header: impl Fn(&str) -> Option<&'a str>,
+    body: &[u8],
+    now: u64,
+) -> Result<(), SignatureError> {
+    let presented = header(&params.signature_header)
+        .ok_or_else(|| SignatureError::MissingHeader(params.signature_header.clone()))?;
+    let timestamp = match &params.timestamp_header {
+        None => None,
+        Some(name) => {
+            let raw = header(name).ok_or_else(|| SignatureError::MissingHeader(name.clone()))?;
+            let ts: u64 = raw
+                .trim()
+                .parse()
+                .map_err(|_| SignatureError::BadTimestamp(name.clone()))?;
+            let age = now.abs_diff(ts);
+            if Duration::from_secs(age) > params.replay_window {
+                return Err(SignatureError::Expired {
+                    age_secs: age,
+                    window_secs: params.replay_window.as_secs(),
+                });
+            }
+            Some(raw.trim())
+        }
+    };
+    // Several signatures may be presented (comma-separated), so that a sender can sign with
+    // an old and a new secret while they are rotated.
+    let matches = presented.split(',').any(|candidate| {
+        candidate
+            .trim()
+            .strip_prefix(params.signature_prefix.as_str())
+            .and_then(|h| hex::decode(h).ok())
+            .is_some_and(|digest| {
+                mac(params.secret.as_bytes(), timestamp, body)
+                    .verify_slice(&digest)
+                    .is_ok()
+            })
+    });
+    if matches {
+        Ok(())
+    } else {
+        Err(SignatureError::Mismatch)
+    }
+}
+
+/// The header value a sender puts on `body` (for tests, benchmarks and documentation).
+pub fn sign(params: &WebhookParams, timestamp: Option<u64>, body: &[u8]) -> String {
+    let ts = timestamp.map(|t| t.to_string());
+    let digest = mac(params.secret.as_bytes(), ts.as_deref(), body)
+        .finalize()
+        .into_bytes();
+    format!("{}{}", params.signature_prefix, hex::encode(digest))
+}
+
+fn mac(secret: &[u8], timestamp: Option<&str>, body: &[u8]) -> Hmac<Sha256> {
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret).expect("HMAC takes a key of any length");
+    if let Some(ts) = timestamp {
+        mac.update(ts.as_bytes());
+        mac.update(b".");
+    }
+    mac.update(body);
+    mac
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mapping::Mapping;
+    use std::collections::HashMap;
+
+    fn params() -> WebhookParams {
+        WebhookParams {
+            secret: "whsec-0123456789abcdef".into(),
+            signature_header: "x-auditbridge-signature".into(),
+            signature_prefix: "v1=".into(),
+            timestamp_header: Some("x-auditbridge-timestamp".into()),
+            replay_window: Duration::from_secs(300),
+            mapping: Mapping::Identity,
+        }
+    }
+
+    fn check(
+        p: &WebhookParams,
+        headers: &[(&str, String)],
+        body: &[u8],
+        now: u64,
+    ) -> Result<(), SignatureError> {
+        let map: HashMap<&str, &str> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        verify_request(p, |name| map.get(name).copied(), body, now)
+    }
+
+    #[test]
+    fn accepts_what_the_http_destination_signs() {
+        let p = params();
+        let body = br#"{"a":1}"#;
+        let sig = auditbridge_destinations::http::sign(p.secret.as_bytes(), 1_000, body);
+        assert_eq!(sig, sign(&p, Some(1_000), body));
+        let headers = [
+            ("x-auditbridge-timestamp", "1000".to_owned()),
+            ("x-auditbridge-signature", sig.clone()),
+        ];
+        assert_eq!(check(&p, &headers, body, 1_010), Ok(()));
+        // Another body, another timestamp, another secret: refused.
+        assert_eq!(
+            check(&p, &headers, b"{}", 1_010),
+            Err(SignatureError::Mismatch)
+        );
+        let moved = [
+            ("x-auditbridge-timestamp", "1001".to_owned()),
+            ("x-auditbridge-signature", sig.clone()),
+        ];
+        assert_eq!(
+            check(&p, &moved, body, 1_010),
+            Err(SignatureError::Mismatch)
+        );
+        let mut other = params();
+        other.secret = "another-secret-of-16".into();
+        assert_eq!(
+            check(&other, &headers, body, 1_010),
+            Err(SignatureError::Mismatch)
+        );
+        // Rotation: either of two signatures may match.
+        let both = [
+            ("x-auditbridge-timestamp", "1000".to_owned()),
+            ("x-auditbridge-signature", format!("v1=00ff, {sig}")),
+        ];
+        assert_eq!(check(&p, &both, body, 1_010), Ok(()));
+    }
+
+    #[test]
+    fn replay_window_and_missing_headers() {
+        let p = params();
+        let body = b"x";
+        let headers = [
+            ("x-auditbridge-timestamp", "1000".to_owned()),
+            ("x-auditbridge-signature", sign(&p, Some(1000), body)),
+        ];
+        assert_eq!(check(&p, &headers, body, 1_300), Ok(()));
+        assert_eq!(
+            check(&p, &headers, body, 1_301),
+            Err(SignatureError::Expired {
+                age_secs: 301,
+                window_secs: 300
+            })
+        );
+        assert!(matches!(
+            check(&p, &headers, body, 600),
+            Err(SignatureError::Expired { .. })
+        ));
+        assert_eq!(
+            check(&p, &headers[1..], body, 1_000),
+            Err(SignatureError::MissingHeader(
+                "x-auditbridge-timestamp".into()
+            ))
+        );
+        assert_eq!(
+            check(&p, &headers[..1], body, 1_000),
+            Err(SignatureError::MissingHeader(
+                "x-auditbridge-signature".into()
+            ))
+        );
+        let bad_ts = [
+            ("x-auditbridge-timestamp", "yesterday".to_owned()),
+            ("x-auditbridge-signature", sign(&p, Some(1000), body)),
+        ];
+        assert!(matches!(
+            check(&p, &bad_ts, body, 1_000),
+            Err(SignatureError::BadTimestamp(_))
+        ));
+        let not_hex = [
+            ("x-auditbridge-timestamp", "1000".to_owned()),
+            ("x-auditbridge-signature", "v1=zz".to_owned()),
+        ];
+        assert_eq!(
+            check(&p, &not_hex, body, 1_000),
+            Err(SignatureError::Mismatch)
+        );
+    }
+
+    #[test]
+    fn body_only_scheme() {
+        let mut p = params();
+        p.signature_header = "x-hub-signature-256".into();
+        p.signature_prefix = "sha256=".into();
+        p.timestamp_header = None;
+        let body = b"{\"zen\":\"x\"}";
+        let sig = sign(&p, None, body);
+        assert!(sig.starts_with("sha256="));
+        assert_eq!(check(&p, &[("x-hub-signature-256", sig)], body, 0), Ok(()));
+    }
+}

@@ -1,0 +1,762 @@
+//! Follows a JSONL audit file written by another program and publishes each line, mapped to
+//! a v1 event, to JetStream.
+//!
+//! **Position.** The tail's position is the file's inode and the byte offset just after the
+//! last line whose fate is settled (published and acknowledged, or rejected). It is written
+//! to a small JSON state file by write-temp-fsync-rename, so a crash leaves the old or the new
+//! position, never half of one. The offset moves only after JetStream acknowledged every line
+//! before it: a crash re-publishes at most one chunk, and the ids deduplicate it
+//! (at-least-once into JetStream, exactly once into the trail).
+//!
+//! **Rotation** is "the path now names another inode". The old file is read to its end from
+//! the open handle (a writer may still have appended before it reopened), its partial last
+//! line, if any, is taken as a line since nobody will finish it, and then the new file is
+//! followed from 0. If the rotation happened while the tail was stopped, the old inode is
+//! looked for in the same directory (`audit.jsonl.1`) and finished first; if it is gone, the
+//! new file starts at 0 and a warning says what could not be read.
+//!
+//! **Truncation** is "the file is shorter than the position": the tail starts again at 0,
+//! logs a warning and counts it. (`copytruncate` rotation can lose lines written between the
+//! copy and the truncation; that is inherent to it, prefer rename rotation.)
+//!
+//! **Partial lines** (no newline yet) are held in memory and not counted in the position
+//! until their newline arrives.
+//!
+//! **Unmappable lines are never dropped silently.** They cannot go to the trail's
+//! `dead_letters` through JetStream: without a valid tenant there is no subject that NATS
+//! permissions would let this tail publish on, and the worker would only see "schema"
+//! where the mapping knew the real reason. So each is appended (with its reason, inode and
+//! offset) to the source's rejected file next to the state file, counted in
+//! `auditbridge_tail_lines_total{result="rejected"}` and logged. The original line also
+//! stays in the followed file. After fixing the mapping, the rejected lines can be replayed
+//! with `auditbridge publish` or by feeding them to another file source.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read as _, Seek as _, SeekFrom, Write as _};
+use std::os::unix::fs::MetadataExt as _;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use backon::BackoffBuilder as _;
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::FileParams;
+use crate::mapping::{Mapping, Refusal, RefusalKind};
+use crate::metrics as m;
+use crate::publish::{Outgoing, Sink};
+
+/// The most bytes read from the file at once; also bounds one published chunk.
+const READ_BYTES: usize = 256 * 1024;
+
+/// A file tail that cannot go on. Publishing failures are not errors: they are retried until
+/// shutdown.
+#[derive(Debug, thiserror::Error)]
+#[error("source {source_name}: {what} {}: {error}", path.display())]
+pub struct TailError {
+    pub source_name: String,
+    pub what: &'static str,
+    pub path: PathBuf,
+    #[source]
+    pub error: io::Error,
+}
+
+/// The persisted position.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Position {
+    pub inode: u64,
+    pub offset: u64,
+}
+
+/// One file source.
+pub struct Tail<S> {
+    name: String,
+    params: FileParams,
+    sink: S,
+    prefix: String,
+    max_event_bytes: usize,
+}
+
+/// The file being read.
+struct Current {
+    file: File,
+    inode: u64,
+    /// Offset of `buf[0]`: everything before it is settled.
+    offset: u64,
+    /// Bytes read after `offset` that do not yet end in a newline.
+    buf: Vec<u8>,
+    /// Skipping the rest of an over-long line up to its newline.
+    discarding: bool,
+}
+
+impl<S: Sink> Tail<S> {
+    pub fn new(
+        name: String,
+        params: FileParams,
+        sink: S,
+        prefix: String,
+        max_event_bytes: usize,
+    ) -> Tail<S> {
+        Tail {
+            name,
+            params,
+            sink,
+            prefix,
+            max_event_bytes,
+        }
+    }
+
+    fn io_err(&self, what: &'static str, path: &Path, error: io::Error) -> TailError {
+        TailError {
+            source_name: self.name.clone(),
+            what,
+            path: path.to_owned(),
+            error,
+        }
+    }
+
+    /// Follows the file until `shutdown`; the position is saved after every settled chunk.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), TailError> {
+        let Some(mut cur) = self.open_initial(&shutdown).await? else {
+            return Ok(());
+        };
+        tracing::info!(source = %self.name, path = %self.params.path.display(), inode = cur.inode, offset = cur.offset, message = "Following file.");
+        let mut chunk = vec![0u8; READ_BYTES];
+        while !shutdown.is_cancelled() {
+            let n = cur
+                .file
+                .read(&mut chunk)
+                .map_err(|e| self.io_err("reading", &self.params.path, e))?;
+            if n > 0 {
+                if !self.consume(&mut cur, &chunk[..n], &shutdown).await? {
+                    break;
+                }
+                continue;
+            }
+            // At the end of what we have: has the file been rotated or truncated?
+            match std::fs::metadata(&self.params.path) {
+                Ok(meta) if meta.ino() != cur.inode => {
+                    // Rotated. The open handle still reads the old file to its end (the
+                    // loop above runs again if it grew); it was at its end just now.
+                    let n = cur
+                        .file
+                        .read(&mut chunk)
+                        .map_err(|e| self.io_err("reading", &self.params.path, e))?;
+                    if n > 0 {
+                        if !self.consume(&mut cur, &chunk[..n], &shutdown).await? {
+                            break;
+                        }
+                        continue;
+                    }
+                    if !cur.buf.is_empty() && !cur.discarding {
+                        tracing::warn!(source = %self.name, inode = cur.inode, bytes = cur.buf.len(), message = "Rotated file ends without a newline; taking its last line as complete.");
+                        if !self.consume(&mut cur, b"\n", &shutdown).await? {
+                            break;
+                        }
+                    }
+                    let file = match File::open(&self.params.path) {
+                        Ok(f) => f,
+                        // Replaced again in between: the next round sees it.
+                        Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                        Err(e) => return Err(self.io_err("opening", &self.params.path, e)),
+                    };
+                    let inode = file
+                        .metadata()
+                        .map_err(|e| self.io_err("reading metadata of", &self.params.path, e))?
+                        .ino();
+                    tracing::info!(source = %self.name, old_inode = cur.inode, inode, message = "File rotated; following the new file from its start.");
+                    metrics::counter!(m::TAIL_ROTATIONS, "source" => self.name.clone())
+                        .increment(1);
+                    cur = Current {
+                        file,
+                        inode,
+                        offset: 0,
+                        buf: Vec::new(),
+                        discarding: false,
+                    };
+                    self.save(&cur)?;
+                    continue;
+                }
+                Ok(meta) if meta.len() < cur.offset + cur.buf.len() as u64 => {
+                    tracing::warn!(source = %self.name, inode = cur.inode, offset = cur.offset, size = meta.len(), message = "File truncated; starting again from its beginning.");
+                    metrics::counter!(m::TAIL_TRUNCATIONS, "source" => self.name.clone())
+                        .increment(1);
+                    cur.file
+                        .seek(SeekFrom::Start(0))
+                        .map_err(|e| self.io_err("seeking in", &self.params.path, e))?;
+                    cur.offset = 0;
+                    cur.buf.clear();
+                    cur.discarding = false;
+                    self.save(&cur)?;
+                    continue;
+                }
+                // Unchanged, or renamed away and not recreated yet: wait.
+                _ => {}
+            }
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                () = tokio::time::sleep(self.params.poll_interval) => {}
+            }
+        }
+        tracing::info!(source = %self.name, inode = cur.inode, offset = cur.offset, message = "File tail stopped.");
+        Ok(())
+    }
+
+    /// Opens the file at the saved position (or the configured start); `None` at shutdown
+    /// while waiting for the file to appear.
+    async fn open_initial(
+        &self,
+        shutdown: &CancellationToken,
+    ) -> Result<Option<Current>, TailError> {
+        let saved = self.load()?;
+        let path = &self.params.path;
+        let mut waiting_logged = false;
+        let file = loop {
+            match File::open(path) {
+                Ok(f) => break f,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    if !waiting_logged {
+                        tracing::info!(source = %self.name, path = %path.display(), message = "Waiting for the file to appear.");
+                        waiting_logged = true;
+                    }
+                    tokio::select! {
+                        () = shutdown.cancelled() => return Ok(None),
+                        () = tokio::time::sleep(self.params.poll_interval) => {}
+                    }
+                }
+                Err(e) => return Err(self.io_err("opening", path, e)),
+            }
+        };
+        let meta = file
+            .metadata()
+            .map_err(|e| self.io_err("reading metadata of", path, e))?;
+        let (mut file, inode, offset) = match saved {
+            Some(pos) if pos.inode == meta.ino() => {
+                if meta.len() < pos.offset {
+                    tracing::warn!(source = %self.name, offset = pos.offset, size = meta.len(), message = "File is shorter than the saved position (truncated while stopped); starting from its beginning.");
+                    metrics::counter!(m::TAIL_TRUNCATIONS, "source" => self.name.clone())
+                        .increment(1);
+                    (file, meta.ino(), 0)
+                } else {
+                    (file, meta.ino(), pos.offset)
+                }
+            }
+            Some(pos) => match self.find_inode(pos.inode) {
+                // Rotated while stopped: finish the old file first; the rotation check
+                // switches to the new one at its end.
+                Some((old_path, old)) => {
+                    tracing::info!(source = %self.name, old = %old_path.display(), offset = pos.offset, message = "File was rotated while stopped; finishing the old file first.");
+                    (old, pos.inode, pos.offset)
+                }
+                None => {
+                    tracing::warn!(source = %self.name, old_inode = pos.inode, offset = pos.offset, message = "File was replaced while stopped and the old file is gone; lines after the saved position in it were not read. Starting the new file from its beginning.");
+                    (file, meta.ino(), 0)
+                }
+            },
+            None if self.params.start_at_end => (file, meta.ino(), meta.len()),
+            None => (file, meta.ino(), 0),
+        };
+        file.seek(SeekFrom::Start(offset))
+            .map_err(|e| self.io_err("seeking in", path, e))?;
+        let cur = Current {
+            file,
+            inode,
+            offset,
+            buf: Vec::new(),
+            discarding: false,
+        };
+        self.save(&cur)?;
+        Ok(Some(cur))
+    }
+
+    /// A file in the followed file's directory with this inode (a rotated predecessor).
+    fn find_inode(&self, inode: u64) -> Option<(PathBuf, File)> {
+        let dir = self
+            .params
+            .path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        std::fs::read_dir(dir).ok()?.flatten().find_map(|entry| {
+            let meta = entry.metadata().ok()?;
+            (meta.is_file() && meta.ino() == inode)
+                .then(|| File::open(entry.path()).ok().map(|f| (entry.path(), f)))
+                .flatten()
+        })
+    }
+
+    /// Adds bytes read from the file; publishes and settles every complete line. Returns
+    /// false when shutdown interrupted publishing (the position then stays where it was).
+    async fn consume(
+        &self,
+        cur: &mut Current,
+        data: &[u8],
+        shutdown: &CancellationToken,
+    ) -> Result<bool, TailError> {
+        let mut data = data;
+        if cur.discarding {
+            match data.iter().position(|b| *b == b'\n') {
+                None => {
+                    cur.offset += data.len() as u64;
+                    return Ok(true);
+                }
+                Some(i) => {
+                    cur.offset += i as u64 + 1;
+                    cur.discarding = false;
+                    data = &data[i + 1..];
+                }
+            }
+        }
+        cur.buf.extend_from_slice(data);
+        let Some(last_newline) = cur.buf.iter().rposition(|b| *b == b'\n') else {
+            if cur.buf.len() > self.params.max_line_bytes {
+                let line = std::mem::take(&mut cur.buf);
+                let refusal = Refusal {
+                    kind: RefusalKind::Oversize,
+                    detail: format!(
+                        "line longer than max_line_bytes ({}); skipped up to its newline",
+                        self.params.max_line_bytes
+                    ),
+                };
+                self.reject(
+                    cur.inode,
+                    cur.offset,
+                    &line[..1024.min(line.len())],
+                    &refusal,
+                )?;
+                cur.offset += line.len() as u64;
+                cur.discarding = true;
+                self.save(cur)?;
+            }
+            return Ok(true);
+        };
+        let complete = last_newline + 1;
+        let received_at = OffsetDateTime::now_utc();
+        let mut batch = Vec::new();
+        let mut rejected = Vec::new();
+        let mut at = 0usize;
+        for line in cur.buf[..complete].split_inclusive(|b| *b == b'\n') {
+            let line_offset = cur.offset + at as u64;
+            at += line.len();
+            let text = line.strip_suffix(b"\n").unwrap_or(line);
+            let text = text.strip_suffix(b"\r").unwrap_or(text);
+            if text.iter().all(u8::is_ascii_whitespace) {
+                continue;
+            }
+            let result = if text.len() > self.params.max_line_bytes {
+                Err(Refusal {
+                    kind: RefusalKind::Oversize,
+                    detail: format!(
+                        "line longer than max_line_bytes ({})",
+                        self.params.max_line_bytes
+                    ),
+                })
+            } else {
+                self.params
+                    .mapping
+                    .apply(&self.name, text, self.max_event_bytes, received_at)
+            };
+            match result {
+                Ok(event) => {
+                    let raw = matches!(self.params.mapping, Mapping::Identity)
+                        .then(|| Bytes::copy_from_slice(text));
+                    batch.push(Outgoing::new(&event, &self.prefix, raw));
+                }
+                Err(refusal) => rejected.push((line_offset, text, refusal)),
+            }
+        }
+        if !self.publish_until_acked(&batch, shutdown).await {
+            // Keep the chunk; it is read again from the saved position next time.
+            return Ok(false);
+        }
+        for (offset, text, refusal) in &rejected {
+            self.reject(cur.inode, *offset, text, refusal)?;
+        }
+        metrics::counter!(m::TAIL_LINES, "source" => self.name.clone(), "result" => "published")
+            .increment(batch.len() as u64);
+        cur.offset += complete as u64;
+        cur.buf.drain(..complete);
+        self.save(cur)?;
+        Ok(true)
+    }
+
+    /// Publishes until JetStream acknowledged everything; false if shutdown came first.
+    async fn publish_until_acked(&self, batch: &[Outgoing], shutdown: &CancellationToken) -> bool {
+        if batch.is_empty() {
+            return true;
+        }
+        let mut backoff = backon::ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(200))
+            .with_max_delay(Duration::from_secs(10))
+            .with_jitter()
+            .without_max_times()
+            .build();
+        loop {
+            let result = tokio::select! {
+                () = shutdown.cancelled() => return false,
+                r = self.sink.publish(batch) => r,
+            };
+            match result {
+                Ok(()) => return true,
+                Err(error) => {
+                    metrics::counter!(m::TAIL_PUBLISH_FAILURES, "source" => self.name.clone())
+                        .increment(1);
+                    tracing::warn!(source = %self.name, %error, message = "Publishing to JetStream failed; retrying (the position does not move).");
+                    let delay = backoff.next().unwrap_or(Duration::from_secs(10));
+                    tokio::select! {
+                        () = shutdown.cancelled() => return false,
+                        () = tokio::time::sleep(delay) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    /// Appends a refused line to the rejected file (and syncs it) before the position passes
+    /// it.
+    fn reject(
+        &self,
+        inode: u64,
+        offset: u64,
+        line: &[u8],
+        refusal: &Refusal,
+    ) -> Result<(), TailError> {
+        let path = &self.params.rejected_file;
+        tracing::warn!(source = %self.name, inode, offset, kind = refusal.kind.as_str(), reason = %refusal.detail, rejected_file = %path.display(), message = "Line refused; kept in the rejected file.");
+        metrics::counter!(m::TAIL_LINES, "source" => self.name.clone(), "result" => "rejected")
+            .increment(1);
+        let record = serde_json::json!({
+            "at": OffsetDateTime::now_utc().format(&Rfc3339).unwrap_or_default(),
+            "source": self.name,
+            "path": self.params.path,
+            "inode": inode,
+            "offset": offset,
+            "kind": refusal.kind.as_str(),
+            "reason": refusal.detail,
+            "line": String::from_utf8_lossy(line),
+        });
+        let mut text = serde_json::to_vec(&record).expect("JSON values serialize");
+        text.push(b'\n');
+        let write = || -> io::Result<()> {
+            let mut f = OpenOptions::new().create(true).append(true).open(path)?;
+            f.write_all(&text)?;
+            f.sync_data()
+        };
+        write().map_err(|e| self.io_err("writing rejected lines to", path, e))
+    }
+
+    fn load(&self) -> Result<Option<Position>, TailError> {
+        let path = &self.params.state_file;
+        match std::fs::read(path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| {
+                self.io_err(
+                    "reading the position (delete the file to start over)",
+                    path,
+                    io::Error::new(io::ErrorKind::InvalidData, e),
+                )
+            }),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(self.io_err("reading the position", path, e)),
+        }
+    }
+
+    /// Replaces the state file atomically: write a temporary file, sync it, rename it over.
+    fn save(&self, cur: &Current) -> Result<(), TailError> {
+        let path = &self.params.state_file;
+        let pos = Position {
+            inode: cur.inode,
+            offset: cur.offset,
+        };
+        let tmp = path.with_extension("json.tmp");
+        let write = || -> io::Result<()> {
+            let mut f = File::create(&tmp)?;
+            f.write_all(&serde_json::to_vec(&pos).expect("a position serializes"))?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, path)?;
+            if let Some(dir) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+                // The rename itself is durable once the directory is synced.
+                File::open(dir)?.sync_all()?;
+            }
+            Ok(())
+        };
+        write().map_err(|e| self.io_err("saving the position to", path, e))?;
+        metrics::gauge!(m::TAIL_OFFSET, "source" => self.name.clone()).set(cur.offset as f64);
+        Ok(())
+    }
+}
+
+/// Reads a saved position (for tests and diagnostics).
+pub fn read_position(state_file: &Path) -> io::Result<Option<Position>> {
+    match std::fs::read(state_file) {
+        Ok(b) => serde_json::from_slice(&b)
+            .map(Some)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::publish::PublishError;
+    use std::sync::{Arc, Mutex};
+    use std::time::Instant;
+
+    /// Records what would be published; fails while `down` is set.
+    #[derive(Clone, Default)]
+    struct Recorder {
+        published: Arc<Mutex<Vec<Outgoing>>>,
+        down: Arc<std::sync::atomic::AtomicBool>,
+    }
+
+    impl Sink for Recorder {
+        async fn publish(&self, batch: &[Outgoing]) -> Result<(), PublishError> {
+            if self.down.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err(PublishError {
+                    acked: 0,
+                    total: batch.len(),
+                    waited: Duration::ZERO,
+                    last: "down".into(),
+                });
+            }
+            self.published.lock().unwrap().extend_from_slice(batch);
+            Ok(())
+        }
+    }
+
+    impl Recorder {
+        fn actors(&self) -> Vec<String> {
+            self.published
+                .lock()
+                .unwrap()
+                .iter()
+                .map(|o| {
+                    let v: serde_json::Value = serde_json::from_slice(&o.payload).unwrap();
+                    v["actor"]["id"].as_str().unwrap().to_owned()
+                })
+                .collect()
+        }
+
+        async fn wait_for(&self, n: usize) -> Vec<String> {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            loop {
+                let a = self.actors();
+                if a.len() >= n || Instant::now() > deadline {
+                    return a;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+    }
+
+    fn line(actor: &str) -> String {
+        format!(
+            "{{\"id\":\"{}\",\"tenant\":\"acme\",\"occurred_at\":\"2026-11-23T10:00:00Z\",\"action\":\"file.read\",\"outcome\":\"success\",\"actor\":{{\"id\":\"{actor}\"}},\"source\":\"app\"}}\n",
+            uuid::Uuid::now_v7()
+        )
+    }
+
+    struct Fixture {
+        dir: PathBuf,
+        params: FileParams,
+        sink: Recorder,
+    }
+
+    impl Fixture {
+        fn new(test: &str) -> Fixture {
+            let dir = std::env::temp_dir().join(format!("abtail-{test}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).unwrap();
+            let params = FileParams {
+                path: dir.join("audit.jsonl"),
+                state_file: dir.join("state.json"),
+                rejected_file: dir.join("rejected.jsonl"),
+                poll_interval: Duration::from_millis(10),
+                max_line_bytes: 4096,
+                start_at_end: false,
+                mapping: Mapping::Identity,
+            };
+            Fixture {
+                dir,
+                params,
+                sink: Recorder::default(),
+            }
+        }
+
+        fn start(
+            &self,
+        ) -> (
+            CancellationToken,
+            tokio::task::JoinHandle<Result<(), TailError>>,
+        ) {
+            let tail = Tail::new(
+                "app".into(),
+                self.params.clone(),
+                self.sink.clone(),
+                "audit".into(),
+                65536,
+            );
+            let token = CancellationToken::new();
+            let handle = tokio::spawn(tail.run(token.clone()));
+            (token, handle)
+        }
+
+        fn append(&self, path: &Path, text: &str) {
+            let mut f = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .unwrap();
+            f.write_all(text.as_bytes()).unwrap();
+        }
+
+        fn position(&self) -> Position {
+            read_position(&self.params.state_file).unwrap().unwrap()
+        }
+    }
+
+    impl Drop for Fixture {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    async fn stop(
+        token: CancellationToken,
+        handle: tokio::task::JoinHandle<Result<(), TailError>>,
+    ) {
+        token.cancel();
+        tokio::time::timeout(Duration::from_secs(5), handle)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn appends_partial_lines_and_restart_resume_exactly() {
+        let f = Fixture::new("append");
+        let path = f.params.path.clone();
+        f.append(&path, &(line("a") + &line("b")));
+        let partial = line("c");
+        let (head, rest) = partial.split_at(40);
+        f.append(&path, head);
+        let (token, handle) = f.start();
+        assert_eq!(f.sink.wait_for(2).await, ["a", "b"]);
+        // The partial line is held: not published, not counted in the position.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(f.sink.actors().len(), 2);
+        let settled = (line("a").len() * 2) as u64;
+        assert_eq!(f.position().offset, settled);
+        f.append(&path, rest);
+        assert_eq!(f.sink.wait_for(3).await, ["a", "b", "c"]);
+        stop(token, handle).await;
+
+        // Restart: nothing is published again; new lines are.
+        let before = std::fs::metadata(&path).unwrap().len();
+        assert_eq!(f.position().offset, before);
+        f.append(&path, &line("d"));
+        let (token, handle) = f.start();
+        assert_eq!(f.sink.wait_for(4).await, ["a", "b", "c", "d"]);
+        stop(token, handle).await;
+        assert_eq!(f.position().inode, std::fs::metadata(&path).unwrap().ino());
+    }
+
+    #[tokio::test]
+    async fn rotation_finishes_the_old_file_then_starts_the_new_one() {
+        let f = Fixture::new("rotate");
+        let path = f.params.path.clone();
+        let old = f.dir.join("audit.jsonl.1");
+        f.append(&path, &line("a"));
+        let (token, handle) = f.start();
+        assert_eq!(f.sink.wait_for(1).await, ["a"]);
+        // The writer renames, writes one last line (ending without a newline) to its old
+        // handle, then reopens the path.
+        std::fs::rename(&path, &old).unwrap();
+        f.append(&old, &line("b"));
+        f.append(&old, line("c").trim_end());
+        f.append(&path, &line("d"));
+        assert_eq!(f.sink.wait_for(4).await, ["a", "b", "c", "d"]);
+        stop(token, handle).await;
+        assert_eq!(f.position().inode, std::fs::metadata(&path).unwrap().ino());
+    }
+
+    #[tokio::test]
+    async fn rotation_while_stopped_finishes_the_old_file_from_the_saved_position() {
+        let f = Fixture::new("rotate-stopped");
+        let path = f.params.path.clone();
+        f.append(&path, &line("a"));
+        let (token, handle) = f.start();
+        assert_eq!(f.sink.wait_for(1).await, ["a"]);
+        stop(token, handle).await;
+        f.append(&path, &line("b"));
+        std::fs::rename(&path, f.dir.join("audit.jsonl.1")).unwrap();
+        f.append(&path, &line("c"));
+        let (token, handle) = f.start();
+        assert_eq!(f.sink.wait_for(3).await, ["a", "b", "c"]);
+        stop(token, handle).await;
+    }
+
+    #[tokio::test]
+    async fn truncation_starts_again_at_zero() {
+        let f = Fixture::new("truncate");
+        let path = f.params.path.clone();
+        f.append(&path, &(line("a") + &line("b")));
+        let (token, handle) = f.start();
+        assert_eq!(f.sink.wait_for(2).await, ["a", "b"]);
+        File::create(&path).unwrap(); // truncates, same inode
+        f.append(&path, &line("c"));
+        assert_eq!(f.sink.wait_for(3).await, ["a", "b", "c"]);
+        stop(token, handle).await;
+        assert_eq!(f.position().offset, line("c").len() as u64);
+    }
+
+    #[tokio::test]
+    async fn refused_lines_go_to_the_rejected_file_and_do_not_block() {
+        let f = Fixture::new("reject");
+        let path = f.params.path.clone();
+        f.append(
+            &path,
+            &(line("a") + "not json\n" + "\n" + &"x".repeat(5000) + "\n" + &line("b")),
+        );
+        let (token, handle) = f.start();
+        assert_eq!(f.sink.wait_for(2).await, ["a", "b"]);
+        stop(token, handle).await;
+        let rejected = std::fs::read_to_string(&f.params.rejected_file).unwrap();
+        let records: Vec<serde_json::Value> = rejected
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(records.len(), 2, "{rejected}");
+        assert_eq!(records[0]["kind"], "not_json");
+        assert_eq!(records[0]["line"], "not json");
+        assert_eq!(records[0]["offset"], line("a").len());
+        assert_eq!(records[1]["kind"], "oversize");
+        assert_eq!(f.position().offset, std::fs::metadata(&path).unwrap().len());
+    }
+
+    #[tokio::test]
+    async fn the_position_waits_for_the_acks() {
+        let f = Fixture::new("acks");
+        let path = f.params.path.clone();
+        f.sink.down.store(true, std::sync::atomic::Ordering::SeqCst);
+        f.append(&path, &line("a"));
+        let (token, handle) = f.start();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(
+            f.position().offset,
+            0,
+            "nothing acknowledged, nothing settled"
+        );
+        f.sink
+            .down
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(f.sink.wait_for(1).await, ["a"]);
+        stop(token, handle).await;
+        assert_eq!(f.position().offset, line("a").len() as u64);
+    }
+}
