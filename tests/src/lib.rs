@@ -17,9 +17,11 @@ use sqlx::PgPool;
 use tokio::process::{Child, Command};
 use uuid::Uuid;
 
+pub mod api;
 pub mod proxy;
 pub mod rabbit;
 pub mod receiver;
+pub mod sources;
 
 pub const NATS_URL: &str = "nats://127.0.0.1:4222";
 pub const PG_BASE: &str = "postgres://postgres@127.0.0.1:5432";

@@ -89,6 +89,11 @@ pub struct Config {
     pub consumer: String,
     pub metrics_addr: SocketAddr,
     pub api_addr: SocketAddr,
+    /// Largest request body `auditbridge serve` accepts (HTTP ingest batches, webhooks).
+    pub api_max_body_bytes: usize,
+    /// How often an idle live tail (Server-Sent Events) sends a heartbeat comment, so proxies
+    /// do not close it.
+    pub api_heartbeat: Duration,
     pub log: String,
     pub log_format: LogFormat,
     pub ingest: IngestConfig,
@@ -101,6 +106,12 @@ pub struct Config {
     /// `[[destinations]]` tables followed by the `AUDITBRIDGE_DESTINATIONS` JSON array.
     /// They are validated by the destinations layer, which knows each type's parameters.
     pub destinations: Vec<serde_json::Value>,
+    /// Raw API token definitions for `auditbridge serve` (`[[api_tokens]]`, then
+    /// `AUDITBRIDGE_API_TOKENS`), validated by the API crate. They hold hashes, not tokens.
+    pub api_tokens: Vec<serde_json::Value>,
+    /// Raw ingest source definitions (`{"name","type","params"}`: signed webhooks, file
+    /// tails), from `[[sources]]` then `AUDITBRIDGE_SOURCES`; validated by the sources crate.
+    pub sources: Vec<serde_json::Value>,
     unknown_env: Vec<String>,
 }
 
@@ -115,12 +126,16 @@ impl fmt::Debug for Config {
             .field("consumer", &self.consumer)
             .field("metrics_addr", &self.metrics_addr)
             .field("api_addr", &self.api_addr)
+            .field("api_max_body_bytes", &self.api_max_body_bytes)
+            .field("api_heartbeat", &self.api_heartbeat)
             .field("log", &self.log)
             .field("log_format", &self.log_format)
             .field("ingest", &self.ingest)
             .field("shutdown_timeout", &self.shutdown_timeout)
             .field("lease_ttl", &self.lease_ttl)
             .field("destinations", &self.destinations.len())
+            .field("api_tokens", &self.api_tokens.len())
+            .field("sources", &self.sources.len())
             .finish()
     }
 }
@@ -188,6 +203,14 @@ const KEYS: &[Key] = &[
         default: "127.0.0.1:8080",
     },
     Key {
+        name: "api_max_body_bytes",
+        default: "10485760",
+    },
+    Key {
+        name: "api_heartbeat",
+        default: "15s",
+    },
+    Key {
         name: "log",
         default: "info",
     },
@@ -242,7 +265,29 @@ const KEYS: &[Key] = &[
 ];
 
 /// Variables that are read elsewhere and must not be reported as unknown.
-const OTHER_ENV: &[&str] = &["AUDITBRIDGE_CONFIG", "AUDITBRIDGE_DESTINATIONS"];
+const OTHER_ENV: &[&str] = &["AUDITBRIDGE_CONFIG"];
+
+/// The settings that hold lists of definitions: the file's array of tables, the variable that
+/// extends it (a JSON array), and the shape of one item for error messages.
+const LISTS: &[List] = &[
+    List {
+        key: "destinations",
+        shape: "{\"name\",\"type\",\"params\"}",
+    },
+    List {
+        key: "api_tokens",
+        shape: "{\"name\",\"sha256\",\"tenant\" or \"admin\",\"scopes\"}",
+    },
+    List {
+        key: "sources",
+        shape: "{\"name\",\"type\",\"params\"}",
+    },
+];
+
+struct List {
+    key: &'static str,
+    shape: &'static str,
+}
 
 fn env_name(key: &str) -> String {
     format!("AUDITBRIDGE_{}", key.to_ascii_uppercase())
@@ -390,9 +435,9 @@ impl Config {
             })
             .collect();
 
-        let mut destinations = Vec::new();
+        let mut lists: BTreeMap<&'static str, Vec<serde_json::Value>> = BTreeMap::new();
         if let Some(path) = env.get("AUDITBRIDGE_CONFIG").filter(|p| !p.is_empty()) {
-            destinations = read_file(Path::new(path), &mut values)?;
+            lists = read_file(Path::new(path), &mut values)?;
         }
         for key in KEYS {
             if let Some(v) = env.get(&env_name(key.name)) {
@@ -405,26 +450,26 @@ impl Config {
                 );
             }
         }
-        if let Some(raw) = env
-            .get("AUDITBRIDGE_DESTINATIONS")
-            .filter(|s| !s.trim().is_empty())
-        {
+        for list in LISTS {
+            let var = env_name(list.key);
+            let Some(raw) = env.get(&var).filter(|s| !s.trim().is_empty()) else {
+                continue;
+            };
+            let expected = format!("a JSON array of {}", list.shape);
             let parsed: serde_json::Value =
                 serde_json::from_str(raw).map_err(|e| ConfigError::Invalid {
-                    setting: "AUDITBRIDGE_DESTINATIONS".into(),
+                    setting: var.clone(),
                     value: raw.clone(),
-                    expected: format!("a JSON array of {{\"name\",\"type\",\"params\"}} ({e})"),
+                    expected: format!("{expected} ({e})"),
                 })?;
-            match parsed {
-                serde_json::Value::Array(items) => destinations.extend(items),
-                _ => {
-                    return Err(ConfigError::Invalid {
-                        setting: "AUDITBRIDGE_DESTINATIONS".into(),
-                        value: raw.clone(),
-                        expected: "a JSON array of {\"name\",\"type\",\"params\"}".into(),
-                    });
-                }
-            }
+            let serde_json::Value::Array(items) = parsed else {
+                return Err(ConfigError::Invalid {
+                    setting: var,
+                    value: raw.clone(),
+                    expected,
+                });
+            };
+            lists.entry(list.key).or_default().extend(items);
         }
 
         let unknown_env = env
@@ -432,6 +477,7 @@ impl Config {
             .filter(|k| {
                 !OTHER_ENV.contains(&k.as_str())
                     && !KEYS.iter().any(|key| env_name(key.name) == **k)
+                    && !LISTS.iter().any(|list| env_name(list.key) == **k)
             })
             .cloned()
             .collect();
@@ -492,6 +538,12 @@ impl Config {
             consumer: l.nats_name("consumer")?,
             metrics_addr: l.parse("metrics_addr", "a socket address such as 127.0.0.1:9464")?,
             api_addr: l.parse("api_addr", "a socket address such as 127.0.0.1:8080")?,
+            api_max_body_bytes: l.int_in("api_max_body_bytes", 1024, 256 * 1024 * 1024)?,
+            api_heartbeat: l.duration_in(
+                "api_heartbeat",
+                Duration::from_millis(100),
+                Duration::from_secs(3600),
+            )?,
             log: l.get("log").to_owned(),
             log_format,
             ingest,
@@ -505,7 +557,9 @@ impl Config {
                 Duration::from_secs(1),
                 Duration::from_secs(600),
             )?,
-            destinations,
+            destinations: lists.remove("destinations").unwrap_or_default(),
+            api_tokens: lists.remove("api_tokens").unwrap_or_default(),
+            sources: lists.remove("sources").unwrap_or_default(),
             unknown_env,
         })
     }
@@ -528,11 +582,12 @@ impl Default for Config {
     }
 }
 
-/// Reads the TOML file into `values`; returns its `[[destinations]]`.
+/// Reads the TOML file into `values`; returns its arrays of tables (`[[destinations]]`,
+/// `[[api_tokens]]`, `[[sources]]`) by key.
 fn read_file(
     path: &Path,
     values: &mut BTreeMap<&'static str, Value>,
-) -> Result<Vec<serde_json::Value>, ConfigError> {
+) -> Result<BTreeMap<&'static str, Vec<serde_json::Value>>, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
         path: path.to_owned(),
         source,
@@ -543,25 +598,21 @@ fn read_file(
             path: path.to_owned(),
             message: e.to_string(),
         })?;
-    let mut destinations = Vec::new();
+    let mut lists: BTreeMap<&'static str, Vec<serde_json::Value>> = BTreeMap::new();
     for (key, value) in table {
-        if key == "destinations" {
-            let items = match value {
-                toml::Value::Array(items) => items,
-                _ => {
-                    return Err(ConfigError::Parse {
-                        path: path.to_owned(),
-                        message: "`destinations` must be an array of tables ([[destinations]])"
-                            .into(),
-                    });
-                }
+        if let Some(list) = LISTS.iter().find(|l| l.key == key) {
+            let toml::Value::Array(items) = value else {
+                return Err(ConfigError::Parse {
+                    path: path.to_owned(),
+                    message: format!("`{key}` must be an array of tables ([[{key}]])"),
+                });
             };
             for item in items {
                 let json = serde_json::to_value(&item).map_err(|e| ConfigError::Parse {
                     path: path.to_owned(),
-                    message: format!("destinations: {e}"),
+                    message: format!("{key}: {e}"),
                 })?;
-                destinations.push(json);
+                lists.entry(list.key).or_default().push(json);
             }
             continue;
         }
@@ -592,7 +643,7 @@ fn read_file(
             },
         );
     }
-    Ok(destinations)
+    Ok(lists)
 }
 
 #[cfg(test)]
@@ -649,6 +700,45 @@ mod tests {
         assert_eq!(c.destinations.len(), 2);
         assert_eq!(c.destinations[0]["name"], "siem");
         assert_eq!(c.destinations[1]["name"], "bus");
+    }
+
+    #[test]
+    fn every_list_comes_from_the_file_then_the_environment() {
+        let dir = std::env::temp_dir().join(format!("abcfg3-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("lists.toml");
+        std::fs::write(
+            &path,
+            "[[api_tokens]]\nname = \"a\"\n[[sources]]\nname = \"gh\"\ntype = \"webhook\"\n",
+        )
+        .unwrap();
+        let c = Config::from_env(env(&[
+            ("AUDITBRIDGE_CONFIG", path.to_str().unwrap()),
+            ("AUDITBRIDGE_API_TOKENS", r#"[{"name":"b"}]"#),
+            ("AUDITBRIDGE_SOURCES", r#"[{"name":"f","type":"file"}]"#),
+        ]))
+        .unwrap();
+        assert!(c.unknown_env().is_empty(), "{:?}", c.unknown_env());
+        let names = |l: &[serde_json::Value]| -> Vec<String> {
+            l.iter()
+                .map(|v| v["name"].as_str().unwrap().to_owned())
+                .collect()
+        };
+        assert_eq!(names(&c.api_tokens), ["a", "b"]);
+        assert_eq!(names(&c.sources), ["gh", "f"]);
+        assert!(c.destinations.is_empty());
+
+        for var in ["AUDITBRIDGE_API_TOKENS", "AUDITBRIDGE_SOURCES"] {
+            let err = Config::from_env(env(&[(var, "{}")]))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(var) && err.contains("JSON array"), "{err}");
+        }
+        std::fs::write(&path, "api_tokens = \"x\"\n").unwrap();
+        let err = Config::from_env(env(&[("AUDITBRIDGE_CONFIG", path.to_str().unwrap())]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("[[api_tokens]]"), "{err}");
     }
 
     #[test]

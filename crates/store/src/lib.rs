@@ -3,6 +3,7 @@
 //! - [`migrate`] creates the database when it is missing and applies `migrations/`.
 //! - [`Store::persist`] writes one batch (events and dead letters) in one transaction.
 //! - [`Store::status`] answers `auditbridge status`.
+//! - [`query`]: the query API's reads (pages, one event, the live tail, stats).
 //!
 //! Errors are split by what the caller should do: [`StoreError::Unavailable`] means "the
 //! database could not do it now, keep the batch and retry"; [`StoreError::Rejected`] means "the
@@ -11,11 +12,13 @@
 mod error;
 pub mod outbox;
 mod persist;
+pub mod query;
 mod status;
 
 pub use error::StoreError;
 pub use outbox::{Backlog, DestinationState, OutboxRow, Position, StartAt};
 pub use persist::{DeadLetter, NewEvent, PersistOutcome};
+pub use query::{Condition, EventFilter, Order, PageQuery, StatsRow, StoredEvent, TailRow};
 pub use status::{DeadLetterCount, Status};
 
 use std::str::FromStr;

@@ -1,0 +1,154 @@
+//! `auditbridge serve`: the query API over the trail, and HTTP ways into it.
+//!
+//! - `GET /v1/events` (filters, keyset pages), `GET /v1/events/{id}`: [`events`].
+//! - `GET /v1/events/stream`: the live tail as Server-Sent Events: [`tail`].
+//! - `GET /v1/stats`: counts by action and outcome over time, for charts: [`stats`].
+//! - `GET /`: a small page showing a tenant's recent events, the live tail and the charts.
+//! - `GET /v1/openapi.json`: the OpenAPI document, built from the same parameter
+//!   declarations the handlers parse with ([`params`]).
+//!
+//! Every `/v1` route needs a bearer token ([`auth`]); a token sees one tenant (or, marked admin,
+//! all of them), and asking for another tenant is a 403, never an empty answer.
+//!
+//! [`Server::build`] binds the address (so tests can bind port 0 and read it back);
+//! [`Server::run`] serves until its shutdown token is cancelled. Reads go to PostgreSQL
+//! through `auditbridge-store`; the server keeps no state of its own beyond the live tail's
+//! in-memory fan-out.
+
+pub mod auth;
+pub mod error;
+mod events;
+mod ingest;
+mod openapi;
+mod page;
+pub mod params;
+mod stats;
+mod tail;
+mod webhooks;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use async_nats::jetstream;
+use auditbridge_config::Config;
+use auditbridge_store::Store;
+use axum::Router;
+use axum::extract::FromRef;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use auth::{Principal, Scope, Tokens};
+pub use error::ApiError;
+
+/// What every handler can reach.
+#[derive(Clone)]
+pub struct AppState {
+    pub store: Store,
+    pub tokens: Arc<Tokens>,
+    /// JetStream, for the routes that write events (they publish; the worker persists).
+    pub js: jetstream::Context,
+    pub config: Arc<Config>,
+    pub(crate) tail: Arc<tail::Hub>,
+    /// The `webhook` sources of `[[sources]]`, for `POST /v1/webhooks/{source}`.
+    pub(crate) webhooks: Arc<webhooks::Webhooks>,
+}
+
+impl FromRef<AppState> for Arc<Tokens> {
+    fn from_ref(state: &AppState) -> Self {
+        state.tokens.clone()
+    }
+}
+
+/// The API server, bound and ready to run.
+pub struct Server {
+    listener: TcpListener,
+    state: AppState,
+    nats: async_nats::Client,
+    hub_start: tail::HubStart,
+}
+
+impl Server {
+    /// Validates the tokens, binds `AUDITBRIDGE_API_ADDR`, and prepares connections (the
+    /// database and NATS are connected lazily, so the server starts while either is down).
+    pub async fn build(config: Config) -> anyhow::Result<Server> {
+        let tokens = Tokens::parse(&config.api_tokens)?;
+        let webhooks = webhooks::Webhooks::from_config(&config)?;
+        if tokens.is_empty() {
+            tracing::warn!(
+                message = "No API tokens are configured (AUDITBRIDGE_API_TOKENS or [[api_tokens]]); every /v1 request will be refused. Create one with `auditbridge token new`."
+            );
+        }
+        let listener = TcpListener::bind(config.api_addr)
+            .await
+            .with_context(|| format!("binding AUDITBRIDGE_API_ADDR={}", config.api_addr))?;
+        let store = Store::connect_lazy(&config.database_url, config.ingest.db_max_connections)?;
+        let nats = auditbridge_worker::connect_nats(&config.nats_url, "auditbridge-serve").await?;
+        let (hub, hub_start) = tail::Hub::new(store.clone(), config.api_heartbeat);
+        Ok(Server {
+            listener,
+            state: AppState {
+                store,
+                tokens: Arc::new(tokens),
+                js: jetstream::new(nats.clone()),
+                config: Arc::new(config),
+                tail: Arc::new(hub),
+                webhooks: Arc::new(webhooks),
+            },
+            nats,
+            hub_start,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .expect("a bound listener has an address")
+    }
+
+    /// Serves until `shutdown` is cancelled; open live tails are ended, requests in flight
+    /// finish (bounded by the configured shutdown timeout).
+    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let Server {
+            listener,
+            state,
+            nats,
+            hub_start,
+        } = self;
+        let tasks = TaskTracker::new();
+        tasks.spawn(hub_start.run(shutdown.clone()));
+        let timeout = state.config.shutdown_timeout;
+        let store = state.store.clone();
+        let app = router(state);
+        let serve =
+            axum::serve(listener, app).with_graceful_shutdown(shutdown.clone().cancelled_owned());
+        let served = tokio::select! {
+            r = serve => r.context("serving the API"),
+            // Graceful shutdown waits for open streams; the hub ends them, but bound it anyway.
+            _ = async { shutdown.cancelled().await; tokio::time::sleep(timeout).await } => {
+                tracing::warn!(?timeout, message = "Requests still open at the shutdown deadline were cut.");
+                Ok(())
+            }
+        };
+        tasks.close();
+        let _ = tokio::time::timeout(Duration::from_secs(5), tasks.wait()).await;
+        let _ = tokio::time::timeout(Duration::from_secs(5), nats.flush()).await;
+        let _ = tokio::time::timeout(Duration::from_secs(5), store.close()).await;
+        tracing::info!(message = "API server stopped.");
+        served
+    }
+}
+
+fn router(state: AppState) -> Router {
+    Router::new()
+        .merge(events::routes())
+        .merge(tail::routes())
+        .merge(stats::routes())
+        .merge(page::routes())
+        .merge(openapi::routes())
+        .merge(ingest::routes())
+        .merge(webhooks::routes())
+        .with_state(state)
+}

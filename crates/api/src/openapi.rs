@@ -1,0 +1,210 @@
+//! `GET /v1/openapi.json`: the OpenAPI 3.1 document of this API.
+//!
+//! Query parameters come from the declarations the handlers parse with
+//! ([`crate::params::Endpoint::params`]), so they cannot drift apart; an end-to-end test calls
+//! every documented operation and parameter against the running server, and checks that an
+//! undocumented parameter is refused.
+
+use axum::Router;
+use axum::routing::get;
+use serde_json::{Value, json};
+
+use crate::AppState;
+use crate::params::{Endpoint, Kind, Param};
+
+pub(crate) fn routes() -> Router<AppState> {
+    Router::new().route("/v1/openapi.json", get(|| async { axum::Json(document()) }))
+}
+
+fn schema(kind: Kind) -> Value {
+    match kind {
+        Kind::Tenant => json!({"type": "string", "pattern": "^[a-z0-9][a-z0-9_-]{0,62}$"}),
+        Kind::List | Kind::Actions => json!({"type": "string", "description": "comma-separated"}),
+        Kind::Outcomes => {
+            json!({"type": "string", "description": "comma-separated: success, failure, denied, unknown"})
+        }
+        Kind::Timestamp => json!({"type": "string", "format": "date-time"}),
+        Kind::Order => json!({"type": "string", "enum": ["desc", "asc"], "default": "desc"}),
+        Kind::Integer { min, max, default } => {
+            json!({"type": "integer", "minimum": min, "maximum": max, "default": default})
+        }
+        Kind::Cursor => json!({"type": "string"}),
+        Kind::Duration => json!({"type": "string", "examples": ["5m", "1h", "1d"]}),
+    }
+}
+
+fn parameters(endpoint: Endpoint) -> Vec<Value> {
+    let mut out = Vec::new();
+    for p in endpoint.params() {
+        out.push(query_param(p, p.name, p.description));
+        if p.negatable {
+            let name: &'static str = match p.name {
+                "actor" => "actor!",
+                "target" => "target!",
+                "source" => "source!",
+                "outcome" => "outcome!",
+                _ => "action!",
+            };
+            out.push(query_param(
+                p,
+                name,
+                "Excludes events matching these values.",
+            ));
+        }
+    }
+    out
+}
+
+fn query_param(p: &Param, name: &str, description: &str) -> Value {
+    json!({
+        "name": name,
+        "in": "query",
+        "required": false,
+        "description": description,
+        "schema": schema(p.kind),
+    })
+}
+
+fn error_responses(codes: &[&str]) -> serde_json::Map<String, Value> {
+    codes
+        .iter()
+        .map(|code| {
+            let description = match *code {
+                "400" => "A parameter is invalid; `error.param` names it.",
+                "401" => "No token, or an unknown one.",
+                "403" => "The token may not read this tenant (or lacks the scope).",
+                "404" => "No such event for this token.",
+                "413" => "The body is larger than the configured limit.",
+                _ => "PostgreSQL or NATS cannot answer now; retry.",
+            };
+            (
+                (*code).to_owned(),
+                json!({"description": description, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}),
+            )
+        })
+        .collect()
+}
+
+fn responses(ok: Value, errors: &[&str]) -> Value {
+    let mut map = error_responses(errors);
+    map.insert("200".into(), ok);
+    Value::Object(map)
+}
+
+/// The whole document.
+pub fn document() -> Value {
+    let security = json!([{"bearer": []}]);
+    let read_errors = ["400", "401", "403", "503"];
+    let mut stream_parameters = parameters(Endpoint::Stream);
+    stream_parameters.push(
+        json!({"name": "Last-Event-ID", "in": "header", "required": false,
+        "description": "Resume after this event id (takes precedence over `cursor`).",
+        "schema": {"type": "string"}}),
+    );
+    json!({
+        "openapi": "3.1.0",
+        "info": {
+            "title": "Auditbridge API",
+            "version": env!("CARGO_PKG_VERSION"),
+            "description": "Query a tenant's audit trail, tail it live, and chart it. Every /v1 route except this document needs `Authorization: Bearer <token>`; a token reads one tenant (or, marked admin, any).",
+        },
+        "components": {
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            "schemas": {
+                "Error": {
+                    "type": "object",
+                    "required": ["error"],
+                    "properties": {"error": {"type": "object", "required": ["code", "message"], "properties": {
+                        "code": {"type": "string"}, "message": {"type": "string"},
+                        "param": {"type": "string", "description": "The parameter at fault (400)."}
+                    }}}
+                },
+                "Event": {
+                    "type": "object",
+                    "description": "An audit event, format v1, as stored.",
+                    "required": ["id", "tenant", "occurred_at", "action", "outcome", "actor", "source"],
+                    "properties": {
+                        "id": {"type": "string", "format": "uuid"},
+                        "tenant": {"type": "string"},
+                        "occurred_at": {"type": "string", "format": "date-time"},
+                        "action": {"type": "string"},
+                        "outcome": {"type": "string", "enum": ["success", "failure", "denied", "unknown"]},
+                        "actor": {"type": "object", "required": ["id"]},
+                        "target": {"type": "object"},
+                        "source": {"type": "string"},
+                        "reason": {"type": "string"},
+                        "request_id": {"type": "string"},
+                        "metadata": {"type": "object"}
+                    }
+                },
+                "EventPage": {
+                    "type": "object",
+                    "required": ["events", "next_cursor"],
+                    "properties": {
+                        "events": {"type": "array", "items": {"$ref": "#/components/schemas/Event"}},
+                        "next_cursor": {"type": ["string", "null"], "description": "Pass as `cursor` for the next page; null on the last page."}
+                    }
+                },
+                "Counts": {
+                    "type": "object",
+                    "properties": {
+                        "total": {"type": "integer"},
+                        "by_action": {"type": "object", "additionalProperties": {"type": "integer"}},
+                        "by_outcome": {"type": "object", "additionalProperties": {"type": "integer"}}
+                    }
+                },
+                "Stats": {
+                    "allOf": [{"$ref": "#/components/schemas/Counts"}, {
+                        "type": "object",
+                        "properties": {
+                            "tenant": {"type": "string"},
+                            "since": {"type": "string", "format": "date-time"},
+                            "until": {"type": "string", "format": "date-time"},
+                            "bucket_seconds": {"type": "integer"},
+                            "depth": {"type": "integer"},
+                            "buckets": {"type": "array", "items": {"allOf": [
+                                {"$ref": "#/components/schemas/Counts"},
+                                {"type": "object", "properties": {"start": {"type": "string", "format": "date-time"}}}
+                            ]}}
+                        }
+                    }]
+                }
+            }
+        },
+        "paths": {
+            "/v1/events": {"get": {
+                "operationId": "listEvents",
+                "summary": "A page of one tenant's events, newest first by default.",
+                "security": security,
+                "parameters": parameters(Endpoint::Events),
+                "responses": responses(json!({"description": "One page.", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/EventPage"}}}}), &read_errors),
+            }},
+            "/v1/events/{id}": {"get": {
+                "operationId": "getEvent",
+                "summary": "One stored event (404 also for another tenant's id).",
+                "security": security,
+                "parameters": [{"name": "id", "in": "path", "required": true, "schema": {"type": "string", "format": "uuid"}}],
+                "responses": responses(json!({"description": "The event as stored.", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Event"}}}}), &["400", "401", "403", "404", "503"]),
+            }},
+            "/v1/events/stream": {"get": {
+                "operationId": "streamEvents",
+                "summary": "Live tail as Server-Sent Events: replays after the cursor, then follows new commits. Events are `event: audit` with the event as data and its stream position as `id`; `event: caught-up` marks the end of the replay; comments are heartbeats.",
+                "security": security,
+                "parameters": stream_parameters,
+                "responses": responses(json!({"description": "An event stream.", "content": {"text/event-stream": {"schema": {"type": "string"}}}}), &read_errors),
+            }},
+            "/v1/stats": {"get": {
+                "operationId": "stats",
+                "summary": "Counts by action (at a depth of the hierarchy) and by outcome, per time bucket.",
+                "security": security,
+                "parameters": parameters(Endpoint::Stats),
+                "responses": responses(json!({"description": "Counts.", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Stats"}}}}), &read_errors),
+            }},
+            "/v1/openapi.json": {"get": {
+                "operationId": "openapi",
+                "summary": "This document.",
+                "responses": {"200": {"description": "OpenAPI 3.1", "content": {"application/json": {}}}},
+            }},
+        }
+    })
+}

@@ -1,0 +1,358 @@
+//! `GET /v1/events/stream`: the live tail, as Server-Sent Events.
+//!
+//! **Order.** The tail follows the outbox's commit-safe order, `(tx_id, seq)` below the xmin
+//! horizon (ARCHITECTURE.md, "The outbox"), not `occurred_at`: an event that commits late can
+//! never appear behind a position a reader already passed. Each SSE `id` is that position, so
+//! a reconnect with `Last-Event-ID` resumes exactly after the last event the client saw.
+//!
+//! **One reader for all clients.** A single [`Hub`] task reads every new row once and
+//! broadcasts batches; each client filters them in memory. A client first replays from its
+//! cursor with its filter in SQL, then switches to the broadcast. The seam holds because the
+//! client subscribes *before* its replay starts: the broadcast then carries every row after the
+//! hub's position at that moment, which is no later than the replay's horizon, and the client
+//! skips rows at or before the last one it sent. No gap, no repeat.
+//!
+//! **Slow clients.** Each client has a small bounded queue. A client that cannot keep up
+//! falls behind the broadcast (whose size is fixed), and is then disconnected: memory does not
+//! grow with a slow reader. It reconnects with `Last-Event-ID` and replays from the database.
+//! If the broadcast is overrun while the client was replaying (our doing, not the client's),
+//! the client catches up from the database instead.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use auditbridge_store::{EventFilter, Position, Store, TailRow};
+use axum::Router;
+use axum::extract::{Query, State};
+use axum::http::HeaderMap;
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::routing::get;
+use futures::Stream;
+use tokio::sync::{broadcast, mpsc};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+
+use crate::AppState;
+use crate::auth::{Principal, Scope};
+use crate::error::ApiError;
+use crate::params::{self, Endpoint};
+
+/// Rows per read, for the hub and for replays.
+const READ_LIMIT: u32 = 500;
+/// Batches the broadcast keeps for a client that is behind; with [`READ_LIMIT`] this bounds
+/// the hub's memory to about 32k events whatever the number of clients.
+const BROADCAST_BATCHES: usize = 64;
+/// Events queued per client before it counts as slow.
+const CLIENT_QUEUE: usize = 1024;
+/// How often the hub looks for new rows when it has caught up.
+const POLL: Duration = Duration::from_millis(100);
+/// Most live tails open at once.
+const MAX_STREAMS: usize = 256;
+
+/// What the hub broadcasts, in commit-safe order.
+#[derive(Debug)]
+pub(crate) enum Batch {
+    /// The next rows after the previous batch.
+    Rows(Vec<TailRow>),
+    /// The hub moved its position without reading (nobody was listening); a client that sees
+    /// this catches up from the database.
+    Gap,
+}
+
+pub(crate) struct Hub {
+    tx: broadcast::Sender<Arc<Batch>>,
+    open: AtomicUsize,
+    shutdown: CancellationToken,
+    heartbeat: Duration,
+}
+
+/// The hub's reading task, started by [`crate::Server::run`].
+pub(crate) struct HubStart {
+    store: Store,
+    tx: broadcast::Sender<Arc<Batch>>,
+    shutdown: CancellationToken,
+}
+
+impl Hub {
+    pub(crate) fn new(store: Store, heartbeat: Duration) -> (Hub, HubStart) {
+        let (tx, _) = broadcast::channel(BROADCAST_BATCHES);
+        let shutdown = CancellationToken::new();
+        (
+            Hub {
+                tx: tx.clone(),
+                open: AtomicUsize::new(0),
+                shutdown: shutdown.clone(),
+                heartbeat,
+            },
+            HubStart {
+                store,
+                tx,
+                shutdown,
+            },
+        )
+    }
+}
+
+impl HubStart {
+    /// Follows the trail until `stop`; then ends every open stream.
+    pub(crate) async fn run(self, stop: CancellationToken) {
+        let HubStart {
+            store,
+            tx,
+            shutdown,
+        } = self;
+        let _end_streams = shutdown.drop_guard();
+        let mut position: Option<Position> = None;
+        let mut failures = 0u32;
+        loop {
+            let step = async {
+                let Some(pos) = &position else {
+                    position = Some(store.tail_head().await?);
+                    return Ok::<bool, auditbridge_store::StoreError>(false);
+                };
+                if tx.receiver_count() == 0 {
+                    // Nobody listens: keep up with the head without reading rows, and tell
+                    // anyone who subscribes meanwhile to catch up from the database.
+                    let head = store.tail_head().await?;
+                    if key(&head) > key(pos) {
+                        position = Some(head);
+                        let _ = tx.send(Arc::new(Batch::Gap));
+                    }
+                    return Ok(false);
+                }
+                let rows = store.tail(pos, None, READ_LIMIT).await?;
+                let full = rows.len() == READ_LIMIT as usize;
+                if let Some(last) = rows.last() {
+                    position = Some(last.position.clone());
+                    let _ = tx.send(Arc::new(Batch::Rows(rows)));
+                }
+                Ok(full)
+            };
+            let more = match step.await {
+                Ok(more) => {
+                    failures = 0;
+                    more
+                }
+                Err(e) => {
+                    failures += 1;
+                    if failures == 1 || failures.is_multiple_of(50) {
+                        tracing::warn!(error = %e, failures, message = "Live tail cannot read the trail; retrying.");
+                    }
+                    false
+                }
+            };
+            if !more {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(POLL) => {}
+                }
+            } else if stop.is_cancelled() {
+                return;
+            }
+        }
+    }
+}
+
+/// Positions compare as (xid, seq); the xid travels as text.
+fn key(p: &Position) -> (u64, i64) {
+    (p.tx_id.parse().unwrap_or(0), p.seq)
+}
+
+fn position_id(p: &Position) -> String {
+    format!("{}.{}", p.tx_id, p.seq)
+}
+
+fn parse_position(s: &str, param: &str) -> Result<Position, ApiError> {
+    let bad = || {
+        ApiError::bad(
+            param,
+            "not an event id of this stream (expected the SSE id as sent)",
+        )
+    };
+    let (tx, seq) = s.trim().split_once('.').ok_or_else(bad)?;
+    let tx: u64 = tx.parse().map_err(|_| bad())?;
+    let seq: i64 = seq.parse().map_err(|_| bad())?;
+    Ok(Position {
+        tx_id: tx.to_string(),
+        seq,
+    })
+}
+
+pub(crate) fn routes() -> Router<AppState> {
+    Router::new().route("/v1/events/stream", get(stream))
+}
+
+async fn stream(
+    State(state): State<AppState>,
+    principal: Principal,
+    headers: HeaderMap,
+    Query(pairs): Query<Vec<(String, String)>>,
+) -> Result<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>, ApiError> {
+    principal.require(Scope::Read)?;
+    let parsed = params::parse(Endpoint::Stream, &pairs, &principal)?;
+    let resume = match headers.get("last-event-id") {
+        Some(v) => Some(parse_position(
+            v.to_str().unwrap_or_default(),
+            "Last-Event-ID",
+        )?),
+        None => parsed
+            .cursor
+            .as_deref()
+            .map(|c| parse_position(c, "cursor"))
+            .transpose()?,
+    };
+    let hub = state.tail.clone();
+    if hub.open.fetch_add(1, Ordering::SeqCst) >= MAX_STREAMS {
+        hub.open.fetch_sub(1, Ordering::SeqCst);
+        return Err(ApiError::Unavailable(format!(
+            "{MAX_STREAMS} live tails are open; try again later"
+        )));
+    }
+    // Subscribe before anything is read: the seam depends on it (module docs).
+    let live = hub.tx.subscribe();
+    let (out, rx) = mpsc::channel(CLIENT_QUEUE);
+    let heartbeat = hub.heartbeat;
+    tokio::spawn(follow(
+        state.store,
+        parsed.filter,
+        resume,
+        live,
+        out,
+        hub,
+        principal.name,
+    ));
+    Ok(Sse::new(ReceiverStream::new(rx)).keep_alive(KeepAlive::new().interval(heartbeat)))
+}
+
+/// Why a client's stream ended.
+enum End {
+    /// The client went away, or the server is stopping.
+    Closed,
+    /// The client fell behind the broadcast.
+    TooSlow,
+    Database,
+}
+
+type Out = mpsc::Sender<Result<SseEvent, Infallible>>;
+
+async fn follow(
+    store: Store,
+    filter: EventFilter,
+    resume: Option<Position>,
+    mut live: broadcast::Receiver<Arc<Batch>>,
+    out: Out,
+    hub: Arc<Hub>,
+    token_name: String,
+) {
+    let end = async {
+        let mut last = match resume {
+            Some(p) => p,
+            None => store.tail_head().await.map_err(|_| End::Database)?,
+        };
+        catch_up(&store, &filter, &mut last, &out).await?;
+        let ready = SseEvent::default()
+            .event("caught-up")
+            .data(format!("{{\"position\":\"{}\"}}", position_id(&last)));
+        out.send(Ok(ready)).await.map_err(|_| End::Closed)?;
+        // Whether we just read from the database. Falling behind the broadcast then is our
+        // doing, and the cure is another read; falling behind while following live means the
+        // client does not take events as fast as they come.
+        let mut replayed = true;
+        loop {
+            let batch = tokio::select! {
+                _ = out.closed() => return Err(End::Closed),
+                _ = hub.shutdown.cancelled() => return Err(End::Closed),
+                b = live.recv() => b,
+            };
+            match batch {
+                Ok(batch) => match batch.as_ref() {
+                    Batch::Rows(rows) => {
+                        let floor = key(&last);
+                        for row in rows {
+                            if key(&row.position) > floor && filter.matches(row) {
+                                send(&out, row).await?;
+                                last = row.position.clone();
+                            }
+                        }
+                        replayed = false;
+                    }
+                    Batch::Gap => {
+                        catch_up(&store, &filter, &mut last, &out).await?;
+                        replayed = true;
+                    }
+                },
+                Err(broadcast::error::RecvError::Lagged(_)) if replayed => {
+                    catch_up(&store, &filter, &mut last, &out).await?;
+                }
+                Err(broadcast::error::RecvError::Lagged(_)) => return Err(End::TooSlow),
+                Err(broadcast::error::RecvError::Closed) => return Err(End::Closed),
+            }
+        }
+        #[allow(unreachable_code)]
+        Ok::<(), End>(())
+    };
+    let result = end.await;
+    hub.open.fetch_sub(1, Ordering::SeqCst);
+    match result {
+        Err(End::TooSlow) => {
+            tracing::info!(token = %token_name, message = "Disconnected a live tail that could not keep up; it can resume with Last-Event-ID.");
+        }
+        Err(End::Database) => {
+            tracing::warn!(token = %token_name, message = "Ended a live tail: the database cannot answer.");
+        }
+        _ => {}
+    }
+}
+
+/// Sends every matching event after `last` from the database, up to the horizon.
+async fn catch_up(
+    store: &Store,
+    filter: &EventFilter,
+    last: &mut Position,
+    out: &Out,
+) -> Result<(), End> {
+    loop {
+        let rows = store
+            .tail(last, Some(filter), READ_LIMIT)
+            .await
+            .map_err(|_| End::Database)?;
+        for row in &rows {
+            send(out, row).await?;
+            *last = row.position.clone();
+        }
+        if rows.len() < READ_LIMIT as usize {
+            return Ok(());
+        }
+    }
+}
+
+async fn send(out: &Out, row: &TailRow) -> Result<(), End> {
+    let event = SseEvent::default()
+        .id(position_id(&row.position))
+        .event("audit")
+        .data(&row.json);
+    out.send(Ok(event)).await.map_err(|_| End::Closed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn positions_compare_numerically_and_round_trip() {
+        let a = Position {
+            tx_id: "9999".into(),
+            seq: 5,
+        };
+        let b = Position {
+            tx_id: "10000".into(),
+            seq: 1,
+        };
+        assert!(key(&b) > key(&a));
+        assert_eq!(parse_position(&position_id(&b), "cursor").unwrap(), b);
+        assert!(parse_position("abc", "cursor").is_err());
+        assert!(parse_position("1.x", "cursor").is_err());
+    }
+}

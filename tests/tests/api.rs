@@ -1,0 +1,660 @@
+//! The query API (`auditbridge serve`) against real PostgreSQL and NATS, with events stored by
+//! a real worker: every filter compared with the same filter applied to what was published,
+//! keyset pages while events arrive, tenant isolation on every endpoint, the error answers,
+//! the live tail's seam and reconnects, stats, and the OpenAPI document against the handlers.
+
+use std::collections::{BTreeMap, HashSet};
+use std::time::Duration;
+
+use auditbridge_event::{Event, Outcome, Target};
+use auditbridge_tests::TestEnv;
+use auditbridge_tests::api::{ApiServer, Token};
+use serde_json::Value;
+use uuid::Uuid;
+
+const T: Duration = Duration::from_secs(60);
+
+/// Synthetic events, spread over two tenants and the last few hours, with a few hand-made
+/// actions for the hierarchy's edge cases.
+fn dataset(env: &mut TestEnv, n: usize) -> Vec<Event> {
+    // Whole milliseconds, so PostgreSQL's microseconds hold them exactly.
+    let now = time::OffsetDateTime::now_utc()
+        .replace_millisecond(0)
+        .expect("0 is a valid millisecond");
+    let special = [
+        "document",
+        "document.update",
+        "document.share.revoke",
+        "documents.x",
+        "doc.x",
+        "document_x.y",
+    ];
+    let mut events = env.events(n);
+    for (i, e) in events.iter_mut().enumerate() {
+        e.tenant = if i % 3 == 1 { "globex" } else { "acme" }.into();
+        e.occurred_at = now - time::Duration::seconds((i as i64 * 37) % (6 * 3600));
+        if i % 10 == 0 {
+            e.action = special[(i / 30) % special.len()].into();
+        }
+        if i % 7 == 0 {
+            e.target = None;
+        } else if i % 5 == 0 {
+            e.target = Some(Target {
+                id: Some("doc-9".into()),
+                kind: Some("document".into()),
+                name: None,
+            });
+        }
+        e.outcome = match i % 4 {
+            0 => Outcome::Success,
+            1 => Outcome::Denied,
+            2 => Outcome::Failure,
+            _ => Outcome::Unknown,
+        };
+        if i % 11 == 0 {
+            e.actor.id = "u-42".into();
+        }
+    }
+    events
+}
+
+async fn stored(
+    env: &mut TestEnv,
+    n: usize,
+) -> anyhow::Result<(Vec<Event>, auditbridge_tests::Worker)> {
+    let events = dataset(env, n);
+    env.ensure_stream().await?;
+    let worker = env.spawn_worker("w", &[]).await?;
+    env.publish(&events).await?;
+    env.wait_for_count(n as i64, T).await?;
+    Ok((events, worker))
+}
+
+fn ids_of(values: &[Value]) -> Vec<Uuid> {
+    values
+        .iter()
+        .map(|v| v["id"].as_str().unwrap().parse().unwrap())
+        .collect()
+}
+
+fn under(action: &str, prefix: &str) -> bool {
+    action == prefix || action.starts_with(&format!("{prefix}."))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_filter_returns_exactly_the_matching_events_in_order() -> anyhow::Result<()> {
+    let mut env = TestEnv::new().await?;
+    let (events, _worker) = stored(&mut env, 1_200).await?;
+    let acme = Token::tenant("acme-reader", "acme", &["read"]);
+    let api = ApiServer::start(&env, &[&acme], &[]).await?;
+
+    let mid = events[600].occurred_at;
+    let mid_s = mid.format(&time::format_description::well_known::Rfc3339)?;
+    type Pred = Box<dyn Fn(&Event) -> bool>;
+    let cases: Vec<(String, Pred)> = vec![
+        ("".into(), Box::new(|_| true)),
+        ("actor=u-42".into(), Box::new(|e| e.actor.id == "u-42")),
+        ("actor!=u-42".into(), Box::new(|e| e.actor.id != "u-42")),
+        (
+            "target=doc-9".into(),
+            Box::new(|e| e.target.as_ref().and_then(|t| t.id.as_deref()) == Some("doc-9")),
+        ),
+        (
+            "target!=doc-9".into(),
+            Box::new(|e| e.target.as_ref().and_then(|t| t.id.as_deref()) != Some("doc-9")),
+        ),
+        (
+            format!("source={}", events[1].source),
+            Box::new({
+                let s = events[1].source.clone();
+                move |e| e.source == s
+            }),
+        ),
+        (
+            "outcome=denied,failure".into(),
+            Box::new(|e| matches!(e.outcome, Outcome::Denied | Outcome::Failure)),
+        ),
+        (
+            "outcome!=success".into(),
+            Box::new(|e| e.outcome != Outcome::Success),
+        ),
+        (
+            "action=document".into(),
+            Box::new(|e| under(&e.action, "document")),
+        ),
+        (
+            "action=document.share".into(),
+            Box::new(|e| under(&e.action, "document.share")),
+        ),
+        ("action=doc".into(), Box::new(|e| under(&e.action, "doc"))),
+        (
+            "action!=document".into(),
+            Box::new(|e| !under(&e.action, "document")),
+        ),
+        (
+            "action=document,doc&outcome!=unknown".into(),
+            Box::new(|e| {
+                (under(&e.action, "document") || under(&e.action, "doc"))
+                    && e.outcome != Outcome::Unknown
+            }),
+        ),
+        (
+            format!("since={mid_s}"),
+            Box::new(move |e| e.occurred_at >= mid),
+        ),
+        (
+            format!("until={mid_s}"),
+            Box::new(move |e| e.occurred_at < mid),
+        ),
+    ];
+    for (query, pred) in &cases {
+        for order in ["desc", "asc"] {
+            let got = api
+                .all_pages(&format!("order={order}&{query}"), &acme, 97)
+                .await?;
+            let mut want: Vec<&Event> = events
+                .iter()
+                .filter(|e| e.tenant == "acme" && pred(e))
+                .collect();
+            want.sort_by_key(|e| (e.occurred_at, e.id));
+            if order == "desc" {
+                want.reverse();
+            }
+            let want_ids: Vec<Uuid> = want.iter().map(|e| e.id).collect();
+            assert!(
+                !want_ids.is_empty(),
+                "{query}: the data set must exercise it"
+            );
+            assert_eq!(ids_of(&got), want_ids, "{query} order={order}");
+        }
+    }
+    // The hierarchy's edges, by name.
+    let got = api.all_pages("action=document", &acme, 1000).await?;
+    let actions: HashSet<&str> = got.iter().map(|e| e["action"].as_str().unwrap()).collect();
+    assert!(actions.contains("document") && actions.contains("document.share.revoke"));
+    assert!(!actions.contains("documents.x") && !actions.contains("document_x.y"));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pages_have_no_gap_or_repeat_while_events_arrive() -> anyhow::Result<()> {
+    let mut env = TestEnv::new().await?;
+    let (events, _worker) = stored(&mut env, 1_000).await?;
+    let acme = Token::tenant("acme", "acme", &["read"]);
+    let api = ApiServer::start(&env, &[&acme], &[]).await?;
+    let before: HashSet<Uuid> = events
+        .iter()
+        .filter(|e| e.tenant == "acme")
+        .map(|e| e.id)
+        .collect();
+
+    for order in ["desc", "asc"] {
+        // New events keep arriving while the pages are read (some with occurred_at in the
+        // past, inside the range being paged).
+        let mut more = dataset(&mut env, 600);
+        let arriving = {
+            let env_js = env.js.clone();
+            let prefix = env.prefix.clone();
+            let more = std::mem::take(&mut more);
+            tokio::spawn(async move {
+                for chunk in more.chunks(50) {
+                    for e in chunk {
+                        let mut h = async_nats::HeaderMap::new();
+                        h.insert("Nats-Msg-Id", e.id.to_string().as_str());
+                        env_js
+                            .publish_with_headers(
+                                e.subject(&prefix),
+                                h,
+                                serde_json::to_vec(e).unwrap().into(),
+                            )
+                            .await?
+                            .await?;
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                anyhow::Ok(())
+            })
+        };
+        let got = api.all_pages(&format!("order={order}"), &acme, 25).await?;
+        arriving.await??;
+        let ids = ids_of(&got);
+        let unique: HashSet<Uuid> = ids.iter().copied().collect();
+        assert_eq!(
+            unique.len(),
+            ids.len(),
+            "order={order}: an event was repeated"
+        );
+        let missing = before.difference(&unique).count();
+        assert_eq!(missing, 0, "order={order}: {missing} events skipped");
+        // Pages are in keyset order throughout.
+        let keys: Vec<(String, String)> = got
+            .iter()
+            .map(|e| {
+                let t = time::OffsetDateTime::parse(
+                    e["occurred_at"].as_str().unwrap(),
+                    &time::format_description::well_known::Rfc3339,
+                )
+                .unwrap();
+                (
+                    format!("{:020}", t.unix_timestamp_nanos()),
+                    e["id"].as_str().unwrap().to_owned(),
+                )
+            })
+            .collect();
+        let mut sorted = keys.clone();
+        sorted.sort();
+        if order == "desc" {
+            sorted.reverse();
+        }
+        assert_eq!(keys, sorted, "order={order}");
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenants_are_isolated_on_every_endpoint_and_errors_say_why() -> anyhow::Result<()> {
+    let mut env = TestEnv::new().await?;
+    let (events, _worker) = stored(&mut env, 300).await?;
+    let acme = Token::tenant("acme", "acme", &["read"]);
+    let ingest_only = Token::tenant("acme-ingest", "acme", &["ingest"]);
+    let admin = Token::admin("ops", &["read"]);
+    let api = ApiServer::start(&env, &[&acme, &ingest_only, &admin], &[]).await?;
+    let globex_event = events.iter().find(|e| e.tenant == "globex").unwrap();
+    let acme_event = events.iter().find(|e| e.tenant == "acme").unwrap();
+
+    // 403 for another tenant, on every endpoint; never an empty answer.
+    for path in [
+        "/v1/events?tenant=globex",
+        "/v1/stats?tenant=globex",
+        "/v1/events/stream?tenant=globex",
+    ] {
+        let (status, body) = api.get(path, Some(&acme)).await?;
+        assert_eq!(status, 403, "{path}: {body}");
+        assert_eq!(body["error"]["code"], "forbidden", "{path}");
+    }
+    // Another tenant's event does not exist for this token.
+    let (status, _) = api
+        .get(&format!("/v1/events/{}", globex_event.id), Some(&acme))
+        .await?;
+    assert_eq!(status, 404);
+    let (status, body) = api
+        .get(&format!("/v1/events/{}", acme_event.id), Some(&acme))
+        .await?;
+    assert_eq!(status, 200);
+    assert_eq!(body["id"], acme_event.id.to_string());
+    assert_eq!(body["actor"]["id"], acme_event.actor.id);
+    let (status, body) = api
+        .get(&format!("/v1/events/{}", globex_event.id), Some(&admin))
+        .await?;
+    assert_eq!((status, body["tenant"].as_str()), (200, Some("globex")));
+    // Default tenant is the token's own; admin must name one.
+    let own = api.all_pages("order=asc", &acme, 1000).await?;
+    assert!(!own.is_empty() && own.iter().all(|e| e["tenant"] == "acme"));
+    let (status, body) = api.get("/v1/events", Some(&admin)).await?;
+    assert_eq!(
+        (status, body["error"]["param"].as_str()),
+        (400, Some("tenant"))
+    );
+    let theirs = api.all_pages("tenant=globex", &admin, 1000).await?;
+    assert_eq!(
+        theirs.len(),
+        events.iter().filter(|e| e.tenant == "globex").count()
+    );
+
+    // 401: no token, a wrong one, a malformed header.
+    let (status, body) = api.get("/v1/events", None).await?;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (401, Some("unauthorized"))
+    );
+    let wrong = Token::tenant("x", "acme", &["read"]);
+    assert_eq!(api.get("/v1/events", Some(&wrong)).await?.0, 401);
+    let resp = api
+        .http
+        .get(api.url("/v1/events"))
+        .header("Authorization", "Basic abc")
+        .send()
+        .await?;
+    assert_eq!(resp.status(), 401);
+    assert!(resp.headers().contains_key("www-authenticate"));
+    // 403: a token without the read scope.
+    assert_eq!(api.get("/v1/events", Some(&ingest_only)).await?.0, 403);
+
+    // 400 names the parameter.
+    for (path, param) in [
+        ("/v1/events?limit=5000", "limit"),
+        ("/v1/events?order=sideways", "order"),
+        ("/v1/events?since=last-week", "since"),
+        ("/v1/events?outcome=ok", "outcome"),
+        ("/v1/events?action=Doc", "action"),
+        ("/v1/events?actr=u-1", "actr"),
+        ("/v1/events?cursor=abc", "cursor"),
+        ("/v1/events?tenant=ACME", "tenant"),
+        ("/v1/stats?bucket=1s", "bucket"),
+        ("/v1/stats?depth=9", "depth"),
+        ("/v1/events/not-a-uuid", "id"),
+    ] {
+        let (status, body) = api.get(path, Some(&acme)).await?;
+        assert_eq!(status, 400, "{path}: {body}");
+        assert_eq!(body["error"]["param"], param, "{path}: {body}");
+    }
+    // A cursor made for another order is refused by name too.
+    let (_, page) = api.get("/v1/events?limit=2", Some(&acme)).await?;
+    let cursor = page["next_cursor"].as_str().unwrap();
+    let (status, body) = api
+        .get(
+            &format!("/v1/events?order=asc&cursor={cursor}"),
+            Some(&acme),
+        )
+        .await?;
+    assert_eq!(
+        (status, body["error"]["param"].as_str()),
+        (400, Some("cursor"))
+    );
+    let (status, _) = api
+        .get(&format!("/v1/events/{}", Uuid::now_v7()), Some(&acme))
+        .await?;
+    assert_eq!(status, 404);
+
+    // The stream and stats only ever show the token's tenant.
+    let mut tail = api.stream("", &acme, Some("0.0")).await?;
+    let replayed = tail.caught_up(T).await?;
+    assert_eq!(
+        replayed.len(),
+        events.iter().filter(|e| e.tenant == "acme").count()
+    );
+    assert!(
+        replayed
+            .iter()
+            .all(|e| e.data.contains("\"tenant\": \"acme\"")
+                || e.data.contains("\"tenant\":\"acme\""))
+    );
+    let (status, stats) = api.get("/v1/stats?bucket=1h&depth=1", Some(&acme)).await?;
+    assert_eq!(status, 200, "{stats}");
+    assert_eq!(stats["tenant"], "acme");
+    assert_eq!(
+        stats["total"].as_u64().unwrap() as usize,
+        events.iter().filter(|e| e.tenant == "acme").count()
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stats_count_by_action_depth_and_outcome_per_bucket() -> anyhow::Result<()> {
+    let mut env = TestEnv::new().await?;
+    let (events, _worker) = stored(&mut env, 800).await?;
+    let acme = Token::tenant("acme", "acme", &["read"]);
+    let api = ApiServer::start(&env, &[&acme], &[]).await?;
+    let (status, s) = api
+        .get(
+            "/v1/stats?bucket=30m&depth=2&action=document,doc",
+            Some(&acme),
+        )
+        .await?;
+    assert_eq!(status, 200, "{s}");
+    let mine: Vec<&Event> = events
+        .iter()
+        .filter(|e| e.tenant == "acme" && (under(&e.action, "document") || under(&e.action, "doc")))
+        .collect();
+    let mut by_action: BTreeMap<String, u64> = BTreeMap::new();
+    let mut by_outcome: BTreeMap<String, u64> = BTreeMap::new();
+    for e in &mine {
+        let group: Vec<&str> = e.action.split('.').take(2).collect();
+        *by_action.entry(group.join(".")).or_default() += 1;
+        *by_outcome.entry(e.outcome.as_str().to_owned()).or_default() += 1;
+    }
+    let as_map = |v: &Value| -> BTreeMap<String, u64> {
+        v.as_object()
+            .unwrap()
+            .iter()
+            .map(|(k, n)| (k.clone(), n.as_u64().unwrap()))
+            .collect()
+    };
+    assert_eq!(as_map(&s["by_action"]), by_action);
+    assert_eq!(as_map(&s["by_outcome"]), by_outcome);
+    assert_eq!(s["total"].as_u64().unwrap() as usize, mine.len());
+    let buckets = s["buckets"].as_array().unwrap();
+    assert_eq!(buckets.len(), 48, "24 hours of 30-minute buckets");
+    let sum: u64 = buckets.iter().map(|b| b["total"].as_u64().unwrap()).sum();
+    assert_eq!(sum as usize, mine.len());
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_tail_replays_then_follows_without_gap_or_repeat_across_reconnects()
+-> anyhow::Result<()> {
+    let mut env = TestEnv::new().await?;
+    let (events, _worker) = stored(&mut env, 400).await?;
+    let acme = Token::tenant("acme", "acme", &["read"]);
+    let api = ApiServer::start(&env, &[&acme], &[("AUDITBRIDGE_API_HEARTBEAT", "200ms")]).await?;
+
+    // Without a cursor: only what is committed from now on.
+    let mut tail = api.stream("action!=doc", &acme, None).await?;
+    assert!(tail.caught_up(T).await?.is_empty());
+
+    // Batch B arrives while we read; two workers commit concurrently, out of order.
+    let _w2 = env.spawn_worker("w2", &[]).await?;
+    let b = dataset(&mut env, 900);
+    let want_b: Vec<Uuid> = b
+        .iter()
+        .filter(|e| e.tenant == "acme" && !under(&e.action, "doc"))
+        .map(|e| e.id)
+        .collect();
+    env.publish(&b).await?;
+    let first = tail.audit_events(want_b.len() / 2, T).await?;
+    let resume = first.last().unwrap().id.clone().unwrap();
+    drop(tail);
+
+    // Batch C is published while we are away and while we reconnect.
+    let c = dataset(&mut env, 600);
+    let want_c: Vec<Uuid> = c
+        .iter()
+        .filter(|e| e.tenant == "acme" && !under(&e.action, "doc"))
+        .map(|e| e.id)
+        .collect();
+    let publishing = {
+        let js = env.js.clone();
+        let prefix = env.prefix.clone();
+        tokio::spawn(async move {
+            for e in &c {
+                let mut h = async_nats::HeaderMap::new();
+                h.insert("Nats-Msg-Id", e.id.to_string().as_str());
+                js.publish_with_headers(e.subject(&prefix), h, serde_json::to_vec(e)?.into())
+                    .await?
+                    .await?;
+            }
+            anyhow::Ok(())
+        })
+    };
+    let mut tail = api.stream("action!=doc", &acme, Some(&resume)).await?;
+    let rest = tail
+        .audit_events(want_b.len() - first.len() + want_c.len(), T)
+        .await?;
+    publishing.await??;
+
+    let mut seen: Vec<Uuid> = first
+        .iter()
+        .chain(rest.iter())
+        .map(|e| {
+            serde_json::from_str::<Value>(&e.data).unwrap()["id"]
+                .as_str()
+                .unwrap()
+                .parse()
+                .unwrap()
+        })
+        .collect();
+    let unique: HashSet<Uuid> = seen.iter().copied().collect();
+    assert_eq!(unique.len(), seen.len(), "an event was sent twice");
+    let want: HashSet<Uuid> = want_b.iter().chain(want_c.iter()).copied().collect();
+    assert_eq!(unique, want, "the tail missed or added events");
+    // Nothing older than the stream's start, nothing of other tenants or filtered actions.
+    assert!(events.iter().all(|e| !unique.contains(&e.id)));
+    // Ids (positions) only go forward.
+    let positions: Vec<(u64, i64)> = first
+        .iter()
+        .chain(rest.iter())
+        .map(|e| {
+            let (tx, seq) = e.id.as_deref().unwrap().split_once('.').unwrap();
+            (tx.parse().unwrap(), seq.parse().unwrap())
+        })
+        .collect();
+    assert!(positions.windows(2).all(|w| w[0] < w[1]));
+    seen.clear();
+
+    // Heartbeats keep an idle stream alive.
+    let mut beats = 0;
+    for _ in 0..10 {
+        if let Some(raw) = tail.next_raw(Duration::from_secs(2)).await? {
+            beats += raw.matches(":\n").count() + raw.matches(": \n").count();
+        }
+        if beats >= 2 {
+            break;
+        }
+    }
+    assert!(beats >= 2, "no heartbeats on an idle stream");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_does_not_read_is_disconnected() -> anyhow::Result<()> {
+    let mut env = TestEnv::new().await?;
+    env.ensure_stream().await?;
+    let _worker = env.spawn_worker("w", &[]).await?;
+    let admin = Token::admin("ops", &["read"]);
+    let api = ApiServer::start(&env, &[&admin], &[]).await?;
+    let mut tail = api.stream("", &admin, None).await?;
+    tail.caught_up(T).await?;
+    // Stop reading; publish far more than the client queue, the broadcast and the socket
+    // buffers hold.
+    let events = dataset(&mut env, 40_000);
+    env.publish(&events).await?;
+    env.wait_for_count(40_000, T).await?;
+    // The server gave up on the client: the stream ends before all events were delivered.
+    let mut received = 0usize;
+    let ended = loop {
+        match tail.next(Duration::from_secs(20)).await {
+            Ok(Some(e)) if e.event == "audit" => received += 1,
+            Ok(Some(_)) => {}
+            Ok(None) => break true,
+            Err(_) => break false,
+        }
+        if received > 40_000 {
+            break false;
+        }
+    };
+    assert!(ended, "the stream was not closed ({received} events read)");
+    assert!(
+        received < 40_000,
+        "a slow client got everything: {received}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_openapi_document_matches_the_handlers() -> anyhow::Result<()> {
+    let env = TestEnv::new().await?;
+    env.ensure_stream().await?;
+    let admin = Token::admin("ops", &["read", "ingest"]);
+    let api = ApiServer::start(&env, &[&admin], &[]).await?;
+    let (status, doc) = api.get("/v1/openapi.json", None).await?;
+    assert_eq!(status, 200);
+    assert_eq!(doc["openapi"], "3.1.0");
+    let paths = doc["paths"].as_object().unwrap();
+    assert!(paths.len() >= 5);
+    let fmt = &time::format_description::well_known::Rfc3339;
+    let since = (time::OffsetDateTime::now_utc() - time::Duration::hours(2)).format(fmt)?;
+    let until = (time::OffsetDateTime::now_utc() + time::Duration::hours(1)).format(fmt)?;
+    let sample = |schema: &Value, name: &str| -> String {
+        match (name.trim_end_matches('!'), schema["type"].as_str()) {
+            ("tenant", _) => "acme".into(),
+            ("outcome", _) => "denied".into(),
+            ("action", _) => "document".into(),
+            ("order", _) => "asc".into(),
+            ("since", _) => since.clone(),
+            ("until", _) => until.clone(),
+            ("bucket", _) => "1h".into(),
+            ("cursor", _) => String::new(),
+            (_, Some("integer")) => schema["default"].to_string(),
+            _ => "x".into(),
+        }
+    };
+    for (path, item) in paths {
+        for (method, op) in item.as_object().unwrap() {
+            let concrete = path
+                .replace("{id}", &Uuid::now_v7().to_string())
+                .replace("{source}", "no-such-source");
+            // Each documented operation exists: anything but the router's own 404/405.
+            let req = match method.as_str() {
+                "get" => api.http.get(api.url(&concrete)),
+                "post" => api.http.post(api.url(&concrete)),
+                other => panic!("undocumented method kind {other}"),
+            };
+            let resp = req.bearer_auth(&admin.token).send().await?;
+            let status = resp.status().as_u16();
+            // A stream's body never ends; its status is enough here.
+            let body = if path.ends_with("/stream") {
+                String::new()
+            } else {
+                resp.text().await?
+            };
+            assert_ne!(status, 405, "{method} {path}");
+            if status == 404 {
+                assert!(body.contains("not_found"), "{method} {path}: router 404");
+            }
+            let documented: Vec<&str> = op["responses"]
+                .as_object()
+                .unwrap()
+                .keys()
+                .map(String::as_str)
+                .collect();
+            assert!(
+                documented.contains(&status.to_string().as_str()) || status == 202,
+                "{method} {path}: {status} is not documented ({documented:?}); body {body}"
+            );
+            if method != "get" || path.ends_with("/stream") || path.contains("{id}") {
+                continue;
+            }
+            // Every documented query parameter is accepted with a valid value...
+            let params = op["parameters"].as_array().cloned().unwrap_or_default();
+            for p in params.iter().filter(|p| p["in"] == "query") {
+                let name = p["name"].as_str().unwrap();
+                let value = sample(&p["schema"], name);
+                if value.is_empty() {
+                    continue;
+                }
+                let (status, body) = api
+                    .get(
+                        &format!("{path}?tenant=acme&{name}={value}")
+                            .replace("tenant=acme&tenant=acme", "tenant=acme"),
+                        Some(&admin),
+                    )
+                    .await?;
+                assert_eq!(status, 200, "{path} {name}={value}: {body}");
+            }
+            // ...and an undocumented one is refused by name.
+            if !params.is_empty() {
+                let (status, body) = api
+                    .get(&format!("{path}?tenant=acme&bogus=1"), Some(&admin))
+                    .await?;
+                assert_eq!(
+                    (status, body["error"]["param"].as_str()),
+                    (400, Some("bogus")),
+                    "{path}"
+                );
+            }
+        }
+    }
+    // And the stream answers with the documented content type.
+    let resp = api
+        .http
+        .get(api.url("/v1/events/stream?tenant=acme"))
+        .bearer_auth(&admin.token)
+        .send()
+        .await?;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(
+        resp.headers()["content-type"].to_str()?,
+        "text/event-stream"
+    );
+    Ok(())
+}
