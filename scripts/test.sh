@@ -2,7 +2,8 @@
 # The project's test command (the README's, and CI's through .ci/run):
 #   scripts/test.sh [extra cargo test arguments...]
 # 1. makes sure PostgreSQL, RabbitMQ and NATS/JetStream run locally (scripts/services.sh),
-# 2. cargo fmt --check and clippy with warnings as errors,
+# 2. installs Debian's chromium and chromium-driver if missing (the page's browser test),
+#    cargo fmt --check and clippy with warnings as errors,
 # 3. drops test databases (ab_test_*) left behind by earlier interrupted runs,
 # 4. cargo test --workspace --no-fail-fast "$@", and exits with its status.
 set -euo pipefail
@@ -27,6 +28,16 @@ trap report EXIT
 
 step "services"
 ensure_services
+
+step "headless Chromium and chromedriver (the query page's browser test)"
+# Debian's chromium and chromium-driver; tests/tests/page.rs drives the browser headless over
+# WebDriver against the page served on 127.0.0.1.
+if command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; then
+    printf 'chromium: %s\n' "$(chromedriver --version 2>/dev/null | head -1)"
+else
+    ab_apt_install chromium chromium-driver ||
+        die "cannot install chromium and chromium-driver (needed by tests/tests/page.rs)"
+fi
 
 step "cargo fmt --all -- --check"
 cargo fmt --version >/dev/null 2>&1 || die "rustfmt is missing: rustup component add rustfmt"
