@@ -658,3 +658,104 @@ async fn the_openapi_document_matches_the_handlers() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_from_the_cli_with_a_new_token_never_logs_it_and_stops_on_sigterm()
+-> anyhow::Result<()> {
+    let mut env = TestEnv::new().await?;
+    let (events, _worker) = stored(&mut env, 50).await?;
+    // `auditbridge token new` prints the token once and the entry that holds its hash.
+    let out = env
+        .command(
+            &[
+                "token", "new", "--name", "cli", "--tenant", "acme", "--scopes", "read",
+            ],
+            &[],
+        )
+        .output()
+        .await?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8(out.stdout)?;
+    let token = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("token (shown once, give it to the client): "))
+        .expect("a token line")
+        .to_owned();
+    let entry = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("AUDITBRIDGE_API_TOKENS item: "))
+        .expect("an entry line");
+    assert!(!entry.contains(&token), "the entry must hold only the hash");
+    let bad = env
+        .command(
+            &["token", "new", "--name", "x", "--tenant", "Not Valid"],
+            &[],
+        )
+        .output()
+        .await?;
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("tenant"));
+
+    let addr = auditbridge_tests::free_addr()?;
+    let log = std::env::temp_dir().join(format!("ab-serve-{}.log", env.tag));
+    let file = std::fs::File::create(&log)?;
+    let tokens = format!("[{entry}]");
+    let mut serve = env
+        .command(
+            &["serve"],
+            &[
+                ("AUDITBRIDGE_API_ADDR", &addr.to_string()),
+                ("AUDITBRIDGE_API_TOKENS", &tokens),
+                ("AUDITBRIDGE_LOG", "debug"),
+            ],
+        )
+        .stdout(file.try_clone()?)
+        .stderr(file)
+        .spawn()?;
+    let http = reqwest::Client::new();
+    let url = format!("http://{addr}/v1/events?limit=1000");
+    let deadline = std::time::Instant::now() + T;
+    let body: Value = loop {
+        match http.get(&url).bearer_auth(&token).send().await {
+            Ok(r) if r.status() == 200 => break r.json().await?,
+            _ if std::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            other => anyhow::bail!("serve did not answer: {other:?}"),
+        }
+    };
+    assert_eq!(
+        body["events"].as_array().unwrap().len(),
+        events.iter().filter(|e| e.tenant == "acme").count()
+    );
+    // A wrong token and a malformed header are refused; neither appears in the log.
+    let wrong = format!("{token}x");
+    assert_eq!(
+        http.get(&url).bearer_auth(&wrong).send().await?.status(),
+        401
+    );
+    // An open live tail must not hold up shutdown.
+    let _tail = http
+        .get(format!("http://{addr}/v1/events/stream"))
+        .bearer_auth(&token)
+        .send()
+        .await?;
+    let pid = serve.id().expect("running");
+    std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()?;
+    let status = tokio::time::timeout(Duration::from_secs(20), serve.wait()).await??;
+    assert!(status.success(), "serve exited with {status}");
+    let text = std::fs::read_to_string(&log)?;
+    let _ = std::fs::remove_file(&log);
+    assert!(text.contains("API server listening"), "{text}");
+    assert!(
+        !text.contains(&token) && !text.contains(&wrong),
+        "a token reached the log"
+    );
+    Ok(())
+}

@@ -89,3 +89,67 @@ impl Store {
             .await?)
     }
 }
+
+/// What the query benchmark filters on: the largest tenant and its most frequent values.
+#[derive(Debug, Clone)]
+pub struct QuerySample {
+    pub tenant: String,
+    pub tenant_events: i64,
+    pub actor: String,
+    pub target: String,
+    /// The most frequent top-level action token.
+    pub action: String,
+    pub newest: time::OffsetDateTime,
+}
+
+impl Store {
+    /// Fresh planner statistics and a checkpoint after a bulk load, so measurements that
+    /// follow see the plans and I/O of a settled database.
+    pub async fn bench_analyze(&self) -> Result<(), StoreError> {
+        sqlx::query("ANALYZE audit_events")
+            .execute(&self.pool)
+            .await?;
+        self.bench_checkpoint().await
+    }
+
+    /// The largest tenant and its most frequent actor, target and top-level action.
+    pub async fn bench_sample(&self) -> Result<QuerySample, StoreError> {
+        let (tenant, tenant_events): (String, i64) = sqlx::query_as(
+            "SELECT tenant, count(*) FROM audit_events GROUP BY tenant ORDER BY 2 DESC LIMIT 1",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        let top = |column: &str| {
+            format!(
+                "SELECT {column} FROM audit_events WHERE tenant = $1 AND {column} IS NOT NULL \
+                 GROUP BY 1 ORDER BY count(*) DESC LIMIT 1"
+            )
+        };
+        let actor: String = sqlx::query_scalar(sqlx::AssertSqlSafe(top("actor_id")))
+            .bind(&tenant)
+            .fetch_one(&self.pool)
+            .await?;
+        let target: String = sqlx::query_scalar(sqlx::AssertSqlSafe(top("target_id")))
+            .bind(&tenant)
+            .fetch_one(&self.pool)
+            .await?;
+        let action: String =
+            sqlx::query_scalar(sqlx::AssertSqlSafe(top("split_part(action, '.', 1)")))
+                .bind(&tenant)
+                .fetch_one(&self.pool)
+                .await?;
+        let newest: time::OffsetDateTime =
+            sqlx::query_scalar("SELECT max(occurred_at) FROM audit_events WHERE tenant = $1")
+                .bind(&tenant)
+                .fetch_one(&self.pool)
+                .await?;
+        Ok(QuerySample {
+            tenant,
+            tenant_events,
+            actor,
+            target,
+            action,
+            newest,
+        })
+    }
+}
