@@ -101,6 +101,9 @@ stop_cluster() {
     if pid=$(pid_from "$DEMO_DIR/publish.pid"); then
         stop_pids publisher "$pid"
     fi
+    if pid=$(pid_from "$DEMO_DIR/serve.pid"); then
+        stop_pids api "$pid"
+    fi
     for f in "$DEMO_DIR"/worker-*.pid; do
         [[ -e $f ]] || continue
         if pid=$(pid_from "$f"); then workers+=("$pid"); fi
@@ -108,13 +111,13 @@ stop_cluster() {
     if ((${#workers[@]} > 0)); then
         stop_pids workers "${workers[@]}"
     fi
-    rm -f "$DEMO_DIR"/publish.pid "$DEMO_DIR"/worker-*.pid
-    log "logs: $DEMO_DIR/worker-*.log, $DEMO_DIR/publish.log"
+    rm -f "$DEMO_DIR"/publish.pid "$DEMO_DIR"/serve.pid "$DEMO_DIR"/worker-*.pid
+    log "logs: $DEMO_DIR/worker-*.log, $DEMO_DIR/publish.log, $DEMO_DIR/serve.log"
 }
 
 running_pids() {
     local f pid
-    for f in "$DEMO_DIR"/publish.pid "$DEMO_DIR"/worker-*.pid; do
+    for f in "$DEMO_DIR"/publish.pid "$DEMO_DIR"/serve.pid "$DEMO_DIR"/worker-*.pid; do
         [[ -e $f ]] || continue
         if pid=$(pid_from "$f"); then printf '%s ' "$pid"; fi
     done
@@ -144,7 +147,7 @@ done
 
 if [[ $mode == stop ]]; then
     if [[ -z $(running_pids) ]]; then
-        rm -f "$DEMO_DIR"/publish.pid "$DEMO_DIR"/worker-*.pid
+        rm -f "$DEMO_DIR"/publish.pid "$DEMO_DIR"/serve.pid "$DEMO_DIR"/worker-*.pid
         log "no demo cluster is running"
         exit 0
     fi
@@ -248,6 +251,20 @@ for ((i = 1; i <= WORKERS; i++)); do
     done
     log "worker $i: ready"
 done
+
+# The query API with a fresh admin token for this demo only (its hash is all the server
+# keeps). The page's URL carries the token in the fragment, which the browser never sends.
+API_ADDR=${AUDITBRIDGE_API_ADDR:-127.0.0.1:8080}
+token_out=$("$BIN" token new --name demo --admin --scopes read,ingest) || die "auditbridge token new failed"
+DEMO_TOKEN=$(sed -n 's/^token (shown once, give it to the client): //p' <<<"$token_out")
+DEMO_TOKEN_ENTRY=$(sed -n 's/^AUDITBRIDGE_API_TOKENS item: //p' <<<"$token_out")
+AUDITBRIDGE_API_ADDR=$API_ADDR AUDITBRIDGE_API_TOKENS="[${DEMO_TOKEN_ENTRY}]" \
+    setsid "$BIN" serve </dev/null >"$DEMO_DIR/serve.log" 2>&1 &
+echo $! >"$DEMO_DIR/serve.pid"
+umask 077
+printf '%s\n' "$DEMO_TOKEN" >"$DEMO_DIR/demo-token"
+log "api: pid $!, http://$API_ADDR/#token=$DEMO_TOKEN&tenant=acme (the page: recent events, live tail, charts), log .demo/serve.log"
+log "api: the demo's admin token is in .demo/demo-token, e.g. curl -H \"Authorization: Bearer \$(cat .demo/demo-token)\" 'http://$API_ADDR/v1/events?tenant=acme&limit=5'"
 
 setsid "$BIN" publish --generate "$DEMO_EVENTS" --tenants 8 --rate "$DEMO_RATE" \
     </dev/null >"$DEMO_DIR/publish.log" 2>&1 &
