@@ -1,0 +1,471 @@
+//! The producer client (`auditbridge-client`) against real NATS, PostgreSQL and the real
+//! worker. NATS outages use a private `nats-server` (killed with SIGKILL and started again on
+//! the same port and store directory), never the shared one.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail, ensure};
+use async_nats::jetstream;
+use auditbridge_client::{
+    Backpressure, Client, ClientBuilder, EventBuilder, FileParams, MemoryParams, OnFull, Outcome,
+    PostgresParams, RecordError, StoreConfig,
+};
+use auditbridge_event::{Event, Uuid};
+use auditbridge_tests::nats_server::NatsServer;
+use auditbridge_tests::{PG_BASE, TestEnv};
+use sqlx::migrate::MigrateDatabase as _;
+
+const EVENTS_PER_PHASE: usize = 400;
+
+fn builder(env: &TestEnv, nats_url: &str, store: StoreConfig) -> ClientBuilder {
+    Client::builder()
+        .nats_url(nats_url)
+        .subject_prefix(&env.prefix)
+        .source("client-test")
+        .store(store)
+        .ack_timeout(Duration::from_secs(2))
+        .spill_after(Duration::from_millis(500))
+}
+
+fn make(i: usize) -> Event {
+    EventBuilder::new(format!("tenant-{}", i % 3), "document.update")
+        .source("client-test")
+        .actor(format!("u-{i}"))
+        .target(format!("doc-{i}"))
+        .outcome(Outcome::Success)
+        .meta("i", i)
+        .build()
+        .expect("a valid event")
+}
+
+/// Records `n` events, 1 ms apart (a service handling requests), and fails on any refusal.
+async fn record_paced(
+    client: &Client,
+    from: usize,
+    n: usize,
+    ids: &mut Vec<Uuid>,
+) -> anyhow::Result<()> {
+    let mut tick = tokio::time::interval(Duration::from_millis(1));
+    for i in from..from + n {
+        tick.tick().await;
+        let e = make(i);
+        ids.push(e.id);
+        client
+            .record(e)
+            .await
+            .with_context(|| format!("record #{i} was refused"))?;
+    }
+    Ok(())
+}
+
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new() -> TempDir {
+        let dir = std::env::temp_dir().join(format!("ab-client-{}", Uuid::now_v7().simple()));
+        std::fs::create_dir_all(&dir).expect("a temporary directory");
+        TempDir(dir)
+    }
+
+    fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The ids in the stream, in stream order, first occurrences only.
+async fn stream_ids(nats_url: &str, stream: &str) -> anyhow::Result<Vec<Uuid>> {
+    let js = jetstream::new(async_nats::connect(nats_url).await?);
+    let mut stream = js.get_stream(stream).await?;
+    let info = stream.info().await?.clone();
+    let mut seen = HashSet::new();
+    let mut ids = Vec::new();
+    for seq in info.state.first_sequence..=info.state.last_sequence {
+        let message = stream.get_raw_message(seq).await?;
+        let event = auditbridge_event::decode(&message.payload, 1 << 20)?;
+        if seen.insert(event.id) {
+            ids.push(event.id);
+        }
+    }
+    Ok(ids)
+}
+
+/// A service records a burst at a steady pace; NATS is killed in the middle of it and comes
+/// back later. Every event must land in PostgreSQL, through the real worker, exactly once,
+/// and reach the stream in the order it was recorded.
+async fn outage_during_burst(store: StoreConfig) -> anyhow::Result<()> {
+    let env = TestEnv::new().await?;
+    let mut nats = NatsServer::start().await?;
+    let url = nats.url();
+    let worker = env
+        .spawn_worker("w", &[("AUDITBRIDGE_NATS_URL", &url)])
+        .await?;
+    worker.wait_ready(Duration::from_secs(30)).await?;
+    let client = builder(&env, &url, store).connect().await?;
+
+    let mut ids = Vec::new();
+    record_paced(&client, 0, EVENTS_PER_PHASE, &mut ids).await?;
+    nats.kill().await?;
+    record_paced(&client, EVENTS_PER_PHASE, EVENTS_PER_PHASE, &mut ids).await?;
+    let during = client.stats();
+    ensure!(
+        during.buffered_events > 0 && during.store_events > 0,
+        "events recorded while NATS was down must be in the store: {during:?}"
+    );
+    nats.restart().await?;
+    record_paced(&client, 2 * EVENTS_PER_PHASE, EVENTS_PER_PHASE, &mut ids).await?;
+
+    client
+        .flush(Duration::from_secs(30))
+        .await
+        .with_context(|| format!("flush: {:?}", client.stats()))?;
+    let stats = client.stats();
+    ensure!(
+        stats.store_events == 0 && stats.refused_events == 0,
+        "{stats:?}"
+    );
+    ensure!(stats.drained_events >= during.buffered_events, "{stats:?}");
+    client.close(Duration::from_secs(5)).await?;
+
+    let n = ids.len() as i64;
+    env.wait_for_count(n, Duration::from_secs(60))
+        .await
+        .with_context(|| format!("worker log: {}", worker.log.display()))?;
+    let stored = env.stored_ids().await?;
+    let recorded: HashSet<Uuid> = ids.iter().copied().collect();
+    ensure!(
+        stored == recorded,
+        "{} recorded events missing, {} unexpected",
+        recorded.difference(&stored).count(),
+        stored.difference(&recorded).count()
+    );
+    // Buffered events drained before newer ones were published.
+    let in_stream = stream_ids(&url, &env.stream).await?;
+    ensure!(
+        in_stream.len() == ids.len(),
+        "{} in the stream",
+        in_stream.len()
+    );
+    if let Some(i) = (0..ids.len()).find(|&i| in_stream[i] != ids[i]) {
+        bail!("stream order differs from record order first at event #{i}");
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_outage_during_a_burst_loses_nothing_with_the_memory_store() -> anyhow::Result<()> {
+    outage_during_burst(StoreConfig::Memory(MemoryParams::default())).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_outage_during_a_burst_loses_nothing_with_the_file_store() -> anyhow::Result<()> {
+    let dir = TempDir::new();
+    let mut params = FileParams::new(dir.path());
+    // Small segments, so the outage's backlog spans several and rotation is exercised.
+    params.segment_bytes = 64 * 1024;
+    outage_during_burst(StoreConfig::File(params)).await?;
+    let left: Vec<_> = std::fs::read_dir(dir.path())?
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".jsonl"))
+        .map(|e| e.metadata().map(|m| m.len()).unwrap_or(0))
+        .collect();
+    ensure!(
+        left == [0],
+        "a drained file store keeps one empty segment: {left:?}"
+    );
+    Ok(())
+}
+
+/// The producer's own database for the postgres store; dropped at the end.
+struct ProducerDb {
+    url: String,
+}
+
+impl ProducerDb {
+    async fn create() -> anyhow::Result<ProducerDb> {
+        let url = format!(
+            "{PG_BASE}/ab_client_{}",
+            &Uuid::now_v7().simple().to_string()[18..]
+        );
+        sqlx::Postgres::create_database(&url).await?;
+        Ok(ProducerDb { url })
+    }
+}
+
+impl Drop for ProducerDb {
+    fn drop(&mut self) {
+        let url = self.url.clone();
+        auditbridge_tests::run_cleanup(async move {
+            let _ = auditbridge_store::drop_database(&url).await;
+        });
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_outage_during_a_burst_loses_nothing_with_the_postgres_store() -> anyhow::Result<()> {
+    let db = ProducerDb::create().await?;
+    let params = PostgresParams::new(&db.url);
+    outage_during_burst(StoreConfig::Postgres(params)).await?;
+    let pool = sqlx::PgPool::connect(&db.url).await?;
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM auditbridge_client_buffer")
+        .fetch_one(&pool)
+        .await?;
+    ensure!(rows == 0, "{rows} rows left in the producer's table");
+    pool.close().await;
+    Ok(())
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+/// `record` costs the same whether NATS is up or down: it never does I/O on the caller's
+/// task (the file store is written by the background task).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn record_latency_stays_flat_while_nats_is_down() -> anyhow::Result<()> {
+    let env = TestEnv::new().await?;
+    let mut nats = NatsServer::start().await?;
+    let url = nats.url();
+    let js = jetstream::new(async_nats::connect(&url).await?);
+    js.create_stream(jetstream::stream::Config {
+        name: env.stream.clone(),
+        subjects: vec![format!("{}.>", env.prefix)],
+        ..Default::default()
+    })
+    .await?;
+    let dir = TempDir::new();
+    let client = builder(&env, &url, StoreConfig::File(FileParams::new(dir.path())))
+        .connect()
+        .await?;
+
+    let measure = |client: Client| async move {
+        let mut tick = tokio::time::interval(Duration::from_micros(500));
+        let mut latencies = Vec::with_capacity(2000);
+        for i in 0..2000 {
+            tick.tick().await;
+            let e = make(i);
+            let started = Instant::now();
+            client.record(e).await?;
+            latencies.push(started.elapsed());
+        }
+        latencies.sort();
+        anyhow::Ok(latencies)
+    };
+    let up = measure(client.clone()).await?;
+    nats.kill().await?;
+    let down = measure(client.clone()).await?;
+    let (up99, down99) = (percentile(&up, 0.99), percentile(&down, 0.99));
+    println!(
+        "record() latency: NATS up p50 {:?} p99 {up99:?}; NATS down (file store) p50 {:?} p99 {down99:?}",
+        percentile(&up, 0.5),
+        percentile(&down, 0.5)
+    );
+    let stats = client.stats();
+    ensure!(
+        stats.buffered_events > 0,
+        "the store was not used: {stats:?}"
+    );
+    // Generous bounds for a debug build on a shared 2-core machine; a file write or fsync on
+    // the caller's path would cost milliseconds here.
+    ensure!(
+        down99 <= up99 * 5 + Duration::from_micros(200) && down99 < Duration::from_millis(2),
+        "p99 with NATS down {down99:?} vs up {up99:?}"
+    );
+
+    nats.restart().await?;
+    client.flush(Duration::from_secs(30)).await?;
+    client.close(Duration::from_secs(5)).await?;
+    Ok(())
+}
+
+/// With NATS unreachable and a small store, the client fills up and says so — at once with
+/// `OnFull::Error`, after the wait with `OnFull::Wait` — and every event it accepted arrives
+/// once NATS is there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_store_refuses_explicitly_and_loses_nothing() -> anyhow::Result<()> {
+    let env = TestEnv::new().await?;
+    let mut nats = NatsServer::start().await?;
+    let url = nats.url();
+    nats.kill().await?;
+    let small = || {
+        StoreConfig::Memory(MemoryParams {
+            max_events: 50,
+            max_bytes: 1 << 20,
+        })
+    };
+    let tight = |b: ClientBuilder| b.queue_capacity(10).max_in_flight(8).drain_batch(8);
+    let refusing = tight(builder(&env, &url, small())).connect().await?;
+    let waiting = tight(builder(&env, &url, small()))
+        .on_full(OnFull::Wait(Duration::from_millis(300)))
+        .connect()
+        .await?;
+
+    // Events arrive faster than the background task stores them at first (`Busy`); a real
+    // service would retry later, so does this loop. It ends at the first `StoreFull`.
+    let mut accepted = Vec::new();
+    let mut busy = 0;
+    let mut store_full = None;
+    for i in 0..500 {
+        let e = make(i);
+        let id = e.id;
+        match refusing.record(e).await {
+            Ok(()) => accepted.push(id),
+            Err(RecordError::Full {
+                cause: Backpressure::Busy,
+                waited,
+            }) => {
+                ensure!(waited == Duration::ZERO, "OnFull::Error does not wait");
+                busy += 1;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            Err(RecordError::Full {
+                cause: Backpressure::StoreFull,
+                waited,
+            }) => {
+                store_full = Some(waited);
+                break;
+            }
+            Err(other) => bail!("unexpected refusal: {other}"),
+        }
+    }
+    ensure!(
+        store_full == Some(Duration::ZERO),
+        "expected StoreFull at once after at most 50 + queue + held events; accepted {}",
+        accepted.len()
+    );
+    // The store's 50, the queue's 10 and at most 16 held by the background task.
+    ensure!(
+        (50..=50 + 10 + 16).contains(&accepted.len()),
+        "{}",
+        accepted.len()
+    );
+    let stats = refusing.stats();
+    ensure!(
+        stats.store_events == 50 && stats.refused_events == busy + 1,
+        "{stats:?}"
+    );
+
+    let mut waiting_accepted = 0;
+    let refusal = loop {
+        let e = make(waiting_accepted);
+        let started = Instant::now();
+        match waiting.record(e.clone()).await {
+            Ok(()) => {
+                accepted.push(e.id);
+                waiting_accepted += 1;
+                ensure!(waiting_accepted < 500, "never became full");
+            }
+            Err(err) => break (err, started.elapsed()),
+        }
+    };
+    let (RecordError::Full { waited, .. }, elapsed) = refusal else {
+        bail!("expected Full, got {:?}", refusal.0);
+    };
+    ensure!(
+        waited >= Duration::from_millis(300) && elapsed >= Duration::from_millis(300),
+        "OnFull::Wait waits before refusing: {waited:?}"
+    );
+
+    // NATS comes back: both stores drain and record works again.
+    nats.restart().await?;
+    let js = jetstream::new(async_nats::connect(&url).await?);
+    js.create_stream(jetstream::stream::Config {
+        name: env.stream.clone(),
+        subjects: vec![format!("{}.>", env.prefix)],
+        duplicate_window: Duration::from_secs(120),
+        ..Default::default()
+    })
+    .await?;
+    for client in [&refusing, &waiting] {
+        client.flush(Duration::from_secs(30)).await?;
+        let e = make(2000);
+        accepted.push(e.id);
+        client.record(e).await?;
+        client.close(Duration::from_secs(10)).await?;
+    }
+    let in_stream: HashSet<Uuid> = stream_ids(&url, &env.stream).await?.into_iter().collect();
+    let accepted: HashSet<Uuid> = accepted.into_iter().collect();
+    ensure!(
+        in_stream == accepted,
+        "every accepted event, and nothing else, is in the stream ({} accepted, {} in the stream)",
+        accepted.len(),
+        in_stream.len()
+    );
+    Ok(())
+}
+
+/// A file store left by an earlier run, with corrupt lines among valid events: the corrupt
+/// lines go to the dead-letter file with their reason, and every valid event reaches
+/// PostgreSQL through the worker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_file_segment_is_dead_lettered_and_the_rest_is_delivered() -> anyhow::Result<()> {
+    let env = TestEnv::new().await?;
+    let worker = env.spawn_worker("w", &[]).await?;
+    worker.wait_ready(Duration::from_secs(30)).await?;
+    let dir = TempDir::new();
+
+    let mut lines = Vec::new();
+    let mut ids = HashSet::new();
+    for i in 0..30 {
+        let e = make(i);
+        ids.insert(e.id);
+        lines.push(serde_json::to_string(&e)?);
+        match i {
+            5 => lines.push(r#"{"id": "0192f7a4-6b1e-7c3d-9a2b-5f1e2"#.to_owned()), // torn
+            12 => lines.push("\u{0}\u{1}binary garbage".to_owned()),
+            20 => {
+                let mut bad = serde_json::to_value(make(99))?;
+                bad["tenant"] = "Not-A-Tenant".into();
+                lines.push(bad.to_string());
+            }
+            _ => {}
+        }
+    }
+    std::fs::write(
+        dir.path().join(format!("{:020}.jsonl", 1)),
+        lines.join("\n") + "\n",
+    )?;
+
+    let client = builder(
+        &env,
+        auditbridge_tests::NATS_URL,
+        StoreConfig::File(FileParams::new(dir.path())),
+    )
+    .connect()
+    .await?;
+    client.flush(Duration::from_secs(30)).await?;
+    let stats = client.stats();
+    ensure!(
+        stats.dead_lettered_events == 3 && stats.drained_events == 30,
+        "{stats:?}"
+    );
+    client.close(Duration::from_secs(5)).await?;
+
+    env.wait_for_count(30, Duration::from_secs(30)).await?;
+    ensure!(env.stored_ids().await? == ids);
+    let dead = std::fs::read_to_string(dir.path().join("dead-letters.jsonl"))?;
+    let dead: Vec<serde_json::Value> = dead
+        .lines()
+        .map(serde_json::from_str)
+        .collect::<Result<_, _>>()?;
+    ensure!(dead.len() == 3, "{dead:?}");
+    let reasons: Vec<&str> = dead
+        .iter()
+        .map(|d| d["reason"].as_str().unwrap_or(""))
+        .collect();
+    ensure!(reasons[0].contains("not valid JSON"), "{reasons:?}");
+    ensure!(reasons[2].starts_with("tenant: expected"), "{reasons:?}");
+    ensure!(
+        dead[1]["line"]
+            .as_str()
+            .is_some_and(|l| l.contains("binary garbage"))
+    );
+    Ok(())
+}
