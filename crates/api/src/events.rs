@@ -10,7 +10,6 @@ use axum::extract::{Path, Query, State};
 use axum::http::header::CONTENT_TYPE;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use serde_json::value::RawValue;
 use uuid::Uuid;
 
 use auditbridge_store::{Order, PageQuery, StoredEvent};
@@ -26,15 +25,29 @@ pub(crate) fn routes() -> Router<AppState> {
         .route("/v1/events/{id}", get(one))
 }
 
-#[derive(serde::Serialize)]
-struct PageBody<'a> {
-    events: Vec<&'a RawValue>,
-    next_cursor: Option<String>,
-}
-
-fn raw(e: &StoredEvent) -> Result<Box<RawValue>, ApiError> {
-    RawValue::from_string(e.json.clone())
-        .map_err(|_| ApiError::Unavailable("a stored event could not be read".into()))
+/// `{"events": [...], "next_cursor": ...}`, with each event's stored JSON copied in as is
+/// (PostgreSQL produced it from `jsonb`, so it is valid JSON), not parsed and re-serialised.
+fn page_body(rows: &[StoredEvent], next_cursor: Option<&str>) -> String {
+    let mut body = String::with_capacity(64 + rows.iter().map(|r| r.json.len() + 1).sum::<usize>());
+    body.push_str("{\"events\":[");
+    for (i, row) in rows.iter().enumerate() {
+        if i > 0 {
+            body.push(',');
+        }
+        body.push_str(&row.json);
+    }
+    body.push_str("],\"next_cursor\":");
+    match next_cursor {
+        // Cursors are hex: nothing to escape.
+        Some(c) => {
+            body.push('"');
+            body.push_str(c);
+            body.push('"');
+        }
+        None => body.push_str("null"),
+    }
+    body.push('}');
+    body
 }
 
 async fn list(
@@ -66,12 +79,8 @@ async fn list(
         .then(|| rows.last())
         .flatten()
         .map(|last| params::encode_cursor(order, last.occurred_at, last.id));
-    let raws = rows.iter().map(raw).collect::<Result<Vec<_>, _>>()?;
-    let body = PageBody {
-        events: raws.iter().map(|r| r.as_ref()).collect(),
-        next_cursor,
-    };
-    Ok(axum::Json(body).into_response())
+    let body = page_body(&rows, next_cursor.as_deref());
+    Ok(([(CONTENT_TYPE, "application/json")], body).into_response())
 }
 
 async fn one(
@@ -88,5 +97,28 @@ async fn one(
     match found {
         Some(e) => Ok(([(CONTENT_TYPE, "application/json")], e.json).into_response()),
         None => Err(ApiError::NotFound(format!("no event {id}"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_page_body_is_json_with_the_events_as_stored() {
+        let row = |json: &str| StoredEvent {
+            id: Uuid::now_v7(),
+            tenant: "acme".into(),
+            occurred_at: time::OffsetDateTime::UNIX_EPOCH,
+            received_at: time::OffsetDateTime::UNIX_EPOCH,
+            json: json.into(),
+        };
+        let rows = [row(r#"{"a": "x\"y"}"#), row(r#"{"b": [1, 2]}"#)];
+        let v: serde_json::Value = serde_json::from_str(&page_body(&rows, Some("01ab"))).unwrap();
+        assert_eq!(v["events"][0]["a"], "x\"y");
+        assert_eq!(v["events"][1]["b"][1], 2);
+        assert_eq!(v["next_cursor"], "01ab");
+        let v: serde_json::Value = serde_json::from_str(&page_body(&[], None)).unwrap();
+        assert_eq!(v, serde_json::json!({"events": [], "next_cursor": null}));
     }
 }
