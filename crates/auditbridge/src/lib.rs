@@ -6,6 +6,7 @@ mod bench;
 mod bench_forward;
 mod publish;
 mod status;
+mod tail_file;
 
 use std::process::ExitCode;
 
@@ -37,6 +38,8 @@ enum Command {
     Status(status::Args),
     /// Measure end-to-end throughput and latency next to the raw limits of this machine.
     Bench(bench::Args),
+    /// Follow JSONL files (the `file` sources of the configuration) and publish their lines.
+    TailFile(tail_file::Args),
     /// Manage destinations' progress.
     #[command(subcommand)]
     Destinations(DestinationsCommand),
@@ -132,6 +135,7 @@ async fn run(command: Command, config: Config) -> anyhow::Result<ExitCode> {
         Command::Publish(args) => publish::run(args, &config).await,
         Command::Status(args) => status::run(args, &config).await,
         Command::Bench(args) => bench::run(args, &config).await,
+        Command::TailFile(args) => tail_file::run(args, &config).await,
         Command::Destinations(DestinationsCommand::Rewind { name, to }) => {
             let store = auditbridge_store::Store::connect_lazy(&config.database_url, 2)?;
             let moved = store.rewind(&name, to).await?;

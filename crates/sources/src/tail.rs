@@ -65,11 +65,18 @@ pub struct TailError {
 }
 
 /// The persisted position.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Position {
     pub inode: u64,
     pub offset: u64,
+    /// The last bytes before `offset` (hex), to notice a file that was truncated and
+    /// written past the old offset again, which its size alone cannot show.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub check: String,
 }
+
+/// How many bytes before the position are remembered to recognise the file.
+const CHECK_BYTES: usize = 64;
 
 /// One file source.
 pub struct Tail<S> {
@@ -90,6 +97,34 @@ struct Current {
     buf: Vec<u8>,
     /// Skipping the rest of an over-long line up to its newline.
     discarding: bool,
+    /// The last (up to [`CHECK_BYTES`]) bytes before `offset`.
+    check: Vec<u8>,
+}
+
+impl Current {
+    /// Moves the position over `settled`, the bytes just after it.
+    fn advance(&mut self, settled: &[u8]) {
+        self.offset += settled.len() as u64;
+        let tail = &settled[settled.len().saturating_sub(CHECK_BYTES)..];
+        self.check.extend_from_slice(tail);
+        let excess = self.check.len().saturating_sub(CHECK_BYTES);
+        self.check.drain(..excess);
+    }
+
+    /// True when the bytes before the position are no longer the ones settled: the file
+    /// was truncated and written again (possibly past the old position).
+    fn rewritten(&self) -> bool {
+        use std::os::unix::fs::FileExt as _;
+        if self.check.is_empty() {
+            return false;
+        }
+        let mut now = vec![0u8; self.check.len()];
+        let at = self.offset - self.check.len() as u64;
+        match self.file.read_exact_at(&mut now, at) {
+            Ok(()) => now != self.check,
+            Err(_) => true,
+        }
+    }
 }
 
 impl<S: Sink> Tail<S> {
@@ -125,7 +160,15 @@ impl<S: Sink> Tail<S> {
         };
         tracing::info!(source = %self.name, path = %self.params.path.display(), inode = cur.inode, offset = cur.offset, message = "Following file.");
         let mut chunk = vec![0u8; READ_BYTES];
+        let mut after_sleep = false;
         while !shutdown.is_cancelled() {
+            // The file may have been truncated and rewritten while we slept; its size may
+            // even be past our position again. Compare the bytes before the position.
+            if std::mem::take(&mut after_sleep) && cur.rewritten() {
+                self.restart_at_zero(&mut cur, "rewritten")?;
+                continue;
+            }
+
             let n = cur
                 .file
                 .read(&mut chunk)
@@ -176,21 +219,13 @@ impl<S: Sink> Tail<S> {
                         offset: 0,
                         buf: Vec::new(),
                         discarding: false,
+                        check: Vec::new(),
                     };
                     self.save(&cur)?;
                     continue;
                 }
                 Ok(meta) if meta.len() < cur.offset + cur.buf.len() as u64 => {
-                    tracing::warn!(source = %self.name, inode = cur.inode, offset = cur.offset, size = meta.len(), message = "File truncated; starting again from its beginning.");
-                    metrics::counter!(m::TAIL_TRUNCATIONS, "source" => self.name.clone())
-                        .increment(1);
-                    cur.file
-                        .seek(SeekFrom::Start(0))
-                        .map_err(|e| self.io_err("seeking in", &self.params.path, e))?;
-                    cur.offset = 0;
-                    cur.buf.clear();
-                    cur.discarding = false;
-                    self.save(&cur)?;
+                    self.restart_at_zero(&mut cur, "shorter than the position")?;
                     continue;
                 }
                 // Unchanged, or renamed away and not recreated yet: wait.
@@ -198,11 +233,26 @@ impl<S: Sink> Tail<S> {
             }
             tokio::select! {
                 () = shutdown.cancelled() => break,
-                () = tokio::time::sleep(self.params.poll_interval) => {}
+                                () = tokio::time::sleep(self.params.poll_interval) => {}
             }
+            after_sleep = true;
         }
         tracing::info!(source = %self.name, inode = cur.inode, offset = cur.offset, message = "File tail stopped.");
         Ok(())
+    }
+
+    /// Truncation: follows the same file again from its beginning.
+    fn restart_at_zero(&self, cur: &mut Current, why: &str) -> Result<(), TailError> {
+        tracing::warn!(source = %self.name, inode = cur.inode, offset = cur.offset, why, message = "File truncated; starting again from its beginning.");
+        metrics::counter!(m::TAIL_TRUNCATIONS, "source" => self.name.clone()).increment(1);
+        cur.file
+            .seek(SeekFrom::Start(0))
+            .map_err(|e| self.io_err("seeking in", &self.params.path, e))?;
+        cur.offset = 0;
+        cur.buf.clear();
+        cur.check.clear();
+        cur.discarding = false;
+        self.save(cur)
     }
 
     /// Opens the file at the saved position (or the configured start); `None` at shutdown
@@ -233,6 +283,7 @@ impl<S: Sink> Tail<S> {
         let meta = file
             .metadata()
             .map_err(|e| self.io_err("reading metadata of", path, e))?;
+        let mut check = Vec::new();
         let (mut file, inode, offset) = match saved {
             Some(pos) if pos.inode == meta.ino() => {
                 if meta.len() < pos.offset {
@@ -241,6 +292,7 @@ impl<S: Sink> Tail<S> {
                         .increment(1);
                     (file, meta.ino(), 0)
                 } else {
+                    check = hex::decode(&pos.check).unwrap_or_default();
                     (file, meta.ino(), pos.offset)
                 }
             }
@@ -248,6 +300,7 @@ impl<S: Sink> Tail<S> {
                 // Rotated while stopped: finish the old file first; the rotation check
                 // switches to the new one at its end.
                 Some((old_path, old)) => {
+                    check = hex::decode(&pos.check).unwrap_or_default();
                     tracing::info!(source = %self.name, old = %old_path.display(), offset = pos.offset, message = "File was rotated while stopped; finishing the old file first.");
                     (old, pos.inode, pos.offset)
                 }
@@ -261,13 +314,18 @@ impl<S: Sink> Tail<S> {
         };
         file.seek(SeekFrom::Start(offset))
             .map_err(|e| self.io_err("seeking in", path, e))?;
-        let cur = Current {
+        let mut cur = Current {
             file,
             inode,
             offset,
             buf: Vec::new(),
             discarding: false,
+            check,
         };
+        if cur.rewritten() {
+            // Truncated and written again while stopped.
+            self.restart_at_zero(&mut cur, "rewritten while stopped")?;
+        }
         self.save(&cur)?;
         Ok(Some(cur))
     }
@@ -300,11 +358,11 @@ impl<S: Sink> Tail<S> {
         if cur.discarding {
             match data.iter().position(|b| *b == b'\n') {
                 None => {
-                    cur.offset += data.len() as u64;
+                    cur.advance(data);
                     return Ok(true);
                 }
                 Some(i) => {
-                    cur.offset += i as u64 + 1;
+                    cur.advance(&data[..=i]);
                     cur.discarding = false;
                     data = &data[i + 1..];
                 }
@@ -327,7 +385,7 @@ impl<S: Sink> Tail<S> {
                     &line[..1024.min(line.len())],
                     &refusal,
                 )?;
-                cur.offset += line.len() as u64;
+                cur.advance(&line);
                 cur.discarding = true;
                 self.save(cur)?;
             }
@@ -377,8 +435,8 @@ impl<S: Sink> Tail<S> {
         }
         metrics::counter!(m::TAIL_LINES, "source" => self.name.clone(), "result" => "published")
             .increment(batch.len() as u64);
-        cur.offset += complete as u64;
-        cur.buf.drain(..complete);
+        let settled: Vec<u8> = cur.buf.drain(..complete).collect();
+        cur.advance(&settled);
         self.save(cur)?;
         Ok(true)
     }
@@ -469,6 +527,7 @@ impl<S: Sink> Tail<S> {
         let pos = Position {
             inode: cur.inode,
             offset: cur.offset,
+            check: hex::encode(&cur.check),
         };
         let tmp = path.with_extension("json.tmp");
         let write = || -> io::Result<()> {
@@ -713,6 +772,25 @@ mod tests {
         assert_eq!(f.sink.wait_for(3).await, ["a", "b", "c"]);
         stop(token, handle).await;
         assert_eq!(f.position().offset, line("c").len() as u64);
+    }
+
+    #[tokio::test]
+    async fn a_file_rewritten_past_the_position_is_noticed() {
+        let f = Fixture::new("rewrite");
+        let path = f.params.path.clone();
+        f.append(&path, &line("a"));
+        let (token, handle) = f.start();
+        assert_eq!(f.sink.wait_for(1).await, ["a"]);
+        // Truncated and at once written longer than before: the size does not show it.
+        std::fs::write(&path, line("b") + &line("c")).unwrap();
+        assert_eq!(f.sink.wait_for(3).await, ["a", "b", "c"]);
+        stop(token, handle).await;
+        // The same while stopped.
+        std::fs::write(&path, line("d") + &line("e") + &line("f")).unwrap();
+        let (token, handle) = f.start();
+        assert_eq!(f.sink.wait_for(6).await, ["a", "b", "c", "d", "e", "f"]);
+        stop(token, handle).await;
+        assert_eq!(f.position().offset, std::fs::metadata(&path).unwrap().len());
     }
 
     #[tokio::test]

@@ -1,0 +1,119 @@
+//! `auditbridge tail-file [NAME]`: follows the configured `file` sources (or the one named)
+//! and publishes their lines to JetStream until SIGTERM/SIGINT. The position of each file is
+//! kept in its state file, so a restart resumes exactly (see `auditbridge_sources::tail`).
+//! Serves `/metrics` on `AUDITBRIDGE_METRICS_ADDR` like the worker.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use async_nats::jetstream;
+use auditbridge_config::Config;
+use auditbridge_sources::tail::Tail;
+use auditbridge_sources::{Publisher, SourceKind, parse_sources};
+use auditbridge_worker::telemetry;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+/// Follow JSONL files (the `file` sources of the configuration) into JetStream.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Follow only the source with this name (default: every `file` source).
+    name: Option<String>,
+}
+
+/// How long one publish may wait for its acks before it is retried.
+const ACK_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub async fn run(args: Args, config: &Config) -> anyhow::Result<ExitCode> {
+    let files: Vec<_> = parse_sources(&config.sources)?
+        .into_iter()
+        .filter_map(|s| match s.kind {
+            SourceKind::File(p) => Some((s.name, p)),
+            SourceKind::Webhook(_) => None,
+        })
+        .filter(|(name, _)| args.name.as_ref().is_none_or(|n| n == name))
+        .collect();
+    if files.is_empty() {
+        match &args.name {
+            Some(n) => bail!("no file source named {n:?} in [[sources]] / AUDITBRIDGE_SOURCES"),
+            None => bail!("no source of type \"file\" in [[sources]] / AUDITBRIDGE_SOURCES"),
+        }
+    }
+
+    let shutdown = CancellationToken::new();
+    tokio::spawn(super::cancel_on_signal(shutdown.clone()));
+    let prometheus = telemetry::prometheus();
+    let listener = tokio::net::TcpListener::bind(config.metrics_addr)
+        .await
+        .with_context(|| format!("binding AUDITBRIDGE_METRICS_ADDR={}", config.metrics_addr))?;
+    let app = axum::Router::new()
+        .route(
+            "/metrics",
+            axum::routing::get(move || {
+                let body = prometheus.render();
+                async move { ([("content-type", "text/plain; version=0.0.4")], body) }
+            }),
+        )
+        .route("/healthz", axum::routing::get(|| async { "ok\n" }));
+    tracing::info!(metrics = %listener.local_addr()?, message = "Metrics listening.");
+    let metrics_stop = shutdown.clone();
+    let metrics_server = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(metrics_stop.cancelled_owned())
+            .await
+    });
+
+    let client =
+        auditbridge_worker::connect_nats(&config.nats_url, "auditbridge-tail-file").await?;
+    let js = jetstream::new(client.clone());
+    // As `publish` does: lines read before the first worker starts are kept, not refused.
+    auditbridge_worker::provision::ensure_stream(&js, config)
+        .await
+        .context("making sure the stream exists")?;
+
+    let mut tails = JoinSet::new();
+    for (name, params) in files {
+        let tail = Tail::new(
+            name.clone(),
+            params,
+            Publisher::new(js.clone(), ACK_TIMEOUT),
+            config.subject_prefix.clone(),
+            config.ingest.max_event_bytes,
+        );
+        let token = shutdown.clone();
+        tails.spawn(async move { (name, tail.run(token).await) });
+    }
+    let stop_all = async {
+        let mut failed = false;
+        while let Some(done) = tails.join_next().await {
+            let error = match done {
+                Ok((_, Ok(()))) => continue,
+                Ok((name, Err(e))) => format!("file source {name}: {e}"),
+                Err(e) => format!("file source task: {e}"),
+            };
+            tracing::error!(%error, message = "File source stopped; stopping the others.");
+            failed = true;
+            shutdown.cancel();
+        }
+        failed
+    };
+    // Tails stop promptly once cancelled (a publish in flight is abandoned; its lines are read
+    // again from the saved position next time), but bound it anyway.
+    let failed = tokio::select! {
+        failed = stop_all => failed,
+        () = async { shutdown.cancelled().await; tokio::time::sleep(config.shutdown_timeout).await } => {
+            tracing::warn!(timeout = ?config.shutdown_timeout, message = "File sources did not stop in time.");
+            true
+        }
+    };
+    shutdown.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(5), client.flush()).await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), metrics_server).await;
+    tracing::info!(message = "tail-file stopped.");
+    Ok(if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
+}

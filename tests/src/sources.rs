@@ -1,0 +1,135 @@
+//! Harness for the source tests: `auditbridge serve` and `auditbridge tail-file` as processes
+//! of the binary under test, pointed at a [`TestEnv`].
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use tokio::process::Child;
+
+use crate::{TestEnv, free_addr};
+
+/// A process of the binary under test. Killed when dropped.
+pub struct Process {
+    pub child: Child,
+    pub log: PathBuf,
+    /// `AUDITBRIDGE_API_ADDR` (serve) or `AUDITBRIDGE_METRICS_ADDR` (tail-file).
+    pub addr: SocketAddr,
+}
+
+impl Process {
+    /// Starts `auditbridge <args>` with the environment's variables plus `extra`; its log goes
+    /// to `target/test-logs/<tag>-<name>.log`.
+    pub fn spawn(
+        env: &TestEnv,
+        name: &str,
+        args: &[&str],
+        extra: &[(&str, &str)],
+    ) -> anyhow::Result<Process> {
+        let addr = free_addr()?;
+        let addr_s = addr.to_string();
+        let mut vars: Vec<(&str, &str)> = vec![
+            ("AUDITBRIDGE_API_ADDR", &addr_s),
+            ("AUDITBRIDGE_METRICS_ADDR", &addr_s),
+        ];
+        vars.extend_from_slice(extra);
+        let log = crate::binary()
+            .with_file_name("test-logs")
+            .join(format!("{}-{name}.log", env.tag));
+        let _ = std::fs::create_dir_all(log.parent().expect("a log directory"));
+        let file = std::fs::File::create(&log)?;
+        let child = env
+            .command(args, &vars)
+            .stdout(file.try_clone()?)
+            .stderr(file)
+            .spawn()
+            .with_context(|| format!("spawning auditbridge {args:?}"))?;
+        Ok(Process { child, log, addr })
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// Waits until the process answers HTTP on its address (any status).
+    pub async fn wait_listening(&mut self, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        let client = reqwest::Client::new();
+        loop {
+            if client.get(self.url("/healthz")).send().await.is_ok() {
+                return Ok(());
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                bail!("exited with {status}; log: {}", self.log_text());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "not listening after {timeout:?}; log: {}",
+                    self.log.display()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn signal(&self, signal: &str) {
+        let pid = self.child.id().expect("the process is running");
+        let status = std::process::Command::new("kill")
+            .args([format!("-{signal}"), pid.to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(status.success(), "kill -{signal} failed");
+    }
+
+    pub async fn wait_exit(
+        &mut self,
+        timeout: Duration,
+    ) -> anyhow::Result<std::process::ExitStatus> {
+        tokio::time::timeout(timeout, self.child.wait())
+            .await
+            .with_context(|| {
+                format!(
+                    "did not exit within {timeout:?}; log: {}",
+                    self.log.display()
+                )
+            })?
+            .context("waiting for the process")
+    }
+
+    /// The value of a metric line (name with its labels, exactly as rendered) from `/metrics`.
+    pub async fn metric(&self, series: &str) -> anyhow::Result<f64> {
+        let body = reqwest::get(self.url("/metrics")).await?.text().await?;
+        Ok(body
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix(series)?
+                    .strip_prefix(' ')?
+                    .trim()
+                    .parse()
+                    .ok()
+            })
+            .unwrap_or(0.0))
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+/// A token and the `AUDITBRIDGE_API_TOKENS` entry holding its hash.
+pub fn token_entry(
+    name: &str,
+    tenant: Option<&str>,
+    scopes: &[&str],
+) -> (String, serde_json::Value) {
+    use sha2::Digest as _;
+    let token = format!("abt_test_{name}_{}", uuid::Uuid::new_v4().simple());
+    let hash = hex::encode(sha2::Sha256::digest(token.as_bytes()));
+    let mut entry = serde_json::json!({"name": name, "sha256": hash, "scopes": scopes});
+    match tenant {
+        Some(t) => entry["tenant"] = t.into(),
+        None => entry["admin"] = true.into(),
+    }
+    (token, entry)
+}
