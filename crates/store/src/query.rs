@@ -90,15 +90,25 @@ impl EventFilter {
             ("source", &self.source),
             ("outcome", &self.outcome),
         ] {
-            if !c.include.is_empty() {
-                q.push(format_args!(" AND {column} = ANY("))
-                    .push_bind(c.include.clone())
-                    .push(")");
-                if column == "target_id" {
-                    // Implied already, but spelled out so the planner can use the partial
-                    // index on (tenant, target_id, occurred_at) WHERE target_id IS NOT NULL.
-                    q.push(" AND target_id IS NOT NULL");
+            match c.include.as_slice() {
+                [] => {}
+                // One value as plain equality: PostgreSQL (before 17) does not read an index
+                // in order for `= ANY(...)`, even of one element, and would fetch and sort
+                // every match instead of reading a page off the index.
+                [one] => {
+                    q.push(format_args!(" AND {column} = "))
+                        .push_bind(one.clone());
                 }
+                many => {
+                    q.push(format_args!(" AND {column} = ANY("))
+                        .push_bind(many.to_vec())
+                        .push(")");
+                }
+            }
+            if !c.include.is_empty() && column == "target_id" {
+                // Implied already, but spelled out so the planner can use the partial index
+                // on (tenant, target_id, occurred_at, id) WHERE target_id IS NOT NULL.
+                q.push(" AND target_id IS NOT NULL");
             }
             if !c.exclude.is_empty() {
                 // NULL (no target) is "not one of these", so it stays in.
