@@ -62,6 +62,12 @@ pub struct Args {
     /// Forwarding: length of the latency run.
     #[arg(long, default_value_t = 10)]
     pub(crate) forward_seconds: u64,
+    /// Query: events stored before the query API is measured.
+    #[arg(long, default_value_t = 5_000_000)]
+    pub(crate) query_events: usize,
+    /// Query: events written while a live tail follows them.
+    #[arg(long, default_value_t = 300_000)]
+    pub(crate) tail_events: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -69,6 +75,7 @@ enum Part {
     All,
     Ingest,
     Forward,
+    Query,
 }
 
 pub(crate) struct Names {
@@ -109,11 +116,14 @@ pub async fn run(args: Args, config: &Config) -> anyhow::Result<ExitCode> {
     let js = jetstream::new(client.clone());
 
     let mut result = Ok(());
-    if args.only != Part::Forward {
+    if matches!(args.only, Part::All | Part::Ingest) {
         result = measure(&args, &bench_config, &names, &store, &js).await;
     }
-    if result.is_ok() && args.only != Part::Ingest {
+    if result.is_ok() && matches!(args.only, Part::All | Part::Forward) {
         result = crate::bench_forward::measure(&args, &bench_config, &names, &store, &js).await;
+    }
+    if result.is_ok() && matches!(args.only, Part::All | Part::Query) {
+        result = crate::bench_query::measure(&args, &bench_config, &store).await;
     }
 
     if !args.keep {

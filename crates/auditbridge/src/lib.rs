@@ -4,6 +4,7 @@
 
 mod bench;
 mod bench_forward;
+mod bench_query;
 mod publish;
 mod status;
 mod tail_file;
@@ -43,6 +44,32 @@ enum Command {
     /// Manage destinations' progress.
     #[command(subcommand)]
     Destinations(DestinationsCommand),
+    /// Serve the query API (search, pages, live tail, stats, a small page) on
+    /// AUDITBRIDGE_API_ADDR.
+    Serve,
+    /// Manage API tokens.
+    #[command(subcommand)]
+    Token(TokenCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum TokenCommand {
+    /// Print a new random token and the configuration entry that holds its hash. The token is
+    /// shown once; the configuration keeps only its SHA-256.
+    New {
+        /// A name for the token (shown in logs instead of the token).
+        #[arg(long)]
+        name: String,
+        /// The tenant it may read (and write, with the ingest scope).
+        #[arg(long, conflicts_with = "admin", required_unless_present = "admin")]
+        tenant: Option<String>,
+        /// May read every tenant.
+        #[arg(long)]
+        admin: bool,
+        /// Comma-separated scopes: read, ingest.
+        #[arg(long, default_value = "read", value_delimiter = ',')]
+        scopes: Vec<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -136,6 +163,39 @@ async fn run(command: Command, config: Config) -> anyhow::Result<ExitCode> {
         Command::Status(args) => status::run(args, &config).await,
         Command::Bench(args) => bench::run(args, &config).await,
         Command::TailFile(args) => tail_file::run(args, &config).await,
+        Command::Serve => {
+            let shutdown = CancellationToken::new();
+            tokio::spawn(cancel_on_signal(shutdown.clone()));
+            let server = auditbridge_api::Server::build(config).await?;
+            tracing::info!(addr = %server.local_addr(), message = "API server listening.");
+            server.run(shutdown).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Token(TokenCommand::New {
+            name,
+            tenant,
+            admin,
+            scopes,
+        }) => {
+            let token = auditbridge_api::auth::generate_token();
+            let mut entry = serde_json::json!({
+                "name": name,
+                "sha256": auditbridge_api::auth::hash_token(&token),
+                "scopes": scopes,
+            });
+            match tenant {
+                Some(t) => entry["tenant"] = t.into(),
+                None => entry["admin"] = admin.into(),
+            }
+            // Checked with the same rules the server applies at start-up.
+            if let Err(e) = auditbridge_api::Tokens::parse(std::slice::from_ref(&entry)) {
+                eprintln!("error: {e}");
+                return Ok(ExitCode::from(2));
+            }
+            println!("token (shown once, give it to the client): {token}");
+            println!("AUDITBRIDGE_API_TOKENS item: {entry}");
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Destinations(DestinationsCommand::Rewind { name, to }) => {
             let store = auditbridge_store::Store::connect_lazy(&config.database_url, 2)?;
             let moved = store.rewind(&name, to).await?;
