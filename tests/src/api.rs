@@ -13,6 +13,8 @@ use crate::TestEnv;
 /// A running API server. Stopped when dropped.
 pub struct ApiServer {
     pub addr: SocketAddr,
+    /// `/metrics`, `/healthz`, `/readyz`.
+    pub metrics: SocketAddr,
     pub http: reqwest::Client,
     shutdown: CancellationToken,
     handle: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
@@ -64,10 +66,12 @@ impl ApiServer {
         let config = auditbridge_config::Config::from_env(vars)?;
         let server = auditbridge_api::Server::build(config).await?;
         let addr = server.local_addr();
+        let metrics = server.metrics_addr();
         let shutdown = CancellationToken::new();
         let handle = tokio::spawn(server.run(shutdown.clone()));
         Ok(ApiServer {
             addr,
+            metrics,
             http: reqwest::Client::new(),
             shutdown,
             handle: Some(handle),

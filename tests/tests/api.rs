@@ -376,6 +376,20 @@ async fn tenants_are_isolated_on_every_endpoint_and_errors_say_why() -> anyhow::
         stats["total"].as_u64().unwrap() as usize,
         events.iter().filter(|e| e.tenant == "acme").count()
     );
+    // Operators see it: refusals by route and status, open tails, readiness.
+    let metrics = reqwest::get(format!("http://{}/metrics", api.metrics))
+        .await?
+        .text()
+        .await?;
+    for line in [
+        "auditbridge_api_requests_total{route=\"/v1/events\",status=\"403\"}",
+        "auditbridge_api_requests_total{route=\"/v1/events/{id}\",status=\"404\"}",
+        "auditbridge_api_tail_clients",
+    ] {
+        assert!(metrics.contains(line), "{line} missing from /metrics");
+    }
+    let ready = reqwest::get(format!("http://{}/readyz", api.metrics)).await?;
+    assert_eq!(ready.status(), 200);
     Ok(())
 }
 

@@ -10,6 +10,9 @@
 //! Every `/v1` route needs a bearer token ([`auth`]); a token sees one tenant (or, marked admin,
 //! all of them), and asking for another tenant is a 403, never an empty answer.
 //!
+//! Operators get per-route request metrics and `/metrics`, `/healthz`, `/readyz` on
+//! `AUDITBRIDGE_METRICS_ADDR` ([`ops`]).
+//!
 //! [`Server::build`] binds the address (so tests can bind port 0 and read it back);
 //! [`Server::run`] serves until its shutdown token is cancelled. Reads go to PostgreSQL
 //! through `auditbridge-store`; the server keeps no state of its own beyond the live tail's
@@ -20,6 +23,7 @@ pub mod error;
 mod events;
 mod ingest;
 mod openapi;
+mod ops;
 mod page;
 pub mod params;
 mod stats;
@@ -65,6 +69,8 @@ impl FromRef<AppState> for Arc<Tokens> {
 /// The API server, bound and ready to run.
 pub struct Server {
     listener: TcpListener,
+    metrics_listener: TcpListener,
+    prometheus: metrics_exporter_prometheus::PrometheusHandle,
     state: AppState,
     nats: async_nats::Client,
     hub_start: tail::HubStart,
@@ -84,11 +90,16 @@ impl Server {
         let listener = TcpListener::bind(config.api_addr)
             .await
             .with_context(|| format!("binding AUDITBRIDGE_API_ADDR={}", config.api_addr))?;
+        let metrics_listener = TcpListener::bind(config.metrics_addr)
+            .await
+            .with_context(|| format!("binding AUDITBRIDGE_METRICS_ADDR={}", config.metrics_addr))?;
         let store = Store::connect_lazy(&config.database_url, config.ingest.db_max_connections)?;
         let nats = auditbridge_worker::connect_nats(&config.nats_url, "auditbridge-serve").await?;
         let (hub, hub_start) = tail::Hub::new(store.clone(), config.api_heartbeat);
         Ok(Server {
             listener,
+            metrics_listener,
+            prometheus: auditbridge_worker::telemetry::prometheus(),
             state: AppState {
                 store,
                 tokens: Arc::new(tokens),
@@ -108,17 +119,33 @@ impl Server {
             .expect("a bound listener has an address")
     }
 
+    /// Where `/metrics`, `/healthz` and `/readyz` are served.
+    pub fn metrics_addr(&self) -> SocketAddr {
+        self.metrics_listener
+            .local_addr()
+            .expect("a bound listener has an address")
+    }
+
     /// Serves until `shutdown` is cancelled; open live tails are ended, requests in flight
     /// finish (bounded by the configured shutdown timeout).
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let Server {
             listener,
+            metrics_listener,
+            prometheus,
             state,
             nats,
             hub_start,
         } = self;
         let tasks = TaskTracker::new();
         tasks.spawn(hub_start.run(shutdown.clone()));
+        tasks.spawn(ops::serve(
+            metrics_listener,
+            prometheus,
+            state.store.clone(),
+            nats.clone(),
+            shutdown.clone(),
+        ));
         let timeout = state.config.shutdown_timeout;
         let store = state.store.clone();
         let app = router(state);
@@ -150,5 +177,6 @@ fn router(state: AppState) -> Router {
         .merge(openapi::routes())
         .merge(ingest::routes())
         .merge(webhooks::routes())
+        .layer(axum::middleware::from_fn(ops::track))
         .with_state(state)
 }

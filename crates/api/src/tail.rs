@@ -24,6 +24,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use auditbridge_store::{EventFilter, Position, Store, TailRow};
+use auditbridge_worker::telemetry::{API_TAIL_CLIENTS, API_TAIL_DISCONNECTS};
 use axum::Router;
 use axum::extract::{Query, State};
 use axum::http::HeaderMap;
@@ -210,6 +211,7 @@ async fn stream(
             "{MAX_STREAMS} live tails are open; try again later"
         )));
     }
+    metrics::gauge!(API_TAIL_CLIENTS).increment(1.0);
     // Subscribe before anything is read: the seam depends on it (module docs).
     let live = hub.tx.subscribe();
     let (out, rx) = mpsc::channel(CLIENT_QUEUE);
@@ -295,11 +297,14 @@ async fn follow(
     };
     let result = end.await;
     hub.open.fetch_sub(1, Ordering::SeqCst);
+    metrics::gauge!(API_TAIL_CLIENTS).decrement(1.0);
     match result {
         Err(End::TooSlow) => {
+            metrics::counter!(API_TAIL_DISCONNECTS, "reason" => "slow").increment(1);
             tracing::info!(token = %token_name, message = "Disconnected a live tail that could not keep up; it can resume with Last-Event-ID.");
         }
         Err(End::Database) => {
+            metrics::counter!(API_TAIL_DISCONNECTS, "reason" => "database").increment(1);
             tracing::warn!(token = %token_name, message = "Ended a live tail: the database cannot answer.");
         }
         _ => {}

@@ -35,6 +35,7 @@ pub(crate) async fn measure(args: &Args, config: &Config, store: &Store) -> anyh
     let token = auditbridge_api::auth::generate_token();
     let mut api_config = config.clone();
     api_config.api_addr = "127.0.0.1:0".parse()?;
+    api_config.metrics_addr = "127.0.0.1:0".parse()?;
     api_config.api_tokens = vec![serde_json::json!({
         "name": "bench", "admin": true,
         "sha256": auditbridge_api::auth::hash_token(&token)

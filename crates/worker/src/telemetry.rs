@@ -23,6 +23,15 @@ pub const CONSUMER_ACK_PENDING: &str = "auditbridge_consumer_ack_pending_message
 pub const DATABASE_UP: &str = "auditbridge_database_up";
 pub const NATS_UP: &str = "auditbridge_nats_up";
 
+// `auditbridge serve`.
+/// Labels `route` (the matched route pattern, e.g. `/v1/events/{id}`) and `status`.
+pub const API_REQUESTS: &str = "auditbridge_api_requests_total";
+/// Label `route`. For the live tail, until the stream starts.
+pub const API_REQUEST_DURATION: &str = "auditbridge_api_request_duration_seconds";
+pub const API_TAIL_CLIENTS: &str = "auditbridge_api_tail_clients";
+/// Label `reason`: slow | database.
+pub const API_TAIL_DISCONNECTS: &str = "auditbridge_api_tail_disconnects_total";
+
 fn describe() {
     describe_counter!(
         EVENTS_RECEIVED,
@@ -78,6 +87,26 @@ fn describe() {
     describe_gauge!(DATABASE_UP, "1 when PostgreSQL answered the last check.");
     describe_gauge!(NATS_UP, "1 when the NATS connection is up.");
     describe_destinations();
+    describe_api();
+}
+
+fn describe_api() {
+    describe_counter!(
+        API_REQUESTS,
+        Unit::Count,
+        "API requests answered, by route and status code."
+    );
+    describe_histogram!(
+        API_REQUEST_DURATION,
+        Unit::Seconds,
+        "Time to answer an API request, by route."
+    );
+    describe_gauge!(API_TAIL_CLIENTS, Unit::Count, "Live tails open now.");
+    describe_counter!(
+        API_TAIL_DISCONNECTS,
+        Unit::Count,
+        "Live tails the server ended, by reason (slow: the client fell behind)."
+    );
 }
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
