@@ -463,7 +463,9 @@ impl Client {
             return Err(RecordError::Closed);
         }
         event.validate()?;
-        let payload = serde_json::to_vec(&event).map_err(RecordError::Encode)?;
+        // Most events fit; one allocation instead of a series of doublings.
+        let mut payload = Vec::with_capacity(1024);
+        serde_json::to_writer(&mut payload, &event).map_err(RecordError::Encode)?;
         if payload.len() > inner.max_event_bytes {
             return Err(RecordError::Oversize {
                 bytes: payload.len(),
