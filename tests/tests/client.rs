@@ -146,16 +146,33 @@ async fn outage_during_burst(store: StoreConfig) -> anyhow::Result<()> {
         recorded.difference(&stored).count(),
         stored.difference(&recorded).count()
     );
-    // Buffered events drained before newer ones were published.
+    // Buffered events drain before newer ones are published: the stream holds them in
+    // record order. The exception is the handful handed to the NATS client just before the
+    // kill: the client re-sends its unsent buffer after reconnecting, while the same events
+    // also drain from the store. A store that reordered its backlog would move events by
+    // hundreds of places (the outage lasts 400 events).
     let in_stream = stream_ids(&url, &env.stream).await?;
     ensure!(
         in_stream.len() == ids.len(),
         "{} in the stream",
         in_stream.len()
     );
-    if let Some(i) = (0..ids.len()).find(|&i| in_stream[i] != ids[i]) {
-        bail!("stream order differs from record order first at event #{i}");
-    }
+    let position: std::collections::HashMap<Uuid, usize> = in_stream
+        .iter()
+        .enumerate()
+        .map(|(i, id)| (*id, i))
+        .collect();
+    let moved = ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| position[id].abs_diff(i))
+        .max()
+        .unwrap_or(0);
+    println!("largest move from record order in the stream: {moved} places");
+    ensure!(
+        moved <= 50,
+        "an event is {moved} places away from its record order"
+    );
     Ok(())
 }
 

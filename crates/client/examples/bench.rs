@@ -47,6 +47,18 @@ async fn run(url: &str, prefix: &str) -> anyhow::Result<()> {
         serde_json::to_vec(&sample)?.len()
     );
 
+    // What record() does before handing over, without the queue: validate and serialize.
+    let mut work = Vec::with_capacity(PACED_EVENTS);
+    for e in (0..PACED_EVENTS).map(|_| generator.next_event()) {
+        let started = Instant::now();
+        e.validate()?;
+        let mut payload = Vec::with_capacity(1024);
+        serde_json::to_writer(&mut payload, &e)?;
+        std::hint::black_box((payload, e.subject(prefix)));
+        work.push(started.elapsed());
+    }
+    report_latency("validate + serialize alone (no queue)", work);
+
     // NATS up, memory store, paced like a busy service.
     let up = ClientBuilder::default()
         .nats_url(url)
@@ -151,22 +163,26 @@ async fn wait_stored(client: &Client, n: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn report(what: &str, mut latencies: Vec<Duration>, client: &Client) {
+fn report(what: &str, latencies: Vec<Duration>, client: &Client) {
+    report_latency(&format!("record() latency, {what}"), latencies);
+    let s = client.stats();
+    println!(
+        "  published {} buffered {} refused {}",
+        s.published_events, s.buffered_events, s.refused_events
+    );
+}
+
+fn report_latency(what: &str, mut latencies: Vec<Duration>) {
     let mut l = latencies.split_off(WARM_UP);
     l.sort();
     let at = |p: f64| l[((l.len() - 1) as f64 * p).round() as usize];
     println!(
-        "record() latency, {what}: p50 {:.1} µs, p99 {:.1} µs, p99.9 {:.1} µs, max {:.1} µs ({} calls after {WARM_UP} warm-up)",
+        "{what}: p50 {:.1} µs, p99 {:.1} µs, p99.9 {:.1} µs, max {:.1} µs ({} calls after {WARM_UP} warm-up)",
         micros(at(0.5)),
         micros(at(0.99)),
         micros(at(0.999)),
         micros(at(1.0)),
         l.len(),
-    );
-    let s = client.stats();
-    println!(
-        "  published {} buffered {} refused {}",
-        s.published_events, s.buffered_events, s.refused_events
     );
 }
 

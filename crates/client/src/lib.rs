@@ -43,7 +43,9 @@
 //! the store holds anything, new events queue behind it, so order is kept. An event removed
 //! from the store is one JetStream acknowledged. Events in flight at a failure may be
 //! published twice; JetStream's duplicate window and the worker (which stores each id once)
-//! absorb that.
+//! absorb that. Those few may also reach the stream out of order: the NATS client re-sends
+//! what it had not yet written when the connection broke, after reconnecting, while the same
+//! events drain from the store (the end-to-end tests measure at most a few places).
 //!
 //! # Backing stores
 //!
@@ -78,6 +80,11 @@
 //! stored — `record` returns [`RecordError::Full`] naming the [`Backpressure`] cause,
 //! immediately with [`OnFull::Error`] (the default) or after waiting up to the given time
 //! with [`OnFull::Wait`].
+//!
+//! Memory use is bounded: the queue ([`ClientBuilder::queue_capacity`] events), what the
+//! background task holds while it writes to the store (at most twice the larger of
+//! [`ClientBuilder::max_in_flight`] and [`ClientBuilder::drain_batch`]), and the memory
+//! store's own limits.
 //!
 //! # Metrics
 //!
@@ -126,6 +133,9 @@ pub use crate::error::{
 };
 use crate::pump::{Counts, Finished, Progress, Pump, Settings, Shared};
 use crate::store::{Pending, Store};
+
+/// How long [`ClientBuilder::connect`] waits for NATS before going on without it.
+const CONNECT_WAIT: Duration = Duration::from_millis(500);
 
 /// The names of the metrics this crate records.
 pub mod metric_names {
@@ -323,9 +333,10 @@ impl ClientBuilder {
         self.store.check()
     }
 
-    /// Opens the store and starts the background task. NATS may be unreachable: the client
-    /// connects (and reconnects) in the background and buffers meanwhile. Must be called
-    /// within a tokio runtime.
+    /// Opens the store and starts the background task. NATS may be unreachable: after
+    /// waiting at most half a second for it, the client goes on connecting (and later
+    /// reconnecting) in the background and buffers meanwhile. Must be called within a tokio
+    /// runtime.
     pub async fn connect(self) -> Result<Client, ConnectError> {
         self.check()?;
         let kind = self.store.kind();
@@ -349,6 +360,14 @@ impl ClientBuilder {
             })
             .connect(self.nats_url.as_str())
             .await?;
+        // Give a reachable NATS a moment, so a fresh client does not buffer its first events
+        // for nothing; an unreachable one costs at most this wait, never an error.
+        let connected = async {
+            while nats.connection_state() != async_nats::connection::State::Connected {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        };
+        let _ = tokio::time::timeout(CONNECT_WAIT, connected).await;
         let js = jetstream::ContextBuilder::new()
             .timeout(self.ack_timeout)
             // Acks of abandoned publishes hold a permit until they time out.
