@@ -14,8 +14,10 @@ use crate::{TestEnv, free_addr};
 pub struct Process {
     pub child: Child,
     pub log: PathBuf,
-    /// `AUDITBRIDGE_API_ADDR` (serve) or `AUDITBRIDGE_METRICS_ADDR` (tail-file).
+    /// `AUDITBRIDGE_API_ADDR` (serve).
     pub addr: SocketAddr,
+    /// `AUDITBRIDGE_METRICS_ADDR` (`/metrics`, `/healthz`).
+    pub metrics: SocketAddr,
 }
 
 impl Process {
@@ -28,10 +30,12 @@ impl Process {
         extra: &[(&str, &str)],
     ) -> anyhow::Result<Process> {
         let addr = free_addr()?;
+        let metrics = free_addr()?;
         let addr_s = addr.to_string();
+        let metrics_s = metrics.to_string();
         let mut vars: Vec<(&str, &str)> = vec![
             ("AUDITBRIDGE_API_ADDR", &addr_s),
-            ("AUDITBRIDGE_METRICS_ADDR", &addr_s),
+            ("AUDITBRIDGE_METRICS_ADDR", &metrics_s),
         ];
         vars.extend_from_slice(extra);
         let log = crate::binary()
@@ -45,19 +49,27 @@ impl Process {
             .stderr(file)
             .spawn()
             .with_context(|| format!("spawning auditbridge {args:?}"))?;
-        Ok(Process { child, log, addr })
+        Ok(Process {
+            child,
+            log,
+            addr,
+            metrics,
+        })
     }
 
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
     }
 
-    /// Waits until the process answers HTTP on its address (any status).
+    /// Waits until the process answers HTTP on either address (any status).
     pub async fn wait_listening(&mut self, timeout: Duration) -> anyhow::Result<()> {
         let deadline = Instant::now() + timeout;
         let client = reqwest::Client::new();
         loop {
-            if client.get(self.url("/healthz")).send().await.is_ok() {
+            let metrics = format!("http://{}/healthz", self.metrics);
+            if client.get(self.url("/healthz")).send().await.is_ok()
+                || client.get(&metrics).send().await.is_ok()
+            {
                 return Ok(());
             }
             if let Ok(Some(status)) = self.child.try_wait() {
@@ -99,7 +111,10 @@ impl Process {
 
     /// The value of a metric line (name with its labels, exactly as rendered) from `/metrics`.
     pub async fn metric(&self, series: &str) -> anyhow::Result<f64> {
-        let body = reqwest::get(self.url("/metrics")).await?.text().await?;
+        let body = reqwest::get(format!("http://{}/metrics", self.metrics))
+            .await?
+            .text()
+            .await?;
         Ok(body
             .lines()
             .find_map(|l| {
