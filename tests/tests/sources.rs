@@ -192,6 +192,17 @@ async fn http_ingest_accepts_per_event_and_scopes_tokens_to_their_tenant() -> an
     // The stored event is the bytes the producer sent.
     let row = stored_event(&env, single.id).await?;
     assert_eq!(serde_json::from_value::<Event>(row)?, single);
+
+    // JetStream cannot take events (the stream is gone): 503 after the ack timeout, and no
+    // event is claimed accepted.
+    let mut worker = worker;
+    worker.signal("KILL");
+    worker.wait_exit(WAIT).await?;
+    env.js.delete_stream(&env.stream).await?;
+    let resp = post(ndjson(&events_of(&mut env, "acme", 2)), Some(&acme), true).await?;
+    assert_eq!(resp.status(), 503);
+    let text = resp.text().await?;
+    assert!(text.contains("nothing is claimed accepted"), "{text}");
     serve.signal("TERM");
     assert!(serve.wait_exit(WAIT).await?.success());
     Ok(())
@@ -203,6 +214,7 @@ fn vendor_source() -> Value {
         "type": "webhook",
         "params": {
             "secret": "vendor-secret-0123456789",
+            "tenants": ["acme", "globex"],
             "mapping": {
                 "id": "/delivery_id",
                 "tenant": "/org",
@@ -341,6 +353,15 @@ async fn webhooks_verify_signatures_map_payloads_and_store_redeliveries_once() -
         "{answer}"
     );
 
+    // A tenant the source may not write: refused with the reason.
+    let resp = deliver(vendor_payload("dlv-6", "edited", "initech"), now(), None).await?;
+    assert_eq!(resp.status(), 400);
+    let answer: Value = resp.json().await?;
+    assert_eq!(
+        answer["results"][0]["kind"], "tenant_not_allowed",
+        "{answer}"
+    );
+
     // Bad signature, wrong secret, missing headers, replayed (old) signature: 401.
     let fresh = vendor_payload("dlv-5", "edited", "acme");
     let ts = now();
@@ -409,7 +430,7 @@ async fn webhooks_verify_signatures_map_payloads_and_store_redeliveries_once() -
         ),
         (
             "auditbridge_webhook_requests_total{source=\"vendor\",result=\"rejected\"}",
-            1.0,
+            2.0,
         ),
         (
             "auditbridge_webhook_requests_total{source=\"hub\",result=\"accepted\"}",

@@ -20,7 +20,9 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use auditbridge_config::Config;
 use auditbridge_sources::signature::verify_request;
-use auditbridge_sources::{Outgoing, SourceKind, WebhookParams, metrics as m, parse_sources};
+use auditbridge_sources::{
+    Outgoing, SourceKind, WebhookParams, check_tenant, metrics as m, parse_sources,
+};
 use axum::Router;
 use axum::body::Body;
 use axum::extract::{Path, State};
@@ -110,7 +112,11 @@ async fn receive(
     let mut outgoing = Vec::with_capacity(payloads.len());
     let mut results = Vec::with_capacity(payloads.len());
     for (index, payload) in payloads.into_iter().enumerate() {
-        match params.mapping.apply(&source, &payload, max, received_at) {
+        let mapped = params
+            .mapping
+            .apply(&source, &payload, max, received_at)
+            .and_then(|event| check_tenant(&source, &params.tenants, &event).map(|()| event));
+        match mapped {
             Ok(event) => {
                 results.push(ItemResult::accepted(index, event.id));
                 let raw = matches!(params.mapping, auditbridge_sources::Mapping::Identity)

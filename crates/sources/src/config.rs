@@ -59,6 +59,9 @@ pub struct WebhookParams {
     /// A timestamp further than this from the server's clock is refused.
     pub replay_window: Duration,
     pub mapping: Mapping,
+    /// The tenants this source may write (empty: any). A sender that can sign can otherwise
+    /// name any tenant in its payload.
+    pub tenants: Vec<String>,
 }
 
 impl std::fmt::Debug for WebhookParams {
@@ -70,6 +73,7 @@ impl std::fmt::Debug for WebhookParams {
             .field("timestamp_header", &self.timestamp_header)
             .field("replay_window", &self.replay_window)
             .field("mapping", &self.mapping)
+            .field("tenants", &self.tenants)
             .finish()
     }
 }
@@ -89,6 +93,8 @@ pub struct FileParams {
     /// With no state file yet: start at the end of the file instead of the beginning.
     pub start_at_end: bool,
     pub mapping: Mapping,
+    /// The tenants this source may write (empty: any).
+    pub tenants: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -116,6 +122,8 @@ struct RawWebhook {
     replay_window: Option<String>,
     #[serde(default)]
     mapping: Option<Value>,
+    #[serde(default)]
+    tenants: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -132,6 +140,8 @@ struct RawFile {
     start: Option<String>,
     #[serde(default)]
     mapping: Option<Value>,
+    #[serde(default)]
+    tenants: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -280,6 +290,7 @@ fn parse_one(value: &Value, label: &str) -> Result<SourceConfig, ConfigError> {
                     Duration::from_secs(300),
                 )?,
                 mapping: mapping(&name, w.mapping.as_ref())?,
+                tenants: tenants(&name, w.tenants)?,
             })
         }
         "file" => {
@@ -325,6 +336,7 @@ fn parse_one(value: &Value, label: &str) -> Result<SourceConfig, ConfigError> {
                 max_line_bytes,
                 start_at_end,
                 mapping: mapping(&name, f.mapping.as_ref())?,
+                tenants: tenants(&name, f.tenants)?,
             })
         }
         other => {
@@ -336,6 +348,13 @@ fn parse_one(value: &Value, label: &str) -> Result<SourceConfig, ConfigError> {
         }
     };
     Ok(SourceConfig { name, kind })
+}
+
+fn tenants(name: &str, tenants: Vec<String>) -> Result<Vec<String>, ConfigError> {
+    for t in &tenants {
+        auditbridge_event::validate_tenant(t).map_err(|e| err(name, "params.tenants", e.detail))?;
+    }
+    Ok(tenants)
 }
 
 /// `"identity"` (or absent): payloads are v1 events; an object: a [`FieldMapping`].
@@ -555,6 +574,10 @@ mod tests {
                 "sekret",
             ),
             (json!({"name": "a", "type": "ftp"}), "type"),
+            (
+                json!({"name": "a", "type": "file", "params": {"path": "x", "tenants": ["Acme"]}}),
+                "params.tenants",
+            ),
             (
                 json!({"name": "A b", "type": "file", "params": {"path": "x"}}),
                 "name",

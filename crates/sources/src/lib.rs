@@ -17,7 +17,7 @@ pub mod signature;
 pub mod tail;
 
 pub use config::{ConfigError, FileParams, SourceConfig, SourceKind, WebhookParams, parse_sources};
-pub use mapping::{Mapping, Refusal, RefusalKind, derive_id};
+pub use mapping::{Mapping, Refusal, RefusalKind, check_tenant, derive_id};
 pub use publish::{Outgoing, PublishError, Publisher, Sink};
 
 /// Metric names of the sources, decided in one place. Labels are bounded: `source` is a

@@ -103,6 +103,8 @@ pub enum RefusalKind {
     Invalid,
     /// Larger than the event size limit.
     Oversize,
+    /// The event's tenant is not one the source may write.
+    TenantNotAllowed,
 }
 
 impl RefusalKind {
@@ -113,6 +115,7 @@ impl RefusalKind {
             RefusalKind::MissingField => "missing_field",
             RefusalKind::Invalid => "invalid",
             RefusalKind::Oversize => "oversize",
+            RefusalKind::TenantNotAllowed => "tenant_not_allowed",
         }
     }
 }
@@ -201,6 +204,21 @@ impl Mapping {
             }
         }
     }
+}
+
+/// Refuses an event whose tenant is not in `allowed` (an empty list allows every tenant).
+pub fn check_tenant(source: &str, allowed: &[String], event: &Event) -> Result<(), Refusal> {
+    if allowed.is_empty() || allowed.contains(&event.tenant) {
+        return Ok(());
+    }
+    Err(refuse(
+        RefusalKind::TenantNotAllowed,
+        format!(
+            "tenant {:?} is not one source {source} may write (params.tenants: {})",
+            event.tenant,
+            allowed.join(", ")
+        ),
+    ))
 }
 
 /// The text at a pointer: strings as they are, numbers and booleans as written; `None` when

@@ -118,6 +118,7 @@ mod tests {
             timestamp_header: Some("x-auditbridge-timestamp".into()),
             replay_window: Duration::from_secs(300),
             mapping: Mapping::Identity,
+            tenants: Vec::new(),
         }
     }
 

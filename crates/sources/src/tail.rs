@@ -45,7 +45,7 @@ use time::format_description::well_known::Rfc3339;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::FileParams;
-use crate::mapping::{Mapping, Refusal, RefusalKind};
+use crate::mapping::{Mapping, Refusal, RefusalKind, check_tenant};
 use crate::metrics as m;
 use crate::publish::{Outgoing, Sink};
 
@@ -416,6 +416,9 @@ impl<S: Sink> Tail<S> {
                 self.params
                     .mapping
                     .apply(&self.name, text, self.max_event_bytes, received_at)
+                    .and_then(|event| {
+                        check_tenant(&self.name, &self.params.tenants, &event).map(|()| event)
+                    })
             };
             match result {
                 Ok(event) => {
@@ -638,6 +641,7 @@ mod tests {
                 max_line_bytes: 4096,
                 start_at_end: false,
                 mapping: Mapping::Identity,
+                tenants: Vec::new(),
             };
             Fixture {
                 dir,
