@@ -624,7 +624,9 @@ async fn tail_file_follows_appends_restarts_rotation_truncation_and_partial_line
 /// HTTP ingest throughput with NDJSON batches, next to the raw JetStream publish rate
 /// measured in the same run. Run it in release mode:
 /// `cargo test --release -p auditbridge-tests --test sources bench_http_ingest -- --ignored --nocapture`
-/// (`AB_BENCH_EVENTS`, `AB_BENCH_BATCH`, `AB_BENCH_CLIENTS` change its size).
+/// (`AB_BENCH_EVENTS`, `AB_BENCH_BATCH`, `AB_BENCH_CLIENTS` change its size;
+/// `AB_BENCH_WORKER=1` runs a worker during the HTTP part and also reports when the last event
+/// was stored).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "benchmark; run with --release -- --ignored --nocapture"]
 async fn bench_http_ingest() -> anyhow::Result<()> {
@@ -681,6 +683,20 @@ async fn bench_http_ingest() -> anyhow::Result<()> {
         ],
     )?;
     serve.wait_listening(WAIT).await?;
+    let with_worker = var("AB_BENCH_WORKER", 0) == 1;
+    let worker = if with_worker {
+        // The raw part's events are stored first, so the HTTP part competes with a worker
+        // that is consuming live, not draining a backlog.
+        let w = env
+            .spawn_worker("w", &[("AUDITBRIDGE_LOG", "warn")])
+            .await?;
+        w.wait_ready(WAIT).await?;
+        env.wait_for_count(n as i64, Duration::from_secs(120))
+            .await?;
+        Some(w)
+    } else {
+        None
+    };
     let events = events_of(&mut env, "acme", n);
     let bodies: Vec<String> = events.chunks(batch).map(ndjson).collect();
     let http = reqwest::Client::new();
@@ -701,6 +717,16 @@ async fn bench_http_ingest() -> anyhow::Result<()> {
     let elapsed = started.elapsed();
     assert!(statuses.iter().all(|s| *s == 202), "{statuses:?}");
     let http_rate = n as f64 / elapsed.as_secs_f64();
+    if worker.is_some() {
+        env.wait_for_count(2 * n as i64, Duration::from_secs(120))
+            .await?;
+        let stored = started.elapsed();
+        println!(
+            "with a worker running: all {n} HTTP events stored {:.2} s after the first request ({:.0} events/s end to end)",
+            stored.as_secs_f64(),
+            n as f64 / stored.as_secs_f64()
+        );
+    }
     let info = env
         .js
         .get_stream(&env.stream)
