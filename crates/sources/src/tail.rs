@@ -15,8 +15,10 @@
 //! looked for in the same directory (`audit.jsonl.1`) and finished first; if it is gone, the
 //! new file starts at 0 and a warning says what could not be read.
 //!
-//! **Truncation** is "the file is shorter than the position": the tail starts again at 0,
-//! logs a warning and counts it. (`copytruncate` rotation can lose lines written between the
+//! **Truncation** is "the file is shorter than the position", or "the 64 bytes before the
+//! position are no longer the ones we settled" (a file truncated and at once written past the
+//! old position, which its size cannot show; checked after every idle poll and at start-up):
+//! the tail starts again at 0, logs a warning and counts it. (`copytruncate` rotation can lose lines written between the
 //! copy and the truncation; that is inherent to it, prefer rename rotation.)
 //!
 //! **Partial lines** (no newline yet) are held in memory and not counted in the position
