@@ -6,7 +6,7 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::{Context as _, bail};
+use anyhow::Context as _;
 use async_nats::jetstream;
 use auditbridge_config::Config;
 use auditbridge_sources::tail::Tail;
@@ -26,7 +26,15 @@ pub struct Args {
 const ACK_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub async fn run(args: Args, config: &Config) -> anyhow::Result<ExitCode> {
-    let files: Vec<_> = parse_sources(&config.sources)?
+    // A configuration mistake exits 2, like every other invalid setting.
+    let sources = match parse_sources(&config.sources) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return Ok(ExitCode::from(2));
+        }
+    };
+    let files: Vec<_> = sources
         .into_iter()
         .filter_map(|s| match s.kind {
             SourceKind::File(p) => Some((s.name, p)),
@@ -36,9 +44,14 @@ pub async fn run(args: Args, config: &Config) -> anyhow::Result<ExitCode> {
         .collect();
     if files.is_empty() {
         match &args.name {
-            Some(n) => bail!("no file source named {n:?} in [[sources]] / AUDITBRIDGE_SOURCES"),
-            None => bail!("no source of type \"file\" in [[sources]] / AUDITBRIDGE_SOURCES"),
+            Some(n) => {
+                eprintln!("error: no file source named {n:?} in [[sources]] / AUDITBRIDGE_SOURCES");
+            }
+            None => {
+                eprintln!("error: no source of type \"file\" in [[sources]] / AUDITBRIDGE_SOURCES");
+            }
         }
+        return Ok(ExitCode::from(2));
     }
 
     let shutdown = CancellationToken::new();
