@@ -72,8 +72,8 @@ fn error_responses(codes: &[&str]) -> serde_json::Map<String, Value> {
             let description = match *code {
                 "400" => "A parameter is invalid; `error.param` names it.",
                 "401" => "No token, or an unknown one.",
-                "403" => "The token may not read this tenant (or lacks the scope).",
-                "404" => "No such event for this token.",
+                "403" => "The token may not act on this tenant, or lacks the scope.",
+                "404" => "Not found: no such event for this token, or no such webhook source.",
                 "413" => "The body is larger than the configured limit.",
                 _ => "PostgreSQL or NATS cannot answer now; retry.",
             };
@@ -88,6 +88,19 @@ fn error_responses(codes: &[&str]) -> serde_json::Map<String, Value> {
 fn responses(ok: Value, errors: &[&str]) -> Value {
     let mut map = error_responses(errors);
     map.insert("200".into(), ok);
+    Value::Object(map)
+}
+
+/// The answers of the routes that write events.
+fn ingest_responses() -> Value {
+    let mut map = error_responses(&["401", "403", "404", "413", "503"]);
+    let results = json!({"content": {"application/json": {"schema": {"$ref": "#/components/schemas/IngestResult"}}}});
+    let mut accepted = results.clone();
+    accepted["description"] = "At least one event accepted (published and acknowledged by JetStream); `results` says which.".into();
+    let mut none = results;
+    none["description"] = "No event in the request was valid (or the request itself was malformed); `results` or `error` says why.".into();
+    map.insert("202".into(), accepted);
+    map.insert("400".into(), none);
     Value::Object(map)
 }
 
@@ -135,6 +148,20 @@ pub fn document() -> Value {
                         "reason": {"type": "string"},
                         "request_id": {"type": "string"},
                         "metadata": {"type": "object"}
+                    }
+                },
+                "IngestResult": {
+                    "type": "object",
+                    "properties": {
+                        "accepted": {"type": "integer"},
+                        "rejected": {"type": "integer"},
+                        "results": {"type": "array", "items": {"type": "object", "properties": {
+                            "index": {"type": "integer", "description": "Position in the request (line, or array item)."},
+                            "id": {"type": "string", "format": "uuid"},
+                            "status": {"type": "string", "enum": ["accepted", "rejected"]},
+                            "kind": {"type": "string"},
+                            "reason": {"type": "string"}
+                        }}}
                     }
                 },
                 "EventPage": {
@@ -199,6 +226,23 @@ pub fn document() -> Value {
                 "security": security,
                 "parameters": parameters(Endpoint::Stats),
                 "responses": responses(json!({"description": "Counts.", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Stats"}}}}), &read_errors),
+            }},
+            "/v1/ingest": {"post": {
+                "operationId": "ingest",
+                "summary": "Write events: one v1 event (application/json) or one per line (application/x-ndjson). Each is validated; the valid ones are published to JetStream and acknowledged by it before the answer. Needs a token with the `ingest` scope for every event's tenant (one foreign event refuses the whole request, nothing published).",
+                "security": security,
+                "requestBody": {"required": true, "content": {
+                    "application/json": {"schema": {"$ref": "#/components/schemas/Event"}},
+                    "application/x-ndjson": {"schema": {"type": "string", "description": "One event per line."}}
+                }},
+                "responses": ingest_responses(),
+            }},
+            "/v1/webhooks/{source}": {"post": {
+                "operationId": "webhook",
+                "summary": "A signed delivery from a configured webhook source (`[[sources]]`, type webhook): the signature (HMAC-SHA256) is checked on the raw body, the payload (an object or an array of objects) is mapped to v1 events with ids derived from the source's own ids, and published like /v1/ingest. Authenticated by the signature, not a bearer token.",
+                "parameters": [{"name": "source", "in": "path", "required": true, "schema": {"type": "string"}}],
+                "requestBody": {"required": true, "content": {"application/json": {"schema": {}}}},
+                "responses": ingest_responses(),
             }},
             "/v1/openapi.json": {"get": {
                 "operationId": "openapi",
