@@ -10,7 +10,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::bail;
 use auditbridge_event::Event;
 use auditbridge_sources::signature::sign;
-use auditbridge_sources::{Outgoing, Publisher, Sink as _, SourceKind, parse_sources};
+use auditbridge_sources::{SourceKind, parse_sources};
 use auditbridge_tests::TestEnv;
 use auditbridge_tests::sources::{Process, token_entry};
 use serde_json::{Value, json};
@@ -618,129 +618,5 @@ async fn tail_file_follows_appends_restarts_rotation_truncation_and_partial_line
     );
     assert!(env.dead_letters().await?.is_empty());
     let _ = std::fs::remove_dir_all(&dir);
-    Ok(())
-}
-
-/// HTTP ingest throughput with NDJSON batches, next to the raw JetStream publish rate
-/// measured in the same run. Run it in release mode:
-/// `cargo test --release -p auditbridge-tests --test sources bench_http_ingest -- --ignored --nocapture`
-/// (`AB_BENCH_EVENTS`, `AB_BENCH_BATCH`, `AB_BENCH_CLIENTS` change its size;
-/// `AB_BENCH_WORKER=1` runs a worker during the HTTP part and also reports when the last event
-/// was stored).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "benchmark; run with --release -- --ignored --nocapture"]
-async fn bench_http_ingest() -> anyhow::Result<()> {
-    use futures::StreamExt as _;
-    let var = |name: &str, default: usize| {
-        std::env::var(name)
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(default)
-    };
-    let n = var("AB_BENCH_EVENTS", 200_000);
-    let batch = var("AB_BENCH_BATCH", 1000);
-    let clients = var("AB_BENCH_CLIENTS", 4);
-    let mut env = TestEnv::new().await?;
-    env.ensure_stream().await?;
-
-    // Raw JetStream: the same kind of events, in the same batches and concurrency, published
-    // with Nats-Msg-Id by the publisher the server uses, every ack awaited; no HTTP.
-    let raw = events_of(&mut env, "acme", n);
-    let bytes: usize = raw
-        .iter()
-        .map(|e| serde_json::to_vec(e).unwrap().len())
-        .sum();
-    let outgoing: Vec<Vec<Outgoing>> = raw
-        .chunks(batch)
-        .map(|c| {
-            c.iter()
-                .map(|e| Outgoing::new(e, &env.prefix, None))
-                .collect()
-        })
-        .collect();
-    let publisher = Publisher::new(env.js.clone(), Duration::from_secs(30));
-    let started = Instant::now();
-    let published: Vec<bool> = futures::stream::iter(&outgoing)
-        .map(|b| {
-            let p = publisher.clone();
-            async move { p.publish(b).await.is_ok() }
-        })
-        .buffer_unordered(clients)
-        .collect()
-        .await;
-    assert!(published.iter().all(|ok| *ok));
-    let raw_rate = n as f64 / started.elapsed().as_secs_f64();
-
-    let (admin, entry) = token_entry("bench", None, &["ingest"]);
-    let tokens = json!([entry]).to_string();
-    let mut serve = Process::spawn(
-        &env,
-        "serve",
-        &["serve"],
-        &[
-            ("AUDITBRIDGE_API_TOKENS", &tokens),
-            ("AUDITBRIDGE_LOG", "warn"),
-        ],
-    )?;
-    serve.wait_listening(WAIT).await?;
-    let with_worker = var("AB_BENCH_WORKER", 0) == 1;
-    let worker = if with_worker {
-        // The raw part's events are stored first, so the HTTP part competes with a worker
-        // that is consuming live, not draining a backlog.
-        let w = env
-            .spawn_worker("w", &[("AUDITBRIDGE_LOG", "warn")])
-            .await?;
-        w.wait_ready(WAIT).await?;
-        env.wait_for_count(n as i64, Duration::from_secs(120))
-            .await?;
-        Some(w)
-    } else {
-        None
-    };
-    let events = events_of(&mut env, "acme", n);
-    let bodies: Vec<String> = events.chunks(batch).map(ndjson).collect();
-    let http = reqwest::Client::new();
-    let url = serve.url("/v1/ingest");
-    let started = Instant::now();
-    let statuses: Vec<u16> = futures::stream::iter(bodies)
-        .map(|body| {
-            let req = http
-                .post(&url)
-                .bearer_auth(&admin)
-                .header("content-type", "application/x-ndjson")
-                .body(body);
-            async move { req.send().await.map_or(0, |r| r.status().as_u16()) }
-        })
-        .buffer_unordered(clients)
-        .collect()
-        .await;
-    let elapsed = started.elapsed();
-    assert!(statuses.iter().all(|s| *s == 202), "{statuses:?}");
-    let http_rate = n as f64 / elapsed.as_secs_f64();
-    if worker.is_some() {
-        env.wait_for_count(2 * n as i64, Duration::from_secs(120))
-            .await?;
-        let stored = started.elapsed();
-        println!(
-            "with a worker running: all {n} HTTP events stored {:.2} s after the first request ({:.0} events/s end to end)",
-            stored.as_secs_f64(),
-            n as f64 / stored.as_secs_f64()
-        );
-    }
-    let info = env
-        .js
-        .get_stream(&env.stream)
-        .await?
-        .info()
-        .await?
-        .state
-        .messages;
-    assert_eq!(info, 2 * n as u64, "every event in the stream once");
-    println!(
-        "http-ingest: {n} events of ~{} bytes, NDJSON batches of {batch}, {clients} clients: {http_rate:.0} events/s ({:.2} s); raw JetStream publish with acks in the same run: {raw_rate:.0} msg/s; ratio {:.2}",
-        bytes / n,
-        elapsed.as_secs_f64(),
-        http_rate / raw_rate
-    );
     Ok(())
 }

@@ -68,6 +68,15 @@ pub struct Args {
     /// Query: events written while a live tail follows them.
     #[arg(long, default_value_t = 300_000)]
     pub(crate) tail_events: usize,
+    /// HTTP ingest: events per run.
+    #[arg(long, default_value_t = 200_000)]
+    pub(crate) http_events: usize,
+    /// HTTP ingest: events per NDJSON request.
+    #[arg(long, default_value_t = 1000)]
+    pub(crate) http_batch: usize,
+    /// HTTP ingest: concurrent clients.
+    #[arg(long, default_value_t = 4)]
+    pub(crate) http_clients: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -76,6 +85,7 @@ enum Part {
     Ingest,
     Forward,
     Query,
+    HttpIngest,
 }
 
 pub(crate) struct Names {
@@ -121,6 +131,9 @@ pub async fn run(args: Args, config: &Config) -> anyhow::Result<ExitCode> {
     }
     if result.is_ok() && matches!(args.only, Part::All | Part::Forward) {
         result = crate::bench_forward::measure(&args, &bench_config, &names, &store, &js).await;
+    }
+    if result.is_ok() && matches!(args.only, Part::All | Part::HttpIngest) {
+        result = crate::bench_http::measure(&args, &bench_config, &names, &store, &js).await;
     }
     if result.is_ok() && matches!(args.only, Part::All | Part::Query) {
         result = crate::bench_query::measure(&args, &bench_config, &store).await;

@@ -4,6 +4,7 @@
 
 mod bench;
 mod bench_forward;
+mod bench_http;
 mod bench_query;
 mod publish;
 mod status;
