@@ -389,6 +389,10 @@ impl Pump {
 
     async fn step_buffering(&mut self) {
         let now = Instant::now();
+        if !self.connected() && (!self.hold.is_empty() || self.store.events() > 0) {
+            // Also when NATS was never reachable since the client started.
+            self.log_failure("NATS is not connected");
+        }
         if !self.hold.is_empty() && now >= self.store_at {
             self.store_hold().await;
         }
