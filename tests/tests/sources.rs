@@ -304,7 +304,7 @@ async fn webhooks_verify_signatures_map_payloads_and_store_redeliveries_once() -
     let occurred = time::macros::datetime!(2026-11-23 10:00:00.250 UTC);
     assert_eq!(
         id,
-        auditbridge_sources::derive_id("vendor", "dlv-1", Some(occurred))
+        auditbridge_sources::derive_id("vendor", "acme", "dlv-1", Some(occurred))
     );
 
     // Re-delivered later (new timestamp, new signature): the same id, stored once.
@@ -405,7 +405,7 @@ async fn webhooks_verify_signatures_map_payloads_and_store_redeliveries_once() -
         .send()
         .await?;
     assert_eq!(resp.status(), 202);
-    let hub_id = auditbridge_sources::derive_id("hub", "991", None);
+    let hub_id = auditbridge_sources::derive_id("hub", "acme", "991", None);
 
     for (series, want) in [
         (

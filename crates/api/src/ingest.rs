@@ -113,6 +113,9 @@ pub(crate) async fn publish_and_answer(
     Ok((StatusCode::ACCEPTED, accepted, rejected, response))
 }
 
+/// Longest a request body may take to arrive.
+const BODY_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Reads the whole body, refusing more than `limit` bytes with 413 (by `Content-Length`
 /// before reading, and while reading for chunked bodies).
 pub(crate) async fn read_body(
@@ -127,7 +130,17 @@ pub(crate) async fn read_body(
     if declared.is_some_and(|n| n > limit) {
         return Err(ApiError::PayloadTooLarge { limit });
     }
-    axum::body::to_bytes(body, limit).await.map_err(|e| {
+    // A body that trickles in is given up on: each request may hold up to `limit` bytes, and
+    // a client must not be able to pin that memory with a slow upload.
+    let read = tokio::time::timeout(BODY_TIMEOUT, axum::body::to_bytes(body, limit))
+        .await
+        .map_err(|_| {
+            ApiError::bad(
+                "body",
+                format!("not received within {}s", BODY_TIMEOUT.as_secs()),
+            )
+        })?;
+    read.map_err(|e| {
         let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&e);
         while let Some(s) = source {
             if s.to_string().contains("length limit exceeded") {

@@ -13,8 +13,9 @@
 //! skips rows at or before the last one it sent. No gap, no repeat.
 //!
 //! **Slow clients.** Each client has a small bounded queue. A client that cannot keep up
-//! falls behind the broadcast (whose size is fixed), and is then disconnected: memory does not
-//! grow with a slow reader. It reconnects with `Last-Event-ID` and replays from the database.
+//! falls behind the broadcast (whose size is fixed), or leaves its queue full for
+//! [`SLOW_CLIENT`], and is then disconnected: memory does not grow with a slow reader, and a
+//! reader that stopped does not hold its slot. It reconnects with `Last-Event-ID` and replays from the database.
 //! If the broadcast is overrun while the client was replaying (our doing, not the client's),
 //! the client catches up from the database instead.
 
@@ -51,6 +52,11 @@ const CLIENT_QUEUE: usize = 1024;
 const POLL: Duration = Duration::from_millis(100);
 /// Most live tails open at once.
 const MAX_STREAMS: usize = 256;
+/// Most live tails one token may hold open, so that one client cannot take every slot.
+const MAX_STREAMS_PER_TOKEN: usize = 16;
+/// A client whose queue stays full this long (it takes nothing from its socket) is
+/// disconnected.
+const SLOW_CLIENT: Duration = Duration::from_secs(5);
 
 /// What the hub broadcasts, in commit-safe order.
 #[derive(Debug)]
@@ -65,6 +71,9 @@ pub(crate) enum Batch {
 pub(crate) struct Hub {
     tx: broadcast::Sender<Arc<Batch>>,
     open: AtomicUsize,
+    /// Open tails per token name. A `std` mutex: it is held for a map update, never across
+    /// an `.await`.
+    per_token: std::sync::Mutex<std::collections::HashMap<String, usize>>,
     shutdown: CancellationToken,
     heartbeat: Duration,
 }
@@ -84,6 +93,7 @@ impl Hub {
             Hub {
                 tx: tx.clone(),
                 open: AtomicUsize::new(0),
+                per_token: Default::default(),
                 shutdown: shutdown.clone(),
                 heartbeat,
             },
@@ -93,6 +103,38 @@ impl Hub {
                 shutdown,
             },
         )
+    }
+}
+
+impl Hub {
+    /// Counts a new tail in, or refuses it when the server or this token has too many.
+    fn admit(&self, token: &str) -> Result<(), ApiError> {
+        let mut per_token = self.per_token.lock().expect("not poisoned");
+        let mine = per_token.entry(token.to_owned()).or_default();
+        if *mine >= MAX_STREAMS_PER_TOKEN {
+            return Err(ApiError::Unavailable(format!(
+                "token {token:?} already has {MAX_STREAMS_PER_TOKEN} live tails open; close one first"
+            )));
+        }
+        if self.open.fetch_add(1, Ordering::SeqCst) >= MAX_STREAMS {
+            self.open.fetch_sub(1, Ordering::SeqCst);
+            return Err(ApiError::Unavailable(format!(
+                "{MAX_STREAMS} live tails are open; try again later"
+            )));
+        }
+        *mine += 1;
+        Ok(())
+    }
+
+    fn release(&self, token: &str) {
+        self.open.fetch_sub(1, Ordering::SeqCst);
+        let mut per_token = self.per_token.lock().expect("not poisoned");
+        if let Some(n) = per_token.get_mut(token) {
+            *n -= 1;
+            if *n == 0 {
+                per_token.remove(token);
+            }
+        }
     }
 }
 
@@ -110,7 +152,11 @@ impl HubStart {
         loop {
             let step = async {
                 let Some(pos) = &position else {
+                    // The first position (at start, or after the database came back) is not
+                    // read row by row: anyone already subscribed must catch up from the
+                    // database, or rows between their replay and this head would be lost.
                     position = Some(store.tail_head().await?);
+                    let _ = tx.send(Arc::new(Batch::Gap));
                     return Ok::<bool, auditbridge_store::StoreError>(false);
                 };
                 if tx.receiver_count() == 0 {
@@ -205,12 +251,7 @@ async fn stream(
             .transpose()?,
     };
     let hub = state.tail.clone();
-    if hub.open.fetch_add(1, Ordering::SeqCst) >= MAX_STREAMS {
-        hub.open.fetch_sub(1, Ordering::SeqCst);
-        return Err(ApiError::Unavailable(format!(
-            "{MAX_STREAMS} live tails are open; try again later"
-        )));
-    }
+    hub.admit(&principal.name)?;
     metrics::gauge!(API_TAIL_CLIENTS).increment(1.0);
     // Subscribe before anything is read: the seam depends on it (module docs).
     let live = hub.tx.subscribe();
@@ -257,7 +298,7 @@ async fn follow(
         let ready = SseEvent::default()
             .event("caught-up")
             .data(format!("{{\"position\":\"{}\"}}", position_id(&last)));
-        out.send(Ok(ready)).await.map_err(|_| End::Closed)?;
+        deliver(&out, ready).await?;
         // Whether we just read from the database. Falling behind the broadcast then is our
         // doing, and the cure is another read; falling behind while following live means the
         // client does not take events as fast as they come.
@@ -296,7 +337,7 @@ async fn follow(
         Ok::<(), End>(())
     };
     let result = end.await;
-    hub.open.fetch_sub(1, Ordering::SeqCst);
+    hub.release(&token_name);
     metrics::gauge!(API_TAIL_CLIENTS).decrement(1.0);
     match result {
         Err(End::TooSlow) => {
@@ -338,7 +379,17 @@ async fn send(out: &Out, row: &TailRow) -> Result<(), End> {
         .id(position_id(&row.position))
         .event("audit")
         .data(&row.json);
-    out.send(Ok(event)).await.map_err(|_| End::Closed)
+    deliver(out, event).await
+}
+
+/// Queues one event for the client; a client that takes nothing for [`SLOW_CLIENT`] while its
+/// queue is full is too slow.
+async fn deliver(out: &Out, event: SseEvent) -> Result<(), End> {
+    match out.send_timeout(Ok(event), SLOW_CLIENT).await {
+        Ok(()) => Ok(()),
+        Err(mpsc::error::SendTimeoutError::Timeout(_)) => Err(End::TooSlow),
+        Err(mpsc::error::SendTimeoutError::Closed(_)) => Err(End::Closed),
+    }
 }
 
 #[cfg(test)]

@@ -131,16 +131,25 @@ fn refuse(kind: RefusalKind, detail: impl Into<String>) -> Refusal {
 /// twice, so it is fixed.
 const ID_NAMESPACE: &[u8] = b"auditbridge.sources.v1\0";
 
-/// The v1 id of the foreign event `foreign_id` of source `source`: deterministic, so a
-/// re-delivery gets the same id. With a known `occurred_at` the id is UUIDv7-shaped (its
+/// The v1 id of the foreign event `foreign_id` of source `source` for `tenant`:
+/// deterministic, so a re-delivery gets the same id. The tenant is part of it because a
+/// multi-tenant source may number its events per tenant: without it, tenant B's `evt_1`
+/// would get tenant A's id and be dropped as a duplicate. With a known `occurred_at` the id is UUIDv7-shaped (its
 /// first 48 bits are the event's Unix milliseconds, so ids stay time-ordered, which keeps the
 /// primary-key index append-mostly); without one it is a UUIDv8 of the hash alone (the
 /// receive time cannot be part of it: it differs per delivery). The remaining bits are the
-/// SHA-256 of the namespace, the source name and the foreign id.
-pub fn derive_id(source: &str, foreign_id: &str, occurred_at: Option<OffsetDateTime>) -> Uuid {
+/// SHA-256 of the namespace, the source name, the tenant and the foreign id.
+pub fn derive_id(
+    source: &str,
+    tenant: &str,
+    foreign_id: &str,
+    occurred_at: Option<OffsetDateTime>,
+) -> Uuid {
     let mut h = Sha256::new();
     h.update(ID_NAMESPACE);
     h.update(source.as_bytes());
+    h.update([0]);
+    h.update(tenant.as_bytes());
     h.update([0]);
     h.update(foreign_id.as_bytes());
     let digest = h.finalize();
@@ -338,9 +347,10 @@ impl FieldMapping {
             }
         }
         metadata.insert("source_event_id".into(), Value::String(foreign_id.clone()));
+        let tenant = required(&self.tenant, doc, "tenant")?;
         let event = Event {
-            id: derive_id(source, &foreign_id, occurred_at),
-            tenant: required(&self.tenant, doc, "tenant")?,
+            id: derive_id(source, &tenant, &foreign_id, occurred_at),
+            tenant,
             occurred_at: occurred_at.unwrap_or(received_at),
             action: action.clone(),
             outcome,
@@ -460,10 +470,12 @@ mod tests {
         let t = time::macros::datetime!(2026-11-23 10:00:00 UTC);
         let ms = u64::try_from(t.unix_timestamp() * 1000).unwrap();
         assert_eq!(a.id.as_u128() >> 80, u128::from(ms));
-        let v8 = derive_id("gh", "d-1", None);
+        let v8 = derive_id("gh", "acme", "d-1", None);
         assert_eq!(v8.get_version_num(), 8);
-        assert_eq!(v8, derive_id("gh", "d-1", None));
-        assert_ne!(v8, derive_id("gh", "d-2", None));
+        assert_eq!(v8, derive_id("gh", "acme", "d-1", None));
+        assert_ne!(v8, derive_id("gh", "acme", "d-2", None));
+        // Per-tenant numbering at the source must not collide across tenants.
+        assert_ne!(v8, derive_id("gh", "globex", "d-1", None));
     }
 
     #[test]
@@ -530,7 +542,7 @@ mod tests {
         // No occurred_at pointer: the receive time, and an id that does not depend on it.
         let e = ev(json!("ok")).unwrap();
         assert_eq!(e.occurred_at, now());
-        assert_eq!(e.id, derive_id("s", "1", None));
+        assert_eq!(e.id, derive_id("s", "acme", "1", None));
     }
 
     #[test]
