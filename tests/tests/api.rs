@@ -429,8 +429,23 @@ async fn stats_count_by_action_depth_and_outcome_per_bucket() -> anyhow::Result<
     assert_eq!(s["total"].as_u64().unwrap() as usize, mine.len());
     let buckets = s["buckets"].as_array().unwrap();
     assert_eq!(buckets.len(), 48, "24 hours of 30-minute buckets");
-    let sum: u64 = buckets.iter().map(|b| b["total"].as_u64().unwrap()).sum();
-    assert_eq!(sum as usize, mine.len());
+    // Each event is counted in the bucket its occurred_at falls in.
+    let fmt = &time::format_description::well_known::Rfc3339;
+    let since = time::OffsetDateTime::parse(s["since"].as_str().unwrap(), fmt)?;
+    let mut want = vec![0u64; 48];
+    for e in &mine {
+        let index = (e.occurred_at - since).whole_seconds() / 1800;
+        want[index as usize] += 1;
+    }
+    let got: Vec<u64> = buckets
+        .iter()
+        .map(|b| b["total"].as_u64().unwrap())
+        .collect();
+    assert_eq!(got, want, "counts per bucket");
+    for (i, b) in buckets.iter().enumerate() {
+        let start = time::OffsetDateTime::parse(b["start"].as_str().unwrap(), fmt)?;
+        assert_eq!(start, since + time::Duration::seconds(1800 * i as i64));
+    }
     Ok(())
 }
 

@@ -71,12 +71,19 @@ async fn stats(
     let mut parsed = params::parse(Endpoint::Stats, &pairs, &principal)?;
     let bucket = parsed.bucket.unwrap_or(Duration::from_secs(3600));
     let depth = parsed.int("depth");
-    let now = OffsetDateTime::now_utc();
-    let until = parsed.filter.until.unwrap_or(now);
-    let since = parsed
-        .filter
-        .since
-        .unwrap_or(until - time::Duration::hours(24));
+    // PostgreSQL keeps microseconds: bucket starts computed here must be the ones it computes,
+    // or a count lands in the neighbouring bucket.
+    let micros = |t: OffsetDateTime| {
+        t.replace_nanosecond(t.nanosecond() / 1000 * 1000)
+            .unwrap_or(t)
+    };
+    let until = micros(parsed.filter.until.unwrap_or_else(OffsetDateTime::now_utc));
+    let since = micros(
+        parsed
+            .filter
+            .since
+            .unwrap_or(until - time::Duration::hours(24)),
+    );
     if since >= until {
         return Err(ApiError::bad("since", "must be earlier than until"));
     }
@@ -114,7 +121,8 @@ async fn stats(
         .collect();
     for r in rows {
         totals.add(&r.action, &r.outcome, r.count);
-        let index = ((r.bucket - since).whole_seconds().max(0) as u64 / width) as usize;
+        let index = ((r.bucket - since).whole_microseconds().max(0)
+            / (i128::from(width) * 1_000_000)) as usize;
         if let Some(b) = by_bucket.get_mut(index) {
             b.counts.add(&r.action, &r.outcome, r.count);
         }
