@@ -506,3 +506,41 @@ pub(crate) fn synthetic(generator: &mut Generator, n: usize) -> Vec<(Event, Byte
         })
         .collect()
 }
+
+/// `auditbridge serve` in process on free ports, with one admin token, for the parts that
+/// measure the API.
+pub(crate) struct BenchApi {
+    /// `http://127.0.0.1:<port>`.
+    pub(crate) base: String,
+    pub(crate) token: String,
+    shutdown: tokio_util::sync::CancellationToken,
+    serving: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl BenchApi {
+    pub(crate) async fn start(config: &Config, scopes: &[&str]) -> anyhow::Result<BenchApi> {
+        let token = auditbridge_api::auth::generate_token();
+        let mut api_config = config.clone();
+        api_config.api_addr = "127.0.0.1:0".parse()?;
+        api_config.metrics_addr = "127.0.0.1:0".parse()?;
+        api_config.api_tokens = vec![serde_json::json!({
+            "name": "bench", "admin": true, "scopes": scopes,
+            "sha256": auditbridge_api::auth::hash_token(&token)
+        })];
+        let server = auditbridge_api::Server::build(api_config).await?;
+        let base = format!("http://{}", server.local_addr());
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let serving = tokio::spawn(server.run(shutdown.clone()));
+        Ok(BenchApi {
+            base,
+            token,
+            shutdown,
+            serving,
+        })
+    }
+
+    pub(crate) async fn stop(self) {
+        self.shutdown.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(10), self.serving).await;
+    }
+}

@@ -18,9 +18,8 @@ use auditbridge_event::synth::Generator;
 use auditbridge_sources::{Outgoing, Publisher, Sink as _};
 use auditbridge_store::Store;
 use futures::StreamExt as _;
-use tokio_util::sync::CancellationToken;
 
-use crate::bench::{Args, Names, spawn_worker, stop_worker};
+use crate::bench::{Args, BenchApi, Names, spawn_worker, stop_worker};
 
 pub(crate) async fn measure(
     args: &Args,
@@ -76,18 +75,8 @@ pub(crate) async fn measure(
     drop(batches);
 
     // The server, in process, with an ingest token for every tenant.
-    let token = auditbridge_api::auth::generate_token();
-    let mut api_config = config.clone();
-    api_config.api_addr = "127.0.0.1:0".parse()?;
-    api_config.metrics_addr = "127.0.0.1:0".parse()?;
-    api_config.api_tokens = vec![serde_json::json!({
-        "name": "bench", "admin": true, "scopes": ["ingest"],
-        "sha256": auditbridge_api::auth::hash_token(&token)
-    })];
-    let server = auditbridge_api::Server::build(api_config).await?;
-    let url = format!("http://{}/v1/ingest", server.local_addr());
-    let shutdown = CancellationToken::new();
-    let serving = tokio::spawn(server.run(shutdown.clone()));
+    let api = BenchApi::start(config, &["ingest"]).await?;
+    let (url, token) = (format!("{}/v1/ingest", api.base), api.token.clone());
     let http = reqwest::Client::new();
 
     let result = async {
@@ -125,8 +114,7 @@ pub(crate) async fn measure(
         anyhow::Ok(())
     }
     .await;
-    shutdown.cancel();
-    let _ = tokio::time::timeout(Duration::from_secs(10), serving).await;
+    api.stop().await;
     result
 }
 

@@ -17,9 +17,8 @@ use auditbridge_config::Config;
 use auditbridge_event::synth::Generator;
 use auditbridge_store::{EventFilter, NewEvent, Order, PageQuery, Store};
 use time::format_description::well_known::Rfc3339;
-use tokio_util::sync::CancellationToken;
 
-use crate::bench::{Args, synthetic};
+use crate::bench::{Args, BenchApi, synthetic};
 
 /// Requests per latency figure.
 const SAMPLES: usize = 200;
@@ -32,23 +31,12 @@ pub(crate) async fn measure(args: &Args, config: &Config, store: &Store) -> anyh
     load(store, args.query_events, args.tenants).await?;
     store.bench_analyze().await?;
 
-    let token = auditbridge_api::auth::generate_token();
-    let mut api_config = config.clone();
-    api_config.api_addr = "127.0.0.1:0".parse()?;
-    api_config.metrics_addr = "127.0.0.1:0".parse()?;
-    api_config.api_tokens = vec![serde_json::json!({
-        "name": "bench", "admin": true,
-        "sha256": auditbridge_api::auth::hash_token(&token)
-    })];
-    let server = auditbridge_api::Server::build(api_config).await?;
-    let base = format!("http://{}", server.local_addr());
-    let shutdown = CancellationToken::new();
-    let serving = tokio::spawn(server.run(shutdown.clone()));
+    let api = BenchApi::start(config, &["read"]).await?;
     let http = reqwest::Client::new();
     let client = Client {
         http: &http,
-        base: &base,
-        token: &token,
+        base: &api.base,
+        token: &api.token,
     };
 
     let result = async {
@@ -140,8 +128,7 @@ pub(crate) async fn measure(args: &Args, config: &Config, store: &Store) -> anyh
         tail_run(store, &client, args).await
     }
     .await;
-    shutdown.cancel();
-    let _ = tokio::time::timeout(Duration::from_secs(10), serving).await;
+    api.stop().await;
     result
 }
 
