@@ -841,3 +841,24 @@ async fn serve_from_the_cli_with_a_new_token_never_logs_it_and_stops_on_sigterm(
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_query_pool_cancels_statements_that_run_too_long() -> anyhow::Result<()> {
+    let env = TestEnv::new().await?;
+    let store = auditbridge_store::Store::connect_lazy_for_queries(
+        &env.database_url,
+        2,
+        Duration::from_millis(200),
+    )?;
+    let err = sqlx::query("SELECT pg_sleep(2)")
+        .execute(store.pool())
+        .await
+        .expect_err("the statement must be cancelled");
+    let code = err
+        .as_database_error()
+        .and_then(|e| e.code().map(|c| c.into_owned()));
+    assert_eq!(code.as_deref(), Some("57014"), "{err}");
+    sqlx::query("SELECT 1").execute(store.pool()).await?;
+    store.close().await;
+    Ok(())
+}

@@ -47,6 +47,9 @@ use tokio_util::task::TaskTracker;
 pub use auth::{Principal, Scope, Tokens};
 pub use error::ApiError;
 
+/// Longest one SQL statement of the API may run.
+const QUERY_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// What every handler can reach.
 #[derive(Clone)]
 pub struct AppState {
@@ -93,7 +96,13 @@ impl Server {
         let metrics_listener = TcpListener::bind(config.metrics_addr)
             .await
             .with_context(|| format!("binding AUDITBRIDGE_METRICS_ADDR={}", config.metrics_addr))?;
-        let store = Store::connect_lazy(&config.database_url, config.ingest.db_max_connections)?;
+        // A statement that runs longer than this is cancelled by PostgreSQL: one costly
+        // request (a replay from the start of a large trail) cannot hold the pool.
+        let store = Store::connect_lazy_for_queries(
+            &config.database_url,
+            config.ingest.db_max_connections,
+            QUERY_TIMEOUT,
+        )?;
         let nats = auditbridge_worker::connect_nats(&config.nats_url, "auditbridge-serve").await?;
         let (hub, hub_start) = tail::Hub::new(store.clone(), config.api_heartbeat);
         Ok(Server {

@@ -111,6 +111,27 @@ impl Store {
         Ok(Store::from_pool(pool))
     }
 
+    /// Like [`Store::connect_lazy`], for readers that serve other people's requests (the
+    /// query API): every statement is cancelled by PostgreSQL after `statement_timeout`, so a
+    /// costly request cannot hold a connection, and the pool, indefinitely.
+    pub fn connect_lazy_for_queries(
+        url: &str,
+        max_connections: u32,
+        statement_timeout: Duration,
+    ) -> Result<Store, StoreError> {
+        let options = connect_options(url)?.options([(
+            "statement_timeout",
+            format!("{}ms", statement_timeout.as_millis()),
+        )]);
+        let pool = PgPoolOptions::new()
+            .max_connections(max_connections)
+            .min_connections(0)
+            .acquire_timeout(Duration::from_secs(5))
+            .test_before_acquire(false)
+            .connect_lazy_with(options);
+        Ok(Store::from_pool(pool))
+    }
+
     pub fn from_pool(pool: PgPool) -> Store {
         Store {
             pool,
