@@ -354,7 +354,8 @@ pub fn free_addr() -> anyhow::Result<SocketAddr> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?)
 }
 
-fn log_path(name: &str) -> PathBuf {
+/// `target/<profile>/test-logs/<name>.log` (the folder is created).
+pub(crate) fn log_path(name: &str) -> PathBuf {
     let dir = binary().with_file_name("test-logs");
     let _ = std::fs::create_dir_all(&dir);
     dir.join(format!("{name}.log"))

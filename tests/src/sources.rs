@@ -38,10 +38,7 @@ impl Process {
             ("AUDITBRIDGE_METRICS_ADDR", &metrics_s),
         ];
         vars.extend_from_slice(extra);
-        let log = crate::binary()
-            .with_file_name("test-logs")
-            .join(format!("{}-{name}.log", env.tag));
-        let _ = std::fs::create_dir_all(log.parent().expect("a log directory"));
+        let log = crate::log_path(&format!("{}-{name}", env.tag));
         let file = std::fs::File::create(&log)?;
         let child = env
             .command(args, &vars)
@@ -130,21 +127,4 @@ impl Process {
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
-}
-
-/// A token and the `AUDITBRIDGE_API_TOKENS` entry holding its hash.
-pub fn token_entry(
-    name: &str,
-    tenant: Option<&str>,
-    scopes: &[&str],
-) -> (String, serde_json::Value) {
-    use sha2::Digest as _;
-    let token = format!("abt_test_{name}_{}", uuid::Uuid::new_v4().simple());
-    let hash = hex::encode(sha2::Sha256::digest(token.as_bytes()));
-    let mut entry = serde_json::json!({"name": name, "sha256": hash, "scopes": scopes});
-    match tenant {
-        Some(t) => entry["tenant"] = t.into(),
-        None => entry["admin"] = true.into(),
-    }
-    (token, entry)
 }

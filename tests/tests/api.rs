@@ -9,6 +9,7 @@ use std::time::Duration;
 use auditbridge_event::{Event, Outcome, Target};
 use auditbridge_tests::TestEnv;
 use auditbridge_tests::api::{ApiServer, Token};
+use auditbridge_tests::sources::Process;
 use serde_json::Value;
 use uuid::Uuid;
 
@@ -782,39 +783,27 @@ async fn serve_from_the_cli_with_a_new_token_never_logs_it_and_stops_on_sigterm(
     assert_eq!(bad.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("tenant"));
 
-    let addr = auditbridge_tests::free_addr()?;
-    let log = std::env::temp_dir().join(format!("ab-serve-{}.log", env.tag));
-    let file = std::fs::File::create(&log)?;
     let tokens = format!("[{entry}]");
-    let mut serve = env
-        .command(
-            &["serve"],
-            &[
-                ("AUDITBRIDGE_API_ADDR", &addr.to_string()),
-                ("AUDITBRIDGE_API_TOKENS", &tokens),
-                ("AUDITBRIDGE_LOG", "debug"),
-            ],
-        )
-        .stdout(file.try_clone()?)
-        .stderr(file)
-        .spawn()?;
+    let mut serve = Process::spawn(
+        &env,
+        "serve",
+        &["serve"],
+        &[
+            ("AUDITBRIDGE_API_TOKENS", &tokens),
+            ("AUDITBRIDGE_LOG", "debug"),
+        ],
+    )?;
+    serve.wait_listening(T).await?;
     let http = reqwest::Client::new();
-    let url = format!("http://{addr}/v1/events?limit=1000");
-    let deadline = std::time::Instant::now() + T;
-    let body: Value = loop {
-        match http.get(&url).bearer_auth(&token).send().await {
-            Ok(r) if r.status() == 200 => break r.json().await?,
-            _ if std::time::Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            other => anyhow::bail!("serve did not answer: {other:?}"),
-        }
-    };
+    let url = serve.url("/v1/events?limit=1000");
+    let resp = http.get(&url).bearer_auth(&token).send().await?;
+    assert_eq!(resp.status(), 200);
+    let body: Value = resp.json().await?;
     assert_eq!(
         body["events"].as_array().unwrap().len(),
         events.iter().filter(|e| e.tenant == "acme").count()
     );
-    // A wrong token and a malformed header are refused; neither appears in the log.
+    // A wrong token is refused, and does not appear in the log either.
     let wrong = format!("{token}x");
     assert_eq!(
         http.get(&url).bearer_auth(&wrong).send().await?.status(),
@@ -822,18 +811,14 @@ async fn serve_from_the_cli_with_a_new_token_never_logs_it_and_stops_on_sigterm(
     );
     // An open live tail must not hold up shutdown.
     let _tail = http
-        .get(format!("http://{addr}/v1/events/stream"))
+        .get(serve.url("/v1/events/stream"))
         .bearer_auth(&token)
         .send()
         .await?;
-    let pid = serve.id().expect("running");
-    std::process::Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status()?;
-    let status = tokio::time::timeout(Duration::from_secs(20), serve.wait()).await??;
+    serve.signal("TERM");
+    let status = serve.wait_exit(Duration::from_secs(20)).await?;
     assert!(status.success(), "serve exited with {status}");
-    let text = std::fs::read_to_string(&log)?;
-    let _ = std::fs::remove_file(&log);
+    let text = serve.log_text();
     assert!(text.contains("API server listening"), "{text}");
     assert!(
         !text.contains(&token) && !text.contains(&wrong),

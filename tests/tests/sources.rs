@@ -12,7 +12,8 @@ use auditbridge_event::Event;
 use auditbridge_sources::signature::sign;
 use auditbridge_sources::{SourceKind, parse_sources};
 use auditbridge_tests::TestEnv;
-use auditbridge_tests::sources::{Process, token_entry};
+use auditbridge_tests::api::Token;
+use auditbridge_tests::sources::Process;
 use serde_json::{Value, json};
 use uuid::Uuid;
 
@@ -73,9 +74,10 @@ async fn http_ingest_accepts_per_event_and_scopes_tokens_to_their_tenant() -> an
     let mut env = TestEnv::new().await?;
     let worker = env.spawn_worker("w", &[]).await?;
     worker.wait_ready(WAIT).await?;
-    let (acme, acme_entry) = token_entry("acme-ingest", Some("acme"), &["ingest"]);
-    let (reader, reader_entry) = token_entry("acme-read", Some("acme"), &["read"]);
-    let tokens = json!([acme_entry, reader_entry]).to_string();
+    let acme_token = Token::tenant("acme-ingest", "acme", &["ingest"]);
+    let reader_token = Token::tenant("acme-read", "acme", &["read"]);
+    let (acme, reader) = (acme_token.token.clone(), reader_token.token.clone());
+    let tokens = json!([acme_token.entry, reader_token.entry]).to_string();
     let mut serve = Process::spawn(
         &env,
         "serve",
