@@ -233,13 +233,9 @@ fn parse_one(value: &Value, label: &str) -> Result<SourceConfig, ConfigError> {
     })?;
     let name = raw.name;
     // Source names appear in URLs (/v1/webhooks/<name>), metric labels and file names.
-    let valid_name = !name.is_empty()
-        && name.len() <= 63
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
-        && name.as_bytes()[0].is_ascii_alphanumeric();
-    if !valid_name {
+    // Names follow the tenant grammar, [a-z0-9][a-z0-9_-]{0,62}: they appear in metric labels
+    // (and, for sources, in URLs and file names).
+    if auditbridge_event::validate_tenant(&name).is_err() {
         return Err(err(
             label,
             "name",
