@@ -174,7 +174,7 @@ impl Store {
     /// The cursor for a start position: `Now` is the current head; `Earliest` is before
     /// everything; `At(t)` is just before the first event (in commit-safe order) stored at or
     /// after `t`, so every such event is delivered (a few stored just before `t` may be too).
-    async fn position_for(&self, start: &StartAt) -> Result<Position, StoreError> {
+    pub(crate) async fn position_for(&self, start: &StartAt) -> Result<Position, StoreError> {
         let found: Option<(String, i64)> = match start {
             StartAt::Earliest => return Ok(Position::start()),
             StartAt::Now => sqlx::query_as(HEAD).fetch_optional(&self.pool).await?,

@@ -10,7 +10,7 @@ use sqlx::{Postgres, QueryBuilder};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use crate::outbox::Position;
+use crate::outbox::{Position, StartAt};
 use crate::{Store, StoreError};
 
 /// Values a field must (or must not) have. Empty lists mean "no condition".
@@ -326,16 +326,8 @@ impl Store {
     /// The position of the newest event a commit-safe reader can have passed right now: a
     /// live tail without a cursor starts here.
     pub async fn tail_head(&self) -> Result<Position, StoreError> {
-        let found: Option<(String, i64)> = sqlx::query_as(
-            "SELECT tx_id::text AS tx_text, seq FROM audit_events \
-             WHERE tx_id < pg_snapshot_xmin(pg_current_snapshot()) \
-             ORDER BY tx_id DESC, seq DESC LIMIT 1",
-        )
-        .fetch_optional(&self.pool)
-        .await?;
-        Ok(found
-            .map(|(tx_id, seq)| Position { tx_id, seq })
-            .unwrap_or_else(Position::start))
+        // The same position a destination created with `start: now` begins at.
+        self.position_for(&StartAt::Now).await
     }
 
     /// Counts by time bucket, action (cut to `depth` tokens) and outcome, for `filter`'s time
