@@ -496,6 +496,20 @@ impl Histogram {
     }
 }
 
+/// Writes `events` (as [`synthetic`] makes them) in one batch straight through the store's
+/// writer, without NATS: how the benchmarks fill a backlog or a trail.
+pub(crate) async fn persist_synthetic(
+    store: &Store,
+    events: &[(Event, Bytes)],
+) -> anyhow::Result<()> {
+    let rows: Vec<NewEvent<'_>> = events
+        .iter()
+        .map(|(event, raw)| NewEvent { event, raw })
+        .collect();
+    store.persist(&rows, &[]).await?;
+    Ok(())
+}
+
 /// `n` synthetic events, each with its JSON as published.
 pub(crate) fn synthetic(generator: &mut Generator, n: usize) -> Vec<(Event, Bytes)> {
     (0..n)

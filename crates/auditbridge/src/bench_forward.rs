@@ -18,7 +18,7 @@ use anyhow::{Context as _, bail};
 use async_nats::jetstream;
 use auditbridge_config::Config;
 use auditbridge_event::synth::Generator;
-use auditbridge_store::{NewEvent, Store};
+use auditbridge_store::Store;
 use bytes::Bytes;
 use futures::StreamExt as _;
 use lapin::options::{
@@ -30,7 +30,9 @@ use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Connection, ConnectionProperties, ExchangeKind};
 use uuid::Uuid;
 
-use crate::bench::{Args, Names, peak_rss_kib, rss_kib, spawn_worker, stop_worker, synthetic};
+use crate::bench::{
+    Args, Names, peak_rss_kib, persist_synthetic, rss_kib, spawn_worker, stop_worker, synthetic,
+};
 use crate::publish::{Outgoing, publish_all};
 
 const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
@@ -292,11 +294,7 @@ async fn fill_backlog(store: &Store, n: usize, tenants: usize) -> anyhow::Result
     while left > 0 {
         let chunk = left.min(5_000);
         let events = synthetic(&mut generator, chunk);
-        let rows: Vec<NewEvent<'_>> = events
-            .iter()
-            .map(|(event, raw)| NewEvent { event, raw })
-            .collect();
-        store.persist(&rows, &[]).await?;
+        persist_synthetic(store, &events).await?;
         left -= chunk;
     }
     println!(

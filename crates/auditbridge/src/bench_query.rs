@@ -15,10 +15,10 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail};
 use auditbridge_config::Config;
 use auditbridge_event::synth::Generator;
-use auditbridge_store::{EventFilter, NewEvent, Order, PageQuery, Store};
+use auditbridge_store::{EventFilter, Order, PageQuery, Store};
 use time::format_description::well_known::Rfc3339;
 
-use crate::bench::{Args, BenchApi, synthetic};
+use crate::bench::{Args, BenchApi, persist_synthetic, synthetic};
 
 /// Requests per latency figure.
 const SAMPLES: usize = 200;
@@ -160,11 +160,7 @@ async fn load(store: &Store, n: usize, tenants: usize) -> anyhow::Result<()> {
                     e.occurred_at = now - time::Duration::milliseconds(back);
                     *raw = serde_json::to_vec(e)?.into();
                 }
-                let rows: Vec<NewEvent<'_>> = events
-                    .iter()
-                    .map(|(event, raw)| NewEvent { event, raw })
-                    .collect();
-                store.persist(&rows, &[]).await?;
+                persist_synthetic(&store, &events).await?;
                 done += chunk;
                 if w == 0 && (done / chunk).is_multiple_of(100) {
                     println!(
@@ -304,11 +300,7 @@ async fn tail_run(store: &Store, client: &Client<'_>, args: &Args) -> anyhow::Re
             while left > 0 {
                 let chunk = left.min(2_000);
                 let events = synthetic(&mut generator, chunk);
-                let rows: Vec<NewEvent<'_>> = events
-                    .iter()
-                    .map(|(event, raw)| NewEvent { event, raw })
-                    .collect();
-                store.persist(&rows, &[]).await?;
+                persist_synthetic(&store, &events).await?;
                 left -= chunk;
             }
             anyhow::Ok(started.elapsed())
