@@ -139,7 +139,7 @@ pub const STREAM: &[Param] = &[p(
     "cursor",
     Kind::Cursor,
     false,
-    "Resume after this event id of the stream (as `Last-Event-ID` does); without one the stream starts with the next event committed.",
+    "Resume after this event id of the stream (as `Last-Event-ID` does); without one the stream starts at the commit-safe head (events committed from now on, plus any committed a moment before while an older transaction was still running: never skipped).",
 )];
 
 pub const STATS: &[Param] = &[
