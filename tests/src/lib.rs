@@ -217,6 +217,29 @@ impl TestEnv {
         }
     }
 
+    /// Waits until every stored event is below the commit-safe horizon (older than every
+    /// transaction still running anywhere on the server), so that a live tail or relay
+    /// starting "now" starts after them. A transaction of another test running in parallel can
+    /// hold the horizon back for a moment.
+    pub async fn wait_below_horizon(&self, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let passed: bool = sqlx::query_scalar(
+                "SELECT coalesce(max(tx_id) < pg_snapshot_xmin(pg_current_snapshot()), true) \
+                 FROM audit_events",
+            )
+            .fetch_one(&self.pool)
+            .await?;
+            if passed {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("stored events stayed above the horizon for {timeout:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Waits until the consumer has nothing pending and nothing unacknowledged.
     pub async fn wait_for_drained(&self, timeout: Duration) -> anyhow::Result<()> {
         let deadline = Instant::now() + timeout;

@@ -460,25 +460,8 @@ async fn live_tail_replays_then_follows_without_gap_or_repeat_across_reconnects(
 
     // Without a cursor: only what is committed from now on. "Now" is the commit-safe horizon:
     // an event committed a moment ago while an older transaction (of any test sharing this
-    // server) was still running lies above it and is delivered, never skipped. So wait until
-    // the stored events are below the horizon, as they are once the cluster is quiet.
-    let deadline = std::time::Instant::now() + T;
-    loop {
-        let passed: bool = sqlx::query_scalar(
-            "SELECT coalesce(max(tx_id) < pg_snapshot_xmin(pg_current_snapshot()), true) \
-             FROM audit_events",
-        )
-        .fetch_one(&env.pool)
-        .await?;
-        if passed {
-            break;
-        }
-        anyhow::ensure!(
-            std::time::Instant::now() < deadline,
-            "the stored events stayed above the horizon"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    // server) was still running lies above it and is delivered, never skipped.
+    env.wait_below_horizon(T).await?;
     let mut tail = api.stream("action!=doc", &acme, None).await?;
     assert!(tail.caught_up(T).await?.is_empty());
 

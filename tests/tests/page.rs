@@ -26,6 +26,8 @@ async fn the_page_shows_a_tenants_events_charts_and_live_tail_in_chromium() -> a
     }
     env.publish(&events).await?;
     env.wait_for_count(60, Duration::from_secs(60)).await?;
+    // So that the page's tail (which starts "now") starts after them.
+    env.wait_below_horizon(Duration::from_secs(60)).await?;
     let acme = Token::tenant("browser", "acme", &["read"]);
     let api = ApiServer::start(&env, &[&acme], &[]).await?;
 
