@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::{Context as _, bail, ensure};
 use auditbridge_event::{Event, Target};
-use auditbridge_store::{DeadLetter, NewEvent, PersistOutcome, Store, StoreError};
+use auditbridge_store::{DeadLetter, NewEvent, Origin, PersistOutcome, Store, StoreError};
 use auditbridge_tests::{PG_BASE, TestEnv};
 use sqlx::{AssertSqlSafe, Connection as _, PgConnection};
 use time::OffsetDateTime;
@@ -323,12 +323,17 @@ async fn persist_deduplicates_events_and_dead_letters() -> anyhow::Result<()> {
     let ids = env.stored_ids().await?;
     assert_eq!(ids, items.iter().map(|o| o.event.id).collect());
 
-    // Dead letters: one (stream, stream_seq) is kept once, whether it comes back in a later
-    // batch or twice in the same one.
-    let letter = DeadLetter {
+    // Dead letters: one message (stream, sequence, and the stream's timestamp of it) is kept
+    // once, whether it comes back in a later batch or twice in the same one.
+    let stored_at = OffsetDateTime::now_utc();
+    let origin = Origin {
         stream: &env.stream,
         stream_seq: 7,
+        stored_at,
         subject: "x.acme.user.login",
+    };
+    let letter = DeadLetter {
+        origin,
         payload: b"not json",
         kind: "not_json",
         reason: "payload is not valid JSON",
@@ -341,23 +346,41 @@ async fn persist_deduplicates_events_and_dead_letters() -> anyhow::Result<()> {
         "a redelivered dead letter was kept twice"
     );
     let other = DeadLetter {
-        stream_seq: 8,
+        origin: Origin {
+            stream_seq: 8,
+            ..origin
+        },
         ..letter
     };
     let out = store.persist(&[], &[other, other]).await?;
     assert_eq!(out.dead_lettered, 1, "a dead letter twice in one batch");
+    // The same sequence in a stream created again (another message, stored later): kept too.
+    let reused = DeadLetter {
+        origin: Origin {
+            stored_at: stored_at + time::Duration::seconds(1),
+            ..origin
+        },
+        ..letter
+    };
+    let out = store.persist(&[], &[reused]).await?;
+    assert_eq!(
+        out.dead_lettered, 1,
+        "a reused sequence hid a new dead letter"
+    );
     let n: i64 = sqlx::query_scalar("SELECT count(*) FROM dead_letters")
         .fetch_one(&env.pool)
         .await?;
-    assert_eq!(n, 2);
+    assert_eq!(n, 3);
 
     // U+0000 cannot be stored in text: subject and reason get U+FFFD; the payload is bytea
     // and kept byte for byte. Stored together with an event, in one transaction.
     let payload: &[u8] = b"\x00\xff\xfe{\"a\":\0}\\\t\n\r";
     let nul = DeadLetter {
-        stream: &env.stream,
-        stream_seq: 9,
-        subject: "x.ac\0me.user.login",
+        origin: Origin {
+            stream_seq: 9,
+            subject: "x.ac\0me.user.login",
+            ..origin
+        },
         payload,
         kind: "schema",
         reason: "tenant: \0 is not allowed",
