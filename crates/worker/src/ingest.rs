@@ -203,11 +203,16 @@ impl Ingest {
             match holding(&batch, &mut progress, attempt).await {
                 Ok(outcome) => {
                     histogram!(PERSIST_DURATION).record(started.elapsed().as_secs_f64());
-                    if failures > 0 || isolate {
+                    if failures > 0 {
                         tracing::info!(
                             attempts = failures + 1,
                             isolated = isolate,
-                            message = "PostgreSQL accepted the batch."
+                            message = "PostgreSQL accepted the batch again."
+                        );
+                    } else if isolate {
+                        tracing::info!(
+                            dead_lettered = outcome.dead.len(),
+                            message = "PostgreSQL accepted the isolated batch."
                         );
                     }
                     self.health.db.store(true, Ordering::Relaxed);
