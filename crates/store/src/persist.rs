@@ -164,9 +164,13 @@ impl Store {
     /// Events go in by `COPY`, the fastest path PostgreSQL has. `COPY` has no `ON CONFLICT`,
     /// so when a batch holds an id that is already stored the transaction is rolled back and
     /// the batch is written again with `INSERT ... ON CONFLICT (id) DO NOTHING`. (Not a
-    /// savepoint: a subtransaction costs on every row it writes, and conflicts are rare.) Duplicates come in runs (a redelivery after a crash is a whole stream of
-    /// them), so after a conflict the writer uses the `INSERT` path directly until a batch
-    /// comes through without one.
+    /// savepoint: a subtransaction costs on every row it writes, and conflicts are rare.)
+    /// Duplicates come in runs (a redelivery after a crash is a whole stream of them), so
+    /// after a conflict the writer uses the `INSERT` path directly until a batch comes
+    /// through without one.
+    ///
+    /// This is the plain writer of tools and benchmarks: a stored id counts as a duplicate
+    /// whatever its content. The worker uses [`Store::ingest`], which compares it.
     ///
     /// The caller must not pass two events with the same id in one batch.
     pub async fn persist(
