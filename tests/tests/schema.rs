@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use anyhow::{Context as _, bail, ensure};
 use auditbridge_event::{Event, Target};
-use auditbridge_store::{DeadLetter, NewEvent, PersistOutcome, Store, StoreError};
+use auditbridge_store::{
+    DeadLetter, Incoming, NewEvent, Origin, PersistOutcome, Store, StoreError,
+};
 use auditbridge_tests::{PG_BASE, TestEnv};
 use sqlx::{AssertSqlSafe, Connection as _, PgConnection};
 use time::OffsetDateTime;
@@ -323,12 +325,17 @@ async fn persist_deduplicates_events_and_dead_letters() -> anyhow::Result<()> {
     let ids = env.stored_ids().await?;
     assert_eq!(ids, items.iter().map(|o| o.event.id).collect());
 
-    // Dead letters: one (stream, stream_seq) is kept once, whether it comes back in a later
-    // batch or twice in the same one.
-    let letter = DeadLetter {
+    // Dead letters: one message (stream, sequence, and the stream's timestamp of it) is kept
+    // once, whether it comes back in a later batch or twice in the same one.
+    let stored_at = OffsetDateTime::now_utc();
+    let origin = Origin {
         stream: &env.stream,
         stream_seq: 7,
+        stored_at,
         subject: "x.acme.user.login",
+    };
+    let letter = DeadLetter {
+        origin,
         payload: b"not json",
         kind: "not_json",
         reason: "payload is not valid JSON",
@@ -341,23 +348,41 @@ async fn persist_deduplicates_events_and_dead_letters() -> anyhow::Result<()> {
         "a redelivered dead letter was kept twice"
     );
     let other = DeadLetter {
-        stream_seq: 8,
+        origin: Origin {
+            stream_seq: 8,
+            ..origin
+        },
         ..letter
     };
     let out = store.persist(&[], &[other, other]).await?;
     assert_eq!(out.dead_lettered, 1, "a dead letter twice in one batch");
+    // The same sequence in a stream created again (another message, stored later): kept too.
+    let reused = DeadLetter {
+        origin: Origin {
+            stored_at: stored_at + time::Duration::seconds(1),
+            ..origin
+        },
+        ..letter
+    };
+    let out = store.persist(&[], &[reused]).await?;
+    assert_eq!(
+        out.dead_lettered, 1,
+        "a reused sequence hid a new dead letter"
+    );
     let n: i64 = sqlx::query_scalar("SELECT count(*) FROM dead_letters")
         .fetch_one(&env.pool)
         .await?;
-    assert_eq!(n, 2);
+    assert_eq!(n, 3);
 
     // U+0000 cannot be stored in text: subject and reason get U+FFFD; the payload is bytea
     // and kept byte for byte. Stored together with an event, in one transaction.
     let payload: &[u8] = b"\x00\xff\xfe{\"a\":\0}\\\t\n\r";
     let nul = DeadLetter {
-        stream: &env.stream,
-        stream_seq: 9,
-        subject: "x.ac\0me.user.login",
+        origin: Origin {
+            stream_seq: 9,
+            subject: "x.ac\0me.user.login",
+            ..origin
+        },
         payload,
         kind: "schema",
         reason: "tenant: \0 is not allowed",
@@ -374,6 +399,61 @@ async fn persist_deduplicates_events_and_dead_letters() -> anyhow::Result<()> {
     assert_eq!(reason, "tenant: \u{FFFD} is not allowed");
     assert_eq!(stored, payload);
     assert_eq!(kind, "schema");
+    Ok(())
+}
+
+/// A statement timeout is the database's fault, never the event's: the control row could
+/// not observe it (the next attempt may be fast). `ingest` and `ingest_isolated` both hold
+/// the batch, and nothing is dead-lettered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_statement_timeout_holds_the_batch_and_makes_no_dead_letter() -> anyhow::Result<()> {
+    let mut env = TestEnv::new().await?;
+    sqlx::raw_sql(
+        "CREATE FUNCTION test_slow() RETURNS trigger LANGUAGE plpgsql AS $$ \
+         BEGIN IF NEW.actor_id LIKE 'slow-%' THEN PERFORM pg_sleep(2); END IF; RETURN NEW; END $$; \
+         CREATE TRIGGER test_slow BEFORE INSERT ON audit_events \
+           FOR EACH ROW EXECUTE FUNCTION test_slow();",
+    )
+    .execute(&env.pool)
+    .await?;
+    let options: sqlx::postgres::PgConnectOptions = env.database_url.parse()?;
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect_with(options.options([("statement_timeout", "300ms")]))
+        .await?;
+    let store = Store::from_pool(pool);
+    let mut items = owned(env.events(5));
+    items[2].event.actor.id = "slow-1".into();
+    items[2].raw = serde_json::to_vec(&items[2].event)?;
+    let origin = Origin {
+        stream: &env.stream,
+        stream_seq: 1,
+        stored_at: OffsetDateTime::now_utc(),
+        subject: "x",
+    };
+    let incoming: Vec<Incoming<'_>> = batch(&items)
+        .into_iter()
+        .map(|event| Incoming {
+            event,
+            origin,
+            time_received: false,
+            legacy_id: None,
+        })
+        .collect();
+    for isolated in [false, true] {
+        let result = if isolated {
+            store.ingest_isolated(&incoming, &[]).await
+        } else {
+            store.ingest(&incoming, &[]).await
+        };
+        match result {
+            Err(StoreError::Unavailable(sqlx::Error::Database(e)))
+                if e.code().as_deref() == Some("57014") => {}
+            other => bail!("isolated={isolated}: expected a held batch (57014), got {other:?}"),
+        }
+    }
+    assert_eq!(env.count().await?, 0);
+    assert!(env.dead_letters().await?.is_empty());
     Ok(())
 }
 

@@ -4,15 +4,30 @@ use sqlx::error::DatabaseError;
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// The database could not do it now (down, restarting, overloaded, connection lost, a
-    /// schema object missing). Keep the batch, back off, retry.
+    /// statement cancelled or timed out, a deadlock). Keep the batch, back off, retry.
     // The inner error is part of the message, not a `#[source]`, so that `{:#}` chains do not
     // print it twice.
     #[error("database unavailable: {0}")]
     Unavailable(sqlx::Error),
-    /// The database refused the data itself (a data exception or a constraint). Retrying the
-    /// same rows cannot succeed.
-    #[error("database rejected the data: {0}")]
+    /// The database refused the statement for a reason that may lie in the rows themselves.
+    /// Retrying the same statement cannot succeed; writing the rows one by one
+    /// ([`crate::Store::ingest_isolated`]) tells which row, if any, is at fault.
+    #[error("database rejected the statement: {0}")]
     Rejected(sqlx::Error),
+    /// An event failed alone and a known-good control row failed in the same session too: the
+    /// database refuses every write now (permissions, read-only, disk), so no event is at
+    /// fault. Keep the batch, back off, retry.
+    #[error(
+        "database refuses writes (a control row was refused too): {control}; the event's error was: {event}"
+    )]
+    RefusesWrites {
+        event: sqlx::Error,
+        control: sqlx::Error,
+    },
+    /// The dead letters of a batch could not be written. Nothing else keeps those messages, so
+    /// the batch is held, unacknowledged, and retried with backoff.
+    #[error("database refused the dead letters: {0}")]
+    DeadLettersRefused(sqlx::Error),
     #[error(
         "the database schema is not up to date (missing migrations {missing:?}); run `auditbridge migrate`"
     )]
@@ -25,23 +40,45 @@ pub enum StoreError {
 
 impl StoreError {
     pub fn is_retryable(&self) -> bool {
-        matches!(self, StoreError::Unavailable(_))
+        matches!(
+            self,
+            StoreError::Unavailable(_)
+                | StoreError::RefusesWrites { .. }
+                | StoreError::DeadLettersRefused(_)
+        )
     }
 }
 
 impl From<sqlx::Error> for StoreError {
     fn from(e: sqlx::Error) -> Self {
-        match &e {
-            sqlx::Error::Database(db) if is_data_error(db.as_ref()) => StoreError::Rejected(e),
-            _ => StoreError::Unavailable(e),
+        if is_transient(&e) {
+            StoreError::Unavailable(e)
+        } else {
+            StoreError::Rejected(e)
         }
     }
 }
 
-/// SQLSTATE classes 22 (data exception) and 23 (integrity constraint violation) are about the
-/// rows themselves. Everything else — connection loss, shutdown, missing tables, permission
-/// changes — is about the database's state, and must not cost an event its place in the trail.
-fn is_data_error(e: &dyn DatabaseError) -> bool {
-    e.code()
-        .is_some_and(|code| code.starts_with("22") || code.starts_with("23"))
+/// Errors that say nothing about the rows, only about the database's state right now: no
+/// answer from the server (connection lost, pool timeout, I/O), or a SQLSTATE of class 08
+/// (connection), 40 (deadlock, serialization: another session's doing), 53 (out of disk,
+/// memory or connections), 57 (statement timeout or cancel, shutdown), 58 (system I/O), or a
+/// lock timeout (55P03). A control insert could not observe these (a timeout or a deadlock
+/// need not repeat), so they never make an event a dead letter. Every other refusal may be
+/// the rows' fault: the writer isolates the batch and asks a control insert.
+pub(crate) fn is_transient(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Database(db) => is_transient_code(db.as_ref()),
+        _ => true,
+    }
+}
+
+fn is_transient_code(e: &dyn DatabaseError) -> bool {
+    let Some(code) = e.code() else {
+        return true;
+    };
+    ["08", "40", "53", "57", "58"]
+        .iter()
+        .any(|class| code.starts_with(class))
+        || code == "55P03"
 }

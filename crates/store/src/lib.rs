@@ -1,13 +1,16 @@
 //! PostgreSQL access for Auditbridge. This is the only crate that speaks SQL.
 //!
 //! - [`migrate`] creates the database when it is missing and applies `migrations/`.
-//! - [`Store::persist`] writes one batch (events and dead letters) in one transaction.
+//! - [`Store::ingest`] writes one batch of the worker (events, conflicts and dead letters) in
+//!   one transaction; [`Store::ingest_isolated`] writes a batch the database refused event by
+//!   event, to find the event at fault. [`Store::persist`] is the plain writer tools use.
 //! - [`Store::status`] answers `auditbridge status`.
 //! - [`query`]: the query API's reads (pages, one event, the live tail, stats).
 //!
 //! Errors are split by what the caller should do: [`StoreError::Unavailable`] means "the
 //! database could not do it now, keep the batch and retry"; [`StoreError::Rejected`] means "the
-//! database refused this data", which the worker answers by isolating the offending event.
+//! database refused this statement", which the worker answers by isolating the batch: an event
+//! that fails alone while a control row succeeds is at fault, anything else is the database's.
 
 mod error;
 pub mod outbox;
@@ -17,7 +20,9 @@ mod status;
 
 pub use error::StoreError;
 pub use outbox::{Backlog, DestinationState, OutboxRow, Position, StartAt};
-pub use persist::{DeadLetter, NewEvent, PersistOutcome};
+pub use persist::{
+    CONFLICT, DB_REJECTED, DeadLetter, Incoming, Ingested, NewEvent, Origin, PersistOutcome,
+};
 pub use query::{Condition, EventFilter, Order, PageQuery, StatsRow, StoredEvent, TailRow};
 pub use status::{DeadLetterCount, Status};
 

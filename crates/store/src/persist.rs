@@ -1,11 +1,15 @@
 //! The batch writer: one transaction per batch, events and dead letters together.
 
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
 
 use auditbridge_event::Event;
+use sqlx::Row as _;
+use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 use uuid::Uuid;
 
+use crate::error::is_transient;
 use crate::{Store, StoreError};
 
 /// One validated event and the exact bytes it arrived as (stored as the `event` jsonb).
@@ -16,18 +20,64 @@ pub struct NewEvent<'a> {
     pub raw: &'a [u8],
 }
 
+/// Where a message came from in the stream: what identifies it, and what a dead letter keeps.
+#[derive(Debug, Clone, Copy)]
+pub struct Origin<'a> {
+    pub stream: &'a str,
+    pub stream_seq: u64,
+    /// When JetStream stored the message (its timestamp in the stream). With the sequence it
+    /// tells a message apart from another one that took the same sequence in a stream deleted
+    /// and created again (migration 0004); a redelivery carries the same timestamp.
+    pub stored_at: OffsetDateTime,
+    pub subject: &'a str,
+}
+
 /// One refused message, kept with its reason (guarantee 5).
 #[derive(Debug, Clone, Copy)]
 pub struct DeadLetter<'a> {
-    pub stream: &'a str,
-    pub stream_seq: u64,
-    pub subject: &'a str,
+    pub origin: Origin<'a>,
     pub payload: &'a [u8],
     /// A stable, low-cardinality label such as `schema` or `subject_mismatch`.
     pub kind: &'a str,
     /// What a person needs to fix it.
     pub reason: &'a str,
 }
+
+/// A valid event as the worker pulled it: the event, the message it came in, and the headers
+/// that say how to recognise an honest re-send of it.
+#[derive(Debug, Clone, Copy)]
+pub struct Incoming<'a> {
+    pub event: NewEvent<'a>,
+    pub origin: Origin<'a>,
+    /// `Auditbridge-Time: received`: the source filled `occurred_at` when it received the
+    /// event, so a re-delivery of the same event carries another one. A re-sent id is compared
+    /// with the stored event without `occurred_at`.
+    pub time_received: bool,
+    /// `Auditbridge-Legacy-Id`: the id an older derivation gave this event. If a row with that
+    /// id exists for the same tenant and source, the event is already stored (under its old
+    /// id) and this message is a duplicate.
+    pub legacy_id: Option<Uuid>,
+}
+
+/// What one batch of the worker did ([`Store::ingest`], [`Store::ingest_isolated`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Ingested {
+    /// New rows in `audit_events`.
+    pub inserted: u64,
+    /// Events already stored with the same content (redelivery, honest re-send, a legacy id).
+    pub duplicates: u64,
+    /// Events kept as dead letters instead, by index into the batch: the kind (`conflict`,
+    /// `db_rejected`) and the reason.
+    pub dead: Vec<(usize, &'static str, String)>,
+    /// New rows in `dead_letters`, these and the refused messages passed in (a redelivered
+    /// message is kept once).
+    pub dead_lettered: u64,
+}
+
+/// Dead-letter kind of a re-sent id whose content differs from the stored event.
+pub const CONFLICT: &str = "conflict";
+/// Dead-letter kind of an event the database refuses alone while it accepts a control row.
+pub const DB_REJECTED: &str = "db_rejected";
 
 /// What one batch did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -53,10 +103,58 @@ const INSERT_EVENTS: &str = "INSERT INTO audit_events \
          AS u(id, tenant, action, outcome, occurred_at, actor_id, target_id, source, event) \
     ON CONFLICT (id) DO NOTHING";
 
+/// [`INSERT_EVENTS`] that says which rows it inserted: the others' ids were already stored.
+const INSERT_EVENTS_RETURNING: &str = "INSERT INTO audit_events \
+    (id, tenant, action, outcome, occurred_at, actor_id, target_id, source, event) \
+    SELECT u.id, u.tenant, u.action, u.outcome, u.occurred_at, u.actor_id, u.target_id, \
+           u.source, u.event::jsonb \
+    FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::timestamptz[], \
+                $6::text[], $7::text[], $8::text[], $9::text[]) \
+         AS u(id, tenant, action, outcome, occurred_at, actor_id, target_id, source, event) \
+    ON CONFLICT (id) DO NOTHING \
+    RETURNING id";
+
+/// A row nobody will see (it is rolled back at once), written through the same columns as
+/// events: if the database refuses it, the database refuses writes, whatever the event.
+const CONTROL_INSERT: &str = "INSERT INTO audit_events \
+    (id, tenant, action, outcome, occurred_at, actor_id, target_id, source, event) \
+    VALUES ($1, 'auditbridge-control', 'auditbridge.control', 'unknown', now(), \
+            'auditbridge-control', NULL, 'auditbridge', '{}'::jsonb)";
+
+/// The events of the batch (by index) already stored under their legacy id, for the same
+/// tenant and source.
+const LEGACY_DUPLICATES: &str = "SELECT u.i FROM \
+    UNNEST($1::int4[], $2::uuid[], $3::text[], $4::text[]) AS u(i, id, tenant, source) \
+    JOIN audit_events a ON a.id = u.id AND a.tenant = u.tenant AND a.source = u.source";
+
+/// For events whose id was already stored: the stored event's tenant, source and time, and
+/// the top-level fields in which the message differs from it (none: an honest re-send). With
+/// `loose` (`Auditbridge-Time: received`) `occurred_at` is left out of the comparison.
+/// Equality is jsonb's, so key order, white space and number spelling do not count.
+const COMPARE_STORED: &str = "WITH u AS ( \
+        SELECT i, id, raw::jsonb AS e, loose \
+        FROM UNNEST($1::int4[], $2::uuid[], $3::text[], $4::bool[]) AS t(i, id, raw, loose) \
+    ), c AS ( \
+        SELECT u.i, a.tenant, a.source, a.received_at, \
+               CASE WHEN u.loose THEN a.event - 'occurred_at' ELSE a.event END AS stored, \
+               CASE WHEN u.loose THEN u.e - 'occurred_at' ELSE u.e END AS sent \
+        FROM u JOIN audit_events a ON a.id = u.id \
+    ) \
+    SELECT i, tenant, source, received_at, \
+           ARRAY(SELECT k FROM (SELECT jsonb_object_keys(stored) \
+                                UNION SELECT jsonb_object_keys(sent)) AS keys(k) \
+                 WHERE stored -> k IS DISTINCT FROM sent -> k ORDER BY k) AS differs \
+    FROM c";
+
 const INSERT_DEAD_LETTERS: &str = "INSERT INTO dead_letters \
-    (stream, stream_seq, subject, payload, kind, reason) \
-    SELECT * FROM UNNEST($1::text[], $2::int8[], $3::text[], $4::bytea[], $5::text[], $6::text[]) \
-    ON CONFLICT (stream, stream_seq) DO NOTHING";
+    (stream, stream_seq, stream_stored_at, subject, payload, kind, reason) \
+    SELECT * FROM UNNEST($1::text[], $2::int8[], $3::timestamptz[], $4::text[], $5::bytea[], \
+                         $6::text[], $7::text[]) \
+    ON CONFLICT (stream, stream_seq, stream_stored_at) DO NOTHING";
+
+/// The longest reason written for `conflict` and `db_rejected` (the database's message can
+/// quote a whole value).
+const MAX_REASON_CHARS: usize = 2000;
 
 impl Store {
     /// Writes one batch in one transaction and commits it. When this returns `Ok`, every event
@@ -66,9 +164,13 @@ impl Store {
     /// Events go in by `COPY`, the fastest path PostgreSQL has. `COPY` has no `ON CONFLICT`,
     /// so when a batch holds an id that is already stored the transaction is rolled back and
     /// the batch is written again with `INSERT ... ON CONFLICT (id) DO NOTHING`. (Not a
-    /// savepoint: a subtransaction costs on every row it writes, and conflicts are rare.) Duplicates come in runs (a redelivery after a crash is a whole stream of
-    /// them), so after a conflict the writer uses the `INSERT` path directly until a batch
-    /// comes through without one.
+    /// savepoint: a subtransaction costs on every row it writes, and conflicts are rare.)
+    /// Duplicates come in runs (a redelivery after a crash is a whole stream of them), so
+    /// after a conflict the writer uses the `INSERT` path directly until a batch comes
+    /// through without one.
+    ///
+    /// This is the plain writer of tools and benchmarks: a stored id counts as a duplicate
+    /// whatever its content. The worker uses [`Store::ingest`], which compares it.
     ///
     /// The caller must not pass two events with the same id in one batch.
     pub async fn persist(
@@ -188,6 +290,17 @@ async fn insert_events(
     conn: &mut sqlx::PgConnection,
     events: &[NewEvent<'_>],
 ) -> Result<u64, sqlx::Error> {
+    let done = bind_events(sqlx::query(INSERT_EVENTS), events)
+        .execute(&mut *conn)
+        .await?;
+    Ok(done.rows_affected())
+}
+
+/// Binds the nine arrays of [`INSERT_EVENTS`] (and [`INSERT_EVENTS_RETURNING`]).
+fn bind_events<'q>(
+    query: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
+    events: &[NewEvent<'_>],
+) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
     let n = events.len();
     let mut ids = Vec::with_capacity(n);
     let mut tenants = Vec::with_capacity(n);
@@ -201,30 +314,26 @@ async fn insert_events(
     for e in events {
         let ev = e.event;
         ids.push(ev.id);
-        tenants.push(ev.tenant.as_str());
-        actions.push(ev.action.as_str());
-        outcomes.push(ev.outcome.as_str());
+        tenants.push(ev.tenant.clone());
+        actions.push(ev.action.clone());
+        outcomes.push(ev.outcome.as_str().to_owned());
         occurred.push(ev.occurred_at);
-        actors.push(ev.actor.id.as_str());
-        targets.push(ev.target.as_ref().and_then(|t| t.id.as_deref()));
-        sources.push(ev.source.as_str());
+        actors.push(ev.actor.id.clone());
+        targets.push(ev.target.as_ref().and_then(|t| t.id.clone()));
+        sources.push(ev.source.clone());
         // `decode` accepted these bytes, so they are UTF-8.
-        raws.push(String::from_utf8_lossy(e.raw));
+        raws.push(String::from_utf8_lossy(e.raw).into_owned());
     }
-    let raws: Vec<&str> = raws.iter().map(|r| r.as_ref()).collect();
-    let done = sqlx::query(INSERT_EVENTS)
-        .bind(&ids)
-        .bind(&tenants)
-        .bind(&actions)
-        .bind(&outcomes)
-        .bind(&occurred)
-        .bind(&actors)
-        .bind(&targets)
-        .bind(&sources)
-        .bind(&raws)
-        .execute(&mut *conn)
-        .await?;
-    Ok(done.rows_affected())
+    query
+        .bind(ids)
+        .bind(tenants)
+        .bind(actions)
+        .bind(outcomes)
+        .bind(occurred)
+        .bind(actors)
+        .bind(targets)
+        .bind(sources)
+        .bind(raws)
 }
 
 async fn insert_dead_letters(
@@ -234,18 +343,23 @@ async fn insert_dead_letters(
     // PostgreSQL text cannot hold U+0000; a subject or reason is never worth losing a dead
     // letter over, so such characters are replaced. The payload is bytea and kept exactly.
     let clean = |s: &str| s.replace('\0', "\u{FFFD}");
-    let streams: Vec<&str> = dead_letters.iter().map(|d| d.stream).collect();
+    let streams: Vec<&str> = dead_letters.iter().map(|d| d.origin.stream).collect();
     let seqs: Vec<i64> = dead_letters
         .iter()
-        .map(|d| i64::try_from(d.stream_seq).unwrap_or(i64::MAX))
+        .map(|d| i64::try_from(d.origin.stream_seq).unwrap_or(i64::MAX))
         .collect();
-    let subjects: Vec<String> = dead_letters.iter().map(|d| clean(d.subject)).collect();
+    let stored: Vec<OffsetDateTime> = dead_letters.iter().map(|d| d.origin.stored_at).collect();
+    let subjects: Vec<String> = dead_letters
+        .iter()
+        .map(|d| clean(d.origin.subject))
+        .collect();
     let payloads: Vec<&[u8]> = dead_letters.iter().map(|d| d.payload).collect();
     let kinds: Vec<&str> = dead_letters.iter().map(|d| d.kind).collect();
     let reasons: Vec<String> = dead_letters.iter().map(|d| clean(d.reason)).collect();
     let done = sqlx::query(INSERT_DEAD_LETTERS)
         .bind(&streams)
         .bind(&seqs)
+        .bind(&stored)
         .bind(&subjects)
         .bind(&payloads)
         .bind(&kinds)
@@ -253,6 +367,359 @@ async fn insert_dead_letters(
         .execute(&mut *conn)
         .await?;
     Ok(done.rows_affected())
+}
+
+/// The dead letters of a batch could not be written: a lost connection is the database's
+/// state; anything else is a refusal that no event caused and no retry by itself cures soon.
+/// Both hold the batch (with backoff): nothing else keeps those messages.
+fn dead_letters_failed(e: sqlx::Error) -> StoreError {
+    if is_transient(&e) {
+        StoreError::Unavailable(e)
+    } else {
+        StoreError::DeadLettersRefused(e)
+    }
+}
+
+impl Store {
+    /// Writes one batch of the worker in one transaction and commits it. When this returns
+    /// `Ok`, every event is durably in `audit_events` (new, or already there with the same
+    /// content) or in `dead_letters` (listed in [`Ingested::dead`]), and so is every refused
+    /// message passed in, so the caller may acknowledge all of them.
+    ///
+    /// The fast path is the one of [`Store::persist`]: `COPY`, or `INSERT ... ON CONFLICT`
+    /// after a conflict. Only events whose id turns out to be stored already are compared
+    /// with the stored rows (one query, on the conflict path only): the same content is a
+    /// duplicate, other content a dead letter of kind [`CONFLICT`] naming the stored event —
+    /// never dropped silently, whichever tenant sent it. An id repeated inside the batch is
+    /// compared the same way with the first one. Events with a legacy id cost one lookup.
+    ///
+    /// [`StoreError::Rejected`] means the database refused the batch for a reason that may be
+    /// one event's: write it again with [`Store::ingest_isolated`].
+    pub async fn ingest(
+        &self,
+        events: &[Incoming<'_>],
+        refused: &[DeadLetter<'_>],
+    ) -> Result<Ingested, StoreError> {
+        self.ingest_with(events, refused, false).await
+    }
+
+    /// Writes a batch that the database refused as a whole, in one transaction, part by part
+    /// inside savepoints (halving a part that fails, so one poison event among 2,000 costs
+    /// about 22 statements, not 2,000). An event that fails alone is the event's fault only
+    /// if a control row, written right after in the same session inside a savepoint that is
+    /// rolled back, succeeds: then it becomes a dead letter of kind [`DB_REJECTED`] with the
+    /// database's SQLSTATE and message, and the rest of the batch commits. If the control
+    /// fails too, the database refuses writes ([`StoreError::RefusesWrites`]); a timeout,
+    /// cancel, deadlock or lost connection is the database's too ([`StoreError::Unavailable`]).
+    /// Either way nothing is committed and the caller holds the batch.
+    pub async fn ingest_isolated(
+        &self,
+        events: &[Incoming<'_>],
+        refused: &[DeadLetter<'_>],
+    ) -> Result<Ingested, StoreError> {
+        self.ingest_with(events, refused, true).await
+    }
+
+    async fn ingest_with(
+        &self,
+        events: &[Incoming<'_>],
+        refused: &[DeadLetter<'_>],
+        isolated: bool,
+    ) -> Result<Ingested, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let mut out = Ingested::default();
+
+        let legacy = legacy_duplicates(&mut tx, events).await?;
+        out.duplicates += legacy.len() as u64;
+        let rounds = rounds(events, &legacy);
+
+        // Indexes of events not inserted because their id was stored already (by another
+        // batch, or by an earlier round of this one).
+        let mut existing = Vec::new();
+        for (r, round) in rounds.iter().enumerate() {
+            let inserted: HashSet<Uuid> = if isolated {
+                insert_isolated(&mut tx, events, round, &mut out.dead).await?
+            } else if r == 0 && !self.recent_conflict.load(Ordering::Relaxed) {
+                let rows: Vec<NewEvent<'_>> = round.iter().map(|&i| events[i].event).collect();
+                match copy_events(&mut tx, &rows).await {
+                    Ok(_) => round.iter().map(|&i| events[i].event.event.id).collect(),
+                    Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("23505") => {
+                        // The failed COPY aborted the transaction; start again without it.
+                        // (What the legacy lookup found is still true: rows are immutable.)
+                        tx.rollback().await?;
+                        tx = self.pool.begin().await?;
+                        insert_returning(&mut tx, events, round).await?
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            } else {
+                insert_returning(&mut tx, events, round).await?
+            };
+            let before = existing.len();
+            existing.extend(round.iter().copied().filter(|&i| {
+                !inserted.contains(&events[i].event.event.id)
+                    && !out.dead.iter().any(|(d, _, _)| *d == i)
+            }));
+            if r == 0 {
+                self.recent_conflict
+                    .store(existing.len() > before, Ordering::Relaxed);
+            }
+            out.inserted += inserted.len() as u64;
+        }
+
+        if !existing.is_empty() {
+            let conflicts = compare_stored(&mut tx, events, &existing).await?;
+            out.duplicates += (existing.len() - conflicts.len()) as u64;
+            out.dead.extend(
+                conflicts
+                    .into_iter()
+                    .map(|(i, reason)| (i, CONFLICT, reason)),
+            );
+        }
+
+        let mut letters: Vec<DeadLetter<'_>> = refused.to_vec();
+        letters.extend(out.dead.iter().map(|(i, kind, reason)| DeadLetter {
+            origin: events[*i].origin,
+            payload: events[*i].event.raw,
+            kind,
+            reason,
+        }));
+        if !letters.is_empty() {
+            out.dead_lettered = insert_dead_letters(&mut tx, &letters)
+                .await
+                .map_err(dead_letters_failed)?;
+        }
+        if self.notify && out.inserted > 0 {
+            // Delivered at commit, and only if it commits.
+            sqlx::query("SELECT pg_notify($1, '')")
+                .bind(crate::outbox::NOTIFY_CHANNEL)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(out)
+    }
+}
+
+/// Which events carry a legacy id that is stored for the same tenant and source.
+async fn legacy_duplicates(
+    conn: &mut sqlx::PgConnection,
+    events: &[Incoming<'_>],
+) -> Result<HashSet<usize>, sqlx::Error> {
+    let mut idx = Vec::new();
+    let mut ids = Vec::new();
+    let mut tenants = Vec::new();
+    let mut sources = Vec::new();
+    for (i, e) in events.iter().enumerate() {
+        if let Some(legacy) = e.legacy_id.filter(|l| *l != e.event.event.id) {
+            idx.push(i32::try_from(i).unwrap_or(i32::MAX));
+            ids.push(legacy);
+            tenants.push(e.event.event.tenant.as_str());
+            sources.push(e.event.event.source.as_str());
+        }
+    }
+    if idx.is_empty() {
+        return Ok(HashSet::new());
+    }
+    let found: Vec<i32> = sqlx::query_scalar(LEGACY_DUPLICATES)
+        .bind(&idx)
+        .bind(&ids)
+        .bind(&tenants)
+        .bind(&sources)
+        .fetch_all(&mut *conn)
+        .await?;
+    Ok(found.into_iter().map(|i| i as usize).collect())
+}
+
+/// The events to write, in rounds of distinct ids: round 0 holds the first event of each id,
+/// round 1 the second, and so on (ids repeat in a batch when a producer re-sends with a new
+/// message id). A later round meets the id stored by an earlier one and is compared with it.
+fn rounds(events: &[Incoming<'_>], skip: &HashSet<usize>) -> Vec<Vec<usize>> {
+    let mut seen: HashMap<Uuid, usize> = HashMap::with_capacity(events.len());
+    let mut rounds: Vec<Vec<usize>> = vec![Vec::with_capacity(events.len())];
+    for (i, e) in events.iter().enumerate() {
+        if skip.contains(&i) {
+            continue;
+        }
+        let n = seen.entry(e.event.event.id).or_insert(0);
+        if *n == rounds.len() {
+            rounds.push(Vec::new());
+        }
+        rounds[*n].push(i);
+        *n += 1;
+    }
+    rounds
+}
+
+/// Writes the events by `INSERT ... ON CONFLICT (id) DO NOTHING RETURNING id`.
+async fn insert_returning(
+    conn: &mut sqlx::PgConnection,
+    events: &[Incoming<'_>],
+    idxs: &[usize],
+) -> Result<HashSet<Uuid>, sqlx::Error> {
+    let rows: Vec<NewEvent<'_>> = idxs.iter().map(|&i| events[i].event).collect();
+    let rows = bind_events(sqlx::query(INSERT_EVENTS_RETURNING), &rows)
+        .fetch_all(&mut *conn)
+        .await?;
+    rows.iter().map(|row| row.try_get::<Uuid, _>(0)).collect()
+}
+
+/// [`insert_returning`] part by part inside savepoints; see [`Store::ingest_isolated`].
+/// Events the database refuses alone (with a control row accepted) are added to `dead`.
+async fn insert_isolated(
+    conn: &mut sqlx::PgConnection,
+    events: &[Incoming<'_>],
+    idxs: &[usize],
+    dead: &mut Vec<(usize, &'static str, String)>,
+) -> Result<HashSet<Uuid>, StoreError> {
+    let mut inserted = HashSet::new();
+    // Parts still to write, the next one last.
+    let mut todo: Vec<&[usize]> = vec![idxs];
+    while let Some(part) = todo.pop() {
+        if part.is_empty() {
+            continue;
+        }
+        savepoint(conn, "SAVEPOINT auditbridge_part").await?;
+        match insert_returning(conn, events, part).await {
+            Ok(ids) => {
+                savepoint(conn, "RELEASE SAVEPOINT auditbridge_part").await?;
+                inserted.extend(ids);
+            }
+            Err(e) => {
+                savepoint(conn, "ROLLBACK TO SAVEPOINT auditbridge_part").await?;
+                savepoint(conn, "RELEASE SAVEPOINT auditbridge_part").await?;
+                if is_transient(&e) {
+                    return Err(StoreError::Unavailable(e));
+                }
+                if let [i] = part {
+                    if let Err(control) = control(conn).await {
+                        return Err(StoreError::RefusesWrites { event: e, control });
+                    }
+                    tracing::warn!(id = %events[*i].event.event.id, error = %e, message = "PostgreSQL refused an event alone and accepted a control row; dead-lettering the event.");
+                    dead.push((*i, DB_REJECTED, refusal(&e)));
+                } else {
+                    let (first, second) = part.split_at(part.len() / 2);
+                    todo.push(second);
+                    todo.push(first);
+                }
+            }
+        }
+    }
+    Ok(inserted)
+}
+
+async fn savepoint(conn: &mut sqlx::PgConnection, sql: &'static str) -> Result<(), StoreError> {
+    sqlx::query(sql)
+        .execute(&mut *conn)
+        .await
+        .map(|_| ())
+        .map_err(StoreError::Unavailable)
+}
+
+/// Writes a known-good row inside a savepoint and rolls it back: succeeds exactly when the
+/// database takes writes into `audit_events` in this session now (permissions, read-only,
+/// disk, the table and its triggers).
+async fn control(conn: &mut sqlx::PgConnection) -> Result<(), sqlx::Error> {
+    sqlx::query("SAVEPOINT auditbridge_control")
+        .execute(&mut *conn)
+        .await?;
+    let result = sqlx::query(CONTROL_INSERT)
+        .bind(Uuid::now_v7())
+        .execute(&mut *conn)
+        .await;
+    sqlx::query("ROLLBACK TO SAVEPOINT auditbridge_control")
+        .execute(&mut *conn)
+        .await?;
+    sqlx::query("RELEASE SAVEPOINT auditbridge_control")
+        .execute(&mut *conn)
+        .await?;
+    result.map(|_| ())
+}
+
+/// The reason of a `db_rejected` dead letter: the database's SQLSTATE, message and detail.
+fn refusal(e: &sqlx::Error) -> String {
+    let text = match e {
+        sqlx::Error::Database(db) => {
+            let code = db.code().unwrap_or_default().into_owned();
+            let detail = db
+                .try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
+                .and_then(|pg| pg.detail())
+                .map(|d| format!(" ({d})"))
+                .unwrap_or_default();
+            format!(
+                "PostgreSQL refused this event alone (a control row in the same session was accepted): SQLSTATE {code}: {}{detail}",
+                db.message()
+            )
+        }
+        other => format!("PostgreSQL refused this event alone: {other}"),
+    };
+    truncate(text)
+}
+
+fn truncate(mut s: String) -> String {
+    if let Some((at, _)) = s.char_indices().nth(MAX_REASON_CHARS) {
+        s.truncate(at);
+        s.push('…');
+    }
+    s
+}
+
+/// Compares each event whose id was stored already with the stored row. Returns the
+/// conflicts (different content) with their reason; the rest are honest duplicates.
+async fn compare_stored(
+    conn: &mut sqlx::PgConnection,
+    events: &[Incoming<'_>],
+    idxs: &[usize],
+) -> Result<Vec<(usize, String)>, StoreError> {
+    let is: Vec<i32> = idxs
+        .iter()
+        .map(|&i| i32::try_from(i).unwrap_or(i32::MAX))
+        .collect();
+    let ids: Vec<Uuid> = idxs.iter().map(|&i| events[i].event.event.id).collect();
+    let raws: Vec<String> = idxs
+        .iter()
+        .map(|&i| String::from_utf8_lossy(events[i].event.raw).into_owned())
+        .collect();
+    let loose: Vec<bool> = idxs.iter().map(|&i| events[i].time_received).collect();
+    let rows: Vec<(i32, String, String, OffsetDateTime, Vec<String>)> =
+        sqlx::query_as(COMPARE_STORED)
+            .bind(&is)
+            .bind(&ids)
+            .bind(&raws)
+            .bind(&loose)
+            .fetch_all(&mut *conn)
+            .await?;
+    if rows.len() != idxs.len() {
+        // `ON CONFLICT` skipped them because the id is stored, so the rows exist; if one does
+        // not, something removed it meanwhile. Never count such an event as a duplicate:
+        // retry the batch, which then inserts it.
+        return Err(StoreError::Unavailable(sqlx::Error::RowNotFound));
+    }
+    let mut conflicts = Vec::new();
+    for (i, tenant, source, received_at, differs) in rows {
+        if differs.is_empty() {
+            continue;
+        }
+        let e = &events[i as usize];
+        let fields: Vec<String> = differs
+            .iter()
+            .map(|k| match k.as_str() {
+                "tenant" => format!("tenant ({:?} in this message)", e.event.event.tenant),
+                "source" => format!("source ({:?} in this message)", e.event.event.source),
+                other => other.to_owned(),
+            })
+            .collect();
+        let received = received_at.format(&Rfc3339).unwrap_or_default();
+        conflicts.push((
+            i as usize,
+            truncate(format!(
+                "id {} is already stored with different content (the stored event: tenant {tenant:?}, source {source:?}, received {received}); this message differs in {}",
+                e.event.event.id,
+                fields.join(", ")
+            )),
+        ));
+    }
+    Ok(conflicts)
 }
 
 #[cfg(test)]

@@ -6,7 +6,6 @@
 //! message in JetStream to be redelivered, and the `id` primary key turns the redelivery into
 //! a no-op.
 
-use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -16,11 +15,12 @@ use async_nats::jetstream::consumer::pull::MessagesErrorKind;
 use async_nats::jetstream::{AckKind, Message};
 use auditbridge_config::IngestConfig;
 use auditbridge_event::{Event, Invalid};
-use auditbridge_store::{DeadLetter, NewEvent, Store, StoreError};
+use auditbridge_store::{CONFLICT, DeadLetter, Incoming, NewEvent, Origin, StoreError};
 use backon::{BackoffBuilder, ExponentialBuilder};
 use futures::stream::FuturesUnordered;
 use metrics::{counter, histogram};
 use time::OffsetDateTime;
+use tokio::time::MissedTickBehavior;
 use tokio_stream::StreamExt as _;
 use tokio_util::sync::CancellationToken;
 
@@ -38,7 +38,7 @@ pub(crate) enum Stopped {
 
 /// What the ingest path needs besides the consumer.
 pub(crate) struct Ingest {
-    pub store: Store,
+    pub store: auditbridge_store::Store,
     pub subject_prefix: String,
     pub stream: String,
     pub config: IngestConfig,
@@ -51,13 +51,14 @@ pub(crate) struct Ingest {
 #[allow(clippy::large_enum_variant)]
 enum Verdict {
     Accept(Event),
-    /// Same id as an earlier message of this batch: acknowledged with it, not written twice.
-    DuplicateInBatch,
-    Refuse {
-        kind: &'static str,
-        reason: String,
-    },
+    Refuse { kind: &'static str, reason: String },
 }
+
+/// Header set by sources whose mapping filled `occurred_at` at receive time (value `received`):
+/// a re-delivery of the same event is compared without it.
+pub const TIME_HEADER: &str = "Auditbridge-Time";
+/// Header carrying the id an older (unkeyed) derivation gave the event.
+pub const LEGACY_ID_HEADER: &str = "Auditbridge-Legacy-Id";
 
 impl Ingest {
     /// Pulls and processes batches until shutdown is requested or the consumer disappears.
@@ -126,14 +127,13 @@ impl Ingest {
         stopped
     }
 
-    fn check(&self, msg: &Message, seen: &mut HashSet<auditbridge_event::Uuid>) -> Verdict {
+    fn check(&self, msg: &Message) -> Verdict {
         let decoded = auditbridge_event::decode(&msg.payload, self.config.max_event_bytes)
             .and_then(|event| {
                 event.check_subject(&self.subject_prefix, msg.subject.as_str())?;
                 Ok(event)
             });
         match decoded {
-            Ok(event) if !seen.insert(event.id) => Verdict::DuplicateInBatch,
             Ok(event) => Verdict::Accept(event),
             Err(Invalid { kind, detail }) => Verdict::Refuse {
                 kind: kind.as_str(),
@@ -144,107 +144,112 @@ impl Ingest {
 
     /// Validates, persists and acknowledges one batch. Never returns an error: a batch either
     /// commits (and is acknowledged) or is abandoned unacknowledged at shutdown.
+    ///
+    /// "Nothing is given up": a batch the database refuses as a whole is written again once,
+    /// isolated event by event ([`Store::ingest_isolated`]); only an event that fails alone
+    /// while a control row succeeds becomes a dead letter. Anything else is the database's
+    /// fault, and the batch is held with backoff, with in-progress acks so that JetStream does
+    /// not hand it to another worker meanwhile.
     async fn process(&self, batch: Vec<Message>, shutdown: &CancellationToken) {
         counter!(EVENTS_RECEIVED).increment(batch.len() as u64);
         histogram!(BATCH_SIZE).record(batch.len() as f64);
 
-        let mut seen = HashSet::with_capacity(batch.len());
-        let verdicts: Vec<Verdict> = batch.iter().map(|m| self.check(m, &mut seen)).collect();
-        let seqs: Vec<u64> = batch
-            .iter()
-            .map(|m| m.info().map(|i| i.stream_sequence).unwrap_or(0))
-            .collect();
-
-        // What still has to be committed. Events rejected by the database itself move from the
-        // first list to the second (see `isolate`).
-        let mut pending: Vec<usize> = (0..batch.len())
-            .filter(|&i| matches!(verdicts[i], Verdict::Accept(_)))
-            .collect();
-        let mut refused: Vec<(usize, &'static str, String)> = verdicts
-            .iter()
-            .enumerate()
-            .filter_map(|(i, v)| match v {
-                Verdict::Refuse { kind, reason } => Some((i, *kind, reason.clone())),
-                _ => None,
-            })
-            .collect();
-
-        let mut backoff = retry_backoff();
-        let mut failures = 0u32;
-        loop {
-            let events: Vec<NewEvent<'_>> = pending
-                .iter()
-                .filter_map(|&i| match &verdicts[i] {
-                    Verdict::Accept(event) => Some(NewEvent {
-                        event,
-                        raw: &batch[i].payload,
-                    }),
-                    _ => None,
-                })
-                .collect();
-            let dead: Vec<DeadLetter<'_>> = refused
-                .iter()
-                .map(|(i, kind, reason)| DeadLetter {
-                    stream: &self.stream,
-                    stream_seq: seqs[*i],
-                    subject: batch[*i].subject.as_str(),
-                    payload: &batch[*i].payload,
+        let verdicts: Vec<Verdict> = batch.iter().map(|m| self.check(m)).collect();
+        let origins: Vec<Origin<'_>> = batch.iter().map(|m| self.origin(m)).collect();
+        // The valid events, and for each the index of its message.
+        let mut accepted = Vec::with_capacity(batch.len());
+        let mut incoming = Vec::with_capacity(batch.len());
+        let mut refused = Vec::new();
+        for (i, (msg, verdict)) in batch.iter().zip(&verdicts).enumerate() {
+            match verdict {
+                Verdict::Accept(event) => {
+                    accepted.push(i);
+                    incoming.push(Incoming {
+                        event: NewEvent {
+                            event,
+                            raw: &msg.payload,
+                        },
+                        origin: origins[i],
+                        time_received: header(msg, TIME_HEADER)
+                            .is_some_and(|v| v.trim().eq_ignore_ascii_case("received")),
+                        legacy_id: header(msg, LEGACY_ID_HEADER)
+                            .and_then(|v| auditbridge_event::Uuid::parse_str(v.trim()).ok()),
+                    });
+                }
+                Verdict::Refuse { kind, reason } => refused.push(DeadLetter {
+                    origin: origins[i],
+                    payload: &msg.payload,
                     kind,
                     reason,
-                })
-                .collect();
+                }),
+            }
+        }
 
+        let every = (self.config.ack_wait / 3).max(Duration::from_millis(100));
+        let mut progress = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        progress.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut backoff = retry_backoff();
+        let mut failures = 0u32;
+        let mut isolate = false;
+        let outcome = loop {
             let started = Instant::now();
-            let result = self.store.persist(&events, &dead).await;
-            match result {
+            let attempt = async {
+                if isolate {
+                    self.store.ingest_isolated(&incoming, &refused).await
+                } else {
+                    self.store.ingest(&incoming, &refused).await
+                }
+            };
+            match holding(&batch, &mut progress, attempt).await {
                 Ok(outcome) => {
                     histogram!(PERSIST_DURATION).record(started.elapsed().as_secs_f64());
-                    counter!(EVENTS_PERSISTED).increment(outcome.inserted);
-                    let in_batch = verdicts
-                        .iter()
-                        .filter(|v| matches!(v, Verdict::DuplicateInBatch))
-                        .count() as u64;
-                    counter!(EVENTS_DUPLICATE).increment(outcome.duplicates + in_batch);
-                    for (_, kind, _) in &refused {
-                        counter!(EVENTS_DEAD_LETTERED, "kind" => *kind).increment(1);
-                    }
                     if failures > 0 {
                         tracing::info!(
                             attempts = failures + 1,
+                            isolated = isolate,
                             message = "PostgreSQL accepted the batch again."
+                        );
+                    } else if isolate {
+                        tracing::info!(
+                            dead_lettered = outcome.dead.len(),
+                            message = "PostgreSQL accepted the isolated batch."
                         );
                     }
                     self.health.db.store(true, Ordering::Relaxed);
-                    break;
+                    break outcome;
                 }
-                Err(StoreError::Rejected(e)) => {
+                Err(StoreError::Rejected(e)) if !isolate => {
                     counter!(PERSIST_FAILURES, "reason" => "rejected").increment(1);
-                    tracing::warn!(error = %e, events = pending.len(), message = "PostgreSQL rejected data in a batch; writing its events one by one to find the culprit.");
-                    drop(events);
-                    drop(dead);
-                    let isolated = self
-                        .isolate(&batch, &verdicts, &mut pending, &mut refused)
-                        .await;
-                    if !isolated {
-                        failures += 1;
-                        if !self.wait(&mut backoff, shutdown).await {
-                            return;
-                        }
-                    }
+                    tracing::warn!(error = %e, events = incoming.len(), message = "PostgreSQL refused the batch; writing it again part by part to find the event at fault.");
+                    isolate = true;
                 }
                 Err(e) => {
-                    counter!(PERSIST_FAILURES, "reason" => "unavailable").increment(1);
-                    self.health.db.store(false, Ordering::Relaxed);
+                    let reason = match &e {
+                        StoreError::RefusesWrites { .. } => "refuses_writes",
+                        StoreError::DeadLettersRefused(_) => "dead_letters_refused",
+                        StoreError::Rejected(_) => "rejected",
+                        _ => "unavailable",
+                    };
+                    counter!(PERSIST_FAILURES, "reason" => reason).increment(1);
+                    if matches!(e, StoreError::Unavailable(_)) {
+                        self.health.db.store(false, Ordering::Relaxed);
+                    }
                     failures += 1;
                     if failures == 1 || failures.is_multiple_of(20) {
-                        tracing::warn!(error = %e, attempts = failures, events = pending.len(), message = "Cannot persist the batch; holding it unacknowledged and retrying.");
+                        tracing::warn!(error = %e, attempts = failures, events = incoming.len(), message = "Cannot persist the batch; holding it unacknowledged and retrying.");
                     }
                     if matches!(e, StoreError::NotMigrated { .. }) {
                         tracing::error!(error = %e, message = "The database schema is behind this worker.");
                     }
-                    drop(events);
-                    drop(dead);
-                    if !self.wait(&mut backoff, shutdown).await {
+                    // The next attempt writes the batch as a whole again: the database may
+                    // take it now, and it is isolated again if it still refuses it.
+                    isolate = false;
+                    let delay = backoff.next().unwrap_or(Duration::from_secs(5));
+                    let waited = tokio::select! {
+                        _ = shutdown.cancelled() => false,
+                        _ = holding(&batch, &mut progress, tokio::time::sleep(delay)) => true,
+                    };
+                    if !waited {
                         tracing::info!(
                             messages = batch.len(),
                             message = "Shutting down with a batch not persisted; it stays unacknowledged and will be redelivered."
@@ -253,20 +258,38 @@ impl Ingest {
                     }
                 }
             }
+        };
+
+        counter!(EVENTS_PERSISTED).increment(outcome.inserted);
+        counter!(EVENTS_DUPLICATE).increment(outcome.duplicates);
+        for letter in &refused {
+            counter!(EVENTS_DEAD_LETTERED, "kind" => letter.kind.to_owned()).increment(1);
+        }
+        let mut dead = vec![false; batch.len()];
+        for (i, kind, reason) in &outcome.dead {
+            let msg = accepted[*i];
+            dead[msg] = true;
+            counter!(EVENTS_DEAD_LETTERED, "kind" => *kind).increment(1);
+            if *kind == CONFLICT {
+                counter!(EVENTS_CONFLICT).increment(1);
+                tracing::warn!(stream_seq = origins[msg].stream_seq, subject = %origins[msg].subject, reason = %reason, message = "A re-sent id carries different content; kept as a dead letter of kind conflict.");
+            }
         }
 
         // Committed: now, and only now, acknowledge.
         let committed_at = OffsetDateTime::now_utc();
         let mut ack_failures = 0u64;
-        for (msg, verdict) in batch.iter().zip(&verdicts) {
-            let ack = match verdict {
-                Verdict::Refuse { .. } => msg.ack_with(AckKind::Term).await,
-                Verdict::Accept(_) | Verdict::DuplicateInBatch => msg.ack().await,
+        for (i, (msg, verdict)) in batch.iter().zip(&verdicts).enumerate() {
+            let kept_as_dead_letter = dead[i] || matches!(verdict, Verdict::Refuse { .. });
+            let ack = if kept_as_dead_letter {
+                msg.ack_with(AckKind::Term).await
+            } else {
+                msg.ack().await
             };
             if ack.is_err() {
                 ack_failures += 1;
             }
-            if let (Verdict::Accept(_), Ok(info)) = (verdict, msg.info()) {
+            if let (false, Ok(info)) = (kept_as_dead_letter, msg.info()) {
                 let latency = (committed_at - info.published).as_seconds_f64().max(0.0);
                 histogram!(PUBLISH_TO_COMMIT).record(latency);
             }
@@ -282,63 +305,44 @@ impl Ingest {
         }
     }
 
-    /// The database rejected a batch. Writes each pending event alone: those it accepts are
-    /// committed (and leave `pending`), those it rejects become dead letters with the
-    /// database's reason. Returns false if the database became unavailable meanwhile.
-    async fn isolate(
-        &self,
-        batch: &[Message],
-        verdicts: &[Verdict],
-        pending: &mut Vec<usize>,
-        refused: &mut Vec<(usize, &'static str, String)>,
-    ) -> bool {
-        let mut still = Vec::new();
-        let mut ok = true;
-        for &i in pending.iter() {
-            let Verdict::Accept(event) = &verdicts[i] else {
-                continue;
-            };
-            if !ok {
-                still.push(i);
-                continue;
-            }
-            let one = [NewEvent {
-                event,
-                raw: &batch[i].payload,
-            }];
-            match self.store.persist(&one, &[]).await {
-                Ok(outcome) => {
-                    counter!(EVENTS_PERSISTED).increment(outcome.inserted);
-                    counter!(EVENTS_DUPLICATE).increment(outcome.duplicates);
-                }
-                Err(StoreError::Rejected(e)) => {
-                    tracing::warn!(id = %event.id, error = %e, message = "PostgreSQL rejected an event; dead-lettering it.");
-                    refused.push((
-                        i,
-                        "db_rejected",
-                        format!("PostgreSQL rejected the event: {e}"),
-                    ));
-                }
-                Err(_) => {
-                    ok = false;
-                    still.push(i);
-                }
-            }
+    /// Where a message sits in the stream (what a dead letter of it is keyed by).
+    fn origin<'m>(&'m self, msg: &'m Message) -> Origin<'m> {
+        let (stream_seq, stored_at) = msg
+            .info()
+            .map(|i| (i.stream_sequence, i.published))
+            .unwrap_or((0, OffsetDateTime::UNIX_EPOCH));
+        Origin {
+            stream: &self.stream,
+            stream_seq,
+            stored_at,
+            subject: msg.subject.as_str(),
         }
-        *pending = still;
-        ok
     }
+}
 
-    /// Sleeps for the next backoff step. Returns false if shutdown was requested meanwhile.
-    async fn wait(
-        &self,
-        backoff: &mut impl Iterator<Item = Duration>,
-        shutdown: &CancellationToken,
-    ) -> bool {
-        let delay = backoff.next().unwrap_or(Duration::from_secs(5));
+fn header<'m>(msg: &'m Message, name: &str) -> Option<&'m str> {
+    Some(msg.headers.as_ref()?.get(name)?.as_str())
+}
+
+/// Runs `work` while telling JetStream, every `progress` tick, that the batch is still being
+/// worked on (`AckKind::Progress` resets each message's ack wait). Without it a batch held
+/// longer than the ack wait (a database outage, a long isolation) is redelivered, in a burst,
+/// to other workers, which then hold it too.
+async fn holding<T>(
+    batch: &[Message],
+    progress: &mut tokio::time::Interval,
+    work: impl Future<Output = T>,
+) -> T {
+    tokio::pin!(work);
+    loop {
         tokio::select! {
-            _ = shutdown.cancelled() => false,
-            _ = tokio::time::sleep(delay) => true,
+            done = &mut work => return done,
+            _ = progress.tick() => {
+                for msg in batch {
+                    // A lost progress ack costs at most a redelivery, which is deduplicated.
+                    let _ = msg.ack_with(AckKind::Progress).await;
+                }
+            }
         }
     }
 }

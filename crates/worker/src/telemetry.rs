@@ -10,12 +10,14 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 pub const EVENTS_RECEIVED: &str = "auditbridge_events_received_total";
 pub const EVENTS_PERSISTED: &str = "auditbridge_events_persisted_total";
 pub const EVENTS_DUPLICATE: &str = "auditbridge_events_duplicate_total";
-/// Label `kind`: oversize | not_json | schema | subject_mismatch | db_rejected.
+/// Label `kind`: oversize | not_json | schema | subject_mismatch | db_rejected | conflict.
 pub const EVENTS_DEAD_LETTERED: &str = "auditbridge_events_dead_lettered_total";
+/// A re-sent id with other content than the stored event (also a `conflict` dead letter).
+pub const EVENTS_CONFLICT: &str = "auditbridge_events_conflict_total";
 pub const BATCH_SIZE: &str = "auditbridge_batch_size_messages";
 pub const PERSIST_DURATION: &str = "auditbridge_persist_duration_seconds";
 pub const PUBLISH_TO_COMMIT: &str = "auditbridge_publish_to_commit_seconds";
-/// Label `reason`: unavailable | rejected.
+/// Label `reason`: unavailable | rejected | refuses_writes | dead_letters_refused.
 pub const PERSIST_FAILURES: &str = "auditbridge_persist_failures_total";
 pub const ACK_FAILURES: &str = "auditbridge_ack_failures_total";
 pub const CONSUMER_PENDING: &str = "auditbridge_consumer_pending_messages";
@@ -52,6 +54,11 @@ fn describe() {
         EVENTS_DEAD_LETTERED,
         Unit::Count,
         "Messages refused and kept in dead_letters, by kind."
+    );
+    describe_counter!(
+        EVENTS_CONFLICT,
+        Unit::Count,
+        "Re-sent ids whose content differs from the stored event, kept as conflict dead letters."
     );
     describe_histogram!(BATCH_SIZE, Unit::Count, "Messages per persisted batch.");
     describe_histogram!(
