@@ -4,6 +4,7 @@
 //! - [`Store::persist`] writes one batch (events and dead letters) in one transaction.
 //! - [`Store::status`] answers `auditbridge status`.
 //! - [`query`]: the query API's reads (pages, one event, the live tail, stats).
+//! - [`Store::record_undeliverable`]: per-destination dead letters.
 //!
 //! Errors are split by what the caller should do: [`StoreError::Unavailable`] means "the
 //! database could not do it now, keep the batch and retry"; [`StoreError::Rejected`] means "the
@@ -14,12 +15,14 @@ pub mod outbox;
 mod persist;
 pub mod query;
 mod status;
+mod undeliverable;
 
 pub use error::StoreError;
 pub use outbox::{Backlog, DestinationState, OutboxRow, Position, StartAt};
 pub use persist::{DeadLetter, NewEvent, PersistOutcome};
 pub use query::{Condition, EventFilter, Order, PageQuery, StatsRow, StoredEvent, TailRow};
 pub use status::{DeadLetterCount, Status};
+pub use undeliverable::{DestinationDeadLetter, DestinationDeadLetterCount};
 
 use std::str::FromStr;
 use std::time::Duration;
