@@ -653,9 +653,14 @@ async fn rabbitmq_batch_mode_to_a_queue_bound_to_one_tenant_carries_exactly_its_
     )
     .fetch_all(&env.pool)
     .await?;
-    assert_eq!(
-        dead.into_iter().collect::<HashSet<_>>(),
-        ids(all.iter().filter(|e| e.tenant != t1))
+    let dead: HashSet<Uuid> = dead.into_iter().collect();
+    let want_dead = ids(all.iter().filter(|e| e.tenant != t1));
+    assert!(
+        dead == want_dead,
+        "{} dead-lettered that should not be, {} missing of {}",
+        dead.difference(&want_dead).count(),
+        want_dead.difference(&dead).count(),
+        want_dead.len()
     );
     assert_eq!(
         worker

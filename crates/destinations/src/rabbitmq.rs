@@ -105,18 +105,26 @@ impl RabbitSink {
                 detail: format!("exchange name {:?}: {e}", self.params.exchange),
             }
         })?;
+        // An event whose routing key cannot be built ends the call: it is settled as
+        // undeliverable, and nothing after it is published, so that a relay that blocks on it
+        // does not publish the events behind it again on every attempt.
         let mut undeliverable = Vec::new();
         let mut messages = Vec::new();
+        let mut end = events.len();
         match self.params.mode {
             RabbitMode::Event => {
                 for (index, event) in events.iter().enumerate() {
                     match self.routing_key(event) {
                         Ok(key) => messages.push(event_message(index, event, key)),
-                        Err(detail) => undeliverable.push(Undeliverable {
-                            index,
-                            reason: "routing_key",
-                            detail,
-                        }),
+                        Err(detail) => {
+                            undeliverable.push(Undeliverable {
+                                index,
+                                reason: "routing_key",
+                                detail,
+                            });
+                            end = index + 1;
+                            break;
+                        }
                     }
                 }
             }
@@ -135,8 +143,8 @@ impl RabbitSink {
                                 reason: "routing_key",
                                 detail,
                             });
-                            index += 1;
-                            continue;
+                            end = index + 1;
+                            break;
                         }
                     };
                     let run = events[index + 1..]
@@ -152,9 +160,7 @@ impl RabbitSink {
 
         let (answered, error) = self.publish(exchange, &messages).await;
         // Settled: everything before the first message the broker did not answer for.
-        let settled = messages
-            .get(answered.len())
-            .map_or(events.len(), |m| m.first);
+        let settled = messages.get(answered.len()).map_or(end, |m| m.first);
         for (message, returned) in messages.iter().zip(&answered) {
             if let Some(detail) = returned {
                 undeliverable.extend((message.first..message.first + message.count).map(|index| {
@@ -415,7 +421,7 @@ async fn publish_window(
     // In order: when a publish failed because the broker closed the channel, the earlier
     // confirms carry the broker's reason (`NOT_FOUND - no exchange ...`).
     let deadline = Instant::now() + confirm_timeout;
-    let mut outcomes = Vec::with_capacity(window.len());
+    let mut returns = Vec::new();
     for (message, published) in window.iter().zip(published) {
         let outcome = match published {
             Ok(confirm) => {
@@ -438,22 +444,48 @@ async fn publish_window(
             )),
         };
         match outcome {
-            Ok(returned) => outcomes.push(returned),
-            Err(error) => return (outcomes, Some(error)),
+            Ok(Some(returned)) => returns.push(returned),
+            Ok(None) => {}
+            // A return can ride on any confirm of the window (below), so after a failure no
+            // message of the window can be said to be confirmed rather than returned.
+            Err(error) => return (Vec::new(), Some(error)),
         }
+    }
+    // lapin hands each returned message to whichever confirm it completes next, not to the
+    // confirm of the message that was returned (with `multiple` acks, any of the window's).
+    // The broker sends a return before the ack of its message, and the whole window's acks
+    // are awaited here, so every return of the window is among `returns`: match them to the
+    // messages by message id (unique within a call).
+    let mut outcomes: Vec<Option<String>> = vec![None; window.len()];
+    for returned in returns {
+        let id = returned
+            .properties
+            .message_id()
+            .as_ref()
+            .map(|m| m.as_str().to_owned());
+        let Some(i) = window.iter().position(|m| Some(m.id.to_string()) == id) else {
+            let error = retry(
+                "returned",
+                format!(
+                    "the broker returned a message this window did not publish (message id {id:?}); sending the window again"
+                ),
+            );
+            return (Vec::new(), Some(error));
+        };
+        outcomes[i] = Some(returned_detail(exchange.as_str(), &window[i], &returned));
     }
     (outcomes, None)
 }
 
-/// `Ok(None)` when the broker confirmed the message, `Ok(Some(detail))` when it returned it as
-/// unroutable (then confirmed it), an error otherwise.
+/// `Ok` when the broker confirmed the message, with the returned message lapin attached to
+/// this confirm (which may be another message's), an error otherwise.
 async fn check_confirm(
     exchange: &str,
     message: &Message<'_>,
     confirm: PublisherConfirm,
     deadline: Instant,
     confirm_timeout: Duration,
-) -> Result<Option<String>, DeliveryError> {
+) -> Result<Option<BasicReturnMessage>, DeliveryError> {
     let id = message.id;
     match tokio::time::timeout_at(deadline, confirm).await {
         Err(_) => Err(retry(
@@ -467,9 +499,7 @@ async fn check_confirm(
             format!("publishing event {id} to exchange {exchange:?} failed: {error}"),
         )),
         Ok(Ok(Confirmation::Ack(None))) => Ok(None),
-        Ok(Ok(Confirmation::Ack(Some(returned)))) => {
-            Ok(Some(returned_detail(exchange, message, &returned)))
-        }
+        Ok(Ok(Confirmation::Ack(Some(returned)))) => Ok(Some(returned)),
         Ok(Ok(Confirmation::Nack(_))) => Err(retry(
             "nack",
             format!(
@@ -990,9 +1020,9 @@ mod tests {
                 event_for(2, "acme", "a", "success"),
             ];
 
+            // The call ends at the event: settled up to and including it, nothing after it.
             let got = sink.deliver(&events).await.unwrap();
-
-            assert_eq!(got.settled, 3, "{mode:?}");
+            assert_eq!(got.settled, 2, "{mode:?}");
             assert_eq!(got.undeliverable.len(), 1);
             assert_eq!(got.undeliverable[0].index, 1);
             assert_eq!(got.undeliverable[0].reason, "routing_key");
@@ -1003,7 +1033,10 @@ mod tests {
                 "{}",
                 got.undeliverable[0].detail
             );
-            // Batch mode: the undeliverable event splits the run in two.
+            assert_eq!(
+                sink.deliver(&events[2..]).await.unwrap(),
+                Delivered::confirmed(1)
+            );
             let messages = broker.take(2).await;
             let ids: Vec<Uuid> = match mode {
                 RabbitMode::Batch => messages.iter().flat_map(body_ids).collect(),
@@ -1142,15 +1175,8 @@ mod tests {
         let mut sink = RabbitSink::new("bus", broker.params(RabbitMode::Event));
         let events: Vec<OutEvent> = (0..3).map(event).collect();
 
-        // The first message fits the queue and is confirmed: that prefix counts. The nack of
-        // the second drops the connection.
-        assert_eq!(
-            sink.deliver(&events).await.unwrap(),
-            Delivered::confirmed(1)
-        );
-        assert!(!sink.is_connected());
-        // Offered again, the rest fails with the nack: nothing of it counts.
-        let (reason, detail) = retry_reason(sink.deliver(&events[1..]).await);
+        // Nothing of a window with a nack counts (a return may ride on any of its confirms).
+        let (reason, detail) = retry_reason(sink.deliver(&events).await);
         assert_eq!(reason, "nack");
         assert!(detail.contains(&events[1].id.to_string()), "{detail}");
         assert!(!sink.is_connected());
