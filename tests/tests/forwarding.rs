@@ -836,3 +836,50 @@ async fn an_event_a_destination_cannot_take_is_dead_lettered_there_or_blocks_it(
     );
     Ok(())
 }
+
+/// libfaketime (Debian package `faketime`), to run a worker whose clock is wrong.
+const LIBFAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_backlog_age_is_measured_on_the_database_clock_not_the_workers() -> anyhow::Result<()> {
+    if !std::path::Path::new(LIBFAKETIME).exists() {
+        eprintln!("SKIPPED: {LIBFAKETIME} is missing (apt-get install faketime)");
+        return Ok(());
+    }
+    let mut env = TestEnv::new().await?;
+    env.ensure_stream().await?;
+    let rx = Receiver::start().await?;
+    let dest = (json!([{"name": "recent", "type": "http", "params": {
+        "url": rx.url("/recent"), "start": "earliest", "max_backlog_age": "1h"}}]))
+    .to_string();
+    // The worker's wall clock runs two hours ahead of the database's.
+    let worker = env
+        .spawn_worker(
+            "ahead",
+            &[
+                ("AUDITBRIDGE_DESTINATIONS", &dest),
+                ("LD_PRELOAD", LIBFAKETIME),
+                ("FAKETIME", "+2h"),
+                ("FAKETIME_DONT_FAKE_MONOTONIC", "1"),
+            ],
+        )
+        .await?;
+    worker.wait_ready(T).await?;
+    let events = env.events(50);
+    env.publish(&events).await?;
+    // Fresh events are not "older than 1h", whatever the worker's clock says.
+    until("every event delivered", T, || {
+        rx.delivered_on("/recent") == ids(&events)
+    })
+    .await?;
+    let s = status_json(&env, &dest).await?;
+    assert_eq!(destination(&s, "recent")["skipped_total"], 0, "{s}");
+    assert!(
+        !worker
+            .log_text()
+            .contains("Skipping backlog older than max_backlog_age"),
+        "{}",
+        worker.log_text()
+    );
+    Ok(())
+}

@@ -4,8 +4,8 @@
 //!
 //! One `deliver` is one request. The receiver's answer decides what the relay does next: 2xx
 //! confirms the whole batch; 429, 408, 5xx, timeouts and connection errors are worth a retry;
-//! any other status (redirects included: they are not followed) is a refusal that keeps the
-//! events until someone fixes the configuration or the receiver.
+//! any other status (redirects included: they are not followed) is a refusal, which the relay
+//! answers by isolating the event refused (`on_undeliverable`) or holding the events.
 //!
 //! Every request carries `Idempotency-Key: <first id>..<last id>`. The relay resends a batch
 //! whose answer it never saw, so a receiver that remembers recent keys can drop the duplicate.

@@ -81,7 +81,8 @@ pub enum DeliveryError {
     },
     /// The destination refused the request itself (an HTTP 4xx other than 429): retrying the
     /// same request will not help until someone fixes the configuration or the receiver. The
-    /// events are kept and the destination is reported as failing.
+    /// relay isolates the event it is about (`on_undeliverable = "dead_letter"`) or keeps the
+    /// events and reports the destination as failing.
     #[error("{detail}")]
     Refused {
         reason: &'static str,
