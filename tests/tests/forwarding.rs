@@ -325,7 +325,7 @@ async fn rewind_replays_and_max_backlog_age_skips_loudly() -> anyhow::Result<()>
     let dest = (json!([
         {"name": "replayable", "type": "http", "params": {"url": rx.url("/replay"), "start": "earliest"}},
         {"name": "impatient", "type": "http", "params": {"url": rx.url("/impatient"), "start": "earliest",
-            "max_backlog_age": "2s", "retry_min": "100ms", "retry_max": "500ms"}}
+            "max_backlog_age": "6s", "retry_min": "100ms", "retry_max": "500ms"}}
     ])).to_string();
     rx.answer(Answer::Status(400));
     let worker = env
@@ -351,8 +351,10 @@ async fn rewind_replays_and_max_backlog_age_skips_loudly() -> anyhow::Result<()>
         assert!(Instant::now() < deadline, "never marked failing: {s}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    // Let the backlog age past 2 s, then recover.
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Let the backlog age past 6 s, then recover. (6 s, not less: `received_at` is the
+    // transaction's start, and on a loaded machine a batch can take seconds to commit, so
+    // a shorter age can pass before the relay ever sees the events.)
+    tokio::time::sleep(Duration::from_secs(7)).await;
     let mark = time::OffsetDateTime::now_utc();
     tokio::time::sleep(Duration::from_millis(50)).await;
     let new = env.events(100);
