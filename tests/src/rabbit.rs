@@ -40,7 +40,8 @@ impl Got {
     }
 }
 
-/// A topic exchange with a durable queue bound to `#`. Deleted on drop.
+/// A topic exchange with a durable queue bound to `#` (or to another binding key). Deleted on
+/// drop.
 pub struct TestBroker {
     pub exchange: String,
     pub queue: String,
@@ -48,6 +49,11 @@ pub struct TestBroker {
 
 impl TestBroker {
     pub async fn new(tag: &str) -> anyhow::Result<TestBroker> {
+        TestBroker::bound(tag, "#").await
+    }
+
+    /// The queue bound with `binding` only (e.g. `acme.#`: one tenant's events).
+    pub async fn bound(tag: &str, binding: &str) -> anyhow::Result<TestBroker> {
         let b = TestBroker {
             exchange: format!("abt.{tag}"),
             queue: format!("abt.{tag}.q"),
@@ -79,7 +85,7 @@ impl TestBroker {
         ch.queue_bind(
             b.queue.as_str().into(),
             b.exchange.as_str().into(),
-            "#".into(),
+            binding.into(),
             QueueBindOptions::default(),
             FieldTable::default(),
         )

@@ -55,6 +55,8 @@ impl Received {
 #[derive(Clone, Default)]
 struct Shared {
     answer: Arc<Mutex<Option<Answer>>>,
+    /// Requests carrying any of these event ids are answered 400, whatever `answer` says.
+    refused: Arc<Mutex<HashSet<Uuid>>>,
     log: Arc<Mutex<Vec<Received>>>,
 }
 
@@ -89,6 +91,12 @@ impl Receiver {
 
     pub fn answer(&self, a: Answer) {
         *self.shared.answer.lock().unwrap() = Some(a);
+    }
+
+    /// Answers 400 to every request whose body holds one of `ids` (a receiver that cannot take
+    /// those events), and as scripted by [`Receiver::answer`] otherwise.
+    pub fn refuse_ids(&self, ids: impl IntoIterator<Item = Uuid>) {
+        *self.shared.refused.lock().unwrap() = ids.into_iter().collect();
     }
 
     pub fn requests(&self) -> Vec<Received> {
@@ -141,13 +149,27 @@ async fn handle(
         Answer::Status(s) => (s, None),
         Answer::TooMany(secs) => (429, Some(secs)),
     };
-    shared.log.lock().unwrap().push(Received {
+    let mut received = Received {
         path: uri.path().to_owned(),
         headers,
         body,
         answered: status,
         at: Instant::now(),
-    });
+    };
+    let refused = {
+        let refused = shared.refused.lock().unwrap();
+        received.ids().into_iter().find(|id| refused.contains(id))
+    };
+    if let Some(id) = refused {
+        received.answered = 400;
+        shared.log.lock().unwrap().push(received);
+        return (
+            StatusCode::BAD_REQUEST,
+            format!("event {id}: field x is not allowed here"),
+        )
+            .into_response();
+    }
+    shared.log.lock().unwrap().push(received);
     let code = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     match retry_after {
         Some(s) => (code, [("retry-after", s.to_string())], "slow down").into_response(),

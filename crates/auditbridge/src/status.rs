@@ -138,17 +138,30 @@ pub async fn run(args: Args, config: &Config) -> anyhow::Result<ExitCode> {
     })
 }
 
-/// Each destination's progress: cursor lag, last error, lease holder.
+/// Each destination's progress: cursor lag, last error, lease holder, dead letters.
 async fn destinations(store: &Store, config: &Config) -> anyhow::Result<serde_json::Value> {
     let configured: Vec<String> =
         auditbridge_destinations::parse_destinations(&config.destinations)
             .map(|d| d.into_iter().map(|d| d.name).collect())
             .unwrap_or_default();
-    let now = time::OffsetDateTime::now_utc();
+    // The database's clock: lease expiries and `received_at` were taken on it.
+    let now = store.now().await?;
+    let dead = store.destination_dead_letter_counts().await?;
     let mut list = Vec::new();
     for d in store.destinations().await? {
         let backlog = store.backlog(&d.cursor).await?;
         let lease_live = d.lease_expires_at.is_some_and(|t| t > now);
+        let dead_letters =
+            dead.iter()
+                .find(|c| c.destination == d.name)
+                .map_or(json!({"count": 0}), |c| {
+                    json!({
+                        "count": c.count,
+                        "newest": c.newest.format(&Rfc3339).ok(),
+                        "latest_event": c.latest_event,
+                        "latest_reason": c.latest_reason,
+                    })
+                });
         list.push(json!({
             "name": d.name,
             "type": d.kind,
@@ -163,6 +176,7 @@ async fn destinations(store: &Store, config: &Config) -> anyhow::Result<serde_js
             "last_error": d.last_error,
             "last_error_at": d.last_error_at.and_then(|t| t.format(&Rfc3339).ok()),
             "lease_holder": if lease_live { d.lease_holder } else { None },
+            "dead_letters": dead_letters,
         }));
     }
     Ok(serde_json::Value::Array(list))
@@ -271,6 +285,17 @@ fn print_text(doc: &serde_json::Value) {
                         "  {:<16} last error at {}: {e}",
                         "",
                         d["last_error_at"].as_str().unwrap_or("-")
+                    );
+                }
+                let dead = &d["dead_letters"];
+                if dead["count"].as_i64().is_some_and(|n| n > 0) {
+                    println!(
+                        "  {:<16} {} events it cannot take kept in its dead letters, newest {} (event {}): {}",
+                        "",
+                        dead["count"],
+                        dead["newest"].as_str().unwrap_or("-"),
+                        dead["latest_event"].as_str().unwrap_or("-"),
+                        dead["latest_reason"].as_str().unwrap_or("")
                     );
                 }
             }

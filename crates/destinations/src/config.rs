@@ -34,6 +34,22 @@ pub struct DestinationConfig {
     /// Backoff between failed attempts: exponential with jitter from `retry_min` to `retry_max`.
     pub retry_min: Duration,
     pub retry_max: Duration,
+    /// What the relay does with an event this destination can never take.
+    pub on_undeliverable: OnUndeliverable,
+}
+
+/// What the relay does with an event the destination cannot take: one whose message cannot be
+/// built (an AMQP routing key over 255 bytes), that the broker returns as unroutable, or that
+/// the receiver refuses alone (a permanent HTTP 4xx) while it takes the events around it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OnUndeliverable {
+    /// Keep it in the destination's dead letters (`destination_dead_letters`), count it, and
+    /// go on with the next events (the default).
+    #[default]
+    DeadLetter,
+    /// Stop there: the destination is failing and its cursor waits until someone fixes the
+    /// event's route or the receiver.
+    Block,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -268,15 +284,18 @@ struct Common {
     retry_min: Option<String>,
     #[serde(default)]
     retry_max: Option<String>,
+    #[serde(default)]
+    on_undeliverable: Option<String>,
 }
 
-const COMMON_KEYS: [&str; 6] = [
+const COMMON_KEYS: [&str; 7] = [
     "filter",
     "start",
     "max_backlog_age",
     "batch_size",
     "retry_min",
     "retry_max",
+    "on_undeliverable",
 ];
 
 /// Validates every definition; fails on the first bad one, or on a duplicate name.
@@ -354,8 +373,24 @@ fn parse_one(value: &serde_json::Value, label: &str) -> Result<DestinationConfig
                 return Err(err(
                     &name,
                     "params.url",
-                    format!("expected an amqp:// or amqps:// URL, got {:?}", r.url),
+                    format!(
+                        "expected an amqp:// or amqps:// URL, got {:?}",
+                        redact_url(&r.url)
+                    ),
                 ));
+            }
+            // The parser the sink's connect uses, so a URL that loads is a URL it can use. Its
+            // message is not quoted: it may repeat the password.
+            if r.url.parse::<lapin::uri::AMQPUri>().is_err() {
+                return Err(err(
+                    &name,
+                    "params.url",
+                    format!("not a valid AMQP URI: {:?}", redact_url(&r.url)),
+                ));
+            }
+            // The limits the sink's AMQP strings have (short strings: at most 255 bytes).
+            if lapin::types::ShortString::try_new(r.exchange.as_str()).is_err() {
+                return Err(err(&name, "params.exchange", "expected at most 255 bytes"));
             }
             let mode = match r.mode.as_deref().unwrap_or("event") {
                 "event" => RabbitMode::Event,
@@ -370,6 +405,15 @@ fn parse_one(value: &serde_json::Value, label: &str) -> Result<DestinationConfig
             };
             let routing_key = r.routing_key.unwrap_or_else(|| "{tenant}.{action}".into());
             check_template(&name, &routing_key)?;
+            // The template's fixed part alone must fit a routing key; the placeholders are
+            // checked per event (an event whose key is too long is undeliverable).
+            if render_routing_key(&routing_key, "", "", "", "").len() > 255 {
+                return Err(err(
+                    &name,
+                    "params.routing_key",
+                    "the template's text outside placeholders is over 255 bytes, the AMQP limit",
+                ));
+            }
             let max_in_flight = r.max_in_flight.unwrap_or(1000);
             if max_in_flight == 0 || max_in_flight > 100_000 {
                 return Err(err(&name, "params.max_in_flight", "expected 1 to 100000"));
@@ -391,16 +435,18 @@ fn parse_one(value: &serde_json::Value, label: &str) -> Result<DestinationConfig
         }
         "http" => {
             let h: RawHttp = serde_json::from_value(params).map_err(param_err)?;
+            // The parser the sink uses (reqwest's `Url`), so a URL that loads is one it can use.
             let url_ok = (h.url.starts_with("http://") || h.url.starts_with("https://"))
-                && h.url
-                    .split("://")
-                    .nth(1)
-                    .is_some_and(|r| !r.is_empty() && !r.starts_with('/'));
+                && reqwest::Url::parse(&h.url)
+                    .is_ok_and(|u| u.host_str().is_some_and(|h| !h.is_empty()));
             if !url_ok {
                 return Err(err(
                     &name,
                     "params.url",
-                    format!("expected an http:// or https:// URL, got {:?}", h.url),
+                    format!(
+                        "expected an http:// or https:// URL with a host, got {:?}",
+                        redact_url(&h.url)
+                    ),
                 ));
             }
             let format = match h.format.as_deref().unwrap_or("ndjson") {
@@ -414,6 +460,15 @@ fn parse_one(value: &serde_json::Value, label: &str) -> Result<DestinationConfig
                     ));
                 }
             };
+            if let Some(token) = &h.bearer_token
+                && reqwest::header::HeaderValue::from_str(&format!("Bearer {token}")).is_err()
+            {
+                return Err(err(
+                    &name,
+                    "params.bearer_token",
+                    "expected no control characters (it is sent in the Authorization header)",
+                ));
+            }
             let auth = match (h.bearer_token, h.basic_auth) {
                 (Some(_), Some(_)) => {
                     return Err(err(
@@ -430,15 +485,18 @@ fn parse_one(value: &serde_json::Value, label: &str) -> Result<DestinationConfig
                 (None, None) => None,
             };
             for (k, v) in &h.headers {
+                // The name by our own (narrower) rule, the value by the parser the sink uses.
                 let ok = !k.is_empty()
                     && k.bytes()
                         .all(|b| b.is_ascii_alphanumeric() || b"-_".contains(&b))
-                    && !v.contains(['\r', '\n']);
+                    && reqwest::header::HeaderName::from_bytes(k.as_bytes()).is_ok()
+                    && reqwest::header::HeaderValue::from_str(v).is_ok();
                 if !ok {
+                    // The value is not quoted: it may be an API key.
                     return Err(err(
                         &name,
                         &format!("params.headers.{k}"),
-                        "expected a header name of letters, digits, '-' or '_' and a single-line value",
+                        "expected a header name of letters, digits, '-' or '_' and a value without control characters",
                     ));
                 }
             }
@@ -544,6 +602,17 @@ fn parse_one(value: &serde_json::Value, label: &str) -> Result<DestinationConfig
     if retry_min > retry_max {
         return Err(err(&name, "params.retry_min", "must not exceed retry_max"));
     }
+    let on_undeliverable = match common.on_undeliverable.as_deref() {
+        None | Some("dead_letter") => OnUndeliverable::DeadLetter,
+        Some("block") => OnUndeliverable::Block,
+        Some(other) => {
+            return Err(err(
+                &name,
+                "params.on_undeliverable",
+                format!("expected \"dead_letter\" or \"block\", got {other:?}"),
+            ));
+        }
+    };
     Ok(DestinationConfig {
         name,
         kind,
@@ -557,6 +626,7 @@ fn parse_one(value: &serde_json::Value, label: &str) -> Result<DestinationConfig
         batch_size,
         retry_min,
         retry_max,
+        on_undeliverable,
     })
 }
 
@@ -663,6 +733,35 @@ mod tests {
         assert_eq!(h.max_batch_events, 500);
         assert_eq!(h.timeout, Duration::from_secs(10));
         assert_eq!(h.auth, None);
+        assert_eq!(d.on_undeliverable, OnUndeliverable::DeadLetter);
+        let d = one(json!({"name": "siem", "type": "http", "params": {
+            "url": "http://127.0.0.1:9/in", "on_undeliverable": "block"}}))
+        .unwrap();
+        assert_eq!(d.on_undeliverable, OnUndeliverable::Block);
+    }
+
+    #[test]
+    fn a_rejected_url_is_shown_without_its_password() {
+        let e = one(json!({"name": "x", "type": "rabbitmq", "params": {
+            "url": "amqp://u:pw-SECRET@h:notaport/%2f", "exchange": "e"}}))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("params.url") && !e.contains("pw-SECRET"), "{e}");
+    }
+
+    /// Whatever loads must build: every definition the validation accepts gives a sink.
+    #[test]
+    fn accepted_definitions_build_their_sinks() {
+        let all = parse_destinations(&[
+            json!({"name": "a", "type": "http", "params": {"url": "https://h.example:8443/x?k=v",
+                   "headers": {"X-Api-Key": "key with spaces\tand tab", "X-Utf8": "caf\u{e9}"},
+                   "bearer_token": "tok"}}),
+            json!({"name": "b", "type": "rabbitmq", "params": {"url": "amqps://u:p@h:5671/vh", "exchange": "e"}}),
+        ])
+        .unwrap();
+        for d in &all {
+            crate::Sink::new(d).unwrap_or_else(|e| panic!("{}: {e}", d.name));
+        }
     }
 
     #[test]
@@ -723,6 +822,43 @@ mod tests {
             (
                 json!({"type": "http", "params": {"url": "http://a"}}),
                 "destination #1",
+            ),
+            (
+                json!({"name": "x", "type": "http", "params": {"url": "http://a", "on_undeliverable": "drop"}}),
+                "destination x: params.on_undeliverable",
+            ),
+            // What the sinks' own parsers refuse is refused here, at load, by the same parsers.
+            (
+                json!({"name": "x", "type": "http", "params": {"url": "http://exa mple/in"}}),
+                "destination x: params.url",
+            ),
+            (
+                json!({"name": "x", "type": "http", "params": {"url": "http://a:99999/in"}}),
+                "destination x: params.url",
+            ),
+            (
+                json!({"name": "x", "type": "http", "params": {"url": "http://a", "headers": {"X-Key": "ab\u{1}c"}}}),
+                "destination x: params.headers.X-Key",
+            ),
+            (
+                json!({"name": "x", "type": "http", "params": {"url": "http://a", "headers": {"X-Key": "ab\u{7f}"}}}),
+                "destination x: params.headers.X-Key",
+            ),
+            (
+                json!({"name": "x", "type": "http", "params": {"url": "http://a", "bearer_token": "t\u{0}k"}}),
+                "destination x: params.bearer_token",
+            ),
+            (
+                json!({"name": "x", "type": "rabbitmq", "params": {"url": "amqp://h:notaport/%2f", "exchange": "e"}}),
+                "destination x: params.url",
+            ),
+            (
+                json!({"name": "x", "type": "rabbitmq", "params": {"url": "amqp://a", "exchange": "e".repeat(256)}}),
+                "destination x: params.exchange",
+            ),
+            (
+                json!({"name": "x", "type": "rabbitmq", "params": {"url": "amqp://a", "exchange": "e", "routing_key": format!("{}.{{tenant}}", "k".repeat(256))}}),
+                "destination x: params.routing_key",
             ),
         ];
         for (value, want) in cases {

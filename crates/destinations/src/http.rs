@@ -4,8 +4,8 @@
 //!
 //! One `deliver` is one request. The receiver's answer decides what the relay does next: 2xx
 //! confirms the whole batch; 429, 408, 5xx, timeouts and connection errors are worth a retry;
-//! any other status (redirects included: they are not followed) is a refusal that keeps the
-//! events until someone fixes the configuration or the receiver.
+//! any other status (redirects included: they are not followed) is a refusal, which the relay
+//! answers by isolating the event refused (`on_undeliverable`) or holding the events.
 //!
 //! Every request carries `Idempotency-Key: <first id>..<last id>`. The relay resends a batch
 //! whose answer it never saw, so a receiver that remembers recent keys can drop the duplicate.
@@ -19,7 +19,7 @@ use reqwest::{Client, StatusCode, Url, redirect};
 use sha2::Sha256;
 
 use crate::config::{HttpAuth, HttpFormat, HttpParams};
-use crate::{DeliveryError, OutEvent};
+use crate::{Delivered, DeliveryError, OutEvent};
 
 /// Request headers set on every request (the signature pair only with a `secret`).
 pub const DESTINATION_HEADER: &str = "x-auditbridge-destination";
@@ -165,9 +165,9 @@ impl HttpSink {
     /// Sends the longest prefix of `events` that fits the batch limits (at least one event, even
     /// one larger than `max_batch_bytes`) in one POST and returns its length once the receiver
     /// answered 2xx.
-    pub async fn deliver(&mut self, events: &[OutEvent]) -> Result<usize, DeliveryError> {
+    pub async fn deliver(&mut self, events: &[OutEvent]) -> Result<Delivered, DeliveryError> {
         if events.is_empty() {
-            return Ok(0);
+            return Ok(Delivered::default());
         }
         let n = self.batch_len(events);
         let batch = &events[..n];
@@ -218,7 +218,7 @@ impl HttpSink {
                 }
             }
             tracing::debug!(destination = %self.name, events = n, bytes = body_len, status = status.as_u16(), message = "Delivered a batch.");
-            return Ok(n);
+            return Ok(Delivered::confirmed(n));
         }
 
         let retry_after = retry_after(response.headers());
@@ -625,7 +625,7 @@ mod tests {
         let mut sink = HttpSink::new("siem", p).unwrap();
         let batch = events(3, 150);
 
-        assert_eq!(sink.deliver(&batch).await.unwrap(), 3);
+        assert_eq!(sink.deliver(&batch).await.unwrap(), Delivered::confirmed(3));
 
         let seen = server.seen();
         assert_eq!(seen.len(), 1);
@@ -665,7 +665,7 @@ mod tests {
         let mut sink = HttpSink::new("array", p).unwrap();
         let batch = events(4, 130);
 
-        assert_eq!(sink.deliver(&batch).await.unwrap(), 4);
+        assert_eq!(sink.deliver(&batch).await.unwrap(), Delivered::confirmed(4));
 
         let req = &server.seen()[0];
         assert_eq!(req.header("content-type"), Some("application/json"));
@@ -696,20 +696,20 @@ mod tests {
         let mut p = params(server.url("/"));
         p.max_batch_events = 2;
         let mut sink = HttpSink::new("count", p).unwrap();
-        assert_eq!(sink.deliver(&batch).await.unwrap(), 2);
+        assert_eq!(sink.deliver(&batch).await.unwrap(), Delivered::confirmed(2));
 
         // By bytes, NDJSON: three events take 3 × 201 = 603 bytes, four would take 804.
         let mut p = params(server.url("/"));
         p.max_batch_bytes = 700;
         let mut sink = HttpSink::new("bytes", p).unwrap();
-        assert_eq!(sink.deliver(&batch).await.unwrap(), 3);
+        assert_eq!(sink.deliver(&batch).await.unwrap(), Delivered::confirmed(3));
 
         // By bytes, JSON array, an exact fit: "[" + 3 × 200 + 2 commas + "]" = 604.
         let mut p = params(server.url("/"));
         p.format = HttpFormat::JsonArray;
         p.max_batch_bytes = 604;
         let mut sink = HttpSink::new("exact", p).unwrap();
-        assert_eq!(sink.deliver(&batch).await.unwrap(), 3);
+        assert_eq!(sink.deliver(&batch).await.unwrap(), Delivered::confirmed(3));
 
         // One event larger than the limit goes alone, and only it.
         let mut big = vec![event(2000)];
@@ -717,7 +717,7 @@ mod tests {
         let mut p = params(server.url("/"));
         p.max_batch_bytes = 1024;
         let mut sink = HttpSink::new("big", p).unwrap();
-        assert_eq!(sink.deliver(&big).await.unwrap(), 1);
+        assert_eq!(sink.deliver(&big).await.unwrap(), Delivered::confirmed(1));
 
         let seen = server.seen();
         let counts: Vec<_> = seen
@@ -744,7 +744,7 @@ mod tests {
         let mut sink = HttpSink::new("signed", p).unwrap();
         let batch = events(2, 140);
 
-        assert_eq!(sink.deliver(&batch).await.unwrap(), 2);
+        assert_eq!(sink.deliver(&batch).await.unwrap(), Delivered::confirmed(2));
 
         let req = &server.seen()[0];
         let timestamp: u64 = req

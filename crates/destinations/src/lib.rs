@@ -2,10 +2,12 @@
 //! RabbitMQ and HTTP. The relay (in the worker) reads events from the outbox, hands them to a
 //! [`Sink`], and moves the destination's cursor only after the sink confirmed them.
 //!
-//! A sink never decides to drop anything. It either confirms a prefix of what it was given, or
+//! A sink never decides to drop anything. It either settles a prefix of what it was given
+//! ([`Delivered`]: confirmed, except the events it names as undeliverable — those the
+//! destination can never take as they are, such as an AMQP routing key over 255 bytes), or
 //! fails with a [`DeliveryError`] saying whether a retry may help soon ([`DeliveryError::Retry`])
-//! or the destination refused the request itself ([`DeliveryError::Refused`]); in both cases
-//! the relay keeps the events and tries again later.
+//! or the destination refused the request itself ([`DeliveryError::Refused`]). What happens to
+//! an undeliverable or refused event is the relay's decision (`on_undeliverable`).
 
 pub mod config;
 pub mod http;
@@ -16,7 +18,7 @@ use std::time::Duration;
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-pub use config::{DestinationConfig, Filter, Kind, Start, parse_destinations};
+pub use config::{DestinationConfig, Filter, Kind, OnUndeliverable, Start, parse_destinations};
 
 /// One stored event as the relay hands it to a destination.
 #[derive(Debug, Clone, PartialEq)]
@@ -30,6 +32,39 @@ pub struct OutEvent {
     pub received_at: OffsetDateTime,
     /// The stored event, as compact JSON.
     pub json: String,
+}
+
+/// What a sink settled of the events it was given: the first `settled` of them, each either
+/// confirmed by the destination or listed in `undeliverable`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Delivered {
+    pub settled: usize,
+    /// Settled events the destination will never take as they are, in order, by their index in
+    /// the slice given to `deliver`.
+    pub undeliverable: Vec<Undeliverable>,
+}
+
+impl Delivered {
+    /// Every one of the first `n` events confirmed.
+    pub fn confirmed(n: usize) -> Delivered {
+        Delivered {
+            settled: n,
+            undeliverable: Vec::new(),
+        }
+    }
+
+    /// How many of the settled events the destination confirmed.
+    pub fn confirmed_count(&self) -> usize {
+        self.settled - self.undeliverable.len()
+    }
+}
+
+/// One event a destination cannot take. `reason` is a stable, low-cardinality metric label.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Undeliverable {
+    pub index: usize,
+    pub reason: &'static str,
+    pub detail: String,
 }
 
 /// Why a delivery failed. `reason` is a stable, low-cardinality metric label.
@@ -46,7 +81,8 @@ pub enum DeliveryError {
     },
     /// The destination refused the request itself (an HTTP 4xx other than 429): retrying the
     /// same request will not help until someone fixes the configuration or the receiver. The
-    /// events are kept and the destination is reported as failing.
+    /// relay isolates the event it is about (`on_undeliverable = "dead_letter"`) or keeps the
+    /// events and reports the destination as failing.
     #[error("{detail}")]
     Refused {
         reason: &'static str,
@@ -87,10 +123,10 @@ impl Sink {
         })
     }
 
-    /// Delivers a prefix of `events` (at least one event when `events` is not empty) and
-    /// returns how many were confirmed by the destination. Events past that prefix were not
-    /// sent (a size limit) and will be offered again.
-    pub async fn deliver(&mut self, events: &[OutEvent]) -> Result<usize, DeliveryError> {
+    /// Delivers a prefix of `events` and says how much of it is settled (see [`Delivered`]).
+    /// Events past that prefix were not confirmed (a size limit, a failure after the prefix)
+    /// and will be offered again. A sink may settle nothing; the relay then backs off.
+    pub async fn deliver(&mut self, events: &[OutEvent]) -> Result<Delivered, DeliveryError> {
         match self {
             Sink::RabbitMq(s) => s.deliver(events).await,
             Sink::Http(s) => s.deliver(events).await,

@@ -1,5 +1,8 @@
 //! The RabbitMQ destination: publishes events to an operator-owned exchange, persistent and
-//! with publisher confirms, and reports success only when the broker confirmed every message.
+//! with publisher confirms, and reports an event settled only when the broker confirmed its
+//! message, or returned it as unroutable (`mandatory`): then the event is undeliverable and the
+//! relay's `on_undeliverable` decides. In `batch` mode a message holds one run of consecutive
+//! events sharing its routing key and tenant, so a return concerns exactly those events.
 //!
 //! The sink keeps one connection with one confirm-mode channel. It does not use lapin's own
 //! recovery: after any failure it drops both, and the next `deliver` connects from scratch.
@@ -22,7 +25,7 @@ use tracing::{debug, info};
 use uuid::Uuid;
 
 use crate::config::{RabbitMode, RabbitParams, redact_url, render_routing_key};
-use crate::{DeliveryError, OutEvent};
+use crate::{Delivered, DeliveryError, OutEvent, Undeliverable};
 
 /// How long one connect attempt (TCP, AMQP handshake, channel, `confirm.select`) may take, so
 /// a broker that accepts connections but never answers cannot stall the relay.
@@ -47,6 +50,9 @@ struct Link {
 struct Message<'a> {
     /// The event id (the first one in batch mode), for error details.
     id: Uuid,
+    /// The events it carries: `count` of them from index `first` of the call.
+    first: usize,
+    count: usize,
     routing_key: ShortString,
     body: Cow<'a, [u8]>,
     properties: BasicProperties,
@@ -83,12 +89,15 @@ impl RabbitSink {
             .is_some_and(|l| l.connection.status().connected() && l.channel.status().connected())
     }
 
-    /// Publishes all of `events` and returns `events.len()` once the broker confirmed every
-    /// message. On any failure nothing counts as delivered (the relay sends the whole batch
-    /// again: duplicates around failures, never a loss) and the connection is dropped.
-    pub async fn deliver(&mut self, events: &[OutEvent]) -> Result<usize, DeliveryError> {
+    /// Publishes `events` and settles the longest prefix the broker answered for: every
+    /// message of it confirmed, or returned as unroutable (with `mandatory`; its events are
+    /// then undeliverable, as is an event whose routing key cannot be built). After a failure
+    /// (connection, channel, nack, a confirm that never came) the connection is dropped; what
+    /// was confirmed before it still counts, the rest is offered again (duplicates around
+    /// failures, never a loss). Fails only when nothing at all was settled.
+    pub async fn deliver(&mut self, events: &[OutEvent]) -> Result<Delivered, DeliveryError> {
         if events.is_empty() {
-            return Ok(0);
+            return Ok(Delivered::default());
         }
         let exchange = ShortString::try_new(self.params.exchange.as_str()).map_err(|e| {
             DeliveryError::Refused {
@@ -96,36 +105,112 @@ impl RabbitSink {
                 detail: format!("exchange name {:?}: {e}", self.params.exchange),
             }
         })?;
-        let messages = match self.params.mode {
-            RabbitMode::Event => events
-                .iter()
-                .map(|e| self.event_message(e))
-                .collect::<Result<Vec<_>, _>>()?,
-            RabbitMode::Batch => vec![self.batch_message(events)?],
-        };
+        // An event whose routing key cannot be built ends the call: it is settled as
+        // undeliverable, and nothing after it is published, so that a relay that blocks on it
+        // does not publish the events behind it again on every attempt.
+        let mut undeliverable = Vec::new();
+        let mut messages = Vec::new();
+        let mut end = events.len();
+        match self.params.mode {
+            RabbitMode::Event => {
+                for (index, event) in events.iter().enumerate() {
+                    match self.routing_key(event) {
+                        Ok(key) => messages.push(event_message(index, event, key)),
+                        Err(detail) => {
+                            undeliverable.push(Undeliverable {
+                                index,
+                                reason: "routing_key",
+                                detail,
+                            });
+                            end = index + 1;
+                            break;
+                        }
+                    }
+                }
+            }
+            RabbitMode::Batch => {
+                // A batch message holds one run of consecutive events that share its routing
+                // key and its `tenant` header: a queue bound to one tenant's keys must never
+                // receive another tenant's events inside a message routed by the first one.
+                let mut index = 0;
+                while index < events.len() {
+                    let first = &events[index];
+                    let key = match self.routing_key(first) {
+                        Ok(key) => key,
+                        Err(detail) => {
+                            undeliverable.push(Undeliverable {
+                                index,
+                                reason: "routing_key",
+                                detail,
+                            });
+                            end = index + 1;
+                            break;
+                        }
+                    };
+                    let run = events[index + 1..]
+                        .iter()
+                        .take_while(|e| e.tenant == first.tenant && self.render(e) == key.as_str())
+                        .count()
+                        + 1;
+                    messages.push(batch_message(index, &events[index..index + run], key));
+                    index += run;
+                }
+            }
+        }
 
-        let result = self.publish(exchange, &messages).await;
-        if let Err(error) = &result {
+        let (answered, error) = self.publish(exchange, &messages).await;
+        // Settled: everything before the first message the broker did not answer for.
+        let settled = messages.get(answered.len()).map_or(end, |m| m.first);
+        for (message, returned) in messages.iter().zip(&answered) {
+            if let Some(detail) = returned {
+                undeliverable.extend((message.first..message.first + message.count).map(|index| {
+                    Undeliverable {
+                        index,
+                        reason: "returned",
+                        detail: detail.clone(),
+                    }
+                }));
+            }
+        }
+        undeliverable.retain(|u| u.index < settled);
+        undeliverable.sort_by_key(|u| u.index);
+        if let Some(error) = error {
             // Whatever failed, the next call starts from a new connection.
             self.link = None;
-            debug!(destination = %self.name, reason = error.reason(), %error, message = "Dropped the RabbitMQ connection after a failure.");
+            debug!(destination = %self.name, reason = error.reason(), %error, settled, message = "Dropped the RabbitMQ connection after a failure.");
+            if settled == 0 {
+                return Err(error);
+            }
         }
-        result.map(|()| events.len())
+        Ok(Delivered {
+            settled,
+            undeliverable,
+        })
     }
 
+    /// Publishes `messages` in confirm windows. Returns, for the prefix of messages the broker
+    /// answered for, `None` (confirmed) or the detail of its return (unroutable), and the
+    /// failure that stopped it, if any.
     async fn publish(
         &mut self,
         exchange: ShortString,
         messages: &[Message<'_>],
-    ) -> Result<(), DeliveryError> {
-        let channel = self.channel().await?;
+    ) -> (Vec<Option<String>>, Option<DeliveryError>) {
+        if messages.is_empty() {
+            return (Vec::new(), None);
+        }
+        let channel = match self.channel().await {
+            Ok(channel) => channel,
+            Err(error) => return (Vec::new(), Some(error)),
+        };
         let options = BasicPublishOptions {
             mandatory: self.params.mandatory,
             immediate: false,
         };
+        let mut answered = Vec::with_capacity(messages.len());
         // `max_in_flight` is at least 1 (checked at startup); `max` guards a hand-built config.
         for window in messages.chunks(self.params.max_in_flight.max(1)) {
-            let result = publish_window(
+            let (outcomes, error) = publish_window(
                 &channel,
                 &exchange,
                 options,
@@ -133,24 +218,27 @@ impl RabbitSink {
                 self.params.confirm_timeout,
             )
             .await;
-            if let Err(DeliveryError::Retry {
+            answered.extend(outcomes);
+            let Some(error) = error else { continue };
+            if let DeliveryError::Retry {
                 reason: "confirm_timeout",
                 detail,
                 ..
-            }) = &result
+            } = &error
                 && self
                     .link
                     .as_ref()
                     .is_some_and(|l| l.connection.status().blocked())
             {
-                return Err(retry(
+                let error = retry(
                     "confirm_timeout",
                     format!("{detail} (the broker is blocking publishers: a memory or disk alarm)"),
-                ));
+                );
+                return (answered, Some(error));
             }
-            result?;
+            return (answered, Some(error));
         }
-        Ok(())
+        (answered, None)
     }
 
     /// The open channel, connecting first when there is none or the old one died.
@@ -205,68 +293,81 @@ impl RabbitSink {
         }
     }
 
-    fn event_message<'a>(&self, event: &'a OutEvent) -> Result<Message<'a>, DeliveryError> {
-        let mut headers = FieldTable::default();
-        headers.insert(
-            "tenant".into(),
-            AMQPValue::LongString(event.tenant.as_str().into()),
-        );
-        headers.insert(
-            "action".into(),
-            AMQPValue::LongString(event.action.as_str().into()),
-        );
-        headers.insert(
-            "outcome".into(),
-            AMQPValue::LongString(event.outcome.as_str().into()),
-        );
-        Ok(Message {
-            id: event.id,
-            routing_key: self.routing_key(event)?,
-            body: Cow::Borrowed(event.json.as_bytes()),
-            properties: properties(event, "application/json", headers),
-        })
-    }
-
-    /// One NDJSON message for the whole call, routed and identified by its first event.
-    fn batch_message<'a>(&self, events: &[OutEvent]) -> Result<Message<'a>, DeliveryError> {
-        let first = &events[0];
-        let mut body = Vec::with_capacity(events.iter().map(|e| e.json.len() + 1).sum());
-        for event in events {
-            body.extend_from_slice(event.json.as_bytes());
-            body.push(b'\n');
-        }
-        let count = i64::try_from(events.len()).unwrap_or(i64::MAX);
-        let mut headers = FieldTable::default();
-        headers.insert("count".into(), AMQPValue::LongLongInt(count));
-        Ok(Message {
-            id: first.id,
-            routing_key: self.routing_key(first)?,
-            body: Cow::Owned(body),
-            properties: properties(first, "application/x-ndjson", headers),
-        })
-    }
-
-    fn routing_key(&self, event: &OutEvent) -> Result<ShortString, DeliveryError> {
-        let key = render_routing_key(
+    fn render(&self, event: &OutEvent) -> String {
+        render_routing_key(
             &self.params.routing_key,
             &event.tenant,
             &event.action,
             &event.outcome,
             &event.source,
-        );
-        // AMQP caps routing keys at 255 bytes; resending the same event cannot fix that.
-        ShortString::try_new(key).map_err(|e| DeliveryError::Refused {
-            reason: "routing_key",
-            detail: format!(
+        )
+    }
+
+    /// The event's routing key, or why it has none: AMQP caps routing keys at 255 bytes, and
+    /// resending the same event cannot fix that.
+    fn routing_key(&self, event: &OutEvent) -> Result<ShortString, String> {
+        ShortString::try_new(self.render(event)).map_err(|e| {
+            format!(
                 "routing key for event {} from template {:?}: {e}",
                 event.id, self.params.routing_key
-            ),
+            )
         })
     }
 
     /// Removes the URL (which holds the password) from a message that might quote it.
     fn scrub(&self, text: &str) -> String {
         text.replace(&self.params.url, &self.redacted_url)
+    }
+}
+
+/// The message for event `index` of the call.
+fn event_message(index: usize, event: &OutEvent, routing_key: ShortString) -> Message<'_> {
+    let mut headers = FieldTable::default();
+    headers.insert(
+        "tenant".into(),
+        AMQPValue::LongString(event.tenant.as_str().into()),
+    );
+    headers.insert(
+        "action".into(),
+        AMQPValue::LongString(event.action.as_str().into()),
+    );
+    headers.insert(
+        "outcome".into(),
+        AMQPValue::LongString(event.outcome.as_str().into()),
+    );
+    Message {
+        id: event.id,
+        first: index,
+        count: 1,
+        routing_key,
+        body: Cow::Borrowed(event.json.as_bytes()),
+        properties: properties(event, "application/json", headers),
+    }
+}
+
+/// One NDJSON message for a run of events (from `first` in the call) that share `routing_key`
+/// and tenant; identified by its first event.
+fn batch_message<'a>(first: usize, run: &[OutEvent], routing_key: ShortString) -> Message<'a> {
+    let head = &run[0];
+    let mut body = Vec::with_capacity(run.iter().map(|e| e.json.len() + 1).sum());
+    for event in run {
+        body.extend_from_slice(event.json.as_bytes());
+        body.push(b'\n');
+    }
+    let count = i64::try_from(run.len()).unwrap_or(i64::MAX);
+    let mut headers = FieldTable::default();
+    headers.insert("count".into(), AMQPValue::LongLongInt(count));
+    headers.insert(
+        "tenant".into(),
+        AMQPValue::LongString(head.tenant.as_str().into()),
+    );
+    Message {
+        id: head.id,
+        first,
+        count: run.len(),
+        routing_key,
+        body: Cow::Owned(body),
+        properties: properties(head, "application/x-ndjson", headers),
     }
 }
 
@@ -279,15 +380,17 @@ fn properties(event: &OutEvent, content_type: &str, headers: FieldTable) -> Basi
         .with_headers(headers)
 }
 
-/// Publishes `window` and waits for all of its confirms. A confirm that has not come
-/// `confirm_timeout` after the last publish of the window counts as failed.
+/// Publishes `window` and waits for its confirms, in order. Returns the outcome of each
+/// message up to the first failure (`None`: confirmed, `Some(detail)`: returned as
+/// unroutable), and that failure. A confirm that has not come `confirm_timeout` after the last
+/// publish of the window counts as failed.
 async fn publish_window(
     channel: &Channel,
     exchange: &ShortString,
     options: BasicPublishOptions,
     window: &[Message<'_>],
     confirm_timeout: Duration,
-) -> Result<(), DeliveryError> {
+) -> (Vec<Option<String>>, Option<DeliveryError>) {
     // All publishes of the window run together: each one waits until lapin wrote its frames,
     // and waiting for them one by one costs a wakeup of the I/O loop per message. They are
     // first polled in order, so the messages still go out in the order of `window`.
@@ -305,58 +408,84 @@ async fn publish_window(
     let Ok(published) =
         tokio::time::timeout(confirm_timeout, futures::future::join_all(publishes)).await
     else {
-        return Err(retry(
+        let error = retry(
             "confirm_timeout",
             format!(
                 "the broker did not take {} messages for exchange {:?} within {confirm_timeout:?}",
                 window.len(),
                 exchange.as_str()
             ),
-        ));
+        );
+        return (Vec::new(), Some(error));
     };
-    let mut pending = Vec::with_capacity(window.len());
-    let mut publish_error = None;
+    // In order: when a publish failed because the broker closed the channel, the earlier
+    // confirms carry the broker's reason (`NOT_FOUND - no exchange ...`).
+    let deadline = Instant::now() + confirm_timeout;
+    let mut returns = Vec::new();
     for (message, published) in window.iter().zip(published) {
-        match published {
-            Ok(confirm) => pending.push((message, confirm)),
-            Err(error) => {
-                publish_error.get_or_insert((message, error));
+        let outcome = match published {
+            Ok(confirm) => {
+                check_confirm(
+                    exchange.as_str(),
+                    message,
+                    confirm,
+                    deadline,
+                    confirm_timeout,
+                )
+                .await
             }
+            Err(error) => Err(retry(
+                lapin_reason(&error),
+                format!(
+                    "publishing event {} to exchange {:?} failed: {error}",
+                    message.id,
+                    exchange.as_str()
+                ),
+            )),
+        };
+        match outcome {
+            Ok(Some(returned)) => returns.push(returned),
+            Ok(None) => {}
+            // A return can ride on any confirm of the window (below), so after a failure no
+            // message of the window can be said to be confirmed rather than returned.
+            Err(error) => return (Vec::new(), Some(error)),
         }
     }
-    // When a publish failed because the broker closed the channel, the earlier confirms carry
-    // the broker's reason (`NOT_FOUND - no exchange ...`): look at them first.
-    let deadline = Instant::now() + confirm_timeout;
-    for (message, confirm) in pending {
-        check_confirm(
-            exchange.as_str(),
-            message,
-            confirm,
-            deadline,
-            confirm_timeout,
-        )
-        .await?;
+    // lapin hands each returned message to whichever confirm it completes next, not to the
+    // confirm of the message that was returned (with `multiple` acks, any of the window's).
+    // The broker sends a return before the ack of its message, and the whole window's acks
+    // are awaited here, so every return of the window is among `returns`: match them to the
+    // messages by message id (unique within a call).
+    let mut outcomes: Vec<Option<String>> = vec![None; window.len()];
+    for returned in returns {
+        let id = returned
+            .properties
+            .message_id()
+            .as_ref()
+            .map(|m| m.as_str().to_owned());
+        let Some(i) = window.iter().position(|m| Some(m.id.to_string()) == id) else {
+            let error = retry(
+                "returned",
+                format!(
+                    "the broker returned a message this window did not publish (message id {id:?}); sending the window again"
+                ),
+            );
+            return (Vec::new(), Some(error));
+        };
+        outcomes[i] = Some(returned_detail(exchange.as_str(), &window[i], &returned));
     }
-    match publish_error {
-        Some((message, error)) => Err(retry(
-            lapin_reason(&error),
-            format!(
-                "publishing event {} to exchange {:?} failed: {error}",
-                message.id,
-                exchange.as_str()
-            ),
-        )),
-        None => Ok(()),
-    }
+    (outcomes, None)
 }
 
+/// `Ok` when the broker confirmed the message, with the returned message lapin attached to
+/// this confirm (which may be another message's), an error otherwise.
 async fn check_confirm(
     exchange: &str,
     message: &Message<'_>,
     confirm: PublisherConfirm,
     deadline: Instant,
     confirm_timeout: Duration,
-) -> Result<(), DeliveryError> {
+) -> Result<Option<BasicReturnMessage>, DeliveryError> {
     let id = message.id;
     match tokio::time::timeout_at(deadline, confirm).await {
         Err(_) => Err(retry(
@@ -369,8 +498,8 @@ async fn check_confirm(
             lapin_reason(&error),
             format!("publishing event {id} to exchange {exchange:?} failed: {error}"),
         )),
-        Ok(Ok(Confirmation::Ack(None))) => Ok(()),
-        Ok(Ok(Confirmation::Ack(Some(returned)))) => Err(returned_error(exchange, id, &returned)),
+        Ok(Ok(Confirmation::Ack(None))) => Ok(None),
+        Ok(Ok(Confirmation::Ack(Some(returned)))) => Ok(Some(returned)),
         Ok(Ok(Confirmation::Nack(_))) => Err(retry(
             "nack",
             format!(
@@ -386,15 +515,17 @@ async fn check_confirm(
     }
 }
 
-fn returned_error(exchange: &str, id: Uuid, returned: &BasicReturnMessage) -> DeliveryError {
-    retry(
-        "returned",
-        format!(
-            "the broker returned event {id}: exchange {exchange:?} has no route for routing key {:?} ({} {})",
-            returned.delivery.routing_key.as_str(),
-            returned.reply_code,
-            returned.reply_text,
-        ),
+fn returned_detail(exchange: &str, message: &Message<'_>, returned: &BasicReturnMessage) -> String {
+    let what = if message.count == 1 {
+        format!("event {}", message.id)
+    } else {
+        format!("a batch of {} events from {}", message.count, message.id)
+    };
+    format!(
+        "the broker returned {what}: exchange {exchange:?} has no route for routing key {:?} ({} {})",
+        returned.delivery.routing_key.as_str(),
+        returned.reply_code,
+        returned.reply_text,
     )
 }
 
@@ -574,7 +705,6 @@ mod tests {
     }
 
     fn event(n: usize) -> OutEvent {
-        let id = Uuid::new_v4();
         let tenant = if n.is_multiple_of(2) {
             "acme"
         } else {
@@ -585,16 +715,58 @@ mod tests {
         } else {
             "success"
         };
+        event_for(n, tenant, "document.update", outcome)
+    }
+
+    fn event_for(n: usize, tenant: &str, action: &str, outcome: &str) -> OutEvent {
+        let id = Uuid::new_v4();
         OutEvent {
             id,
             tenant: tenant.into(),
-            action: "document.update".into(),
+            action: action.into(),
             outcome: outcome.into(),
             source: "docs-api".into(),
             received_at: OffsetDateTime::now_utc(),
-            json: serde_json::json!({"id": id, "tenant": tenant, "action": "document.update", "outcome": outcome, "n": n})
+            json: serde_json::json!({"id": id, "tenant": tenant, "action": action, "outcome": outcome, "n": n})
                 .to_string(),
         }
+    }
+
+    /// Declares a queue of the broker's name bound to its exchange with `binding` only.
+    async fn bind_only(broker: &Broker, binding: &str) {
+        let options = QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        };
+        broker
+            .channel
+            .queue_declare(broker.queue.as_str().into(), options, expiring())
+            .await
+            .unwrap();
+        broker
+            .channel
+            .queue_bind(
+                broker.queue.as_str().into(),
+                broker.exchange.as_str().into(),
+                binding.into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+    }
+
+    fn body_ids(m: &BasicGetMessage) -> Vec<Uuid> {
+        String::from_utf8_lossy(&m.data)
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).unwrap()["id"]
+                    .as_str()
+                    .unwrap()
+                    .parse()
+                    .unwrap()
+            })
+            .collect()
     }
 
     fn header<'a>(m: &'a BasicGetMessage, key: &str) -> &'a AMQPValue {
@@ -605,7 +777,7 @@ mod tests {
             .unwrap_or_else(|| panic!("header {key} missing"))
     }
 
-    fn retry_reason(result: Result<usize, DeliveryError>) -> (&'static str, String) {
+    fn retry_reason(result: Result<Delivered, DeliveryError>) -> (&'static str, String) {
         match result {
             Err(DeliveryError::Retry { reason, detail, .. }) => (reason, detail),
             other => panic!("expected a Retry error, got {other:?}"),
@@ -618,7 +790,10 @@ mod tests {
         let mut sink = RabbitSink::new("bus", broker.params(RabbitMode::Event));
         let events: Vec<OutEvent> = (0..12).map(event).collect();
 
-        assert_eq!(sink.deliver(&events).await.unwrap(), 12);
+        assert_eq!(
+            sink.deliver(&events).await.unwrap(),
+            Delivered::confirmed(12)
+        );
         assert!(sink.is_connected());
 
         let by_id: HashMap<String, &OutEvent> =
@@ -674,12 +849,17 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn batch_mode_publishes_one_ndjson_message_per_call() {
+    async fn batch_mode_publishes_one_ndjson_message_per_run() {
         let broker = Broker::new(true).await;
         let mut sink = RabbitSink::new("bus", broker.params(RabbitMode::Batch));
-        let events: Vec<OutEvent> = (1..=7).map(event).collect();
+        let events: Vec<OutEvent> = (1..=7)
+            .map(|n| event_for(n, "globex", "document.update", "success"))
+            .collect();
 
-        assert_eq!(sink.deliver(&events).await.unwrap(), 7);
+        assert_eq!(
+            sink.deliver(&events).await.unwrap(),
+            Delivered::confirmed(7)
+        );
 
         let messages = broker.take(1).await;
         let m = &messages[0];
@@ -712,7 +892,7 @@ mod tests {
         );
         assert_eq!(*m.properties.delivery_mode(), Some(2));
         assert_eq!(header(m, "count"), &AMQPValue::LongLongInt(7));
-        // Routed by the first event (n = 1: globex, success).
+        assert_eq!(header(m, "tenant"), &AMQPValue::LongString("globex".into()));
         assert_eq!(
             m.routing_key.as_str(),
             "audit.globex.document.update.success.docs-api"
@@ -721,25 +901,188 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn an_unroutable_mandatory_message_is_a_failure() {
+    async fn batch_messages_never_mix_routing_keys_or_tenants() {
+        let broker = Broker::new(true).await;
+        let mut params = broker.params(RabbitMode::Batch);
+        // Without {tenant} in the key, the tenant still splits runs (and is a header).
+        params.routing_key = "{action}".into();
+        let mut sink = RabbitSink::new("bus", params);
+        let spec = [
+            ("acme", "a.x"),
+            ("acme", "a.x"),
+            ("globex", "a.x"),
+            ("acme", "a.x"),
+            ("acme", "b.y"),
+            ("acme", "b.y"),
+        ];
+        let events: Vec<OutEvent> = spec
+            .iter()
+            .enumerate()
+            .map(|(n, (t, a))| event_for(n, t, a, "success"))
+            .collect();
+
+        assert_eq!(
+            sink.deliver(&events).await.unwrap(),
+            Delivered::confirmed(6)
+        );
+
+        let messages = broker.take(4).await;
+        let runs: Vec<(String, AMQPValue, Vec<Uuid>)> = messages
+            .iter()
+            .map(|m| {
+                (
+                    m.routing_key.to_string(),
+                    header(m, "tenant").clone(),
+                    body_ids(m),
+                )
+            })
+            .collect();
+        let ids = |r: std::ops::Range<usize>| events[r].iter().map(|e| e.id).collect::<Vec<_>>();
+        let tenant = |t: &str| AMQPValue::LongString(t.into());
+        assert_eq!(
+            runs,
+            vec![
+                ("a.x".into(), tenant("acme"), ids(0..2)),
+                ("a.x".into(), tenant("globex"), ids(2..3)),
+                ("a.x".into(), tenant("acme"), ids(3..4)),
+                ("b.y".into(), tenant("acme"), ids(4..6)),
+            ]
+        );
+        broker.delete().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_queue_bound_to_one_tenant_gets_only_its_events_and_returns_are_undeliverable() {
+        for mode in [RabbitMode::Batch, RabbitMode::Event] {
+            let broker = Broker::new(false).await;
+            bind_only(&broker, "acme.#").await;
+            let mut params = broker.params(mode.clone());
+            params.routing_key = "{tenant}.{action}".into();
+            let mut sink = RabbitSink::new("bus", params);
+            let tenants = ["acme", "globex", "globex", "acme", "initech", "acme"];
+            let events: Vec<OutEvent> = tenants
+                .iter()
+                .enumerate()
+                .map(|(n, t)| event_for(n, t, "document.update", "success"))
+                .collect();
+
+            let got = sink.deliver(&events).await.unwrap();
+
+            assert_eq!(got.settled, 6, "{mode:?}: {got:?}");
+            let refused: Vec<usize> = got.undeliverable.iter().map(|u| u.index).collect();
+            assert_eq!(refused, [1, 2, 4], "{mode:?}");
+            assert!(got.undeliverable.iter().all(|u| u.reason == "returned"));
+            assert!(
+                got.undeliverable[0]
+                    .detail
+                    .contains("globex.document.update")
+                    && got.undeliverable[0].detail.contains("NO_ROUTE"),
+                "{}",
+                got.undeliverable[0].detail
+            );
+            // A return is an answer, not a failure: the connection stays.
+            assert!(sink.is_connected());
+            let want: Vec<Uuid> = [0, 3, 5].iter().map(|&i| events[i].id).collect();
+            let queued: Vec<Uuid> = match mode {
+                RabbitMode::Batch => broker.take(3).await.iter().flat_map(body_ids).collect(),
+                RabbitMode::Event => broker
+                    .take(3)
+                    .await
+                    .iter()
+                    .map(|m| {
+                        m.properties
+                            .message_id()
+                            .as_ref()
+                            .unwrap()
+                            .as_str()
+                            .parse()
+                            .unwrap()
+                    })
+                    .collect(),
+            };
+            assert_eq!(queued, want, "{mode:?}");
+            broker.delete().await;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_event_whose_routing_key_is_too_long_is_undeliverable_and_the_rest_go() {
+        for mode in [RabbitMode::Event, RabbitMode::Batch] {
+            let broker = Broker::new(true).await;
+            let mut params = broker.params(mode.clone());
+            params.routing_key = "{tenant}.{action}".into();
+            let mut sink = RabbitSink::new("bus", params);
+            // Five 60-character tokens: a valid action, a 300-byte routing key.
+            let long = vec!["x".repeat(60); 5].join(".");
+            let events = vec![
+                event_for(0, "acme", "a", "success"),
+                event_for(1, "acme", &long, "success"),
+                event_for(2, "acme", "a", "success"),
+            ];
+
+            // The call ends at the event: settled up to and including it, nothing after it.
+            let got = sink.deliver(&events).await.unwrap();
+            assert_eq!(got.settled, 2, "{mode:?}");
+            assert_eq!(got.undeliverable.len(), 1);
+            assert_eq!(got.undeliverable[0].index, 1);
+            assert_eq!(got.undeliverable[0].reason, "routing_key");
+            assert!(
+                got.undeliverable[0]
+                    .detail
+                    .contains(&events[1].id.to_string()),
+                "{}",
+                got.undeliverable[0].detail
+            );
+            assert_eq!(
+                sink.deliver(&events[2..]).await.unwrap(),
+                Delivered::confirmed(1)
+            );
+            let messages = broker.take(2).await;
+            let ids: Vec<Uuid> = match mode {
+                RabbitMode::Batch => messages.iter().flat_map(body_ids).collect(),
+                RabbitMode::Event => messages
+                    .iter()
+                    .map(|m| {
+                        m.properties
+                            .message_id()
+                            .as_ref()
+                            .unwrap()
+                            .as_str()
+                            .parse()
+                            .unwrap()
+                    })
+                    .collect(),
+            };
+            assert_eq!(ids, [events[0].id, events[2].id], "{mode:?}");
+            broker.delete().await;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_unroutable_mandatory_message_is_undeliverable() {
         let broker = Broker::new(false).await;
         let mut params = broker.params(RabbitMode::Event);
         params.routing_key = "{tenant}.{action}".into();
         let mut sink = RabbitSink::new("bus", params.clone());
         let events: Vec<OutEvent> = (0..3).map(event).collect();
 
-        let (reason, detail) = retry_reason(sink.deliver(&events).await);
-        assert_eq!(reason, "returned");
+        let got = sink.deliver(&events).await.unwrap();
+        assert_eq!(got.settled, 3);
+        assert_eq!(got.confirmed_count(), 0);
+        let detail = &got.undeliverable[0].detail;
+        assert_eq!(got.undeliverable[0].reason, "returned");
         assert!(
             detail.contains("acme.document.update") && detail.contains("NO_ROUTE"),
             "{detail}"
         );
-        assert!(!sink.is_connected());
 
         // Without `mandatory` the broker drops unroutable messages and confirms them.
         params.mandatory = false;
         let mut sink = RabbitSink::new("bus", params);
-        assert_eq!(sink.deliver(&events).await.unwrap(), 3);
+        assert_eq!(
+            sink.deliver(&events).await.unwrap(),
+            Delivered::confirmed(3)
+        );
         broker.delete().await;
     }
 
@@ -749,7 +1092,7 @@ mod tests {
         let name = format!("closed-{}", Uuid::new_v4());
         let mut sink = RabbitSink::new(&name, broker.params(RabbitMode::Event));
         let first: Vec<OutEvent> = (0..3).map(event).collect();
-        assert_eq!(sink.deliver(&first).await.unwrap(), 3);
+        assert_eq!(sink.deliver(&first).await.unwrap(), Delivered::confirmed(3));
 
         // Only this sink's connection is closed, by the broker (as `stop_app` does to all).
         let rabbitmqctl = |args: &[&str]| {
@@ -782,7 +1125,10 @@ mod tests {
         }
 
         let second: Vec<OutEvent> = (0..3).map(event).collect();
-        assert_eq!(sink.deliver(&second).await.unwrap(), 3);
+        assert_eq!(
+            sink.deliver(&second).await.unwrap(),
+            Delivered::confirmed(3)
+        );
         assert!(sink.is_connected());
         let ids: Vec<String> = broker
             .take(6)
@@ -829,6 +1175,7 @@ mod tests {
         let mut sink = RabbitSink::new("bus", broker.params(RabbitMode::Event));
         let events: Vec<OutEvent> = (0..3).map(event).collect();
 
+        // Nothing of a window with a nack counts (a return may ride on any of its confirms).
         let (reason, detail) = retry_reason(sink.deliver(&events).await);
         assert_eq!(reason, "nack");
         assert!(detail.contains(&events[1].id.to_string()), "{detail}");
@@ -883,7 +1230,10 @@ mod tests {
 
         // The operator creates the exchange; the same sink delivers on a new connection.
         let broker = Broker::declare(exchange, format!("test.ab.{suffix}"), true).await;
-        assert_eq!(sink.deliver(&events).await.unwrap(), 5);
+        assert_eq!(
+            sink.deliver(&events).await.unwrap(),
+            Delivered::confirmed(5)
+        );
         assert!(sink.is_connected());
         let ids: HashSet<String> = broker
             .take(5)
@@ -938,7 +1288,7 @@ mod tests {
             max_in_flight: 10,
         };
         let mut sink = RabbitSink::new("bus", params);
-        assert_eq!(sink.deliver(&[]).await.unwrap(), 0);
+        assert_eq!(sink.deliver(&[]).await.unwrap(), Delivered::confirmed(0));
         assert!(!sink.is_connected());
         let (reason, _) = retry_reason(sink.deliver(&[event(0)]).await);
         assert_eq!(reason, "connect");
@@ -952,7 +1302,10 @@ mod tests {
         let mut sink = RabbitSink::new("bus", params);
         let events: Vec<OutEvent> = (0..2000).map(event).collect();
 
-        assert_eq!(sink.deliver(&events).await.unwrap(), 2000);
+        assert_eq!(
+            sink.deliver(&events).await.unwrap(),
+            Delivered::confirmed(2000)
+        );
 
         // All arrived, once each, and in the order given (one channel, one queue).
         let ids: Vec<String> = broker
@@ -1011,7 +1364,10 @@ mod tests {
         sink.deliver(&events[..1]).await.unwrap(); // connect outside the measurement
         let started = Instant::now();
         for call in events.chunks(500) {
-            assert_eq!(sink.deliver(call).await.unwrap(), call.len());
+            assert_eq!(
+                sink.deliver(call).await.unwrap(),
+                Delivered::confirmed(call.len())
+            );
         }
         let rate = events.len() as f64 / started.elapsed().as_secs_f64();
         assert_eq!(broker.queued().await as usize, events.len() + 1);
@@ -1033,7 +1389,8 @@ mod tests {
         let helper = RabbitSink::new("bench", broker.params(RabbitMode::Event));
         let messages: Vec<Message<'_>> = events
             .iter()
-            .map(|e| helper.event_message(e).unwrap())
+            .enumerate()
+            .map(|(i, e)| event_message(i, e, helper.routing_key(e).unwrap()))
             .collect();
         let exchange: ShortString = broker.exchange.as_str().into();
         let options = BasicPublishOptions {

@@ -6,6 +6,7 @@
 //!   event, to find the event at fault. [`Store::persist`] is the plain writer tools use.
 //! - [`Store::status`] answers `auditbridge status`.
 //! - [`query`]: the query API's reads (pages, one event, the live tail, stats).
+//! - [`Store::record_undeliverable`]: per-destination dead letters.
 //!
 //! Errors are split by what the caller should do: [`StoreError::Unavailable`] means "the
 //! database could not do it now, keep the batch and retry"; [`StoreError::Rejected`] means "the
@@ -17,6 +18,7 @@ pub mod outbox;
 mod persist;
 pub mod query;
 mod status;
+mod undeliverable;
 
 pub use error::StoreError;
 pub use outbox::{Backlog, DestinationState, OutboxRow, Position, StartAt};
@@ -25,6 +27,7 @@ pub use persist::{
 };
 pub use query::{Condition, EventFilter, Order, PageQuery, StatsRow, StoredEvent, TailRow};
 pub use status::{DeadLetterCount, Status};
+pub use undeliverable::{DestinationDeadLetter, DestinationDeadLetterCount};
 
 use std::str::FromStr;
 use std::time::Duration;

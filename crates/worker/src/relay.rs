@@ -13,8 +13,10 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use auditbridge_destinations::{DeliveryError, DestinationConfig, OutEvent, Sink, Start};
-use auditbridge_store::{OutboxRow, Position, StartAt, Store};
+use auditbridge_destinations::{
+    Delivered, DeliveryError, DestinationConfig, OnUndeliverable, OutEvent, Sink, Start,
+};
+use auditbridge_store::{DestinationDeadLetter, OutboxRow, Position, StartAt, Store};
 use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
 use metrics::{counter, gauge, histogram};
 use time::OffsetDateTime;
@@ -44,7 +46,40 @@ pub(crate) async fn supervise(
     ctx: Arc<RelayContext>,
     shutdown: CancellationToken,
 ) {
+    supervise_with(config, ctx, shutdown, Sink::new).await;
+}
+
+/// [`supervise`] with the sink built by `build`. The sink is built before the lease is taken
+/// and, when that fails (a setting validation let through, or the HTTP client's TLS set-up),
+/// built again after a backoff: without it the supervisor would take the lease, fail and take
+/// it again at once, forever.
+async fn supervise_with(
+    config: DestinationConfig,
+    ctx: Arc<RelayContext>,
+    shutdown: CancellationToken,
+    build: impl Fn(&DestinationConfig) -> Result<Sink, DeliveryError>,
+) {
     let name = config.name.clone();
+    let mut build_backoff = backoff(&config);
+    let mut build_failures = 0u32;
+    let mut sink = loop {
+        match build(&config) {
+            Ok(sink) => break sink,
+            Err(e) => {
+                build_failures += 1;
+                let delay = build_backoff.next().unwrap_or(config.retry_max);
+                if build_failures == 1 || build_failures.is_multiple_of(20) {
+                    tracing::error!(destination = %name, error = %e, attempts = build_failures, retry_in = ?delay, message = "Cannot build the destination's sink; retrying. Check its configuration.");
+                }
+                counter!(DEST_FAILURES, "destination" => name.clone(), "reason" => "sink_build")
+                    .increment(1);
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(delay) => {}
+                }
+            }
+        }
+    };
     let start = match &config.start {
         Start::Now => StartAt::Now,
         Start::Earliest => StartAt::Earliest,
@@ -85,7 +120,7 @@ pub(crate) async fn supervise(
                 Ok(Some(state)) => {
                     tracing::info!(destination = %name, cursor = ?state.cursor, message = "Took the destination's lease; relaying.");
                     gauge!(DEST_LEASE_HELD, "destination" => name.clone()).set(1.0);
-                    relay_while_held(&config, &ctx, state.cursor, &shutdown).await;
+                    relay_while_held(&config, &ctx, &mut sink, state.cursor, &shutdown).await;
                     gauge!(DEST_LEASE_HELD, "destination" => name.clone()).set(0.0);
                     if shutdown.is_cancelled() {
                         // Hand over at once rather than after the TTL.
@@ -112,6 +147,7 @@ pub(crate) async fn supervise(
 async fn relay_while_held(
     config: &DestinationConfig,
     ctx: &RelayContext,
+    sink: &mut Sink,
     cursor: Position,
     shutdown: &CancellationToken,
 ) {
@@ -138,16 +174,7 @@ async fn relay_while_held(
         cursor,
         cursor_tx,
         held: held.clone(),
-        sink: match Sink::new(config) {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::error!(destination = %name, error = %e, message = "Cannot build the destination's sink.");
-                held.cancel();
-                let _ = renewer.await;
-                reporter.abort();
-                return;
-            }
-        },
+        sink,
         backoff: backoff(config),
     };
     relay.run().await;
@@ -173,8 +200,38 @@ struct Relay<'a> {
     cursor: Position,
     cursor_tx: watch::Sender<Position>,
     held: CancellationToken,
-    sink: Sink,
+    sink: &'a mut Sink,
     backoff: ExponentialBackoff,
+}
+
+/// Events refused alone in a row, with nothing after them taken, before the relay concludes
+/// that the destination refuses everything (a revoked token, a wrong URL) rather than those
+/// events: it then holds them, marks the destination failing and backs off.
+const MAX_SUSPECTS: usize = 5;
+
+/// How far `settled` more events from `done` take a batch of `len` events whose rows end at
+/// `last`: the new `done` and the position the cursor may move to. `None` when nothing was
+/// settled, which must never move the cursor (a sink that settles nothing has confirmed
+/// nothing). A sink claiming more than it was offered settles only what it was offered.
+fn progress(
+    done: usize,
+    offered: usize,
+    settled: usize,
+    positions: &[Position],
+    last: &Position,
+) -> Option<(usize, Position)> {
+    if settled == 0 {
+        return None;
+    }
+    let done = done + settled.min(offered);
+    // Past the last row read when every event is settled (non-matching rows included), else
+    // just past the last settled event.
+    let to = if done == positions.len() {
+        last.clone()
+    } else {
+        positions[done - 1].clone()
+    };
+    Some((done, to))
 }
 
 impl Relay<'_> {
@@ -256,8 +313,19 @@ impl Relay<'_> {
         let mut rows = rows;
 
         if let Some(max_age) = self.config.max_backlog_age {
-            let limit = OffsetDateTime::now_utc() - max_age;
-            let old = rows.iter().take_while(|r| r.received_at < limit).count();
+            // Ages are measured on the database's clock, the one `received_at` was taken on:
+            // a worker whose clock runs ahead would otherwise skip fresh events. If the
+            // database cannot say, nothing is skipped this time.
+            let old = match self.ctx.store.now().await {
+                Ok(now) => {
+                    let limit = now - max_age;
+                    rows.iter().take_while(|r| r.received_at < limit).count()
+                }
+                Err(e) => {
+                    tracing::debug!(destination = %self.name(), error = %e, message = "Cannot read the database's clock; not applying max_backlog_age this time.");
+                    0
+                }
+            };
             if old > 0 {
                 let to = rows[old - 1].position.clone();
                 tracing::warn!(destination = %self.name(), skipped = old, max_backlog_age = %humantime::format_duration(max_age), message = "Skipping backlog older than max_backlog_age: these events will NOT be delivered to this destination.");
@@ -292,35 +360,139 @@ impl Relay<'_> {
                 )
             })
             .unzip();
+        if events.is_empty() {
+            return self.advance(&last, 0, 0).await;
+        }
 
+        let dead_letter = self.config.on_undeliverable == OnUndeliverable::DeadLetter;
+        // events[..done] are settled and the cursor is past them.
         let mut done = 0;
+        // Isolating a permanent refusal: the most events offered at once (halved after each
+        // refusal of several), and the events since `done` that were refused alone. Those are
+        // the events' fault only once an event after them is taken; until then the destination
+        // may be refusing everything.
+        let mut window = usize::MAX;
+        let mut suspects: Vec<DeliveryError> = Vec::new();
         while done < events.len() {
-            match self.sink.deliver(&events[done..]).await {
-                Ok(n) => {
-                    let n = n.clamp(1, events.len() - done);
-                    let confirmed_at = OffsetDateTime::now_utc();
-                    let label = self.name().to_owned();
-                    for e in &events[done..done + n] {
-                        histogram!(DEST_LATENCY, "destination" => label.clone())
-                            .record((confirmed_at - e.received_at).as_seconds_f64().max(0.0));
+            let probe = done + suspects.len();
+            if probe == events.len() || suspects.len() > MAX_SUSPECTS {
+                // Nothing after the suspects was taken (or none is in hand): keep them, say the
+                // destination is failing, and read again from the cursor after a backoff (more
+                // events may have arrived by then to tell the two apart).
+                let refusal = suspects.pop().expect("there is a suspect");
+                return self.failed(&refusal, true).await;
+            }
+            let offered = if suspects.is_empty() {
+                window.min(events.len() - probe)
+            } else {
+                1
+            };
+            let result = self.sink.deliver(&events[probe..probe + offered]).await;
+            match result {
+                Ok(delivered) => {
+                    let Delivered {
+                        settled,
+                        mut undeliverable,
+                    } = delivered;
+                    let mut settled = settled.min(offered);
+                    let mut blocked = None;
+                    if !dead_letter && let Some(first) = undeliverable.first() {
+                        // `block`: settle only what comes before it; then hold.
+                        settled = first.index;
+                        blocked = Some(DeliveryError::Refused {
+                            reason: first.reason,
+                            detail: first.detail.clone(),
+                        });
+                        undeliverable.clear();
                     }
-                    counter!(DEST_DELIVERED, "destination" => label.clone()).increment(n as u64);
-                    gauge!(DEST_UP, "destination" => label).set(1.0);
-                    self.backoff = backoff(self.config);
-                    done += n;
-                    // Past the last row read when everything is confirmed (non-matching rows
-                    // included), else just past the last confirmed event.
-                    let to = if done == events.len() {
-                        last.clone()
-                    } else {
-                        positions[done - 1].clone()
+                    let Some((new_done, to)) = progress(probe, offered, settled, &positions, &last)
+                    else {
+                        let refused = blocked.is_some();
+                        let nothing = blocked.unwrap_or_else(|| DeliveryError::Retry {
+                            reason: "none_confirmed",
+                            detail: "the destination confirmed none of the events offered".into(),
+                            retry_after: None,
+                        });
+                        if !self.failed(&nothing, refused).await {
+                            return false;
+                        }
+                        if self.config.max_backlog_age.is_some() || !suspects.is_empty() {
+                            return true;
+                        }
+                        continue;
                     };
-                    if !self.advance(&to, n as u64, 0).await {
+                    undeliverable.retain(|u| u.index < settled);
+                    // The suspects are convicted: an event after them was settled.
+                    let mut dead: Vec<(usize, &'static str, String)> = suspects
+                        .drain(..)
+                        .enumerate()
+                        .map(|(i, e)| (done + i, e.reason(), e.to_string()))
+                        .collect();
+                    dead.extend(
+                        undeliverable
+                            .iter()
+                            .map(|u| (probe + u.index, u.reason, u.detail.clone())),
+                    );
+                    let confirmed = settled - undeliverable.len();
+                    let label = self.name().to_owned();
+                    if !dead.is_empty() {
+                        let records: Vec<DestinationDeadLetter> = dead
+                            .iter()
+                            .map(|(i, kind, reason)| DestinationDeadLetter {
+                                event_id: events[*i].id,
+                                position: positions[*i].clone(),
+                                kind: (*kind).to_owned(),
+                                reason: reason.clone(),
+                            })
+                            .collect();
+                        if !self.record_dead(&records).await {
+                            return false;
+                        }
+                        for (i, kind, reason) in &dead {
+                            tracing::warn!(destination = %label, event = %events[*i].id, kind, reason = %reason, message = "The destination cannot take this event; kept in its dead letters and going on.");
+                            counter!(DEST_DEAD_LETTERED, "destination" => label.clone(), "reason" => *kind)
+                                .increment(1);
+                        }
+                    }
+                    if confirmed > 0 {
+                        let confirmed_at = OffsetDateTime::now_utc();
+                        let refused: Vec<usize> = undeliverable.iter().map(|u| u.index).collect();
+                        for (i, e) in events[probe..probe + settled].iter().enumerate() {
+                            if !refused.contains(&i) {
+                                histogram!(DEST_LATENCY, "destination" => label.clone()).record(
+                                    (confirmed_at - e.received_at).as_seconds_f64().max(0.0),
+                                );
+                            }
+                        }
+                        counter!(DEST_DELIVERED, "destination" => label.clone())
+                            .increment(confirmed as u64);
+                        gauge!(DEST_UP, "destination" => label).set(1.0);
+                        self.backoff = backoff(self.config);
+                    }
+                    window = usize::MAX;
+                    done = new_done;
+                    if !self.advance(&to, confirmed as u64, 0).await {
                         return false;
+                    }
+                    if let Some(refusal) = blocked {
+                        return self.failed(&refusal, true).await;
+                    }
+                }
+                Err(e @ DeliveryError::Refused { .. }) if dead_letter => {
+                    counter!(DEST_FAILURES, "destination" => self.name().to_owned(), "reason" => e.reason())
+                        .increment(1);
+                    if offered > 1 {
+                        // Refused as a batch: find the event it is about by offering less.
+                        window = offered / 2;
+                        tracing::info!(destination = %self.name(), offered, reason = e.reason(), error = %e, message = "The destination refused a batch; isolating the event it cannot take.");
+                    } else {
+                        tracing::info!(destination = %self.name(), event = %events[probe].id, reason = e.reason(), error = %e, message = "The destination refused an event alone; trying the next one to tell whether the event or the destination is at fault.");
+                        suspects.push(e);
                     }
                 }
                 Err(e) => {
-                    if !self.failed(&e).await {
+                    let refused = matches!(e, DeliveryError::Refused { .. });
+                    if !self.failed(&e, refused).await {
                         return false;
                     }
                     if self.config.max_backlog_age.is_some() {
@@ -331,18 +503,46 @@ impl Relay<'_> {
                 }
             }
         }
-        if events.is_empty() {
-            return self.advance(&last, 0, 0).await;
-        }
         true
     }
 
+    /// Records dead letters for this destination, retrying while the lease may still be ours
+    /// (as [`Relay::advance`] does). False if the relay must stop.
+    async fn record_dead(&mut self, dead: &[DestinationDeadLetter]) -> bool {
+        let started = Instant::now();
+        loop {
+            match self
+                .ctx
+                .store
+                .record_undeliverable(self.name(), &self.ctx.holder, dead)
+                .await
+            {
+                Ok(true) => return true,
+                Ok(false) => {
+                    tracing::warn!(destination = %self.name(), message = "Lost the destination's lease; another worker carries on from the stored cursor.");
+                    self.held.cancel();
+                    return false;
+                }
+                Err(e) => {
+                    if started.elapsed() > self.ctx.lease_ttl {
+                        tracing::warn!(destination = %self.name(), error = %e, message = "Cannot record the destination's dead letters; giving the lease up (the events will be tried again).");
+                        self.held.cancel();
+                        return false;
+                    }
+                    if !self.pause(Duration::from_millis(500)).await {
+                        return false;
+                    }
+                }
+            }
+        }
+    }
+
     /// Records a failure and waits the backoff (or the destination's Retry-After, capped).
-    async fn failed(&mut self, e: &DeliveryError) -> bool {
+    /// `refused`: someone must look (shown as failing in `status`), the events are held.
+    async fn failed(&mut self, e: &DeliveryError, refused: bool) -> bool {
         let name = self.name().to_owned();
         counter!(DEST_FAILURES, "destination" => name.clone(), "reason" => e.reason()).increment(1);
         gauge!(DEST_UP, "destination" => name.clone()).set(0.0);
-        let refused = matches!(e, DeliveryError::Refused { .. });
         let delay = self.backoff.next().unwrap_or(self.config.retry_max);
         let delay = e
             .retry_after()
@@ -447,11 +647,14 @@ async fn report_backlog(
 ) {
     loop {
         let at = cursor.borrow().clone();
-        if let Ok(b) = store.backlog(&at).await {
+        if let Ok(b) = store.backlog(&at).await
+            && let Ok(now) = store.now().await
+        {
             gauge!(DEST_BACKLOG_EVENTS, "destination" => name.clone()).set(b.events as f64);
-            let age = b.oldest.map_or(0.0, |t| {
-                (OffsetDateTime::now_utc() - t).as_seconds_f64().max(0.0)
-            });
+            // On the database's clock, the one `received_at` was taken on.
+            let age = b
+                .oldest
+                .map_or(0.0, |t| (now - t).as_seconds_f64().max(0.0));
             gauge!(DEST_BACKLOG_SECONDS, "destination" => name.clone()).set(age);
         }
         tokio::select! {
@@ -487,5 +690,74 @@ pub(crate) async fn listen(store: Store, wake: watch::Sender<u64>, stop: Cancell
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    fn at(seq: i64) -> Position {
+        Position {
+            tx_id: "100".into(),
+            seq,
+        }
+    }
+
+    #[test]
+    fn nothing_settled_never_moves_the_cursor() {
+        let positions: Vec<Position> = (1..=5).map(at).collect();
+        let last = at(9);
+        // `clamp(1, …)` once turned a sink's 0 into 1, past an unconfirmed event.
+        assert_eq!(progress(0, 5, 0, &positions, &last), None);
+        assert_eq!(progress(2, 3, 0, &positions, &last), None);
+        assert_eq!(progress(0, 5, 2, &positions, &last), Some((2, at(2))));
+        assert_eq!(progress(2, 3, 1, &positions, &last), Some((3, at(3))));
+        // All settled: past the last row read (non-matching rows after the events included).
+        assert_eq!(progress(2, 3, 3, &positions, &last), Some((5, at(9))));
+        // A sink claiming more than it was offered settles only what it was offered.
+        assert_eq!(progress(0, 2, 4, &positions, &last), Some((2, at(2))));
+    }
+
+    #[tokio::test]
+    async fn a_sink_that_cannot_be_built_is_retried_with_backoff_not_in_a_loop() {
+        let config = auditbridge_destinations::parse_destinations(&[serde_json::json!({
+            "name": "siem", "type": "http",
+            "params": {"url": "http://127.0.0.1:9/in", "retry_min": "200ms", "retry_max": "5s"}
+        })])
+        .unwrap()
+        .remove(0);
+        let ctx = Arc::new(RelayContext {
+            // Never reached: nothing is registered before the sink exists.
+            store: Store::connect_lazy("postgres://nobody@127.0.0.1:1/none", 1).unwrap(),
+            holder: "test".into(),
+            lease_ttl: Duration::from_secs(10),
+            wake: watch::channel(0).1,
+        });
+        let attempts = Arc::new(AtomicUsize::new(0));
+        let counted = attempts.clone();
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(supervise_with(
+            config,
+            ctx,
+            shutdown.clone(),
+            move |_: &DestinationConfig| {
+                counted.fetch_add(1, Ordering::Relaxed);
+                Err(DeliveryError::Refused {
+                    reason: "config",
+                    detail: "cannot build".into(),
+                })
+            },
+        ));
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(2), task)
+            .await
+            .expect("the supervisor stops at shutdown")
+            .unwrap();
+        // Backoff from 200 ms, doubling with jitter: about five attempts in 3 s, not thousands.
+        let n = attempts.load(Ordering::Relaxed);
+        assert!((2..=8).contains(&n), "{n} attempts in 3 s");
     }
 }

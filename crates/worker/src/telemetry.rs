@@ -186,6 +186,8 @@ pub const DEST_DELIVERED: &str = "auditbridge_destination_delivered_total";
 /// Label `reason` too: connect | timeout | status_5xx | status_429 | status_4xx | nack | ...
 pub const DEST_FAILURES: &str = "auditbridge_destination_failures_total";
 pub const DEST_SKIPPED: &str = "auditbridge_destination_skipped_total";
+/// Label `reason` too: routing_key | returned | status_4xx | status_3xx | ...
+pub const DEST_DEAD_LETTERED: &str = "auditbridge_destination_dead_lettered_total";
 pub const DEST_BACKLOG_EVENTS: &str = "auditbridge_destination_backlog_events";
 pub const DEST_BACKLOG_SECONDS: &str = "auditbridge_destination_backlog_age_seconds";
 pub const DEST_UP: &str = "auditbridge_destination_up";
@@ -207,6 +209,11 @@ fn describe_destinations() {
         DEST_SKIPPED,
         Unit::Count,
         "Events skipped because they were older than max_backlog_age."
+    );
+    describe_counter!(
+        DEST_DEAD_LETTERED,
+        Unit::Count,
+        "Events the destination cannot take, kept in destination_dead_letters (on_undeliverable = dead_letter), by reason."
     );
     describe_gauge!(
         DEST_BACKLOG_EVENTS,
