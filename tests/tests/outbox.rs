@@ -193,6 +193,8 @@ async fn the_outbox_read_walks_the_commit_order_index() -> anyhow::Result<()> {
     );
     assert!(!plan.contains("Sort"), "{plan}");
 
+    // A transaction of a test running beside this one can hold the horizon back a moment.
+    env.wait_below_horizon(Duration::from_secs(30)).await?;
     let rows = store.read_outbox(&Position::start(), 20_000).await?;
     assert_eq!(rows.len(), 20_000);
     let positions: Vec<(u64, i64)> = rows
@@ -200,5 +202,85 @@ async fn the_outbox_read_walks_the_commit_order_index() -> anyhow::Result<()> {
         .map(|r| (r.position.tx_id.parse().unwrap(), r.position.seq))
         .collect();
     assert!(positions.windows(2).all(|w| w[0] < w[1]));
+    Ok(())
+}
+
+/// Finding 11: a timestamp start and `rewind` must not place a cursor past an event whose
+/// transaction is still running. Here a batch that began after `t` (so its events are "from
+/// `t` on") holds its transaction open while a later batch commits; the cursor must stay at or
+/// below the commit-safe horizon, so the held batch is delivered once it commits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timestamp_start_and_rewind_never_pass_an_event_still_in_flight() -> anyhow::Result<()> {
+    let env = TestEnv::new().await?;
+    let store = Store::from_pool(env.pool.clone());
+    let insert = "INSERT INTO audit_events \
+           (id, tenant, action, outcome, occurred_at, actor_id, source, event) \
+         VALUES ($1, 'acme', 'doc.update', 'success', now(), 'u', 's', '{}')";
+    // An older event, before `t`.
+    sqlx::query(insert)
+        .bind(Uuid::now_v7())
+        .execute(&env.pool)
+        .await?;
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let t = time::OffsetDateTime::now_utc();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+
+    // The held batch: begins after `t` (received_at = its start), takes its xid first.
+    let held_id = Uuid::now_v7();
+    let mut held = env.pool.begin().await?;
+    sqlx::query(insert)
+        .bind(held_id)
+        .execute(&mut *held)
+        .await?;
+    // A later batch commits while the first is still open: its xid is higher.
+    let later_id = Uuid::now_v7();
+    sqlx::query(insert)
+        .bind(later_id)
+        .execute(&env.pool)
+        .await?;
+
+    let created = store
+        .register_destination("from-t", "http", &auditbridge_store::StartAt::At(t))
+        .await?;
+    assert!(created);
+    store
+        .register_destination("rewound", "http", &auditbridge_store::StartAt::Earliest)
+        .await?;
+    let rewound = store
+        .rewind("rewound", t)
+        .await?
+        .expect("the destination exists");
+    held.commit().await?;
+
+    let cursors: std::collections::HashMap<String, Position> = store
+        .destinations()
+        .await?
+        .into_iter()
+        .map(|d| (d.name, d.cursor))
+        .collect();
+    assert_eq!(cursors["rewound"], rewound);
+    for name in ["from-t", "rewound"] {
+        // Bounded: the horizon passes both batches once no transaction of this or another
+        // test holds it.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut cursor = cursors[name].clone();
+        let mut seen = HashSet::new();
+        while !seen.contains(&later_id) {
+            assert!(
+                Instant::now() < deadline,
+                "{name}: the later event never came"
+            );
+            let rows = store.read_outbox(&cursor, 100).await?;
+            if let Some(last) = rows.last() {
+                cursor = last.position.clone();
+            }
+            seen.extend(rows.iter().map(|r| r.id));
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(
+            seen.contains(&held_id),
+            "{name}: the cursor was placed past the event that was in flight"
+        );
+    }
     Ok(())
 }

@@ -145,6 +145,11 @@ const HEAD: &str = "SELECT tx_id::text AS tx_text, seq FROM audit_events \
     WHERE tx_id < pg_snapshot_xmin(pg_current_snapshot()) \
     ORDER BY tx_id DESC, seq DESC LIMIT 1";
 
+/// An (xid, seq) pair in the outbox's order; the xid travels as text.
+fn xid_key(p: &(String, i64)) -> (u64, i64) {
+    (p.0.parse().unwrap_or(0), p.1)
+}
+
 impl Store {
     /// Creates the destination's row with its cursor at `start`, unless it exists (then its
     /// progress is kept, whatever `start` says). Returns whether it was created.
@@ -173,7 +178,9 @@ impl Store {
 
     /// The cursor for a start position: `Now` is the current head; `Earliest` is before
     /// everything; `At(t)` is just before the first event (in commit-safe order) stored at or
-    /// after `t`, so every such event is delivered (a few stored just before `t` may be too).
+    /// after `t`, so every such event is delivered (a few stored just before `t` may be too),
+    /// but never past the head: a cursor above the horizon could pass an event whose
+    /// transaction is still running.
     pub(crate) async fn position_for(&self, start: &StartAt) -> Result<Position, StoreError> {
         let found: Option<(String, i64)> = match start {
             StartAt::Earliest => return Ok(Position::start()),
@@ -186,9 +193,23 @@ impl Store {
                 .bind(t)
                 .fetch_optional(&self.pool)
                 .await?;
-                match first {
-                    Some((tx, seq)) => Some((tx, seq - 1)),
-                    None => sqlx::query_as(HEAD).fetch_optional(&self.pool).await?,
+                let head: Option<(String, i64)> =
+                    sqlx::query_as(HEAD).fetch_optional(&self.pool).await?;
+                // Capped at the head: the first event at or after `t` may lie above the
+                // horizon, behind a transaction still running with a lower `tx_id` whose
+                // events are from `t` on too. A cursor past it would skip them for good.
+                match (first, head) {
+                    (Some((tx, seq)), Some(head)) => {
+                        let before_first = (tx, seq - 1);
+                        Some(if xid_key(&before_first) <= xid_key(&head) {
+                            before_first
+                        } else {
+                            head
+                        })
+                    }
+                    // Nothing below the horizon yet: before everything.
+                    (Some(_), None) => None,
+                    (None, head) => head,
                 }
             }
         };
