@@ -202,13 +202,19 @@ impl HubStart {
     }
 }
 
-/// Positions compare as (xid, seq); the xid travels as text.
-fn key(p: &Position) -> (u64, i64) {
-    (p.tx_id.parse().unwrap_or(0), p.seq)
+/// Positions compare as (generation, xid, seq); the xid travels as text.
+fn key(p: &Position) -> (i32, u64, i64) {
+    p.key()
 }
 
+/// The SSE id of a position: `<tx_id>.<seq>`, prefixed with `<generation>.` once the trail
+/// was rebased (ARCHITECTURE.md, "The outbox"), so ids sent before stay valid.
 fn position_id(p: &Position) -> String {
-    format!("{}.{}", p.tx_id, p.seq)
+    if p.generation == 0 {
+        format!("{}.{}", p.tx_id, p.seq)
+    } else {
+        format!("{}.{}.{}", p.generation, p.tx_id, p.seq)
+    }
 }
 
 fn parse_position(s: &str, param: &str) -> Result<Position, ApiError> {
@@ -218,13 +224,20 @@ fn parse_position(s: &str, param: &str) -> Result<Position, ApiError> {
             "not an event id of this stream (expected the SSE id as sent)",
         )
     };
-    let (tx, seq) = s.trim().split_once('.').ok_or_else(bad)?;
+    let parts: Vec<&str> = s.trim().split('.').collect();
+    let (generation, tx, seq) = match parts.as_slice() {
+        [tx, seq] => ("0", *tx, *seq),
+        [generation, tx, seq] => (*generation, *tx, *seq),
+        _ => return Err(bad()),
+    };
+    let generation: i32 = generation
+        .parse()
+        .ok()
+        .filter(|g| *g >= 0)
+        .ok_or_else(bad)?;
     let tx: u64 = tx.parse().map_err(|_| bad())?;
     let seq: i64 = seq.parse().map_err(|_| bad())?;
-    Ok(Position {
-        tx_id: tx.to_string(),
-        seq,
-    })
+    Ok(Position::new(generation, tx.to_string(), seq))
 }
 
 pub(crate) fn routes() -> Router<AppState> {
@@ -398,17 +411,19 @@ mod tests {
 
     #[test]
     fn positions_compare_numerically_and_round_trip() {
-        let a = Position {
-            tx_id: "9999".into(),
-            seq: 5,
-        };
-        let b = Position {
-            tx_id: "10000".into(),
-            seq: 1,
-        };
+        let a = Position::new(0, "9999", 5);
+        let b = Position::new(0, "10000", 1);
         assert!(key(&b) > key(&a));
         assert_eq!(parse_position(&position_id(&b), "cursor").unwrap(), b);
+        assert_eq!(position_id(&b), "10000.1");
+        // A later generation sorts after every earlier position, whatever its xid.
+        let c = Position::new(1, "700", 1);
+        assert!(key(&c) > key(&b));
+        assert_eq!(position_id(&c), "1.700.1");
+        assert_eq!(parse_position(&position_id(&c), "cursor").unwrap(), c);
         assert!(parse_position("abc", "cursor").is_err());
         assert!(parse_position("1.x", "cursor").is_err());
+        assert!(parse_position("-1.2.3", "cursor").is_err());
+        assert!(parse_position("1.2.3.4", "cursor").is_err());
     }
 }
