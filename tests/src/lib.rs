@@ -18,6 +18,7 @@ use tokio::process::{Child, Command};
 use uuid::Uuid;
 
 pub mod api;
+pub mod cluster;
 pub mod nats_server;
 pub mod proxy;
 pub mod rabbit;

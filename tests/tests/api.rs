@@ -636,6 +636,91 @@ async fn a_client_that_does_not_read_is_disconnected() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Finding 12: what the server queues for a live tail is bounded in bytes, not only in
+/// events. A client that reads nothing while 600 events of about 60 KiB each are stored gets
+/// at most its byte budget (4 MiB) plus what the sockets buffer, then is disconnected; by event
+/// count alone (1,024 queued) it would have been sent all 600 (36 MiB).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_client_of_large_events_is_bounded_in_bytes() -> anyhow::Result<()> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    let mut env = TestEnv::new().await?;
+    env.ensure_stream().await?;
+    let _worker = env.spawn_worker("w", &[]).await?;
+    let admin = Token::admin("ops", &["read"]);
+    let api = ApiServer::start(&env, &[&admin], &[]).await?;
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.set_recv_buffer_size(4096)?;
+    let mut conn = socket.connect(api.addr).await?;
+    conn.write_all(
+        format!(
+            "GET /v1/events/stream HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {}\r\nConnection: close\r\n\r\n",
+            api.addr, admin.token
+        )
+        .as_bytes(),
+    )
+    .await?;
+    let mut head = Vec::new();
+    let mut buf = vec![0u8; 65536];
+    while !String::from_utf8_lossy(&head).contains("caught-up") {
+        let n = tokio::time::timeout(T, conn.read(&mut buf)).await??;
+        anyhow::ensure!(n > 0, "the stream closed before it caught up");
+        head.extend_from_slice(&buf[..n]);
+    }
+    let pad = "x".repeat(60_000);
+    let mut events = env.events(600);
+    for e in &mut events {
+        let mut m = serde_json::Map::new();
+        m.insert("pad".into(), Value::String(pad.clone()));
+        e.metadata = Some(m);
+    }
+    env.publish(&events).await?;
+    env.wait_for_count(600, T).await?;
+    // Bounded: the server disconnects it (slow) within SLOW_CLIENT of its budget filling.
+    let deadline = std::time::Instant::now() + T;
+    loop {
+        let metrics = reqwest::get(format!("http://{}/metrics", api.metrics))
+            .await?
+            .text()
+            .await?;
+        let slow = metrics
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("auditbridge_api_tail_disconnects_total{reason=\"slow\"} ")
+            })
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .unwrap_or(0.0);
+        if slow >= 1.0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "a client that reads nothing is still connected after {T:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let mut received = Vec::new();
+    loop {
+        match tokio::time::timeout(Duration::from_secs(20), conn.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break,
+            Ok(Ok(n)) => received.extend_from_slice(&buf[..n]),
+            Err(_) => panic!("the server kept the stream open"),
+        }
+    }
+    let delivered = String::from_utf8_lossy(&received)
+        .matches("event: audit")
+        .count();
+    eprintln!(
+        "a non-reading client was sent {delivered} events of 60 KiB ({} bytes)",
+        received.len()
+    );
+    assert!(
+        delivered < 300,
+        "a client that did not read was queued {delivered} events of 60 KiB: not bounded in bytes"
+    );
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_openapi_document_matches_the_handlers() -> anyhow::Result<()> {
     let env = TestEnv::new().await?;

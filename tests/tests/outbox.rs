@@ -184,6 +184,7 @@ async fn the_outbox_read_walks_the_commit_order_index() -> anyhow::Result<()> {
         .bind("0")
         .bind(0i64)
         .bind(500i64)
+        .bind(0i64)
         .fetch_all(&env.pool)
         .await?;
     let plan = plan.join("\n");
@@ -193,6 +194,8 @@ async fn the_outbox_read_walks_the_commit_order_index() -> anyhow::Result<()> {
     );
     assert!(!plan.contains("Sort"), "{plan}");
 
+    // A transaction of a test running beside this one can hold the horizon back a moment.
+    env.wait_below_horizon(Duration::from_secs(30)).await?;
     let rows = store.read_outbox(&Position::start(), 20_000).await?;
     assert_eq!(rows.len(), 20_000);
     let positions: Vec<(u64, i64)> = rows
@@ -200,5 +203,282 @@ async fn the_outbox_read_walks_the_commit_order_index() -> anyhow::Result<()> {
         .map(|r| (r.position.tx_id.parse().unwrap(), r.position.seq))
         .collect();
     assert!(positions.windows(2).all(|w| w[0] < w[1]));
+    Ok(())
+}
+
+/// Finding 11: a timestamp start and `rewind` must not place a cursor past an event whose
+/// transaction is still running. Here a batch that began after `t` (so its events are "from
+/// `t` on") holds its transaction open while a later batch commits; the cursor must stay at or
+/// below the commit-safe horizon, so the held batch is delivered once it commits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timestamp_start_and_rewind_never_pass_an_event_still_in_flight() -> anyhow::Result<()> {
+    let env = TestEnv::new().await?;
+    let store = Store::from_pool(env.pool.clone());
+    let insert = "INSERT INTO audit_events \
+           (id, tenant, action, outcome, occurred_at, actor_id, source, event) \
+         VALUES ($1, 'acme', 'doc.update', 'success', now(), 'u', 's', '{}')";
+    // An older event, before `t`.
+    sqlx::query(insert)
+        .bind(Uuid::now_v7())
+        .execute(&env.pool)
+        .await?;
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let t = time::OffsetDateTime::now_utc();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+
+    // The held batch: begins after `t` (received_at = its start), takes its xid first.
+    let held_id = Uuid::now_v7();
+    let mut held = env.pool.begin().await?;
+    sqlx::query(insert)
+        .bind(held_id)
+        .execute(&mut *held)
+        .await?;
+    // A later batch commits while the first is still open: its xid is higher.
+    let later_id = Uuid::now_v7();
+    sqlx::query(insert)
+        .bind(later_id)
+        .execute(&env.pool)
+        .await?;
+
+    let created = store
+        .register_destination("from-t", "http", &auditbridge_store::StartAt::At(t))
+        .await?;
+    assert!(created);
+    store
+        .register_destination("rewound", "http", &auditbridge_store::StartAt::Earliest)
+        .await?;
+    let rewound = store
+        .rewind("rewound", t)
+        .await?
+        .expect("the destination exists");
+    held.commit().await?;
+
+    let cursors: std::collections::HashMap<String, Position> = store
+        .destinations()
+        .await?
+        .into_iter()
+        .map(|d| (d.name, d.cursor))
+        .collect();
+    assert_eq!(cursors["rewound"], rewound);
+    for name in ["from-t", "rewound"] {
+        // Bounded: the horizon passes both batches once no transaction of this or another
+        // test holds it.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut cursor = cursors[name].clone();
+        let mut seen = HashSet::new();
+        while !seen.contains(&later_id) {
+            assert!(
+                Instant::now() < deadline,
+                "{name}: the later event never came"
+            );
+            let rows = store.read_outbox(&cursor, 100).await?;
+            if let Some(last) = rows.last() {
+                cursor = last.position.clone();
+            }
+            seen.extend(rows.iter().map(|r| r.id));
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(
+            seen.contains(&held_id),
+            "{name}: the cursor was placed past the event that was in flight"
+        );
+    }
+    Ok(())
+}
+
+/// Stores `events` the way the worker does (one batch, one transaction).
+async fn persist(store: &Store, events: &[auditbridge_event::Event]) -> anyhow::Result<()> {
+    let raws: Vec<Vec<u8>> = events
+        .iter()
+        .map(|e| serde_json::to_vec(e).unwrap())
+        .collect();
+    let rows: Vec<auditbridge_store::NewEvent<'_>> = events
+        .iter()
+        .zip(&raws)
+        .map(|(event, raw)| auditbridge_store::NewEvent { event, raw })
+        .collect();
+    store.persist(&rows, &[]).await?;
+    Ok(())
+}
+
+/// Finding 6: a trail moved with `pg_dump` / `pg_restore` into a freshly initialised cluster
+/// (whose transaction ids start low again) must go on relaying and tailing. A destination
+/// that had relayed part of the trail and a live tail resuming from its last id both get the
+/// rest of the old events and then the new ones, with no gap and no repeat, once
+/// `auditbridge outbox rebase` ran (which `migrate` asks for).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trail_restored_into_a_new_cluster_keeps_relaying_and_tailing() -> anyhow::Result<()> {
+    use auditbridge_tests::api::{ApiServer, Token};
+    use auditbridge_tests::cluster::Cluster;
+
+    let mut env = TestEnv::new().await?;
+    let store = Store::from_pool(env.pool.clone());
+    let old = env.events(50);
+    persist(&store, &old[..25]).await?;
+    persist(&store, &old[25..]).await?;
+    // A destination that relayed the first 30 events.
+    let ttl = Duration::from_secs(30);
+    store
+        .register_destination("d", "http", &auditbridge_store::StartAt::Earliest)
+        .await?;
+    env.wait_below_horizon(Duration::from_secs(30)).await?;
+    store
+        .acquire_lease("d", "before", ttl)
+        .await?
+        .expect("free");
+    let first = store.read_outbox(&Position::start(), 30).await?;
+    assert_eq!(first.len(), 30);
+    let passed = first.last().unwrap().position.clone();
+    assert!(store.advance("d", "before", &passed, 30, 0).await?);
+    store.release_lease("d", "before").await?;
+    // A live tail that saw the same 30 events resumes from the 30th's id.
+    let last_event_id = format!("{}.{}", passed.tx_id, passed.seq);
+    let old_rest: Vec<Uuid> = store
+        .read_outbox(&passed, 100)
+        .await?
+        .iter()
+        .map(|r| r.id)
+        .collect();
+    assert_eq!(old_rest.len(), 20);
+
+    let cluster = Cluster::start()?;
+    let url = cluster.restore_from(&env.database_url, &format!("ab_restored_{}", env.tag))?;
+    let restored_pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(4)
+        .connect(&url)
+        .await?;
+    let (stored_max, cluster_next): (String, String) = sqlx::query_as(
+        "SELECT max(tx_id)::text, pg_snapshot_xmax(pg_current_snapshot())::text FROM audit_events",
+    )
+    .fetch_one(&restored_pool)
+    .await?;
+    assert!(
+        stored_max.parse::<u64>()? > cluster_next.parse::<u64>()?,
+        "the fresh cluster's xids ({cluster_next}) are not below the stored ones ({stored_max}); \
+         the test proves nothing"
+    );
+
+    // Events written in the new cluster before anyone noticed (a worker started at once).
+    let restored = Store::from_pool(restored_pool.clone());
+    let new = env.events(40);
+    persist(&restored, &new[..20]).await?;
+    // The freeze this fixes: from the destination's cursor, nothing at all is readable (the
+    // moved rows lie above the new cluster's horizon, the new rows behind the cursor).
+    let frozen_cursor = restored
+        .destinations()
+        .await?
+        .into_iter()
+        .find(|d| d.name == "d")
+        .expect("restored")
+        .cursor;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        restored.read_outbox(&frozen_cursor, 100).await?.is_empty(),
+        "the restored outbox was not frozen; the test proves nothing"
+    );
+
+    // `migrate` on the restored trail says what to do; `outbox rebase` does it.
+    let run = |args: &[&str]| {
+        let mut cmd = env.command(args, &[("AUDITBRIDGE_DATABASE_URL", url.as_str())]);
+        async move { cmd.output().await }
+    };
+    let migrated = run(&["migrate"]).await?;
+    let text = String::from_utf8_lossy(&migrated.stdout).into_owned()
+        + &String::from_utf8_lossy(&migrated.stderr);
+    assert!(migrated.status.success(), "{text}");
+    assert!(
+        text.contains("auditbridge outbox rebase"),
+        "migrate did not say what to do: {text}"
+    );
+    let status = run(&["status", "--json"]).await?;
+    let doc: serde_json::Value = serde_json::from_slice(&status.stdout)?;
+    assert_eq!(doc["outbox"]["needs_rebase"], true, "{doc}");
+    let rebased = run(&["outbox", "rebase"]).await?;
+    let text = String::from_utf8_lossy(&rebased.stdout).into_owned()
+        + &String::from_utf8_lossy(&rebased.stderr);
+    assert!(rebased.status.success(), "{text}");
+    // Idempotent: a second run has nothing to do.
+    let again = run(&["outbox", "rebase"]).await?;
+    assert!(again.status.success());
+    assert!(
+        String::from_utf8_lossy(&again.stdout).contains("nothing to do"),
+        "{}",
+        String::from_utf8_lossy(&again.stdout)
+    );
+    let status = run(&["status", "--json"]).await?;
+    let doc: serde_json::Value = serde_json::from_slice(&status.stdout)?;
+    assert_eq!(doc["outbox"]["needs_rebase"], false, "{doc}");
+
+    // More, after the rebase.
+    persist(&restored, &new[20..]).await?;
+    let want: Vec<Uuid> = old_rest
+        .iter()
+        .copied()
+        .chain(new.iter().map(|e| e.id))
+        .collect();
+
+    // The destination, from its stored cursor.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let state = restored
+        .acquire_lease("d", "after", ttl)
+        .await?
+        .expect("free");
+    let mut cursor = state.cursor;
+    let mut relayed = Vec::new();
+    while relayed.len() < want.len() {
+        assert!(
+            Instant::now() < deadline,
+            "the destination got {} of {} events after the restore",
+            relayed.len(),
+            want.len()
+        );
+        let rows = restored.read_outbox(&cursor, 7).await?;
+        if let Some(last) = rows.last() {
+            cursor = last.position.clone();
+            assert!(
+                restored
+                    .advance("d", "after", &cursor, rows.len() as u64, 0)
+                    .await?
+            );
+        } else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        relayed.extend(rows.iter().map(|r| r.id));
+    }
+    assert_eq!(
+        relayed, want,
+        "the destination missed, repeated or reordered events"
+    );
+
+    // The live tail, resuming from the id it had before the move.
+    let admin = Token::admin("ops", &["read"]);
+    let db = ("AUDITBRIDGE_DATABASE_URL", url.as_str());
+    let api = ApiServer::start(&env, &[&admin], &[db]).await?;
+    let mut tail = api.stream("", &admin, Some(&last_event_id)).await?;
+    let got = tail
+        .audit_events(want.len(), Duration::from_secs(30))
+        .await?;
+    let ids: Vec<Uuid> = got
+        .iter()
+        .map(|e| {
+            serde_json::from_str::<serde_json::Value>(&e.data).unwrap()["id"]
+                .as_str()
+                .unwrap()
+                .parse()
+                .unwrap()
+        })
+        .collect();
+    let got_set: HashSet<Uuid> = ids.iter().copied().collect();
+    assert_eq!(got_set.len(), ids.len(), "the tail repeated an event");
+    assert_eq!(got_set, want.iter().copied().collect::<HashSet<_>>());
+    // And it follows what comes next.
+    let more = env.events(5);
+    persist(&restored, &more).await?;
+    let next = tail.audit_events(5, Duration::from_secs(30)).await?;
+    assert_eq!(next.len(), 5);
+    drop(tail);
+    drop(api);
+    restored_pool.close().await;
+    drop(cluster);
     Ok(())
 }

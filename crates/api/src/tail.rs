@@ -12,10 +12,12 @@
 //! hub's position at that moment, which is no later than the replay's horizon, and the client
 //! skips rows at or before the last one it sent. No gap, no repeat.
 //!
-//! **Slow clients.** Each client has a small bounded queue. A client that cannot keep up
-//! falls behind the broadcast (whose size is fixed), or leaves its queue full for
-//! [`SLOW_CLIENT`], and is then disconnected: memory does not grow with a slow reader, and a
-//! reader that stopped does not hold its slot. It reconnects with `Last-Event-ID` and replays from the database.
+//! **Slow clients.** Each client has a small bounded queue, bounded in events and in bytes
+//! ([`CLIENT_BYTES`], and [`ALL_CLIENT_BYTES`] for all clients together; an event's bytes are
+//! given back when it is handed to the connection). A client that cannot keep up falls behind
+//! the broadcast (whose size is fixed, in batches of at most [`BATCH_BYTES`]), or cannot queue
+//! an event for [`SLOW_CLIENT`], and is then disconnected: memory does not grow with a slow
+//! reader, and a reader that stopped does not hold its slot. It reconnects with `Last-Event-ID` and replays from the database.
 //! If the broadcast is overrun while the client was replaying (our doing, not the client's),
 //! the client catches up from the database instead.
 
@@ -31,8 +33,8 @@ use axum::extract::{Query, State};
 use axum::http::HeaderMap;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::routing::get;
-use futures::Stream;
-use tokio::sync::{broadcast, mpsc};
+use futures::{Stream, StreamExt as _};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 
@@ -48,6 +50,14 @@ const READ_LIMIT: u32 = 500;
 const BROADCAST_BATCHES: usize = 64;
 /// Events queued per client before it counts as slow.
 const CLIENT_QUEUE: usize = 1024;
+/// Bytes of events queued per client before it counts as slow: events may be 64 KiB each, so
+/// a bound by count alone (1,024 per client, 256 clients) would allow gigabytes.
+const CLIENT_BYTES: usize = 4 << 20;
+/// Bytes of events queued for all clients together.
+const ALL_CLIENT_BYTES: usize = 64 << 20;
+/// Largest broadcast batch in bytes (one larger event travels alone), so the broadcast holds
+/// at most [`BROADCAST_BATCHES`] × this, plus one event per batch.
+const BATCH_BYTES: usize = 1 << 20;
 /// How often the hub looks for new rows when it has caught up.
 const POLL: Duration = Duration::from_millis(100);
 /// Most live tails open at once.
@@ -76,6 +86,8 @@ pub(crate) struct Hub {
     per_token: std::sync::Mutex<std::collections::HashMap<String, usize>>,
     shutdown: CancellationToken,
     heartbeat: Duration,
+    /// Bytes of events queued for all clients ([`ALL_CLIENT_BYTES`]).
+    queued_bytes: Arc<Semaphore>,
 }
 
 /// The hub's reading task, started by [`crate::Server::run`].
@@ -96,6 +108,7 @@ impl Hub {
                 per_token: Default::default(),
                 shutdown: shutdown.clone(),
                 heartbeat,
+                queued_bytes: Arc::new(Semaphore::new(ALL_CLIENT_BYTES)),
             },
             HubStart {
                 store,
@@ -173,7 +186,9 @@ impl HubStart {
                 let full = rows.len() == READ_LIMIT as usize;
                 if let Some(last) = rows.last() {
                     position = Some(last.position.clone());
-                    let _ = tx.send(Arc::new(Batch::Rows(rows)));
+                    for batch in by_bytes(rows) {
+                        let _ = tx.send(Arc::new(Batch::Rows(batch)));
+                    }
                 }
                 Ok(full)
             };
@@ -202,13 +217,38 @@ impl HubStart {
     }
 }
 
-/// Positions compare as (xid, seq); the xid travels as text.
-fn key(p: &Position) -> (u64, i64) {
-    (p.tx_id.parse().unwrap_or(0), p.seq)
+/// Cuts rows into batches of at most [`BATCH_BYTES`] (an event larger than that alone).
+fn by_bytes(rows: Vec<TailRow>) -> Vec<Vec<TailRow>> {
+    let mut batches = Vec::new();
+    let mut batch = Vec::new();
+    let mut bytes = 0;
+    for row in rows {
+        if !batch.is_empty() && bytes + row.json.len() > BATCH_BYTES {
+            batches.push(std::mem::take(&mut batch));
+            bytes = 0;
+        }
+        bytes += row.json.len();
+        batch.push(row);
+    }
+    if !batch.is_empty() {
+        batches.push(batch);
+    }
+    batches
 }
 
+/// Positions compare as (generation, xid, seq); the xid travels as text.
+fn key(p: &Position) -> (i32, u64, i64) {
+    p.key()
+}
+
+/// The SSE id of a position: `<tx_id>.<seq>`, prefixed with `<generation>.` once the trail
+/// was rebased (ARCHITECTURE.md, "The outbox"), so ids sent before stay valid.
 fn position_id(p: &Position) -> String {
-    format!("{}.{}", p.tx_id, p.seq)
+    if p.generation == 0 {
+        format!("{}.{}", p.tx_id, p.seq)
+    } else {
+        format!("{}.{}.{}", p.generation, p.tx_id, p.seq)
+    }
 }
 
 fn parse_position(s: &str, param: &str) -> Result<Position, ApiError> {
@@ -218,13 +258,20 @@ fn parse_position(s: &str, param: &str) -> Result<Position, ApiError> {
             "not an event id of this stream (expected the SSE id as sent)",
         )
     };
-    let (tx, seq) = s.trim().split_once('.').ok_or_else(bad)?;
+    let parts: Vec<&str> = s.trim().split('.').collect();
+    let (generation, tx, seq) = match parts.as_slice() {
+        [tx, seq] => ("0", *tx, *seq),
+        [generation, tx, seq] => (*generation, *tx, *seq),
+        _ => return Err(bad()),
+    };
+    let generation: i32 = generation
+        .parse()
+        .ok()
+        .filter(|g| *g >= 0)
+        .ok_or_else(bad)?;
     let tx: u64 = tx.parse().map_err(|_| bad())?;
     let seq: i64 = seq.parse().map_err(|_| bad())?;
-    Ok(Position {
-        tx_id: tx.to_string(),
-        seq,
-    })
+    Ok(Position::new(generation, tx.to_string(), seq))
 }
 
 pub(crate) fn routes() -> Router<AppState> {
@@ -255,7 +302,12 @@ async fn stream(
     metrics::gauge!(API_TAIL_CLIENTS).increment(1.0);
     // Subscribe before anything is read: the seam depends on it (module docs).
     let live = hub.tx.subscribe();
-    let (out, rx) = mpsc::channel(CLIENT_QUEUE);
+    let (tx, rx) = mpsc::channel(CLIENT_QUEUE);
+    let out = Out {
+        tx,
+        mine: Arc::new(Semaphore::new(CLIENT_BYTES)),
+        all: hub.queued_bytes.clone(),
+    };
     let heartbeat = hub.heartbeat;
     tokio::spawn(follow(
         state.store,
@@ -266,7 +318,9 @@ async fn stream(
         hub,
         principal.name,
     ));
-    Ok(Sse::new(ReceiverStream::new(rx)).keep_alive(KeepAlive::new().interval(heartbeat)))
+    // An event's bytes are given back as it is handed to the connection.
+    let events = ReceiverStream::new(rx).map(|q: Queued| Ok::<_, Infallible>(q.event));
+    Ok(Sse::new(events).keep_alive(KeepAlive::new().interval(heartbeat)))
 }
 
 /// Why a client's stream ended.
@@ -278,7 +332,26 @@ enum End {
     Database,
 }
 
-type Out = mpsc::Sender<Result<SseEvent, Infallible>>;
+/// An event in a client's queue, holding its share of the byte budgets until it is sent.
+struct Queued {
+    event: SseEvent,
+    _bytes: (OwnedSemaphorePermit, OwnedSemaphorePermit),
+}
+
+/// A client's queue and its byte budgets.
+struct Out {
+    tx: mpsc::Sender<Queued>,
+    /// This client's bytes ([`CLIENT_BYTES`]).
+    mine: Arc<Semaphore>,
+    /// Every client's bytes ([`ALL_CLIENT_BYTES`]).
+    all: Arc<Semaphore>,
+}
+
+impl Out {
+    async fn closed(&self) {
+        self.tx.closed().await;
+    }
+}
 
 async fn follow(
     store: Store,
@@ -298,7 +371,7 @@ async fn follow(
         let ready = SseEvent::default()
             .event("caught-up")
             .data(format!("{{\"position\":\"{}\"}}", position_id(&last)));
-        deliver(&out, ready).await?;
+        deliver(&out, ready, 0).await?;
         // Whether we just read from the database. Falling behind the broadcast then is our
         // doing, and the cure is another read; falling behind while following live means the
         // client does not take events as fast as they come.
@@ -379,13 +452,32 @@ async fn send(out: &Out, row: &TailRow) -> Result<(), End> {
         .id(position_id(&row.position))
         .event("audit")
         .data(&row.json);
-    deliver(out, event).await
+    deliver(out, event, row.json.len()).await
 }
 
-/// Queues one event for the client; a client that takes nothing for [`SLOW_CLIENT`] while its
-/// queue is full is too slow.
-async fn deliver(out: &Out, event: SseEvent) -> Result<(), End> {
-    match out.send_timeout(Ok(event), SLOW_CLIENT).await {
+/// Queues one event of about `bytes` for the client; a client that cannot queue it for
+/// [`SLOW_CLIENT`] (its queue or its byte budget full, or every client's) is too slow.
+async fn deliver(out: &Out, event: SseEvent, bytes: usize) -> Result<(), End> {
+    // The SSE framing (id, event name) on top of the data; at most the whole budget, so one
+    // event larger than it still goes through alone.
+    let n = u32::try_from((bytes + 64).min(CLIENT_BYTES)).unwrap_or(u32::MAX);
+    let deadline = tokio::time::Instant::now() + SLOW_CLIENT;
+    let acquire = async {
+        let mine = out.mine.clone().acquire_many_owned(n).await;
+        let all = out.all.clone().acquire_many_owned(n).await;
+        (mine, all)
+    };
+    let (mine, all) = match tokio::time::timeout_at(deadline, acquire).await {
+        Ok((Ok(mine), Ok(all))) => (mine, all),
+        Ok(_) => return Err(End::Closed),
+        Err(_) => return Err(End::TooSlow),
+    };
+    let queued = Queued {
+        event,
+        _bytes: (mine, all),
+    };
+    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+    match out.tx.send_timeout(queued, left).await {
         Ok(()) => Ok(()),
         Err(mpsc::error::SendTimeoutError::Timeout(_)) => Err(End::TooSlow),
         Err(mpsc::error::SendTimeoutError::Closed(_)) => Err(End::Closed),
@@ -398,17 +490,19 @@ mod tests {
 
     #[test]
     fn positions_compare_numerically_and_round_trip() {
-        let a = Position {
-            tx_id: "9999".into(),
-            seq: 5,
-        };
-        let b = Position {
-            tx_id: "10000".into(),
-            seq: 1,
-        };
+        let a = Position::new(0, "9999", 5);
+        let b = Position::new(0, "10000", 1);
         assert!(key(&b) > key(&a));
         assert_eq!(parse_position(&position_id(&b), "cursor").unwrap(), b);
+        assert_eq!(position_id(&b), "10000.1");
+        // A later generation sorts after every earlier position, whatever its xid.
+        let c = Position::new(1, "700", 1);
+        assert!(key(&c) > key(&b));
+        assert_eq!(position_id(&c), "1.700.1");
+        assert_eq!(parse_position(&position_id(&c), "cursor").unwrap(), c);
         assert!(parse_position("abc", "cursor").is_err());
         assert!(parse_position("1.x", "cursor").is_err());
+        assert!(parse_position("-1.2.3", "cursor").is_err());
+        assert!(parse_position("1.2.3.4", "cursor").is_err());
     }
 }

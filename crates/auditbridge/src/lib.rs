@@ -51,6 +51,18 @@ enum Command {
     /// Manage API tokens.
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Maintain the outbox order (relays and live tails).
+    #[command(subcommand)]
+    Outbox(OutboxCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum OutboxCommand {
+    /// After the trail was moved to another cluster (pg_dump / pg_restore): start a new
+    /// outbox generation so that relays and live tails go on after every stored event.
+    /// Does nothing when the order is intact; safe while workers run (it holds inserts for
+    /// a moment).
+    Rebase,
 }
 
 #[derive(Debug, Subcommand)]
@@ -150,6 +162,14 @@ async fn run(command: Command, config: Config) -> anyhow::Result<ExitCode> {
                     .max()
                     .unwrap_or(0)
             );
+            let store = auditbridge_store::Store::connect_lazy(&config.database_url, 1)?;
+            let health = store.outbox_health().await;
+            store.close().await;
+            match health {
+                Ok(h) if h.needs_rebase() => eprintln!("warning: {}", h.advice()),
+                Ok(_) => {}
+                Err(e) => eprintln!("warning: cannot check the outbox order: {e}"),
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Worker => {
@@ -197,6 +217,26 @@ async fn run(command: Command, config: Config) -> anyhow::Result<ExitCode> {
             println!("AUDITBRIDGE_API_TOKENS item: {entry}");
             Ok(ExitCode::SUCCESS)
         }
+        Command::Outbox(OutboxCommand::Rebase) => {
+            let store = auditbridge_store::Store::connect_lazy(&config.database_url, 1)?;
+            let done = store.rebase_outbox().await.context("rebasing the outbox")?;
+            store.close().await;
+            match done {
+                auditbridge_store::outbox::Rebase::NotNeeded => {
+                    println!("the outbox order is intact: nothing to do");
+                }
+                auditbridge_store::outbox::Rebase::Rebased {
+                    generation,
+                    first_seq,
+                    reason,
+                } => {
+                    println!(
+                        "outbox generation {generation} starts at seq {first_seq}: relays and live tails go on after every stored event ({reason})"
+                    );
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Destinations(DestinationsCommand::Rewind { name, to }) => {
             let store = auditbridge_store::Store::connect_lazy(&config.database_url, 2)?;
             let moved = store.rewind(&name, to).await?;
@@ -204,8 +244,8 @@ async fn run(command: Command, config: Config) -> anyhow::Result<ExitCode> {
             match moved {
                 Some(cursor) => {
                     println!(
-                        "destination {name} rewound to {to}: cursor ({}, {}); its relay restarts from there within one lease renewal",
-                        cursor.tx_id, cursor.seq
+                        "destination {name} rewound to {to}: cursor ({}, {}, {}); its relay restarts from there within one lease renewal",
+                        cursor.generation, cursor.tx_id, cursor.seq
                     );
                     Ok(ExitCode::SUCCESS)
                 }

@@ -116,6 +116,19 @@ pub async fn run(args: Args, config: &Config) -> anyhow::Result<ExitCode> {
         }
     }
     if doc["database"]["error"].is_null() {
+        match store.outbox_health().await {
+            Ok(h) => {
+                doc["outbox"] = json!({
+                    "generation": h.generation,
+                    "needs_rebase": h.needs_rebase(),
+                    "advice": h.needs_rebase().then(|| h.advice()),
+                });
+                if h.needs_rebase() {
+                    ok = false;
+                }
+            }
+            Err(e) => doc["outbox"] = json!({"error": e.to_string()}),
+        }
         match destinations(&store, config).await {
             Ok(list) => doc["destinations"] = list,
             Err(e) => {
@@ -233,6 +246,9 @@ fn print_text(doc: &serde_json::Value) {
             d["events"],
             d["newest_received_at"].as_str().unwrap_or("-")
         ),
+    }
+    if let Some(advice) = doc["outbox"]["advice"].as_str() {
+        println!("outbox      NEEDS REBASE: {advice}");
     }
     match doc["dead_letters"].as_array() {
         Some(list) if !list.is_empty() => {

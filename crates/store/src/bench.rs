@@ -67,10 +67,7 @@ impl Store {
         .await?;
         let next = rows
             .last()
-            .map(|(tx_id, seq, _)| Position {
-                tx_id: tx_id.clone(),
-                seq: *seq,
-            })
+            .map(|(tx_id, seq, _)| Position::new(after.generation, tx_id.clone(), *seq))
             .unwrap_or_else(|| after.clone());
         Ok((rows.into_iter().map(|(_, _, id)| id).collect(), next))
     }

@@ -8,6 +8,15 @@
 //! (`pg_snapshot_xmin`): those have all finished, and every transaction that has not finished
 //! yet — including any that will later commit rows — has a `tx_id` at or above that horizon,
 //! so above any cursor a reader can have reached. Nothing can appear behind a cursor.
+//!
+//! **Generations.** `tx_id` values belong to the cluster that wrote them. A trail moved to
+//! another cluster (`pg_dump` / `pg_restore`) keeps them, and the new cluster's ids may be far
+//! lower: its rows would sort behind every cursor and the moved rows would stay above its
+//! horizon (the outbox freezes). [`Store::rebase_outbox`] then starts a new *generation*: the
+//! order is (generation, `tx_id`, `seq`), and a row's generation follows from its `seq`, which
+//! keeps rising across a restore. Every row of an earlier generation is committed (nothing can
+//! be added to it any more, see `rebase_outbox`), so earlier generations are read without the
+//! horizon; the current one is read below it, as above.
 
 use std::time::Duration;
 
@@ -19,9 +28,12 @@ use crate::{Store, StoreError};
 /// The channel the writer notifies on commit, so relays wake without polling.
 pub const NOTIFY_CHANNEL: &str = "auditbridge_events";
 
-/// A place in the commit-safe order. `tx_id` is the `xid8` as text (sqlx has no type for it).
+/// A place in the commit-safe order (`generation`, `tx_id`, `seq`). `tx_id` is the `xid8` as
+/// text (sqlx has no type for it).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Position {
+    /// The outbox generation: 0 until the trail is moved to another cluster and rebased.
+    pub generation: i32,
     pub tx_id: String,
     pub seq: i64,
 }
@@ -29,11 +41,83 @@ pub struct Position {
 impl Position {
     /// Before every event.
     pub fn start() -> Position {
+        Position::new(0, "0", 0)
+    }
+
+    pub fn new(generation: i32, tx_id: impl Into<String>, seq: i64) -> Position {
         Position {
-            tx_id: "0".into(),
-            seq: 0,
+            generation,
+            tx_id: tx_id.into(),
+            seq,
         }
     }
+
+    /// What positions are ordered by: the xid compared as a number, not as text.
+    pub fn key(&self) -> (i32, u64, i64) {
+        (self.generation, self.tx_id.parse().unwrap_or(0), self.seq)
+    }
+}
+
+/// One generation of the outbox order: the rows with `first_seq <= seq < end_seq`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Generation {
+    pub generation: i32,
+    pub first_seq: i64,
+    /// Where the next generation starts; `None` for the current one.
+    pub end_seq: Option<i64>,
+    /// The highest `tx_id` stored when it began (`None` for the first).
+    pub above_tx: Option<String>,
+}
+
+/// Whether the outbox order can go on in this cluster (see [`Store::outbox_health`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboxHealth {
+    pub generation: i32,
+    /// The cluster's next transaction id.
+    pub next_xid: String,
+    /// The highest `tx_id` of the current generation at or above `next_xid`, if any: a row
+    /// written by another cluster.
+    pub foreign_tx: Option<String>,
+    /// Destinations whose cursor lies at or above `next_xid`.
+    pub cursors_ahead: Vec<String>,
+}
+
+impl OutboxHealth {
+    /// True when the trail came from another cluster whose transaction ids were higher: until
+    /// `auditbridge outbox rebase` runs, nothing new is relayed or tailed.
+    pub fn needs_rebase(&self) -> bool {
+        self.foreign_tx.is_some() || !self.cursors_ahead.is_empty()
+    }
+
+    /// What to tell an operator.
+    pub fn advice(&self) -> String {
+        format!(
+            "the outbox holds positions from another cluster (highest stored tx_id {}, this \
+             cluster's next is {}{}): relays and live tails receive nothing new until \
+             `auditbridge outbox rebase` runs (safe while workers run; it makes the outbox \
+             order continue after every stored event)",
+            self.foreign_tx.as_deref().unwrap_or("-"),
+            self.next_xid,
+            if self.cursors_ahead.is_empty() {
+                String::new()
+            } else {
+                format!("; cursors ahead: {}", self.cursors_ahead.join(", "))
+            }
+        )
+    }
+}
+
+/// What [`Store::rebase_outbox`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Rebase {
+    /// The outbox order is intact; nothing changed.
+    NotNeeded,
+    /// A new generation starts at `first_seq`.
+    Rebased {
+        generation: i32,
+        first_seq: i64,
+        reason: String,
+    },
 }
 
 /// One event read from the outbox.
@@ -89,7 +173,7 @@ pub const EXACT_BACKLOG_UP_TO: i64 = 100_000;
 
 const STATE_COLUMNS: &str = "name, type, cursor_tx::text, cursor_seq, lease_holder, \
     lease_expires_at, delivered_total, skipped_total, last_delivered_at, last_error, \
-    last_error_at, failing";
+    last_error_at, failing, cursor_gen";
 
 type StateRow = (
     String,
@@ -104,16 +188,14 @@ type StateRow = (
     Option<String>,
     Option<OffsetDateTime>,
     bool,
+    i32,
 );
 
 fn state(r: StateRow) -> DestinationState {
     DestinationState {
         name: r.0,
         kind: r.1,
-        cursor: Position {
-            tx_id: r.2,
-            seq: r.3,
-        },
+        cursor: Position::new(r.12, r.2, r.3),
         lease_holder: r.4,
         lease_expires_at: r.5,
         delivered_total: r.6,
@@ -130,20 +212,43 @@ fn state(r: StateRow) -> DestinationState {
 // then sorts the *text* ("10000" < "9999"), the cursor can step backwards where the xid gains
 // a digit, and the index on (tx_id, seq) is not used.
 
-/// The outbox read: events after a position, below the horizon, in commit-safe order. Public
-/// so a test can check its plan walks the (tx_id, seq) index.
+/// The outbox read of the current generation: events after a position, at or above the
+/// generation's first `seq`, below the horizon, in commit-safe order. Public so a test can
+/// check its plan walks the (tx_id, seq) index.
 pub const READ_OUTBOX: &str = "SELECT tx_id::text AS tx_text, seq, id, tenant, action, outcome, \
         source, received_at, event::text \
     FROM audit_events \
-    WHERE (tx_id, seq) > ($1::text::xid8, $2) \
+    WHERE (tx_id, seq) > ($1::text::xid8, $2) AND seq >= $4 \
       AND tx_id < pg_snapshot_xmin(pg_current_snapshot()) \
     ORDER BY tx_id, seq \
     LIMIT $3";
 
-/// The position of the newest event a reader can safely have passed right now.
+/// The same for an earlier generation: every row of it is committed, so no horizon applies.
+const READ_SEALED: &str = "SELECT tx_id::text AS tx_text, seq, id, tenant, action, outcome, \
+        source, received_at, event::text \
+    FROM audit_events \
+    WHERE (tx_id, seq) > ($1::text::xid8, $2) AND seq >= $4 AND seq < $5 \
+    ORDER BY tx_id, seq \
+    LIMIT $3";
+
+/// The newest event of the current generation (rows with `seq >= $1`) a reader can safely
+/// have passed right now.
 const HEAD: &str = "SELECT tx_id::text AS tx_text, seq FROM audit_events \
-    WHERE tx_id < pg_snapshot_xmin(pg_current_snapshot()) \
+    WHERE seq >= $1 AND tx_id < pg_snapshot_xmin(pg_current_snapshot()) \
     ORDER BY tx_id DESC, seq DESC LIMIT 1";
+
+/// Moves a position of an earlier generation whose `seq` lies in a later one (a position
+/// taken before `rebase` of a row written in the new cluster) into that generation.
+pub(crate) fn normalize(p: &Position, gens: &[Generation]) -> Position {
+    let mut p = p.clone();
+    while let Some(i) = gens.iter().position(|g| g.generation == p.generation) {
+        match (gens[i].end_seq, gens.get(i + 1)) {
+            (Some(end), Some(next)) if p.seq >= end => p.generation = next.generation,
+            _ => break,
+        }
+    }
+    p
+}
 
 impl Store {
     /// Creates the destination's row with its cursor at `start`, unless it exists (then its
@@ -156,8 +261,8 @@ impl Store {
     ) -> Result<bool, StoreError> {
         let cursor = self.position_for(start).await?;
         let done = sqlx::query(
-            "INSERT INTO destinations (name, type, cursor_tx, cursor_seq) \
-             VALUES ($1, $2, $3::text::xid8, $4) \
+            "INSERT INTO destinations (name, type, cursor_tx, cursor_seq, cursor_gen) \
+             VALUES ($1, $2, $3::text::xid8, $4, $5) \
              ON CONFLICT (name) DO UPDATE SET type = EXCLUDED.type \
              RETURNING (xmax = 0) AS created",
         )
@@ -165,6 +270,7 @@ impl Store {
         .bind(kind)
         .bind(&cursor.tx_id)
         .bind(cursor.seq)
+        .bind(cursor.generation)
         .fetch_one(&self.pool)
         .await?;
         use sqlx::Row as _;
@@ -173,28 +279,229 @@ impl Store {
 
     /// The cursor for a start position: `Now` is the current head; `Earliest` is before
     /// everything; `At(t)` is just before the first event (in commit-safe order) stored at or
-    /// after `t`, so every such event is delivered (a few stored just before `t` may be too).
+    /// after `t`, so every such event is delivered (a few stored just before `t` may be too),
+    /// but never past the head: a cursor above the horizon could pass an event whose
+    /// transaction is still running.
     pub(crate) async fn position_for(&self, start: &StartAt) -> Result<Position, StoreError> {
-        let found: Option<(String, i64)> = match start {
+        let gens = self.generations().await?;
+        let head = self.head(&gens).await?;
+        let t = match start {
             StartAt::Earliest => return Ok(Position::start()),
-            StartAt::Now => sqlx::query_as(HEAD).fetch_optional(&self.pool).await?,
-            StartAt::At(t) => {
-                let first: Option<(String, i64)> = sqlx::query_as(
-                    "SELECT tx_id::text AS tx_text, seq FROM audit_events WHERE received_at >= $1 \
-                     ORDER BY tx_id, seq LIMIT 1",
-                )
-                .bind(t)
-                .fetch_optional(&self.pool)
-                .await?;
-                match first {
-                    Some((tx, seq)) => Some((tx, seq - 1)),
-                    None => sqlx::query_as(HEAD).fetch_optional(&self.pool).await?,
-                }
-            }
+            StartAt::Now => return Ok(head),
+            StartAt::At(t) => t,
         };
-        Ok(found
-            .map(|(tx_id, seq)| Position { tx_id, seq })
-            .unwrap_or_else(Position::start))
+        // The first event stored at or after `t`, generation by generation (a rare operator
+        // command: `received_at` has no index).
+        for g in &gens {
+            let first: Option<(String, i64)> = sqlx::query_as(
+                "SELECT tx_id::text AS tx_text, seq FROM audit_events \
+                 WHERE received_at >= $1 AND seq >= $2 AND ($3::bigint IS NULL OR seq < $3) \
+                 ORDER BY tx_id, seq LIMIT 1",
+            )
+            .bind(t)
+            .bind(g.first_seq)
+            .bind(g.end_seq)
+            .fetch_optional(&self.pool)
+            .await?;
+            if let Some((tx, seq)) = first {
+                let before_first = Position::new(g.generation, tx, seq - 1);
+                // Capped at the head: the first event at or after `t` may lie above the
+                // horizon, behind a transaction still running with a lower `tx_id` whose
+                // events are from `t` on too. A cursor past it would skip them for good.
+                return Ok(if before_first.key() <= head.key() {
+                    before_first
+                } else {
+                    head
+                });
+            }
+        }
+        Ok(head)
+    }
+
+    /// The generations of the outbox order, oldest first.
+    pub async fn generations(&self) -> Result<Vec<Generation>, StoreError> {
+        let rows: Vec<(i32, i64, Option<i64>, Option<String>)> = sqlx::query_as(
+            "SELECT generation, first_seq, lead(first_seq) OVER (ORDER BY generation), \
+                    above_tx::text \
+             FROM outbox_generations ORDER BY generation",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        if rows.is_empty() {
+            return Ok(vec![Generation {
+                generation: 0,
+                first_seq: 0,
+                end_seq: None,
+                above_tx: None,
+            }]);
+        }
+        Ok(rows
+            .into_iter()
+            .map(|(generation, first_seq, end_seq, above_tx)| Generation {
+                generation,
+                first_seq,
+                end_seq,
+                above_tx,
+            })
+            .collect())
+    }
+
+    /// The newest position a commit-safe reader can have passed right now: the newest event
+    /// of the current generation below the horizon, or the generation's start.
+    pub(crate) async fn head(&self, gens: &[Generation]) -> Result<Position, StoreError> {
+        let current = gens.last().expect("at least one generation");
+        let found: Option<(String, i64)> = sqlx::query_as(HEAD)
+            .bind(current.first_seq)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(match found {
+            Some((tx, seq)) => Position::new(current.generation, tx, seq),
+            None => Position::new(current.generation, "0", 0),
+        })
+    }
+
+    /// Where a read after `after` starts: the generations, the index of `after`'s (`None`
+    /// when the trail has no such generation: nothing lies after it) and `after` normalized.
+    /// Readers take earlier generations whole, then the current one below the horizon.
+    pub(crate) async fn read_plan(
+        &self,
+        after: &Position,
+    ) -> Result<(Vec<Generation>, Option<usize>, Position), StoreError> {
+        let gens = self.generations().await?;
+        let from = normalize(after, &gens);
+        let i = gens.iter().position(|g| g.generation == from.generation);
+        Ok((gens, i, from))
+    }
+
+    /// Whether the outbox order can go on in this cluster: stored positions at or above the
+    /// cluster's next transaction id came from another cluster (a dump restored elsewhere),
+    /// and nothing new would ever sort after them. Cheap: an index range and the cursors.
+    pub async fn outbox_health(&self) -> Result<OutboxHealth, StoreError> {
+        let gens = self.generations().await?;
+        let current = gens.last().expect("at least one generation").clone();
+        let next_xid: String =
+            sqlx::query_scalar("SELECT pg_snapshot_xmax(pg_current_snapshot())::text")
+                .fetch_one(&self.pool)
+                .await?;
+        // Rows of earlier generations lie at or below `above_tx`; starting above it keeps
+        // them out of the scan.
+        let next: u64 = next_xid.parse().unwrap_or(0);
+        let above: u64 = current
+            .above_tx
+            .as_deref()
+            .and_then(|a| a.parse().ok())
+            .map_or(0, |a: u64| a + 1);
+        let from = next.max(above).to_string();
+        let foreign_tx: Option<String> = sqlx::query_scalar(
+            "SELECT tx_id::text AS tx_text FROM audit_events \
+             WHERE tx_id >= $1::text::xid8 AND seq >= $2 ORDER BY tx_id DESC, seq DESC LIMIT 1",
+        )
+        .bind(&from)
+        .bind(current.first_seq)
+        .fetch_optional(&self.pool)
+        .await?;
+        let cursors_ahead: Vec<String> = sqlx::query_scalar(
+            "SELECT name FROM destinations \
+             WHERE cursor_tx >= $1::text::xid8 AND (cursor_gen = $2 OR cursor_seq >= $3) \
+             ORDER BY name",
+        )
+        .bind(&next_xid)
+        .bind(current.generation)
+        .bind(current.first_seq)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(OutboxHealth {
+            generation: current.generation,
+            next_xid,
+            foreign_tx,
+            cursors_ahead,
+        })
+    }
+
+    /// Starts a new outbox generation when the trail holds positions from another cluster
+    /// (see [`Store::outbox_health`]); does nothing otherwise.
+    ///
+    /// Why the order then continues correctly: the transaction locks `audit_events` in SHARE
+    /// mode, which waits for every transaction that inserted into it to end and holds new
+    /// inserts until the commit. Under the lock it takes its own xid `N`: every row this
+    /// cluster wrote has a lower `tx_id`, so the rows at or above `N` came from elsewhere,
+    /// and their highest `seq` `M` (and that of any cursor there) bounds the moved part of
+    /// the current generation. The new generation starts at `M + 1`. Every row below that
+    /// is committed, and no row can be added below it (the identity only rises, and it was
+    /// restored at or above every moved row's `seq`), so readers take the old generation
+    /// whole, then the new one below the horizon. Every row this cluster wrote before the
+    /// rebase has a `seq` above every moved row's, so it is in the new generation, after
+    /// every cursor: delivered, not skipped. Moved rows written after `M` by transactions
+    /// with lower ids in the old cluster (concurrent batches) land in the new generation too
+    /// and may be delivered again (at least once, never a gap).
+    pub async fn rebase_outbox(&self) -> Result<Rebase, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        // Writers queue behind a waiting lock: give up rather than stall ingest for long.
+        sqlx::query("SET LOCAL lock_timeout = '10s'")
+            .execute(&mut *tx)
+            .await?;
+        // One rebase at a time.
+        sqlx::query("LOCK TABLE outbox_generations IN EXCLUSIVE MODE")
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("LOCK TABLE audit_events IN SHARE MODE")
+            .execute(&mut *tx)
+            .await?;
+        let n: String = sqlx::query_scalar("SELECT pg_current_xact_id()::text")
+            .fetch_one(&mut *tx)
+            .await?;
+        let (generation, first_seq): (i32, i64) = sqlx::query_as(
+            "SELECT generation, first_seq FROM outbox_generations \
+             ORDER BY generation DESC LIMIT 1",
+        )
+        .fetch_optional(&mut *tx)
+        .await?
+        .unwrap_or((0, 0));
+        let (moved_seq, highest): (Option<i64>, Option<String>) = sqlx::query_as(
+            "SELECT (SELECT max(seq) FROM audit_events \
+                     WHERE tx_id >= $1::text::xid8 AND seq >= $2), \
+                    (SELECT max(tx_id)::text FROM audit_events)",
+        )
+        .bind(&n)
+        .bind(first_seq)
+        .fetch_one(&mut *tx)
+        .await?;
+        let cursor_seq: Option<i64> = sqlx::query_scalar(
+            "SELECT max(cursor_seq) FROM destinations \
+             WHERE cursor_tx >= $1::text::xid8 AND (cursor_gen = $2 OR cursor_seq >= $3)",
+        )
+        .bind(&n)
+        .bind(generation)
+        .bind(first_seq)
+        .fetch_one(&mut *tx)
+        .await?;
+        let Some(moved) = moved_seq.max(cursor_seq) else {
+            tx.rollback().await?;
+            return Ok(Rebase::NotNeeded);
+        };
+        let next = generation + 1;
+        let start = moved.max(first_seq) + 1;
+        let reason = format!(
+            "rebase: positions up to tx_id {} came from another cluster (this one's next was \
+             {n}); seq {start} on is generation {next}",
+            highest.as_deref().unwrap_or("-")
+        );
+        sqlx::query(
+            "INSERT INTO outbox_generations (generation, first_seq, above_tx, reason) \
+             VALUES ($1, $2, $3::text::xid8, $4)",
+        )
+        .bind(next)
+        .bind(start)
+        .bind(&highest)
+        .bind(&reason)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(Rebase::Rebased {
+            generation: next,
+            first_seq: start,
+            reason,
+        })
     }
 
     /// Takes (or renews) the destination's lease for `holder` if it is free, expired, or
@@ -270,19 +577,26 @@ impl Store {
             OffsetDateTime,
             String,
         );
-        let rows: Vec<Row> = sqlx::query_as(READ_OUTBOX)
-            .bind(&after.tx_id)
-            .bind(after.seq)
-            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
-            .fetch_all(&self.pool)
-            .await?;
-        Ok(rows
-            .into_iter()
-            .map(|r| OutboxRow {
-                position: Position {
-                    tx_id: r.0,
-                    seq: r.1,
-                },
+        let (gens, Some(mut i), mut from) = self.read_plan(after).await? else {
+            return Ok(Vec::new());
+        };
+        let mut out = Vec::new();
+        loop {
+            let g = &gens[i];
+            let query = match g.end_seq {
+                None => sqlx::query_as(READ_OUTBOX),
+                Some(_) => sqlx::query_as(READ_SEALED),
+            };
+            let rows: Vec<Row> = query
+                .bind(&from.tx_id)
+                .bind(from.seq)
+                .bind(i64::try_from(limit - out.len()).unwrap_or(i64::MAX))
+                .bind(g.first_seq)
+                .bind(g.end_seq)
+                .fetch_all(&self.pool)
+                .await?;
+            out.extend(rows.into_iter().map(|r| OutboxRow {
+                position: Position::new(g.generation, r.0, r.1),
                 id: r.2,
                 tenant: r.3,
                 action: r.4,
@@ -290,8 +604,13 @@ impl Store {
                 source: r.6,
                 received_at: r.7,
                 json: r.8,
-            })
-            .collect())
+            }));
+            if out.len() >= limit || i + 1 == gens.len() {
+                return Ok(out);
+            }
+            i += 1;
+            from = Position::new(gens[i].generation, "0", 0);
+        }
     }
 
     /// Moves the cursor forward after the destination confirmed (or after events were
@@ -306,12 +625,12 @@ impl Store {
         skipped: u64,
     ) -> Result<bool, StoreError> {
         let done = sqlx::query(
-            "UPDATE destinations SET cursor_tx = $3::text::xid8, cursor_seq = $4, \
+            "UPDATE destinations SET cursor_gen = $7, cursor_tx = $3::text::xid8, cursor_seq = $4, \
                  delivered_total = delivered_total + $5, skipped_total = skipped_total + $6, \
                  last_delivered_at = CASE WHEN $5 > 0 THEN now() ELSE last_delivered_at END, \
                  failing = CASE WHEN $5 > 0 THEN false ELSE failing END \
              WHERE name = $1 AND lease_holder = $2 AND lease_expires_at > now() \
-               AND (cursor_tx, cursor_seq) <= ($3::text::xid8, $4)",
+               AND (cursor_gen, cursor_tx, cursor_seq) <= ($7, $3::text::xid8, $4)",
         )
         .bind(name)
         .bind(holder)
@@ -319,6 +638,7 @@ impl Store {
         .bind(to.seq)
         .bind(i64::try_from(delivered).unwrap_or(i64::MAX))
         .bind(i64::try_from(skipped).unwrap_or(i64::MAX))
+        .bind(to.generation)
         .execute(&self.pool)
         .await?;
         Ok(done.rows_affected() == 1)
@@ -347,19 +667,36 @@ impl Store {
 
     /// How many events lie after `after` (before any filter), and when the oldest was stored.
     pub async fn backlog(&self, after: &Position) -> Result<Backlog, StoreError> {
+        let gens = self.generations().await?;
+        let after = normalize(after, &gens);
+        let Some(g) = gens.iter().find(|g| g.generation == after.generation) else {
+            return Ok(Backlog {
+                events: 0,
+                exact: true,
+                oldest: None,
+            });
+        };
+        // Counted within the cursor's generation (the index serves it); later generations
+        // are estimated below.
         let (counted, oldest, head_seq): (i64, Option<OffsetDateTime>, Option<i64>) = sqlx::query_as(
             "SELECT (SELECT count(*) FROM (SELECT 1 FROM audit_events \
-                     WHERE (tx_id, seq) > ($1::text::xid8, $2) LIMIT $3) AS capped), \
+                     WHERE (tx_id, seq) > ($1::text::xid8, $2) AND seq >= $4 \
+                       AND ($5::bigint IS NULL OR seq < $5) LIMIT $3) AS capped), \
                     (SELECT received_at FROM audit_events WHERE (tx_id, seq) > ($1::text::xid8, $2) \
+                       AND seq >= $4 AND ($5::bigint IS NULL OR seq < $5) \
                      ORDER BY tx_id, seq LIMIT 1), \
-                    (SELECT seq FROM audit_events ORDER BY tx_id DESC, seq DESC LIMIT 1)",
+                    (SELECT seq FROM audit_events \
+                     WHERE tx_id < pg_snapshot_xmax(pg_current_snapshot()) \
+                     ORDER BY tx_id DESC, seq DESC LIMIT 1)",
         )
         .bind(&after.tx_id)
         .bind(after.seq)
         .bind(EXACT_BACKLOG_UP_TO + 1)
+        .bind(g.first_seq)
+        .bind(g.end_seq)
         .fetch_one(&self.pool)
         .await?;
-        if counted <= EXACT_BACKLOG_UP_TO {
+        if counted <= EXACT_BACKLOG_UP_TO && g.end_seq.is_none() {
             return Ok(Backlog {
                 events: counted,
                 exact: true,
@@ -397,13 +734,14 @@ impl Store {
         let cursor = self.position_for(&StartAt::At(to)).await?;
         // Taking the lease away makes the current holder stop and re-read the cursor.
         let done = sqlx::query(
-            "UPDATE destinations SET cursor_tx = $2::text::xid8, cursor_seq = $3, \
+            "UPDATE destinations SET cursor_gen = $4, cursor_tx = $2::text::xid8, cursor_seq = $3, \
                  lease_holder = NULL, lease_expires_at = NULL \
              WHERE name = $1",
         )
         .bind(name)
         .bind(&cursor.tx_id)
         .bind(cursor.seq)
+        .bind(cursor.generation)
         .execute(&self.pool)
         .await?;
         Ok((done.rows_affected() == 1).then_some(cursor))

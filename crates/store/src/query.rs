@@ -220,12 +220,9 @@ type TailTuple = (
     String,
 );
 
-fn tail_row(r: TailTuple) -> TailRow {
+fn tail_row(generation: i32, r: TailTuple) -> TailRow {
     TailRow {
-        position: Position {
-            tx_id: r.0,
-            seq: r.1,
-        },
+        position: Position::new(generation, r.0, r.1),
         id: r.2,
         tenant: r.3,
         action: r.4,
@@ -309,18 +306,41 @@ impl Store {
         filter: Option<&EventFilter>,
         limit: u32,
     ) -> Result<Vec<TailRow>, StoreError> {
-        let mut q = QueryBuilder::<Postgres>::new(TAIL_COLUMNS);
-        q.push_bind(after.tx_id.clone())
-            .push("::xid8, ")
-            .push_bind(after.seq)
-            .push(") AND tx_id < pg_snapshot_xmin(pg_current_snapshot())");
-        if let Some(f) = filter {
-            f.push_sql(&mut q);
+        let limit = usize::try_from(limit).unwrap_or(usize::MAX);
+        let (gens, Some(mut i), mut from) = self.read_plan(after).await? else {
+            return Ok(Vec::new());
+        };
+        let mut out = Vec::new();
+        loop {
+            let g = &gens[i];
+            let mut q = QueryBuilder::<Postgres>::new(TAIL_COLUMNS);
+            q.push_bind(from.tx_id.clone())
+                .push("::xid8, ")
+                .push_bind(from.seq)
+                .push(") AND seq >= ")
+                .push_bind(g.first_seq);
+            match g.end_seq {
+                // An earlier generation is all committed: no horizon (see `crate::outbox`).
+                Some(end) => {
+                    q.push(" AND seq < ").push_bind(end);
+                }
+                None => {
+                    q.push(" AND tx_id < pg_snapshot_xmin(pg_current_snapshot())");
+                }
+            }
+            if let Some(f) = filter {
+                f.push_sql(&mut q);
+            }
+            q.push(" ORDER BY tx_id, seq LIMIT ")
+                .push_bind(i64::try_from(limit - out.len()).unwrap_or(i64::MAX));
+            let rows: Vec<TailTuple> = q.build_query_as().fetch_all(&self.pool).await?;
+            out.extend(rows.into_iter().map(|r| tail_row(g.generation, r)));
+            if out.len() >= limit || i + 1 == gens.len() {
+                return Ok(out);
+            }
+            i += 1;
+            from = Position::new(gens[i].generation, "0", 0);
         }
-        q.push(" ORDER BY tx_id, seq LIMIT ")
-            .push_bind(i64::from(limit));
-        let rows: Vec<TailTuple> = q.build_query_as().fetch_all(&self.pool).await?;
-        Ok(rows.into_iter().map(tail_row).collect())
     }
 
     /// The position of the newest event a commit-safe reader can have passed right now: a

@@ -234,7 +234,7 @@ async fn ingest_until_stopped(
                         anyhow::Error::from(e).context("checking the database schema"),
                     ));
                 }
-                Ok(()) => {}
+                Ok(()) => relay::warn_if_outbox_moved(&ingest.store).await,
             }
             let stream = provision::ensure_stream(js, config)
                 .await

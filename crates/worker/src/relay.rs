@@ -664,6 +664,21 @@ async fn report_backlog(
     }
 }
 
+/// Says loudly, at start, when the trail holds outbox positions from another cluster (a
+/// dump restored into a new one): relays would deliver nothing new until
+/// `auditbridge outbox rebase` runs. Ingest is not held for it.
+pub(crate) async fn warn_if_outbox_moved(store: &Store) {
+    match store.outbox_health().await {
+        Ok(h) if h.needs_rebase() => {
+            tracing::error!(generation = h.generation, next_xid = %h.next_xid, foreign_tx = ?h.foreign_tx, message = %format!("The outbox cannot continue in this cluster: {}.", h.advice()));
+        }
+        Ok(_) => {}
+        Err(e) => {
+            tracing::debug!(error = %e, message = "Cannot check the outbox order.");
+        }
+    }
+}
+
 /// Listens for commit notifications and bumps `wake`; reconnects with a pause if the
 /// database goes away (relays fall back to polling meanwhile).
 pub(crate) async fn listen(store: Store, wake: watch::Sender<u64>, stop: CancellationToken) {
