@@ -714,10 +714,7 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     fn at(seq: i64) -> Position {
-        Position {
-            tx_id: "100".into(),
-            seq,
-        }
+        Position::new(0, "100", seq)
     }
 
     #[test]
