@@ -885,3 +885,39 @@ async fn max_backlog_age_is_measured_on_the_database_clock_not_the_workers() -> 
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_destination_setting_its_sink_cannot_use_stops_the_worker_at_start_naming_it()
+-> anyhow::Result<()> {
+    let env = TestEnv::new().await?;
+    // Each passed the old checks and failed only when the sink was built, after the lease was
+    // taken: again and again, at once.
+    let cases = [
+        (
+            json!({"name": "siem", "type": "http", "params": {"url": "http://127.0.0.1:9/in",
+                "headers": {"X-Key": "ab\u{1}c"}}}),
+            "destination siem: params.headers.X-Key",
+        ),
+        (
+            json!({"name": "siem", "type": "http", "params": {"url": "http://exa mple/in"}}),
+            "destination siem: params.url",
+        ),
+        (
+            json!({"name": "bus", "type": "rabbitmq", "params": {"url": "amqp://h:port/%2f", "exchange": "e"}}),
+            "destination bus: params.url",
+        ),
+    ];
+    for (definition, want) in cases {
+        let dest = json!([definition]).to_string();
+        let out = tokio::time::timeout(
+            T,
+            env.command(&["worker"], &[("AUDITBRIDGE_DESTINATIONS", &dest)])
+                .output(),
+        )
+        .await??;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{dest}: {stderr}");
+        assert!(stderr.contains(want), "{dest}: {stderr}");
+    }
+    Ok(())
+}
