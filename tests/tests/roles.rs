@@ -156,6 +156,9 @@ fn bypasses(role: &str) -> Vec<Bypass> {
         bypass("ALTER TABLE audit_events ENABLE ROW LEVEL SECURITY"),
         bypass(format!("ALTER TABLE audit_events OWNER TO {role}")),
         bypass("SET session_replication_role = replica"),
+        // Objects of its own beside the trail's.
+        bypass("CREATE TABLE public.shadow (id uuid)"),
+        bypass("CREATE FUNCTION public.shadow() RETURNS int LANGUAGE sql AS 'SELECT 1'"),
         // Placing a row behind every cursor: the columns the database fills.
         bypass(insert_setting("tx_id", "'1'::xid8")),
         bypass(insert_setting("received_at", "'2000-01-01T00:00:00Z'")),
@@ -343,6 +346,23 @@ async fn every_bypass_of_immutability_is_refused_for_the_writer_and_the_reader()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_grants_are_exactly_the_listed_ones_and_migrate_restores_them() -> anyhow::Result<()> {
     let env = TestEnv::new().await?;
+    // As on a cluster upgraded from PostgreSQL 14, where everyone may create in `public`:
+    // `migrate` takes that away.
+    sqlx::query("GRANT CREATE ON SCHEMA public TO PUBLIC")
+        .execute(&env.pool)
+        .await?;
+    auditbridge_store::migrate(&env.database_url).await?;
+    let creators: (bool, bool, bool) = sqlx::query_as(
+        "SELECT has_schema_privilege($1, 'public', 'CREATE'), \
+             has_schema_privilege($2, 'public', 'CREATE'), \
+             has_schema_privilege($3, 'public', 'CREATE')",
+    )
+    .bind(WRITER)
+    .bind(READER)
+    .bind(OWNER)
+    .fetch_one(&env.pool)
+    .await?;
+    assert_eq!(creators, (false, false, true));
 
     // Every table belongs to the owner role; the reader can read each one (a table a
     // migration adds without a line in grants.sql fails here).

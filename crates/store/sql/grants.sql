@@ -59,7 +59,10 @@ BEGIN
 END
 $$;
 
--- Start from nothing.
+-- Start from nothing. Nobody but the owner creates objects in the schema (PostgreSQL 15 no
+-- longer lets PUBLIC, but a cluster upgraded from an older version still does): a writer
+-- that could would be able to add functions or tables beside the trail's.
+REVOKE CREATE ON SCHEMA public FROM PUBLIC;
 REVOKE ALL ON ALL TABLES IN SCHEMA public FROM auditbridge_writer, auditbridge_reader;
 REVOKE ALL ON ALL SEQUENCES IN SCHEMA public FROM auditbridge_writer, auditbridge_reader;
 GRANT USAGE ON SCHEMA public TO auditbridge_writer, auditbridge_reader;
