@@ -14,6 +14,9 @@
 #   DEMO_EVENTS  events the demo publisher generates (default 1000000)
 #   DEMO_RATE    events per second it publishes (default 500)
 #   DEMO_FOLLOW  1 (default) to follow, 0 like --no-follow
+#   DEMO_WRITER_URL / DEMO_READER_URL  what the workers / serve and status connect with
+#                (default: AUDITBRIDGE_DATABASE_URL as auditbridge_writer / auditbridge_reader,
+#                the least-privilege roles `migrate` creates; trust authentication, no password)
 #   AUDITBRIDGE_* are passed to every command (see the design brief), except that each
 #   worker gets its own AUDITBRIDGE_METRICS_ADDR. Without AUDITBRIDGE_DESTINATIONS (or a
 #   config file) the demo forwards to RabbitMQ's amq.topic exchange.
@@ -35,7 +38,7 @@ die() {
     printf '[up] ERROR: %s\n' "$*" >&2
     exit 1
 }
-usage() { sed -n '2,21p' "$ROOT/scripts/up.sh" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,23p' "$ROOT/scripts/up.sh" | sed 's/^# \{0,1\}//'; }
 
 # ---------------------------------------------------------------------------------------------
 # Process helpers (pids are only ever taken from our own pid files, and checked to be ours)
@@ -182,10 +185,33 @@ target_dir=$(cargo metadata --format-version 1 --no-deps 2>/dev/null |
 BIN="$target_dir/release/auditbridge"
 [[ -x $BIN ]] || die "built binary not found at $BIN"
 
+# `migrate` runs as the URL's user (the local superuser by default), creates the roles and
+# grants them (README, "Database roles"); the services then connect as those roles.
+DB_URL=${AUDITBRIDGE_DATABASE_URL:-postgres://postgres@127.0.0.1:5432/auditbridge}
+export AUDITBRIDGE_MIGRATE_DATABASE_URL=${AUDITBRIDGE_MIGRATE_DATABASE_URL:-$DB_URL}
+# DB_URL with its user (and password) replaced by $1.
+role_url() {
+    local scheme=${DB_URL%%://*} rest=${DB_URL#*://} authority path
+    authority=${rest%%/*}
+    path=${rest#"$authority"}
+    printf '%s://%s@%s%s\n' "$scheme" "$1" "${authority##*@}" "$path"
+}
+WRITER_URL=${DEMO_WRITER_URL:-$(role_url auditbridge_writer)}
+READER_URL=${DEMO_READER_URL:-$(role_url auditbridge_reader)}
+export WRITER_URL READER_URL
+
 mkdir -p "$DEMO_DIR"
 rm -f "$DEMO_DIR"/worker-*.log "$DEMO_DIR"/publish.log
 log "auditbridge migrate"
 timeout 300 "$BIN" migrate 2>&1 | tee "$DEMO_DIR/migrate.log" || die "migrate failed (log: $DEMO_DIR/migrate.log)"
+if command -v psql >/dev/null 2>&1; then
+    for url in "$WRITER_URL" "$READER_URL"; do
+        role=${url#*://}
+        role=${role%%@*}
+        psql "$url" -Atqc 'SELECT 1' >/dev/null 2>&1 ||
+            die "cannot connect to PostgreSQL as ${role%%:*} (no trust authentication for it?): set the roles' passwords (README, \"Database roles\") and DEMO_WRITER_URL / DEMO_READER_URL"
+    done
+fi
 
 for ((i = 1; i <= WORKERS; i++)); do
     port=$((BASE_PORT + i))
@@ -226,10 +252,10 @@ fi
 # setsid: own session, so a terminal's Ctrl-C or hang-up reaches only this script, which then
 # stops the processes in order (and --no-follow leaves them running after we exit).
 for ((i = 1; i <= WORKERS; i++)); do
-    AUDITBRIDGE_METRICS_ADDR="127.0.0.1:$((BASE_PORT + i))" \
+    AUDITBRIDGE_METRICS_ADDR="127.0.0.1:$((BASE_PORT + i))" AUDITBRIDGE_DATABASE_URL=$WRITER_URL \
         setsid "$BIN" worker </dev/null >"$DEMO_DIR/worker-$i.log" 2>&1 &
     echo $! >"$DEMO_DIR/worker-$i.pid"
-    log "worker $i: pid $!, metrics 127.0.0.1:$((BASE_PORT + i)), log .demo/worker-$i.log"
+    log "worker $i: pid $!, metrics 127.0.0.1:$((BASE_PORT + i)), database role auditbridge_writer, log .demo/worker-$i.log"
 done
 
 deadline=$((SECONDS + READY_TIMEOUT))
@@ -258,7 +284,7 @@ API_ADDR=${AUDITBRIDGE_API_ADDR:-127.0.0.1:8080}
 token_out=$("$BIN" token new --name demo --admin --scopes read,ingest) || die "auditbridge token new failed"
 DEMO_TOKEN=$(sed -n 's/^token (shown once, give it to the client): //p' <<<"$token_out")
 DEMO_TOKEN_ENTRY=$(sed -n 's/^AUDITBRIDGE_API_TOKENS item: //p' <<<"$token_out")
-AUDITBRIDGE_API_ADDR=$API_ADDR AUDITBRIDGE_API_TOKENS="[${DEMO_TOKEN_ENTRY}]" \
+AUDITBRIDGE_API_ADDR=$API_ADDR AUDITBRIDGE_API_TOKENS="[${DEMO_TOKEN_ENTRY}]" AUDITBRIDGE_DATABASE_URL=$READER_URL \
     setsid "$BIN" serve </dev/null >"$DEMO_DIR/serve.log" 2>&1 &
 echo $! >"$DEMO_DIR/serve.pid"
 umask 077
@@ -287,7 +313,7 @@ persisted_of() {
 
 print_status() {
     local out rc=0 i v total=0 known=0 now line pid state
-    out=$(timeout 15 "$BIN" status 2>&1) || rc=$?
+    out=$(AUDITBRIDGE_DATABASE_URL=$READER_URL timeout 15 "$BIN" status 2>&1) || rc=$?
     printf '%s\n' "$out"
     ((rc == 0)) || printf '(auditbridge status exited with %s)\n' "$rc"
 

@@ -148,6 +148,12 @@ impl Server {
         } = self;
         let tasks = TaskTracker::new();
         tasks.spawn(hub_start.run(shutdown.clone()));
+        tasks.spawn(auditbridge_worker::db_role::warn_if_privileged(
+            state.store.clone(),
+            "serve",
+            auditbridge_store::roles::READER,
+            shutdown.clone(),
+        ));
         tasks.spawn(ops::serve(
             metrics_listener,
             prometheus,

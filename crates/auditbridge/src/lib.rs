@@ -30,8 +30,16 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Create the database if it is missing and apply the migrations.
-    Migrate,
+    /// Create the database if it is missing, apply the migrations, create the
+    /// least-privilege roles and apply their grants. Connects with
+    /// AUDITBRIDGE_MIGRATE_DATABASE_URL (default: AUDITBRIDGE_DATABASE_URL), as a superuser or
+    /// the owner role.
+    Migrate {
+        /// Do not create roles, transfer ownership or grant: where roles and grants are
+        /// managed elsewhere (crates/store/sql/grants.sql lists what they need).
+        #[arg(long)]
+        no_roles: bool,
+    },
     /// Consume, validate and persist events; provisions the stream and consumer if missing.
     Worker,
     /// Publish events: synthetic ones with --generate, or JSON lines from standard input.
@@ -141,28 +149,45 @@ pub fn main() -> ExitCode {
 
 async fn run(command: Command, config: Config) -> anyhow::Result<ExitCode> {
     match command {
-        Command::Migrate => {
-            let created = auditbridge_store::migrate(&config.database_url)
+        Command::Migrate { no_roles } => {
+            let url = &config.migrate_database_url;
+            let roles = if no_roles {
+                auditbridge_store::Roles::Skip
+            } else {
+                auditbridge_store::Roles::Manage
+            };
+            let done = auditbridge_store::migrate_with(url, roles)
                 .await
-                .with_context(|| {
-                    format!(
-                        "migrating {}",
-                        auditbridge_config::redact_url(&config.database_url)
-                    )
-                })?;
-            if created {
-                println!("created database {}", config.database_name());
+                .with_context(|| format!("migrating {}", auditbridge_config::redact_url(url)))?;
+            let name = url.rsplit('/').next().unwrap_or("");
+            let name = name.split('?').next().unwrap_or("");
+            if done.created_database {
+                println!("created database {name}");
             }
             println!(
-                "database {} is at migration {}",
-                config.database_name(),
+                "database {name} is at migration {}",
                 auditbridge_store::MIGRATOR
                     .iter()
                     .map(|m| m.version)
                     .max()
                     .unwrap_or(0)
             );
-            let store = auditbridge_store::Store::connect_lazy(&config.database_url, 1)?;
+            if no_roles {
+                println!("roles and grants left as they are (--no-roles)");
+            } else {
+                for role in &done.created_roles {
+                    println!(
+                        "created role {role} (LOGIN, no password; see README, \"Database roles\")"
+                    );
+                }
+                println!(
+                    "grants applied: {} owns the schema; workers connect as {}, serve as {}",
+                    auditbridge_store::roles::OWNER,
+                    auditbridge_store::roles::WRITER,
+                    auditbridge_store::roles::READER
+                );
+            }
+            let store = auditbridge_store::Store::connect_lazy(url, 1)?;
             let health = store.outbox_health().await;
             store.close().await;
             match health {

@@ -84,6 +84,9 @@ pub struct IngestConfig {
 pub struct Config {
     pub nats_url: String,
     pub database_url: String,
+    /// What `auditbridge migrate` connects as: a superuser, or the owner role
+    /// (`AUDITBRIDGE_MIGRATE_DATABASE_URL`, defaulting to `database_url`).
+    pub migrate_database_url: String,
     pub subject_prefix: String,
     pub stream: String,
     pub consumer: String,
@@ -121,6 +124,10 @@ impl fmt::Debug for Config {
         f.debug_struct("Config")
             .field("nats_url", &redact_url(&self.nats_url))
             .field("database_url", &redact_url(&self.database_url))
+            .field(
+                "migrate_database_url",
+                &redact_url(&self.migrate_database_url),
+            )
             .field("subject_prefix", &self.subject_prefix)
             .field("stream", &self.stream)
             .field("consumer", &self.consumer)
@@ -181,6 +188,11 @@ const KEYS: &[Key] = &[
     Key {
         name: "database_url",
         default: "postgres://postgres@127.0.0.1:5432/auditbridge",
+    },
+    // Empty: the same as database_url.
+    Key {
+        name: "migrate_database_url",
+        default: "",
     },
     Key {
         name: "subject_prefix",
@@ -530,9 +542,16 @@ impl Config {
                 "a duration no longer than stream_max_age",
             ));
         }
+        let database_url = l.url("database_url", &["postgres", "postgresql"])?;
+        let migrate_database_url = if l.get("migrate_database_url").trim().is_empty() {
+            database_url.clone()
+        } else {
+            l.url("migrate_database_url", &["postgres", "postgresql"])?
+        };
         Ok(Config {
             nats_url: l.url("nats_url", &["nats", "tls", "ws", "wss"])?,
-            database_url: l.url("database_url", &["postgres", "postgresql"])?,
+            database_url,
+            migrate_database_url,
             subject_prefix: l.subject_prefix("subject_prefix")?,
             stream: l.nats_name("stream")?,
             consumer: l.nats_name("consumer")?,
@@ -799,6 +818,26 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("missing.toml"), "{err}");
+    }
+
+    #[test]
+    fn the_migrate_url_defaults_to_the_database_url() {
+        let writer = "postgres://auditbridge_writer:pw@db:5432/audit";
+        let c = Config::from_env(env(&[("AUDITBRIDGE_DATABASE_URL", writer)])).unwrap();
+        assert_eq!(c.migrate_database_url, writer);
+        let owner = "postgres://auditbridge_owner:s3cret@db:5432/audit";
+        let c = Config::from_env(env(&[
+            ("AUDITBRIDGE_DATABASE_URL", writer),
+            ("AUDITBRIDGE_MIGRATE_DATABASE_URL", owner),
+        ]))
+        .unwrap();
+        assert_eq!(c.migrate_database_url, owner);
+        assert!(c.unknown_env().is_empty());
+        assert!(!format!("{c:?}").contains("s3cret"));
+        let err = Config::from_env(env(&[("AUDITBRIDGE_MIGRATE_DATABASE_URL", "mysql://x/y")]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("AUDITBRIDGE_MIGRATE_DATABASE_URL"), "{err}");
     }
 
     #[test]

@@ -36,6 +36,12 @@ pub enum StoreError {
     Config(sqlx::Error),
     #[error("applying migrations failed: {0}")]
     Migrate(sqlx::migrate::MigrateError),
+    /// Creating the least-privilege roles or applying their grants failed (usually: the
+    /// migrating role may not create roles; see README, "Database roles", or `--no-roles`).
+    #[error(
+        "setting up the database roles failed ({step}): {source}; migrate as a superuser, create the roles beforehand, or use `migrate --no-roles` where roles and grants are managed elsewhere"
+    )]
+    Roles { step: String, source: sqlx::Error },
 }
 
 impl StoreError {

@@ -1,6 +1,7 @@
 //! PostgreSQL access for Auditbridge. This is the only crate that speaks SQL.
 //!
-//! - [`migrate`] creates the database when it is missing and applies `migrations/`.
+//! - [`migrate`] creates the database when it is missing, applies `migrations/`, and (unless
+//!   told not to) creates the least-privilege roles and applies their grants ([`roles`]).
 //! - [`Store::ingest`] writes one batch of the worker (events, conflicts and dead letters) in
 //!   one transaction; [`Store::ingest_isolated`] writes a batch the database refused event by
 //!   event, to find the event at fault. [`Store::persist`] is the plain writer tools use.
@@ -17,6 +18,7 @@ mod error;
 pub mod outbox;
 mod persist;
 pub mod query;
+pub mod roles;
 mod status;
 mod undeliverable;
 
@@ -26,6 +28,7 @@ pub use persist::{
     CONFLICT, DB_REJECTED, DeadLetter, Incoming, Ingested, NewEvent, Origin, PersistOutcome,
 };
 pub use query::{Condition, EventFilter, Order, PageQuery, StatsRow, StoredEvent, TailRow};
+pub use roles::SessionRole;
 pub use status::{DeadLetterCount, Status};
 pub use undeliverable::{DestinationDeadLetter, DestinationDeadLetterCount};
 
@@ -39,11 +42,38 @@ use sqlx::{PgPool, Postgres};
 /// The SQL migrations in `migrations/` at the repository root, embedded at compile time.
 pub static MIGRATOR: Migrator = sqlx::migrate!("../../migrations");
 
-/// Creates the database named in `url` if it does not exist (connecting to the server's
-/// maintenance database to do so), then applies every pending migration. Returns whether the
-/// database was created. Safe to run concurrently: sqlx takes an advisory lock.
+/// Whether `migrate` manages the least-privilege roles ([`roles`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Roles {
+    /// Create the roles that are missing, give the owner role every object, apply
+    /// `sql/grants.sql`.
+    Manage,
+    /// Only apply the migrations (`migrate --no-roles`): roles and grants are managed
+    /// elsewhere.
+    Skip,
+}
+
+/// What [`migrate_with`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Migrated {
+    /// The database did not exist and was created.
+    pub created_database: bool,
+    /// Roles that did not exist and were created.
+    pub created_roles: Vec<&'static str>,
+}
+
+/// [`migrate_with`] with [`Roles::Manage`]; returns whether the database was created.
 pub async fn migrate(url: &str) -> Result<bool, StoreError> {
-    let created = if Postgres::database_exists(url).await? {
+    Ok(migrate_with(url, Roles::Manage).await?.created_database)
+}
+
+/// Creates the database named in `url` if it does not exist (connecting to the server's
+/// maintenance database to do so), then applies every pending migration, then (with
+/// [`Roles::Manage`]) creates the missing roles and applies the grants. Safe to run
+/// concurrently, on one database (sqlx takes an advisory lock; so do the grants) and on many
+/// databases of one cluster (role creation is serialised cluster-wide).
+pub async fn migrate_with(url: &str, roles: Roles) -> Result<Migrated, StoreError> {
+    let created_database = if Postgres::database_exists(url).await? {
         false
     } else {
         match Postgres::create_database(url).await {
@@ -53,13 +83,25 @@ pub async fn migrate(url: &str) -> Result<bool, StoreError> {
             Err(e) => return Err(e.into()),
         }
     };
+    let options = connect_options(url)?;
+    let created_roles = match roles {
+        Roles::Manage => roles::ensure_roles(&options).await?,
+        Roles::Skip => Vec::new(),
+    };
     let pool = PgPoolOptions::new()
         .max_connections(1)
-        .connect_with(connect_options(url)?)
+        .connect_with(options)
         .await?;
     MIGRATOR.run(&pool).await.map_err(StoreError::Migrate)?;
+    if roles == Roles::Manage {
+        let mut conn = pool.acquire().await?;
+        roles::apply_grants(&mut conn).await?;
+    }
     pool.close().await;
-    Ok(created)
+    Ok(Migrated {
+        created_database,
+        created_roles,
+    })
 }
 
 /// Drops the database named in `url` (used by tests and benchmarks for their own databases).

@@ -5,6 +5,7 @@
 //! [`Worker::build`] connects nothing yet but binds the metrics port (so a test can bind port
 //! 0 and read the address); [`Worker::run`] then works until its shutdown token is cancelled.
 
+pub mod db_role;
 mod http;
 mod ingest;
 pub mod provision;
@@ -116,6 +117,12 @@ impl Worker {
                 }
             }
         });
+        tasks.spawn(db_role::warn_if_privileged(
+            store.clone(),
+            "worker",
+            auditbridge_store::roles::WRITER,
+            background.clone(),
+        ));
         tasks.spawn(watch_health(
             store.clone(),
             nats.clone(),

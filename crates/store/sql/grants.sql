@@ -1,0 +1,96 @@
+-- Every privilege of Auditbridge's database roles, in one place (README, "Database roles";
+-- ARCHITECTURE.md, invariant "Least privilege").
+--
+-- `auditbridge migrate` applies this file after the migrations, in one transaction, on every
+-- run: it first takes every privilege of the writer and the reader away, then grants exactly
+-- what is listed here. So this file is the whole truth, an upgrade that changes it needs no
+-- migration, and a privilege granted by hand is gone at the next `migrate`. A table added by
+-- a migration gets its grants HERE (tests/tests/roles.rs fails for a table the reader cannot
+-- read, and for a worker or `serve` that needs a privilege that is missing).
+--
+-- The roles are cluster-global and created by `migrate` unless `--no-roles` (crates/store/src/
+-- roles.rs). This file can also be applied by hand with psql where roles are managed
+-- elsewhere, once the three roles exist.
+--
+--   auditbridge_owner   owns every object of the schema; used only by `migrate`. It can
+--                       still alter the trail (an owner always can); the signed log detects it.
+--   auditbridge_writer  `auditbridge worker`: inserts events and dead letters, relays.
+--   auditbridge_reader  `auditbridge serve` and `auditbridge status`: reads, nothing else.
+
+-- Two `migrate`s of the same database at once would otherwise collide on the catalog rows
+-- they both rewrite ("tuple concurrently updated").
+SELECT pg_advisory_xact_lock(7243586041907425121);
+
+-- Ownership: every table, view, sequence and function of the schema belongs to the owner
+-- role, including what a migration run by a superuser just created.
+DO $$
+DECLARE
+    obj record;
+BEGIN
+    FOR obj IN
+        SELECT c.oid::regclass AS name, c.relkind
+        FROM pg_class c
+        WHERE c.relnamespace = 'public'::regnamespace
+          AND c.relkind IN ('r', 'p', 'v', 'm', 'S')
+          AND c.relowner <> 'auditbridge_owner'::regrole
+          -- Identity and serial sequences follow their table.
+          AND NOT EXISTS (SELECT 1 FROM pg_depend d
+                          WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid
+                            AND d.deptype IN ('a', 'i'))
+    LOOP
+        IF obj.relkind = 'S' THEN
+            EXECUTE format('ALTER SEQUENCE %s OWNER TO auditbridge_owner', obj.name);
+        ELSE
+            EXECUTE format('ALTER TABLE %s OWNER TO auditbridge_owner', obj.name);
+        END IF;
+    END LOOP;
+    FOR obj IN
+        SELECT p.oid::regprocedure AS name
+        FROM pg_proc p
+        WHERE p.pronamespace = 'public'::regnamespace
+          AND p.proowner <> 'auditbridge_owner'::regrole
+    LOOP
+        EXECUTE format('ALTER ROUTINE %s OWNER TO auditbridge_owner', obj.name);
+    END LOOP;
+    -- So that `migrate` can also run as the owner itself (AUDITBRIDGE_MIGRATE_DATABASE_URL).
+    IF NOT has_schema_privilege('auditbridge_owner', 'public', 'CREATE') THEN
+        GRANT CREATE ON SCHEMA public TO auditbridge_owner;
+    END IF;
+END
+$$;
+
+-- Start from nothing. Nobody but the owner creates objects in the schema (PostgreSQL 15 no
+-- longer lets PUBLIC, but a cluster upgraded from an older version still does): a writer
+-- that could would be able to add functions or tables beside the trail's.
+REVOKE CREATE ON SCHEMA public FROM PUBLIC;
+REVOKE ALL ON ALL TABLES IN SCHEMA public FROM auditbridge_writer, auditbridge_reader;
+REVOKE ALL ON ALL SEQUENCES IN SCHEMA public FROM auditbridge_writer, auditbridge_reader;
+GRANT USAGE ON SCHEMA public TO auditbridge_writer, auditbridge_reader;
+
+-- The writer (`auditbridge worker`).
+--
+-- audit_events: INSERT only on the columns a batch carries. Not `seq`, `tx_id` or
+-- `received_at`, which the database fills: a writer that could set them could place a row
+-- behind every destination's cursor and every live tail. No UPDATE, DELETE, TRUNCATE,
+-- TRIGGER or REFERENCES, and not the owner, so it can neither change stored events nor
+-- disable, drop or work around the triggers that refuse it. SELECT: the relay reads the
+-- outbox, `ON CONFLICT (id)` and the dedup check read stored rows. (The identity column's
+-- sequence needs no grant: PostgreSQL does not check it for an identity.)
+GRANT SELECT ON audit_events TO auditbridge_writer;
+GRANT INSERT (id, tenant, action, outcome, occurred_at, actor_id, target_id, source, event)
+    ON audit_events TO auditbridge_writer;
+-- dead_letters: INSERT of what ingest refuses; SELECT because `ON CONFLICT` reads its
+-- arbiter columns. No UPDATE or DELETE: a writer cannot make a dead letter disappear.
+GRANT SELECT ON dead_letters TO auditbridge_writer;
+GRANT INSERT (stream, stream_seq, subject, payload, kind, reason)
+    ON dead_letters TO auditbridge_writer;
+-- destinations: the relays' coordination state (created on first start, cursors, leases,
+-- counters, last error). Whole rows, since every column but the name is the relay's to keep.
+-- No DELETE: removing a destination's progress is an operator's decision.
+GRANT SELECT, INSERT, UPDATE ON destinations TO auditbridge_writer;
+-- The worker refuses to run on a schema that is not fully migrated.
+GRANT SELECT ON _sqlx_migrations TO auditbridge_writer;
+
+-- The reader (`auditbridge serve`, `auditbridge status`): SELECT, nothing else.
+GRANT SELECT ON audit_events, dead_letters, destinations, _sqlx_migrations
+    TO auditbridge_reader;
