@@ -249,9 +249,12 @@ async fn every_bypass_of_immutability_is_refused_for_the_writer_and_the_reader()
     let first = writer.persist(&batch(&items), &[]).await?;
     assert_eq!(first.inserted, 20);
     let dead = DeadLetter {
-        stream: "S",
-        stream_seq: 1,
-        subject: "audit.acme.x",
+        origin: auditbridge_store::Origin {
+            stream: "S",
+            stream_seq: 1,
+            stored_at: time::OffsetDateTime::UNIX_EPOCH,
+            subject: "audit.acme.x",
+        },
         payload: b"not json",
         kind: "not_json",
         reason: "r",
@@ -403,6 +406,7 @@ async fn the_grants_are_exactly_the_listed_ones_and_migrate_restores_them() -> a
     assert_eq!(
         privileges(WRITER).await?,
         [
+            ("destination_dead_letters".to_owned(), "INSERT".to_owned()),
             ("destinations".to_owned(), "INSERT".to_owned()),
             ("destinations".to_owned(), "UPDATE".to_owned())
         ]
@@ -446,6 +450,7 @@ async fn the_grants_are_exactly_the_listed_ones_and_migrate_restores_them() -> a
             "reason",
             "stream",
             "stream_seq",
+            "stream_stored_at",
             "subject"
         ]
     );

@@ -82,7 +82,7 @@ GRANT INSERT (id, tenant, action, outcome, occurred_at, actor_id, target_id, sou
 -- dead_letters: INSERT of what ingest refuses; SELECT because `ON CONFLICT` reads its
 -- arbiter columns. No UPDATE or DELETE: a writer cannot make a dead letter disappear.
 GRANT SELECT ON dead_letters TO auditbridge_writer;
-GRANT INSERT (stream, stream_seq, subject, payload, kind, reason)
+GRANT INSERT (stream, stream_seq, stream_stored_at, subject, payload, kind, reason)
     ON dead_letters TO auditbridge_writer;
 -- destinations: the relays' coordination state (created on first start, cursors, leases,
 -- counters, last error). Whole rows, since every column but the name is the relay's to keep.
@@ -90,7 +90,13 @@ GRANT INSERT (stream, stream_seq, subject, payload, kind, reason)
 GRANT SELECT, INSERT, UPDATE ON destinations TO auditbridge_writer;
 -- The worker refuses to run on a schema that is not fully migrated.
 GRANT SELECT ON _sqlx_migrations TO auditbridge_writer;
+-- Per-destination dead letters (0005): the relay records an event a destination cannot take.
+GRANT SELECT, INSERT ON destination_dead_letters TO auditbridge_writer;
+-- Outbox generations (0006): read by relays and the start-up check; only the owner writes
+-- them (`auditbridge outbox rebase`).
+GRANT SELECT ON outbox_generations TO auditbridge_writer;
 
 -- The reader (`auditbridge serve`, `auditbridge status`): SELECT, nothing else.
-GRANT SELECT ON audit_events, dead_letters, destinations, _sqlx_migrations
+GRANT SELECT ON audit_events, dead_letters, destinations, destination_dead_letters,
+    outbox_generations, _sqlx_migrations
     TO auditbridge_reader;
