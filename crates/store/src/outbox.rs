@@ -754,3 +754,47 @@ impl Store {
         Ok(listener)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn generation(generation: i32, first_seq: i64, end_seq: Option<i64>) -> Generation {
+        Generation {
+            generation,
+            first_seq,
+            end_seq,
+            above_tx: None,
+        }
+    }
+
+    #[test]
+    fn a_position_of_a_row_of_a_later_generation_moves_into_it() {
+        let gens = [
+            generation(0, 0, Some(100)),
+            generation(1, 100, Some(250)),
+            generation(2, 250, None),
+        ];
+        // A moved row's position stays where it is.
+        let moved = Position::new(0, "9000000", 99);
+        assert_eq!(normalize(&moved, &gens), moved);
+        // A position taken in the new cluster before the rebase (seq above the cut).
+        let early = Position::new(0, "750", 120);
+        assert_eq!(normalize(&early, &gens), Position::new(1, "750", 120));
+        assert_eq!(
+            normalize(&Position::new(0, "750", 300), &gens),
+            Position::new(2, "750", 300)
+        );
+        // Never down, and the current generation stays.
+        assert_eq!(
+            normalize(&Position::new(2, "5", 1), &gens),
+            Position::new(2, "5", 1)
+        );
+        // An unknown generation is left alone (nothing lies after it).
+        assert_eq!(
+            normalize(&Position::new(7, "5", 1), &gens),
+            Position::new(7, "5", 1)
+        );
+        assert!(Position::new(1, "1", 0).key() > Position::new(0, "99999999", 5).key());
+    }
+}
