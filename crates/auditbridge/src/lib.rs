@@ -243,7 +243,7 @@ async fn run(command: Command, config: Config) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Outbox(OutboxCommand::Rebase) => {
-            let store = auditbridge_store::Store::connect_lazy(&config.database_url, 1)?;
+            let store = auditbridge_store::Store::connect_lazy(&config.migrate_database_url, 1)?;
             let done = store.rebase_outbox().await.context("rebasing the outbox")?;
             store.close().await;
             match done {
