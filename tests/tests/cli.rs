@@ -417,3 +417,28 @@ async fn health_readiness_and_metrics_endpoints() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// `publish` scopes `Nats-Msg-Id` to the tenant: a line of tenant `globex` published first
+/// with the id an `acme` event will carry does not make JetStream drop the `acme` event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_does_not_let_another_tenants_id_suppress_an_event() -> anyhow::Result<()> {
+    let mut env = TestEnv::new().await?;
+    let victim = env.events(1).remove(0);
+    let mut squatter = victim.clone();
+    squatter.tenant = if victim.tenant == "globex" {
+        "initech".into()
+    } else {
+        "globex".into()
+    };
+    let out = publish_lines(&env, &[serde_json::to_string(&squatter)?]).await?;
+    assert!(out.status.success(), "{}", describe(&out));
+    let out = publish_lines(&env, &[serde_json::to_string(&victim)?]).await?;
+    assert!(out.status.success(), "{}", describe(&out));
+    assert!(
+        text(&out.stdout).contains("(0 duplicates)"),
+        "{}",
+        describe(&out)
+    );
+    assert_eq!(stream_messages(&env).await?, 2);
+    Ok(())
+}
