@@ -249,6 +249,18 @@ if [[ -z ${AUDITBRIDGE_DESTINATIONS:-} && -z ${AUDITBRIDGE_CONFIG:-} ]]; then
     log "destination demo-bus: RabbitMQ exchange amq.topic (set AUDITBRIDGE_DESTINATIONS to use your own)"
 fi
 
+# The key of the ids that webhook and file sources derive (AUDITBRIDGE_ID_KEY): one secret
+# shared by every serve and tail-file. Kept in .demo/ so that a restarted demo derives the same
+# ids; a caller's own value wins.
+if [[ -z ${AUDITBRIDGE_ID_KEY:-} ]]; then
+    if [[ ! -s $DEMO_DIR/id-key ]]; then
+        (umask 077 && od -An -tx1 -N32 /dev/urandom | tr -d ' \n' >"$DEMO_DIR/id-key")
+    fi
+    AUDITBRIDGE_ID_KEY=$(<"$DEMO_DIR/id-key")
+    export AUDITBRIDGE_ID_KEY
+    log "id key for derived ids: .demo/id-key (set AUDITBRIDGE_ID_KEY to use your own)"
+fi
+
 # setsid: own session, so a terminal's Ctrl-C or hang-up reaches only this script, which then
 # stops the processes in order (and --no-follow leaves them running after we exit).
 for ((i = 1; i <= WORKERS; i++)); do

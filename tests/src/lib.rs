@@ -27,6 +27,13 @@ pub mod sources;
 
 pub const NATS_URL: &str = "nats://127.0.0.1:4222";
 pub const PG_BASE: &str = "postgres://postgres@127.0.0.1:5432";
+/// `AUDITBRIDGE_ID_KEY` of every process a test starts (sources derive ids with it).
+pub const ID_KEY: &str = "test-id-key-for-derived-ids-0123456789abcdef";
+
+/// The [`ID_KEY`] as the sources crate takes it, to compute the ids a source derives.
+pub fn id_key() -> auditbridge_sources::IdKey {
+    auditbridge_sources::IdKey::new(ID_KEY)
+}
 
 /// The binary under test. Cargo builds this package's binary before its integration tests and
 /// puts it next to the `deps/` folder that holds the test executables.
@@ -90,6 +97,7 @@ impl TestEnv {
             // quickly.
             ("AUDITBRIDGE_ACK_WAIT".into(), "3s".into()),
             ("AUDITBRIDGE_LOG".into(), "info".into()),
+            ("AUDITBRIDGE_ID_KEY".into(), ID_KEY.into()),
         ]
     }
 
@@ -132,7 +140,8 @@ impl TestEnv {
         (0..n).map(|_| self.generator.next_event()).collect()
     }
 
-    /// Publishes events with `Nats-Msg-Id`, waiting for every JetStream ack. Creates the
+    /// Publishes events with `Nats-Msg-Id: <tenant>:<id>` (as every producer does), waiting for
+    /// every JetStream ack. Creates the
     /// stream first if no worker has yet.
     pub async fn publish(&self, events: &[Event]) -> anyhow::Result<()> {
         self.ensure_stream().await?;
@@ -140,7 +149,7 @@ impl TestEnv {
         for e in events {
             let payload = serde_json::to_vec(e)?;
             acks.push(
-                self.publish_raw(&e.subject(&self.prefix), payload, Some(&e.id.to_string()))
+                self.publish_raw(&e.subject(&self.prefix), payload, Some(&e.message_id()))
                     .await?,
             );
             if acks.len() >= 2000 {

@@ -417,3 +417,82 @@ async fn health_readiness_and_metrics_endpoints() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// `publish` scopes `Nats-Msg-Id` to the tenant: a line of tenant `globex` published first
+/// with the id an `acme` event will carry does not make JetStream drop the `acme` event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_does_not_let_another_tenants_id_suppress_an_event() -> anyhow::Result<()> {
+    let mut env = TestEnv::new().await?;
+    let victim = env.events(1).remove(0);
+    let mut squatter = victim.clone();
+    squatter.tenant = if victim.tenant == "globex" {
+        "initech".into()
+    } else {
+        "globex".into()
+    };
+    let out = publish_lines(&env, &[serde_json::to_string(&squatter)?]).await?;
+    assert!(out.status.success(), "{}", describe(&out));
+    let out = publish_lines(&env, &[serde_json::to_string(&victim)?]).await?;
+    assert!(out.status.success(), "{}", describe(&out));
+    assert!(
+        text(&out.stdout).contains("(0 duplicates)"),
+        "{}",
+        describe(&out)
+    );
+    assert_eq!(stream_messages(&env).await?, 2);
+    Ok(())
+}
+
+/// A source whose mapping derives ids cannot run without `AUDITBRIDGE_ID_KEY`: `serve` and
+/// `tail-file` refuse to start with an error that names the setting and says how to make one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sources_that_derive_ids_refuse_to_start_without_the_id_key() -> anyhow::Result<()> {
+    let env = TestEnv::new().await?;
+    let mapping = serde_json::json!({"id": "/id", "tenant": {"const": "acme"}, "type": "/t",
+        "actions": {"x": "thing.do"}, "actor": {"id": "/u"}});
+    let sources = serde_json::json!([
+        {"name": "vendor", "type": "webhook",
+         "params": {"secret": "vendor-secret-0123456789", "mapping": mapping}},
+        {"name": "app", "type": "file",
+         "params": {"path": "/nonexistent/audit.jsonl", "mapping": mapping}}
+    ])
+    .to_string();
+    for args in [&["serve"][..], &["tail-file"][..]] {
+        let out = env
+            .command(
+                args,
+                &[
+                    ("AUDITBRIDGE_SOURCES", &sources),
+                    ("AUDITBRIDGE_ID_KEY", ""),
+                    ("AUDITBRIDGE_API_ADDR", "127.0.0.1:0"),
+                ],
+            )
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .output()
+            .await?;
+        let all = describe(&out);
+        assert!(!out.status.success(), "{args:?}: {all}");
+        assert!(all.contains("AUDITBRIDGE_ID_KEY"), "{args:?}: {all}");
+        assert!(all.contains("openssl rand -hex 32"), "{args:?}: {all}");
+    }
+    // A key shorter than the minimum is refused without being printed.
+    let short = "short-key-1234";
+    let out = env
+        .command(
+            &["serve"],
+            &[
+                ("AUDITBRIDGE_SOURCES", &sources),
+                ("AUDITBRIDGE_ID_KEY", short),
+            ],
+        )
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .output()
+        .await?;
+    let all = describe(&out);
+    assert!(!out.status.success(), "{all}");
+    assert!(all.contains("AUDITBRIDGE_ID_KEY"), "{all}");
+    assert!(!all.contains(short), "the key was printed: {all}");
+    Ok(())
+}

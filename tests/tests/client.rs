@@ -489,3 +489,48 @@ async fn a_corrupt_file_segment_is_dead_lettered_and_the_rest_is_delivered() -> 
     );
     Ok(())
 }
+
+/// JetStream's duplicate window is per stream: a producer of tenant `globex` that records an
+/// event with the id a tenant `acme` event will carry, first, must not have the `acme` event
+/// dropped as a duplicate before any worker sees it (the message id is `<tenant>:<id>`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_tenants_event_with_the_same_id_does_not_suppress_it() -> anyhow::Result<()> {
+    let env = TestEnv::new().await?;
+    env.ensure_stream().await?;
+    let store = StoreConfig::Memory(MemoryParams {
+        max_events: 100,
+        max_bytes: 1 << 20,
+    });
+    let client = builder(&env, auditbridge_tests::NATS_URL, store)
+        .connect()
+        .await?;
+    let victim = EventBuilder::new("acme", "document.update")
+        .source("client-test")
+        .actor("u-1")
+        .outcome(Outcome::Success)
+        .build()?;
+    let squatter = EventBuilder::new("globex", "document.update")
+        .id(victim.id)
+        .source("client-test")
+        .actor("mallory")
+        .outcome(Outcome::Success)
+        .build()?;
+    client.record(squatter).await?;
+    client.flush(Duration::from_secs(10)).await?;
+    client.record(victim.clone()).await?;
+    client.flush(Duration::from_secs(10)).await?;
+    client.close(Duration::from_secs(5)).await?;
+
+    let js = jetstream::new(async_nats::connect(auditbridge_tests::NATS_URL).await?);
+    let mut stream = js.get_stream(&env.stream).await?;
+    let state = stream.info().await?.state.clone();
+    ensure!(
+        state.messages == 2,
+        "{} messages in the stream: the acme event was dropped as a duplicate of globex's",
+        state.messages
+    );
+    let last = stream.get_raw_message(state.last_sequence).await?;
+    let stored = auditbridge_event::decode(&last.payload, 1 << 20)?;
+    assert_eq!((stored.tenant.as_str(), stored.id), ("acme", victim.id));
+    Ok(())
+}

@@ -11,9 +11,9 @@ use anyhow::bail;
 use auditbridge_event::Event;
 use auditbridge_sources::signature::sign;
 use auditbridge_sources::{SourceKind, parse_sources};
-use auditbridge_tests::TestEnv;
 use auditbridge_tests::api::Token;
 use auditbridge_tests::sources::Process;
+use auditbridge_tests::{TestEnv, id_key};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
@@ -272,7 +272,7 @@ async fn webhooks_verify_signatures_map_payloads_and_store_redeliveries_once() -
     let worker = env.spawn_worker("w", &[]).await?;
     worker.wait_ready(WAIT).await?;
     let sources = json!([vendor_source(), hub_source()]);
-    let parsed = parse_sources(sources.as_array().unwrap())?;
+    let parsed = parse_sources(sources.as_array().unwrap(), Some(&id_key()))?;
     let (SourceKind::Webhook(vendor), SourceKind::Webhook(hub)) =
         (&parsed[0].kind, &parsed[1].kind)
     else {
@@ -306,7 +306,7 @@ async fn webhooks_verify_signatures_map_payloads_and_store_redeliveries_once() -
     let occurred = time::macros::datetime!(2026-11-23 10:00:00.250 UTC);
     assert_eq!(
         id,
-        auditbridge_sources::derive_id("vendor", "acme", "dlv-1", Some(occurred))
+        auditbridge_sources::derive_id(&id_key(), "vendor", "acme", "dlv-1", Some(occurred))
     );
 
     // Re-delivered later (new timestamp, new signature): the same id, stored once.
@@ -407,12 +407,16 @@ async fn webhooks_verify_signatures_map_payloads_and_store_redeliveries_once() -
         .send()
         .await?;
     assert_eq!(resp.status(), 202);
-    let hub_id = auditbridge_sources::derive_id("hub", "acme", "991", None);
+    let hub_id = auditbridge_sources::derive_id(&id_key(), "hub", "acme", "991", None);
 
     for (series, want) in [
         (
             "auditbridge_webhook_signature_failures_total{source=\"vendor\",reason=\"mismatch\"}",
-            2.0,
+            1.0,
+        ),
+        (
+            "auditbridge_webhook_signature_failures_total{source=\"vendor\",reason=\"malformed\"}",
+            1.0,
         ),
         (
             "auditbridge_webhook_signature_failures_total{source=\"vendor\",reason=\"expired\"}",
@@ -620,5 +624,547 @@ async fn tail_file_follows_appends_restarts_rotation_truncation_and_partial_line
     );
     assert!(env.dead_letters().await?.is_empty());
     let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+async fn stream_messages(env: &TestEnv) -> anyhow::Result<u64> {
+    let mut stream = env.js.get_stream(&env.stream).await?;
+    Ok(stream.info().await?.state.messages)
+}
+
+async fn wait_stream_messages(env: &TestEnv, n: u64) -> anyhow::Result<()> {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let have = stream_messages(env).await?;
+        if have >= n {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("{have} of {n} messages in the stream after {WAIT:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// An event of tenant `globex` carrying `victim`'s id (what a squatting producer sends).
+fn squatting(victim: &Event) -> Event {
+    let mut e = victim.clone();
+    e.tenant = "globex".into();
+    e.actor.id = "mallory".into();
+    e
+}
+
+/// JetStream's duplicate window is per stream, so each way in publishes with
+/// `Nats-Msg-Id: <tenant>:<id>`: tenant `globex` sending first an event with the id tenant
+/// `acme`'s event will carry must not make JetStream drop `acme`'s as a duplicate. (Whether
+/// the worker then stores it or keeps it as a conflict is the worker's side; here: both
+/// messages reach the stream.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_way_in_lets_another_tenants_id_suppress_an_event() -> anyhow::Result<()> {
+    let mut env = TestEnv::new().await?;
+    env.ensure_stream().await?;
+    let acme_token = Token::tenant("acme-ingest", "acme", &["ingest"]);
+    let globex_token = Token::tenant("globex-ingest", "globex", &["ingest"]);
+    let tokens = json!([acme_token.entry, globex_token.entry]).to_string();
+    let relay = json!([{"name": "relay", "type": "webhook",
+        "params": {"secret": "relay-secret-0123456789"}}]);
+    let parsed = parse_sources(relay.as_array().unwrap(), None)?;
+    let SourceKind::Webhook(relay_params) = &parsed[0].kind else {
+        bail!("a webhook")
+    };
+    let mut serve = Process::spawn(
+        &env,
+        "serve",
+        &["serve"],
+        &[
+            ("AUDITBRIDGE_API_TOKENS", &tokens),
+            ("AUDITBRIDGE_SOURCES", &relay.to_string()),
+        ],
+    )?;
+    serve.wait_listening(WAIT).await?;
+    let http = reqwest::Client::new();
+
+    // HTTP ingest.
+    let victim = events_of(&mut env, "acme", 1).remove(0);
+    for (event, token) in [
+        (squatting(&victim), &globex_token.token),
+        (victim.clone(), &acme_token.token),
+    ] {
+        let resp = http
+            .post(serve.url("/v1/ingest"))
+            .bearer_auth(token)
+            .header("content-type", "application/json")
+            .body(serde_json::to_string(&event)?)
+            .send()
+            .await?;
+        assert_eq!(resp.status(), 202, "{}", resp.text().await?);
+    }
+    assert_eq!(stream_messages(&env).await?, 2, "HTTP ingest");
+
+    // A webhook whose payloads are v1 events (identity mapping).
+    let victim = events_of(&mut env, "acme", 1).remove(0);
+    for event in [squatting(&victim), victim.clone()] {
+        let body = serde_json::to_string(&event)?;
+        let ts = now();
+        let resp = http
+            .post(serve.url("/v1/webhooks/relay"))
+            .header("x-auditbridge-timestamp", ts.to_string())
+            .header(
+                "x-auditbridge-signature",
+                sign(relay_params, Some(ts), body.as_bytes()),
+            )
+            .body(body)
+            .send()
+            .await?;
+        assert_eq!(resp.status(), 202, "{}", resp.text().await?);
+    }
+    assert_eq!(stream_messages(&env).await?, 4, "webhook");
+
+    // A followed file of v1 events.
+    let dir = std::env::temp_dir().join(format!("ab-squat-{}", env.tag));
+    std::fs::create_dir_all(&dir)?;
+    let path = dir.join("audit.jsonl");
+    let victim = events_of(&mut env, "acme", 1).remove(0);
+    append(&path, &ndjson(&[squatting(&victim), victim.clone()]));
+    let sources = json!([{"name": "app", "type": "file",
+        "params": {"path": path, "poll_interval": "50ms"}}])
+    .to_string();
+    let mut tail = Process::spawn(
+        &env,
+        "tail",
+        &["tail-file", "app"],
+        &[("AUDITBRIDGE_SOURCES", &sources)],
+    )?;
+    tail.wait_listening(WAIT).await?;
+    let state = dir.join(".auditbridge-tail-app.state.json");
+    let len = std::fs::metadata(&path)?.len();
+    wait_until("the file to be settled", || {
+        auditbridge_sources::tail::read_position(&state)
+            .ok()
+            .flatten()
+            .is_some_and(|p| p.offset == len)
+    })
+    .await?;
+    wait_stream_messages(&env, 6).await?;
+    assert_eq!(stream_messages(&env).await?, 6, "tail-file");
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+/// Writes a request head (and maybe part of a body) on a fresh connection; the connection is
+/// returned so that the test decides whether the rest ever comes.
+async fn open_request(
+    addr: std::net::SocketAddr,
+    path: &str,
+    headers: &[(&str, String)],
+    body: &[u8],
+) -> anyhow::Result<tokio::net::TcpStream> {
+    use tokio::io::AsyncWriteExt as _;
+    let mut head = format!("POST {path} HTTP/1.1\r\nHost: {addr}\r\n");
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str("\r\n");
+    let mut conn = tokio::net::TcpStream::connect(addr).await?;
+    conn.write_all(head.as_bytes()).await?;
+    conn.write_all(body).await?;
+    conn.flush().await?;
+    Ok(conn)
+}
+
+/// The status code and head of the answer on `conn`, or an error after `within`.
+async fn answer(
+    conn: &mut tokio::net::TcpStream,
+    within: Duration,
+) -> anyhow::Result<(u16, String)> {
+    use tokio::io::AsyncReadExt as _;
+    let mut got = Vec::new();
+    let read = async {
+        let mut buf = [0u8; 4096];
+        while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = conn.read(&mut buf).await?;
+            if n == 0 {
+                break;
+            }
+            got.extend_from_slice(&buf[..n]);
+        }
+        anyhow::Ok(())
+    };
+    tokio::time::timeout(within, read)
+        .await
+        .map_err(|_| anyhow::anyhow!("no answer within {within:?}"))??;
+    let head = String::from_utf8_lossy(&got).into_owned();
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("not an HTTP answer: {head:?}"))?;
+    Ok((status, head))
+}
+
+/// Webhooks check all they can before the body (source, signature and timestamp headers,
+/// replay window, declared length), bound the body per source in size and time, and bound
+/// concurrent requests per source and in all (503 with `Retry-After`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhooks_refuse_unsigned_oversized_slow_and_excess_requests_early() -> anyhow::Result<()> {
+    let mut env = TestEnv::new().await?;
+    env.ensure_stream().await?;
+    let sources = json!([
+        {"name": "tight", "type": "webhook", "params": {"secret": "tight-secret-0123456789",
+            "max_body_bytes": 4096, "body_timeout": "2s", "max_concurrent_requests": 2}},
+        {"name": "bulk", "type": "webhook", "params": {"secret": "bulk-secret-0123456789",
+            "body_timeout": "3s", "max_concurrent_requests": 1000}}
+    ]);
+    let parsed = parse_sources(sources.as_array().unwrap(), None)?;
+    let SourceKind::Webhook(tight) = &parsed[0].kind else {
+        bail!("a webhook")
+    };
+    let mut serve = Process::spawn(
+        &env,
+        "serve",
+        &["serve"],
+        &[("AUDITBRIDGE_SOURCES", &sources.to_string())],
+    )?;
+    serve.wait_listening(WAIT).await?;
+    let addr = serve.addr;
+    let fast = Duration::from_millis(1500);
+    let well_formed = |ts: u64| {
+        vec![
+            ("X-Auditbridge-Timestamp", ts.to_string()),
+            ("X-Auditbridge-Signature", format!("v1={}", "ab".repeat(32))),
+            ("Content-Type", "application/json".to_owned()),
+        ]
+    };
+    let with_length = |mut h: Vec<(&'static str, String)>, n: usize| {
+        h.push(("Content-Length", n.to_string()));
+        h
+    };
+
+    // Unsigned, stale, or with a signature that is no digest: 401 at once, although the
+    // declared body (1 MB) never comes.
+    let unsigned = vec![
+        ("Content-Type", "application/json".to_owned()),
+        ("Content-Length", "1000000".to_owned()),
+    ];
+    let stale = with_length(well_formed(now() - 3600), 1_000_000);
+    let mut malformed = with_length(well_formed(now()), 1_000_000);
+    malformed[1].1 = "v1=not-a-digest".into();
+    for (what, headers) in [
+        ("unsigned", unsigned),
+        ("stale", stale),
+        ("malformed", malformed),
+    ] {
+        let mut conn = open_request(addr, "/v1/webhooks/tight", &headers, b"{").await?;
+        let (status, head) = answer(&mut conn, fast).await.map_err(|e| e.context(what))?;
+        assert_eq!(status, 401, "{what}: {head}");
+    }
+
+    // Declared larger than the source's limit: 413 before reading.
+    let mut conn = open_request(
+        addr,
+        "/v1/webhooks/tight",
+        &with_length(well_formed(now()), 10_000),
+        b"",
+    )
+    .await?;
+    assert_eq!(answer(&mut conn, fast).await?.0, 413);
+    // Chunked past the limit: 413 while reading.
+    let mut chunked = well_formed(now());
+    chunked.push(("Transfer-Encoding", "chunked".to_owned()));
+    let chunk = format!("{:x}\r\n{}\r\n", 5000, "x".repeat(5000));
+    let mut conn = open_request(addr, "/v1/webhooks/tight", &chunked, chunk.as_bytes()).await?;
+    assert_eq!(answer(&mut conn, fast).await?.0, 413);
+
+    // A body that trickles: given up after the source's body_timeout (2 s), not 30 s.
+    let started = Instant::now();
+    let mut slow = open_request(
+        addr,
+        "/v1/webhooks/tight",
+        &with_length(well_formed(now()), 100),
+        b"{\"a\":",
+    )
+    .await?;
+    let (status, head) = answer(&mut slow, Duration::from_secs(6)).await?;
+    assert_eq!(status, 400, "{head}");
+    let waited = started.elapsed();
+    assert!(
+        (Duration::from_millis(1800)..Duration::from_secs(5)).contains(&waited),
+        "answered after {waited:?}"
+    );
+
+    // Two slow requests hold the source's two permits: a third, valid one is answered 503
+    // with Retry-After at once; once they timed out, it is taken.
+    let valid = |env: &mut TestEnv| {
+        let body = serde_json::to_string(&events_of(env, "acme", 1)[0]).unwrap();
+        let ts = now();
+        let headers = vec![
+            ("X-Auditbridge-Timestamp", ts.to_string()),
+            (
+                "X-Auditbridge-Signature",
+                sign(tight, Some(ts), body.as_bytes()),
+            ),
+            ("Content-Type", "application/json".to_owned()),
+            ("Content-Length", body.len().to_string()),
+        ];
+        (headers, body)
+    };
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        held.push(
+            open_request(
+                addr,
+                "/v1/webhooks/tight",
+                &with_length(well_formed(now()), 100),
+                b"{",
+            )
+            .await?,
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (headers, body) = valid(&mut env);
+    let mut conn = open_request(addr, "/v1/webhooks/tight", &headers, body.as_bytes()).await?;
+    let (status, head) = answer(&mut conn, fast).await?;
+    assert_eq!(status, 503, "{head}");
+    assert!(
+        head.to_ascii_lowercase().contains("retry-after: 1"),
+        "{head}"
+    );
+    for mut conn in held {
+        assert_eq!(answer(&mut conn, Duration::from_secs(5)).await?.0, 400);
+    }
+    let (headers, body) = valid(&mut env);
+    let mut conn = open_request(addr, "/v1/webhooks/tight", &headers, body.as_bytes()).await?;
+    let (status, head) = answer(&mut conn, Duration::from_secs(15)).await?;
+    assert_eq!(status, 202, "{head}");
+
+    // In all: 64 slow requests to a source that allows 1000 fill every webhook permit; one
+    // more, to any source, is answered 503 at once.
+    let mut held = Vec::new();
+    for _ in 0..64 {
+        held.push(
+            open_request(
+                addr,
+                "/v1/webhooks/bulk",
+                &with_length(well_formed(now()), 100),
+                b"{",
+            )
+            .await?,
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (headers, body) = valid(&mut env);
+    let mut conn = open_request(addr, "/v1/webhooks/tight", &headers, body.as_bytes()).await?;
+    let (status, head) = answer(&mut conn, fast).await?;
+    assert_eq!(status, 503, "{head}");
+    assert!(
+        head.contains("etry-After") || head.contains("etry-after"),
+        "{head}"
+    );
+    drop(held);
+
+    for (series, want) in [
+        (
+            "auditbridge_webhook_requests_total{source=\"tight\",result=\"busy\"}",
+            2.0,
+        ),
+        (
+            "auditbridge_webhook_requests_total{source=\"tight\",result=\"timeout\"}",
+            3.0,
+        ),
+        (
+            "auditbridge_webhook_requests_total{source=\"tight\",result=\"too_large\"}",
+            2.0,
+        ),
+        (
+            "auditbridge_webhook_requests_total{source=\"tight\",result=\"unauthorized\"}",
+            3.0,
+        ),
+        (
+            "auditbridge_webhook_requests_total{source=\"tight\",result=\"accepted\"}",
+            1.0,
+        ),
+    ] {
+        assert_eq!(serve.metric(series).await?, want, "{series}");
+    }
+    serve.signal("TERM");
+    assert!(serve.wait_exit(WAIT).await?.success());
+    Ok(())
+}
+
+/// The headers of every message in the stream, oldest first.
+async fn stream_headers(env: &TestEnv) -> anyhow::Result<Vec<async_nats::HeaderMap>> {
+    let mut stream = env.js.get_stream(&env.stream).await?;
+    let state = stream.info().await?.state.clone();
+    let mut out = Vec::new();
+    for seq in state.first_sequence..=state.last_sequence {
+        out.push(stream.get_raw_message(seq).await?.headers);
+    }
+    Ok(out)
+}
+
+/// A mapping without `occurred_at` fills it with the receive time, so each re-delivery has
+/// another one: the message says so (`Auditbridge-Time: received`) and its id does not depend
+/// on it, so an honest re-delivery is stored once and is no conflict. Derived ids also carry
+/// the id of the unkeyed derivation of earlier versions (`Auditbridge-Legacy-Id`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redeliveries_with_a_receive_time_stay_duplicates_and_carry_their_headers()
+-> anyhow::Result<()> {
+    let env = TestEnv::new().await?;
+    let worker = env.spawn_worker("w", &[]).await?;
+    worker.wait_ready(WAIT).await?;
+    let sources = json!([hub_source(), vendor_source()]);
+    let parsed = parse_sources(sources.as_array().unwrap(), Some(&id_key()))?;
+    let (SourceKind::Webhook(hub), SourceKind::Webhook(vendor)) =
+        (&parsed[0].kind, &parsed[1].kind)
+    else {
+        bail!("two webhooks")
+    };
+    let mut serve = Process::spawn(
+        &env,
+        "serve",
+        &["serve"],
+        &[("AUDITBRIDGE_SOURCES", &sources.to_string())],
+    )?;
+    serve.wait_listening(WAIT).await?;
+    let http = reqwest::Client::new();
+    let push = json!({"id": 4242, "event": "push", "pusher": "ada"}).to_string();
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        let resp = http
+            .post(serve.url("/v1/webhooks/hub"))
+            .header("X-Hub-Signature-256", sign(hub, None, push.as_bytes()))
+            .body(push.clone())
+            .send()
+            .await?;
+        assert_eq!(resp.status(), 202);
+        let answer: Value = resp.json().await?;
+        ids.push(answer["results"][0]["id"].as_str().unwrap().to_owned());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(ids[0], ids[1], "the receive time is not part of the id");
+    let ts = now();
+    let body = vendor_payload("dlv-h", "edited", "acme");
+    let resp = http
+        .post(serve.url("/v1/webhooks/vendor"))
+        .header("x-auditbridge-timestamp", ts.to_string())
+        .header(
+            "x-auditbridge-signature",
+            sign(vendor, Some(ts), body.as_bytes()),
+        )
+        .body(body)
+        .send()
+        .await?;
+    assert_eq!(resp.status(), 202);
+
+    let id: Uuid = ids[0].parse()?;
+    wait_stored(&env, &[id].into()).await?;
+    env.wait_for_drained(WAIT).await?;
+    assert_eq!(
+        env.count().await?,
+        2,
+        "the push once, the vendor event once"
+    );
+    assert!(env.dead_letters().await?.is_empty(), "no conflict");
+
+    // Whether JetStream kept the re-delivery or dropped it inside its window, every message
+    // of the hub source says its time is the receive time; the vendor's (it has a time) does
+    // not. Both carry the legacy id.
+    let headers = stream_headers(&env).await?;
+    let occurred = time::macros::datetime!(2026-11-23 10:00:00.250 UTC);
+    let vendor_legacy =
+        auditbridge_sources::legacy_derive_id("vendor", "acme", "dlv-h", Some(occurred));
+    let hub_legacy = auditbridge_sources::legacy_derive_id("hub", "acme", "4242", None);
+    let (last, hubs) = headers.split_last().expect("messages in the stream");
+    assert!(!hubs.is_empty());
+    for h in hubs {
+        assert_eq!(
+            h.get("Auditbridge-Time").map(|v| v.as_str()),
+            Some("received")
+        );
+        assert_eq!(
+            h.get("Auditbridge-Legacy-Id").map(|v| v.as_str()),
+            Some(hub_legacy.to_string().as_str())
+        );
+        assert_eq!(
+            h.get("Nats-Msg-Id").map(|v| v.as_str()),
+            Some(format!("acme:{id}").as_str())
+        );
+    }
+    assert_eq!(last.get("Auditbridge-Time"), None);
+    assert_eq!(
+        last.get("Auditbridge-Legacy-Id").map(|v| v.as_str()),
+        Some(vendor_legacy.to_string().as_str())
+    );
+    Ok(())
+}
+
+/// The upgrade to keyed ids: an event stored by an earlier version under its unkeyed derived
+/// id, re-delivered through the new `serve` (which derives another id), is stored once.
+/// Needs the worker to honour `Auditbridge-Legacy-Id` (the ingest side of the change).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redelivery_spanning_the_upgrade_to_keyed_ids_is_stored_once() -> anyhow::Result<()> {
+    let env = TestEnv::new().await?;
+    let worker = env.spawn_worker("w", &[]).await?;
+    worker.wait_ready(WAIT).await?;
+    let sources = json!([vendor_source()]);
+    let parsed = parse_sources(sources.as_array().unwrap(), Some(&id_key()))?;
+    let SourceKind::Webhook(vendor) = &parsed[0].kind else {
+        bail!("a webhook")
+    };
+    let body = vendor_payload("dlv-upgrade", "edited", "acme");
+
+    // What the earlier version stored: the same mapping, the unkeyed id, published with the
+    // bare id as its message id.
+    let mapped = vendor
+        .mapping
+        .apply(
+            "vendor",
+            body.as_bytes(),
+            65536,
+            time::OffsetDateTime::now_utc(),
+        )
+        .map_err(|r| anyhow::anyhow!("{r}"))?;
+    let mut old = mapped.event.clone();
+    old.id = mapped.legacy_id.expect("a derived id has a legacy id");
+    assert_ne!(old.id, mapped.event.id);
+    env.publish_raw(
+        &old.subject(&env.prefix),
+        serde_json::to_vec(&old)?,
+        Some(&old.id.to_string()),
+    )
+    .await?
+    .await?;
+    wait_stored(&env, &[old.id].into()).await?;
+
+    // The new serve receives the same delivery again.
+    let mut serve = Process::spawn(
+        &env,
+        "serve",
+        &["serve"],
+        &[("AUDITBRIDGE_SOURCES", &sources.to_string())],
+    )?;
+    serve.wait_listening(WAIT).await?;
+    let ts = now();
+    let resp = reqwest::Client::new()
+        .post(serve.url("/v1/webhooks/vendor"))
+        .header("x-auditbridge-timestamp", ts.to_string())
+        .header(
+            "x-auditbridge-signature",
+            sign(vendor, Some(ts), body.as_bytes()),
+        )
+        .body(body)
+        .send()
+        .await?;
+    assert_eq!(resp.status(), 202);
+    env.wait_for_drained(WAIT).await?;
+    let copies: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM audit_events WHERE event->'metadata'->>'source_event_id' = 'dlv-upgrade'",
+    )
+    .fetch_one(&env.pool)
+    .await?;
+    assert_eq!(
+        copies, 1,
+        "the re-delivery across the upgrade was stored again"
+    );
     Ok(())
 }

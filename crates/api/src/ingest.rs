@@ -6,7 +6,7 @@
 //! tenant refuses the whole request with 403 and nothing is published.
 //!
 //! Each event is validated exactly as the worker would; valid ones are published to
-//! `<prefix>.<tenant>.<action>` with `Nats-Msg-Id` = id, and the answer waits for JetStream's
+//! `<prefix>.<tenant>.<action>` with `Nats-Msg-Id: <tenant>:<id>`, and the answer waits for JetStream's
 //! acks. So a 202 means "durably in the stream" (guarantee 1 starts there), and:
 //!
 //! - 202 `{"accepted", "rejected", "results": [{"index", "id", "status", "reason"?}]}` when at
@@ -123,32 +123,65 @@ pub(crate) async fn read_body(
     body: Body,
     limit: usize,
 ) -> Result<Bytes, ApiError> {
-    let declared = headers
+    Ok(read_body_within(headers, body, limit, BODY_TIMEOUT).await?)
+}
+
+/// Why a body was not read.
+#[derive(Debug)]
+pub(crate) enum BodyError {
+    TooLarge { limit: usize },
+    Timeout(Duration),
+    Read(String),
+}
+
+impl From<BodyError> for ApiError {
+    fn from(e: BodyError) -> ApiError {
+        match e {
+            BodyError::TooLarge { limit } => ApiError::PayloadTooLarge { limit },
+            BodyError::Timeout(t) => ApiError::bad(
+                "body",
+                format!("not received within {}", humantime::format_duration(t)),
+            ),
+            BodyError::Read(e) => {
+                ApiError::bad("body", format!("could not read the request body: {e}"))
+            }
+        }
+    }
+}
+
+/// True when `Content-Length` already says the body is larger than `limit`.
+pub(crate) fn declared_too_large(headers: &HeaderMap, limit: usize) -> bool {
+    headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<usize>().ok());
-    if declared.is_some_and(|n| n > limit) {
-        return Err(ApiError::PayloadTooLarge { limit });
+        .and_then(|v| v.parse::<usize>().ok())
+        .is_some_and(|n| n > limit)
+}
+
+/// [`read_body`] with a deadline of its own.
+pub(crate) async fn read_body_within(
+    headers: &HeaderMap,
+    body: Body,
+    limit: usize,
+    timeout: Duration,
+) -> Result<Bytes, BodyError> {
+    if declared_too_large(headers, limit) {
+        return Err(BodyError::TooLarge { limit });
     }
     // A body that trickles in is given up on: each request may hold up to `limit` bytes, and
     // a client must not be able to pin that memory with a slow upload.
-    let read = tokio::time::timeout(BODY_TIMEOUT, axum::body::to_bytes(body, limit))
+    let read = tokio::time::timeout(timeout, axum::body::to_bytes(body, limit))
         .await
-        .map_err(|_| {
-            ApiError::bad(
-                "body",
-                format!("not received within {}s", BODY_TIMEOUT.as_secs()),
-            )
-        })?;
+        .map_err(|_| BodyError::Timeout(timeout))?;
     read.map_err(|e| {
         let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&e);
         while let Some(s) = source {
             if s.to_string().contains("length limit exceeded") {
-                return ApiError::PayloadTooLarge { limit };
+                return BodyError::TooLarge { limit };
             }
             source = s.source();
         }
-        ApiError::bad("body", format!("could not read the request body: {e}"))
+        BodyError::Read(e.to_string())
     })
 }
 

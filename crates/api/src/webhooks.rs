@@ -8,6 +8,17 @@
 //! `auditbridge_webhook_signature_failures_total{source,reason}`. No bearer token: the
 //! signature is the authentication, and the source's mapping decides the tenant.
 //!
+//! **Before the body.** The body is the only thing an unauthenticated sender can make large
+//! or slow, so everything else is checked first and refused without reading it: the source
+//! exists (404); the signature and timestamp headers are present, well-formed, and the
+//! timestamp is inside the window (401); `Content-Length` is within the source's
+//! `max_body_bytes` (413, default 1 MiB). Then a request takes a permit of its source
+//! (`max_concurrent_requests`, default 16) and one of [`MAX_CONCURRENT`] for all webhooks
+//! together; with none free it is answered 503 with `Retry-After` at once. The body must
+//! then arrive within the source's `body_timeout` (default 5 s). So unsigned senders cost no
+//! memory, and signed-looking slow ones at most `permits × max_body_bytes` for
+//! `body_timeout`.
+//!
 //! The body is one JSON object, or a JSON array of them. Each is mapped to a v1 event by the
 //! source's mapping; its id is derived from (source, the payload's own event id), so a
 //! re-delivery — or a replay of a captured request inside the window — publishes the same id
@@ -16,43 +27,81 @@
 //! sender keeps the payload and sees why), 503 when JetStream did not acknowledge.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use auditbridge_config::Config;
-use auditbridge_sources::signature::verify_request;
+use auditbridge_sources::signature::{SignatureError, check_headers, verify_body};
 use auditbridge_sources::{
-    Outgoing, SourceKind, WebhookParams, check_tenant, metrics as m, parse_sources,
+    IdKey, Outgoing, SourceKind, WebhookParams, check_tenant, metrics as m, parse_sources,
 };
 use axum::Router;
 use axum::body::Body;
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode};
-use axum::response::Response;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse as _, Response};
 use axum::routing::post;
 use bytes::Bytes;
 use time::OffsetDateTime;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::AppState;
 use crate::error::ApiError;
-use crate::ingest::{ItemResult, publish_and_answer, read_body};
+use crate::ingest::{
+    BodyError, ItemResult, declared_too_large, publish_and_answer, read_body_within,
+};
+
+/// Most webhook requests read and published at once, over every source: with the default
+/// body limit, at most 64 MiB of bodies in memory.
+pub const MAX_CONCURRENT: usize = 64;
+
+/// What a client is told to wait before retrying when every permit is taken.
+const RETRY_AFTER_SECS: u32 = 1;
+
+/// One configured source and its permits.
+#[derive(Debug)]
+struct Source {
+    params: WebhookParams,
+    permits: Arc<Semaphore>,
+}
 
 /// The configured webhook sources, by name.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Webhooks {
-    by_name: HashMap<String, WebhookParams>,
+    by_name: HashMap<String, Source>,
+    permits: Arc<Semaphore>,
+}
+
+impl Default for Webhooks {
+    fn default() -> Webhooks {
+        Webhooks {
+            by_name: HashMap::new(),
+            permits: Arc::new(Semaphore::new(MAX_CONCURRENT)),
+        }
+    }
 }
 
 impl Webhooks {
     /// The `webhook` sources of the configuration (file sources are `tail-file`'s).
     pub fn from_config(config: &Config) -> Result<Webhooks, auditbridge_sources::ConfigError> {
-        let by_name = parse_sources(&config.sources)?
+        let key = config.id_key.as_ref().map(|k| IdKey::new(k.expose()));
+        let by_name = parse_sources(&config.sources, key.as_ref())?
             .into_iter()
             .filter_map(|s| match s.kind {
-                SourceKind::Webhook(p) => Some((s.name, p)),
+                SourceKind::Webhook(params) => Some((
+                    s.name,
+                    Source {
+                        permits: Arc::new(Semaphore::new(params.max_concurrent_requests)),
+                        params,
+                    },
+                )),
                 SourceKind::File(_) => None,
             })
             .collect();
-        Ok(Webhooks { by_name })
+        Ok(Webhooks {
+            by_name,
+            ..Webhooks::default()
+        })
     }
 }
 
@@ -65,41 +114,97 @@ fn count(source: &str, result: &'static str) {
         .increment(1);
 }
 
+fn refuse_signature(source: &str, e: &SignatureError) -> ApiError {
+    count(source, "unauthorized");
+    metrics::counter!(m::WEBHOOK_SIGNATURE_FAILURES, "source" => source.to_owned(), "reason" => e.label())
+        .increment(1);
+    tracing::warn!(source = %source, reason = e.label(), error = %e, message = "Webhook signature refused.");
+    ApiError::Unauthorized(match e.label() {
+        "missing" => "missing signature or timestamp header",
+        "bad_timestamp" => "the timestamp header is not Unix seconds",
+        "expired" => "the timestamp is outside the replay window",
+        "malformed" => "the signature header is not of the form <prefix><hex HMAC-SHA256>",
+        _ => "the signature does not match",
+    })
+}
+
+/// 503 with `Retry-After`: every permit is taken.
+fn busy(source: &str, what: &str) -> Response {
+    count(source, "busy");
+    tracing::info!(source = %source, limit = what, message = "Webhook request refused: too many at once.");
+    let mut response = ApiError::Unavailable(format!(
+        "too many webhook requests at once ({what}); retry after {RETRY_AFTER_SECS} s"
+    ))
+    .into_response();
+    response
+        .headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
+    response
+}
+
+/// Both permits, or which limit is reached.
+fn take_permits(
+    webhooks: &Webhooks,
+    source: &Source,
+) -> Result<(OwnedSemaphorePermit, OwnedSemaphorePermit), &'static str> {
+    let own = source
+        .permits
+        .clone()
+        .try_acquire_owned()
+        .map_err(|_| "params.max_concurrent_requests of this source")?;
+    let all = webhooks
+        .permits
+        .clone()
+        .try_acquire_owned()
+        .map_err(|_| "all webhook sources")?;
+    Ok((own, all))
+}
+
 async fn receive(
     State(state): State<AppState>,
-    Path(source): Path<String>,
+    Path(name): Path<String>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
     // Unknown names are not counted by name: the label would be whatever a client typed.
-    let Some(params) = state.webhooks.by_name.get(&source) else {
+    let Some(source) = state.webhooks.by_name.get(&name) else {
         return Err(ApiError::NotFound(format!(
-            "no webhook source named {source:?}"
+            "no webhook source named {name:?}"
         )));
     };
-    let body = match read_body(&headers, body, state.config.api_max_body_bytes).await {
-        Ok(b) => b,
-        Err(e) => {
-            count(&source, "too_large");
-            return Err(e);
-        }
-    };
+    let params = &source.params;
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
-    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
-    if let Err(e) = verify_request(params, header, &body, now) {
-        count(&source, "unauthorized");
-        metrics::counter!(m::WEBHOOK_SIGNATURE_FAILURES, "source" => source.clone(), "reason" => e.label())
-            .increment(1);
-        tracing::warn!(source = %source, reason = e.label(), error = %e, message = "Webhook signature refused.");
-        return Err(ApiError::Unauthorized(match e.label() {
-            "missing" => "missing signature or timestamp header",
-            "bad_timestamp" => "the timestamp header is not Unix seconds",
-            "expired" => "the timestamp is outside the replay window",
-            _ => "the signature does not match",
-        }));
+    let header = |h: &str| headers.get(h).and_then(|v| v.to_str().ok());
+    let presented = check_headers(params, header, now).map_err(|e| refuse_signature(&name, &e))?;
+    if declared_too_large(&headers, params.max_body_bytes) {
+        count(&name, "too_large");
+        return Err(ApiError::PayloadTooLarge {
+            limit: params.max_body_bytes,
+        });
     }
+    // Held until the answer: the body and the publish are what the permits bound.
+    let _permits = match take_permits(&state.webhooks, source) {
+        Ok(p) => p,
+        Err(limit) => return Ok(busy(&name, limit)),
+    };
+    let body =
+        match read_body_within(&headers, body, params.max_body_bytes, params.body_timeout).await {
+            Ok(b) => b,
+            Err(e) => {
+                count(
+                    &name,
+                    match e {
+                        BodyError::TooLarge { .. } => "too_large",
+                        BodyError::Timeout(_) => "timeout",
+                        BodyError::Read(_) => "rejected",
+                    },
+                );
+                return Err(e.into());
+            }
+        };
+    verify_body(params, &presented, &body).map_err(|e| refuse_signature(&name, &e))?;
     let payloads: Vec<Bytes> = match serde_json::from_slice::<serde_json::Value>(&body) {
         Ok(serde_json::Value::Array(items)) => items
             .iter()
@@ -114,17 +219,19 @@ async fn receive(
     for (index, payload) in payloads.into_iter().enumerate() {
         let mapped = params
             .mapping
-            .apply(&source, &payload, max, received_at)
-            .and_then(|event| check_tenant(&source, &params.tenants, &event).map(|()| event));
+            .apply(&name, &payload, max, received_at)
+            .and_then(|mapped| {
+                check_tenant(&name, &params.tenants, &mapped.event).map(|()| mapped)
+            });
         match mapped {
-            Ok(event) => {
-                results.push(ItemResult::accepted(index, event.id));
+            Ok(mapped) => {
+                results.push(ItemResult::accepted(index, mapped.event.id));
                 let raw = matches!(params.mapping, auditbridge_sources::Mapping::Identity)
                     .then_some(payload);
-                outgoing.push(Outgoing::new(&event, &state.config.subject_prefix, raw));
+                outgoing.push(Outgoing::mapped(&mapped, &state.config.subject_prefix, raw));
             }
             Err(refusal) => {
-                tracing::info!(source = %source, index, kind = refusal.kind.as_str(), reason = %refusal.detail, message = "Webhook payload refused.");
+                tracing::info!(source = %name, index, kind = refusal.kind.as_str(), reason = %refusal.detail, message = "Webhook payload refused.");
                 results.push(ItemResult::rejected(
                     index,
                     refusal.kind.as_str(),
@@ -136,7 +243,7 @@ async fn receive(
     match publish_and_answer(&state, outgoing, results).await {
         Ok((status, _, _, response)) => {
             count(
-                &source,
+                &name,
                 if status == StatusCode::ACCEPTED {
                     "accepted"
                 } else {
@@ -146,7 +253,7 @@ async fn receive(
             Ok(response)
         }
         Err(e) => {
-            count(&source, "unavailable");
+            count(&name, "unavailable");
             Err(e)
         }
     }

@@ -196,7 +196,7 @@ async fn measure(
             .iter()
             .map(|(e, raw)| Outgoing {
                 subject: e.subject(&prefix),
-                id: e.id.to_string(),
+                msg_id: e.message_id(),
                 payload: raw.clone(),
             })
             .collect();

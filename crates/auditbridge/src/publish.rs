@@ -1,5 +1,6 @@
 //! `auditbridge publish`: synthetic traffic (`--generate N`) or JSON lines from standard
-//! input, published to JetStream with `Nats-Msg-Id` and confirmed by JetStream acks.
+//! input, published to JetStream with `Nats-Msg-Id: <tenant>:<id>` and confirmed by JetStream
+//! acks.
 
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -35,7 +36,8 @@ pub struct Args {
 #[derive(Debug, Clone)]
 pub struct Outgoing {
     pub subject: String,
-    pub id: String,
+    /// The `Nats-Msg-Id`, tenant-scoped: `<tenant>:<id>` ([`Event::message_id`]).
+    pub msg_id: String,
     pub payload: Bytes,
 }
 
@@ -43,7 +45,7 @@ impl Outgoing {
     pub fn from_event(event: &Event, prefix: &str) -> Outgoing {
         Outgoing {
             subject: event.subject(prefix),
-            id: event.id.to_string(),
+            msg_id: event.message_id(),
             payload: Bytes::from(serde_json::to_vec(event).expect("an Event always serializes")),
         }
     }
@@ -70,7 +72,7 @@ type InFlight =
 
 async fn send(js: &jetstream::Context, out: Outgoing, attempt: u32) -> InFlight {
     let mut headers = HeaderMap::new();
-    headers.insert("Nats-Msg-Id", out.id.as_str());
+    headers.insert("Nats-Msg-Id", out.msg_id.as_str());
     let sent = js
         .publish_with_headers(out.subject.clone(), headers, out.payload.clone())
         .await;
@@ -116,11 +118,11 @@ pub async fn publish_all(
                 None
             }
             Err(e) if attempt < ATTEMPTS => {
-                tracing::debug!(id = %out.id, error = %e, attempt, message = "Publish not acknowledged; retrying.");
+                tracing::debug!(msg_id = %out.msg_id, error = %e, attempt, message = "Publish not acknowledged; retrying.");
                 Some((out, attempt + 1))
             }
             Err(e) => {
-                tracing::warn!(id = %out.id, error = %e, message = "Publish failed after every retry.");
+                tracing::warn!(msg_id = %out.msg_id, error = %e, message = "Publish failed after every retry.");
                 report.failed += 1;
                 None
             }
@@ -201,7 +203,7 @@ pub async fn run(args: Args, config: &Config) -> anyhow::Result<ExitCode> {
                         Ok(event) => {
                             let out = Outgoing {
                                 subject: event.subject(&prefix),
-                                id: event.id.to_string(),
+                                msg_id: event.message_id(),
                                 payload: Bytes::from(line),
                             };
                             if tx.send(out).await.is_err() {

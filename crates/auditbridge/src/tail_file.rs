@@ -27,7 +27,11 @@ const ACK_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub async fn run(args: Args, config: &Config) -> anyhow::Result<ExitCode> {
     // A configuration mistake exits 2, like every other invalid setting.
-    let sources = match parse_sources(&config.sources) {
+    let id_key = config
+        .id_key
+        .as_ref()
+        .map(|k| auditbridge_sources::IdKey::new(k.expose()));
+    let sources = match parse_sources(&config.sources, id_key.as_ref()) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("error: {e}");

@@ -34,7 +34,7 @@
 //! [`Client::record`] validates the event (the worker's own rules, [`Event::validate`]),
 //! serializes it and puts it on a bounded in-process queue; that is all it does on the
 //! caller's task — no file or network I/O. A background task publishes each event to
-//! `<prefix>.<tenant>.<action>` with the header `Nats-Msg-Id: <id>` and awaits its JetStream
+//! `<prefix>.<tenant>.<action>` with the header `Nats-Msg-Id: <tenant>:<id>` and awaits its JetStream
 //! acknowledgement, many at a time.
 //!
 //! When NATS is disconnected, a publish fails, or an acknowledgement takes longer than
@@ -494,6 +494,7 @@ impl Client {
         }
         let pending = Pending {
             id: event.id,
+            msg_id: event.message_id(),
             subject: event.subject(&inner.prefix),
             payload: payload.into(),
         };

@@ -633,7 +633,7 @@ impl Pump {
     }
 }
 
-/// Hands one event to the NATS client with its `Nats-Msg-Id`; the returned future resolves
+/// Hands one event to the NATS client with its `Nats-Msg-Id` (`<tenant>:<id>`); the returned future resolves
 /// with JetStream's acknowledgement (or times out after the context's ack timeout).
 async fn publish(
     js: &jetstream::Context,
@@ -641,7 +641,7 @@ async fn publish(
     e: &Pending,
 ) -> Result<PublishAckFuture, String> {
     let mut headers = HeaderMap::new();
-    headers.insert("Nats-Msg-Id", e.id.to_string().as_str());
+    headers.insert("Nats-Msg-Id", e.msg_id.as_str());
     let publish = js.publish_with_headers(e.subject.clone(), headers, e.payload.clone());
     match tokio::time::timeout(timeout, publish).await {
         Ok(Ok(ack)) => Ok(ack),

@@ -15,6 +15,8 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use secrecy::{ExposeSecret as _, SecretString};
+
 /// Where a setting's value came from; used in error messages.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Origin {
@@ -47,6 +49,38 @@ pub enum ConfigError {
     )]
     UnknownKey { path: PathBuf, key: String },
 }
+
+/// A secret setting: `Debug` never shows it, and nothing else prints it.
+#[derive(Clone)]
+pub struct Secret(SecretString);
+
+impl Secret {
+    pub fn new(value: String) -> Secret {
+        Secret(SecretString::from(value))
+    }
+
+    /// The value, for the one place that uses it (never for a log line).
+    pub fn expose(&self) -> &str {
+        self.0.expose_secret()
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+// For comparing configurations in tests; not constant-time, and not used to check a secret
+// someone presents.
+impl PartialEq for Secret {
+    fn eq(&self, other: &Secret) -> bool {
+        self.expose() == other.expose()
+    }
+}
+
+/// Shortest accepted `AUDITBRIDGE_ID_KEY`, in characters.
+pub const ID_KEY_MIN_LEN: usize = 32;
 
 /// Log output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -115,6 +149,10 @@ pub struct Config {
     /// Raw ingest source definitions (`{"name","type","params"}`: signed webhooks, file
     /// tails), from `[[sources]]` then `AUDITBRIDGE_SOURCES`; validated by the sources crate.
     pub sources: Vec<serde_json::Value>,
+    /// `AUDITBRIDGE_ID_KEY`: the key of the ids that sources derive for foreign events, one
+    /// secret shared by every `serve`, `tail-file` and poller. `None` when unset; a source
+    /// that derives ids then refuses to start.
+    pub id_key: Option<Secret>,
     unknown_env: Vec<String>,
 }
 
@@ -143,6 +181,7 @@ impl fmt::Debug for Config {
             .field("destinations", &self.destinations.len())
             .field("api_tokens", &self.api_tokens.len())
             .field("sources", &self.sources.len())
+            .field("id_key", &self.id_key)
             .finish()
     }
 }
@@ -273,6 +312,11 @@ const KEYS: &[Key] = &[
     Key {
         name: "shutdown_timeout",
         default: "15s",
+    },
+    // Empty: unset. A secret: never part of an error message.
+    Key {
+        name: "id_key",
+        default: "",
     },
 ];
 
@@ -536,6 +580,19 @@ impl Config {
                 ),
             ));
         }
+        let id_key = match l.get("id_key").trim() {
+            "" => None,
+            key if key.chars().count() < ID_KEY_MIN_LEN => {
+                return Err(ConfigError::Invalid {
+                    setting: l.setting_name("id_key"),
+                    value: "***".into(),
+                    expected: format!(
+                        "a secret of at least {ID_KEY_MIN_LEN} characters, such as the output of `openssl rand -hex 32`"
+                    ),
+                });
+            }
+            key => Some(Secret::new(key.to_owned())),
+        };
         if ingest.duplicate_window > ingest.stream_max_age {
             return Err(l.invalid(
                 "duplicate_window",
@@ -579,6 +636,7 @@ impl Config {
             destinations: lists.remove("destinations").unwrap_or_default(),
             api_tokens: lists.remove("api_tokens").unwrap_or_default(),
             sources: lists.remove("sources").unwrap_or_default(),
+            id_key,
             unknown_env,
         })
     }
@@ -866,5 +924,23 @@ mod tests {
         )]))
         .unwrap();
         assert!(!format!("{c:?}").contains("s3cret"));
+    }
+
+    #[test]
+    fn the_id_key_is_a_secret_with_a_minimum_length() {
+        let c = Config::from_env(env(&[])).unwrap();
+        assert_eq!(c.id_key, None);
+        let key = "0123456789abcdef0123456789abcdef-id-key";
+        let c = Config::from_env(env(&[("AUDITBRIDGE_ID_KEY", key)])).unwrap();
+        assert_eq!(c.id_key.as_ref().map(Secret::expose), Some(key));
+        assert!(!format!("{c:?}").contains(key), "{c:?}");
+        assert!(c.unknown_env().is_empty());
+        let short = "too-short-a-key";
+        let err = Config::from_env(env(&[("AUDITBRIDGE_ID_KEY", short)]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("AUDITBRIDGE_ID_KEY"), "{err}");
+        assert!(err.contains("openssl rand -hex 32"), "{err}");
+        assert!(!err.contains(short), "the error printed the secret: {err}");
     }
 }

@@ -20,7 +20,7 @@ mod validate;
 
 pub use decode::decode;
 pub use error::{Invalid, InvalidKind};
-pub use model::{Actor, Event, Outcome, Target};
+pub use model::{Actor, Event, Outcome, Target, message_id};
 /// Re-exported so users of the model need no direct `uuid` dependency.
 pub use uuid::Uuid;
 pub use validate::{validate_action, validate_tenant};

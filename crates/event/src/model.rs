@@ -161,6 +161,15 @@ impl Event {
         format!("{prefix}.{}.{}", self.tenant, self.action)
     }
 
+    /// `<tenant>:<id>`, the `Nats-Msg-Id` every producer publishes this event with.
+    ///
+    /// Tenant-scoped because JetStream's duplicate window is per stream: with the bare id, a
+    /// producer of one tenant that published first with the id another tenant's event will
+    /// carry would have that event dropped as a "duplicate" before any worker saw it.
+    pub fn message_id(&self) -> String {
+        message_id(&self.tenant, self.id)
+    }
+
     /// Checks that a message arrived on its own subject, `<prefix>.<tenant>.<action>`.
     ///
     /// This is what lets NATS permissions (`publish: audit.acme.>`) enforce tenant isolation:
@@ -208,6 +217,11 @@ impl Event {
             ),
         )
     }
+}
+
+/// `<tenant>:<id>`: see [`Event::message_id`].
+pub fn message_id(tenant: &str, id: uuid::Uuid) -> String {
+    format!("{tenant}:{id}")
 }
 
 /// Deserializes a struct from a JSON object only (see the module docs).
@@ -311,6 +325,19 @@ mod tests {
     fn subject_is_prefix_tenant_action() {
         assert_eq!(example().subject("audit"), "audit.acme.document.update");
         assert_eq!(example().subject("t.abc"), "t.abc.acme.document.update");
+    }
+
+    #[test]
+    fn the_message_id_is_scoped_to_the_tenant() {
+        let e = example();
+        assert_eq!(e.message_id(), format!("acme:{}", e.id));
+        let mut other = example();
+        other.tenant = "globex".into();
+        assert_ne!(
+            e.message_id(),
+            other.message_id(),
+            "same id, another tenant"
+        );
     }
 
     #[test]

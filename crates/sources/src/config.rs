@@ -10,7 +10,9 @@ use auditbridge_event::Outcome;
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::mapping::{ActorMapping, Field, FieldMapping, Mapping, TargetMapping, check_action};
+use crate::mapping::{
+    ActorMapping, Field, FieldMapping, IdKey, Mapping, TargetMapping, check_action,
+};
 
 /// A source definition that cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -62,6 +64,14 @@ pub struct WebhookParams {
     /// The tenants this source may write (empty: any). A sender that can sign can otherwise
     /// name any tenant in its payload.
     pub tenants: Vec<String>,
+    /// Largest request body of this source (413 above it, by `Content-Length` before
+    /// reading).
+    pub max_body_bytes: usize,
+    /// Longest the body may take to arrive once the headers passed their checks.
+    pub body_timeout: Duration,
+    /// Most requests of this source read and published at once; more are answered 503 with
+    /// `Retry-After`.
+    pub max_concurrent_requests: usize,
 }
 
 impl std::fmt::Debug for WebhookParams {
@@ -74,6 +84,9 @@ impl std::fmt::Debug for WebhookParams {
             .field("replay_window", &self.replay_window)
             .field("mapping", &self.mapping)
             .field("tenants", &self.tenants)
+            .field("max_body_bytes", &self.max_body_bytes)
+            .field("body_timeout", &self.body_timeout)
+            .field("max_concurrent_requests", &self.max_concurrent_requests)
             .finish()
     }
 }
@@ -124,6 +137,12 @@ struct RawWebhook {
     mapping: Option<Value>,
     #[serde(default)]
     tenants: Vec<String>,
+    #[serde(default)]
+    max_body_bytes: Option<usize>,
+    #[serde(default)]
+    body_timeout: Option<String>,
+    #[serde(default)]
+    max_concurrent_requests: Option<usize>,
 }
 
 #[derive(Deserialize)]
@@ -171,8 +190,12 @@ struct RawMapping {
     metadata: BTreeMap<String, String>,
 }
 
-/// Validates every definition; fails on the first bad one, or on a duplicate name.
-pub fn parse_sources(raw: &[Value]) -> Result<Vec<SourceConfig>, ConfigError> {
+/// Validates every definition; fails on the first bad one, or on a duplicate name. `id_key`
+/// is `AUDITBRIDGE_ID_KEY`: a source whose mapping derives ids is refused without it.
+pub fn parse_sources(
+    raw: &[Value],
+    id_key: Option<&IdKey>,
+) -> Result<Vec<SourceConfig>, ConfigError> {
     let mut seen = HashSet::new();
     let mut out = Vec::with_capacity(raw.len());
     for (i, value) in raw.iter().enumerate() {
@@ -181,7 +204,7 @@ pub fn parse_sources(raw: &[Value]) -> Result<Vec<SourceConfig>, ConfigError> {
             .and_then(|n| n.as_str())
             .map(str::to_owned)
             .unwrap_or_else(|| format!("#{}", i + 1));
-        let s = parse_one(value, &label)?;
+        let s = parse_one(value, &label, id_key)?;
         if !seen.insert(s.name.clone()) {
             return Err(err(
                 &label,
@@ -223,7 +246,11 @@ fn duration(
     }
 }
 
-fn parse_one(value: &Value, label: &str) -> Result<SourceConfig, ConfigError> {
+fn parse_one(
+    value: &Value,
+    label: &str,
+    id_key: Option<&IdKey>,
+) -> Result<SourceConfig, ConfigError> {
     let raw: RawSource = serde_json::from_value(value.clone()).map_err(|e| {
         err(
             label,
@@ -285,8 +312,28 @@ fn parse_one(value: &Value, label: &str) -> Result<SourceConfig, ConfigError> {
                     w.replay_window.as_deref(),
                     Duration::from_secs(300),
                 )?,
-                mapping: mapping(&name, w.mapping.as_ref())?,
+                mapping: mapping(&name, w.mapping.as_ref(), id_key)?,
                 tenants: tenants(&name, w.tenants)?,
+                max_body_bytes: in_range(
+                    &name,
+                    "params.max_body_bytes",
+                    w.max_body_bytes,
+                    1024 * 1024,
+                    1024..=64 * 1024 * 1024,
+                )?,
+                body_timeout: duration(
+                    &name,
+                    "params.body_timeout",
+                    w.body_timeout.as_deref(),
+                    Duration::from_secs(5),
+                )?,
+                max_concurrent_requests: in_range(
+                    &name,
+                    "params.max_concurrent_requests",
+                    w.max_concurrent_requests,
+                    16,
+                    1..=4096,
+                )?,
             })
         }
         "file" => {
@@ -331,7 +378,7 @@ fn parse_one(value: &Value, label: &str) -> Result<SourceConfig, ConfigError> {
                 )?,
                 max_line_bytes,
                 start_at_end,
-                mapping: mapping(&name, f.mapping.as_ref())?,
+                mapping: mapping(&name, f.mapping.as_ref(), id_key)?,
                 tenants: tenants(&name, f.tenants)?,
             })
         }
@@ -353,13 +400,44 @@ fn tenants(name: &str, tenants: Vec<String>) -> Result<Vec<String>, ConfigError>
     Ok(tenants)
 }
 
-/// `"identity"` (or absent): payloads are v1 events; an object: a [`FieldMapping`].
-fn mapping(name: &str, v: Option<&Value>) -> Result<Mapping, ConfigError> {
+fn in_range(
+    name: &str,
+    setting: &str,
+    v: Option<usize>,
+    default: usize,
+    range: std::ops::RangeInclusive<usize>,
+) -> Result<usize, ConfigError> {
+    let v = v.unwrap_or(default);
+    if !range.contains(&v) {
+        return Err(err(
+            name,
+            setting,
+            format!("expected {} to {}, got {v}", range.start(), range.end()),
+        ));
+    }
+    Ok(v)
+}
+
+/// `"identity"` (or absent): payloads are v1 events; an object: a [`FieldMapping`], which
+/// derives ids and so needs the id key.
+fn mapping(name: &str, v: Option<&Value>, id_key: Option<&IdKey>) -> Result<Mapping, ConfigError> {
     match v {
         None => Ok(Mapping::Identity),
         Some(Value::String(s)) if s == "identity" => Ok(Mapping::Identity),
-        Some(v @ Value::Object(_)) => parse_mapping(v)
-            .map_err(|(setting, message)| err(name, &format!("params.mapping.{setting}"), message)),
+        Some(v @ Value::Object(_)) => {
+            let Some(key) = id_key else {
+                return Err(err(
+                    name,
+                    "AUDITBRIDGE_ID_KEY",
+                    "is not set, and this source's mapping derives event ids, which are keyed with it \
+                     (so that other tenants cannot compute them); make one with `openssl rand -hex 32` \
+                     and give the same value to every serve, tail-file and poll",
+                ));
+            };
+            parse_mapping(v, key).map_err(|(setting, message)| {
+                err(name, &format!("params.mapping.{setting}"), message)
+            })
+        }
         Some(other) => Err(err(
             name,
             "params.mapping",
@@ -369,7 +447,7 @@ fn mapping(name: &str, v: Option<&Value>) -> Result<Mapping, ConfigError> {
 }
 
 /// Parses a mapping object; the error is (setting under `mapping`, message).
-pub(crate) fn parse_mapping(v: &Value) -> Result<Mapping, (String, String)> {
+pub(crate) fn parse_mapping(v: &Value, id_key: &IdKey) -> Result<Mapping, (String, String)> {
     let raw: RawMapping =
         serde_json::from_value(v.clone()).map_err(|e| ("definition".to_owned(), e.to_string()))?;
     let field = |setting: &str, v: &Value| -> Result<Field, (String, String)> {
@@ -474,6 +552,7 @@ pub(crate) fn parse_mapping(v: &Value) -> Result<Mapping, (String, String)> {
         }
     };
     Ok(Mapping::Fields(Box::new(FieldMapping {
+        id_key: id_key.clone(),
         id: field("id", &raw.id)?,
         tenant: field("tenant", &raw.tenant)?,
         event_type,
@@ -505,8 +584,12 @@ mod tests {
     use super::*;
     use serde_json::json;
 
+    fn key() -> IdKey {
+        IdKey::new("test-id-key-0123456789abcdef0123456789")
+    }
+
     fn parse(v: Value) -> Result<Vec<SourceConfig>, ConfigError> {
-        parse_sources(&[v])
+        parse_sources(&[v], Some(&key()))
     }
 
     #[test]
@@ -536,6 +619,47 @@ mod tests {
         };
         assert_eq!(w.signature_header, "x-hub-signature-256");
         assert_eq!(w.timestamp_header, None);
+    }
+
+    #[test]
+    fn a_mapping_that_derives_ids_needs_the_id_key() {
+        let mapped = json!({"name": "vendor", "type": "webhook", "params": {
+            "secret": "0123456789abcdef", "mapping": {"id": "/id", "tenant": "/t", "type": "/k",
+            "actions": {"x": "y"}, "actor": {"id": "/u"}}}});
+        let e = parse_sources(std::slice::from_ref(&mapped), None)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("source vendor"), "{e}");
+        assert!(e.contains("AUDITBRIDGE_ID_KEY"), "{e}");
+        assert!(e.contains("openssl rand -hex 32"), "{e}");
+        assert!(parse_sources(&[mapped], Some(&key())).is_ok());
+        // Identity mappings keep the producer's ids: no key needed.
+        let identity = json!({"name": "app", "type": "file", "params": {"path": "x"}});
+        assert!(parse_sources(&[identity], None).is_ok());
+    }
+
+    #[test]
+    fn webhook_body_and_concurrency_limits() {
+        let s = parse(json!({"name": "gh", "type": "webhook",
+            "params": {"secret": "0123456789abcdef-secret"}}))
+        .unwrap();
+        let SourceKind::Webhook(w) = &s[0].kind else {
+            panic!("a webhook")
+        };
+        assert_eq!(w.max_body_bytes, 1024 * 1024);
+        assert_eq!(w.body_timeout, Duration::from_secs(5));
+        assert_eq!(w.max_concurrent_requests, 16);
+        for (param, value) in [
+            ("max_body_bytes", json!(10)),
+            ("max_concurrent_requests", json!(0)),
+            ("body_timeout", json!("soon")),
+        ] {
+            let mut v = json!({"name": "gh", "type": "webhook",
+                "params": {"secret": "0123456789abcdef-secret"}});
+            v["params"][param] = value;
+            let e = parse(v).unwrap_err().to_string();
+            assert!(e.contains(&format!("params.{param}")), "{e}");
+        }
     }
 
     #[test]
@@ -618,7 +742,9 @@ mod tests {
             assert!(e.contains(setting), "{v}: expected {setting} in {e}");
         }
         let dup = json!({"name": "a", "type": "file", "params": {"path": "x"}});
-        let e = parse_sources(&[dup.clone(), dup]).unwrap_err().to_string();
+        let e = parse_sources(&[dup.clone(), dup], Some(&key()))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("unique"), "{e}");
     }
 }

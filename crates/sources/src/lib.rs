@@ -4,9 +4,11 @@
 //! trail: sources map, validate and publish with acks; they never write to PostgreSQL.
 //!
 //! - [`config`]: `[[sources]]` / `AUDITBRIDGE_SOURCES` definitions, validated.
-//! - [`mapping`]: foreign JSON → v1 event, declaratively (pure); the dedup id derivation.
+//! - [`mapping`]: foreign JSON → v1 event, declaratively (pure); the keyed dedup id
+//!   derivation.
 //! - [`signature`]: the HMAC-SHA256 check of a webhook request.
-//! - [`publish`]: JetStream publishing with `Nats-Msg-Id` and acks, retried with backoff.
+//! - [`publish`]: JetStream publishing with `Nats-Msg-Id: <tenant>:<id>` and acks, retried
+//!   with backoff.
 //! - [`tail`]: the file follower (position persisted as inode + offset, rotation,
 //!   truncation, partial lines).
 
@@ -17,16 +19,18 @@ pub mod signature;
 pub mod tail;
 
 pub use config::{ConfigError, FileParams, SourceConfig, SourceKind, WebhookParams, parse_sources};
-pub use mapping::{Mapping, Refusal, RefusalKind, check_tenant, derive_id};
-pub use publish::{Outgoing, PublishError, Publisher, Sink};
+pub use mapping::{
+    IdKey, Mapped, Mapping, Refusal, RefusalKind, check_tenant, derive_id, legacy_derive_id,
+};
+pub use publish::{LEGACY_ID_HEADER, Outgoing, PublishError, Publisher, Sink, TIME_HEADER};
 
 /// Metric names of the sources, decided in one place. Labels are bounded: `source` is a
 /// configured name, `result` and `reason` are fixed sets.
 pub mod metrics {
     /// Labels `source`, `result`: accepted | rejected | unauthorized | unavailable |
-    /// not_found | too_large.
+    /// too_large | timeout | busy.
     pub const WEBHOOK_REQUESTS: &str = "auditbridge_webhook_requests_total";
-    /// Label `source`, `reason`: missing | bad_timestamp | expired | mismatch.
+    /// Label `source`, `reason`: missing | bad_timestamp | expired | malformed | mismatch.
     pub const WEBHOOK_SIGNATURE_FAILURES: &str = "auditbridge_webhook_signature_failures_total";
     /// Label `result`: accepted | rejected.
     pub const INGEST_EVENTS: &str = "auditbridge_ingest_events_total";

@@ -7,14 +7,22 @@
 //! the map's keys are the allow-list, so a type nobody mapped is refused with a reason
 //! instead of inventing an action.
 //!
-//! **Dedup.** A mapped event's `id` is derived from (source name, the source's own event id)
-//! by [`derive_id`], so a re-delivery of the same foreign event yields the same v1 id, hence
-//! the same `Nats-Msg-Id`, and is stored once (JetStream's duplicate window, then the
-//! worker's `ON CONFLICT (id)`).
+//! **Dedup.** A mapped event's `id` is derived from (source name, tenant, the source's own
+//! event id) by [`derive_id`], so a re-delivery of the same foreign event yields the same v1
+//! id, hence the same `Nats-Msg-Id`, and is stored once (JetStream's duplicate window, then the
+//! worker's `ON CONFLICT (id)`). The derivation is keyed ([`IdKey`], `AUDITBRIDGE_ID_KEY`):
+//! the inputs (source name, tenant, a vendor's delivery id) are guessable, and an unkeyed
+//! hash of them would let another tenant's producer compute an id first and squat it.
+//!
+//! **Headers for the worker** ([`Mapped`]): `Auditbridge-Time: received` when `occurred_at`
+//! is the receive time (it differs per delivery, so the worker compares a re-sent id without
+//! it), and `Auditbridge-Legacy-Id` with the id the unkeyed derivation of earlier versions
+//! ([`legacy_derive_id`]) gave, so a re-delivery that spans the upgrade is recognised.
 
 use std::collections::BTreeMap;
 
 use auditbridge_event::{Actor, Event, Outcome, Target, Uuid, validate_action};
+use hmac::{Hmac, KeyInit as _, Mac as _};
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
@@ -57,6 +65,8 @@ pub struct TargetMapping {
 /// A field-by-field mapping. Built (and checked) by the configuration parser.
 #[derive(Debug, Clone, PartialEq)]
 pub struct FieldMapping {
+    /// The key of the derived ids.
+    pub id_key: IdKey,
     /// The source's own event id: the dedup key.
     pub id: Field,
     pub tenant: Field,
@@ -127,32 +137,100 @@ fn refuse(kind: RefusalKind, detail: impl Into<String>) -> Refusal {
     }
 }
 
-/// The namespace of derived ids: changing it would make re-deliveries across the change store
-/// twice, so it is fixed.
-const ID_NAMESPACE: &[u8] = b"auditbridge.sources.v1\0";
+/// The key of derived ids: `AUDITBRIDGE_ID_KEY`, one secret shared by every `serve`,
+/// `tail-file` and poller (all of them must derive the same id for the same foreign event).
+/// Never printed; compared (for configuration tests) by a fingerprint, not by the key.
+#[derive(Clone)]
+pub struct IdKey {
+    mac: Hmac<Sha256>,
+    fingerprint: [u8; 16],
+}
+
+impl IdKey {
+    /// The key is the setting's text as bytes (any format: `openssl rand -hex 32` gives one).
+    pub fn new(secret: &str) -> IdKey {
+        let mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes())
+            .expect("HMAC takes a key of any length");
+        let digest = mac
+            .clone()
+            .chain_update(b"auditbridge id key fingerprint")
+            .finalize()
+            .into_bytes();
+        let mut fingerprint = [0u8; 16];
+        fingerprint.copy_from_slice(&digest[..16]);
+        IdKey { mac, fingerprint }
+    }
+}
+
+impl PartialEq for IdKey {
+    fn eq(&self, other: &IdKey) -> bool {
+        self.fingerprint == other.fingerprint
+    }
+}
+
+impl std::fmt::Debug for IdKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("IdKey(***)")
+    }
+}
+
+/// The namespace of keyed derived ids.
+const ID_NAMESPACE: &[u8] = b"auditbridge.sources.v2\0";
 
 /// The v1 id of the foreign event `foreign_id` of source `source` for `tenant`:
-/// deterministic, so a re-delivery gets the same id. The tenant is part of it because a
-/// multi-tenant source may number its events per tenant: without it, tenant B's `evt_1`
-/// would get tenant A's id and be dropped as a duplicate. With a known `occurred_at` the id is UUIDv7-shaped (its
-/// first 48 bits are the event's Unix milliseconds, so ids stay time-ordered, which keeps the
-/// primary-key index append-mostly); without one it is a UUIDv8 of the hash alone (the
-/// receive time cannot be part of it: it differs per delivery). The remaining bits are the
-/// SHA-256 of the namespace, the source name, the tenant and the foreign id.
+/// deterministic, so a re-delivery gets the same id, and keyed, so that nobody without the
+/// key can compute it (another tenant's producer could otherwise publish first with it).
+/// The tenant is part of it because a multi-tenant source may number its events per tenant:
+/// without it, tenant B's `evt_1` would get tenant A's id. With a known `occurred_at` the id
+/// is UUIDv7-shaped (its first 48 bits are the event's Unix milliseconds, so ids stay
+/// time-ordered, which keeps the primary-key index append-mostly); without one it is a UUIDv8
+/// of the MAC alone (the receive time cannot be part of it: it differs per delivery). The
+/// remaining bits are the HMAC-SHA256, under `key`, of the namespace, the source name, the
+/// tenant and the foreign id.
 pub fn derive_id(
+    key: &IdKey,
+    source: &str,
+    tenant: &str,
+    foreign_id: &str,
+    occurred_at: Option<OffsetDateTime>,
+) -> Uuid {
+    let mut mac = key.mac.clone();
+    mac.update(ID_NAMESPACE);
+    mac.update(source.as_bytes());
+    mac.update(&[0]);
+    mac.update(tenant.as_bytes());
+    mac.update(&[0]);
+    mac.update(foreign_id.as_bytes());
+    uuid_from(&mac.finalize().into_bytes(), occurred_at)
+}
+
+/// The namespace of the unkeyed ids of earlier versions. Fixed: [`legacy_derive_id`] must
+/// keep giving exactly what they stored.
+const LEGACY_ID_NAMESPACE: &[u8] = b"auditbridge.sources.v1\0";
+
+/// The id earlier versions derived, an unkeyed SHA-256 of (namespace, source, tenant, foreign
+/// id), in the same shape as [`derive_id`]. Used **only** for the `Auditbridge-Legacy-Id`
+/// header, so that the worker recognises a re-delivery of an event stored before the upgrade
+/// (under this id) as a duplicate. Never an event's id: anyone can compute it.
+pub fn legacy_derive_id(
     source: &str,
     tenant: &str,
     foreign_id: &str,
     occurred_at: Option<OffsetDateTime>,
 ) -> Uuid {
     let mut h = Sha256::new();
-    h.update(ID_NAMESPACE);
+    h.update(LEGACY_ID_NAMESPACE);
     h.update(source.as_bytes());
     h.update([0]);
     h.update(tenant.as_bytes());
     h.update([0]);
     h.update(foreign_id.as_bytes());
-    let digest = h.finalize();
+    uuid_from(&h.finalize(), occurred_at)
+}
+
+/// UUIDv7 with `occurred_at`'s milliseconds in front of the digest's bits, or UUIDv8 of the
+/// digest alone.
+fn uuid_from(digest: &[u8], occurred_at: Option<OffsetDateTime>) -> Uuid {
     let mut b = [0u8; 16];
     b.copy_from_slice(&digest[..16]);
     let millis = occurred_at
@@ -170,6 +248,18 @@ pub fn derive_id(
     }
 }
 
+/// A payload turned into an event, with what the worker needs to know about how.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Mapped {
+    pub event: Event,
+    /// `occurred_at` is the time the payload was received (the mapping has no time for it):
+    /// a re-delivery carries another one. Published as `Auditbridge-Time: received`.
+    pub time_received: bool,
+    /// For a derived id: the id [`legacy_derive_id`] gives for the same event. Published as
+    /// `Auditbridge-Legacy-Id`.
+    pub legacy_id: Option<Uuid>,
+}
+
 impl Mapping {
     /// Turns one payload into a valid v1 event. `received_at` stands in for `occurred_at`
     /// when the mapping has no pointer for it.
@@ -179,16 +269,22 @@ impl Mapping {
         payload: &[u8],
         max_bytes: usize,
         received_at: OffsetDateTime,
-    ) -> Result<Event, Refusal> {
+    ) -> Result<Mapped, Refusal> {
         match self {
-            Mapping::Identity => auditbridge_event::decode(payload, max_bytes).map_err(|e| {
-                let kind = match e.kind {
-                    auditbridge_event::InvalidKind::Oversize => RefusalKind::Oversize,
-                    auditbridge_event::InvalidKind::NotJson => RefusalKind::NotJson,
-                    _ => RefusalKind::Invalid,
-                };
-                refuse(kind, e.detail)
-            }),
+            Mapping::Identity => auditbridge_event::decode(payload, max_bytes)
+                .map(|event| Mapped {
+                    event,
+                    time_received: false,
+                    legacy_id: None,
+                })
+                .map_err(|e| {
+                    let kind = match e.kind {
+                        auditbridge_event::InvalidKind::Oversize => RefusalKind::Oversize,
+                        auditbridge_event::InvalidKind::NotJson => RefusalKind::NotJson,
+                        _ => RefusalKind::Invalid,
+                    };
+                    refuse(kind, e.detail)
+                }),
             Mapping::Fields(m) => {
                 if payload.len() > max_bytes {
                     return Err(refuse(
@@ -201,15 +297,15 @@ impl Mapping {
                 if !doc.is_object() {
                     return Err(refuse(RefusalKind::NotJson, "expected a JSON object"));
                 }
-                let event = m.map(source, &doc, received_at)?;
-                let size = serde_json::to_vec(&event).map_or(0, |v| v.len());
+                let mapped = m.map(source, &doc, received_at)?;
+                let size = serde_json::to_vec(&mapped.event).map_or(0, |v| v.len());
                 if size > max_bytes {
                     return Err(refuse(
                         RefusalKind::Oversize,
                         format!("the mapped event is {size} bytes, more than {max_bytes}"),
                     ));
                 }
-                Ok(event)
+                Ok(mapped)
             }
         }
     }
@@ -279,7 +375,7 @@ impl FieldMapping {
         source: &str,
         doc: &Value,
         received_at: OffsetDateTime,
-    ) -> Result<Event, Refusal> {
+    ) -> Result<Mapped, Refusal> {
         let foreign_id = required(&self.id, doc, "id")?;
         let mut parts = Vec::with_capacity(self.event_type.len());
         for p in &self.event_type {
@@ -348,8 +444,9 @@ impl FieldMapping {
         }
         metadata.insert("source_event_id".into(), Value::String(foreign_id.clone()));
         let tenant = required(&self.tenant, doc, "tenant")?;
+        let legacy_id = legacy_derive_id(source, &tenant, &foreign_id, occurred_at);
         let event = Event {
-            id: derive_id(source, &tenant, &foreign_id, occurred_at),
+            id: derive_id(&self.id_key, source, &tenant, &foreign_id, occurred_at),
             tenant,
             occurred_at: occurred_at.unwrap_or(received_at),
             action: action.clone(),
@@ -367,7 +464,11 @@ impl FieldMapping {
         event
             .validate()
             .map_err(|e| refuse(RefusalKind::Invalid, e.detail))?;
-        Ok(event)
+        Ok(Mapped {
+            event,
+            time_received: occurred_at.is_none(),
+            legacy_id: Some(legacy_id),
+        })
     }
 }
 
@@ -403,6 +504,10 @@ mod tests {
         time::macros::datetime!(2026-11-23 12:00:00 UTC)
     }
 
+    fn key() -> IdKey {
+        IdKey::new("test-id-key-0123456789abcdef0123456789")
+    }
+
     fn github_like() -> Mapping {
         let config = json!({
             "id": "/delivery",
@@ -415,7 +520,7 @@ mod tests {
             "target": {"id": "/issue/number", "type": {"const": "issue"}, "name": "/issue/title"},
             "metadata": {"repository": "/repository"}
         });
-        crate::config::parse_mapping(&config).unwrap()
+        crate::config::parse_mapping(&config, &key()).unwrap()
     }
 
     fn payload(kind: &str) -> Vec<u8> {
@@ -434,9 +539,11 @@ mod tests {
 
     #[test]
     fn a_foreign_payload_becomes_a_valid_event() {
-        let e = github_like()
+        let mapped = github_like()
             .apply("gh", &payload("opened"), 65536, now())
             .unwrap();
+        assert!(!mapped.time_received, "the payload has a time");
+        let e = mapped.event;
         assert_eq!(e.tenant, "acme");
         assert_eq!(e.action, "issue.create");
         assert_eq!(e.outcome, Outcome::Success);
@@ -463,19 +570,67 @@ mod tests {
         let a = m.apply("gh", &payload("opened"), 65536, now()).unwrap();
         let later = now() + time::Duration::hours(1);
         let b = m.apply("gh", &payload("opened"), 65536, later).unwrap();
-        assert_eq!(a.id, b.id, "a re-delivery keeps its id");
+        assert_eq!(a.event.id, b.event.id, "a re-delivery keeps its id");
         let c = m.apply("gh2", &payload("opened"), 65536, now()).unwrap();
-        assert_ne!(a.id, c.id, "another source's event 'd-1' is another event");
+        assert_ne!(
+            a.event.id, c.event.id,
+            "another source's event 'd-1' is another event"
+        );
         // Time-ordered: the id starts with the event's milliseconds.
         let t = time::macros::datetime!(2026-11-23 10:00:00 UTC);
         let ms = u64::try_from(t.unix_timestamp() * 1000).unwrap();
-        assert_eq!(a.id.as_u128() >> 80, u128::from(ms));
-        let v8 = derive_id("gh", "acme", "d-1", None);
+        assert_eq!(a.event.id.as_u128() >> 80, u128::from(ms));
+        let k = key();
+        let v8 = derive_id(&k, "gh", "acme", "d-1", None);
         assert_eq!(v8.get_version_num(), 8);
-        assert_eq!(v8, derive_id("gh", "acme", "d-1", None));
-        assert_ne!(v8, derive_id("gh", "acme", "d-2", None));
+        assert_eq!(v8, derive_id(&k, "gh", "acme", "d-1", None));
+        assert_ne!(v8, derive_id(&k, "gh", "acme", "d-2", None));
         // Per-tenant numbering at the source must not collide across tenants.
-        assert_ne!(v8, derive_id("gh", "globex", "d-1", None));
+        assert_ne!(v8, derive_id(&k, "gh", "globex", "d-1", None));
+    }
+
+    #[test]
+    fn derived_ids_are_keyed() {
+        let (k, other) = (key(), IdKey::new("another-key-0123456789abcdef0123456789"));
+        let at = Some(time::macros::datetime!(2026-11-23 10:00:00 UTC));
+        let id = derive_id(&k, "gh", "acme", "d-1", at);
+        assert_ne!(id, derive_id(&other, "gh", "acme", "d-1", at));
+        // Nor is it the unkeyed hash anyone could compute.
+        assert_ne!(id, legacy_derive_id("gh", "acme", "d-1", at));
+        assert_eq!(id.get_version_num(), 7);
+        assert_ne!(k, other);
+        assert_eq!(format!("{k:?}"), "IdKey(***)");
+    }
+
+    /// The unkeyed derivation of earlier versions, pinned: `Auditbridge-Legacy-Id` must keep
+    /// naming exactly the ids they stored, or re-deliveries across the upgrade are stored
+    /// twice. (Values computed independently from the definition.)
+    #[test]
+    fn the_legacy_derivation_never_drifts() {
+        let at = time::macros::datetime!(2026-11-23 10:00:00.250 UTC);
+        assert_eq!(
+            legacy_derive_id("vendor", "acme", "dlv-1", Some(at)).to_string(),
+            "01a207d9-21fa-760c-ace9-285b3a88c9aa"
+        );
+        assert_eq!(
+            legacy_derive_id("hub", "acme", "991", None).to_string(),
+            "f96d99a1-3a64-8958-a730-489d8262ee65"
+        );
+    }
+
+    #[test]
+    fn mapped_events_carry_their_legacy_id_and_time_origin() {
+        let a = github_like()
+            .apply("gh", &payload("opened"), 65536, now())
+            .unwrap();
+        let at = time::macros::datetime!(2026-11-23 10:00:00 UTC);
+        assert_eq!(
+            a.legacy_id,
+            Some(legacy_derive_id("gh", "acme", "d-1", Some(at)))
+        );
+        let line = br#"{"id":"0192f7a4-6b1e-7c3d-9a2b-5f1e2d3c4b5a","tenant":"acme","occurred_at":"2026-11-22T10:15:30.123Z","action":"document.update","outcome":"success","actor":{"id":"u-42"},"source":"docs-api"}"#;
+        let identity = Mapping::Identity.apply("f", line, 65536, now()).unwrap();
+        assert_eq!((identity.legacy_id, identity.time_received), (None, false));
     }
 
     #[test]
@@ -529,26 +684,44 @@ mod tests {
             "outcome": "/result", "outcomes": {"ok": "success", "blocked": "denied"},
             "actor": {"id": "/user"}
         });
-        let m = crate::config::parse_mapping(&config).unwrap();
+        let m = crate::config::parse_mapping(&config, &key()).unwrap();
         let ev = |result: Value| {
             let body = json!({"id": 1, "t": "login", "user": "u", "result": result});
             m.apply("s", &serde_json::to_vec(&body).unwrap(), 65536, now())
+                .map(|mapped| mapped.event)
         };
         assert_eq!(ev(json!("ok")).unwrap().outcome, Outcome::Success);
         assert_eq!(ev(json!("blocked")).unwrap().outcome, Outcome::Denied);
         assert_eq!(ev(json!("failure")).unwrap().outcome, Outcome::Failure);
         assert_eq!(ev(Value::Null).unwrap().outcome, Outcome::Unknown);
         assert_eq!(ev(json!("weird")).unwrap_err().kind, RefusalKind::Invalid);
-        // No occurred_at pointer: the receive time, and an id that does not depend on it.
+        // No occurred_at pointer: the receive time, said so, and an id that does not depend
+        // on it.
         let e = ev(json!("ok")).unwrap();
         assert_eq!(e.occurred_at, now());
-        assert_eq!(e.id, derive_id("s", "acme", "1", None));
+        assert_eq!(e.id, derive_id(&key(), "s", "acme", "1", None));
+        let body = br#"{"id": 1, "t": "login", "user": "u"}"#;
+        let later = m
+            .apply("s", body, 65536, now() + time::Duration::minutes(5))
+            .unwrap();
+        assert!(later.time_received);
+        assert_eq!(
+            later.event.id, e.id,
+            "the receive time is not part of the id"
+        );
+        assert_eq!(
+            later.legacy_id,
+            Some(legacy_derive_id("s", "acme", "1", None))
+        );
     }
 
     #[test]
     fn identity_decodes_v1_events() {
         let line = br#"{"id":"0192f7a4-6b1e-7c3d-9a2b-5f1e2d3c4b5a","tenant":"acme","occurred_at":"2026-11-22T10:15:30.123Z","action":"document.update","outcome":"success","actor":{"id":"u-42"},"source":"docs-api"}"#;
-        let e = Mapping::Identity.apply("f", line, 65536, now()).unwrap();
+        let e = Mapping::Identity
+            .apply("f", line, 65536, now())
+            .unwrap()
+            .event;
         assert_eq!(e.id.to_string(), "0192f7a4-6b1e-7c3d-9a2b-5f1e2d3c4b5a");
         let err = Mapping::Identity
             .apply("f", br#"{"id":"x"}"#, 65536, now())

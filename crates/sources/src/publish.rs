@@ -1,5 +1,6 @@
 //! Publishing to JetStream, shared by every source: `<prefix>.<tenant>.<action>` with
-//! `Nats-Msg-Id` = the event id, and nothing counts as published before JetStream's ack.
+//! `Nats-Msg-Id: <tenant>:<id>` (tenant-scoped, [`Event::message_id`]), and nothing counts as
+//! published before JetStream's ack.
 
 use std::time::{Duration, Instant};
 
@@ -9,11 +10,26 @@ use auditbridge_event::{Event, Uuid};
 use backon::BackoffBuilder as _;
 use bytes::Bytes;
 
+use crate::mapping::Mapped;
+
+/// `Auditbridge-Time: received`: the event's `occurred_at` is the time a source received it
+/// (its mapping has no time), so a re-delivery carries another one and the worker compares a
+/// re-sent id without it.
+pub const TIME_HEADER: &str = "Auditbridge-Time";
+/// `Auditbridge-Legacy-Id: <uuid>`: the id the unkeyed derivation of earlier versions gives
+/// this event; the worker treats the message as a duplicate of a stored row with that id,
+/// tenant and source.
+pub const LEGACY_ID_HEADER: &str = "Auditbridge-Legacy-Id";
+
 /// One message ready to publish.
 #[derive(Debug, Clone)]
 pub struct Outgoing {
     pub subject: String,
     pub id: Uuid,
+    /// The `Nats-Msg-Id`: `<tenant>:<id>`.
+    pub msg_id: String,
+    /// Further headers, such as [`TIME_HEADER`] and [`LEGACY_ID_HEADER`].
+    pub headers: Vec<(&'static str, String)>,
     pub payload: Bytes,
 }
 
@@ -24,10 +40,24 @@ impl Outgoing {
         Outgoing {
             subject: event.subject(prefix),
             id: event.id,
+            msg_id: event.message_id(),
+            headers: Vec::new(),
             payload: raw.unwrap_or_else(|| {
                 Bytes::from(serde_json::to_vec(event).expect("an Event always serializes"))
             }),
         }
+    }
+
+    /// A mapped payload, with the headers that say how it was mapped.
+    pub fn mapped(mapped: &Mapped, prefix: &str, raw: Option<Bytes>) -> Outgoing {
+        let mut out = Outgoing::new(&mapped.event, prefix, raw);
+        if mapped.time_received {
+            out.headers.push((TIME_HEADER, "received".to_owned()));
+        }
+        if let Some(legacy) = mapped.legacy_id {
+            out.headers.push((LEGACY_ID_HEADER, legacy.to_string()));
+        }
+        out
     }
 }
 
@@ -80,7 +110,10 @@ impl Sink for Publisher {
                 let mut acks = Vec::with_capacity(pending.len());
                 for out in &pending {
                     let mut headers = HeaderMap::new();
-                    headers.insert("Nats-Msg-Id", out.id.to_string().as_str());
+                    headers.insert("Nats-Msg-Id", out.msg_id.as_str());
+                    for (name, value) in &out.headers {
+                        headers.insert(*name, value.as_str());
+                    }
                     acks.push(self.js.publish_with_headers(
                         out.subject.clone(),
                         headers,

@@ -21,6 +21,10 @@ pub enum SignatureError {
     /// Outside the replay window: possibly a captured request sent again.
     #[error("timestamp is {age_secs} s away from the server clock (replay window {window_secs} s)")]
     Expired { age_secs: u64, window_secs: u64 },
+    /// The signature header holds no candidate of the expected shape (`<prefix><64 hex>`,
+    /// at most a few), so no body could match it.
+    #[error("header {0} is not of the form <prefix><hex SHA-256>")]
+    Malformed(String),
     #[error("signature does not match")]
     Mismatch,
 }
@@ -32,20 +36,31 @@ impl SignatureError {
             SignatureError::MissingHeader(_) => "missing",
             SignatureError::BadTimestamp(_) => "bad_timestamp",
             SignatureError::Expired { .. } => "expired",
+            SignatureError::Malformed(_) => "malformed",
             SignatureError::Mismatch => "mismatch",
         }
     }
 }
 
-/// Checks a request: `header` looks a header up by its lowercase name; `body` is the raw body
-/// as received; `now` is Unix seconds. The digest comparison is constant-time
-/// (`Mac::verify_slice`).
-pub fn verify_request<'a>(
+/// What a request's headers present, checked before its body is read: the candidate digests
+/// and the signed timestamp.
+#[derive(Debug)]
+pub struct Presented<'a> {
+    digests: Vec<Vec<u8>>,
+    timestamp: Option<&'a str>,
+}
+
+/// Checks everything that can be checked before the body arrives: the signature header is
+/// present and holds at most [`MAX_SIGNATURES`] candidates, at least one of them
+/// `<prefix><hex SHA-256>`; the timestamp header (if the scheme has one) is present, Unix
+/// seconds, and inside the replay window of `now` (Unix seconds). `header` looks a header up
+/// by its lowercase name. So an unsigned, stale or malformed request is refused without
+/// reading a byte of its body.
+pub fn check_headers<'a>(
     params: &WebhookParams,
     header: impl Fn(&str) -> Option<&'a str>,
-    body: &[u8],
     now: u64,
-) -> Result<(), SignatureError> {
+) -> Result<Presented<'a>, SignatureError> {
     let presented = header(&params.signature_header)
         .ok_or_else(|| SignatureError::MissingHeader(params.signature_header.clone()))?;
     let timestamp = match &params.timestamp_header {
@@ -67,31 +82,54 @@ pub fn verify_request<'a>(
         }
     };
     // Several signatures may be presented (comma-separated), so that a sender can sign with
-    // an old and a new secret while they are rotated. The MAC is computed once, whatever the
-    // number of candidates, and the candidates are capped: otherwise a header of thousands of
-    // candidates would make one unauthenticated request hash a large body thousands of times.
+    // an old and a new secret while they are rotated. The candidates are capped: the MAC is
+    // computed once whatever their number, but a header of thousands is no rotation.
     let candidates: Vec<&str> = presented.split(',').map(str::trim).collect();
     if candidates.len() > MAX_SIGNATURES {
-        return Err(SignatureError::Mismatch);
+        return Err(SignatureError::Malformed(params.signature_header.clone()));
     }
-    let expected = mac(params.secret.as_bytes(), timestamp, body)
+    let digests: Vec<Vec<u8>> = candidates
+        .iter()
+        .filter_map(|c| c.strip_prefix(params.signature_prefix.as_str()))
+        .filter_map(|h| hex::decode(h).ok())
+        .filter(|d| d.len() == DIGEST_BYTES)
+        .collect();
+    if digests.is_empty() {
+        return Err(SignatureError::Malformed(params.signature_header.clone()));
+    }
+    Ok(Presented { digests, timestamp })
+}
+
+/// Checks the body against what the headers presented. The comparison is constant-time, and
+/// every candidate is compared (no early exit).
+pub fn verify_body(
+    params: &WebhookParams,
+    presented: &Presented<'_>,
+    body: &[u8],
+) -> Result<(), SignatureError> {
+    let expected = mac(params.secret.as_bytes(), presented.timestamp, body)
         .finalize()
         .into_bytes();
     let mut matches = false;
-    for candidate in candidates {
-        if let Some(digest) = candidate
-            .strip_prefix(params.signature_prefix.as_str())
-            .and_then(|h| hex::decode(h).ok())
-        {
-            // Constant time, and every candidate is compared (no early exit).
-            matches |= bool::from(expected.as_slice().ct_eq(digest.as_slice()));
-        }
+    for digest in &presented.digests {
+        matches |= bool::from(expected.as_slice().ct_eq(digest.as_slice()));
     }
     if matches {
         Ok(())
     } else {
         Err(SignatureError::Mismatch)
     }
+}
+
+/// Checks a whole request: [`check_headers`], then [`verify_body`].
+pub fn verify_request<'a>(
+    params: &WebhookParams,
+    header: impl Fn(&str) -> Option<&'a str>,
+    body: &[u8],
+    now: u64,
+) -> Result<(), SignatureError> {
+    let presented = check_headers(params, header, now)?;
+    verify_body(params, &presented, body)
 }
 
 /// The header value a sender puts on `body` (for tests, benchmarks and documentation).
@@ -105,6 +143,8 @@ pub fn sign(params: &WebhookParams, timestamp: Option<u64>, body: &[u8]) -> Stri
 
 /// Most signatures one request may present (enough for a rotation or two).
 const MAX_SIGNATURES: usize = 4;
+/// An HMAC-SHA256 digest.
+const DIGEST_BYTES: usize = 32;
 
 fn mac(secret: &[u8], timestamp: Option<&str>, body: &[u8]) -> Hmac<Sha256> {
     let mut mac = Hmac::<Sha256>::new_from_slice(secret).expect("HMAC takes a key of any length");
@@ -131,6 +171,9 @@ mod tests {
             replay_window: Duration::from_secs(300),
             mapping: Mapping::Identity,
             tenants: Vec::new(),
+            max_body_bytes: 1 << 20,
+            body_timeout: Duration::from_secs(5),
+            max_concurrent_requests: 16,
         }
     }
 
@@ -177,7 +220,10 @@ mod tests {
         // Rotation: either of two signatures may match.
         let both = [
             ("x-auditbridge-timestamp", "1000".to_owned()),
-            ("x-auditbridge-signature", format!("v1=00ff, {sig}")),
+            (
+                "x-auditbridge-signature",
+                format!("v1={}, {sig}", "0f".repeat(32)),
+            ),
         ];
         assert_eq!(check(&p, &both, body, 1_010), Ok(()));
         // More candidates than a rotation needs are refused outright (each would otherwise
@@ -189,7 +235,10 @@ mod tests {
                 format!("{}{sig}", "v1=00,".repeat(MAX_SIGNATURES)),
             ),
         ];
-        assert_eq!(check(&p, &many, body, 1_010), Err(SignatureError::Mismatch));
+        assert_eq!(
+            check(&p, &many, body, 1_010),
+            Err(SignatureError::Malformed("x-auditbridge-signature".into()))
+        );
     }
 
     #[test]
@@ -232,14 +281,19 @@ mod tests {
             check(&p, &bad_ts, body, 1_000),
             Err(SignatureError::BadTimestamp(_))
         ));
-        let not_hex = [
-            ("x-auditbridge-timestamp", "1000".to_owned()),
-            ("x-auditbridge-signature", "v1=zz".to_owned()),
-        ];
-        assert_eq!(
-            check(&p, &not_hex, body, 1_000),
-            Err(SignatureError::Mismatch)
-        );
+        // Not a digest (not hex, too short, another prefix): refused from the headers alone.
+        for bad in ["v1=zz", "v1=00ff", "sha256=00", ""] {
+            let headers = [
+                ("x-auditbridge-timestamp", "1000".to_owned()),
+                ("x-auditbridge-signature", bad.to_owned()),
+            ];
+            let map: HashMap<&str, &str> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            assert_eq!(
+                check_headers(&p, |name| map.get(name).copied(), 1_000).map(|_| ()),
+                Err(SignatureError::Malformed("x-auditbridge-signature".into())),
+                "{bad:?}"
+            );
+        }
     }
 
     #[test]

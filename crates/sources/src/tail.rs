@@ -418,15 +418,16 @@ impl<S: Sink> Tail<S> {
                 self.params
                     .mapping
                     .apply(&self.name, text, self.max_event_bytes, received_at)
-                    .and_then(|event| {
-                        check_tenant(&self.name, &self.params.tenants, &event).map(|()| event)
+                    .and_then(|mapped| {
+                        check_tenant(&self.name, &self.params.tenants, &mapped.event)
+                            .map(|()| mapped)
                     })
             };
             match result {
-                Ok(event) => {
+                Ok(mapped) => {
                     let raw = matches!(self.params.mapping, Mapping::Identity)
                         .then(|| Bytes::copy_from_slice(text));
-                    batch.push(Outgoing::new(&event, &self.prefix, raw));
+                    batch.push(Outgoing::mapped(&mapped, &self.prefix, raw));
                 }
                 Err(refusal) => rejected.push((line_offset, text, refusal)),
             }

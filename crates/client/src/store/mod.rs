@@ -22,10 +22,12 @@ pub(crate) use self::postgres::PgStore;
 use crate::config::StoreConfig;
 use crate::error::StoreError;
 
-/// An event ready to publish: its id (the `Nats-Msg-Id`), its subject and its JSON.
+/// An event ready to publish: its id, its `Nats-Msg-Id` (`<tenant>:<id>`), its subject and
+/// its JSON.
 #[derive(Debug, Clone)]
 pub(crate) struct Pending {
     pub id: Uuid,
+    pub msg_id: String,
     pub subject: String,
     pub payload: Bytes,
 }
@@ -184,6 +186,7 @@ pub(crate) fn decode_stored(
     let event = auditbridge_event::decode(&payload, max_event_bytes)?;
     Ok(Pending {
         id: event.id,
+        msg_id: event.message_id(),
         subject: event.subject(prefix),
         payload,
     })
@@ -206,6 +209,7 @@ pub(crate) mod tests {
             .unwrap();
         Pending {
             id: event.id,
+            msg_id: event.message_id(),
             subject: event.subject("audit"),
             payload: serde_json::to_vec(&event).unwrap().into(),
         }
