@@ -648,3 +648,57 @@ async fn corrupt_rows_of_the_postgres_store_are_moved_and_leave_no_transaction_o
     pool.close().await;
     Ok(())
 }
+
+/// A NATS server that requires a user and password, given in the URLs (as operators write
+/// them): the worker (logging at debug level) and the client both authenticate with them,
+/// and the password never appears in the worker's log nor in the client builder's `Debug`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_password_in_the_nats_url_authenticates_and_never_reaches_a_log() -> anyhow::Result<()> {
+    let env = TestEnv::new().await?;
+    let port = auditbridge_tests::free_addr()?.port();
+    let dir = TempDir::new();
+    let password = format!("pw-{}", Uuid::now_v7().simple());
+    let mut server = tokio::process::Command::new(auditbridge_tests::nats_server::NATS_SERVER)
+        .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
+        .arg(dir.path().join("js"))
+        .args(["--user", "ab", "--pass", &password])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()?;
+    let url = format!("nats://ab:{password}@127.0.0.1:{port}");
+    let worker = env
+        .spawn_worker(
+            "w",
+            &[("AUDITBRIDGE_NATS_URL", &url), ("AUDITBRIDGE_LOG", "debug")],
+        )
+        .await?;
+    worker
+        .wait_ready(Duration::from_secs(30))
+        .await
+        .with_context(|| format!("worker log: {}", worker.log.display()))?;
+
+    let builder = builder(&env, &url, StoreConfig::Memory(MemoryParams::default()));
+    let shown = format!("{builder:?}");
+    ensure!(
+        !shown.contains(&password) && shown.contains("ab:***@127.0.0.1"),
+        "{shown}"
+    );
+    let client = builder.connect().await?;
+    let e = make(0);
+    client.record(e.clone()).await?;
+    client.flush(Duration::from_secs(20)).await?;
+    client.close(Duration::from_secs(5)).await?;
+    env.wait_for_count(1, Duration::from_secs(30)).await?;
+    ensure!(env.stored_ids().await?.contains(&e.id));
+
+    let log = worker.log_text();
+    ensure!(log.contains("DEBUG"), "the worker logged at debug level");
+    ensure!(
+        !log.contains(&password),
+        "the NATS password is in the worker's log: {}",
+        worker.log.display()
+    );
+    let _ = server.start_kill();
+    Ok(())
+}
