@@ -534,3 +534,216 @@ async fn another_tenants_event_with_the_same_id_does_not_suppress_it() -> anyhow
     assert_eq!((stored.tenant.as_str(), stored.id), ("acme", victim.id));
     Ok(())
 }
+
+/// More events held in memory than `max_in_flight` (the store takes none of them: it is
+/// full) go out directly once NATS is back, at most `max_in_flight` at a time. This used to
+/// underflow `max_in_flight - in_flight` in the background task (a panic in a debug build:
+/// every event it held lost; a wrapped "room" in a release build).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn more_held_events_than_max_in_flight_go_out_when_nats_is_back() -> anyhow::Result<()> {
+    let env = TestEnv::new().await?;
+    let mut nats = NatsServer::start().await?;
+    let url = nats.url();
+    let js = jetstream::new(async_nats::connect(&url).await?);
+    js.create_stream(jetstream::stream::Config {
+        name: env.stream.clone(),
+        subjects: vec![format!("{}.>", env.prefix)],
+        ..Default::default()
+    })
+    .await?;
+    nats.kill().await?;
+    // A store that refuses every event (1 byte), so everything taken stays held: up to
+    // twice the larger of max_in_flight and drain_batch, 16 here, eight times max_in_flight.
+    let full = StoreConfig::Memory(MemoryParams {
+        max_events: 1,
+        max_bytes: 1,
+    });
+    let client = builder(&env, &url, full)
+        .max_in_flight(2)
+        .drain_batch(8)
+        .connect()
+        .await?;
+    let mut ids = Vec::new();
+    for i in 0..40 {
+        let e = make(i);
+        ids.push(e.id);
+        client.record(e).await?;
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while client.stats().queue_events > 40 - 16 {
+        ensure!(Instant::now() < deadline, "not held: {:?}", client.stats());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    ensure!(client.stats().store_events == 0, "{:?}", client.stats());
+
+    nats.restart().await?;
+    client
+        .flush(Duration::from_secs(30))
+        .await
+        .with_context(|| format!("flush: {:?}", client.stats()))?;
+    client.close(Duration::from_secs(5)).await?;
+    let in_stream = stream_ids(&url, &env.stream).await?;
+    ensure!(
+        in_stream == ids,
+        "every event once, in record order: {} of {} in the stream",
+        in_stream.len(),
+        ids.len()
+    );
+    Ok(())
+}
+
+/// Rows of the postgres store that no longer decode (altered in the table), a whole drain
+/// batch of them: they move to `<table>_dead`, the good rows behind them still drain, and no
+/// transaction of the store stays open. One left open would hold back the xmin horizon of
+/// every database in the cluster, and with it every relay and live tail of a trail there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupt_rows_of_the_postgres_store_are_moved_and_leave_no_transaction_open()
+-> anyhow::Result<()> {
+    let env = TestEnv::new().await?;
+    env.ensure_stream().await?;
+    let db = ProducerDb::create().await?;
+    let store = StoreConfig::Postgres(PostgresParams::new(&db.url));
+    let pool = sqlx::PgPool::connect(&db.url).await?;
+    let database = db.url.rsplit('/').next().unwrap_or_default().to_owned();
+
+    // NATS unreachable: the first client creates the table; five corrupt rows come first,
+    // then three good events, which it stores.
+    let closed = format!("nats://{}", auditbridge_tests::free_addr()?);
+    let offline = builder(&env, &closed, store.clone())
+        .drain_batch(4)
+        .connect()
+        .await?;
+    for i in 0..5 {
+        sqlx::query(
+            "INSERT INTO auditbridge_client_buffer (id, subject, payload) VALUES ($1, 'x', $2)",
+        )
+        .bind(Uuid::now_v7())
+        .bind(format!("{{\"not\": \"an event {i}\"}}").into_bytes())
+        .execute(&pool)
+        .await?;
+    }
+    let good: Vec<Event> = (0..3).map(make).collect();
+    for e in &good {
+        offline.record(e.clone()).await?;
+    }
+    let err = offline.close(Duration::from_secs(2)).await.unwrap_err();
+    ensure!(
+        matches!(
+            err,
+            auditbridge_client::CloseError::Unpublished { events: 3, .. }
+        ),
+        "{err}"
+    );
+
+    // With NATS there, the first drain batch (4) is nothing but corrupt rows.
+    let online = builder(&env, auditbridge_tests::NATS_URL, store)
+        .drain_batch(4)
+        .connect()
+        .await?;
+    let want: Vec<Uuid> = good.iter().map(|e| e.id).collect();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        // Reading an empty stream is an error: nothing there yet.
+        let in_stream = stream_ids(auditbridge_tests::NATS_URL, &env.stream).await;
+        if in_stream.is_ok_and(|ids| ids == want) {
+            break;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "the good rows behind the corrupt ones were not drained: {:?}",
+            online.stats()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let count = |sql: &'static str| {
+        let pool = pool.clone();
+        async move { sqlx::query_scalar::<_, i64>(sql).fetch_one(&pool).await }
+    };
+    ensure!(count("SELECT count(*) FROM auditbridge_client_buffer").await? == 0);
+    ensure!(count("SELECT count(*) FROM auditbridge_client_buffer_dead").await? == 5);
+    let reason: String = sqlx::query_scalar(
+        "SELECT reason FROM auditbridge_client_buffer_dead ORDER BY seq LIMIT 1",
+    )
+    .fetch_one(&pool)
+    .await?;
+    ensure!(reason.contains("unknown field"), "{reason}");
+
+    // The client is still running: none of its sessions is inside a transaction.
+    let sessions: Vec<(String, String, bool)> = sqlx::query_as(
+        "SELECT application_name, coalesce(state, ''), backend_xid IS NOT NULL OR backend_xmin IS NOT NULL \
+         FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()",
+    )
+    .bind(&database)
+    .fetch_all(&pool)
+    .await?;
+    let store_sessions: Vec<_> = sessions
+        .iter()
+        .filter(|(app, _, _)| app == "auditbridge-client")
+        .collect();
+    ensure!(!store_sessions.is_empty(), "{sessions:?}");
+    ensure!(
+        store_sessions
+            .iter()
+            .all(|(_, state, holds)| state == "idle" && !holds),
+        "a session of the store holds a transaction: {sessions:?}"
+    );
+    let stats = online.stats();
+    ensure!(stats.dead_lettered_events == 5, "{stats:?}");
+    online.close(Duration::from_secs(5)).await?;
+    pool.close().await;
+    Ok(())
+}
+
+/// A NATS server that requires a user and password, given in the URLs (as operators write
+/// them): the worker (logging at debug level) and the client both authenticate with them,
+/// and the password never appears in the worker's log nor in the client builder's `Debug`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_password_in_the_nats_url_authenticates_and_never_reaches_a_log() -> anyhow::Result<()> {
+    let env = TestEnv::new().await?;
+    let port = auditbridge_tests::free_addr()?.port();
+    let dir = TempDir::new();
+    let password = format!("pw-{}", Uuid::now_v7().simple());
+    let mut server = tokio::process::Command::new(auditbridge_tests::nats_server::NATS_SERVER)
+        .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
+        .arg(dir.path().join("js"))
+        .args(["--user", "ab", "--pass", &password])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()?;
+    let url = format!("nats://ab:{password}@127.0.0.1:{port}");
+    let worker = env
+        .spawn_worker(
+            "w",
+            &[("AUDITBRIDGE_NATS_URL", &url), ("AUDITBRIDGE_LOG", "debug")],
+        )
+        .await?;
+    worker
+        .wait_ready(Duration::from_secs(30))
+        .await
+        .with_context(|| format!("worker log: {}", worker.log.display()))?;
+
+    let builder = builder(&env, &url, StoreConfig::Memory(MemoryParams::default()));
+    let shown = format!("{builder:?}");
+    ensure!(
+        !shown.contains(&password) && shown.contains("ab:***@127.0.0.1"),
+        "{shown}"
+    );
+    let client = builder.connect().await?;
+    let e = make(0);
+    client.record(e.clone()).await?;
+    client.flush(Duration::from_secs(20)).await?;
+    client.close(Duration::from_secs(5)).await?;
+    env.wait_for_count(1, Duration::from_secs(30)).await?;
+    ensure!(env.stored_ids().await?.contains(&e.id));
+
+    let log = worker.log_text();
+    ensure!(log.contains("DEBUG"), "the worker logged at debug level");
+    ensure!(
+        !log.contains(&password),
+        "the NATS password is in the worker's log: {}",
+        worker.log.display()
+    );
+    let _ = server.start_kill();
+    Ok(())
+}

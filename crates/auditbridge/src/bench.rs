@@ -146,7 +146,8 @@ pub async fn run(args: Args, config: &Config) -> anyhow::Result<ExitCode> {
     } else {
         println!(
             "kept database {} and stream {}",
-            names.database_url, names.stream
+            auditbridge_config::redact_url(&names.database_url),
+            names.stream
         );
     }
     result.map(|()| ExitCode::SUCCESS)

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use async_nats::jetstream;
-use auditbridge_config::Config;
+use auditbridge_config::{Config, redact_url};
 use auditbridge_store::Store;
 use serde_json::json;
 use time::format_description::well_known::Rfc3339;
@@ -24,10 +24,10 @@ pub async fn run(args: Args, config: &Config) -> anyhow::Result<ExitCode> {
     // JetStream: the stream and the shared consumer.
     let nats = tokio::time::timeout(
         Duration::from_secs(5),
-        async_nats::ConnectOptions::new()
+        auditbridge_worker::nats_options(&config.nats_url)?
             .name("auditbridge-status")
             .connection_timeout(Duration::from_secs(3))
-            .connect(&config.nats_url),
+            .connect(auditbridge_worker::nats_servers(&config.nats_url)?),
     )
     .await;
     match nats {
@@ -76,11 +76,12 @@ pub async fn run(args: Args, config: &Config) -> anyhow::Result<ExitCode> {
         }
         Ok(Err(e)) => {
             ok = false;
-            doc["nats"] = json!({"url": config.nats_url, "error": e.to_string()});
+            doc["nats"] = json!({"url": redact_url(&config.nats_url), "error": e.to_string()});
         }
         Err(_) => {
             ok = false;
-            doc["nats"] = json!({"url": config.nats_url, "error": "timed out connecting"});
+            doc["nats"] =
+                json!({"url": redact_url(&config.nats_url), "error": "timed out connecting"});
         }
     }
 

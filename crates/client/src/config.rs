@@ -199,8 +199,8 @@ pub enum Fsync {
     Never,
 }
 
-/// `postgres` store params.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+/// `postgres` store params. Its `Debug` shows the URL without its password.
+#[derive(Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PostgresParams {
     /// The service's database, e.g. `postgres://app@db/app`.
@@ -214,6 +214,18 @@ pub struct PostgresParams {
     /// Most payload bytes held (default 1 GiB).
     #[serde(default = "PostgresParams::default_max_bytes")]
     pub max_bytes: u64,
+}
+
+// By hand, so that the URL's password never reaches a log line through `{:?}`.
+impl std::fmt::Debug for PostgresParams {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresParams")
+            .field("url", &auditbridge_config::redact_url(&self.url))
+            .field("table", &self.table)
+            .field("max_events", &self.max_events)
+            .field("max_bytes", &self.max_bytes)
+            .finish()
+    }
 }
 
 impl PostgresParams {
@@ -294,6 +306,22 @@ mod tests {
             pg,
             StoreConfig::Postgres(PostgresParams::new("postgres://x/y"))
         );
+    }
+
+    #[test]
+    fn debug_shows_no_password() {
+        let store = StoreConfig::from_json(
+            r#"{"type":"postgres","params":{"url":"postgres://app:pg-s3cret@db/app?password=q-s3cret"}}"#,
+        )
+        .unwrap();
+        let shown = format!("{store:?}");
+        assert!(!shown.contains("s3cret"), "{shown}");
+        assert!(shown.contains("postgres://app:***@db/app"), "{shown}");
+        let err = StoreConfig::from_json(
+            r#"{"type":"postgres","params":{"url":"postgres://app:pg-s3cret@db/app","table":"a b"}}"#,
+        )
+        .unwrap_err();
+        assert!(!err.to_string().contains("s3cret"), "{err}");
     }
 
     #[test]

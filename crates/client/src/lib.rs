@@ -170,8 +170,9 @@ pub struct Stats {
     pub queue_events: u64,
 }
 
-/// Configures and connects a [`Client`].
-#[derive(Debug, Clone)]
+/// Configures and connects a [`Client`]. Its `Debug` shows URLs without their passwords or
+/// tokens.
+#[derive(Clone)]
 #[must_use]
 pub struct ClientBuilder {
     nats_url: String,
@@ -186,6 +187,26 @@ pub struct ClientBuilder {
     spill_after: Duration,
     max_event_bytes: usize,
     name: String,
+}
+
+// By hand, so that a password or token in a URL never reaches a log line through `{:?}`.
+impl std::fmt::Debug for ClientBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientBuilder")
+            .field("nats_url", &auditbridge_config::redact_url(&self.nats_url))
+            .field("subject_prefix", &self.subject_prefix)
+            .field("source", &self.source)
+            .field("store", &self.store)
+            .field("on_full", &self.on_full)
+            .field("queue_capacity", &self.queue_capacity)
+            .field("max_in_flight", &self.max_in_flight)
+            .field("drain_batch", &self.drain_batch)
+            .field("ack_timeout", &self.ack_timeout)
+            .field("spill_after", &self.spill_after)
+            .field("max_event_bytes", &self.max_event_bytes)
+            .field("name", &self.name)
+            .finish()
+    }
 }
 
 impl Default for ClientBuilder {
@@ -347,7 +368,20 @@ impl ClientBuilder {
                 store: kind,
                 source,
             })?;
-        let nats = async_nats::ConnectOptions::new()
+        // Credentials go in as options, not in the URLs: the NATS client ignores them there
+        // and writes the URLs it connects to into its debug log.
+        let (servers, auth) = auditbridge_config::nats_credentials(&self.nats_url)
+            .map_err(|e| ConfigError::new("nats_url", e))?;
+        let options = match auth {
+            Some(auditbridge_config::NatsAuth::UserPassword { user, password }) => {
+                async_nats::ConnectOptions::new().user_and_password(user, password)
+            }
+            Some(auditbridge_config::NatsAuth::Token(token)) => {
+                async_nats::ConnectOptions::new().token(token)
+            }
+            None => async_nats::ConnectOptions::new(),
+        };
+        let nats = options
             .name(&self.name)
             .retry_on_initial_connect()
             .max_reconnects(None)
@@ -359,7 +393,7 @@ impl ClientBuilder {
             .event_callback(|event| async move {
                 tracing::debug!(event = %event, message = "Audit client: NATS connection event.");
             })
-            .connect(self.nats_url.as_str())
+            .connect(servers.as_str())
             .await?;
         // Give a reachable NATS a moment, so a fresh client does not buffer its first events
         // for nothing; an unreachable one costs at most this wait, never an error.

@@ -247,7 +247,17 @@ impl Pump {
     }
 
     async fn step_direct(&mut self) {
-        let room = self.settings.max_in_flight - self.inflight.len();
+        let room = self
+            .settings
+            .max_in_flight
+            .saturating_sub(self.inflight.len());
+        // Events held while buffering (up to `hold_max`, more than `max_in_flight`) go out
+        // first, as room allows; the queue waits behind them to keep the order.
+        if room > 0 && !self.hold.is_empty() {
+            let n = room.min(self.hold.len());
+            let events: Vec<Pending> = self.hold.drain(..n).collect();
+            return self.publish_direct(events).await;
+        }
         let now = Instant::now();
         let check_at = self
             .inflight
@@ -259,7 +269,7 @@ impl Pump {
             biased;
             _ = self.shared.close.cancelled(), if self.closing.is_none() => self.begin_close(),
             Some(result) = self.acks.next(), if !self.acks.is_empty() => self.on_ack(result).await,
-            n = take(&mut self.rx, &mut self.buf, room, poll), if room > 0 && !self.rx_done => {
+            n = take(&mut self.rx, &mut self.buf, room, poll), if room > 0 && !self.rx_done && self.hold.is_empty() => {
                 let events = self.received(n);
                 if !events.is_empty() {
                     self.publish_direct(events).await;
@@ -451,10 +461,7 @@ impl Pump {
             self.failing_logged = false;
             self.drain_backoff = backoff();
             self.set_pressure(Backpressure::Busy);
-            let held: Vec<Pending> = self.hold.drain(..).collect();
-            if !held.is_empty() {
-                self.publish_direct(held).await;
-            }
+            // What is held goes out from `step_direct`, at most `max_in_flight` at a time.
             return;
         }
 
@@ -494,7 +501,9 @@ impl Pump {
             .filter(|r| r.as_ref().is_ok_and(|a| !a.duplicate))
             .count();
         add(&self.shared.counts.published, fresh as u64);
-        if ok > 0 {
+        // Also with nothing acknowledged: `remove` ends the peek (the postgres store's
+        // transaction), which must not stay open for as long as NATS is away.
+        {
             match self.store.remove(ok).await {
                 Ok(()) => add(&self.shared.counts.drained, ok as u64),
                 Err(e) => {

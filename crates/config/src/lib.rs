@@ -186,30 +186,177 @@ impl fmt::Debug for Config {
     }
 }
 
-/// Replaces the password of `scheme://user:password@host/...` with `***` (everything else
-/// is kept, so the URL still says where it points). The one place URLs are redacted.
+/// Replaces the secrets of a URL with `***`, keeping everything else so that it still says
+/// where it points: the password of `scheme://user:password@host/...`, a NATS token
+/// (`nats://token@host`: user info without a password), and the values of query parameters
+/// that carry secrets (`?password=`, `sslpassword`, `token`, `auth_token`, `secret`). A
+/// comma-separated list of URLs (NATS servers) is redacted URL by URL. The one place URLs are
+/// redacted.
 pub fn redact_url(url: &str) -> String {
+    split_url_list(url)
+        .into_iter()
+        .map(redact_one_url)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Splits `nats://a@h1,nats://b@h2` into its URLs: a comma starts a new URL only when what
+/// follows it has a scheme, so a comma in a password or in a host list
+/// (`postgres://u:p@h1,h2/db`) stays where it is.
+fn split_url_list(text: &str) -> Vec<&str> {
+    let starts_url = |rest: &str| {
+        rest.find("://").is_some_and(|i| {
+            i > 0
+                && rest[..i]
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c))
+        })
+    };
+    let mut parts = Vec::new();
+    let mut from = 0;
+    for (i, c) in text.char_indices() {
+        if c == ',' && starts_url(text[i + 1..].trim_start()) {
+            parts.push(&text[from..i]);
+            from = i + 1;
+        }
+    }
+    parts.push(&text[from..]);
+    parts
+}
+
+/// Query parameters whose values are secrets (compared case-insensitively).
+const SECRET_PARAMS: [&str; 6] = [
+    "password",
+    "sslpassword",
+    "pass",
+    "token",
+    "auth_token",
+    "secret",
+];
+
+fn redact_one_url(url: &str) -> String {
     let Some(scheme_end) = url.find("://").map(|i| i + 3) else {
         return url.to_owned();
     };
+    let scheme = url[..scheme_end - 3].trim().to_ascii_lowercase();
     let authority_end = url[scheme_end..]
         .find(['/', '?', '#'])
         .map_or(url.len(), |i| scheme_end + i);
     let authority = &url[scheme_end..authority_end];
+    let mut out = url[..scheme_end].to_owned();
     // The last '@' ends the user info: a password may contain '@' itself.
-    let Some(at) = authority.rfind('@') else {
-        return url.to_owned();
+    match authority.rfind('@') {
+        Some(at) => {
+            let user_info = &authority[..at];
+            match user_info.find(':') {
+                Some(colon) => {
+                    out.push_str(&user_info[..colon]);
+                    out.push_str(":***");
+                }
+                // A user alone is a token for NATS; for others it is just a name.
+                None if matches!(scheme.as_str(), "nats" | "tls" | "ws" | "wss") => {
+                    out.push_str("***");
+                }
+                None => out.push_str(user_info),
+            }
+            out.push_str(&authority[at..]);
+        }
+        None => out.push_str(authority),
+    }
+    let rest = &url[authority_end..];
+    let Some(q) = rest.find('?') else {
+        out.push_str(rest);
+        return out;
     };
-    let user_info = &authority[..at];
-    let Some(colon) = user_info.find(':') else {
-        return url.to_owned();
-    };
-    format!(
-        "{}{}:***{}",
-        &url[..scheme_end],
-        &user_info[..colon],
-        &url[scheme_end + at..]
-    )
+    out.push_str(&rest[..=q]);
+    let query = &rest[q + 1..];
+    let (query, fragment) = query.split_at(query.find('#').unwrap_or(query.len()));
+    let params: Vec<String> = query
+        .split('&')
+        .map(|pair| match pair.split_once('=') {
+            Some((key, _))
+                if SECRET_PARAMS
+                    .iter()
+                    .any(|s| s.eq_ignore_ascii_case(key.trim())) =>
+            {
+                format!("{key}=***")
+            }
+            _ => pair.to_owned(),
+        })
+        .collect();
+    out.push_str(&params.join("&"));
+    out.push_str(fragment);
+    out
+}
+
+/// Credentials for NATS, as a server list's URLs carried them.
+#[derive(Clone, PartialEq, Eq)]
+pub enum NatsAuth {
+    /// `nats://user:password@host`.
+    UserPassword { user: String, password: String },
+    /// `nats://token@host`.
+    Token(String),
+}
+
+impl fmt::Debug for NatsAuth {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            NatsAuth::UserPassword { user, .. } => write!(f, "UserPassword({user}:***)"),
+            NatsAuth::Token(_) => f.write_str("Token(***)"),
+        }
+    }
+}
+
+/// Takes the credentials out of a NATS server list (`nats://u:p@h1,nats://u:p@h2`): the
+/// list without user info, and the credentials, percent-decoded. The NATS client is then
+/// given the credentials as options and the URLs without them, because it writes the URLs
+/// it connects to into its own debug log lines (and ignores credentials in them).
+/// Servers of one list must share their credentials: an error says so otherwise (without
+/// showing them).
+pub fn nats_credentials(list: &str) -> Result<(String, Option<NatsAuth>), String> {
+    let mut auth: Option<NatsAuth> = None;
+    let mut urls = Vec::new();
+    for url in split_url_list(list) {
+        let url = url.trim();
+        let Some(scheme_end) = url.find("://").map(|i| i + 3) else {
+            urls.push(url.to_owned());
+            continue;
+        };
+        let authority_end = url[scheme_end..]
+            .find(['/', '?', '#'])
+            .map_or(url.len(), |i| scheme_end + i);
+        let authority = &url[scheme_end..authority_end];
+        let Some(at) = authority.rfind('@') else {
+            urls.push(url.to_owned());
+            continue;
+        };
+        let decode = |s: &str| {
+            percent_encoding::percent_decode_str(s)
+                .decode_utf8()
+                .map(|s| s.into_owned())
+                .map_err(|_| format!("{}: user info is not UTF-8", redact_url(url)))
+        };
+        let this = match authority[..at].split_once(':') {
+            Some((user, password)) => NatsAuth::UserPassword {
+                user: decode(user)?,
+                password: decode(password)?,
+            },
+            None => NatsAuth::Token(decode(&authority[..at])?),
+        };
+        if auth.as_ref().is_some_and(|a| *a != this) {
+            return Err(format!(
+                "{}: every server of the list must carry the same credentials",
+                redact_url(list)
+            ));
+        }
+        auth = Some(this);
+        urls.push(format!(
+            "{}{}",
+            &url[..scheme_end],
+            &url[scheme_end + at + 1..]
+        ));
+    }
+    Ok((urls.join(","), auth))
 }
 
 struct Key {
@@ -422,7 +569,12 @@ impl Layers {
                 .is_some_and(|r| !r.is_empty() && !r.starts_with('/'))
         });
         if !ok {
-            return Err(self.invalid(key, expected));
+            // Not `invalid`: the value is shown, and a URL may hold a password.
+            return Err(ConfigError::Invalid {
+                setting: self.setting_name(key),
+                value: redact_url(v),
+                expected,
+            });
         }
         Ok(v.to_owned())
     }
@@ -917,6 +1069,60 @@ mod tests {
         assert_eq!(
             redact_url("postgres://app@db/audit"),
             "postgres://app@db/audit"
+        );
+        // A password with '@' and ':' in it.
+        assert_eq!(
+            redact_url("postgres://app:p@ss:w@db/audit"),
+            "postgres://app:***@db/audit"
+        );
+        // Every URL of a NATS server list, and a NATS token.
+        assert_eq!(
+            redact_url("nats://u:one@h1:4222,nats://u:two@h2:4222, tls://tok3n@h3"),
+            "nats://u:***@h1:4222,nats://u:***@h2:4222, tls://***@h3"
+        );
+        // A PostgreSQL host list is one URL; a password in the query string.
+        assert_eq!(
+            redact_url(
+                "postgres://app:s3cret@h1,h2/audit?sslmode=require&PASSWORD=x&sslpassword=y#f"
+            ),
+            "postgres://app:***@h1,h2/audit?sslmode=require&PASSWORD=***&sslpassword=***#f"
+        );
+        assert_eq!(
+            redact_url("amqp://guest:guest@127.0.0.1:5672/%2f"),
+            "amqp://guest:***@127.0.0.1:5672/%2f"
+        );
+        assert_eq!(redact_url("not a url"), "not a url");
+        assert_eq!(
+            nats_credentials("nats://u:p%40ss@h1:4222,nats://u:p%40ss@h2").unwrap(),
+            (
+                "nats://h1:4222,nats://h2".to_owned(),
+                Some(NatsAuth::UserPassword {
+                    user: "u".into(),
+                    password: "p@ss".into()
+                })
+            )
+        );
+        assert_eq!(
+            nats_credentials("tls://s3cret@h").unwrap(),
+            ("tls://h".to_owned(), Some(NatsAuth::Token("s3cret".into())))
+        );
+        assert_eq!(
+            nats_credentials("nats://127.0.0.1:4222").unwrap(),
+            ("nats://127.0.0.1:4222".to_owned(), None)
+        );
+        let mixed = nats_credentials("nats://u:one@h1,nats://u:two@h2").unwrap_err();
+        assert!(!mixed.contains("one") && !mixed.contains("two"), "{mixed}");
+        let shown = format!("{:?}", nats_credentials("nats://u:s3cret@h").unwrap());
+        assert!(!shown.contains("s3cret"), "{shown}");
+        let err = Config::from_env(env(&[(
+            "AUDITBRIDGE_DATABASE_URL",
+            "mysql://app:s3cret@db/x",
+        )]))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            !err.contains("s3cret") && err.contains("app:***@db"),
+            "{err}"
         );
         let c = Config::from_env(env(&[(
             "AUDITBRIDGE_DATABASE_URL",

@@ -42,6 +42,9 @@ pub mod metrics {
     pub const TAIL_ROTATIONS: &str = "auditbridge_tail_rotations_total";
     /// Label `source`.
     pub const TAIL_TRUNCATIONS: &str = "auditbridge_tail_truncations_total";
+    /// Label `source`: files the tail had not finished that were gone before it could read
+    /// them (deleted or compressed while it was stopped); their unread lines are lost.
+    pub const TAIL_FILES_LOST: &str = "auditbridge_tail_files_lost_total";
     /// Label `source`: publish attempts that failed and are being retried.
     pub const TAIL_PUBLISH_FAILURES: &str = "auditbridge_tail_publish_failures_total";
 }

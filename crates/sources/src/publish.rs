@@ -114,17 +114,19 @@ impl Sink for Publisher {
                     for (name, value) in &out.headers {
                         headers.insert(*name, value.as_str());
                     }
-                    acks.push(self.js.publish_with_headers(
-                        out.subject.clone(),
-                        headers,
-                        out.payload.clone(),
-                    ));
+                    // Awaited here, one after the other (each only buffers into the
+                    // connection), so the stream holds a batch in its order; polled together
+                    // they interleaved whenever one had to wait for the connection.
+                    acks.push(
+                        self.js
+                            .publish_with_headers(out.subject.clone(), headers, out.payload.clone())
+                            .await,
+                    );
                 }
-                // Sent one after the other (each only buffers into the connection), then
-                // every ack awaited at once.
+                // Then every ack awaited at once.
                 let mut futures = Vec::with_capacity(acks.len());
                 for a in acks {
-                    futures.push(async move { a.await?.await });
+                    futures.push(async move { a?.await });
                 }
                 futures::future::join_all(futures).await
             };

@@ -12,8 +12,18 @@
 //! the open handle (a writer may still have appended before it reopened), its partial last
 //! line, if any, is taken as a line since nobody will finish it, and then the new file is
 //! followed from 0. If the rotation happened while the tail was stopped, the old inode is
-//! looked for in the same directory (`audit.jsonl.1`) and finished first; if it is gone, the
-//! new file starts at 0 and a warning says what could not be read.
+//! looked for in the same directory (`audit.jsonl.1`) and finished first.
+//!
+//! **Several rotations** (while stopped, or while publishing waited for NATS) leave files in
+//! between: A was followed, then became `audit.jsonl.2` with B in `.1` and C live. "The file
+//! after A" is therefore not the live file but the next rotated sibling in rotation order:
+//! the files of the directory named like a rotation of the followed file (`name.N`,
+//! `name-20261201`, `stem-20261201.ext`, …), ordered by modification time, then by the
+//! pattern (`.2` before `.1`). Each is read from 0 to its end in turn, then the live file.
+//! If the saved file itself is gone at start-up, its unread lines are lost: an error log
+//! line and `auditbridge_tail_files_lost_total` say so, and the files rotated after it
+//! (modified since the position was saved) are still read. A compressed rotation
+//! (`name.1.gz`) cannot be read and is not a candidate.
 //!
 //! **Truncation** is "the file is shorter than the position", or "the 64 bytes before the
 //! position are no longer the ones we settled" (a file truncated and at once written past the
@@ -75,6 +85,53 @@ pub struct Position {
     /// written past the old offset again, which its size alone cannot show.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub check: String,
+    /// The file's modification time when the position was saved (ns since the epoch). If
+    /// the file is gone at the next start, the rotated files modified since then are the
+    /// ones not read yet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub modified_ns: Option<i64>,
+}
+
+/// A rotated sibling of the followed file.
+struct Rotated {
+    path: PathBuf,
+    name: String,
+    inode: u64,
+    modified_ns: i64,
+    count: Option<std::cmp::Reverse<u64>>,
+}
+
+/// A file's modification time in ns since the epoch.
+fn modified_ns(meta: &std::fs::Metadata) -> i64 {
+    meta.mtime()
+        .saturating_mul(1_000_000_000)
+        .saturating_add(meta.mtime_nsec())
+}
+
+/// Whether `name` is a rotation of the followed file `followed`, and its stamp: the followed
+/// name plus a stamp (`audit.jsonl.1`, `audit.jsonl-20261201`, `audit.jsonl.2026-12-01`), or
+/// the stem, a stamp and the extension (`audit-20261201.jsonl`, `audit.1.jsonl`). A stamp is
+/// digits and `-_.:T` with at least one digit, so `audit.jsonl.1.gz` (compressed: it cannot
+/// be read) and `audit-other.jsonl` (another log) are not rotations.
+fn is_rotated_name<'a>(followed: &str, name: &'a str) -> Option<&'a str> {
+    let stamp_like = |s: &str| {
+        s.bytes().any(|b| b.is_ascii_digit())
+            && s.bytes()
+                .all(|b| b.is_ascii_digit() || b"-_.:T".contains(&b))
+    };
+    let sep = ['.', '-', '_'];
+    if let Some(rest) = name.strip_prefix(followed) {
+        return rest.strip_prefix(sep).filter(|s| stamp_like(s));
+    }
+    let (stem, ext) = followed.rsplit_once('.')?;
+    if stem.is_empty() {
+        return None;
+    }
+    name.strip_prefix(stem)?
+        .strip_suffix(ext)?
+        .strip_suffix('.')?
+        .strip_prefix(sep)
+        .filter(|s| stamp_like(s))
 }
 
 /// How many bytes before the position are remembered to recognise the file.
@@ -202,27 +259,19 @@ impl<S: Sink> Tail<S> {
                             break;
                         }
                     }
-                    let file = match File::open(&self.params.path) {
-                        Ok(f) => f,
+                    // Not necessarily the live file: when it was rotated more than once
+                    // since we opened it (while publishing waited for NATS), the files
+                    // rotated after it come first, oldest first.
+                    let done = cur.inode;
+                    let done_modified = cur.file.metadata().ok().map(|m| modified_ns(&m));
+                    let Some((next, next_path)) = self.open_next(done, done_modified)? else {
                         // Replaced again in between: the next round sees it.
-                        Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-                        Err(e) => return Err(self.io_err("opening", &self.params.path, e)),
+                        continue;
                     };
-                    let inode = file
-                        .metadata()
-                        .map_err(|e| self.io_err("reading metadata of", &self.params.path, e))?
-                        .ino();
-                    tracing::info!(source = %self.name, old_inode = cur.inode, inode, message = "File rotated; following the new file from its start.");
+                    tracing::info!(source = %self.name, old_inode = done, inode = next.inode, path = %next_path.display(), message = "File rotated; following the next file from its start.");
                     metrics::counter!(m::TAIL_ROTATIONS, "source" => self.name.clone())
                         .increment(1);
-                    cur = Current {
-                        file,
-                        inode,
-                        offset: 0,
-                        buf: Vec::new(),
-                        discarding: false,
-                        check: Vec::new(),
-                    };
+                    cur = next;
                     self.save(&cur)?;
                     continue;
                 }
@@ -307,8 +356,16 @@ impl<S: Sink> Tail<S> {
                     (old, pos.inode, pos.offset)
                 }
                 None => {
-                    tracing::warn!(source = %self.name, old_inode = pos.inode, offset = pos.offset, message = "File was replaced while stopped and the old file is gone; lines after the saved position in it were not read. Starting the new file from its beginning.");
-                    (file, meta.ino(), 0)
+                    tracing::error!(source = %self.name, old_inode = pos.inode, offset = pos.offset, message = "The file the saved position points into is gone (deleted or compressed before it was finished): its lines after the saved offset were not read and are lost. Going on with the files rotated after it, then the live file.");
+                    metrics::counter!(m::TAIL_FILES_LOST, "source" => self.name.clone())
+                        .increment(1);
+                    match self.open_next(pos.inode, pos.modified_ns)? {
+                        Some((next, next_path)) => {
+                            tracing::info!(source = %self.name, inode = next.inode, path = %next_path.display(), message = "Following the oldest file not read yet from its start.");
+                            (next.file, next.inode, 0)
+                        }
+                        None => (file, meta.ino(), 0),
+                    }
                 }
             },
             None if self.params.start_at_end => (file, meta.ino(), meta.len()),
@@ -332,20 +389,115 @@ impl<S: Sink> Tail<S> {
         Ok(Some(cur))
     }
 
-    /// A file in the followed file's directory with this inode (a rotated predecessor).
-    fn find_inode(&self, inode: u64) -> Option<(PathBuf, File)> {
-        let dir = self
-            .params
+    /// The followed file's directory.
+    fn dir(&self) -> &Path {
+        self.params
             .path
             .parent()
             .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
-        std::fs::read_dir(dir).ok()?.flatten().find_map(|entry| {
-            let meta = entry.metadata().ok()?;
-            (meta.is_file() && meta.ino() == inode)
-                .then(|| File::open(entry.path()).ok().map(|f| (entry.path(), f)))
-                .flatten()
-        })
+            .unwrap_or(Path::new("."))
+    }
+
+    /// The followed file's rotated siblings (not the live file), oldest first: the files in
+    /// its directory named like a rotation of it ([`is_rotated_name`]), ordered by
+    /// modification time and then by the rotation pattern (`.2` before `.1`, dates
+    /// ascending). A file is listed once even if several names link to it.
+    fn rotated(&self) -> Vec<Rotated> {
+        let Some(followed) = self.params.path.file_name().and_then(|n| n.to_str()) else {
+            return Vec::new();
+        };
+        let Ok(entries) = std::fs::read_dir(self.dir()) else {
+            return Vec::new();
+        };
+        let mut files: Vec<Rotated> = entries
+            .flatten()
+            .filter_map(|entry| {
+                let name = entry.file_name().into_string().ok()?;
+                let stamp = is_rotated_name(followed, &name)?;
+                // A small number is a rotation count: the higher, the older.
+                let count = (stamp.len() <= 6)
+                    .then(|| stamp.parse::<u64>().ok())
+                    .flatten()
+                    .map(std::cmp::Reverse);
+                let meta = std::fs::metadata(entry.path()).ok()?;
+                meta.is_file().then(|| Rotated {
+                    path: entry.path(),
+                    inode: meta.ino(),
+                    modified_ns: modified_ns(&meta),
+                    count,
+                    name,
+                })
+            })
+            .collect();
+        files.sort_by(|a, b| {
+            (a.modified_ns, a.count, &a.name).cmp(&(b.modified_ns, b.count, &b.name))
+        });
+        let mut seen = std::collections::HashSet::new();
+        files.retain(|f| seen.insert(f.inode));
+        files
+    }
+
+    /// Opens the file to read after the file `done` was read to its end: the next rotated
+    /// sibling in rotation order, or the live file when there is none. `done` is found among
+    /// the siblings by inode; when it is gone, every sibling modified at or after
+    /// `done_modified` (the last time seen for it) comes after it, and without that time
+    /// every sibling does (a file read twice costs duplicates, which the ids absorb; a file
+    /// skipped would cost its lines). `None` when what was listed vanished while opening it
+    /// (a rotation in progress); the caller tries again.
+    fn open_next(
+        &self,
+        done: u64,
+        done_modified: Option<i64>,
+    ) -> Result<Option<(Current, PathBuf)>, TailError> {
+        for _ in 0..5 {
+            let rotated = self.rotated();
+            let next = match rotated.iter().position(|f| f.inode == done) {
+                Some(i) => rotated.get(i + 1),
+                None => rotated
+                    .iter()
+                    .find(|f| done_modified.is_none_or(|m| f.modified_ns >= m)),
+            };
+            let (path, inode) = match next {
+                Some(f) => (f.path.clone(), Some(f.inode)),
+                None => (self.params.path.clone(), None),
+            };
+            let file = match File::open(&path) {
+                Ok(f) => f,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(self.io_err("opening", &path, e)),
+            };
+            let opened = file
+                .metadata()
+                .map_err(|e| self.io_err("reading metadata of", &path, e))?
+                .ino();
+            if opened == done || inode.is_some_and(|i| i != opened) {
+                // Renamed under us: list again.
+                continue;
+            }
+            let cur = Current {
+                file,
+                inode: opened,
+                offset: 0,
+                buf: Vec::new(),
+                discarding: false,
+                check: Vec::new(),
+            };
+            return Ok(Some((cur, path)));
+        }
+        Ok(None)
+    }
+
+    /// A file in the followed file's directory with this inode (a rotated predecessor).
+    fn find_inode(&self, inode: u64) -> Option<(PathBuf, File)> {
+        std::fs::read_dir(self.dir())
+            .ok()?
+            .flatten()
+            .find_map(|entry| {
+                let meta = entry.metadata().ok()?;
+                (meta.is_file() && meta.ino() == inode)
+                    .then(|| File::open(entry.path()).ok().map(|f| (entry.path(), f)))
+                    .flatten()
+            })
     }
 
     /// Adds bytes read from the file; publishes and settles every complete line. Returns
@@ -534,6 +686,7 @@ impl<S: Sink> Tail<S> {
             inode: cur.inode,
             offset: cur.offset,
             check: hex::encode(&cur.check),
+            modified_ns: cur.file.metadata().ok().map(|m| modified_ns(&m)),
         };
         let tmp = path.with_extension("json.tmp");
         let write = || -> io::Result<()> {
@@ -765,6 +918,138 @@ mod tests {
         let (token, handle) = f.start();
         assert_eq!(f.sink.wait_for(3).await, ["a", "b", "c"]);
         stop(token, handle).await;
+    }
+
+    /// `n` lines whose actors are `<tag>-0`, `<tag>-1`, … (to check order per file).
+    fn lines(tag: &str, n: usize) -> (String, Vec<String>) {
+        let actors: Vec<String> = (0..n).map(|i| format!("{tag}-{i}")).collect();
+        (actors.iter().map(|a| line(a)).collect(), actors)
+    }
+
+    /// Renames `audit.jsonl.N` to `.N+1` (highest first) and the live file to `.1`, as
+    /// logrotate does.
+    fn rotate(f: &Fixture) {
+        let name = |i: usize| f.dir.join(format!("audit.jsonl.{i}"));
+        let mut highest = 0;
+        while name(highest + 1).exists() {
+            highest += 1;
+        }
+        for i in (1..=highest).rev() {
+            std::fs::rename(name(i), name(i + 1)).unwrap();
+        }
+        std::fs::rename(&f.params.path, name(1)).unwrap();
+    }
+
+    /// Stopped after file A; rotated `rotations` times with a file of 100 lines written
+    /// after each; started again: every line of every file once, file after file, in order.
+    async fn rotations_while_stopped(test: &str, rotations: usize) {
+        let f = Fixture::new(test);
+        let path = f.params.path.clone();
+        let (a, mut want) = lines("a", 100);
+        f.append(&path, &a);
+        let (token, handle) = f.start();
+        assert_eq!(f.sink.wait_for(100).await.len(), 100);
+        stop(token, handle).await;
+        // More lines to A while stopped: the saved inode is finished first.
+        let (a2, more) = lines("a2", 20);
+        f.append(&path, &a2);
+        want.extend(more);
+        for r in 0..rotations {
+            rotate(&f);
+            let (text, actors) = lines(&format!("f{r}"), 100);
+            f.append(&path, &text);
+            want.extend(actors);
+        }
+        let (token, handle) = f.start();
+        let got = f.sink.wait_for(want.len()).await;
+        stop(token, handle).await;
+        assert_eq!(got.len(), want.len(), "every line once");
+        assert!(got == want, "in order, file after file");
+        assert_eq!(f.position().inode, std::fs::metadata(&path).unwrap().ino());
+    }
+
+    #[tokio::test]
+    async fn two_rotations_while_stopped_read_every_file_in_order() {
+        rotations_while_stopped("rotate-twice", 2).await;
+    }
+
+    #[tokio::test]
+    async fn three_rotations_while_stopped_read_every_file_in_order() {
+        rotations_while_stopped("rotate-thrice", 3).await;
+    }
+
+    /// The same while running, with publishing down (NATS away): the tail is held inside
+    /// file A while it is rotated twice; once publishing is back it reads A, B and C.
+    #[tokio::test]
+    async fn two_rotations_while_publishing_is_down_read_every_file_in_order() {
+        let f = Fixture::new("rotate-down");
+        let path = f.params.path.clone();
+        f.sink.down.store(true, std::sync::atomic::Ordering::SeqCst);
+        let (a, mut want) = lines("a", 100);
+        f.append(&path, &a);
+        let (token, handle) = f.start();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        for r in 0..2 {
+            rotate(&f);
+            let (text, actors) = lines(&format!("f{r}"), 100);
+            f.append(&path, &text);
+            want.extend(actors);
+        }
+        f.sink
+            .down
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+        let got = f.sink.wait_for(want.len()).await;
+        stop(token, handle).await;
+        assert_eq!(got.len(), want.len(), "every line once");
+        assert!(got == want, "in order, file after file");
+    }
+
+    /// The saved file is deleted before the restart: its unread lines are lost (said in an
+    /// error log line and a counter), and the files rotated after it are still read.
+    #[tokio::test]
+    async fn a_deleted_file_costs_only_its_own_unread_lines() {
+        let f = Fixture::new("rotate-deleted");
+        let path = f.params.path.clone();
+        let (a, _) = lines("a", 10);
+        f.append(&path, &a);
+        let (token, handle) = f.start();
+        assert_eq!(f.sink.wait_for(10).await.len(), 10);
+        stop(token, handle).await;
+        f.append(&path, &lines("lost", 5).0);
+        let mut want: Vec<String> = f.sink.actors();
+        for r in 0..2 {
+            rotate(&f);
+            let (text, actors) = lines(&format!("f{r}"), 100);
+            f.append(&path, &text);
+            want.extend(actors);
+        }
+        std::fs::remove_file(f.dir.join("audit.jsonl.2")).unwrap();
+        let (token, handle) = f.start();
+        let got = f.sink.wait_for(want.len()).await;
+        stop(token, handle).await;
+        assert!(
+            got == want,
+            "B then C, nothing of the deleted file's unread lines"
+        );
+    }
+
+    #[test]
+    fn rotated_names() {
+        let r = |name| is_rotated_name("audit.jsonl", name);
+        assert_eq!(r("audit.jsonl.1"), Some("1"));
+        assert_eq!(r("audit.jsonl.12"), Some("12"));
+        assert_eq!(r("audit.jsonl-20261201"), Some("20261201"));
+        assert_eq!(r("audit.jsonl.2026-12-01"), Some("2026-12-01"));
+        assert_eq!(r("audit-20261201.jsonl"), Some("20261201"));
+        assert_eq!(r("audit.1.jsonl"), Some("1"));
+        assert_eq!(r("audit.jsonl"), None);
+        assert_eq!(r("audit.jsonl.1.gz"), None, "compressed: cannot be read");
+        assert_eq!(r("audit-other.jsonl"), None);
+        assert_eq!(r("audit.jsonl.tmp"), None);
+        assert_eq!(r("audit.jsonl.state.json"), None);
+        assert_eq!(r("auditx.jsonl.1"), None);
+        assert_eq!(is_rotated_name("audit", "audit.1"), Some("1"));
+        assert_eq!(is_rotated_name(".hidden", ".hidden.1"), Some("1"));
     }
 
     #[tokio::test]

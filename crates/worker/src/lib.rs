@@ -198,7 +198,7 @@ impl Worker {
 /// Connects to NATS, retrying in the background if it is not there yet; the client reconnects
 /// by itself for as long as the process lives.
 pub async fn connect_nats(url: &str, name: &str) -> anyhow::Result<async_nats::Client> {
-    async_nats::ConnectOptions::new()
+    nats_options(url)?
         .name(name)
         .retry_on_initial_connect()
         .max_reconnects(None)
@@ -212,9 +212,34 @@ pub async fn connect_nats(url: &str, name: &str) -> anyhow::Result<async_nats::C
                 other => tracing::debug!(event = %other, message = "NATS client event."),
             }
         })
-        .connect(url)
+        .connect(nats_servers(url)?)
         .await
-        .with_context(|| format!("connecting to NATS at {url}"))
+        .with_context(|| {
+            format!(
+                "connecting to NATS at {}",
+                auditbridge_config::redact_url(url)
+            )
+        })
+}
+
+/// Connect options carrying the credentials of a NATS server list; the servers to connect to
+/// are [`nats_servers`], the list without them (the NATS client logs those at debug level).
+pub fn nats_options(url: &str) -> anyhow::Result<async_nats::ConnectOptions> {
+    let (_, auth) = auditbridge_config::nats_credentials(url).map_err(anyhow::Error::msg)?;
+    let options = async_nats::ConnectOptions::new();
+    Ok(match auth {
+        Some(auditbridge_config::NatsAuth::UserPassword { user, password }) => {
+            options.user_and_password(user, password)
+        }
+        Some(auditbridge_config::NatsAuth::Token(token)) => options.token(token),
+        None => options,
+    })
+}
+
+/// The NATS server list without credentials (see [`nats_options`]).
+pub fn nats_servers(url: &str) -> anyhow::Result<String> {
+    let (servers, _) = auditbridge_config::nats_credentials(url).map_err(anyhow::Error::msg)?;
+    Ok(servers)
 }
 
 /// Provisions the stream and consumer (retrying while NATS or PostgreSQL is unavailable),

@@ -6,12 +6,17 @@
 //! (`FOR UPDATE SKIP LOCKED`) and deletes them in the same transaction once JetStream acked
 //! them, so a replica that dies mid-drain leaves its rows to the others.
 
-use sqlx::postgres::{PgPool, PgPoolOptions};
+use std::str::FromStr as _;
+
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::{AssertSqlSafe, Postgres, Transaction};
 
 use super::{Pending, decode_stored};
 use crate::config::PostgresParams;
 use crate::error::StoreError;
+
+/// The `application_name` of the store's sessions, unless the URL sets one.
+pub(crate) const APPLICATION_NAME: &str = "auditbridge-client";
 
 pub(crate) struct PgStore {
     pool: PgPool,
@@ -35,10 +40,20 @@ impl PgStore {
         prefix: &str,
         max_event_bytes: usize,
     ) -> Result<PgStore, StoreError> {
+        let mut options = PgConnectOptions::from_str(&params.url)
+            .map_err(StoreError::db("parsing the postgres store's URL"))?;
+        if options.get_application_name().is_none() {
+            // So that its sessions can be told apart in `pg_stat_activity`.
+            options = options.application_name(APPLICATION_NAME);
+        }
+        // A safety net under "every path ends its transaction": a drain's transaction lives
+        // for one publish of a batch (bounded by the ack timeout); one idle far longer than
+        // that is ended by the server rather than left to hold back the cluster's horizon.
+        let options = options.options([("idle_in_transaction_session_timeout", "60s")]);
         let pool = PgPoolOptions::new()
             .max_connections(2)
             .acquire_timeout(std::time::Duration::from_secs(5))
-            .connect(&params.url)
+            .connect_with(options)
             .await
             .map_err(StoreError::db(
                 "connecting to the postgres store's database",
@@ -125,75 +140,117 @@ impl PgStore {
         Ok(n)
     }
 
+    /// The oldest rows not locked by another replica, locked until [`PgStore::remove`] or
+    /// [`PgStore::release`] ends the transaction. Every path out of here either returns
+    /// with good rows in `draining` or has ended its transaction: rows that do not decode
+    /// are moved to `<table>_dead` and committed at once, and the read starts again, so a
+    /// batch of nothing but corrupt rows can neither block the drain nor leave a
+    /// transaction open (which would hold back the xmin horizon of the whole cluster).
     pub(crate) async fn peek(&mut self, max: usize) -> Result<Vec<Pending>, StoreError> {
         self.release().await?;
-        let mut tx = self
-            .pool
-            .begin()
-            .await
-            .map_err(StoreError::db("starting a drain of the postgres store"))?;
-        let rows: Vec<(i64, Vec<u8>)> = sqlx::query_as(AssertSqlSafe(format!(
-            "SELECT seq, payload FROM {} ORDER BY seq LIMIT $1 FOR UPDATE SKIP LOCKED",
-            self.table
-        )))
-        .bind(max as i64)
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(StoreError::db("reading the postgres store"))?;
-        if rows.is_empty() {
-            tx.rollback()
+        // Each round either returns or moves at least one row out of the table.
+        loop {
+            let mut tx = self
+                .pool
+                .begin()
                 .await
-                .map_err(StoreError::db("ending a drain of the postgres store"))?;
-            self.refresh_size().await?;
-            return Ok(Vec::new());
-        }
-        let mut out = Vec::with_capacity(rows.len());
-        let mut seqs = Vec::with_capacity(rows.len());
-        for (seq, payload) in rows {
-            match decode_stored(payload.into(), &self.prefix, self.max_event_bytes) {
-                Ok(p) => {
-                    out.push(p);
-                    seqs.push(seq);
-                }
-                // Rows are written by this crate from valid events; one that does not decode
-                // was altered in the table. It moves to the dead-letter table, in this
-                // transaction, so it blocks nothing and is kept for a person.
-                Err(e) => {
-                    tracing::warn!(table = %self.table, seq, reason = %e, message = "Audit client: a row of the postgres store is not a valid event; moved it to the dead-letter table.");
-                    sqlx::query(AssertSqlSafe(format!(
-                        "WITH moved AS (DELETE FROM {t} WHERE seq = $1 RETURNING seq, payload) \
-                         INSERT INTO {t}_dead (seq, payload, reason) SELECT seq, payload, $2 FROM moved",
-                        t = self.table
-                    )))
-                    .bind(seq)
-                    .bind(e.to_string())
-                    .execute(&mut *tx)
+                .map_err(StoreError::db("starting a drain of the postgres store"))?;
+            let rows: Vec<(i64, Vec<u8>)> = sqlx::query_as(AssertSqlSafe(format!(
+                "SELECT seq, payload FROM {} ORDER BY seq LIMIT $1 FOR UPDATE SKIP LOCKED",
+                self.table
+            )))
+            .bind(max as i64)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(StoreError::db("reading the postgres store"))?;
+            if rows.is_empty() {
+                tx.rollback()
                     .await
-                    .map_err(StoreError::db("moving a corrupt row of the postgres store"))?;
-                    self.events = self.events.saturating_sub(1);
-                    self.dead_lettered += 1;
+                    .map_err(StoreError::db("ending a drain of the postgres store"))?;
+                self.refresh_size().await?;
+                return Ok(Vec::new());
+            }
+            let mut out = Vec::with_capacity(rows.len());
+            let mut seqs = Vec::with_capacity(rows.len());
+            let mut corrupt = Vec::new();
+            for (seq, payload) in rows {
+                match decode_stored(payload.into(), &self.prefix, self.max_event_bytes) {
+                    Ok(p) => {
+                        out.push(p);
+                        seqs.push(seq);
+                    }
+                    Err(e) => corrupt.push((seq, e.to_string())),
                 }
             }
+            if corrupt.is_empty() {
+                self.draining = Some((tx, seqs));
+                return Ok(out);
+            }
+            // Rows are written by this crate from valid events; one that does not decode
+            // was altered in the table. It moves to the dead-letter table so it blocks
+            // nothing and is kept for a person; then the batch is read again.
+            for (seq, reason) in &corrupt {
+                tracing::warn!(table = %self.table, seq, %reason, message = "Audit client: a row of the postgres store is not a valid event; moved it to the dead-letter table.");
+            }
+            let (seqs, reasons): (Vec<i64>, Vec<String>) = corrupt.into_iter().unzip();
+            let moved = sqlx::query(AssertSqlSafe(format!(
+                "WITH bad AS (SELECT * FROM unnest($1::bigint[], $2::text[]) AS b(seq, reason)), \
+                      moved AS (DELETE FROM {t} WHERE seq IN (SELECT seq FROM bad) \
+                                RETURNING seq, payload) \
+                 INSERT INTO {t}_dead (seq, payload, reason) \
+                 SELECT moved.seq, moved.payload, bad.reason FROM moved JOIN bad USING (seq)",
+                t = self.table
+            )))
+            .bind(&seqs)
+            .bind(&reasons)
+            .execute(&mut *tx)
+            .await;
+            let moved = match moved {
+                Ok(done) => done.rows_affected(),
+                Err(e) => {
+                    end(tx).await;
+                    return Err(StoreError::db("moving corrupt rows of the postgres store")(
+                        e,
+                    ));
+                }
+            };
+            tx.commit().await.map_err(StoreError::db(
+                "committing corrupt rows of the postgres store",
+            ))?;
+            self.events = self.events.saturating_sub(moved);
+            self.dead_lettered += moved;
         }
-        self.draining = Some((tx, seqs));
-        Ok(out)
     }
 
+    /// Deletes the first `n` rows of the last peek (JetStream acknowledged them) and ends
+    /// its transaction, also when `n` is 0.
     pub(crate) async fn remove(&mut self, n: usize) -> Result<(), StoreError> {
         let Some((mut tx, seqs)) = self.draining.take() else {
             return Ok(());
         };
+        if n == 0 {
+            return tx
+                .rollback()
+                .await
+                .map_err(StoreError::db("ending a drain of the postgres store"));
+        }
         let done = &seqs[..n.min(seqs.len())];
-        let deleted: Vec<i32> = sqlx::query_scalar(AssertSqlSafe(format!(
+        let deleted: Result<Vec<i32>, sqlx::Error> = sqlx::query_scalar(AssertSqlSafe(format!(
             "DELETE FROM {} WHERE seq = ANY($1) RETURNING octet_length(payload)",
             self.table
         )))
         .bind(done)
         .fetch_all(&mut *tx)
-        .await
-        .map_err(StoreError::db(
-            "deleting drained events from the postgres store",
-        ))?;
+        .await;
+        let deleted = match deleted {
+            Ok(d) => d,
+            Err(e) => {
+                end(tx).await;
+                return Err(StoreError::db(
+                    "deleting drained events from the postgres store",
+                )(e));
+            }
+        };
         tx.commit()
             .await
             .map_err(StoreError::db("committing a drain of the postgres store"))?;
@@ -220,5 +277,14 @@ impl PgStore {
 
     pub(crate) fn bytes(&self) -> u64 {
         self.bytes
+    }
+}
+
+/// Rolls back a transaction after a failed statement. Dropping it would too, but only once
+/// the pool next touches the connection; this ends it now. A failure here means the
+/// connection is gone, and with it the transaction.
+async fn end(tx: Transaction<'static, Postgres>) {
+    if let Err(e) = tx.rollback().await {
+        tracing::debug!(error = %e, message = "Audit client: rolling back a failed drain of the postgres store failed; the connection is closed.");
     }
 }
