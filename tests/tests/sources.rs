@@ -1297,3 +1297,85 @@ async fn tail_file_reads_every_file_rotated_while_it_was_stopped() -> anyhow::Re
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }
+
+/// The same with `tail-file` running and NATS down (a private `nats-server`, killed): the
+/// tail is held inside file A while A is rotated twice with B and C written in between; once
+/// NATS is back every line of A, B and C is stored exactly once, each file in its order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tail_file_reads_every_file_rotated_while_nats_was_down() -> anyhow::Result<()> {
+    let mut env = TestEnv::new().await?;
+    let mut nats = auditbridge_tests::nats_server::NatsServer::start().await?;
+    let url = nats.url();
+    let worker = env
+        .spawn_worker("w", &[("AUDITBRIDGE_NATS_URL", &url)])
+        .await?;
+    worker.wait_ready(WAIT).await?;
+    let dir = std::env::temp_dir().join(format!("ab-tail-down-{}", env.tag));
+    std::fs::create_dir_all(&dir)?;
+    let path = dir.join("audit.jsonl");
+    let sources = json!([{"name": "app", "type": "file",
+        "params": {"path": path, "poll_interval": "50ms"}}])
+    .to_string();
+    let ids = |events: &[Event]| events.iter().map(|e| e.id).collect::<Vec<_>>();
+    let mut p = Process::spawn(
+        &env,
+        "tail",
+        &["tail-file", "app"],
+        &[
+            ("AUDITBRIDGE_SOURCES", &sources),
+            ("AUDITBRIDGE_NATS_URL", &url),
+        ],
+    )?;
+    p.wait_listening(WAIT).await?;
+    let a = env.events(100);
+    append(&path, &ndjson(&a));
+    wait_stored(&env, &ids(&a).into_iter().collect()).await?;
+
+    nats.kill().await?;
+    let a_more = env.events(100);
+    append(&path, &ndjson(&a_more));
+    // The tail has read A's new lines and is retrying their publish.
+    let deadline = Instant::now() + WAIT;
+    while p
+        .metric("auditbridge_tail_publish_failures_total{source=\"app\"}")
+        .await?
+        < 1.0
+    {
+        assert!(Instant::now() < deadline, "the tail never tried to publish");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    rotate(&path)?;
+    let b = env.events(100);
+    append(&path, &ndjson(&b));
+    rotate(&path)?;
+    let c = env.events(100);
+    append(&path, &ndjson(&c));
+    nats.restart().await?;
+
+    let files = [[a, a_more].concat(), b, c];
+    let all: HashSet<Uuid> = files.iter().flat_map(|f| ids(f)).collect();
+    wait_stored(&env, &all).await?;
+    // (`wait_for_drained` asks the shared NATS; this stream is on the private one.)
+    assert_eq!(env.stored_ids().await?, all, "every line, nothing else");
+    assert_eq!(env.count().await?, 400, "each exactly once");
+    let js = async_nats::jetstream::new(async_nats::connect(&url).await?);
+    let mut stream = js.get_stream(&env.stream).await?;
+    let info = stream.info().await?.clone();
+    let mut order = Vec::new();
+    for seq in info.state.first_sequence..=info.state.last_sequence {
+        let message = stream.get_raw_message(seq).await?;
+        order.push(auditbridge_event::decode(&message.payload, 1 << 20)?.id);
+    }
+    for file in &files {
+        let want = ids(file);
+        let mut seen = HashSet::new();
+        let firsts: Vec<Uuid> = order
+            .iter()
+            .filter(|id| want.contains(id) && seen.insert(**id))
+            .copied()
+            .collect();
+        assert_eq!(firsts, want, "a file's lines in the file's order");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
