@@ -10,6 +10,7 @@ use serde_json::error::Category;
 use serde_json::{Map, Value};
 
 use crate::error::{Invalid, InvalidKind, quoted};
+use crate::limits;
 use crate::model::{Event, Outcome};
 
 /// Decodes and fully validates one payload: size limit first, then UTF-8, JSON syntax,
@@ -40,7 +41,142 @@ pub fn decode(payload: &[u8], max_bytes: usize) -> Result<Event, Invalid> {
         Category::Syntax | Category::Eof | Category::Io => not_json(&e),
     })?;
     event.validate()?;
+    numbers_storable(text, max_bytes)?;
     Ok(event)
+}
+
+/// Refuses numbers that PostgreSQL's `jsonb` cannot store, or would store much larger than
+/// written (see [`crate::limits`]): `jsonb` keeps a number as a `numeric`, every digit written
+/// out, so `1e-20000` is refused (more than 16,383 digits after the point) and `1e-300`
+/// becomes 302 characters. The parsed [`Event`] cannot tell (serde reads both as an `f64`),
+/// so this looks at the text. It runs on JSON that serde has accepted as an event, where a
+/// number can only be inside `metadata`.
+fn numbers_storable(text: &str, max_bytes: usize) -> Result<(), Invalid> {
+    let bytes = text.as_bytes();
+    // The payload's length once every number is written out in full.
+    let mut written_out = bytes.len();
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'"' => {
+                // Skip the string; the JSON is valid, so every escape is complete.
+                i += 1;
+                while bytes[i] != b'"' {
+                    i += if bytes[i] == b'\\' { 2 } else { 1 };
+                }
+                i += 1;
+            }
+            b'-' | b'0'..=b'9' => {
+                let start = i;
+                let number = scan_number(bytes, &mut i);
+                let chars = number.written_out();
+                if chars > limits::NUMBER_CHARS {
+                    return Err(Invalid::schema(format!(
+                        "metadata: the number {} at byte {start} is {chars} characters written \
+                         out in full, as the database stores it; at most {}",
+                        quoted(&text[start..i]),
+                        limits::NUMBER_CHARS
+                    )));
+                }
+                written_out = written_out - (i - start) + chars;
+            }
+            _ => i += 1,
+        }
+    }
+    if written_out > max_bytes {
+        return Err(Invalid::new(
+            InvalidKind::Oversize,
+            format!(
+                "payload is {written_out} bytes with its numbers written out in full, as the \
+                 database stores them, larger than the limit of {max_bytes} bytes"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The parts of a JSON number that decide how PostgreSQL writes it out.
+struct NumberShape {
+    negative: bool,
+    /// Digits before the point, as written (at least one).
+    int_digits: usize,
+    /// Leading zeros of all the digits, before and after the point.
+    leading_zeros: usize,
+    /// Whether every digit is zero.
+    zero: bool,
+    /// Digits after the point, as written.
+    frac_digits: usize,
+    /// The exponent, saturated far beyond anything that fits.
+    exponent: i64,
+}
+
+impl NumberShape {
+    /// The length of `numeric_out`'s text for this number: the integer part without leading
+    /// zeros (at least "0"), then a point and `max(0, frac_digits - exponent)` digits.
+    fn written_out(&self) -> usize {
+        let point = self.int_digits as i64 + self.exponent;
+        let int_part = if self.zero {
+            1
+        } else {
+            (point - self.leading_zeros as i64).max(1)
+        };
+        let scale = (self.frac_digits as i64 - self.exponent).max(0);
+        let fraction = if scale > 0 { 1 + scale } else { 0 };
+        let total = i64::from(self.negative) + int_part + fraction;
+        usize::try_from(total).unwrap_or(usize::MAX)
+    }
+}
+
+/// Reads one JSON number from `bytes[*i]` on, leaving `*i` after it.
+fn scan_number(bytes: &[u8], i: &mut usize) -> NumberShape {
+    let digits = |i: &mut usize| {
+        let start = *i;
+        while *i < bytes.len() && bytes[*i].is_ascii_digit() {
+            *i += 1;
+        }
+        start..*i
+    };
+    let negative = bytes[*i] == b'-';
+    if negative {
+        *i += 1;
+    }
+    let int = digits(i);
+    let frac = if bytes.get(*i) == Some(&b'.') {
+        *i += 1;
+        digits(i)
+    } else {
+        *i..*i
+    };
+    let mut exponent: i64 = 0;
+    if matches!(bytes.get(*i), Some(b'e' | b'E')) {
+        *i += 1;
+        let sign = match bytes.get(*i) {
+            Some(b'-') => {
+                *i += 1;
+                -1
+            }
+            Some(b'+') => {
+                *i += 1;
+                1
+            }
+            _ => 1,
+        };
+        for &d in &bytes[digits(i)] {
+            // Saturates at about 10^15: far beyond any limit, and no overflow.
+            exponent = (exponent * 10 + i64::from(d - b'0')).min(1_000_000_000_000_000);
+        }
+        exponent *= sign;
+    }
+    let all = bytes[int.clone()].iter().chain(&bytes[frac.clone()]);
+    let leading_zeros = all.clone().take_while(|&&d| d == b'0').count();
+    NumberShape {
+        negative,
+        int_digits: int.len(),
+        leading_zeros,
+        zero: leading_zeros == int.len() + frac.len(),
+        frac_digits: frac.len(),
+        exponent,
+    }
 }
 
 fn not_json(e: &serde_json::Error) -> Invalid {
@@ -736,5 +872,142 @@ mod tests {
         let detail = refused(&value, InvalidKind::Schema);
         assert!(!detail.contains('\0'), "{detail}");
         assert!(detail.contains(r#""t\0""#), "{detail}");
+    }
+
+    fn with_number(number: &str) -> String {
+        EXAMPLE.replace(r#"["old", "new"]"#, &format!(r#"["old", {number}]"#))
+    }
+
+    #[test]
+    fn numbers_the_database_cannot_store_are_refused_with_their_length() {
+        // Each of these is refused by PostgreSQL's jsonb ("value overflows numeric format")
+        // or stored hundreds of times larger than written; serde reads them all as 0.0.
+        let cases: [(&str, usize); 7] = [
+            ("1e-16384", 16386),
+            ("0e-20000", 20002),
+            ("1.5e-16383", 16386),
+            ("-1e-1000", 1003),
+            ("1e-400", 402),
+            ("0e-2000000000", 2_000_000_002),
+            ("1e-99999999999999999999", 1_000_000_000_000_002),
+        ];
+        for (number, chars) in cases {
+            let text = with_number(number);
+            let err = decode(text.as_bytes(), DEFAULT_MAX_EVENT_BYTES).unwrap_err();
+            assert_eq!(err.kind, InvalidKind::Schema, "{number}: {err}");
+            assert!(
+                err.detail
+                    .starts_with(&format!("metadata: the number \"{number}\" at byte ")),
+                "{err}"
+            );
+            assert!(
+                err.detail
+                    .contains(&format!(" is {chars} characters written out in full")),
+                "{err}"
+            );
+            assert!(err.detail.ends_with("at most 400"), "{err}");
+        }
+    }
+
+    #[test]
+    fn every_f64_and_plain_numbers_are_accepted() {
+        for number in [
+            "0",
+            "-0",
+            "0.0",
+            "1.7976931348623157e308",
+            "-2.2250738585072014e-308",
+            "5e-324",
+            "4.9406564584124654e-324",
+            "123456789012345678901234567890",
+            "1E+2",
+            "0.5e1",
+            "0e2000",
+            "0.0000000001e310",
+            "-9223372036854775808",
+            "18446744073709551615",
+        ] {
+            let text = with_number(number);
+            decode(text.as_bytes(), DEFAULT_MAX_EVENT_BYTES)
+                .unwrap_or_else(|e| panic!("{number}: {e}"));
+        }
+    }
+
+    #[test]
+    fn the_written_out_length_is_what_postgres_prints() {
+        // Lengths of `numeric_out` measured on PostgreSQL 15 (`select length('…'::numeric::text)`).
+        for (number, len) in [
+            ("1e-300", 302),
+            ("1e300", 301),
+            ("-1.50", 5),
+            ("0.001e2", 3),
+            ("0.5e1", 1),
+            ("100", 3),
+            ("0e-3", 5),
+            ("12.345e1", 6),
+            ("0.0000000001e310", 301),
+        ] {
+            let mut i = 0;
+            let shape = scan_number(number.as_bytes(), &mut i);
+            assert_eq!(i, number.len(), "{number}");
+            assert_eq!(shape.written_out(), len, "{number}");
+        }
+    }
+
+    #[test]
+    fn numbers_written_out_must_fit_the_size_limit() {
+        // 250 numbers of 6 characters, each 302 written out: 72 KiB more.
+        let numbers = vec!["1e-300"; 250].join(", ");
+        let text = with_number(&format!("[{numbers}]"));
+        assert!(text.len() < 4096);
+        let err = decode(text.as_bytes(), DEFAULT_MAX_EVENT_BYTES).unwrap_err();
+        assert_eq!(err.kind, InvalidKind::Oversize, "{err}");
+        assert!(
+            err.detail.contains("with its numbers written out in full"),
+            "{err}"
+        );
+        decode(text.as_bytes(), 4 * DEFAULT_MAX_EVENT_BYTES).unwrap();
+    }
+
+    #[test]
+    fn numbers_inside_strings_are_not_numbers() {
+        let text = with_number(r#""1e-99999 \" 1e-99999""#);
+        decode(text.as_bytes(), DEFAULT_MAX_EVENT_BYTES).unwrap();
+    }
+
+    #[test]
+    fn metadata_nesting_is_bounded_below_the_parser_limit() {
+        let nested = |levels: usize| {
+            let inner = format!("{}1{}", "[".repeat(levels), "]".repeat(levels));
+            EXAMPLE.replace(r#"["old", "new"]"#, &inner)
+        };
+        // metadata > changes > title > 62 more arrays: 64 levels below metadata.
+        decode(nested(63).as_bytes(), DEFAULT_MAX_EVENT_BYTES).unwrap();
+        let err = decode(nested(64).as_bytes(), DEFAULT_MAX_EVENT_BYTES).unwrap_err();
+        assert_eq!(err.kind, InvalidKind::Schema);
+        assert!(
+            err.detail.starts_with("metadata.changes.title[0][0]"),
+            "{err}"
+        );
+        assert!(
+            err.detail
+                .ends_with(": nested deeper than 64 levels below metadata"),
+            "{err}"
+        );
+        // Past the JSON parser's own limit the payload is refused as not JSON, not a panic.
+        let err = decode(nested(200).as_bytes(), DEFAULT_MAX_EVENT_BYTES).unwrap_err();
+        assert_eq!(err.kind, InvalidKind::NotJson, "{err}");
+        assert!(err.detail.contains("recursion limit exceeded"), "{err}");
+    }
+
+    #[test]
+    fn a_lone_surrogate_is_not_json() {
+        for escape in [r"\ud800", r"\udc00", r"\ud800\u0041"] {
+            let text = with_number(&format!("\"{escape}\""));
+            let err = decode(text.as_bytes(), DEFAULT_MAX_EVENT_BYTES).unwrap_err();
+            assert_eq!(err.kind, InvalidKind::NotJson, "{escape}: {err}");
+        }
+        let text = with_number(r#""\ud83d\ude00""#);
+        decode(text.as_bytes(), DEFAULT_MAX_EVENT_BYTES).unwrap();
     }
 }

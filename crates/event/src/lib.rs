@@ -9,12 +9,19 @@
 //!
 //! - `model`: the types and the subject rules.
 //! - `decode`: bytes to a valid event, with messages that name the field.
-//! - `validate`: the value rules (tenant and action grammars, U+0000, addresses).
+//! - `validate`: the value rules (tenant and action grammars, U+0000, addresses, lengths).
+//! - [`limits`]: the size limits of the contract, and why the database can always take them.
 //! - [`synth`]: synthetic traffic for `auditbridge publish --generate` and benchmarks.
+//! - `arb` (feature `proptest`): strange but valid events for property tests.
 
+#[cfg(any(test, feature = "proptest"))]
+pub mod arb;
 mod decode;
 mod error;
+pub mod limits;
 mod model;
+#[cfg(test)]
+mod properties;
 pub mod synth;
 mod validate;
 

@@ -9,12 +9,14 @@ use std::net::IpAddr;
 use serde_json::{Map, Value};
 
 use crate::error::{Invalid, quoted};
+use crate::limits;
 use crate::model::Event;
 
 const TENANT_GRAMMAR: &str = "[a-z0-9][a-z0-9_-]{0,62}";
-const TENANT_MAX_LEN: usize = 63;
-const ACTION_GRAMMAR: &str = "1 to 8 lowercase dot-separated tokens [a-z0-9_-]+";
-const ACTION_MAX_TOKENS: usize = 8;
+const TENANT_MAX_LEN: usize = limits::TENANT_BYTES;
+const ACTION_GRAMMAR: &str =
+    "1 to 8 lowercase dot-separated tokens [a-z0-9_-]{1,63}, at most 191 bytes in all";
+const ACTION_MAX_TOKENS: usize = limits::ACTION_TOKENS;
 
 impl Event {
     /// Checks every rule of the contract. [`crate::decode`] calls it; code that builds events
@@ -28,9 +30,9 @@ impl Event {
         validate_action(&self.action)?;
         // `outcome` admits only valid values by its type.
 
-        required_text("actor.id", &self.actor.id)?;
-        optional_text("actor.type", self.actor.kind.as_deref())?;
-        optional_text("actor.name", self.actor.name.as_deref())?;
+        required_text("actor.id", &self.actor.id, limits::ID_BYTES)?;
+        optional_text("actor.type", self.actor.kind.as_deref(), limits::TYPE_BYTES)?;
+        optional_text("actor.name", self.actor.name.as_deref(), limits::NAME_BYTES)?;
         if let Some(ip) = &self.actor.ip
             && ip.parse::<IpAddr>().is_err()
         {
@@ -39,20 +41,24 @@ impl Event {
                 quoted(ip)
             )));
         }
-        optional_text("actor.user_agent", self.actor.user_agent.as_deref())?;
+        optional_text(
+            "actor.user_agent",
+            self.actor.user_agent.as_deref(),
+            limits::USER_AGENT_BYTES,
+        )?;
 
         if let Some(target) = &self.target {
-            optional_text("target.id", target.id.as_deref())?;
-            optional_text("target.type", target.kind.as_deref())?;
-            optional_text("target.name", target.name.as_deref())?;
+            optional_text("target.id", target.id.as_deref(), limits::ID_BYTES)?;
+            optional_text("target.type", target.kind.as_deref(), limits::TYPE_BYTES)?;
+            optional_text("target.name", target.name.as_deref(), limits::NAME_BYTES)?;
         }
 
-        required_text("source", &self.source)?;
-        optional_text("reason", self.reason.as_deref())?;
-        optional_text("request_id", self.request_id.as_deref())?;
+        required_text("source", &self.source, limits::SOURCE_BYTES)?;
+        optional_text("reason", self.reason.as_deref(), limits::REASON_BYTES)?;
+        optional_text("request_id", self.request_id.as_deref(), limits::ID_BYTES)?;
         if let Some(metadata) = &self.metadata {
             let mut path = String::from("metadata");
-            storable_object(&mut path, metadata)?;
+            storable_object(&mut path, metadata, 0)?;
         }
         Ok(())
     }
@@ -103,9 +109,24 @@ pub fn validate_action(action: &str) -> Result<(), Invalid> {
             why = Some(format!("{} in token {tokens} is not allowed", char_name(c)));
             break;
         }
+        if token.len() > limits::ACTION_TOKEN_BYTES {
+            why = Some(format!(
+                "token {tokens} is {} bytes, at most {}",
+                token.len(),
+                limits::ACTION_TOKEN_BYTES
+            ));
+            break;
+        }
     }
     if why.is_none() && tokens > ACTION_MAX_TOKENS {
         why = Some(format!("{tokens} tokens, at most {ACTION_MAX_TOKENS}"));
+    }
+    if why.is_none() && action.len() > limits::ACTION_BYTES {
+        why = Some(format!(
+            "{} bytes, at most {}",
+            action.len(),
+            limits::ACTION_BYTES
+        ));
     }
     match why {
         None => Ok(()),
@@ -129,18 +150,40 @@ fn char_name(c: char) -> String {
 }
 
 /// RFC 3339 can only write years 0000 to 9999 and offsets in whole minutes; an event built in
-/// code with anything else could not be serialized.
-fn validate_timestamp(t: time::OffsetDateTime) -> Result<(), Invalid> {
-    if !(0..=9999).contains(&t.year()) || t.offset().seconds_past_minute() != 0 {
+/// code with anything else could not be serialized. PostgreSQL reads no year 0000 (it counts
+/// 1 BC, 1 AD), keeps microseconds, and stores the instant: `9999-12-31T23:59:59-05:00` is
+/// the year 10000 in UTC, which the `time` crate cannot hold: sqlx panics encoding it (the
+/// writer's `INSERT` path, seen in `tests/tests/limits.rs`), and it could not be read back.
+/// So the time must lie in the years 0001 to 9999 both as written and in UTC, rounded to the
+/// microsecond.
+pub(crate) fn validate_timestamp(t: time::OffsetDateTime) -> Result<(), Invalid> {
+    let years = 1..=9999;
+    let utc_year = t
+        .checked_to_offset(time::UtcOffset::UTC)
+        .and_then(|utc| {
+            // PostgreSQL rounds to the microsecond; .9999995 s on the last day rounds into
+            // the year 10000.
+            match utc.nanosecond() % 1000 {
+                sub @ 500.. => utc.checked_add(time::Duration::nanoseconds(i64::from(1000 - sub))),
+                _ => Some(utc),
+            }
+        })
+        .map(|utc| utc.year());
+    let in_range = years.contains(&t.year()) && utc_year.is_some_and(|y| years.contains(&y));
+    // PostgreSQL refuses offsets of 16 hours or more ("time zone displacement out of range");
+    // the widest in use is +14:00.
+    let offset = t.offset();
+    let offset_ok = offset.seconds_past_minute() == 0 && offset.whole_hours().abs() < 16;
+    if !in_range || !offset_ok {
         return Err(Invalid::schema(format!(
-            "occurred_at: expected a time RFC 3339 can express (years 0000 to 9999, \
-             offset in whole minutes), got {t}"
+            "occurred_at: expected a time between the years 0001 and 9999, as written and \
+             in UTC, with an offset in whole minutes of at most 15:59, got {t}"
         )));
     }
     Ok(())
 }
 
-fn required_text(field: &str, value: &str) -> Result<(), Invalid> {
+fn required_text(field: &str, value: &str, limit: usize) -> Result<(), Invalid> {
     if value.is_empty() {
         return Err(Invalid::schema(format!("{field}: must not be empty")));
     }
@@ -150,14 +193,29 @@ fn required_text(field: &str, value: &str) -> Result<(), Invalid> {
             quoted(value)
         )));
     }
+    bounded(field, value, limit)?;
     storable(field, value)
 }
 
-fn optional_text(field: &str, value: Option<&str>) -> Result<(), Invalid> {
+fn optional_text(field: &str, value: Option<&str>, limit: usize) -> Result<(), Invalid> {
     match value {
-        Some(value) => storable(field, value),
+        Some(value) => {
+            bounded(field, value, limit)?;
+            storable(field, value)
+        }
         None => Ok(()),
     }
+}
+
+/// The length rule of every string field (see [`crate::limits`]): bytes of UTF-8.
+fn bounded(field: &str, value: &str, limit: usize) -> Result<(), Invalid> {
+    if value.len() > limit {
+        return Err(Invalid::schema(format!(
+            "{field}: {} bytes, at most {limit} bytes of UTF-8",
+            value.len()
+        )));
+    }
+    Ok(())
 }
 
 /// PostgreSQL `text` and `jsonb` cannot hold U+0000, and the event is stored in both.
@@ -175,28 +233,39 @@ fn nul_error(path: &str, what: &str) -> Invalid {
 }
 
 /// Walks a JSON object, keys and values, building the path only as deep as it goes.
-fn storable_object(path: &mut String, object: &Map<String, Value>) -> Result<(), Invalid> {
+/// `depth` is the number of objects and arrays above this one, below `metadata`.
+fn storable_object(
+    path: &mut String,
+    object: &Map<String, Value>,
+    depth: usize,
+) -> Result<(), Invalid> {
     for (key, value) in object {
         let len = path.len();
         push_key(path, key);
         if key.contains('\0') {
             return Err(nul_error(path, "key "));
         }
-        storable_value(path, value)?;
+        storable_value(path, value, depth + 1)?;
         path.truncate(len);
     }
     Ok(())
 }
 
-fn storable_value(path: &mut String, value: &Value) -> Result<(), Invalid> {
+fn storable_value(path: &mut String, value: &Value, depth: usize) -> Result<(), Invalid> {
+    if matches!(value, Value::Object(_) | Value::Array(_)) && depth > limits::METADATA_DEPTH {
+        return Err(Invalid::schema(format!(
+            "{path}: nested deeper than {} levels below metadata",
+            limits::METADATA_DEPTH
+        )));
+    }
     match value {
         Value::String(s) => storable(path, s),
-        Value::Object(object) => storable_object(path, object),
+        Value::Object(object) => storable_object(path, object, depth),
         Value::Array(items) => {
             for (i, item) in items.iter().enumerate() {
                 let len = path.len();
                 path.push_str(&format!("[{i}]"));
-                storable_value(path, item)?;
+                storable_value(path, item, depth + 1)?;
                 path.truncate(len);
             }
             Ok(())
@@ -225,6 +294,7 @@ fn push_key(path: &mut String, key: &str) {
 mod tests {
     use super::*;
     use crate::InvalidKind;
+    use crate::limits;
     use crate::tests::example;
 
     fn refused(result: Result<(), Invalid>) -> String {
@@ -445,5 +515,83 @@ mod tests {
         let mut event = example();
         event.occurred_at = event.occurred_at.replace_year(-1).unwrap();
         assert!(refused(event.validate()).starts_with("occurred_at: expected"));
+    }
+
+    #[test]
+    fn action_tokens_and_the_whole_action_are_bounded() {
+        validate_action(&"a".repeat(63)).unwrap();
+        let detail = refused(validate_action(&format!("ok.{}", "a".repeat(64))));
+        assert!(
+            detail.contains("(token 2 is 64 bytes, at most 63)"),
+            "{detail}"
+        );
+        // Five tokens of 60 made a routing key RabbitMQ cannot take (issue 9).
+        let five = vec!["a".repeat(60); 5].join(".");
+        let detail = refused(validate_action(&five));
+        assert!(detail.contains("(304 bytes, at most 191)"), "{detail}");
+        let longest = format!("{}.{}.{}", "a".repeat(63), "b".repeat(63), "c".repeat(63));
+        assert_eq!(longest.len(), limits::ACTION_BYTES);
+        validate_action(&longest).unwrap();
+        // The default routing key fits AMQP's short string.
+        assert_eq!(limits::TENANT_BYTES + 1 + limits::ACTION_BYTES, 255);
+    }
+
+    #[test]
+    fn string_fields_are_bounded_in_bytes_not_characters() {
+        let mut event = example();
+        event.actor.id = "é".repeat(512);
+        event.validate().unwrap();
+        event.actor.id.push('a');
+        assert_eq!(
+            refused(event.validate()),
+            "actor.id: 1025 bytes, at most 1024 bytes of UTF-8"
+        );
+        let mut event = example();
+        event.reason = Some("x".repeat(limits::REASON_BYTES + 1));
+        assert_eq!(
+            refused(event.validate()),
+            "reason: 4097 bytes, at most 4096 bytes of UTF-8"
+        );
+    }
+
+    #[test]
+    fn times_postgres_cannot_store_or_read_back_are_refused() {
+        use time::macros::datetime;
+        let accepted = [
+            datetime!(0001-01-01 00:00 UTC),
+            datetime!(9999-12-31 23:59:59.999_999 UTC),
+            datetime!(9999-12-31 23:59:59.999_999_499 UTC),
+            datetime!(9999-12-31 18:59:59 -05:00),
+            datetime!(0001-01-01 00:00 -01:00),
+            datetime!(2026-01-01 00:00 +15:59),
+            datetime!(2026-01-01 00:00 -15:59),
+        ];
+        for t in accepted {
+            let mut event = example();
+            event.occurred_at = t;
+            event.validate().unwrap_or_else(|e| panic!("{t}: {e}"));
+        }
+        let refused_times = [
+            // The year 10000 in UTC: stored by PostgreSQL, unreadable by sqlx.
+            datetime!(9999-12-31 23:59:59 -05:00),
+            // Rounds to the microsecond into the year 10000.
+            datetime!(9999-12-31 23:59:59.999_999_5 UTC),
+            // PostgreSQL reads no year 0000.
+            datetime!(0000-06-01 00:00 UTC),
+            // The year 0000 in UTC.
+            datetime!(0001-01-01 00:30 +01:00),
+            // PostgreSQL refuses offsets of 16 hours and more (RFC 3339 allows 23:59).
+            datetime!(2026-01-01 00:00 +16:00),
+            datetime!(2026-01-01 00:00 -23:59),
+        ];
+        for t in refused_times {
+            let mut event = example();
+            event.occurred_at = t;
+            let detail = refused(event.validate());
+            assert!(
+                detail.starts_with("occurred_at: expected a time between the years 0001 and 9999"),
+                "{t}: {detail}"
+            );
+        }
     }
 }
