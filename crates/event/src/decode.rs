@@ -59,10 +59,24 @@ fn numbers_storable(text: &str, max_bytes: usize) -> Result<(), Invalid> {
     while i < bytes.len() {
         match bytes[i] {
             b'"' => {
-                // Skip the string; the JSON is valid, so every escape is complete.
+                // Skip the string; the JSON is valid, so every escape is complete. A `\u0000`
+                // is refused here too: validation checks the parsed values, and a key that
+                // appears twice keeps only its last value there, while PostgreSQL's jsonb
+                // parser reads (and refuses) both.
                 i += 1;
                 while bytes[i] != b'"' {
-                    i += if bytes[i] == b'\\' { 2 } else { 1 };
+                    if bytes[i] == b'\\' {
+                        if bytes[i + 1] == b'u' && bytes.get(i + 2..i + 6) == Some(b"0000") {
+                            return Err(Invalid::schema(format!(
+                                "payload: contains U+0000 (an escaped \\u0000 at byte {i}, in a \
+                                 value serde may not keep, such as a repeated key), which \
+                                 PostgreSQL cannot store"
+                            )));
+                        }
+                        i += 2;
+                    } else {
+                        i += 1;
+                    }
                 }
                 i += 1;
             }
@@ -844,6 +858,23 @@ mod tests {
         );
         value["actor"]["ip"] = json!("2001:db8::9");
         decode_value(&value).unwrap();
+    }
+
+    #[test]
+    fn nul_in_a_repeated_key_serde_drops_is_still_refused() {
+        // serde keeps the last of a repeated key, so validation never sees the first value;
+        // PostgreSQL's jsonb parser reads both and refuses the U+0000 (22P05).
+        let text = EXAMPLE.replace(
+            r#""metadata": {"#,
+            r#""metadata": {"k": "a\u0000b", "k": "x", "#,
+        );
+        assert_ne!(text, EXAMPLE, "the example has a metadata object");
+        let err = decode(text.as_bytes(), DEFAULT_MAX_EVENT_BYTES).unwrap_err();
+        assert_eq!(err.kind, InvalidKind::Schema);
+        assert!(err.detail.contains("U+0000"), "{}", err.detail);
+        // An escaped backslash followed by the text `u0000` is no U+0000.
+        let text = EXAMPLE.replace(r#""metadata": {"#, r#""metadata": {"k": "a\\u0000b", "#);
+        decode(text.as_bytes(), DEFAULT_MAX_EVENT_BYTES).unwrap();
     }
 
     #[test]
