@@ -336,7 +336,34 @@ fn bind_events<'q>(
         .bind(raws)
 }
 
+/// At most this many payload bytes go into one dead-letter statement. A refused message can be
+/// as large as NATS lets it be (not `max_event_bytes`), and a batch of 2,000 of them in one
+/// `bytea[]` would pass PostgreSQL's 1 GB limit on a message: the statement would fail every
+/// time, and the batch with it.
+const DEAD_LETTER_STATEMENT_BYTES: usize = 32 << 20;
+
 async fn insert_dead_letters(
+    conn: &mut sqlx::PgConnection,
+    dead_letters: &[DeadLetter<'_>],
+) -> Result<u64, sqlx::Error> {
+    let mut inserted = 0;
+    let mut rest = dead_letters;
+    while !rest.is_empty() {
+        // At least one per statement, however large.
+        let mut take = 1;
+        let mut bytes = rest[0].payload.len();
+        while take < rest.len() && bytes + rest[take].payload.len() <= DEAD_LETTER_STATEMENT_BYTES {
+            bytes += rest[take].payload.len();
+            take += 1;
+        }
+        let (chunk, tail) = rest.split_at(take);
+        inserted += insert_dead_letter_chunk(conn, chunk).await?;
+        rest = tail;
+    }
+    Ok(inserted)
+}
+
+async fn insert_dead_letter_chunk(
     conn: &mut sqlx::PgConnection,
     dead_letters: &[DeadLetter<'_>],
 ) -> Result<u64, sqlx::Error> {
