@@ -51,8 +51,10 @@ const BROADCAST_BATCHES: usize = 64;
 /// Events queued per client before it counts as slow.
 const CLIENT_QUEUE: usize = 1024;
 /// Bytes of events queued per client before it counts as slow: events may be 64 KiB each, so
-/// a bound by count alone (1,024 per client, 256 clients) would allow gigabytes.
-const CLIENT_BYTES: usize = 4 << 20;
+/// a bound by count alone (1,024 per client, 256 clients) would allow gigabytes. One token's
+/// [`MAX_STREAMS_PER_TOKEN`] tails hold at most a quarter of [`ALL_CLIENT_BYTES`], even while
+/// they stop reading (their slots last as long as their connections).
+const CLIENT_BYTES: usize = 1 << 20;
 /// Bytes of events queued for all clients together.
 const ALL_CLIENT_BYTES: usize = 64 << 20;
 /// Largest broadcast batch in bytes (one larger event travels alone), so the broadcast holds
@@ -300,6 +302,14 @@ async fn stream(
     let hub = state.tail.clone();
     hub.admit(&principal.name)?;
     metrics::gauge!(API_TAIL_CLIENTS).increment(1.0);
+    // The slot is the response's, not `follow`'s: it is given back when the connection is
+    // dropped. A client that stops reading keeps its queued events (and their bytes) for as
+    // long as its connection lives, so if `follow` gave the slot back when it gave up, one
+    // token could open tail after tail, each holding its bytes, and take the whole budget.
+    let slot = Slot {
+        hub: hub.clone(),
+        token: principal.name.clone(),
+    };
     // Subscribe before anything is read: the seam depends on it (module docs).
     let live = hub.tx.subscribe();
     let (tx, rx) = mpsc::channel(CLIENT_QUEUE);
@@ -319,8 +329,25 @@ async fn stream(
         principal.name,
     ));
     // An event's bytes are given back as it is handed to the connection.
-    let events = ReceiverStream::new(rx).map(|q: Queued| Ok::<_, Infallible>(q.event));
+    let events = ReceiverStream::new(rx).map(move |q: Queued| {
+        let _slot = &slot;
+        Ok::<_, Infallible>(q.event)
+    });
     Ok(Sse::new(events).keep_alive(KeepAlive::new().interval(heartbeat)))
+}
+
+/// A live tail's place among [`MAX_STREAMS`] and its token's [`MAX_STREAMS_PER_TOKEN`], held by
+/// the response stream and given back when it is dropped.
+struct Slot {
+    hub: Arc<Hub>,
+    token: String,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.hub.release(&self.token);
+        metrics::gauge!(API_TAIL_CLIENTS).decrement(1.0);
+    }
 }
 
 /// Why a client's stream ended.
@@ -410,8 +437,6 @@ async fn follow(
         Ok::<(), End>(())
     };
     let result = end.await;
-    hub.release(&token_name);
-    metrics::gauge!(API_TAIL_CLIENTS).decrement(1.0);
     match result {
         Err(End::TooSlow) => {
             metrics::counter!(API_TAIL_DISCONNECTS, "reason" => "slow").increment(1);
