@@ -548,15 +548,35 @@ async fn live_tail_replays_then_follows_without_gap_or_repeat_across_reconnects(
     Ok(())
 }
 
+/// The process-wide count of live tails disconnected as slow. Metrics are global to the test
+/// binary, so the two tests that wait for it take [`SLOW_CLIENT_TESTS`] and compare with the
+/// count before their own client stopped reading: another test's disconnection must not pass
+/// for theirs (it did once, and the test then read the live stream forever).
+async fn slow_disconnects(metrics_addr: std::net::SocketAddr) -> anyhow::Result<f64> {
+    let metrics = reqwest::get(format!("http://{metrics_addr}/metrics"))
+        .await?
+        .text()
+        .await?;
+    Ok(metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("auditbridge_api_tail_disconnects_total{reason=\"slow\"} "))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .unwrap_or(0.0))
+}
+
+static SLOW_CLIENT_TESTS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_does_not_read_is_disconnected() -> anyhow::Result<()> {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
+    let _serial = SLOW_CLIENT_TESTS.lock().await;
     let mut env = TestEnv::new().await?;
     env.ensure_stream().await?;
     let _worker = env.spawn_worker("w", &[]).await?;
     let admin = Token::admin("ops", &["read"]);
     let api = ApiServer::start(&env, &[&admin], &[]).await?;
+    let before = slow_disconnects(api.metrics).await?;
     // A plain socket with a small receive buffer, so what the kernel absorbs for a client
     // that does not read is small and the same on every machine.
     let socket = tokio::net::TcpSocket::new_v4()?;
@@ -583,22 +603,9 @@ async fn a_client_that_does_not_read_is_disconnected() -> anyhow::Result<()> {
     env.publish(&events).await?;
     env.wait_for_count(30_000, T).await?;
     // Without the client reading a byte, the server gives up on it and says so.
-    let slow = |metrics: &str| -> f64 {
-        metrics
-            .lines()
-            .find_map(|l| {
-                l.strip_prefix("auditbridge_api_tail_disconnects_total{reason=\"slow\"} ")
-            })
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(0.0)
-    };
     let deadline = std::time::Instant::now() + T;
     loop {
-        let metrics = reqwest::get(format!("http://{}/metrics", api.metrics))
-            .await?
-            .text()
-            .await?;
-        if slow(&metrics) >= 1.0 {
+        if slow_disconnects(api.metrics).await? > before {
             break;
         }
         assert!(
@@ -610,7 +617,13 @@ async fn a_client_that_does_not_read_is_disconnected() -> anyhow::Result<()> {
     // What it had queued is still delivered, then the response ends (and, with
     // `Connection: close`, the connection).
     let mut received = Vec::new();
+    // Bounded in all, not only per read: heartbeats would keep an open stream alive forever.
+    let until = std::time::Instant::now() + T;
     loop {
+        assert!(
+            std::time::Instant::now() < until,
+            "the stream of a client disconnected as slow was still open after {T:?}"
+        );
         match tokio::time::timeout(Duration::from_secs(20), conn.read(&mut buf)).await {
             Ok(Ok(0)) => break,
             Ok(Ok(n)) => received.extend_from_slice(&buf[..n]),
@@ -638,17 +651,19 @@ async fn a_client_that_does_not_read_is_disconnected() -> anyhow::Result<()> {
 
 /// Finding 12: what the server queues for a live tail is bounded in bytes, not only in
 /// events. A client that reads nothing while 600 events of about 60 KiB each are stored gets
-/// at most its byte budget (4 MiB) plus what the sockets buffer, then is disconnected; by event
+/// at most its byte budget (1 MiB) plus what the sockets buffer, then is disconnected; by event
 /// count alone (1,024 queued) it would have been sent all 600 (36 MiB).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_client_of_large_events_is_bounded_in_bytes() -> anyhow::Result<()> {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
+    let _serial = SLOW_CLIENT_TESTS.lock().await;
     let mut env = TestEnv::new().await?;
     env.ensure_stream().await?;
     let _worker = env.spawn_worker("w", &[]).await?;
     let admin = Token::admin("ops", &["read"]);
     let api = ApiServer::start(&env, &[&admin], &[]).await?;
+    let before = slow_disconnects(api.metrics).await?;
     let socket = tokio::net::TcpSocket::new_v4()?;
     socket.set_recv_buffer_size(4096)?;
     let mut conn = socket.connect(api.addr).await?;
@@ -679,18 +694,7 @@ async fn a_slow_client_of_large_events_is_bounded_in_bytes() -> anyhow::Result<(
     // Bounded: the server disconnects it (slow) within SLOW_CLIENT of its budget filling.
     let deadline = std::time::Instant::now() + T;
     loop {
-        let metrics = reqwest::get(format!("http://{}/metrics", api.metrics))
-            .await?
-            .text()
-            .await?;
-        let slow = metrics
-            .lines()
-            .find_map(|l| {
-                l.strip_prefix("auditbridge_api_tail_disconnects_total{reason=\"slow\"} ")
-            })
-            .and_then(|v| v.trim().parse::<f64>().ok())
-            .unwrap_or(0.0);
-        if slow >= 1.0 {
+        if slow_disconnects(api.metrics).await? > before {
             break;
         }
         assert!(
@@ -700,7 +704,13 @@ async fn a_slow_client_of_large_events_is_bounded_in_bytes() -> anyhow::Result<(
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let mut received = Vec::new();
+    // Bounded in all, not only per read: heartbeats would keep an open stream alive forever.
+    let until = std::time::Instant::now() + T;
     loop {
+        assert!(
+            std::time::Instant::now() < until,
+            "the stream of a client disconnected as slow was still open after {T:?}"
+        );
         match tokio::time::timeout(Duration::from_secs(20), conn.read(&mut buf)).await {
             Ok(Ok(0)) | Ok(Err(_)) => break,
             Ok(Ok(n)) => received.extend_from_slice(&buf[..n]),
