@@ -555,10 +555,16 @@ async fn adding_and_removing_destinations_on_restart_keeps_the_others_progress()
 
 /// An event with a valid action of five 60-character tokens: its `{tenant}.{action}` routing
 /// key is over AMQP's 255 bytes.
+/// An event whose routing key under [`LONG_KEY_TEMPLATE`] is over AMQP's 255 bytes. (The
+/// default `{tenant}.{action}` always fits: validation bounds both so that it does.)
 fn with_long_action(mut e: Event) -> Event {
-    e.action = vec!["x".repeat(60); 5].join(".");
+    e.action = vec!["x".repeat(60); 3].join(".");
+    e.source = "s".repeat(200);
     e
 }
+
+/// A routing-key template that can exceed 255 bytes within the field limits.
+const LONG_KEY_TEMPLATE: &str = "{tenant}.{action}.{source}";
 
 /// Polls `status --json` until `check` holds for it, or fails after `timeout`.
 async fn until_status(
@@ -704,8 +710,8 @@ async fn an_event_a_destination_cannot_take_is_dead_lettered_there_or_blocks_it(
     let dest = (json!([
         {"name": "siem", "type": "http", "params": http("/siem", json!({}))},
         {"name": "siem-block", "type": "http", "params": http("/block", json!({"on_undeliverable": "block"}))},
-        bus.destination("bus", json!({"retry_min": "50ms", "retry_max": "1s"})),
-        bus_block.destination("bus-block", json!({"on_undeliverable": "block", "retry_min": "50ms", "retry_max": "1s"})),
+        bus.destination("bus", json!({"retry_min": "50ms", "retry_max": "1s", "routing_key": LONG_KEY_TEMPLATE})),
+        bus_block.destination("bus-block", json!({"on_undeliverable": "block", "retry_min": "50ms", "retry_max": "1s", "routing_key": LONG_KEY_TEMPLATE})),
     ]))
     .to_string();
     let worker = env
