@@ -20,7 +20,7 @@ async fn an_event_sent_twice_is_stored_once() -> anyhow::Result<()> {
             .publish_raw(
                 &e.subject(&env.prefix),
                 serde_json::to_vec(e)?,
-                Some(&e.id.to_string()),
+                Some(&e.message_id()),
             )
             .await?;
         acks.push(ack.await?);
