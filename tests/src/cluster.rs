@@ -118,7 +118,17 @@ impl Cluster {
         let url = self.url(name);
         pg(
             "pg_restore",
-            &["--no-owner", "--exit-on-error", "-d", &url, &dump_s],
+            // Roles are cluster-global and the new cluster has none of ours yet: restore
+            // without owners and grants; `auditbridge migrate` creates the roles and applies
+            // the grants afterwards (README, "Moving the database to another cluster").
+            &[
+                "--no-owner",
+                "--no-privileges",
+                "--exit-on-error",
+                "-d",
+                &url,
+                &dump_s,
+            ],
         )?;
         Ok(url)
     }
