@@ -50,6 +50,10 @@ pub struct Args {
     /// Which part to run.
     #[arg(long, value_enum, default_value_t = Part::All)]
     only: Part,
+    /// Ingest: the worker also relays to one RabbitMQ destination (`batch` mode, `amq.topic`,
+    /// `mandatory = false`, `start = now`) while it ingests, as a production worker does.
+    #[arg(long, default_value_t = false)]
+    with_destination: bool,
     /// Forwarding: stored events to drain as a backlog, per mode.
     #[arg(long, default_value_t = 1_000_000)]
     pub(crate) backlog: usize,
@@ -185,8 +189,32 @@ async fn measure(
     let stream = auditbridge_worker::provision::ensure_stream(js, config).await?;
     auditbridge_worker::provision::ensure_consumer(&stream, config).await?;
     let metrics = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
-    let mut worker = spawn_worker_at(names, config, &[], &metrics.to_string())?;
+    let destination: Vec<(&str, String)> = if args.with_destination {
+        vec![(
+            "AUDITBRIDGE_DESTINATIONS",
+            serde_json::json!([{
+                "name": "bench-ingest-relay",
+                "type": "rabbitmq",
+                "params": {
+                    "url": "amqp://guest:guest@127.0.0.1:5672/%2f",
+                    "exchange": "amq.topic",
+                    "mode": "batch",
+                    "mandatory": false,
+                    "start": "now",
+                }
+            }])
+            .to_string(),
+        )]
+    } else {
+        Vec::new()
+    };
+    let mut worker = spawn_worker_at(names, config, &destination, &metrics.to_string())?;
     let pid = worker.id().context("worker pid")?;
+    if args.with_destination {
+        println!(
+            "destination   the worker relays to one RabbitMQ destination (batch mode, amq.topic) while it ingests"
+        );
+    }
 
     // 2. Throughput.
     let prefix = config.subject_prefix.clone();
@@ -243,6 +271,18 @@ async fn measure(
         bail!("{} publishes failed", report.failed);
     }
     let rate = events.len() as f64 / elapsed.as_secs_f64();
+    if args.with_destination {
+        let relayed: i64 = store
+            .destinations()
+            .await?
+            .iter()
+            .map(|d| d.delivered_total)
+            .sum();
+        println!(
+            "destination   relayed {relayed} of {} events by the last commit",
+            events.len()
+        );
+    }
     println!(
         "publish       {} events acknowledged by JetStream in {:.2}s: {:>9.0} events/s",
         report.acked,
