@@ -945,3 +945,166 @@ async fn the_query_pool_cancels_statements_that_run_too_long() -> anyhow::Result
     store.close().await;
     Ok(())
 }
+
+/// Stores `n` events of `tenant` in one transaction, straight by SQL (a worker would take
+/// minutes for the volumes these tests need); the JSON carries the id the tail sends.
+async fn insert_bulk(env: &TestEnv, tenant: &str, n: i64) -> anyhow::Result<()> {
+    sqlx::query(
+        "INSERT INTO audit_events (id, tenant, action, outcome, occurred_at, actor_id, source, event) \
+         SELECT u, $1, 'bulk.write', 'success', now(), 'u-bulk', 'test', \
+                jsonb_build_object('id', u, 'tenant', $1::text) \
+         FROM (SELECT gen_random_uuid() AS u FROM generate_series(1, $2)) g",
+    )
+    .bind(tenant)
+    .bind(n)
+    .execute(&env.pool)
+    .await?;
+    Ok(())
+}
+
+/// One event of `tenant` in its own transaction; its id and its live-tail position.
+async fn insert_one(env: &TestEnv, tenant: &str) -> anyhow::Result<(Uuid, String)> {
+    let id = Uuid::new_v4();
+    let (tx, seq): (String, i64) = sqlx::query_as(
+        "INSERT INTO audit_events (id, tenant, action, outcome, occurred_at, actor_id, source, event) \
+         VALUES ($1, $2, 'small.write', 'success', now(), 'u-small', 'test', \
+                 jsonb_build_object('id', $1, 'tenant', $2::text)) \
+         RETURNING tx_id::text, seq",
+    )
+    .bind(id)
+    .bind(tenant)
+    .fetch_one(&env.pool)
+    .await?;
+    Ok((id, format!("{tx}.{seq}")))
+}
+
+fn sse_id(e: &auditbridge_tests::api::Sse) -> Uuid {
+    serde_json::from_str::<Value>(&e.data).unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_small_tenant_resuming_behind_many_other_events_catches_up_under_a_short_statement_timeout()
+-> anyhow::Result<()> {
+    let env = TestEnv::new().await?;
+    // The tenant is not tiny overall (so the planner reads the outbox order and filters),
+    // but has almost nothing after the cursor.
+    insert_bulk(&env, "small", 20_000).await?;
+    let (_, resume) = insert_one(&env, "small").await?;
+    insert_bulk(&env, "big", 450_000).await?;
+    let mut want = Vec::new();
+    for _ in 0..3 {
+        want.push(insert_one(&env, "small").await?.0);
+    }
+    insert_bulk(&env, "big", 50_000).await?;
+    want.push(insert_one(&env, "small").await?.0);
+    sqlx::query("ANALYZE audit_events")
+        .execute(&env.pool)
+        .await?;
+    env.wait_below_horizon(T).await?;
+
+    // Every statement of serve is cancelled after 60 ms: a replay that reads its tenant's
+    // rows in one statement over 450,000 rows of another tenant never gets past them.
+    let small = Token::tenant("small", "small", &["read"]);
+    let api = ApiServer::start(
+        &env,
+        &[&small],
+        &[("AUDITBRIDGE_API_STATEMENT_TIMEOUT", "60ms")],
+    )
+    .await?;
+    let mut tail = api.stream("", &small, Some(&resume)).await?;
+    let got = tail.caught_up(T).await?;
+    let got: Vec<Uuid> = got.iter().map(sse_id).collect();
+    assert_eq!(got, want, "the replay missed, repeated or reordered events");
+
+    // And an admin-like filter with no index of its own (actor) over the whole trail.
+    let mut tail = api.stream("actor=u-small", &small, Some("0.0")).await?;
+    let got: Vec<Uuid> = tail.caught_up(T).await?.iter().map(sse_id).collect();
+    assert_eq!(got.len(), want.len() + 1);
+    assert_eq!(&got[1..], &want[..]);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_token_with_many_deep_replays_and_queries_cannot_starve_another_token()
+-> anyhow::Result<()> {
+    let env = TestEnv::new().await?;
+    insert_bulk(&env, "big", 450_000).await?;
+    let (mine, _) = insert_one(&env, "other").await?;
+    sqlx::query("ANALYZE audit_events")
+        .execute(&env.pool)
+        .await?;
+    env.wait_below_horizon(T).await?;
+    let hog = Token::tenant("hog", "big", &["read"]);
+    let other = Token::tenant("other", "other", &["read"]);
+    // A pool of 4: one token's share is 1.
+    let api = ApiServer::start(
+        &env,
+        &[&hog, &other],
+        &[("AUDITBRIDGE_DB_MAX_CONNECTIONS", "4")],
+    )
+    .await?;
+
+    // The hog: as many deep replays as it may open (from the start, with a filter no index
+    // serves and nothing matches), and 40 stats requests over its 450,000 events at once.
+    let mut tails = Vec::new();
+    for _ in 0..16 {
+        tails.push(api.stream("outcome=denied", &hog, Some("0.0")).await?);
+    }
+    let mut hogging = Vec::new();
+    for _ in 0..40 {
+        let req = api
+            .http
+            .get(api.url("/v1/stats?bucket=1h"))
+            .bearer_auth(&hog.token);
+        hogging.push(tokio::spawn(async move {
+            let resp = req.send().await?;
+            let status = resp.status().as_u16();
+            let retry_after = resp
+                .headers()
+                .get("retry-after")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned);
+            anyhow::Ok((status, retry_after))
+        }));
+    }
+    // Give the hog's requests a moment to reach the database: this is the load the other
+    // token's request must get through (there is no condition to wait for from outside).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let started = std::time::Instant::now();
+    let (status, body) = api.get("/v1/events?limit=10", Some(&other)).await?;
+    let took = started.elapsed();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(ids_of(body["events"].as_array().unwrap()), vec![mine]);
+    assert!(
+        took < Duration::from_millis(1500),
+        "another token's page took {took:?} behind one token's load"
+    );
+
+    // The hog is answered or told when to retry, never left waiting without bound.
+    let mut refused = 0;
+    for h in hogging {
+        let (status, retry_after) = tokio::time::timeout(T, h).await???;
+        match status {
+            200 => {}
+            429 => {
+                assert_eq!(retry_after.as_deref(), Some("1"));
+                refused += 1;
+            }
+            s => panic!("the hog's stats request got {s}"),
+        }
+    }
+    assert!(
+        refused > 0,
+        "40 concurrent stats of one token were all run at once"
+    );
+    // And its replays all finish, sharing its turn.
+    for tail in &mut tails {
+        assert!(tail.caught_up(T).await?.is_empty());
+    }
+    Ok(())
+}

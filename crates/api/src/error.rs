@@ -24,6 +24,9 @@ pub enum ApiError {
     /// A dependency (PostgreSQL, NATS) cannot answer now; the client may retry.
     #[error("{0}")]
     Unavailable(String),
+    /// This token already uses its share of the database; retry after `retry_after` seconds.
+    #[error("{message}")]
+    TooBusy { retry_after: u32, message: String },
 }
 
 impl ApiError {
@@ -42,6 +45,7 @@ impl ApiError {
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::TooBusy { .. } => StatusCode::TOO_MANY_REQUESTS,
         }
     }
 
@@ -53,6 +57,7 @@ impl ApiError {
             ApiError::NotFound(_) => "not_found",
             ApiError::PayloadTooLarge { .. } => "payload_too_large",
             ApiError::Unavailable(_) => "unavailable",
+            ApiError::TooBusy { .. } => "too_many_requests",
         }
     }
 }
@@ -80,6 +85,11 @@ impl IntoResponse for ApiError {
                 header::WWW_AUTHENTICATE,
                 HeaderValue::from_static("Bearer realm=\"auditbridge\""),
             );
+        }
+        if let ApiError::TooBusy { retry_after, .. } = &self {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(*retry_after));
         }
         response
     }

@@ -64,6 +64,7 @@ async fn list(
         .map(|c| params::decode_cursor(c, order))
         .transpose()?;
     let limit = u32::try_from(parsed.int("limit")).unwrap_or(100);
+    let _turn = state.budget.request(&principal.name).await?;
     let mut rows = state
         .store
         .page(&PageQuery {
@@ -93,6 +94,7 @@ async fn one(
         .parse()
         .map_err(|_| ApiError::bad("id", format!("{id:?} is not a UUID")))?;
     // Another tenant's event is "not found" for this token: its existence is not disclosed.
+    let _turn = state.budget.request(&principal.name).await?;
     let found = state.store.event(id, principal.tenant.as_deref()).await?;
     match found {
         Some(e) => Ok(([(CONTENT_TYPE, "application/json")], e.json).into_response()),

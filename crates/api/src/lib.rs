@@ -19,6 +19,7 @@
 //! in-memory fan-out.
 
 pub mod auth;
+mod budget;
 pub mod error;
 mod events;
 mod ingest;
@@ -47,9 +48,6 @@ use tokio_util::task::TaskTracker;
 pub use auth::{Principal, Scope, Tokens};
 pub use error::ApiError;
 
-/// Longest one SQL statement of the API may run.
-const QUERY_TIMEOUT: Duration = Duration::from_secs(30);
-
 /// What every handler can reach.
 #[derive(Clone)]
 pub struct AppState {
@@ -59,6 +57,8 @@ pub struct AppState {
     pub js: jetstream::Context,
     pub config: Arc<Config>,
     pub(crate) tail: Arc<tail::Hub>,
+    /// Database statements per token ([`budget`]).
+    pub(crate) budget: Arc<budget::DbBudget>,
     /// The `webhook` sources of `[[sources]]`, for `POST /v1/webhooks/{source}`.
     pub(crate) webhooks: Arc<webhooks::Webhooks>,
 }
@@ -96,15 +96,20 @@ impl Server {
         let metrics_listener = TcpListener::bind(config.metrics_addr)
             .await
             .with_context(|| format!("binding AUDITBRIDGE_METRICS_ADDR={}", config.metrics_addr))?;
-        // A statement that runs longer than this is cancelled by PostgreSQL: one costly
-        // request (a replay from the start of a large trail) cannot hold the pool.
+        // A statement that runs longer than `AUDITBRIDGE_API_STATEMENT_TIMEOUT` is cancelled
+        // by PostgreSQL: one costly request cannot hold a connection.
         let store = Store::connect_lazy_for_queries(
             &config.database_url,
             config.ingest.db_max_connections,
-            QUERY_TIMEOUT,
+            config.api_statement_timeout,
         )?;
+        // The live tail's hub reads on a connection of its own: requests can never starve it,
+        // and it never takes one of theirs.
+        let hub_store =
+            Store::connect_lazy_for_queries(&config.database_url, 1, config.api_statement_timeout)?;
         let nats = auditbridge_worker::connect_nats(&config.nats_url, "auditbridge-serve").await?;
-        let (hub, hub_start) = tail::Hub::new(store.clone(), config.api_heartbeat);
+        let (hub, hub_start) = tail::Hub::new(hub_store, config.api_heartbeat);
+        let budget = Arc::new(budget::DbBudget::new(config.ingest.db_max_connections));
         Ok(Server {
             listener,
             metrics_listener,
@@ -115,6 +120,7 @@ impl Server {
                 js: jetstream::new(nats.clone()),
                 config: Arc::new(config),
                 tail: Arc::new(hub),
+                budget,
                 webhooks: Arc::new(webhooks),
             },
             nats,

@@ -102,6 +102,7 @@ async fn stats(
             ),
         ));
     }
+    let turn = state.budget.request(&principal.name).await?;
     let rows = state
         .store
         .stats(
@@ -111,6 +112,7 @@ async fn stats(
             depth as u32,
         )
         .await?;
+    drop(turn);
 
     let mut totals = Counts::default();
     let mut by_bucket: Vec<Bucket> = (0..buckets)

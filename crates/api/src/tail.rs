@@ -12,6 +12,12 @@
 //! hub's position at that moment, which is no later than the replay's horizon, and the client
 //! skips rows at or before the last one it sent. No gap, no repeat.
 //!
+//! **Bounded replays.** A replay reads the outbox order in ranges of at most
+//! [`SCAN_POSITIONS`] positions, whatever its filter matches in them, so every statement is
+//! short and the client's position moves forward even through ranges with nothing for it
+//! (sent as an `id`-only event, a valid `Last-Event-ID`). Each statement takes a turn of the
+//! token's database budget ([`crate::budget`]); the hub reads on a connection of its own.
+//!
 //! **Slow clients.** Each client has a small bounded queue, bounded in events and in bytes
 //! ([`CLIENT_BYTES`], and [`ALL_CLIENT_BYTES`] for all clients together; an event's bytes are
 //! given back when it is handed to the connection). A client that cannot keep up falls behind
@@ -40,11 +46,16 @@ use tokio_util::sync::CancellationToken;
 
 use crate::AppState;
 use crate::auth::{Principal, Scope};
+use crate::budget::DbBudget;
 use crate::error::ApiError;
 use crate::params::{self, Endpoint};
 
 /// Rows per read, for the hub and for replays.
 const READ_LIMIT: u32 = 500;
+/// Positions of the outbox order one replay statement covers at most, whatever its filter
+/// matches among them: about 2 ms of index walk, so a statement always ends well within the
+/// statement timeout and the replay moves forward by this much each time.
+const SCAN_POSITIONS: u32 = 5_000;
 /// Batches the broadcast keeps for a client that is behind; with [`READ_LIMIT`] this bounds
 /// the hub's memory to about 32k events whatever the number of clients.
 const BROADCAST_BATCHES: usize = 64;
@@ -320,13 +331,16 @@ async fn stream(
     };
     let heartbeat = hub.heartbeat;
     tokio::spawn(follow(
-        state.store,
+        Reader {
+            store: state.store,
+            budget: state.budget,
+            token: principal.name,
+        },
         parsed.filter,
         resume,
         live,
         out,
         hub,
-        principal.name,
     ));
     // An event's bytes are given back as it is handed to the connection.
     let events = ReceiverStream::new(rx).map(move |q: Queued| {
@@ -380,21 +394,31 @@ impl Out {
     }
 }
 
-async fn follow(
+/// A client's way to the database: the request pool, one statement at a time within its
+/// token's budget ([`crate::budget`]).
+struct Reader {
     store: Store,
+    budget: Arc<DbBudget>,
+    token: String,
+}
+
+async fn follow(
+    reader: Reader,
     filter: EventFilter,
     resume: Option<Position>,
     mut live: broadcast::Receiver<Arc<Batch>>,
     out: Out,
     hub: Arc<Hub>,
-    token_name: String,
 ) {
     let end = async {
         let mut last = match resume {
             Some(p) => p,
-            None => store.tail_head().await.map_err(|_| End::Database)?,
+            None => {
+                let _turn = reader.budget.tail(&reader.token).await;
+                reader.store.tail_head().await.map_err(|_| End::Database)?
+            }
         };
-        catch_up(&store, &filter, &mut last, &out).await?;
+        catch_up(&reader, &filter, &mut last, &out).await?;
         let ready = SseEvent::default()
             .event("caught-up")
             .data(format!("{{\"position\":\"{}\"}}", position_id(&last)));
@@ -422,12 +446,12 @@ async fn follow(
                         replayed = false;
                     }
                     Batch::Gap => {
-                        catch_up(&store, &filter, &mut last, &out).await?;
+                        catch_up(&reader, &filter, &mut last, &out).await?;
                         replayed = true;
                     }
                 },
                 Err(broadcast::error::RecvError::Lagged(_)) if replayed => {
-                    catch_up(&store, &filter, &mut last, &out).await?;
+                    catch_up(&reader, &filter, &mut last, &out).await?;
                 }
                 Err(broadcast::error::RecvError::Lagged(_)) => return Err(End::TooSlow),
                 Err(broadcast::error::RecvError::Closed) => return Err(End::Closed),
@@ -437,6 +461,7 @@ async fn follow(
         Ok::<(), End>(())
     };
     let result = end.await;
+    let token_name = reader.token;
     match result {
         Err(End::TooSlow) => {
             metrics::counter!(API_TAIL_DISCONNECTS, "reason" => "slow").increment(1);
@@ -450,23 +475,40 @@ async fn follow(
     }
 }
 
-/// Sends every matching event after `last` from the database, up to the horizon.
+/// Sends every matching event after `last` from the database, up to the horizon, reading
+/// the outbox order in ranges of at most [`SCAN_POSITIONS`] (`Store::tail_scan`). `last`
+/// moves to the end of each range even when nothing in it matched, and a client is sent that
+/// position as an event with an `id` and no data (an `EventSource` updates its
+/// `Last-Event-ID` from it and dispatches nothing), so a client that reconnects resumes
+/// after what was read for it, not at the same old place.
 async fn catch_up(
-    store: &Store,
+    reader: &Reader,
     filter: &EventFilter,
     last: &mut Position,
     out: &Out,
 ) -> Result<(), End> {
     loop {
-        let rows = store
-            .tail(last, Some(filter), READ_LIMIT)
-            .await
-            .map_err(|_| End::Database)?;
-        for row in &rows {
+        let scan = {
+            let _turn = reader.budget.tail(&reader.token).await;
+            reader
+                .store
+                .tail_scan(last, filter, READ_LIMIT, SCAN_POSITIONS)
+                .await
+                .map_err(|_| End::Database)?
+        };
+        for row in &scan.rows {
             send(out, row).await?;
             *last = row.position.clone();
         }
-        if rows.len() < READ_LIMIT as usize {
+        if let Some(to) = scan.scanned_to
+            && key(&to) > key(last)
+        {
+            *last = to;
+            if scan.rows.is_empty() {
+                deliver(out, SseEvent::default().id(position_id(last)), 0).await?;
+            }
+        }
+        if !scan.more {
             return Ok(());
         }
     }

@@ -131,6 +131,8 @@ pub struct Config {
     /// How often an idle live tail (Server-Sent Events) sends a heartbeat comment, so proxies
     /// do not close it.
     pub api_heartbeat: Duration,
+    /// Longest one SQL statement of `serve` may run before PostgreSQL cancels it.
+    pub api_statement_timeout: Duration,
     pub log: String,
     pub log_format: LogFormat,
     pub ingest: IngestConfig,
@@ -173,6 +175,7 @@ impl fmt::Debug for Config {
             .field("api_addr", &self.api_addr)
             .field("api_max_body_bytes", &self.api_max_body_bytes)
             .field("api_heartbeat", &self.api_heartbeat)
+            .field("api_statement_timeout", &self.api_statement_timeout)
             .field("log", &self.log)
             .field("log_format", &self.log_format)
             .field("ingest", &self.ingest)
@@ -407,6 +410,10 @@ const KEYS: &[Key] = &[
     Key {
         name: "api_heartbeat",
         default: "15s",
+    },
+    Key {
+        name: "api_statement_timeout",
+        default: "30s",
     },
     Key {
         name: "log",
@@ -770,6 +777,11 @@ impl Config {
             api_heartbeat: l.duration_in(
                 "api_heartbeat",
                 Duration::from_millis(100),
+                Duration::from_secs(3600),
+            )?,
+            api_statement_timeout: l.duration_in(
+                "api_statement_timeout",
+                Duration::from_millis(10),
                 Duration::from_secs(3600),
             )?,
             log: l.get("log").to_owned(),

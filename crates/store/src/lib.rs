@@ -27,7 +27,9 @@ pub use outbox::{Backlog, DestinationState, OutboxRow, Position, StartAt};
 pub use persist::{
     CONFLICT, DB_REJECTED, DeadLetter, Incoming, Ingested, NewEvent, Origin, PersistOutcome,
 };
-pub use query::{Condition, EventFilter, Order, PageQuery, StatsRow, StoredEvent, TailRow};
+pub use query::{
+    Condition, EventFilter, Order, PageQuery, StatsRow, StoredEvent, TailRow, TailScan,
+};
 pub use roles::SessionRole;
 pub use status::{DeadLetterCount, Status};
 pub use undeliverable::{DestinationDeadLetter, DestinationDeadLetterCount};

@@ -206,6 +206,19 @@ pub struct StatsRow {
     pub count: i64,
 }
 
+/// What one bounded read of the live tail's replay found ([`Store::tail_scan`]).
+#[derive(Debug, Default)]
+pub struct TailScan {
+    /// The matching rows, in commit-safe order.
+    pub rows: Vec<TailRow>,
+    /// The last position the read covered; `None` when it covered nothing beyond the last
+    /// row (the end of the trail, below the horizon).
+    pub scanned_to: Option<Position>,
+    /// Whether rows beyond `scanned_to` may be there now: read again from it. `false` means
+    /// the read reached the horizon.
+    pub more: bool,
+}
+
 type TailTuple = (
     String,
     i64,
@@ -337,6 +350,106 @@ impl Store {
             out.extend(rows.into_iter().map(|r| tail_row(g.generation, r)));
             if out.len() >= limit || i + 1 == gens.len() {
                 return Ok(out);
+            }
+            i += 1;
+            from = Position::new(gens[i].generation, "0", 0);
+        }
+    }
+
+    /// Up to `limit` events matching `filter` among at most `scan` positions after `after`
+    /// in commit-safe order: the live tail's replay. Each call reads a bounded range of the
+    /// outbox order whatever the filter matches in it, so a reader whose rows are rare among
+    /// very many others (a small tenant behind a large one, a filter no index serves) moves
+    /// forward by `scan` positions per statement instead of scanning to the end of the trail
+    /// in one statement that the statement timeout cancels, again and again, at the same
+    /// place.
+    ///
+    /// [`TailScan::scanned_to`] is the last position read (every matching row up to it is in
+    /// `rows`): a valid resume point even when `rows` is empty.
+    pub async fn tail_scan(
+        &self,
+        after: &Position,
+        filter: &EventFilter,
+        limit: u32,
+        scan: u32,
+    ) -> Result<TailScan, StoreError> {
+        let (gens, Some(mut i), mut from) = self.read_plan(after).await? else {
+            return Ok(TailScan::default());
+        };
+        let scan = i64::from(scan.max(1));
+        loop {
+            let g = &gens[i];
+            let bounds = |q: &mut QueryBuilder<Postgres>, from: &Position| {
+                q.push_bind(from.tx_id.clone())
+                    .push("::xid8, ")
+                    .push_bind(from.seq)
+                    .push(") AND seq >= ")
+                    .push_bind(g.first_seq);
+                match g.end_seq {
+                    // An earlier generation is all committed: no horizon (see `crate::outbox`).
+                    Some(end) => {
+                        q.push(" AND seq < ").push_bind(end);
+                    }
+                    None => {
+                        q.push(" AND tx_id < pg_snapshot_xmin(pg_current_snapshot())");
+                    }
+                }
+            };
+            // The end of this range: the `scan`-th position after `from`, an index-only walk
+            // of `audit_events_outbox_order`. `None` when fewer remain below the horizon.
+            let mut q = QueryBuilder::<Postgres>::new(
+                "SELECT tx_id::text AS tx_text, seq FROM audit_events WHERE (tx_id, seq) > (",
+            );
+            bounds(&mut q, &from);
+            q.push(" ORDER BY tx_id, seq OFFSET ")
+                .push_bind(scan - 1)
+                .push(" LIMIT 1");
+            let end: Option<(String, i64)> = q.build_query_as().fetch_optional(&self.pool).await?;
+            // The matching rows in (from, end]. Everything at or below `end` is committed
+            // (its tx_id is below the horizon of the statement that found it, and the horizon
+            // only moves forward), so this statement sees the whole range.
+            let mut q = QueryBuilder::<Postgres>::new(TAIL_COLUMNS);
+            bounds(&mut q, &from);
+            if let Some((tx, seq)) = &end {
+                q.push(" AND (tx_id, seq) <= (")
+                    .push_bind(tx.clone())
+                    .push("::xid8, ")
+                    .push_bind(*seq)
+                    .push(")");
+            }
+            filter.push_sql(&mut q);
+            q.push(" ORDER BY tx_id, seq LIMIT ")
+                .push_bind(i64::from(limit));
+            let rows: Vec<TailTuple> = q.build_query_as().fetch_all(&self.pool).await?;
+            let rows: Vec<TailRow> = rows
+                .into_iter()
+                .map(|r| tail_row(g.generation, r))
+                .collect();
+            if rows.len() >= limit as usize {
+                // The range holds more matches than one answer: resume after the last one.
+                let scanned_to = rows.last().map(|r| r.position.clone());
+                return Ok(TailScan {
+                    rows,
+                    scanned_to,
+                    more: true,
+                });
+            }
+            if let Some((tx, seq)) = end {
+                return Ok(TailScan {
+                    rows,
+                    scanned_to: Some(Position::new(g.generation, tx, seq)),
+                    more: true,
+                });
+            }
+            // This generation is read to its end (or to the horizon).
+            if !rows.is_empty() || i + 1 == gens.len() {
+                let more = i + 1 < gens.len();
+                let scanned_to = rows.last().map(|r| r.position.clone());
+                return Ok(TailScan {
+                    rows,
+                    scanned_to,
+                    more,
+                });
             }
             i += 1;
             from = Position::new(gens[i].generation, "0", 0);
