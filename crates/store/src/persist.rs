@@ -206,16 +206,24 @@ impl Store {
         if !dead_letters.is_empty() {
             outcome.dead_lettered = insert_dead_letters(&mut tx, dead_letters).await?;
         }
-        if self.notify && outcome.inserted > 0 {
-            // Delivered at commit, and only if it commits.
+        self.commit_batch(tx, outcome.inserted).await?;
+        Ok(outcome)
+    }
+
+    /// Commits a batch's transaction, waking the relays first if it inserted rows (the
+    /// notification is delivered at commit, and only if it commits).
+    async fn commit_batch(
+        &self,
+        mut tx: sqlx::Transaction<'static, sqlx::Postgres>,
+        inserted: u64,
+    ) -> Result<(), sqlx::Error> {
+        if self.notify && inserted > 0 {
             sqlx::query("SELECT pg_notify($1, '')")
                 .bind(crate::outbox::NOTIFY_CHANNEL)
                 .execute(&mut *tx)
                 .await?;
         }
-
-        tx.commit().await?;
-        Ok(outcome)
+        tx.commit().await
     }
 }
 
@@ -516,14 +524,7 @@ impl Store {
                 .await
                 .map_err(dead_letters_failed)?;
         }
-        if self.notify && out.inserted > 0 {
-            // Delivered at commit, and only if it commits.
-            sqlx::query("SELECT pg_notify($1, '')")
-                .bind(crate::outbox::NOTIFY_CHANNEL)
-                .execute(&mut *tx)
-                .await?;
-        }
-        tx.commit().await?;
+        self.commit_batch(tx, out.inserted).await?;
         Ok(out)
     }
 }
