@@ -845,6 +845,125 @@ async fn an_event_a_destination_cannot_take_is_dead_lettered_there_or_blocks_it(
     Ok(())
 }
 
+/// Three ways one tenant's events once held a destination for good: a run of more events
+/// refused one by one than the relay probes before backing off; one refused event followed by
+/// more than a read window of events the destination's filter drops; and, the other way
+/// round, a receiver that refuses everything for a while must not get innocent events
+/// dead-lettered, and receives them in order once it recovers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runs_of_refused_events_and_filtered_windows_do_not_hold_a_destination()
+-> anyhow::Result<()> {
+    let mut env = TestEnv::new().await?;
+    env.ensure_stream().await?;
+    let run_rx = Receiver::start().await?;
+    let lone_rx = Receiver::start().await?;
+    let down_rx = Receiver::start().await?;
+    let mut events = env.events(300);
+    // 12 consecutive events refused (more than twice the first round's allowance of 5).
+    let run: HashSet<Uuid> = ids(&events[100..112]);
+    run_rx.refuse_ids(run.iter().copied());
+    // Tenant `lone`: one refused event, 150 other-tenant events (more than the destination's
+    // read window of 50), then one it takes.
+    let lone = |mut e: Event| {
+        e.tenant = "lone".into();
+        e
+    };
+    events[20] = lone(events[20].clone());
+    events[171] = lone(events[171].clone());
+    let (lone_refused, lone_taken) = (events[20].id, events[171].id);
+    for e in &mut events[21..171] {
+        if e.tenant == "lone" {
+            e.tenant = "other".into();
+        }
+    }
+    lone_rx.refuse_ids([lone_refused]);
+    // A receiver refusing every request until the test says otherwise.
+    down_rx.answer(Answer::Status(400));
+    let params = |rx: &Receiver, extra: serde_json::Value| {
+        let mut p = json!({"url": rx.url("/in"), "start": "earliest", "max_batch_events": 50,
+            "retry_min": "50ms", "retry_max": "300ms"});
+        p.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        p
+    };
+    let dest = json!([
+        {"name": "run", "type": "http", "params": params(&run_rx, json!({}))},
+        {"name": "lone", "type": "http", "params": params(&lone_rx, json!({"batch_size": 50, "filter": {"tenants": ["lone"]}}))},
+        {"name": "down", "type": "http", "params": params(&down_rx, json!({}))},
+    ])
+    .to_string();
+    let worker = env
+        .spawn_worker("w", &[("AUDITBRIDGE_DESTINATIONS", &dest)])
+        .await?;
+    worker.wait_ready(T).await?;
+    env.publish(&events).await?;
+
+    let all = ids(&events);
+    let want_run: HashSet<Uuid> = all.difference(&run).copied().collect();
+    until("every event but the refused run", T, || {
+        run_rx.delivered() == want_run
+    })
+    .await?;
+    until("the lone tenant's second event", T, || {
+        lone_rx.delivered() == HashSet::from([lone_taken])
+    })
+    .await?;
+    // The down receiver has been probed past the first events (one by one), and refused all.
+    until("probes of the refusing receiver", T, || {
+        down_rx.requests().len() >= 20
+    })
+    .await?;
+    let s = status_json(&env, &dest).await?;
+    assert_eq!(destination(&s, "down")["dead_letters"]["count"], 0, "{s}");
+    assert_eq!(destination(&s, "down")["failing"], true, "{s}");
+    down_rx.answer(Answer::Ok);
+
+    let s = until_status(&env, &dest, "every destination caught up", T, |s| {
+        ["run", "lone", "down"]
+            .iter()
+            .all(|n| destination(s, n)["backlog_events"] == 0)
+    })
+    .await?;
+    assert_eq!(destination(&s, "run")["dead_letters"]["count"], 12, "{s}");
+    assert_eq!(destination(&s, "lone")["dead_letters"]["count"], 1, "{s}");
+    assert_eq!(destination(&s, "down")["dead_letters"]["count"], 0, "{s}");
+    let dead: HashSet<Uuid> = sqlx::query_scalar(
+        "SELECT event_id FROM destination_dead_letters WHERE destination = 'run'",
+    )
+    .fetch_all(&env.pool)
+    .await?
+    .into_iter()
+    .collect();
+    assert_eq!(dead, run);
+    let lone_dead: Vec<Uuid> = sqlx::query_scalar(
+        "SELECT event_id FROM destination_dead_letters WHERE destination = 'lone'",
+    )
+    .fetch_all(&env.pool)
+    .await?;
+    assert_eq!(lone_dead, [lone_refused]);
+    // The recovered receiver got everything, the held events oldest first: the first event
+    // stored opens its first accepted request, or its second when a probe of a later event
+    // happened to be the first request after the recovery.
+    until("everything on the recovered receiver", T, || {
+        down_rx.delivered() == all
+    })
+    .await?;
+    let first_stored: Uuid =
+        sqlx::query_scalar("SELECT id FROM audit_events ORDER BY tx_id, seq LIMIT 1")
+            .fetch_one(&env.pool)
+            .await?;
+    let firsts: Vec<Option<Uuid>> = down_rx
+        .requests()
+        .into_iter()
+        .filter(|r| r.answered == 200)
+        .take(2)
+        .map(|r| r.ids().first().copied())
+        .collect();
+    assert!(firsts.contains(&Some(first_stored)), "{firsts:?}");
+    Ok(())
+}
+
 /// libfaketime (Debian package `faketime`), to run a worker whose clock is wrong.
 const LIBFAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
 

@@ -10,6 +10,7 @@
 //! Destinations are independent: each has its own task, sink, backoff and cursor, so one
 //! failing or slow destination delays nobody else, and ingest never waits for any of them.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -171,11 +172,12 @@ async fn relay_while_held(
     let mut relay = Relay {
         config,
         ctx,
-        cursor,
+        cursor: cursor.clone(),
         cursor_tx,
         held: held.clone(),
         sink,
         backoff: backoff(config),
+        suspects: Suspects::new(cursor),
     };
     relay.run().await;
     held.cancel();
@@ -202,12 +204,139 @@ struct Relay<'a> {
     held: CancellationToken,
     sink: &'a mut Sink,
     backoff: ExponentialBackoff,
+    suspects: Suspects,
 }
 
-/// Events refused alone in a row, with nothing after them taken, before the relay concludes
-/// that the destination refuses everything (a revoked token, a wrong URL) rather than those
-/// events: it then holds them, marks the destination failing and backs off.
-const MAX_SUSPECTS: usize = 5;
+/// Isolating an event a destination refuses, without blaming events for a destination that
+/// refuses everything (a revoked token, a receiver expecting another format).
+///
+/// An event refused alone becomes a *suspect*: it is held in memory, the cursor stays before
+/// it, and the relay reads on past it (from `frontier`) and offers the next events alone, one
+/// by one. A suspect is dead-lettered only when it is refused alone a **second** time after
+/// the destination **took** some event since its first refusal: a destination-wide refusal
+/// that ends between two probes convicts nobody. After each probe that is taken, and after
+/// each backoff, the held events are offered again from the oldest, so a destination that
+/// recovers receives them in order.
+///
+/// New suspects allowed before the relay backs off start at [`FIRST_PROBES`] and double with
+/// each backoff while no event is taken, up to [`MAX_PROBES`]; at most [`MAX_HELD_EVENTS`]
+/// events and [`MAX_HELD_BYTES`] bytes are held. Past that the destination is held as failing
+/// (the relay keeps probing the next event after each backoff).
+struct Suspects {
+    /// The events between the cursor and `frontier` that the destination matches, in order:
+    /// each refused (a suspect) or already settled (waiting for the ones before it).
+    queue: VecDeque<HeldEvent>,
+    /// The last outbox position examined: every matching event in (cursor, frontier] is in
+    /// `queue`. Equal to the cursor while `queue` is empty.
+    frontier: Position,
+    /// Bytes of the suspects' JSON in `queue`.
+    bytes: usize,
+    /// Events the destination took while this relay held the lease (the evidence that it
+    /// takes events at all).
+    taken: u64,
+    /// Offer the oldest held events again before probing new ones.
+    recheck: bool,
+    /// New suspects allowed before the next backoff, and how many came since the last one.
+    allowance: usize,
+    new: usize,
+}
+
+struct HeldEvent {
+    position: Position,
+    fate: Fate,
+}
+
+enum Fate {
+    /// Refused alone when the destination had taken `taken` events.
+    Suspect {
+        event: Box<OutEvent>,
+        error: DeliveryError,
+        taken: u64,
+    },
+    /// Taken (`delivered`) or dead-lettered; the cursor passes it with the events before it.
+    Settled { delivered: bool },
+}
+
+const FIRST_PROBES: usize = 5;
+const MAX_PROBES: usize = 512;
+const MAX_HELD_EVENTS: usize = 4_096;
+const MAX_HELD_BYTES: usize = 32 << 20;
+
+impl Suspects {
+    fn new(cursor: Position) -> Suspects {
+        Suspects {
+            queue: VecDeque::new(),
+            frontier: cursor,
+            bytes: 0,
+            taken: 0,
+            recheck: false,
+            allowance: FIRST_PROBES,
+            new: 0,
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.queue.is_empty()
+    }
+
+    fn is_full(&self) -> bool {
+        self.queue.len() >= MAX_HELD_EVENTS || self.bytes >= MAX_HELD_BYTES
+    }
+
+    fn push(&mut self, position: Position, fate: Fate) {
+        if let Fate::Suspect { event, .. } = &fate {
+            self.bytes += event.json.len();
+        }
+        self.frontier = position.clone();
+        self.queue.push_back(HeldEvent { position, fate });
+    }
+
+    /// Removes the oldest held event; returns where the cursor may move and whether it was
+    /// delivered.
+    fn pop(&mut self) -> (Position, bool) {
+        let front = self.queue.pop_front().expect("a held event");
+        let delivered = match front.fate {
+            Fate::Suspect { event, .. } => {
+                self.bytes -= event.json.len();
+                false
+            }
+            Fate::Settled { delivered } => delivered,
+        };
+        // Past every examined row once nothing is held, else just past this event.
+        let to = if self.queue.is_empty() {
+            self.frontier.clone()
+        } else {
+            front.position
+        };
+        (to, delivered)
+    }
+}
+
+/// What the relay does after one step.
+enum Flow {
+    /// Go on with the events in hand.
+    Go,
+    /// Read again from the frontier (after a backoff, or to apply `max_backlog_age`).
+    Reread,
+    /// The lease is lost or shutdown: stop relaying.
+    Stop,
+}
+
+impl Flow {
+    fn from_pause(go_on: bool, then: Flow) -> Flow {
+        if go_on { then } else { Flow::Stop }
+    }
+}
+
+/// How the destination answered one event offered alone.
+enum Answer {
+    Taken,
+    /// Refused, or settled as undeliverable with nothing confirmed (which alone does not show
+    /// that the destination takes anything).
+    Refused(DeliveryError),
+    /// Nothing settled: try again later.
+    Failed(DeliveryError),
+}
 
 /// How far `settled` more events from `done` take a batch of `len` events whose rows end at
 /// `last`: the new `done` and the position the cursor may move to. `None` when nothing was
@@ -245,23 +374,24 @@ impl Relay<'_> {
         let mut ahead: Option<(Position, ReadAhead)> = None;
         while !self.held.is_cancelled() {
             wake.borrow_and_update();
+            let from = self.suspects.frontier.clone();
             let read = match ahead.take() {
                 // Used only if the current batch was relayed to its end (the usual case);
                 // otherwise (a partial delivery before a re-read) it is dropped.
-                Some((from, handle)) if from == self.cursor => match handle.await {
+                Some((start, handle)) if start == from => match handle.await {
                     Ok(result) => result,
                     // The read-ahead task itself failed: read again here.
                     Err(_) => {
                         self.ctx
                             .store
-                            .read_outbox(&self.cursor, self.config.batch_size)
+                            .read_outbox(&from, self.config.batch_size)
                             .await
                     }
                 },
                 _ => {
                     self.ctx
                         .store
-                        .read_outbox(&self.cursor, self.config.batch_size)
+                        .read_outbox(&from, self.config.batch_size)
                         .await
                 }
             };
@@ -276,6 +406,20 @@ impl Relay<'_> {
                 }
             };
             if rows.is_empty() {
+                if !self.suspects.is_empty() {
+                    // Held events and nothing after them yet: offer them again after a
+                    // backoff (the destination may have recovered), then look for new events.
+                    if let Some(error) = self.oldest_refusal()
+                        && !self.failed(&error, true).await
+                    {
+                        return;
+                    }
+                    self.suspects.recheck = true;
+                    if !self.relay_rows(Vec::new()).await {
+                        return;
+                    }
+                    continue;
+                }
                 tokio::select! {
                     _ = self.held.cancelled() => return,
                     _ = wake.changed() => {}
@@ -292,10 +436,10 @@ impl Relay<'_> {
                 .expect("rows is not empty");
             let store = self.ctx.store.clone();
             let limit = self.config.batch_size;
-            let from = last.clone();
+            let start = last.clone();
             ahead = Some((
                 last,
-                tokio::spawn(async move { store.read_outbox(&from, limit).await }),
+                tokio::spawn(async move { store.read_outbox(&start, limit).await }),
             ));
             if !self.relay_rows(rows).await {
                 return;
@@ -303,16 +447,31 @@ impl Relay<'_> {
         }
     }
 
-    /// Skips what is too old, delivers what matches, and moves the cursor past the rows.
-    /// False when the relay must stop (lease lost, shutdown).
-    async fn relay_rows(&mut self, rows: Vec<OutboxRow>) -> bool {
-        let last = rows
-            .last()
-            .map(|r| r.position.clone())
-            .expect("rows is not empty");
-        let mut rows = rows;
+    /// Why the oldest suspect was refused, if a suspect is held.
+    fn oldest_refusal(&self) -> Option<DeliveryError> {
+        self.suspects.queue.iter().find_map(|h| match &h.fate {
+            Fate::Suspect { error, .. } => Some(error.clone()),
+            Fate::Settled { .. } => None,
+        })
+    }
 
-        if let Some(max_age) = self.config.max_backlog_age {
+    /// Skips what is too old, delivers what matches, and moves the cursor past the rows (or,
+    /// while suspects are held, the frontier). False when the relay must stop (lease lost,
+    /// shutdown).
+    async fn relay_rows(&mut self, rows: Vec<OutboxRow>) -> bool {
+        let mut rows = rows;
+        let last = rows.last().map(|r| r.position.clone());
+
+        if let Some(max_age) = self.config.max_backlog_age
+            && !self.suspects.is_empty()
+            && !self.skip_aged_held(max_age).await
+        {
+            return false;
+        }
+        if let Some(max_age) = self.config.max_backlog_age
+            && self.suspects.is_empty()
+            && !rows.is_empty()
+        {
             // Ages are measured on the database's clock, the one `received_at` was taken on:
             // a worker whose clock runs ahead would otherwise skip fresh events. If the
             // database cannot say, nothing is skipped this time.
@@ -360,150 +519,368 @@ impl Relay<'_> {
                 )
             })
             .unzip();
-        if events.is_empty() {
-            return self.advance(&last, 0, 0).await;
-        }
 
-        let dead_letter = self.config.on_undeliverable == OnUndeliverable::DeadLetter;
-        // events[..done] are settled and the cursor is past them.
-        let mut done = 0;
-        // Isolating a permanent refusal: the most events offered at once (halved after each
-        // refusal of several), and the events since `done` that were refused alone. Those are
-        // the events' fault only once an event after them is taken; until then the destination
-        // may be refusing everything.
+        // events[..next] are settled or held.
+        let mut next = 0;
+        // The most events offered at once: halved after each refusal of several.
         let mut window = usize::MAX;
-        let mut suspects: Vec<DeliveryError> = Vec::new();
-        while done < events.len() {
-            let probe = done + suspects.len();
-            if probe == events.len() || suspects.len() > MAX_SUSPECTS {
-                // Nothing after the suspects was taken (or none is in hand): keep them, say the
-                // destination is failing, and read again from the cursor after a backoff (more
-                // events may have arrived by then to tell the two apart).
-                let refusal = suspects.pop().expect("there is a suspect");
-                return self.failed(&refusal, true).await;
-            }
-            let offered = if suspects.is_empty() {
-                window.min(events.len() - probe)
+        loop {
+            let flow = if self.suspects.recheck && !self.suspects.is_empty() {
+                self.recheck_oldest().await
             } else {
-                1
+                self.suspects.recheck = false;
+                if next == events.len() {
+                    break;
+                }
+                if self.suspects.is_empty() {
+                    self.deliver_batch(&events, &positions, last.as_ref(), &mut next, &mut window)
+                        .await
+                } else {
+                    self.probe(&events[next], &positions[next], &mut next).await
+                }
             };
-            let result = self.sink.deliver(&events[probe..probe + offered]).await;
-            match result {
-                Ok(delivered) => {
-                    let Delivered {
-                        settled,
-                        mut undeliverable,
-                    } = delivered;
-                    let mut settled = settled.min(offered);
-                    let mut blocked = None;
-                    if !dead_letter && let Some(first) = undeliverable.first() {
-                        // `block`: settle only what comes before it; then hold.
-                        settled = first.index;
-                        blocked = Some(DeliveryError::Refused {
-                            reason: first.reason,
-                            detail: first.detail.clone(),
-                        });
-                        undeliverable.clear();
-                    }
-                    let Some((new_done, to)) = progress(probe, offered, settled, &positions, &last)
-                    else {
-                        let refused = blocked.is_some();
-                        let nothing = blocked.unwrap_or_else(|| DeliveryError::Retry {
-                            reason: "none_confirmed",
-                            detail: "the destination confirmed none of the events offered".into(),
-                            retry_after: None,
-                        });
-                        if !self.failed(&nothing, refused).await {
-                            return false;
-                        }
-                        if self.config.max_backlog_age.is_some() || !suspects.is_empty() {
-                            return true;
-                        }
-                        continue;
-                    };
-                    undeliverable.retain(|u| u.index < settled);
-                    // The suspects are convicted: an event after them was settled.
-                    let mut dead: Vec<(usize, &'static str, String)> = suspects
-                        .drain(..)
-                        .enumerate()
-                        .map(|(i, e)| (done + i, e.reason(), e.to_string()))
-                        .collect();
-                    dead.extend(
-                        undeliverable
-                            .iter()
-                            .map(|u| (probe + u.index, u.reason, u.detail.clone())),
-                    );
-                    let confirmed = settled - undeliverable.len();
-                    let label = self.name().to_owned();
-                    if !dead.is_empty() {
-                        let records: Vec<DestinationDeadLetter> = dead
-                            .iter()
-                            .map(|(i, kind, reason)| DestinationDeadLetter {
-                                event_id: events[*i].id,
-                                position: positions[*i].clone(),
-                                kind: (*kind).to_owned(),
-                                reason: reason.clone(),
-                            })
-                            .collect();
-                        if !self.record_dead(&records).await {
-                            return false;
-                        }
-                        for (i, kind, reason) in &dead {
-                            tracing::warn!(destination = %label, event = %events[*i].id, kind, reason = %reason, message = "The destination cannot take this event; kept in its dead letters and going on.");
-                            counter!(DEST_DEAD_LETTERED, "destination" => label.clone(), "reason" => *kind)
-                                .increment(1);
-                        }
-                    }
-                    if confirmed > 0 {
-                        let confirmed_at = OffsetDateTime::now_utc();
-                        let refused: Vec<usize> = undeliverable.iter().map(|u| u.index).collect();
-                        for (i, e) in events[probe..probe + settled].iter().enumerate() {
-                            if !refused.contains(&i) {
-                                histogram!(DEST_LATENCY, "destination" => label.clone()).record(
-                                    (confirmed_at - e.received_at).as_seconds_f64().max(0.0),
-                                );
-                            }
-                        }
-                        counter!(DEST_DELIVERED, "destination" => label.clone())
-                            .increment(confirmed as u64);
-                        gauge!(DEST_UP, "destination" => label).set(1.0);
-                        self.backoff = backoff(self.config);
-                    }
-                    window = usize::MAX;
-                    done = new_done;
-                    if !self.advance(&to, confirmed as u64, 0).await {
-                        return false;
-                    }
-                    if let Some(refusal) = blocked {
-                        return self.failed(&refusal, true).await;
-                    }
-                }
-                Err(e @ DeliveryError::Refused { .. }) if dead_letter => {
-                    counter!(DEST_FAILURES, "destination" => self.name().to_owned(), "reason" => e.reason())
-                        .increment(1);
-                    if offered > 1 {
-                        // Refused as a batch: find the event it is about by offering less.
-                        window = offered / 2;
-                        tracing::info!(destination = %self.name(), offered, reason = e.reason(), error = %e, message = "The destination refused a batch; isolating the event it cannot take.");
-                    } else {
-                        tracing::info!(destination = %self.name(), event = %events[probe].id, reason = e.reason(), error = %e, message = "The destination refused an event alone; trying the next one to tell whether the event or the destination is at fault.");
-                        suspects.push(e);
-                    }
-                }
-                Err(e) => {
-                    let refused = matches!(e, DeliveryError::Refused { .. });
-                    if !self.failed(&e, refused).await {
-                        return false;
-                    }
-                    if self.config.max_backlog_age.is_some() {
-                        // While we waited the events in hand aged: read again from the cursor
-                        // so the age limit is applied to them before the next attempt.
-                        return true;
-                    }
-                }
+            match flow {
+                Flow::Go => {}
+                Flow::Reread => return true,
+                Flow::Stop => return false,
             }
+        }
+        // Every event in hand is settled or held: move past the rows read.
+        let Some(last) = last else { return true };
+        if self.suspects.is_empty() {
+            if last != self.cursor {
+                return self.advance(&last, 0, 0).await;
+            }
+        } else {
+            self.suspects.frontier = last;
         }
         true
+    }
+
+    /// `max_backlog_age` for held events: suspects older than it are skipped like any old
+    /// backlog (counted, logged), and settled ones before them passed. False if the relay
+    /// must stop.
+    async fn skip_aged_held(&mut self, max_age: Duration) -> bool {
+        let limit = match self.ctx.store.now().await {
+            Ok(now) => now - max_age,
+            Err(e) => {
+                tracing::debug!(destination = %self.name(), error = %e, message = "Cannot read the database's clock; not applying max_backlog_age this time.");
+                return true;
+            }
+        };
+        let mut skipped = 0u64;
+        while let Some(front) = self.suspects.queue.front() {
+            let old = match &front.fate {
+                Fate::Suspect { event, .. } => event.received_at < limit,
+                Fate::Settled { .. } => true,
+            };
+            if !old {
+                break;
+            }
+            let was_suspect = matches!(front.fate, Fate::Suspect { .. });
+            let (to, delivered) = self.suspects.pop();
+            let skip = u64::from(was_suspect);
+            skipped += skip;
+            if !self.advance(&to, u64::from(delivered), skip).await {
+                return false;
+            }
+        }
+        if skipped > 0 {
+            tracing::warn!(destination = %self.name(), skipped, max_backlog_age = %humantime::format_duration(max_age), message = "Skipping backlog older than max_backlog_age (events held as suspects): these events will NOT be delivered to this destination.");
+            counter!(DEST_SKIPPED, "destination" => self.name().to_owned()).increment(skipped);
+        }
+        true
+    }
+
+    /// Offers `events[next..]` in batches while nothing is held. Advances the cursor past what
+    /// the destination settled; an event refused alone becomes the first suspect.
+    async fn deliver_batch(
+        &mut self,
+        events: &[OutEvent],
+        positions: &[Position],
+        last: Option<&Position>,
+        next: &mut usize,
+        window: &mut usize,
+    ) -> Flow {
+        let last = last.expect("events come from rows");
+        let dead_letter = self.config.on_undeliverable == OnUndeliverable::DeadLetter;
+        let probe = *next;
+        let offered = (*window).min(events.len() - probe);
+        match self.sink.deliver(&events[probe..probe + offered]).await {
+            Ok(Delivered {
+                settled,
+                mut undeliverable,
+            }) => {
+                let mut settled = settled.min(offered);
+                undeliverable.retain(|u| u.index < settled);
+                if dead_letter && settled > 0 && undeliverable.len() == settled {
+                    // Settled, but nothing confirmed (a RabbitMQ return, a routing key that
+                    // cannot be built): that alone does not show the destination takes
+                    // anything, so the first event is isolated and probed like a refusal.
+                    if offered > 1 {
+                        *window = 1;
+                        return Flow::Go;
+                    }
+                    let u = &undeliverable[0];
+                    let error = DeliveryError::Refused {
+                        reason: u.reason,
+                        detail: u.detail.clone(),
+                    };
+                    return self
+                        .suspect(&events[probe], &positions[probe], error, next)
+                        .await;
+                }
+                let mut blocked = None;
+                if !dead_letter && let Some(first) = undeliverable.first() {
+                    // `block`: settle only what comes before it; then hold.
+                    settled = first.index;
+                    blocked = Some(DeliveryError::Refused {
+                        reason: first.reason,
+                        detail: first.detail.clone(),
+                    });
+                    undeliverable.clear();
+                }
+                let Some((new_done, to)) = progress(probe, offered, settled, positions, last)
+                else {
+                    let refused = blocked.is_some();
+                    let nothing = blocked.unwrap_or_else(|| DeliveryError::Retry {
+                        reason: "none_confirmed",
+                        detail: "the destination confirmed none of the events offered".into(),
+                        retry_after: None,
+                    });
+                    let go_on = self.failed(&nothing, refused).await;
+                    return Flow::from_pause(go_on, self.after_failure());
+                };
+                let label = self.name().to_owned();
+                if !undeliverable.is_empty() {
+                    let records: Vec<DestinationDeadLetter> = undeliverable
+                        .iter()
+                        .map(|u| DestinationDeadLetter {
+                            event_id: events[probe + u.index].id,
+                            position: positions[probe + u.index].clone(),
+                            kind: u.reason.to_owned(),
+                            reason: u.detail.clone(),
+                        })
+                        .collect();
+                    if !self.record_dead(&records).await {
+                        return Flow::Stop;
+                    }
+                    for u in &undeliverable {
+                        tracing::warn!(destination = %label, event = %events[probe + u.index].id, kind = u.reason, reason = %u.detail, message = "The destination cannot take this event; kept in its dead letters and going on.");
+                        counter!(DEST_DEAD_LETTERED, "destination" => label.clone(), "reason" => u.reason)
+                            .increment(1);
+                    }
+                }
+                let confirmed = settled - undeliverable.len();
+                if confirmed > 0 {
+                    let refused: Vec<usize> = undeliverable.iter().map(|u| u.index).collect();
+                    let taken = events[probe..probe + settled]
+                        .iter()
+                        .enumerate()
+                        .filter(|(i, _)| !refused.contains(i))
+                        .map(|(_, e)| e);
+                    self.record_taken(taken);
+                }
+                *window = usize::MAX;
+                *next = new_done;
+                if !self.advance(&to, confirmed as u64, 0).await {
+                    return Flow::Stop;
+                }
+                match blocked {
+                    Some(refusal) => {
+                        Flow::from_pause(self.failed(&refusal, true).await, Flow::Reread)
+                    }
+                    None => Flow::Go,
+                }
+            }
+            Err(e @ DeliveryError::Refused { .. }) if dead_letter => {
+                if offered > 1 {
+                    // Refused as a batch: find the event it is about by offering less.
+                    counter!(DEST_FAILURES, "destination" => self.name().to_owned(), "reason" => e.reason())
+                        .increment(1);
+                    *window = offered / 2;
+                    tracing::info!(destination = %self.name(), offered, reason = e.reason(), error = %e, message = "The destination refused a batch; isolating the event it cannot take.");
+                    Flow::Go
+                } else {
+                    self.suspect(&events[probe], &positions[probe], e, next)
+                        .await
+                }
+            }
+            Err(e) => {
+                let refused = matches!(e, DeliveryError::Refused { .. });
+                let go_on = self.failed(&e, refused).await;
+                Flow::from_pause(go_on, self.after_failure())
+            }
+        }
+    }
+
+    /// After a failed attempt with nothing held: read again from the cursor when the events in
+    /// hand aged while we waited (so `max_backlog_age` applies to them), else try them again.
+    fn after_failure(&self) -> Flow {
+        if self.config.max_backlog_age.is_some() {
+            Flow::Reread
+        } else {
+            Flow::Go
+        }
+    }
+
+    /// Offers the event after the held ones alone.
+    async fn probe(&mut self, event: &OutEvent, position: &Position, next: &mut usize) -> Flow {
+        match self.offer_alone(event).await {
+            Answer::Taken => {
+                // The destination takes events: the suspects get their second offer.
+                self.suspects
+                    .push(position.clone(), Fate::Settled { delivered: true });
+                self.suspects.recheck = true;
+                *next += 1;
+                Flow::Go
+            }
+            Answer::Refused(error) => self.suspect(event, position, error, next).await,
+            Answer::Failed(error) => {
+                self.suspects.recheck = true;
+                Flow::from_pause(self.failed(&error, false).await, Flow::Reread)
+            }
+        }
+    }
+
+    /// Holds `event`, refused alone, as a suspect and moves on to the next one; backs off
+    /// once this round's allowance of new suspects is used up.
+    async fn suspect(
+        &mut self,
+        event: &OutEvent,
+        position: &Position,
+        error: DeliveryError,
+        next: &mut usize,
+    ) -> Flow {
+        counter!(DEST_FAILURES, "destination" => self.name().to_owned(), "reason" => error.reason())
+            .increment(1);
+        if self.suspects.is_full() {
+            tracing::error!(destination = %self.name(), held = self.suspects.queue.len(), held_bytes = self.suspects.bytes, event = %event.id, message = "The destination has refused this many events one by one with none taken since; holding it as failing until it takes the event after them.");
+            self.suspects.recheck = true;
+            return Flow::from_pause(self.failed(&error, true).await, Flow::Reread);
+        }
+        tracing::info!(destination = %self.name(), event = %event.id, reason = error.reason(), error = %error, held = self.suspects.queue.len() + 1, message = "The destination refused an event alone; holding it and trying the next ones to tell whether the event or the destination is at fault.");
+        let s = &mut self.suspects;
+        let taken = s.taken;
+        s.push(
+            position.clone(),
+            Fate::Suspect {
+                event: Box::new(event.clone()),
+                error: error.clone(),
+                taken,
+            },
+        );
+        *next += 1;
+        s.new += 1;
+        if s.new < s.allowance {
+            return Flow::Go;
+        }
+        // Refused one by one, none taken: maybe the destination refuses everything. Offer the
+        // oldest again after a backoff, then probe further (with a larger allowance).
+        s.new = 0;
+        s.allowance = (s.allowance * 2).min(MAX_PROBES);
+        s.recheck = true;
+        Flow::from_pause(self.failed(&error, true).await, Flow::Reread)
+    }
+
+    /// Offers the oldest held event again (a suspect), or lets the cursor pass it (settled).
+    /// A suspect refused again after the destination took something since its first refusal
+    /// is dead-lettered; one refused again with nothing taken since stays a suspect.
+    async fn recheck_oldest(&mut self) -> Flow {
+        let oldest = match &self.suspects.queue.front().expect("a held event").fate {
+            Fate::Settled { .. } => None,
+            Fate::Suspect { event, taken, .. } => Some(((**event).clone(), *taken)),
+        };
+        let Some((event, taken_then)) = oldest else {
+            return self.pass_oldest().await;
+        };
+        match self.offer_alone(&event).await {
+            Answer::Taken => {
+                self.suspects.queue[0].fate = Fate::Settled { delivered: true };
+                self.suspects.bytes -= event.json.len();
+                self.pass_oldest().await
+            }
+            Answer::Refused(error) if self.suspects.taken > taken_then => {
+                let label = self.name().to_owned();
+                let record = DestinationDeadLetter {
+                    event_id: event.id,
+                    position: self.suspects.queue[0].position.clone(),
+                    kind: error.reason().to_owned(),
+                    reason: error.to_string(),
+                };
+                if !self.record_dead(&[record]).await {
+                    return Flow::Stop;
+                }
+                tracing::warn!(destination = %label, event = %event.id, kind = error.reason(), reason = %error, message = "The destination refused this event twice while taking others; kept in its dead letters and going on.");
+                counter!(DEST_DEAD_LETTERED, "destination" => label, "reason" => error.reason())
+                    .increment(1);
+                self.pass_oldest().await
+            }
+            Answer::Refused(error) => {
+                // Nothing taken since it was first refused: still a suspect. Probe on.
+                if let Fate::Suspect { error: e, .. } = &mut self.suspects.queue[0].fate {
+                    *e = error;
+                }
+                self.suspects.recheck = false;
+                Flow::Go
+            }
+            Answer::Failed(error) => {
+                Flow::from_pause(self.failed(&error, false).await, Flow::Reread)
+            }
+        }
+    }
+
+    /// Moves the cursor past the oldest held event (settled or dead-lettered).
+    async fn pass_oldest(&mut self) -> Flow {
+        let (to, delivered) = self.suspects.pop();
+        let go_on = self.advance(&to, u64::from(delivered), 0).await;
+        Flow::from_pause(go_on, Flow::Go)
+    }
+
+    /// Delivers one event alone and classifies the answer.
+    async fn offer_alone(&mut self, event: &OutEvent) -> Answer {
+        match self.sink.deliver(std::slice::from_ref(event)).await {
+            Ok(Delivered {
+                settled,
+                undeliverable,
+            }) => match undeliverable.into_iter().find(|u| u.index == 0) {
+                _ if settled == 0 => Answer::Failed(DeliveryError::Retry {
+                    reason: "none_confirmed",
+                    detail: "the destination confirmed none of the events offered".into(),
+                    retry_after: None,
+                }),
+                Some(u) => Answer::Refused(DeliveryError::Refused {
+                    reason: u.reason,
+                    detail: u.detail,
+                }),
+                None => {
+                    self.record_taken(std::iter::once(event));
+                    Answer::Taken
+                }
+            },
+            Err(e @ DeliveryError::Refused { .. }) => Answer::Refused(e),
+            Err(e) => Answer::Failed(e),
+        }
+    }
+
+    /// Counts events the destination confirmed: metrics, and the evidence that it takes
+    /// events (which convicts suspects and resets the backoff).
+    fn record_taken<'e>(&mut self, events: impl Iterator<Item = &'e OutEvent>) {
+        let label = self.name().to_owned();
+        let confirmed_at = OffsetDateTime::now_utc();
+        let mut n = 0u64;
+        for e in events {
+            histogram!(DEST_LATENCY, "destination" => label.clone())
+                .record((confirmed_at - e.received_at).as_seconds_f64().max(0.0));
+            n += 1;
+        }
+        counter!(DEST_DELIVERED, "destination" => label.clone()).increment(n);
+        gauge!(DEST_UP, "destination" => label).set(1.0);
+        self.backoff = backoff(self.config);
+        let s = &mut self.suspects;
+        s.taken += n;
+        s.allowance = FIRST_PROBES;
+        s.new = 0;
     }
 
     /// Records dead letters for this destination, retrying while the lease may still be ours
@@ -574,6 +951,9 @@ impl Relay<'_> {
             {
                 Ok(true) => {
                     self.cursor = to.clone();
+                    if self.suspects.is_empty() {
+                        self.suspects.frontier = to.clone();
+                    }
                     let _ = self.cursor_tx.send(to.clone());
                     return true;
                 }
