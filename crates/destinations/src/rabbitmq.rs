@@ -2,7 +2,8 @@
 //! with publisher confirms, and reports an event settled only when the broker confirmed its
 //! message, or returned it as unroutable (`mandatory`): then the event is undeliverable and the
 //! relay's `on_undeliverable` decides. In `batch` mode a message holds one run of consecutive
-//! events sharing its routing key and tenant, so a return concerns exactly those events.
+//! events sharing its routing key and tenant (at most `max_batch_bytes` of them, unless one
+//! event alone is larger), so a return concerns exactly those events.
 //!
 //! The sink keeps one connection with one confirm-mode channel. It does not use lapin's own
 //! recovery: after any failure it drops both, and the next `deliver` connects from scratch.
@@ -132,6 +133,7 @@ impl RabbitSink {
                 // A batch message holds one run of consecutive events that share its routing
                 // key and its `tenant` header: a queue bound to one tenant's keys must never
                 // receive another tenant's events inside a message routed by the first one.
+                // A run is cut at `max_batch_bytes` too.
                 let mut index = 0;
                 while index < events.len() {
                     let first = &events[index];
@@ -147,11 +149,7 @@ impl RabbitSink {
                             break;
                         }
                     };
-                    let run = events[index + 1..]
-                        .iter()
-                        .take_while(|e| e.tenant == first.tenant && self.render(e) == key.as_str())
-                        .count()
-                        + 1;
+                    let run = self.run_len(&events[index..], key.as_str());
                     messages.push(batch_message(index, &events[index..index + run], key));
                     index += run;
                 }
@@ -291,6 +289,27 @@ impl RabbitSink {
                 ),
             )),
         }
+    }
+
+    /// How many events from the front of `events` (at least one) one batch message takes:
+    /// those that share the first one's tenant and routing key `key`, as long as the body (each
+    /// event's JSON and a newline) stays within `max_batch_bytes`. A first event larger than
+    /// that still goes, alone: resending cannot make it smaller.
+    fn run_len(&self, events: &[OutEvent], key: &str) -> usize {
+        let first = &events[0];
+        let mut size = first.json.len() + 1;
+        let mut n = 1;
+        for event in &events[1..] {
+            size += event.json.len() + 1;
+            if size > self.params.max_batch_bytes
+                || event.tenant != first.tenant
+                || self.render(event) != key
+            {
+                break;
+            }
+            n += 1;
+        }
+        n
     }
 
     fn render(&self, event: &OutEvent) -> String {
@@ -701,6 +720,7 @@ mod tests {
             mode,
             confirm_timeout: Duration::from_secs(10),
             max_in_flight: 1000,
+            max_batch_bytes: 1024 * 1024,
         }
     }
 
@@ -946,6 +966,53 @@ mod tests {
                 ("a.x".into(), tenant("globex"), ids(2..3)),
                 ("a.x".into(), tenant("acme"), ids(3..4)),
                 ("b.y".into(), tenant("acme"), ids(4..6)),
+            ]
+        );
+        broker.delete().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn batch_messages_are_cut_at_max_batch_bytes_but_a_lone_oversized_event_still_goes() {
+        let broker = Broker::new(true).await;
+        let mut params = broker.params(RabbitMode::Batch);
+        // Three 200-byte events take 3 × 201 = 603 bytes, an exact fit; four would take 804.
+        params.max_batch_bytes = 603;
+        let mut sink = RabbitSink::new("bus", params);
+        let same = |n| padded(event_for(n, "acme", "a", "success"), 200);
+        let events = vec![
+            same(0),
+            same(1),
+            same(2),
+            same(3),
+            // Larger than the bound on its own: it goes alone, and cuts the run around it.
+            padded(event_for(4, "acme", "a", "success"), 2000),
+            same(5),
+            same(6),
+        ];
+        assert!(
+            events
+                .iter()
+                .all(|e| e.json.len() == 200 || e.json.len() == 2000)
+        );
+
+        assert_eq!(
+            sink.deliver(&events).await.unwrap(),
+            Delivered::confirmed(7)
+        );
+
+        let messages = broker.take(4).await;
+        let ids = |r: std::ops::Range<usize>| events[r].iter().map(|e| e.id).collect::<Vec<_>>();
+        let got: Vec<(Vec<Uuid>, usize, AMQPValue)> = messages
+            .iter()
+            .map(|m| (body_ids(m), m.data.len(), header(m, "count").clone()))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (ids(0..3), 603, AMQPValue::LongLongInt(3)),
+                (ids(3..4), 201, AMQPValue::LongLongInt(1)),
+                (ids(4..5), 2001, AMQPValue::LongLongInt(1)),
+                (ids(5..7), 402, AMQPValue::LongLongInt(2)),
             ]
         );
         broker.delete().await;
@@ -1257,6 +1324,7 @@ mod tests {
             mode: RabbitMode::Event,
             confirm_timeout: Duration::from_secs(10),
             max_in_flight: 10,
+            max_batch_bytes: 1024 * 1024,
         };
         let mut sink = RabbitSink::new("bus", params);
         let started = Instant::now();
@@ -1286,6 +1354,7 @@ mod tests {
             mode: RabbitMode::Event,
             confirm_timeout: Duration::from_secs(1),
             max_in_flight: 10,
+            max_batch_bytes: 1024 * 1024,
         };
         let mut sink = RabbitSink::new("bus", params);
         assert_eq!(sink.deliver(&[]).await.unwrap(), Delivered::confirmed(0));
