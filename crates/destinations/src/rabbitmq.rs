@@ -789,6 +789,26 @@ mod tests {
             .collect()
     }
 
+    /// The ids of the events `messages` carry, in order: each message's id in event mode, the
+    /// ids in each NDJSON body in batch mode.
+    fn event_ids(mode: &RabbitMode, messages: &[BasicGetMessage]) -> Vec<Uuid> {
+        match mode {
+            RabbitMode::Batch => messages.iter().flat_map(body_ids).collect(),
+            RabbitMode::Event => messages
+                .iter()
+                .map(|m| {
+                    m.properties
+                        .message_id()
+                        .as_ref()
+                        .expect("message_id")
+                        .as_str()
+                        .parse()
+                        .unwrap()
+                })
+                .collect(),
+        }
+    }
+
     fn header<'a>(m: &'a BasicGetMessage, key: &str) -> &'a AMQPValue {
         let headers = m.properties.headers().as_ref().expect("headers");
         headers
@@ -1050,23 +1070,7 @@ mod tests {
             // A return is an answer, not a failure: the connection stays.
             assert!(sink.is_connected());
             let want: Vec<Uuid> = [0, 3, 5].iter().map(|&i| events[i].id).collect();
-            let queued: Vec<Uuid> = match mode {
-                RabbitMode::Batch => broker.take(3).await.iter().flat_map(body_ids).collect(),
-                RabbitMode::Event => broker
-                    .take(3)
-                    .await
-                    .iter()
-                    .map(|m| {
-                        m.properties
-                            .message_id()
-                            .as_ref()
-                            .unwrap()
-                            .as_str()
-                            .parse()
-                            .unwrap()
-                    })
-                    .collect(),
-            };
+            let queued = event_ids(&mode, &broker.take(3).await);
             assert_eq!(queued, want, "{mode:?}");
             broker.delete().await;
         }
@@ -1104,22 +1108,7 @@ mod tests {
                 sink.deliver(&events[2..]).await.unwrap(),
                 Delivered::confirmed(1)
             );
-            let messages = broker.take(2).await;
-            let ids: Vec<Uuid> = match mode {
-                RabbitMode::Batch => messages.iter().flat_map(body_ids).collect(),
-                RabbitMode::Event => messages
-                    .iter()
-                    .map(|m| {
-                        m.properties
-                            .message_id()
-                            .as_ref()
-                            .unwrap()
-                            .as_str()
-                            .parse()
-                            .unwrap()
-                    })
-                    .collect(),
-            };
+            let ids = event_ids(&mode, &broker.take(2).await);
             assert_eq!(ids, [events[0].id, events[2].id], "{mode:?}");
             broker.delete().await;
         }
