@@ -39,8 +39,9 @@ pub struct DestinationConfig {
 }
 
 /// What the relay does with an event the destination cannot take: one whose message cannot be
-/// built (an AMQP routing key over 255 bytes), that the broker returns as unroutable, or that
-/// the receiver refuses alone (a permanent HTTP 4xx) while it takes the events around it.
+/// built (an AMQP routing key over 255 bytes), that the broker returns as unroutable or closes
+/// the channel over (406 PRECONDITION_FAILED: over its `max_message_size`), or that the
+/// receiver refuses alone (a permanent HTTP 4xx) while it takes the events around it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum OnUndeliverable {
     /// Keep it in the destination's dead letters (`destination_dead_letters`), count it, and
@@ -300,7 +301,8 @@ const DEFAULT_RABBIT_BATCH_BYTES: usize = 1024 * 1024;
 
 /// The largest `max_batch_bytes` for RabbitMQ: 16 MiB, the broker's own default
 /// `max_message_size` since RabbitMQ 4.0 (128 MiB before). A bound above the broker's limit
-/// would build batches that the broker refuses.
+/// builds batches that the broker refuses; the relay then splits them, but every split costs
+/// a reconnect and a resend.
 const MAX_RABBIT_BATCH_BYTES: usize = 16 * 1024 * 1024;
 
 const COMMON_KEYS: [&str; 7] = [
