@@ -39,8 +39,9 @@ pub struct DestinationConfig {
 }
 
 /// What the relay does with an event the destination cannot take: one whose message cannot be
-/// built (an AMQP routing key over 255 bytes), that the broker returns as unroutable, or that
-/// the receiver refuses alone (a permanent HTTP 4xx) while it takes the events around it.
+/// built (an AMQP routing key over 255 bytes), that the broker returns as unroutable or closes
+/// the channel over (406 PRECONDITION_FAILED: over its `max_message_size`), or that the
+/// receiver refuses alone (a permanent HTTP 4xx) while it takes the events around it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum OnUndeliverable {
     /// Keep it in the destination's dead letters (`destination_dead_letters`), count it, and
@@ -106,7 +107,8 @@ pub enum Start {
 pub enum RabbitMode {
     /// One message per event.
     Event,
-    /// One NDJSON message per batch.
+    /// One NDJSON message per run of consecutive events sharing routing key and tenant, cut
+    /// at `max_batch_bytes`.
     Batch,
 }
 
@@ -124,6 +126,9 @@ pub struct RabbitParams {
     pub confirm_timeout: Duration,
     /// Most unconfirmed messages at once.
     pub max_in_flight: usize,
+    /// Batch mode: most body bytes in one message. A message holds at least one event, so one
+    /// larger than this still goes, alone.
+    pub max_batch_bytes: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -191,6 +196,7 @@ impl std::fmt::Debug for RabbitParams {
             .field("mode", &self.mode)
             .field("confirm_timeout", &self.confirm_timeout)
             .field("max_in_flight", &self.max_in_flight)
+            .field("max_batch_bytes", &self.max_batch_bytes)
             .finish()
     }
 }
@@ -235,6 +241,8 @@ struct RawRabbit {
     confirm_timeout: Option<String>,
     #[serde(default)]
     max_in_flight: Option<usize>,
+    #[serde(default)]
+    max_batch_bytes: Option<usize>,
 }
 
 #[derive(Deserialize)]
@@ -287,6 +295,15 @@ struct Common {
     #[serde(default)]
     on_undeliverable: Option<String>,
 }
+
+/// The default bound on a batch-mode RabbitMQ message's body: 1 MiB, as for HTTP requests.
+const DEFAULT_RABBIT_BATCH_BYTES: usize = 1024 * 1024;
+
+/// The largest `max_batch_bytes` for RabbitMQ: 16 MiB, the broker's own default
+/// `max_message_size` since RabbitMQ 4.0 (128 MiB before). A bound above the broker's limit
+/// builds batches that the broker refuses; the relay then splits them, but every split costs
+/// a reconnect and a resend.
+const MAX_RABBIT_BATCH_BYTES: usize = 16 * 1024 * 1024;
 
 const COMMON_KEYS: [&str; 7] = [
     "filter",
@@ -418,6 +435,16 @@ fn parse_one(value: &serde_json::Value, label: &str) -> Result<DestinationConfig
             if max_in_flight == 0 || max_in_flight > 100_000 {
                 return Err(err(&name, "params.max_in_flight", "expected 1 to 100000"));
             }
+            let max_batch_bytes = r.max_batch_bytes.unwrap_or(DEFAULT_RABBIT_BATCH_BYTES);
+            if !(1024..=MAX_RABBIT_BATCH_BYTES).contains(&max_batch_bytes) {
+                return Err(err(
+                    &name,
+                    "params.max_batch_bytes",
+                    format!(
+                        "expected 1024 to {MAX_RABBIT_BATCH_BYTES} (16 MiB, RabbitMQ 4's default max_message_size), got {max_batch_bytes}"
+                    ),
+                ));
+            }
             Kind::RabbitMq(RabbitParams {
                 url: r.url,
                 exchange: r.exchange,
@@ -431,6 +458,7 @@ fn parse_one(value: &serde_json::Value, label: &str) -> Result<DestinationConfig
                     Duration::from_secs(10),
                 )?,
                 max_in_flight,
+                max_batch_bytes,
             })
         }
         "http" => {
@@ -706,7 +734,8 @@ mod tests {
             "url": "amqp://guest:guest@127.0.0.1:5672/%2f", "exchange": "audit",
             "routing_key": "audit.{tenant}.{action}", "mode": "batch", "mandatory": false,
             "filter": {"tenants": ["acme"], "actions": ["document"], "outcomes": ["denied"]},
-            "start": "earliest", "max_backlog_age": "1h", "batch_size": 100
+            "start": "earliest", "max_backlog_age": "1h", "batch_size": 100,
+            "max_batch_bytes": 65536
         }}))
         .unwrap();
         assert_eq!(d.name, "bus");
@@ -718,6 +747,45 @@ mod tests {
         assert_eq!(r.mode, RabbitMode::Batch);
         assert!(!r.mandatory);
         assert_eq!(r.routing_key, "audit.{tenant}.{action}");
+        assert_eq!(r.max_batch_bytes, 65536);
+    }
+
+    #[test]
+    fn rabbitmq_defaults_and_the_batch_byte_bounds() {
+        let with = |extra: serde_json::Value| {
+            let mut params =
+                json!({"url": "amqp://guest:guest@127.0.0.1:5672/%2f", "exchange": "audit"});
+            params
+                .as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
+            one(json!({"name": "bus", "type": "rabbitmq", "params": params}))
+        };
+        let d = with(json!({})).unwrap();
+        let Kind::RabbitMq(r) = d.kind else { panic!() };
+        assert_eq!(r.mode, RabbitMode::Event);
+        assert!(r.mandatory);
+        assert_eq!(r.routing_key, "{tenant}.{action}");
+        assert_eq!(r.max_in_flight, 1000);
+        assert_eq!(r.max_batch_bytes, 1024 * 1024);
+        assert_eq!(d.batch_size, 1000);
+
+        // Both ends of the range load; one byte past either does not, and says why.
+        for ok in [1024, 16 * 1024 * 1024] {
+            let d = with(json!({"mode": "batch", "max_batch_bytes": ok})).unwrap();
+            let Kind::RabbitMq(r) = d.kind else { panic!() };
+            assert_eq!(r.max_batch_bytes, ok);
+        }
+        for bad in [0, 1023, 16 * 1024 * 1024 + 1] {
+            let e = with(json!({"mode": "batch", "max_batch_bytes": bad}))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("destination bus: params.max_batch_bytes: expected 1024 to 16777216")
+                    && e.contains(&format!("got {bad}")),
+                "{bad}: {e}"
+            );
+        }
     }
 
     #[test]

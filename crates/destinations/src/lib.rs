@@ -4,7 +4,8 @@
 //!
 //! A sink never decides to drop anything. It either settles a prefix of what it was given
 //! ([`Delivered`]: confirmed, except the events it names as undeliverable — those the
-//! destination can never take as they are, such as an AMQP routing key over 255 bytes), or
+//! destination can never take as they are, such as an AMQP routing key over 255 bytes or a
+//! message over the broker's `max_message_size`), or
 //! fails with a [`DeliveryError`] saying whether a retry may help soon ([`DeliveryError::Retry`])
 //! or the destination refused the request itself ([`DeliveryError::Refused`]). What happens to
 //! an undeliverable or refused event is the relay's decision (`on_undeliverable`).
@@ -79,8 +80,10 @@ pub enum DeliveryError {
         detail: String,
         retry_after: Option<Duration>,
     },
-    /// The destination refused the request itself (an HTTP 4xx other than 429): retrying the
-    /// same request will not help until someone fixes the configuration or the receiver. The
+    /// The destination refused the request itself (an HTTP 4xx other than 429, a RabbitMQ
+    /// message the broker closed the channel over that cannot be pinned on one event):
+    /// retrying the same request will not help until someone fixes the configuration or the
+    /// receiver, or the relay offers fewer events. The
     /// relay isolates the event it is about (`on_undeliverable = "dead_letter"`) or keeps the
     /// events and reports the destination as failing.
     #[error("{detail}")]

@@ -2,7 +2,13 @@
 //! with publisher confirms, and reports an event settled only when the broker confirmed its
 //! message, or returned it as unroutable (`mandatory`): then the event is undeliverable and the
 //! relay's `on_undeliverable` decides. In `batch` mode a message holds one run of consecutive
-//! events sharing its routing key and tenant, so a return concerns exactly those events.
+//! events sharing its routing key and tenant (at most `max_batch_bytes` of them, unless one
+//! event alone is larger), so a return concerns exactly those events.
+//!
+//! A message the broker closes the channel over (406 PRECONDITION_FAILED: over its
+//! `max_message_size`, say) is refused for what it is, not retried as a lost channel: when it
+//! was alone in its confirm window and holds one event, that event is undeliverable; otherwise
+//! the call is [`DeliveryError::Refused`], and the relay offers less until it is.
 //!
 //! The sink keeps one connection with one confirm-mode channel. It does not use lapin's own
 //! recovery: after any failure it drops both, and the next `deliver` connects from scratch.
@@ -15,6 +21,7 @@ use std::time::Duration;
 
 use lapin::message::BasicReturnMessage;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{
     BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ErrorKind,
@@ -44,6 +51,20 @@ pub struct RabbitSink {
 struct Link {
     connection: Connection,
     channel: Channel,
+}
+
+/// What the broker answered for one published message.
+#[derive(Debug, PartialEq)]
+enum Answer {
+    Confirmed,
+    /// Returned as unroutable (`mandatory`); the detail says why.
+    Returned(String),
+    /// The broker closed the channel over this message, the only one of its window, which
+    /// holds a single event: that event is undeliverable for `reason`.
+    Refused {
+        reason: &'static str,
+        detail: String,
+    },
 }
 
 /// One message ready to publish.
@@ -91,10 +112,12 @@ impl RabbitSink {
 
     /// Publishes `events` and settles the longest prefix the broker answered for: every
     /// message of it confirmed, or returned as unroutable (with `mandatory`; its events are
-    /// then undeliverable, as is an event whose routing key cannot be built). After a failure
-    /// (connection, channel, nack, a confirm that never came) the connection is dropped; what
-    /// was confirmed before it still counts, the rest is offered again (duplicates around
-    /// failures, never a loss). Fails only when nothing at all was settled.
+    /// then undeliverable, as is an event whose routing key cannot be built, or one whose
+    /// message the broker refused alone). After a failure (connection, channel, nack, a
+    /// confirm that never came, a refused message) the connection is dropped; what was
+    /// confirmed before it still counts, the rest is offered again (duplicates around
+    /// failures, never a loss). Fails only when nothing at all was settled: with
+    /// [`DeliveryError::Refused`] when the broker refused a message it cannot pin on one event.
     pub async fn deliver(&mut self, events: &[OutEvent]) -> Result<Delivered, DeliveryError> {
         if events.is_empty() {
             return Ok(Delivered::default());
@@ -132,6 +155,7 @@ impl RabbitSink {
                 // A batch message holds one run of consecutive events that share its routing
                 // key and its `tenant` header: a queue bound to one tenant's keys must never
                 // receive another tenant's events inside a message routed by the first one.
+                // A run is cut at `max_batch_bytes` too.
                 let mut index = 0;
                 while index < events.len() {
                     let first = &events[index];
@@ -147,11 +171,7 @@ impl RabbitSink {
                             break;
                         }
                     };
-                    let run = events[index + 1..]
-                        .iter()
-                        .take_while(|e| e.tenant == first.tenant && self.render(e) == key.as_str())
-                        .count()
-                        + 1;
+                    let run = self.run_len(&events[index..], key.as_str());
                     messages.push(batch_message(index, &events[index..index + run], key));
                     index += run;
                 }
@@ -161,16 +181,19 @@ impl RabbitSink {
         let (answered, error) = self.publish(exchange, &messages).await;
         // Settled: everything before the first message the broker did not answer for.
         let settled = messages.get(answered.len()).map_or(end, |m| m.first);
-        for (message, returned) in messages.iter().zip(&answered) {
-            if let Some(detail) = returned {
-                undeliverable.extend((message.first..message.first + message.count).map(|index| {
-                    Undeliverable {
-                        index,
-                        reason: "returned",
-                        detail: detail.clone(),
-                    }
-                }));
-            }
+        for (message, answer) in messages.iter().zip(&answered) {
+            let (reason, detail) = match answer {
+                Answer::Confirmed => continue,
+                Answer::Returned(detail) => ("returned", detail),
+                Answer::Refused { reason, detail } => (*reason, detail),
+            };
+            undeliverable.extend((message.first..message.first + message.count).map(|index| {
+                Undeliverable {
+                    index,
+                    reason,
+                    detail: detail.clone(),
+                }
+            }));
         }
         undeliverable.retain(|u| u.index < settled);
         undeliverable.sort_by_key(|u| u.index);
@@ -188,14 +211,13 @@ impl RabbitSink {
         })
     }
 
-    /// Publishes `messages` in confirm windows. Returns, for the prefix of messages the broker
-    /// answered for, `None` (confirmed) or the detail of its return (unroutable), and the
-    /// failure that stopped it, if any.
+    /// Publishes `messages` in confirm windows. Returns the answers for the prefix of messages
+    /// the broker answered for, and the failure that stopped it, if any.
     async fn publish(
         &mut self,
         exchange: ShortString,
         messages: &[Message<'_>],
-    ) -> (Vec<Option<String>>, Option<DeliveryError>) {
+    ) -> (Vec<Answer>, Option<DeliveryError>) {
         if messages.is_empty() {
             return (Vec::new(), None);
         }
@@ -218,8 +240,38 @@ impl RabbitSink {
                 self.params.confirm_timeout,
             )
             .await;
-            answered.extend(outcomes);
+            answered.extend(outcomes.into_iter().map(|o| match o {
+                None => Answer::Confirmed,
+                Some(detail) => Answer::Returned(detail),
+            }));
             let Some(error) = error else { continue };
+            // The broker closes the channel at the first message it refuses and drops what
+            // follows, but the confirms of the messages before it may never come: the refusal
+            // is about one message only when that message was alone in its window. And only
+            // one holding a single event is undeliverable: a batch that is too large as a
+            // whole is not the fault of any of its events (the relay offers fewer).
+            if let DeliveryError::Refused { reason, detail } = &error {
+                if let [message] = window
+                    && message.count == 1
+                {
+                    answered.push(Answer::Refused {
+                        reason,
+                        detail: detail.clone(),
+                    });
+                    return (answered, Some(error));
+                }
+                // The detail names the first message without a confirm, which need not be
+                // the one refused.
+                let what = match window {
+                    [message] => format!("a batch of {} events", message.count),
+                    _ => format!("one of {} messages published together", window.len()),
+                };
+                let error = DeliveryError::Refused {
+                    reason,
+                    detail: format!("{detail} (the broker refused {what}; fewer may go)"),
+                };
+                return (answered, Some(error));
+            }
             if let DeliveryError::Retry {
                 reason: "confirm_timeout",
                 detail,
@@ -291,6 +343,27 @@ impl RabbitSink {
                 ),
             )),
         }
+    }
+
+    /// How many events from the front of `events` (at least one) one batch message takes:
+    /// those that share the first one's tenant and routing key `key`, as long as the body (each
+    /// event's JSON and a newline) stays within `max_batch_bytes`. A first event larger than
+    /// that still goes, alone: resending cannot make it smaller.
+    fn run_len(&self, events: &[OutEvent], key: &str) -> usize {
+        let first = &events[0];
+        let mut size = first.json.len() + 1;
+        let mut n = 1;
+        for event in &events[1..] {
+            size += event.json.len() + 1;
+            if size > self.params.max_batch_bytes
+                || event.tenant != first.tenant
+                || self.render(event) != key
+            {
+                break;
+            }
+            n += 1;
+        }
+        n
     }
 
     fn render(&self, event: &OutEvent) -> String {
@@ -434,8 +507,8 @@ async fn publish_window(
                 )
                 .await
             }
-            Err(error) => Err(retry(
-                lapin_reason(&error),
+            Err(error) => Err(publish_failure(
+                &error,
                 format!(
                     "publishing event {} to exchange {:?} failed: {error}",
                     message.id,
@@ -494,8 +567,8 @@ async fn check_confirm(
                 "no publisher confirm for event {id} on exchange {exchange:?} within {confirm_timeout:?}"
             ),
         )),
-        Ok(Err(error)) => Err(retry(
-            lapin_reason(&error),
+        Ok(Err(error)) => Err(publish_failure(
+            &error,
             format!("publishing event {id} to exchange {exchange:?} failed: {error}"),
         )),
         Ok(Ok(Confirmation::Ack(None))) => Ok(None),
@@ -527,6 +600,44 @@ fn returned_detail(exchange: &str, message: &Message<'_>, returned: &BasicReturn
         returned.reply_code,
         returned.reply_text,
     )
+}
+
+/// The failure for a lapin error while publishing a message or awaiting its confirm:
+/// [`DeliveryError::Refused`] when the broker closed the channel over the message itself
+/// (see [`refusal_reason`]), a retry otherwise.
+fn publish_failure(error: &lapin::Error, detail: String) -> DeliveryError {
+    match refusal_reason(error) {
+        Some(reason) => DeliveryError::Refused { reason, detail },
+        None => retry(lapin_reason(error), detail),
+    }
+}
+
+/// The metric reason when `error` is the broker closing the channel over the message being
+/// published, which the same bytes would meet again, rather than over its configuration or
+/// state, which someone can fix while the events wait.
+///
+/// On `basic.publish` RabbitMQ answers 406 PRECONDITION_FAILED for a message over its
+/// `max_message_size` (`too_large`, told by the reply text; the detail keeps all of it) and
+/// for properties it will not take, such as a `user_id` that is not the connection's user or an
+/// `expiration` that is not a number (`precondition_failed`; the sink sets neither). Not the
+/// message's fault: 403 ACCESS_REFUSED (no write permission, an internal exchange) and 404
+/// NOT_FOUND (no such exchange) are configuration, 405 RESOURCE_LOCKED is the broker's state;
+/// 311 CONTENT_TOO_LARGE, which RabbitMQ does not send, is "may retry later" in the AMQP spec.
+/// Connection-level (hard) errors stop every message alike.
+fn refusal_reason(error: &lapin::Error) -> Option<&'static str> {
+    let ErrorKind::ProtocolError(amqp) = error.kind() else {
+        return None;
+    };
+    match amqp.kind() {
+        AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED) => {
+            if amqp.get_message().as_str().contains("message size") {
+                Some("too_large")
+            } else {
+                Some("precondition_failed")
+            }
+        }
+        _ => None,
+    }
 }
 
 /// The metric reason for a lapin error: the connection as a whole (`connect`) or just the
@@ -701,6 +812,7 @@ mod tests {
             mode,
             confirm_timeout: Duration::from_secs(10),
             max_in_flight: 1000,
+            max_batch_bytes: 1024 * 1024,
         }
     }
 
@@ -769,6 +881,26 @@ mod tests {
             .collect()
     }
 
+    /// The ids of the events `messages` carry, in order: each message's id in event mode, the
+    /// ids in each NDJSON body in batch mode.
+    fn event_ids(mode: &RabbitMode, messages: &[BasicGetMessage]) -> Vec<Uuid> {
+        match mode {
+            RabbitMode::Batch => messages.iter().flat_map(body_ids).collect(),
+            RabbitMode::Event => messages
+                .iter()
+                .map(|m| {
+                    m.properties
+                        .message_id()
+                        .as_ref()
+                        .expect("message_id")
+                        .as_str()
+                        .parse()
+                        .unwrap()
+                })
+                .collect(),
+        }
+    }
+
     fn header<'a>(m: &'a BasicGetMessage, key: &str) -> &'a AMQPValue {
         let headers = m.properties.headers().as_ref().expect("headers");
         headers
@@ -782,6 +914,38 @@ mod tests {
             Err(DeliveryError::Retry { reason, detail, .. }) => (reason, detail),
             other => panic!("expected a Retry error, got {other:?}"),
         }
+    }
+
+    fn refused_reason(result: Result<Delivered, DeliveryError>) -> (&'static str, String) {
+        match result {
+            Err(DeliveryError::Refused { reason, detail }) => (reason, detail),
+            other => panic!("expected a Refused error, got {other:?}"),
+        }
+    }
+
+    /// Runs `rabbitmqctl` on the local broker; its standard output.
+    fn rabbitmqctl(args: &[&str]) -> String {
+        let out = std::process::Command::new("rabbitmqctl")
+            .args(args)
+            .output()
+            .expect("rabbitmqctl");
+        assert!(
+            out.status.success(),
+            "rabbitmqctl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// The broker's `max_message_size` (read only: it is global, and tests run in parallel).
+    fn max_message_size() -> usize {
+        let out = rabbitmqctl(&["eval", "application:get_env(rabbit, max_message_size)."]);
+        // `{ok,134217728}`
+        out.trim()
+            .strip_prefix("{ok,")
+            .and_then(|rest| rest.strip_suffix('}'))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no max_message_size in {out:?}"))
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -952,6 +1116,53 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn batch_messages_are_cut_at_max_batch_bytes_but_a_lone_oversized_event_still_goes() {
+        let broker = Broker::new(true).await;
+        let mut params = broker.params(RabbitMode::Batch);
+        // Three 200-byte events take 3 × 201 = 603 bytes, an exact fit; four would take 804.
+        params.max_batch_bytes = 603;
+        let mut sink = RabbitSink::new("bus", params);
+        let same = |n| padded(event_for(n, "acme", "a", "success"), 200);
+        let events = vec![
+            same(0),
+            same(1),
+            same(2),
+            same(3),
+            // Larger than the bound on its own: it goes alone, and cuts the run around it.
+            padded(event_for(4, "acme", "a", "success"), 2000),
+            same(5),
+            same(6),
+        ];
+        assert!(
+            events
+                .iter()
+                .all(|e| e.json.len() == 200 || e.json.len() == 2000)
+        );
+
+        assert_eq!(
+            sink.deliver(&events).await.unwrap(),
+            Delivered::confirmed(7)
+        );
+
+        let messages = broker.take(4).await;
+        let ids = |r: std::ops::Range<usize>| events[r].iter().map(|e| e.id).collect::<Vec<_>>();
+        let got: Vec<(Vec<Uuid>, usize, AMQPValue)> = messages
+            .iter()
+            .map(|m| (body_ids(m), m.data.len(), header(m, "count").clone()))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (ids(0..3), 603, AMQPValue::LongLongInt(3)),
+                (ids(3..4), 201, AMQPValue::LongLongInt(1)),
+                (ids(4..5), 2001, AMQPValue::LongLongInt(1)),
+                (ids(5..7), 402, AMQPValue::LongLongInt(2)),
+            ]
+        );
+        broker.delete().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_queue_bound_to_one_tenant_gets_only_its_events_and_returns_are_undeliverable() {
         for mode in [RabbitMode::Batch, RabbitMode::Event] {
             let broker = Broker::new(false).await;
@@ -983,23 +1194,7 @@ mod tests {
             // A return is an answer, not a failure: the connection stays.
             assert!(sink.is_connected());
             let want: Vec<Uuid> = [0, 3, 5].iter().map(|&i| events[i].id).collect();
-            let queued: Vec<Uuid> = match mode {
-                RabbitMode::Batch => broker.take(3).await.iter().flat_map(body_ids).collect(),
-                RabbitMode::Event => broker
-                    .take(3)
-                    .await
-                    .iter()
-                    .map(|m| {
-                        m.properties
-                            .message_id()
-                            .as_ref()
-                            .unwrap()
-                            .as_str()
-                            .parse()
-                            .unwrap()
-                    })
-                    .collect(),
-            };
+            let queued = event_ids(&mode, &broker.take(3).await);
             assert_eq!(queued, want, "{mode:?}");
             broker.delete().await;
         }
@@ -1037,22 +1232,7 @@ mod tests {
                 sink.deliver(&events[2..]).await.unwrap(),
                 Delivered::confirmed(1)
             );
-            let messages = broker.take(2).await;
-            let ids: Vec<Uuid> = match mode {
-                RabbitMode::Batch => messages.iter().flat_map(body_ids).collect(),
-                RabbitMode::Event => messages
-                    .iter()
-                    .map(|m| {
-                        m.properties
-                            .message_id()
-                            .as_ref()
-                            .unwrap()
-                            .as_str()
-                            .parse()
-                            .unwrap()
-                    })
-                    .collect(),
-            };
+            let ids = event_ids(&mode, &broker.take(2).await);
             assert_eq!(ids, [events[0].id, events[2].id], "{mode:?}");
             broker.delete().await;
         }
@@ -1095,18 +1275,6 @@ mod tests {
         assert_eq!(sink.deliver(&first).await.unwrap(), Delivered::confirmed(3));
 
         // Only this sink's connection is closed, by the broker (as `stop_app` does to all).
-        let rabbitmqctl = |args: &[&str]| {
-            let out = std::process::Command::new("rabbitmqctl")
-                .args(args)
-                .output()
-                .expect("rabbitmqctl");
-            assert!(
-                out.status.success(),
-                "rabbitmqctl {args:?}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            String::from_utf8(out.stdout).unwrap()
-        };
         // Tab-separated: the Erlang pid (as `close_connection` wants it), then the properties.
         let listing = rabbitmqctl(&["-q", "list_connections", "pid", "client_properties"]);
         let pid = listing
@@ -1245,6 +1413,263 @@ mod tests {
         broker.delete().await;
     }
 
+    /// A message over the broker's `max_message_size` makes it close the channel with 406
+    /// PRECONDITION_FAILED. Provoked for real, with an event one byte over the broker's own
+    /// limit (128 MiB by default in RabbitMQ 3, 16 MiB in 4): the limit is global, so the test
+    /// reads it and never changes it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_event_over_the_brokers_max_message_size_is_undeliverable_and_the_next_call_reconnects()
+     {
+        let limit = max_message_size();
+        let big = padded(event_for(2, "acme", "a", "success"), limit + 1);
+        assert_eq!(big.json.len(), limit + 1);
+        let events = vec![
+            event_for(0, "acme", "a", "success"),
+            event_for(1, "acme", "a", "success"),
+            big,
+            event_for(3, "acme", "a", "success"),
+        ];
+        // Batch mode: the event is larger than `max_batch_bytes` and goes alone, as in event mode.
+        for mode in [RabbitMode::Event, RabbitMode::Batch] {
+            let broker = Broker::new(true).await;
+            let mut params = broker.params(mode.clone());
+            // One message per confirm window: the broker's refusal is about that message.
+            params.max_in_flight = 1;
+            params.max_batch_bytes = 1024;
+            let mut sink = RabbitSink::new("bus", params);
+
+            let got = sink.deliver(&events).await.unwrap();
+            // Confirmed before it, undeliverable itself; the call ends with the channel.
+            assert_eq!(got.settled, 3, "{mode:?}: {got:?}");
+            assert_eq!(got.undeliverable.len(), 1, "{mode:?}: {got:?}");
+            let u = &got.undeliverable[0];
+            assert_eq!((u.index, u.reason), (2, "too_large"), "{mode:?}");
+            assert!(
+                u.detail.contains(&events[2].id.to_string())
+                    && u.detail.contains("PRECONDITION_FAILED")
+                    && u.detail.contains("message size"),
+                "{}",
+                u.detail
+            );
+            assert!(!sink.is_connected());
+
+            // The same sink goes on with the next event, on a new connection.
+            assert_eq!(
+                sink.deliver(&events[3..]).await.unwrap(),
+                Delivered::confirmed(1)
+            );
+            assert!(sink.is_connected());
+            // In batch mode the first two events share a message.
+            let count = if mode == RabbitMode::Event { 3 } else { 2 };
+            let ids = event_ids(&mode, &broker.take(count).await);
+            assert_eq!(ids, [events[0].id, events[1].id, events[3].id], "{mode:?}");
+            broker.delete().await;
+        }
+    }
+
+    /// When the refused message shared its confirm window with others, or carries several
+    /// events, nothing tells which event it is about: the call is refused as a whole, and the
+    /// relay offers less until one event is alone in its message.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_refused_message_that_cannot_be_pinned_on_one_event_refuses_the_call() {
+        let limit = max_message_size();
+        let broker = Broker::new(true).await;
+
+        // Event mode, one window: four messages in flight when the broker closes the channel.
+        let big = padded(event_for(2, "acme", "a", "success"), limit + 1);
+        let events = vec![
+            event_for(0, "acme", "a", "success"),
+            event_for(1, "acme", "a", "success"),
+            big,
+            event_for(3, "acme", "a", "success"),
+        ];
+        let mut sink = RabbitSink::new("bus", broker.params(RabbitMode::Event));
+        let (reason, detail) = refused_reason(sink.deliver(&events).await);
+        assert_eq!(reason, "too_large");
+        assert!(
+            detail.contains("PRECONDITION_FAILED")
+                && detail.contains("the broker refused one of 4 messages published together"),
+            "{detail}"
+        );
+        assert!(!sink.is_connected());
+        // What the relay does next: the first half goes, the event alone is undeliverable.
+        assert_eq!(
+            sink.deliver(&events[..2]).await.unwrap(),
+            Delivered::confirmed(2)
+        );
+        let got = sink.deliver(&events[2..3]).await.unwrap();
+        assert_eq!(got.settled, 1);
+        assert_eq!(got.undeliverable[0].reason, "too_large");
+        let (first, second) = (events[0].id, events[1].id);
+        drop(events);
+
+        // Batch mode with a bound above the broker's limit (a broker configured below 16 MiB,
+        // or a hand-built configuration): two events that each fit make one message that does
+        // not. Neither is undeliverable; alone, each goes.
+        let mut params = broker.params(RabbitMode::Batch);
+        params.max_batch_bytes = usize::MAX;
+        let mut sink = RabbitSink::new("bus", params);
+        let half: Vec<OutEvent> = (0..2)
+            .map(|n| padded(event_for(n, "acme", "a", "success"), limit / 2 + 1))
+            .collect();
+        let (reason, detail) = refused_reason(sink.deliver(&half).await);
+        assert_eq!(reason, "too_large");
+        assert!(
+            detail.contains("the broker refused a batch of 2 events"),
+            "{detail}"
+        );
+        assert!(!sink.is_connected());
+        assert_eq!(
+            sink.deliver(&half[..1]).await.unwrap(),
+            Delivered::confirmed(1)
+        );
+        assert_eq!(
+            sink.deliver(&half[1..]).await.unwrap(),
+            Delivered::confirmed(1)
+        );
+        // The broker routed the two messages before the big one, but they were never reported
+        // settled: the relay offered them again. Then the halves, one message each.
+        let ids: Vec<Uuid> = broker.take(6).await.iter().flat_map(body_ids).collect();
+        assert_eq!(ids, [first, second, first, second, half[0].id, half[1].id]);
+        broker.delete().await;
+    }
+
+    /// Another 406 on publish, cheap to provoke per test: RabbitMQ refuses a `user_id` property
+    /// that is not the connection's user. The sink never sets one, so the message is built by
+    /// hand and goes through the sink's own publishing.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_message_refused_for_its_properties_is_precondition_failed() {
+        let broker = Broker::new(true).await;
+        let mut params = broker.params(RabbitMode::Event);
+        params.max_in_flight = 1;
+        let mut sink = RabbitSink::new("bus", params);
+        let events: Vec<OutEvent> = (0..3).map(event).collect();
+        let mut messages: Vec<Message<'_>> = events
+            .iter()
+            .enumerate()
+            .map(|(i, e)| event_message(i, e, sink.routing_key(e).unwrap()))
+            .collect();
+        messages[1].properties = messages[1]
+            .properties
+            .clone()
+            .with_user_id("not-guest".into());
+
+        let (answered, error) = sink
+            .publish(broker.exchange.as_str().into(), &messages)
+            .await;
+
+        // Confirmed before it, refused itself, nothing after it (the channel is gone).
+        assert_eq!(answered.len(), 2, "{answered:?}");
+        assert_eq!(answered[0], Answer::Confirmed);
+        let Answer::Refused { reason, detail } = &answered[1] else {
+            panic!("{answered:?}");
+        };
+        assert_eq!(*reason, "precondition_failed");
+        assert!(
+            detail.contains("PRECONDITION_FAILED")
+                && detail.contains("user_id")
+                && detail.contains(&events[1].id.to_string()),
+            "{detail}"
+        );
+        let error = error.expect("the channel closed");
+        assert_eq!(error.reason(), "precondition_failed");
+        assert!(!sink.is_connected());
+        assert_eq!(
+            event_ids(&RabbitMode::Event, &broker.take(1).await),
+            [events[0].id]
+        );
+        broker.delete().await;
+    }
+
+    /// Which lapin errors on publish are the message's fault (refused) and which are the
+    /// broker's or the configuration's (retried, holding the events).
+    #[test]
+    fn only_a_channel_closed_over_the_message_itself_refuses_it() {
+        let amqp = |kind: AMQPErrorKind, text: &str| {
+            lapin::Error::from(ErrorKind::ProtocolError(lapin::protocol::AMQPError::new(
+                kind,
+                text.into(),
+            )))
+        };
+        let soft = |e: AMQPSoftError, text: &str| amqp(AMQPErrorKind::Soft(e), text);
+        let cases = [
+            (
+                soft(
+                    AMQPSoftError::PRECONDITIONFAILED,
+                    "PRECONDITION_FAILED - message size 134217729 is larger than configured max size 134217728",
+                ),
+                Some("too_large"),
+                "too_large",
+            ),
+            (
+                soft(
+                    AMQPSoftError::PRECONDITIONFAILED,
+                    "PRECONDITION_FAILED - user_id property set to 'x' but authenticated user was 'guest'",
+                ),
+                Some("precondition_failed"),
+                "precondition_failed",
+            ),
+            (
+                soft(
+                    AMQPSoftError::NOTFOUND,
+                    "NOT_FOUND - no exchange 'audit' in vhost '/'",
+                ),
+                None,
+                "channel",
+            ),
+            (
+                soft(
+                    AMQPSoftError::ACCESSREFUSED,
+                    "ACCESS_REFUSED - write access to exchange 'audit' refused",
+                ),
+                None,
+                "channel",
+            ),
+            (
+                soft(AMQPSoftError::RESOURCELOCKED, "RESOURCE_LOCKED"),
+                None,
+                "channel",
+            ),
+            (
+                soft(AMQPSoftError::CONTENTTOOLARGE, "CONTENT_TOO_LARGE"),
+                None,
+                "channel",
+            ),
+            (
+                amqp(
+                    AMQPErrorKind::Hard(lapin::protocol::AMQPHardError::CONNECTIONFORCED),
+                    "CONNECTION_FORCED - broker forced connection closure",
+                ),
+                None,
+                "connect",
+            ),
+            (
+                lapin::Error::from(ErrorKind::InvalidChannelState(
+                    lapin::ChannelState::Closed,
+                    "closed",
+                )),
+                None,
+                "channel",
+            ),
+            (
+                lapin::Error::from(std::io::Error::from(std::io::ErrorKind::ConnectionReset)),
+                None,
+                "connect",
+            ),
+        ];
+        for (error, refusal, reason) in cases {
+            assert_eq!(refusal_reason(&error), refusal, "{error}");
+            let failure = publish_failure(&error, format!("detail: {error}"));
+            assert_eq!(failure.reason(), reason, "{error}");
+            assert_eq!(
+                matches!(failure, DeliveryError::Refused { .. }),
+                refusal.is_some(),
+                "{error}"
+            );
+            assert_eq!(failure.to_string(), format!("detail: {error}"));
+        }
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_wrong_password_fails_to_connect_quickly_without_showing_it() {
         let password = format!("not-the-password-{}", Uuid::new_v4());
@@ -1257,6 +1682,7 @@ mod tests {
             mode: RabbitMode::Event,
             confirm_timeout: Duration::from_secs(10),
             max_in_flight: 10,
+            max_batch_bytes: 1024 * 1024,
         };
         let mut sink = RabbitSink::new("bus", params);
         let started = Instant::now();
@@ -1286,6 +1712,7 @@ mod tests {
             mode: RabbitMode::Event,
             confirm_timeout: Duration::from_secs(1),
             max_in_flight: 10,
+            max_batch_bytes: 1024 * 1024,
         };
         let mut sink = RabbitSink::new("bus", params);
         assert_eq!(sink.deliver(&[]).await.unwrap(), Delivered::confirmed(0));
