@@ -794,6 +794,13 @@ async fn the_openapi_document_matches_the_handlers() -> anyhow::Result<()> {
                 documented.contains(&status.to_string().as_str()) || status == 202,
                 "{method} {path}: {status} is not documented ({documented:?}); body {body}"
             );
+            // Reads share the token's database budget: each documents its 429.
+            if method == "get" && !path.ends_with("openapi.json") {
+                assert!(
+                    op["responses"]["429"]["headers"]["Retry-After"].is_object(),
+                    "{method} {path}: no 429 with Retry-After"
+                );
+            }
             if method != "get" || path.ends_with("/stream") || path.contains("{id}") {
                 continue;
             }

@@ -75,12 +75,14 @@ fn error_responses(codes: &[&str]) -> serde_json::Map<String, Value> {
                 "403" => "The token may not act on this tenant, or lacks the scope.",
                 "404" => "Not found: no such event for this token, or no such webhook source.",
                 "413" => "The body is larger than the configured limit.",
+                "429" => "The token's share of the database is in use by its other requests; retry after `Retry-After` seconds.",
                 _ => "PostgreSQL or NATS cannot answer now; retry.",
             };
-            (
-                (*code).to_owned(),
-                json!({"description": description, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}),
-            )
+            let mut answer = json!({"description": description, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}});
+            if *code == "429" {
+                answer["headers"] = json!({"Retry-After": {"description": "Seconds to wait before retrying.", "schema": {"type": "integer"}}});
+            }
+            ((*code).to_owned(), answer)
         })
         .collect()
 }
@@ -107,7 +109,7 @@ fn ingest_responses() -> Value {
 /// The whole document.
 pub fn document() -> Value {
     let security = json!([{"bearer": []}]);
-    let read_errors = ["400", "401", "403", "503"];
+    let read_errors = ["400", "401", "403", "429", "503"];
     let mut stream_parameters = parameters(Endpoint::Stream);
     stream_parameters.push(
         json!({"name": "Last-Event-ID", "in": "header", "required": false,
@@ -211,7 +213,7 @@ pub fn document() -> Value {
                 "summary": "One stored event (404 also for another tenant's id).",
                 "security": security,
                 "parameters": [{"name": "id", "in": "path", "required": true, "schema": {"type": "string", "format": "uuid"}}],
-                "responses": responses(json!({"description": "The event as stored.", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Event"}}}}), &["400", "401", "403", "404", "503"]),
+                "responses": responses(json!({"description": "The event as stored.", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Event"}}}}), &["400", "401", "403", "404", "429", "503"]),
             }},
             "/v1/events/stream": {"get": {
                 "operationId": "streamEvents",
