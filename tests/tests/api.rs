@@ -566,28 +566,22 @@ async fn slow_disconnects(metrics_addr: std::net::SocketAddr) -> anyhow::Result<
         .unwrap_or(0.0))
 }
 
-static SLOW_CLIENT_TESTS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_client_that_does_not_read_is_disconnected() -> anyhow::Result<()> {
+/// Opens a live tail on a plain socket with a small receive buffer (so what the kernel absorbs
+/// for a client that stops reading is small and the same on every machine), and reads until
+/// the replay has caught up. The caller then stops reading.
+async fn open_tail_that_stops_reading(
+    api: &ApiServer,
+    token: &Token,
+) -> anyhow::Result<tokio::net::TcpStream> {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
-    let _serial = SLOW_CLIENT_TESTS.lock().await;
-    let mut env = TestEnv::new().await?;
-    env.ensure_stream().await?;
-    let _worker = env.spawn_worker("w", &[]).await?;
-    let admin = Token::admin("ops", &["read"]);
-    let api = ApiServer::start(&env, &[&admin], &[]).await?;
-    let before = slow_disconnects(api.metrics).await?;
-    // A plain socket with a small receive buffer, so what the kernel absorbs for a client
-    // that does not read is small and the same on every machine.
     let socket = tokio::net::TcpSocket::new_v4()?;
     socket.set_recv_buffer_size(4096)?;
     let mut conn = socket.connect(api.addr).await?;
     conn.write_all(
         format!(
             "GET /v1/events/stream HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {}\r\nConnection: close\r\n\r\n",
-            api.addr, admin.token
+            api.addr, token.token
         )
         .as_bytes(),
     )
@@ -599,7 +593,29 @@ async fn a_client_that_does_not_read_is_disconnected() -> anyhow::Result<()> {
         anyhow::ensure!(n > 0, "the stream closed before it caught up");
         head.extend_from_slice(&buf[..n]);
     }
-    assert!(String::from_utf8_lossy(&head).starts_with("HTTP/1.1 200"));
+    anyhow::ensure!(
+        String::from_utf8_lossy(&head).starts_with("HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    Ok(conn)
+}
+
+static SLOW_CLIENT_TESTS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_does_not_read_is_disconnected() -> anyhow::Result<()> {
+    use tokio::io::AsyncReadExt as _;
+
+    let _serial = SLOW_CLIENT_TESTS.lock().await;
+    let mut env = TestEnv::new().await?;
+    env.ensure_stream().await?;
+    let _worker = env.spawn_worker("w", &[]).await?;
+    let admin = Token::admin("ops", &["read"]);
+    let api = ApiServer::start(&env, &[&admin], &[]).await?;
+    let before = slow_disconnects(api.metrics).await?;
+    let mut conn = open_tail_that_stops_reading(&api, &admin).await?;
+    let mut buf = vec![0u8; 4096];
     // Stop reading; publish far more than the client queue and the socket buffers hold.
     let events = dataset(&mut env, 30_000);
     env.publish(&events).await?;
@@ -657,7 +673,7 @@ async fn a_client_that_does_not_read_is_disconnected() -> anyhow::Result<()> {
 /// count alone (1,024 queued) it would have been sent all 600 (36 MiB).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_client_of_large_events_is_bounded_in_bytes() -> anyhow::Result<()> {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    use tokio::io::AsyncReadExt as _;
 
     let _serial = SLOW_CLIENT_TESTS.lock().await;
     let mut env = TestEnv::new().await?;
@@ -666,24 +682,8 @@ async fn a_slow_client_of_large_events_is_bounded_in_bytes() -> anyhow::Result<(
     let admin = Token::admin("ops", &["read"]);
     let api = ApiServer::start(&env, &[&admin], &[]).await?;
     let before = slow_disconnects(api.metrics).await?;
-    let socket = tokio::net::TcpSocket::new_v4()?;
-    socket.set_recv_buffer_size(4096)?;
-    let mut conn = socket.connect(api.addr).await?;
-    conn.write_all(
-        format!(
-            "GET /v1/events/stream HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {}\r\nConnection: close\r\n\r\n",
-            api.addr, admin.token
-        )
-        .as_bytes(),
-    )
-    .await?;
-    let mut head = Vec::new();
+    let mut conn = open_tail_that_stops_reading(&api, &admin).await?;
     let mut buf = vec![0u8; 65536];
-    while !String::from_utf8_lossy(&head).contains("caught-up") {
-        let n = tokio::time::timeout(T, conn.read(&mut buf)).await??;
-        anyhow::ensure!(n > 0, "the stream closed before it caught up");
-        head.extend_from_slice(&buf[..n]);
-    }
     let pad = "x".repeat(60_000);
     let mut events = env.events(600);
     for e in &mut events {
@@ -731,6 +731,68 @@ async fn a_slow_client_of_large_events_is_bounded_in_bytes() -> anyhow::Result<(
         "a client that did not read was queued {delivered} events of 60 KiB: not bounded in bytes"
     );
     Ok(())
+}
+
+/// A client that stops reading for good is cut after `AUDITBRIDGE_API_WRITE_TIMEOUT`: its
+/// queued events and its live-tail slot are freed without it reading a byte. (Before, the
+/// response, and so its queue and slot, lived as long as the idle connection: a few tokens
+/// could hold the whole byte budget with sockets that never read.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_is_cut_and_frees_its_tail() -> anyhow::Result<()> {
+    use tokio::io::AsyncReadExt as _;
+
+    let _serial = SLOW_CLIENT_TESTS.lock().await;
+    let mut env = TestEnv::new().await?;
+    env.ensure_stream().await?;
+    let _worker = env.spawn_worker("w", &[]).await?;
+    let admin = Token::admin("ops", &["read"]);
+    let api = ApiServer::start(&env, &[&admin], &[("AUDITBRIDGE_API_WRITE_TIMEOUT", "2s")]).await?;
+    let mut conn = open_tail_that_stops_reading(&api, &admin).await?;
+    assert_eq!(tail_clients(api.metrics).await?, 1.0);
+    let pad = "x".repeat(60_000);
+    let mut events = env.events(200);
+    for e in &mut events {
+        let mut m = serde_json::Map::new();
+        m.insert("pad".into(), Value::String(pad.clone()));
+        e.metadata = Some(m);
+    }
+    env.publish(&events).await?;
+    env.wait_for_count(200, T).await?;
+    let deadline = std::time::Instant::now() + T;
+    while tail_clients(api.metrics).await? > 0.0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "a client that stopped reading still holds its live tail after {T:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // The connection is closed: what the kernel buffered, then the end.
+    let mut buf = vec![0u8; 65536];
+    let until = std::time::Instant::now() + T;
+    loop {
+        assert!(
+            std::time::Instant::now() < until,
+            "the connection is still open"
+        );
+        match tokio::time::timeout(Duration::from_secs(10), conn.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break,
+            Ok(Ok(_)) => {}
+            Err(_) => panic!("the server kept the connection open"),
+        }
+    }
+    Ok(())
+}
+
+async fn tail_clients(metrics_addr: std::net::SocketAddr) -> anyhow::Result<f64> {
+    let metrics = reqwest::get(format!("http://{metrics_addr}/metrics"))
+        .await?
+        .text()
+        .await?;
+    Ok(metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("auditbridge_api_tail_clients "))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .unwrap_or(0.0))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

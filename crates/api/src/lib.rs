@@ -30,6 +30,7 @@ pub mod params;
 mod stats;
 mod tail;
 mod webhooks;
+mod write_timeout;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -168,8 +169,10 @@ impl Server {
             shutdown.clone(),
         ));
         let timeout = state.config.shutdown_timeout;
+        let state_write_timeout = state.config.api_write_timeout;
         let store = state.store.clone();
         let app = router(state);
+        let listener = write_timeout::WriteTimeoutListener::new(listener, state_write_timeout);
         let serve =
             axum::serve(listener, app).with_graceful_shutdown(shutdown.clone().cancelled_owned());
         let served = tokio::select! {

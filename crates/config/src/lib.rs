@@ -133,6 +133,9 @@ pub struct Config {
     pub api_heartbeat: Duration,
     /// Longest one SQL statement of `serve` may run before PostgreSQL cancels it.
     pub api_statement_timeout: Duration,
+    /// `serve` cuts a connection whose writes take no byte for this long (a client that
+    /// stopped reading, holding its live tail's queue and slot).
+    pub api_write_timeout: Duration,
     pub log: String,
     pub log_format: LogFormat,
     pub ingest: IngestConfig,
@@ -176,6 +179,7 @@ impl fmt::Debug for Config {
             .field("api_max_body_bytes", &self.api_max_body_bytes)
             .field("api_heartbeat", &self.api_heartbeat)
             .field("api_statement_timeout", &self.api_statement_timeout)
+            .field("api_write_timeout", &self.api_write_timeout)
             .field("log", &self.log)
             .field("log_format", &self.log_format)
             .field("ingest", &self.ingest)
@@ -413,6 +417,10 @@ const KEYS: &[Key] = &[
     },
     Key {
         name: "api_statement_timeout",
+        default: "30s",
+    },
+    Key {
+        name: "api_write_timeout",
         default: "30s",
     },
     Key {
@@ -782,6 +790,11 @@ impl Config {
             api_statement_timeout: l.duration_in(
                 "api_statement_timeout",
                 Duration::from_millis(10),
+                Duration::from_secs(3600),
+            )?,
+            api_write_timeout: l.duration_in(
+                "api_write_timeout",
+                Duration::from_millis(100),
                 Duration::from_secs(3600),
             )?,
             log: l.get("log").to_owned(),
