@@ -937,10 +937,11 @@ async fn webhooks_refuse_unsigned_oversized_slow_and_excess_requests_early() -> 
     let (status, head) = answer(&mut conn, Duration::from_secs(15)).await?;
     assert_eq!(status, 202, "{head}");
 
-    // In all: 64 slow requests to a source that allows 1000 fill every webhook permit; one
-    // more, to any source, is answered 503 at once.
+    // In all: slow requests to a source that allows 1000 take its share of the 64 (32 for
+    // two sources) and the shared rest (30, beyond `tight`'s reserved 2); one more to it is
+    // answered 503 at once, while `tight` keeps its own share.
     let mut held = Vec::new();
-    for _ in 0..64 {
+    for _ in 0..62 {
         held.push(
             open_request(
                 addr,
@@ -952,20 +953,33 @@ async fn webhooks_refuse_unsigned_oversized_slow_and_excess_requests_early() -> 
         );
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let (headers, body) = valid(&mut env);
-    let mut conn = open_request(addr, "/v1/webhooks/tight", &headers, body.as_bytes()).await?;
+    let mut conn = open_request(
+        addr,
+        "/v1/webhooks/bulk",
+        &with_length(well_formed(now()), 100),
+        b"{",
+    )
+    .await?;
     let (status, head) = answer(&mut conn, fast).await?;
     assert_eq!(status, 503, "{head}");
     assert!(
         head.contains("etry-After") || head.contains("etry-after"),
         "{head}"
     );
+    let (headers, body) = valid(&mut env);
+    let mut conn = open_request(addr, "/v1/webhooks/tight", &headers, body.as_bytes()).await?;
+    let (status, head) = answer(&mut conn, Duration::from_secs(15)).await?;
+    assert_eq!(status, 202, "another source keeps its share: {head}");
     drop(held);
 
     for (series, want) in [
         (
             "auditbridge_webhook_requests_total{source=\"tight\",result=\"busy\"}",
-            2.0,
+            1.0,
+        ),
+        (
+            "auditbridge_webhook_requests_total{source=\"bulk\",result=\"busy\"}",
+            1.0,
         ),
         (
             "auditbridge_webhook_requests_total{source=\"tight\",result=\"timeout\"}",
@@ -981,7 +995,7 @@ async fn webhooks_refuse_unsigned_oversized_slow_and_excess_requests_early() -> 
         ),
         (
             "auditbridge_webhook_requests_total{source=\"tight\",result=\"accepted\"}",
-            1.0,
+            2.0,
         ),
     ] {
         assert_eq!(serve.metric(series).await?, want, "{series}");

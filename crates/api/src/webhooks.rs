@@ -14,7 +14,9 @@
 //! timestamp is inside the window (401); `Content-Length` is within the source's
 //! `max_body_bytes` (413, default 1 MiB). Then a request takes a permit of its source
 //! (`max_concurrent_requests`, default 16) and one of [`MAX_CONCURRENT`] for all webhooks
-//! together; with none free it is answered 503 with `Retry-After` at once. The body must
+//! together: first from the source's own share of them (`MAX_CONCURRENT / sources`, at most
+//! its `max_concurrent_requests`), which no other source can take, else from the shared
+//! rest; with none free it is answered 503 with `Retry-After` at once. The body must
 //! then arrive within the source's `body_timeout` (default 5 s). So unsigned senders cost no
 //! memory, and signed-looking slow ones at most `permits × max_body_bytes` for
 //! `body_timeout`.
@@ -62,7 +64,12 @@ const RETRY_AFTER_SECS: u32 = 1;
 #[derive(Debug)]
 struct Source {
     params: WebhookParams,
+    /// Its `max_concurrent_requests`.
     permits: Arc<Semaphore>,
+    /// Its share of [`MAX_CONCURRENT`] that no other source can take: `MAX_CONCURRENT / n`
+    /// for `n` sources, at most its `max_concurrent_requests`. Beyond it a request borrows
+    /// from the shared rest.
+    reserved: Arc<Semaphore>,
 }
 
 /// The configured webhook sources, by name.
@@ -85,23 +92,39 @@ impl Webhooks {
     /// The `webhook` sources of the configuration (file sources are `tail-file`'s).
     pub fn from_config(config: &Config) -> Result<Webhooks, auditbridge_sources::ConfigError> {
         let key = config.id_key.as_ref().map(|k| IdKey::new(k.expose()));
-        let by_name = parse_sources(&config.sources, key.as_ref())?
+        let webhooks: Vec<(String, WebhookParams)> = parse_sources(&config.sources, key.as_ref())?
             .into_iter()
             .filter_map(|s| match s.kind {
-                SourceKind::Webhook(params) => Some((
-                    s.name,
-                    Source {
-                        permits: Arc::new(Semaphore::new(params.max_concurrent_requests)),
-                        params,
-                    },
-                )),
+                SourceKind::Webhook(params) => Some((s.name, params)),
                 SourceKind::File(_) => None,
             })
             .collect();
-        Ok(Webhooks {
+        Ok(Webhooks::new(webhooks))
+    }
+
+    fn new(webhooks: Vec<(String, WebhookParams)>) -> Webhooks {
+        // Each source keeps a share of the permits for itself, so senders of well-formed but
+        // false signatures that hold one source's permits (for up to its `body_timeout`)
+        // cannot take another source's.
+        let share = MAX_CONCURRENT / webhooks.len().max(1);
+        let mut reserved_total = 0;
+        let by_name = webhooks
+            .into_iter()
+            .map(|(name, params)| {
+                let reserved = share.min(params.max_concurrent_requests);
+                reserved_total += reserved;
+                let source = Source {
+                    permits: Arc::new(Semaphore::new(params.max_concurrent_requests)),
+                    reserved: Arc::new(Semaphore::new(reserved)),
+                    params,
+                };
+                (name, source)
+            })
+            .collect();
+        Webhooks {
             by_name,
-            ..Webhooks::default()
-        })
+            permits: Arc::new(Semaphore::new(MAX_CONCURRENT - reserved_total)),
+        }
     }
 }
 
@@ -152,11 +175,12 @@ fn take_permits(
         .clone()
         .try_acquire_owned()
         .map_err(|_| "params.max_concurrent_requests of this source")?;
-    let all = webhooks
-        .permits
+    let all = source
+        .reserved
         .clone()
         .try_acquire_owned()
-        .map_err(|_| "all webhook sources")?;
+        .or_else(|_| webhooks.permits.clone().try_acquire_owned())
+        .map_err(|_| "all webhook sources: this source's share and the shared rest")?;
     Ok((own, all))
 }
 
@@ -256,5 +280,53 @@ async fn receive(
             count(&name, "unavailable");
             Err(e)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Five sources of 16 permits each: four flooded by senders that hold their permits (a
+    /// false signature, a slow body) leave the fifth its own share; before the shares, the
+    /// four took all 64 and the fifth got none.
+    #[test]
+    fn a_flooded_source_cannot_take_another_sources_share() {
+        let raw: Vec<serde_json::Value> = (0..5)
+            .map(|i| {
+                serde_json::json!({"name": format!("s{i}"), "type": "webhook",
+                "params": {"secret": "0123456789abcdef", "max_concurrent_requests": 16}})
+            })
+            .collect();
+        let sources = parse_sources(&raw, None)
+            .unwrap()
+            .into_iter()
+            .filter_map(|s| match s.kind {
+                SourceKind::Webhook(p) => Some((s.name, p)),
+                SourceKind::File(_) => None,
+            })
+            .collect();
+        let webhooks = Webhooks::new(sources);
+        let source = |name: &str| &webhooks.by_name[name];
+        let mut held = Vec::new();
+        for name in ["s0", "s1", "s2", "s3"] {
+            while let Ok(p) = take_permits(&webhooks, source(name)) {
+                held.push(p);
+            }
+        }
+        // Each flooded source got its share (12) and the shared rest (4) went to the first.
+        assert_eq!(held.len(), 4 * 12 + 4);
+        let mut fifth = Vec::new();
+        while let Ok(p) = take_permits(&webhooks, source("s4")) {
+            fifth.push(p);
+        }
+        assert_eq!(fifth.len(), 12, "the fifth source keeps its share");
+        // Never more than MAX_CONCURRENT bodies in all.
+        assert!(held.len() + fifth.len() <= MAX_CONCURRENT);
+        drop(held);
+        assert!(
+            take_permits(&webhooks, source("s4")).is_ok(),
+            "the shared rest is back"
+        );
     }
 }
