@@ -201,7 +201,7 @@ async fn pages_have_no_gap_or_repeat_while_events_arrive() -> anyhow::Result<()>
                 for chunk in more.chunks(50) {
                     for e in chunk {
                         let mut h = async_nats::HeaderMap::new();
-                        h.insert("Nats-Msg-Id", e.id.to_string().as_str());
+                        h.insert("Nats-Msg-Id", e.message_id().as_str());
                         env_js
                             .publish_with_headers(
                                 e.subject(&prefix),
@@ -493,7 +493,7 @@ async fn live_tail_replays_then_follows_without_gap_or_repeat_across_reconnects(
         tokio::spawn(async move {
             for e in &c {
                 let mut h = async_nats::HeaderMap::new();
-                h.insert("Nats-Msg-Id", e.id.to_string().as_str());
+                h.insert("Nats-Msg-Id", e.message_id().as_str());
                 js.publish_with_headers(e.subject(&prefix), h, serde_json::to_vec(e)?.into())
                     .await?
                     .await?;

@@ -26,7 +26,7 @@ fn publish_in_background(
             let mut acks = Vec::with_capacity(chunk.len());
             for e in chunk {
                 let mut headers = async_nats::HeaderMap::new();
-                headers.insert("Nats-Msg-Id", e.id.to_string().as_str());
+                headers.insert("Nats-Msg-Id", e.message_id().as_str());
                 acks.push(
                     js.publish_with_headers(
                         e.subject(&prefix),

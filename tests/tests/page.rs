@@ -50,7 +50,7 @@ async fn the_page_shows_a_tenants_events_charts_and_live_tail_in_chromium() -> a
                 }
                 for e in chunk {
                     let mut h = async_nats::HeaderMap::new();
-                    h.insert("Nats-Msg-Id", e.id.to_string().as_str());
+                    h.insert("Nats-Msg-Id", e.message_id().as_str());
                     js.publish_with_headers(e.subject(&prefix), h, serde_json::to_vec(e)?.into())
                         .await?
                         .await?;
