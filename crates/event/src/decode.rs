@@ -251,6 +251,19 @@ const EVENT_FIELDS: &[&str] = &[
     "request_id",
     "metadata",
 ];
+/// Whether a refusal's detail starts by naming what it refuses: a field of the format, the
+/// payload itself, or an unknown field. Every refusal does (the property tests and the fuzz
+/// target check it on whatever they generate).
+pub fn names_its_subject(detail: &str) -> bool {
+    EVENT_FIELDS
+        .iter()
+        .chain(&["payload", "unknown field"])
+        .any(|s| {
+            detail
+                .strip_prefix(s)
+                .is_some_and(|rest| rest.starts_with([':', '.', '[', ' ']))
+        })
+}
 const ACTOR_FIELDS: &[&str] = &["id", "type", "name", "ip", "user_agent"];
 const TARGET_FIELDS: &[&str] = &["id", "type", "name"];
 

@@ -25,7 +25,7 @@ mod properties;
 pub mod synth;
 mod validate;
 
-pub use decode::decode;
+pub use decode::{decode, names_its_subject};
 pub use error::{Invalid, InvalidKind};
 pub use model::{Actor, Event, Outcome, Target, message_id};
 /// Re-exported so users of the model need no direct `uuid` dependency.

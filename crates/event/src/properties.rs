@@ -24,31 +24,6 @@ fn config() -> ProptestConfig {
     }
 }
 
-/// The first words a refusal may start with: a field of the format or the payload itself.
-const SUBJECTS: &[&str] = &[
-    "id",
-    "tenant",
-    "occurred_at",
-    "action",
-    "outcome",
-    "actor",
-    "target",
-    "source",
-    "reason",
-    "request_id",
-    "metadata",
-    "payload",
-    "unknown field",
-];
-
-fn names_what_it_refuses(detail: &str) -> bool {
-    SUBJECTS.iter().any(|s| {
-        detail
-            .strip_prefix(s)
-            .is_some_and(|rest| rest.starts_with([':', '.', '[', ' ']))
-    })
-}
-
 /// Decodes, and checks property 2 on the way.
 fn decode_checked(bytes: &[u8]) -> Result<Event, TestCaseError> {
     match decode(bytes, DEFAULT_MAX_EVENT_BYTES) {
@@ -63,7 +38,7 @@ fn decode_checked(bytes: &[u8]) -> Result<Event, TestCaseError> {
             Ok(event)
         }
         Err(e) => {
-            prop_assert!(names_what_it_refuses(&e.detail), "{:?}", e.detail);
+            prop_assert!(crate::names_its_subject(&e.detail), "{:?}", e.detail);
             prop_assert!(!e.detail.contains('\0'));
             Err(TestCaseError::reject("refused"))
         }
