@@ -505,6 +505,49 @@ async fn status_as(env: &TestEnv, role: &str, dest: &str) -> anyhow::Result<serd
     Ok(serde_json::from_slice(&out.stdout)?)
 }
 
+/// A permission change is the database's fault, not the events': a writer that loses INSERT
+/// on `audit_events` mid-stream fails every event alone *and* its control row, so the batch
+/// is held (no event dead-lettered, nothing acknowledged) and everything is stored once the
+/// grant is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_writer_that_loses_insert_holds_its_batches_and_dead_letters_nothing()
+-> anyhow::Result<()> {
+    let mut env = TestEnv::new().await?;
+    env.ensure_stream().await?;
+    let writer_url = url_as(&env, WRITER);
+    let worker = env
+        .spawn_worker("writer", &[("AUDITBRIDGE_DATABASE_URL", &writer_url)])
+        .await?;
+    worker.wait_ready(T).await?;
+    let first = env.events(50);
+    env.publish(&first).await?;
+    env.wait_for_count(50, T).await?;
+
+    sqlx::query("REVOKE INSERT ON audit_events FROM auditbridge_writer")
+        .execute(&env.pool)
+        .await?;
+    let held = env.events(200);
+    env.publish(&held).await?;
+    // Long enough for several attempts and the isolation of a batch (the worker retries with
+    // backoff): nothing is stored, nothing becomes a dead letter.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert_eq!(env.count().await?, 50);
+    assert!(
+        env.dead_letters().await?.is_empty(),
+        "events dead-lettered for the database's fault: {:?}",
+        env.dead_letters().await?
+    );
+
+    // `migrate` puts the listed grants back.
+    auditbridge_store::migrate(&env.database_url).await?;
+    env.wait_for_count(250, T).await?;
+    env.wait_for_drained(T).await?;
+    let want: HashSet<Uuid> = first.iter().chain(&held).map(|e| e.id).collect();
+    assert_eq!(env.stored_ids().await?, want);
+    assert!(env.dead_letters().await?.is_empty());
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_as_the_writer_and_serve_as_the_reader_work_end_to_end() -> anyhow::Result<()> {
     let mut env = TestEnv::new().await?;
