@@ -224,3 +224,69 @@ async fn three_workers_on_one_consumer_store_every_event_once() -> anyhow::Resul
     );
     Ok(())
 }
+
+/// The stream takes no message larger than `max_event_bytes` plus header room, also when it
+/// was created by an earlier version without that limit: the worker (or any command that
+/// provisions the stream) sets it in place, and then JetStream refuses a larger message to its
+/// producer at publish time, with an error that says why. Messages stored before the limit
+/// are still delivered (each pull allows NATS's `max_payload`) and become `oversize` dead
+/// letters, as do messages over `max_event_bytes` but within the header room.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_stream_refuses_messages_over_the_event_limit_at_publish() -> anyhow::Result<()> {
+    let env = TestEnv::new().await?;
+    let subject = format!("{}.acme.document.update", env.prefix);
+    // The stream as an earlier version created it.
+    env.js
+        .create_stream(async_nats::jetstream::stream::Config {
+            name: env.stream.clone(),
+            subjects: vec![format!("{}.>", env.prefix)],
+            storage: async_nats::jetstream::stream::StorageType::File,
+            max_age: Duration::from_secs(7 * 86_400),
+            duplicate_window: Duration::from_secs(120),
+            ..Default::default()
+        })
+        .await?;
+    let mut stream = env.js.get_stream(&env.stream).await?;
+    assert_eq!(stream.info().await?.config.max_message_size, -1);
+    let before = vec![b'x'; 100 * 1024];
+    env.publish_raw(&subject, before, None).await?.await?;
+
+    env.ensure_stream().await?;
+    let limit = 65536 + 16 * 1024;
+    assert_eq!(
+        stream.info().await?.config.max_message_size,
+        limit as i32,
+        "max_event_bytes (64 KiB by default) plus 16 KiB for headers"
+    );
+    let refused = env
+        .publish_raw(&subject, vec![b'x'; limit + 1], None)
+        .await?
+        .await
+        .expect_err("JetStream takes a message over the limit");
+    assert!(
+        refused
+            .to_string()
+            .contains("message size exceeds maximum allowed"),
+        "{refused}"
+    );
+    // Over max_event_bytes, within the header room: stored, and dead-lettered by the worker.
+    let within = vec![b'x'; limit - 1024];
+    env.publish_raw(&subject, within, None).await?.await?;
+
+    let _worker = env.spawn_worker("w", &[]).await?;
+    let deadline = std::time::Instant::now() + T;
+    let dead = loop {
+        let dead = env.dead_letters().await?;
+        if dead.len() >= 2 || std::time::Instant::now() > deadline {
+            break dead;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    env.wait_for_drained(T).await?;
+    assert_eq!(dead.len(), 2, "{dead:#?}");
+    for (kind, reason, _) in &dead {
+        assert_eq!(kind, "oversize", "{reason}");
+        assert!(reason.contains("65536"), "{reason}");
+    }
+    Ok(())
+}

@@ -82,6 +82,22 @@ impl PartialEq for Secret {
 /// Shortest accepted `AUDITBRIDGE_ID_KEY`, in characters.
 pub const ID_KEY_MIN_LEN: usize = 32;
 
+/// What a message may carry in headers beyond its payload: the stream refuses messages larger
+/// than `max_event_bytes` plus this ([`IngestConfig::stream_max_message_size`]). The headers
+/// producers set (`Nats-Msg-Id`, `Auditbridge-Time`, `Auditbridge-Legacy-Id`) take about 200
+/// bytes; the rest is room for a producer's own (tracing) headers.
+pub const STREAM_HEADER_HEADROOM: usize = 16 * 1024;
+
+impl IngestConfig {
+    /// The stream's `max_message_size`: the largest payload the worker accepts plus header
+    /// room. JetStream refuses a larger message at publish time, so its producer gets the
+    /// refusal, rather than the stream and the worker carrying a message that could only be
+    /// dead-lettered.
+    pub fn stream_max_message_size(&self) -> usize {
+        self.max_event_bytes + STREAM_HEADER_HEADROOM
+    }
+}
+
 /// Log output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogFormat {
