@@ -224,3 +224,152 @@ async fn three_workers_on_one_consumer_store_every_event_once() -> anyhow::Resul
     );
     Ok(())
 }
+
+/// The stream takes no message larger than `max_event_bytes` plus header room, also when it
+/// was created by an earlier version without that limit: the worker (or any command that
+/// provisions the stream) sets it in place, and then JetStream refuses a larger message to its
+/// producer at publish time, with an error that says why. Messages stored before the limit
+/// are still delivered (each pull allows NATS's `max_payload`) and become `oversize` dead
+/// letters, as do messages over `max_event_bytes` but within the header room.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_stream_refuses_messages_over_the_event_limit_at_publish() -> anyhow::Result<()> {
+    let env = TestEnv::new().await?;
+    let subject = format!("{}.acme.document.update", env.prefix);
+    // The stream as an earlier version created it.
+    env.js
+        .create_stream(async_nats::jetstream::stream::Config {
+            name: env.stream.clone(),
+            subjects: vec![format!("{}.>", env.prefix)],
+            storage: async_nats::jetstream::stream::StorageType::File,
+            max_age: Duration::from_secs(7 * 86_400),
+            duplicate_window: Duration::from_secs(120),
+            ..Default::default()
+        })
+        .await?;
+    let mut stream = env.js.get_stream(&env.stream).await?;
+    assert_eq!(stream.info().await?.config.max_message_size, -1);
+    let before = vec![b'x'; 100 * 1024];
+    env.publish_raw(&subject, before, None).await?.await?;
+
+    env.ensure_stream().await?;
+    let limit = 65536 + 16 * 1024;
+    assert_eq!(
+        stream.info().await?.config.max_message_size,
+        limit as i32,
+        "max_event_bytes (64 KiB by default) plus 16 KiB for headers"
+    );
+    let refused = env
+        .publish_raw(&subject, vec![b'x'; limit + 1], None)
+        .await?
+        .await
+        .expect_err("JetStream takes a message over the limit");
+    assert!(
+        refused
+            .to_string()
+            .contains("message size exceeds maximum allowed"),
+        "{refused}"
+    );
+    // Over max_event_bytes, within the header room: stored, and dead-lettered by the worker.
+    let within = vec![b'x'; limit - 1024];
+    env.publish_raw(&subject, within, None).await?.await?;
+
+    let _worker = env.spawn_worker("w", &[]).await?;
+    let deadline = std::time::Instant::now() + T;
+    let dead = loop {
+        let dead = env.dead_letters().await?;
+        if dead.len() >= 2 || std::time::Instant::now() > deadline {
+            break dead;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    env.wait_for_drained(T).await?;
+    assert_eq!(dead.len(), 2, "{dead:#?}");
+    for (kind, reason, _) in &dead {
+        assert_eq!(kind, "oversize", "{reason}");
+        assert!(reason.contains("65536"), "{reason}");
+    }
+    Ok(())
+}
+
+/// What the worker holds is bounded by bytes, not only by messages: each pull asks for at
+/// most `AUDITBRIDGE_BATCH_MAX_BYTES` (or one `max_payload`, if larger), and a batch closes
+/// at that many bytes. Here the database is locked, so the worker holds its first batch and
+/// pulls no further; 300 refused messages of 40 KiB (12 MB) wait in the stream, and far fewer
+/// are delivered to the worker (without the byte bound, a pull of 4,000 messages took them
+/// all). Then every one becomes an `oversize` dead letter, in batches of at most 1 MiB.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pulls_and_batches_are_bounded_by_bytes() -> anyhow::Result<()> {
+    let env = TestEnv::new().await?;
+    let worker = env
+        .spawn_worker(
+            "w",
+            &[
+                ("AUDITBRIDGE_MAX_EVENT_BYTES", "32768"),
+                ("AUDITBRIDGE_BATCH_MAX_BYTES", "1048576"),
+                ("AUDITBRIDGE_PERSIST_CONCURRENCY", "1"),
+                // Held messages must not be redelivered while the test looks.
+                ("AUDITBRIDGE_ACK_WAIT", "60s"),
+            ],
+        )
+        .await?;
+    worker.wait_ready(T).await?;
+    let mut lock = env.pool.begin().await?;
+    sqlx::query("LOCK TABLE audit_events, dead_letters IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *lock)
+        .await?;
+
+    const N: usize = 300;
+    const SIZE: usize = 40 * 1024;
+    let subject = format!("{}.acme.document.update", env.prefix);
+    let mut acks = Vec::new();
+    for _ in 0..N {
+        acks.push(env.publish_raw(&subject, vec![b'x'; SIZE], None).await?);
+    }
+    for a in acks {
+        a.await?;
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let stream = env.js.get_stream(&env.stream).await?;
+    let info = stream.consumer_info(&env.consumer).await?;
+    // Held: one batch in flight and one closed, waiting (1 MiB each), and what the pulls
+    // still had coming (at most 1.5 pulls: the client asks again at half).
+    let pull = (1024 * 1024).max(env.nats.server_info().max_payload + 64 * 1024);
+    let bound = (2 * 1024 * 1024 + pull * 3 / 2) / SIZE + 1;
+    let delivered = info.num_ack_pending as usize;
+    assert!(
+        delivered > 0 && delivered <= bound,
+        "{delivered} messages of {SIZE} bytes delivered and held, at most {bound} expected"
+    );
+    assert!(info.num_pending > 0, "the rest waits in the stream");
+    lock.rollback().await?;
+
+    let deadline = std::time::Instant::now() + T;
+    while env.dead_letters().await?.len() < N {
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {N} dead letters"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    env.wait_for_drained(T).await?;
+    let dead = env.dead_letters().await?;
+    assert_eq!(dead.len(), N);
+    assert!(
+        dead.iter().all(|(kind, _, _)| kind == "oversize"),
+        "{dead:#?}"
+    );
+    let batches = worker.metric("auditbridge_batch_size_bytes_count").await?;
+    let within = worker
+        .metric("auditbridge_batch_size_bytes_bucket{le=\"1048576\"}")
+        .await?;
+    assert!(
+        batches >= (N * SIZE / (1024 * 1024)) as f64,
+        "{batches} batches"
+    );
+    assert_eq!(within, batches, "every batch holds at most 1 MiB");
+    assert_eq!(
+        worker.metric("auditbridge_batch_size_messages_sum").await?,
+        N as f64
+    );
+    Ok(())
+}

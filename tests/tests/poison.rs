@@ -544,3 +544,93 @@ async fn a_re_send_is_a_duplicate_only_with_the_same_content() -> anyhow::Result
     );
     Ok(())
 }
+
+/// `Auditbridge-Legacy-Id` names the id an earlier (unkeyed, hence computable) derivation gave
+/// the event. It makes a message a duplicate only if the row stored under that id has the
+/// same content, the id aside (and `occurred_at` aside with `Auditbridge-Time: received`), by
+/// the comparison of ordinary re-sends. A producer that names a stored event's legacy id on
+/// an event of its own does not make that event vanish: it is stored under its own id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_legacy_id_is_a_duplicate_only_with_the_same_content() -> anyhow::Result<()> {
+    let mut env = TestEnv::new().await?;
+    env.ensure_stream().await?;
+    let worker = env.spawn_worker("w", &[]).await?;
+    worker.wait_ready(T).await?;
+    let stored = env.events(3);
+    for e in &stored {
+        publish_with(&env, e, &[]).await?;
+    }
+    env.wait_for_count(3, T).await?;
+    let renamed = |e: &Event| {
+        let mut e = e.clone();
+        e.id = Uuid::now_v7();
+        e
+    };
+
+    // 0: another event of the same tenant and source, naming the stored event's id as its
+    // legacy id (the attack): a different event, stored.
+    let mut forged = renamed(&stored[0]);
+    forged.actor.id = "someone-else".into();
+    forged.reason = Some("a different event".into());
+    let legacy0 = stored[0].id.to_string();
+    publish_with(&env, &forged, &[("Auditbridge-Legacy-Id", &legacy0)]).await?;
+    // 1: the same event re-delivered across the upgrade, from a source that fills
+    // `occurred_at` at receive time: a duplicate of the stored row.
+    let mut honest = renamed(&stored[1]);
+    honest.occurred_at += time::Duration::seconds(5);
+    let legacy1 = stored[1].id.to_string();
+    publish_with(
+        &env,
+        &honest,
+        &[
+            ("Auditbridge-Legacy-Id", &legacy1),
+            ("Auditbridge-Time", "received"),
+        ],
+    )
+    .await?;
+    // 2: the same with other content besides the receive time: stored.
+    let mut changed = renamed(&stored[2]);
+    changed.occurred_at += time::Duration::seconds(5);
+    changed.outcome = match changed.outcome {
+        auditbridge_event::Outcome::Denied => auditbridge_event::Outcome::Success,
+        _ => auditbridge_event::Outcome::Denied,
+    };
+    let legacy2 = stored[2].id.to_string();
+    publish_with(
+        &env,
+        &changed,
+        &[
+            ("Auditbridge-Legacy-Id", &legacy2),
+            ("Auditbridge-Time", "received"),
+        ],
+    )
+    .await?;
+    // 3: another tenant's event naming the first stored event's legacy id: stored.
+    let mut foreign = renamed(&stored[0]);
+    foreign.tenant = "mallory".into();
+    publish_with(&env, &foreign, &[("Auditbridge-Legacy-Id", &legacy0)]).await?;
+
+    env.wait_for_drained(T).await?;
+    let ids = env.stored_ids().await?;
+    for (what, e) in [
+        ("forged", &forged),
+        ("changed", &changed),
+        ("foreign", &foreign),
+    ] {
+        assert!(
+            ids.contains(&e.id),
+            "the {what} event was dropped as a duplicate of its legacy id"
+        );
+    }
+    assert!(
+        !ids.contains(&honest.id),
+        "the honest re-delivery was stored again"
+    );
+    assert_eq!(env.count().await?, 6);
+    assert!(env.dead_letters().await?.is_empty());
+    assert_eq!(
+        worker.metric("auditbridge_events_duplicate_total").await?,
+        1.0
+    );
+    Ok(())
+}

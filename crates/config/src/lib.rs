@@ -82,6 +82,29 @@ impl PartialEq for Secret {
 /// Shortest accepted `AUDITBRIDGE_ID_KEY`, in characters.
 pub const ID_KEY_MIN_LEN: usize = 32;
 
+/// What a message may carry in headers beyond its payload: the stream refuses messages larger
+/// than `max_event_bytes` plus this ([`IngestConfig::stream_max_message_size`]). The headers
+/// producers set (`Nats-Msg-Id`, `Auditbridge-Time`, `Auditbridge-Legacy-Id`) take about 200
+/// bytes; the rest is room for a producer's own (tracing) headers.
+pub const STREAM_HEADER_HEADROOM: usize = 16 * 1024;
+
+/// What JetStream counts against a pull's byte limit beyond the stored message (headers and
+/// payload): its subject and the ack reply subject. A subject is at most the server's control
+/// line (4 KiB by default) and an ack reply a few hundred bytes; this is generous on purpose. A
+/// pull whose limit is below one message does not get that message at all (the server answers
+/// 409 and keeps it, and the next pull gets the same answer): the consumer would stall.
+pub const DELIVERY_OVERHEAD: usize = 64 * 1024;
+
+impl IngestConfig {
+    /// The stream's `max_message_size`: the largest payload the worker accepts plus header
+    /// room. JetStream refuses a larger message at publish time, so its producer gets the
+    /// refusal, rather than the stream and the worker carrying a message that could only be
+    /// dead-lettered.
+    pub fn stream_max_message_size(&self) -> usize {
+        self.max_event_bytes + STREAM_HEADER_HEADROOM
+    }
+}
+
 /// Log output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogFormat {
@@ -98,6 +121,12 @@ pub struct IngestConfig {
     pub batch_wait: Duration,
     /// Largest accepted payload; larger ones are dead-lettered.
     pub max_event_bytes: usize,
+    /// Most bytes of messages in one batch (and requested by one JetStream pull): what bounds
+    /// the worker's memory whatever the messages' sizes. A batch closes at `batch_size`
+    /// messages or at this many bytes, whichever comes first. At least one largest message
+    /// the stream takes ([`IngestConfig::stream_max_message_size`]) plus
+    /// [`DELIVERY_OVERHEAD`], so that every message fits in a batch and a pull.
+    pub batch_max_bytes: usize,
     /// JetStream redelivers a message not acknowledged within this time.
     pub ack_wait: Duration,
     /// Most messages delivered and not yet acknowledged, across all workers.
@@ -444,6 +473,10 @@ const KEYS: &[Key] = &[
         default: "65536",
     },
     Key {
+        name: "batch_max_bytes",
+        default: "16777216",
+    },
+    Key {
         name: "ack_wait",
         default: "30s",
     },
@@ -719,6 +752,7 @@ impl Config {
                 Duration::from_secs(10),
             )?,
             max_event_bytes: l.int_in("max_event_bytes", 256, 8 * 1024 * 1024)?,
+            batch_max_bytes: l.int_in("batch_max_bytes", 1024 * 1024, 256 * 1024 * 1024)?,
             ack_wait: l.duration_in(
                 "ack_wait",
                 Duration::from_secs(1),
@@ -744,6 +778,21 @@ impl Config {
                 format!(
                     "fewer than db_max_connections ({}), which must also serve health checks",
                     ingest.db_max_connections
+                ),
+            ));
+        }
+        let largest = ingest.stream_max_message_size() + DELIVERY_OVERHEAD;
+        if ingest.batch_max_bytes < largest {
+            return Err(l.invalid(
+                "batch_max_bytes",
+                format!(
+                    "at least {largest} bytes with {}={}: the largest message the stream takes \
+                     ({} of payload + {STREAM_HEADER_HEADROOM} of headers) and its delivery \
+                     ({DELIVERY_OVERHEAD}) must fit in one batch; raise it, or lower the \
+                     largest event",
+                    l.setting_name("max_event_bytes"),
+                    ingest.max_event_bytes,
+                    ingest.max_event_bytes,
                 ),
             ));
         }
@@ -928,6 +977,51 @@ mod tests {
         assert_eq!(c.log_format, LogFormat::Text);
         assert_eq!(c.database_name(), "auditbridge");
         assert!(c.destinations.is_empty());
+    }
+
+    /// A batch (and a pull) must hold the largest message the stream takes: with a larger
+    /// event limit than the batch's byte bound, the error names both settings.
+    #[test]
+    fn a_batch_holds_at_least_the_largest_message() {
+        let c = Config::from_env(env(&[])).unwrap();
+        assert_eq!(c.ingest.batch_max_bytes, 16 * 1024 * 1024);
+        assert_eq!(c.ingest.stream_max_message_size(), 65536 + 16 * 1024);
+        // The default bound holds the largest event allowed.
+        let c = Config::from_env(env(&[("AUDITBRIDGE_MAX_EVENT_BYTES", "8388608")])).unwrap();
+        assert!(c.ingest.batch_max_bytes >= c.ingest.stream_max_message_size() + DELIVERY_OVERHEAD);
+        // Exactly enough is enough; one byte less is refused.
+        let limit = 1024 * 1024 - STREAM_HEADER_HEADROOM - DELIVERY_OVERHEAD;
+        let ok = limit.to_string();
+        let c = Config::from_env(env(&[
+            ("AUDITBRIDGE_BATCH_MAX_BYTES", "1048576"),
+            ("AUDITBRIDGE_MAX_EVENT_BYTES", &ok),
+        ]))
+        .unwrap();
+        assert_eq!(c.ingest.batch_max_bytes, 1024 * 1024);
+        let over = (limit + 1).to_string();
+        let err = Config::from_env(env(&[
+            ("AUDITBRIDGE_BATCH_MAX_BYTES", "1048576"),
+            ("AUDITBRIDGE_MAX_EVENT_BYTES", &over),
+        ]))
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("AUDITBRIDGE_BATCH_MAX_BYTES"), "{err}");
+        assert!(
+            err.contains(&format!("AUDITBRIDGE_MAX_EVENT_BYTES={over}")),
+            "{err}"
+        );
+        assert!(err.contains("at least 1048577 bytes"), "{err}");
+        // Out of range on its own.
+        for value in ["1048575", "268435457", "lots"] {
+            let err = Config::from_env(env(&[("AUDITBRIDGE_BATCH_MAX_BYTES", value)]))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("AUDITBRIDGE_BATCH_MAX_BYTES")
+                    && err.contains("integer from 1048576 to 268435456"),
+                "{err}"
+            );
+        }
     }
 
     #[test]

@@ -17,8 +17,9 @@ use crate::mapping::Mapped;
 /// re-sent id without it.
 pub const TIME_HEADER: &str = "Auditbridge-Time";
 /// `Auditbridge-Legacy-Id: <uuid>`: the id the unkeyed derivation of earlier versions gives
-/// this event; the worker treats the message as a duplicate of a stored row with that id,
-/// tenant and source.
+/// this event; the worker treats the message as a duplicate of the row stored with that id
+/// only if it is the same event (the same content but for the id), and stores it under its
+/// own id otherwise.
 pub const LEGACY_ID_HEADER: &str = "Auditbridge-Legacy-Id";
 
 /// One message ready to publish.

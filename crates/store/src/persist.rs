@@ -53,9 +53,11 @@ pub struct Incoming<'a> {
     /// event, so a re-delivery of the same event carries another one. A re-sent id is compared
     /// with the stored event without `occurred_at`.
     pub time_received: bool,
-    /// `Auditbridge-Legacy-Id`: the id an older derivation gave this event. If a row with that
-    /// id exists for the same tenant and source, the event is already stored (under its old
-    /// id) and this message is a duplicate.
+    /// `Auditbridge-Legacy-Id`: the id an older derivation gave this event. If the row stored
+    /// under that id is the same event (the same content but for the id, compared as a re-sent
+    /// id is), the event is already stored (under its old id) and this message is a
+    /// duplicate. Otherwise it is written under its own id: the legacy id is computable, so a
+    /// producer can name another event's.
     pub legacy_id: Option<Uuid>,
 }
 
@@ -121,22 +123,20 @@ const CONTROL_INSERT: &str = "INSERT INTO audit_events \
     VALUES ($1, 'auditbridge-control', 'auditbridge.control', 'unknown', now(), \
             'auditbridge-control', NULL, 'auditbridge', '{}'::jsonb)";
 
-/// The events of the batch (by index) already stored under their legacy id, for the same
-/// tenant and source.
-const LEGACY_DUPLICATES: &str = "SELECT u.i FROM \
-    UNNEST($1::int4[], $2::uuid[], $3::text[], $4::text[]) AS u(i, id, tenant, source) \
-    JOIN audit_events a ON a.id = u.id AND a.tenant = u.tenant AND a.source = u.source";
-
-/// For events whose id was already stored: the stored event's tenant, source and time, and
-/// the top-level fields in which the message differs from it (none: an honest re-send). With
-/// `loose` (`Auditbridge-Time: received`) `occurred_at` is left out of the comparison.
-/// Equality is jsonb's, so key order, white space and number spelling do not count.
+/// For each event (by index) and the id of a stored row to compare it with (its own id, or its
+/// legacy id): the stored row's tenant, source and time, and the top-level fields in which the
+/// message differs from it (none: the same event). With `loose` (`Auditbridge-Time:
+/// received`) `occurred_at` is left out of the comparison. `id` is always left out: the join
+/// compares it, as a UUID (so `A1B2…` and `a1b2…` are one id), and a legacy id differs from
+/// the message's by definition. Equality is jsonb's, so key order, white space and number
+/// spelling do not count. Events with no stored row are not returned.
 const COMPARE_STORED: &str = "WITH u AS ( \
-        SELECT i, id, raw::jsonb AS e, loose \
+        SELECT i, id, raw::jsonb - 'id' AS e, loose \
         FROM UNNEST($1::int4[], $2::uuid[], $3::text[], $4::bool[]) AS t(i, id, raw, loose) \
     ), c AS ( \
         SELECT u.i, a.tenant, a.source, a.received_at, \
-               CASE WHEN u.loose THEN a.event - 'occurred_at' ELSE a.event END AS stored, \
+               CASE WHEN u.loose THEN a.event - 'id' - 'occurred_at' ELSE a.event - 'id' END \
+                   AS stored, \
                CASE WHEN u.loose THEN u.e - 'occurred_at' ELSE u.e END AS sent \
         FROM u JOIN audit_events a ON a.id = u.id \
     ) \
@@ -426,7 +426,8 @@ impl Store {
     /// with the stored rows (one query, on the conflict path only): the same content is a
     /// duplicate, other content a dead letter of kind [`CONFLICT`] naming the stored event —
     /// never dropped silently, whichever tenant sent it. An id repeated inside the batch is
-    /// compared the same way with the first one. Events with a legacy id cost one lookup.
+    /// compared the same way with the first one. Events with a legacy id cost one lookup, the
+    /// same comparison with the row stored under the legacy id.
     ///
     /// [`StoreError::Rejected`] means the database refused the batch for a reason that may be
     /// one event's: write it again with [`Store::ingest_isolated`].
@@ -529,34 +530,92 @@ impl Store {
     }
 }
 
-/// Which events carry a legacy id that is stored for the same tenant and source.
+/// Which events carry a legacy id under which the same event is stored: a re-delivery of an
+/// event stored by an earlier version (under the id its unkeyed derivation gave), and so a
+/// duplicate. The same event means the same content but for the id, by [`compare`], the one
+/// comparison of re-sends (with `Auditbridge-Time: received`, `occurred_at` aside too): the
+/// tenant and source are part of it. A legacy id names a row with other content when a
+/// producer chose it (the unkeyed derivation is computable, so anyone can name another
+/// event's): that event is not a duplicate and is written under its own id like any other,
+/// never dropped, and logged.
 async fn legacy_duplicates(
     conn: &mut sqlx::PgConnection,
     events: &[Incoming<'_>],
 ) -> Result<HashSet<usize>, sqlx::Error> {
-    let mut idx = Vec::new();
-    let mut ids = Vec::new();
-    let mut tenants = Vec::new();
-    let mut sources = Vec::new();
-    for (i, e) in events.iter().enumerate() {
-        if let Some(legacy) = e.legacy_id.filter(|l| *l != e.event.event.id) {
-            idx.push(i32::try_from(i).unwrap_or(i32::MAX));
-            ids.push(legacy);
-            tenants.push(e.event.event.tenant.as_str());
-            sources.push(e.event.event.source.as_str());
-        }
-    }
-    if idx.is_empty() {
+    let lookups: Vec<(usize, Uuid)> = events
+        .iter()
+        .enumerate()
+        .filter_map(|(i, e)| Some((i, e.legacy_id.filter(|l| *l != e.event.event.id)?)))
+        .collect();
+    if lookups.is_empty() {
         return Ok(HashSet::new());
     }
-    let found: Vec<i32> = sqlx::query_scalar(LEGACY_DUPLICATES)
-        .bind(&idx)
-        .bind(&ids)
-        .bind(&tenants)
-        .bind(&sources)
-        .fetch_all(&mut *conn)
-        .await?;
-    Ok(found.into_iter().map(|i| i as usize).collect())
+    let mut same = HashSet::new();
+    for row in compare(conn, events, &lookups).await? {
+        if row.differs.is_empty() {
+            same.insert(row.i);
+        } else {
+            let e = &events[row.i].event.event;
+            tracing::warn!(
+                id = %e.id,
+                legacy_id = ?events[row.i].legacy_id,
+                differs = %row.differs.join(", "),
+                message = "A message names a stored event as its legacy id but differs from it; storing it under its own id, not as a duplicate."
+            );
+        }
+    }
+    Ok(same)
+}
+
+/// One row of [`COMPARE_STORED`]: event `i` of the batch and the stored row it was compared
+/// with.
+struct Compared {
+    i: usize,
+    tenant: String,
+    source: String,
+    received_at: OffsetDateTime,
+    /// The top-level fields that differ (the id aside); empty for the same event.
+    differs: Vec<String>,
+}
+
+/// Compares events with stored rows: each `(i, id)` compares event `i` of the batch with the
+/// row stored under `id` ([`COMPARE_STORED`]). Pairs whose row does not exist are left out.
+async fn compare(
+    conn: &mut sqlx::PgConnection,
+    events: &[Incoming<'_>],
+    lookups: &[(usize, Uuid)],
+) -> Result<Vec<Compared>, sqlx::Error> {
+    let is: Vec<i32> = lookups
+        .iter()
+        .map(|&(i, _)| i32::try_from(i).unwrap_or(i32::MAX))
+        .collect();
+    let ids: Vec<Uuid> = lookups.iter().map(|&(_, id)| id).collect();
+    let raws: Vec<String> = lookups
+        .iter()
+        .map(|&(i, _)| String::from_utf8_lossy(events[i].event.raw).into_owned())
+        .collect();
+    let loose: Vec<bool> = lookups
+        .iter()
+        .map(|&(i, _)| events[i].time_received)
+        .collect();
+    let rows: Vec<(i32, String, String, OffsetDateTime, Vec<String>)> =
+        sqlx::query_as(COMPARE_STORED)
+            .bind(&is)
+            .bind(&ids)
+            .bind(&raws)
+            .bind(&loose)
+            .fetch_all(&mut *conn)
+            .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(i, tenant, source, received_at, differs)| Compared {
+            i: i as usize,
+            tenant,
+            source,
+            received_at,
+            differs,
+        })
+        .collect())
 }
 
 /// The events to write, in rounds of distinct ids: round 0 holds the first event of each id,
@@ -699,24 +758,11 @@ async fn compare_stored(
     events: &[Incoming<'_>],
     idxs: &[usize],
 ) -> Result<Vec<(usize, String)>, StoreError> {
-    let is: Vec<i32> = idxs
+    let lookups: Vec<(usize, Uuid)> = idxs
         .iter()
-        .map(|&i| i32::try_from(i).unwrap_or(i32::MAX))
+        .map(|&i| (i, events[i].event.event.id))
         .collect();
-    let ids: Vec<Uuid> = idxs.iter().map(|&i| events[i].event.event.id).collect();
-    let raws: Vec<String> = idxs
-        .iter()
-        .map(|&i| String::from_utf8_lossy(events[i].event.raw).into_owned())
-        .collect();
-    let loose: Vec<bool> = idxs.iter().map(|&i| events[i].time_received).collect();
-    let rows: Vec<(i32, String, String, OffsetDateTime, Vec<String>)> =
-        sqlx::query_as(COMPARE_STORED)
-            .bind(&is)
-            .bind(&ids)
-            .bind(&raws)
-            .bind(&loose)
-            .fetch_all(&mut *conn)
-            .await?;
+    let rows = compare(conn, events, &lookups).await?;
     if rows.len() != idxs.len() {
         // `ON CONFLICT` skipped them because the id is stored, so the rows exist; if one does
         // not, something removed it meanwhile. Never count such an event as a duplicate:
@@ -724,12 +770,13 @@ async fn compare_stored(
         return Err(StoreError::Unavailable(sqlx::Error::RowNotFound));
     }
     let mut conflicts = Vec::new();
-    for (i, tenant, source, received_at, differs) in rows {
-        if differs.is_empty() {
+    for row in rows {
+        if row.differs.is_empty() {
             continue;
         }
-        let e = &events[i as usize];
-        let fields: Vec<String> = differs
+        let e = &events[row.i];
+        let fields: Vec<String> = row
+            .differs
             .iter()
             .map(|k| match k.as_str() {
                 "tenant" => format!("tenant ({:?} in this message)", e.event.event.tenant),
@@ -737,12 +784,14 @@ async fn compare_stored(
                 other => other.to_owned(),
             })
             .collect();
-        let received = received_at.format(&Rfc3339).unwrap_or_default();
+        let received = row.received_at.format(&Rfc3339).unwrap_or_default();
         conflicts.push((
-            i as usize,
+            row.i,
             truncate(format!(
-                "id {} is already stored with different content (the stored event: tenant {tenant:?}, source {source:?}, received {received}); this message differs in {}",
+                "id {} is already stored with different content (the stored event: tenant {:?}, source {:?}, received {received}); this message differs in {}",
                 e.event.event.id,
+                row.tenant,
+                row.source,
                 fields.join(", ")
             )),
         ));

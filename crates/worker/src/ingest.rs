@@ -43,6 +43,8 @@ pub(crate) struct Ingest {
     pub stream: String,
     pub config: IngestConfig,
     pub health: Arc<Health>,
+    /// For the server's `max_payload` (see [`Ingest::pull_max_bytes`]).
+    pub nats: async_nats::Client,
 }
 
 /// The result of checking one message.
@@ -57,7 +59,8 @@ enum Verdict {
 /// Header set by sources whose mapping filled `occurred_at` at receive time (value `received`):
 /// a re-delivery of the same event is compared without it.
 pub const TIME_HEADER: &str = "Auditbridge-Time";
-/// Header carrying the id an older (unkeyed) derivation gave the event.
+/// Header carrying the id an older (unkeyed) derivation gave the event: a duplicate of the row
+/// stored under it only with the same content (see `auditbridge_store::Incoming::legacy_id`).
 pub const LEGACY_ID_HEADER: &str = "Auditbridge-Legacy-Id";
 
 impl Ingest {
@@ -70,61 +73,104 @@ impl Ingest {
         shutdown: &CancellationToken,
     ) -> anyhow::Result<Stopped> {
         let batch = self.config.batch_size;
+        let pull_bytes = self.pull_max_bytes();
         let messages = consumer
             .stream()
             // Keep about two batches in flight from the server so the next batch is already
             // here when the current one commits.
             .max_messages_per_batch((batch * 2).max(100))
+            // And bound what a pull may bring by bytes: without it, 4,000 messages of up to
+            // `max_payload` each could be on their way at once.
+            .max_bytes_per_batch(pull_bytes)
             .heartbeat(Duration::from_secs(5))
             .expires(Duration::from_secs(30))
             .messages()
             .await?;
-        let chunks = messages.chunks_timeout(batch, self.config.batch_wait);
-        tokio::pin!(chunks);
+        tokio::pin!(messages);
+        let mut batcher = Batcher::new(batch, self.config.batch_max_bytes);
+        // Closes a partial batch `batch_wait` after its first message.
+        let wait = tokio::time::sleep(Duration::ZERO);
+        tokio::pin!(wait);
         // Batches being persisted and acknowledged. They are independent (each is acked after
         // its own commit), so up to `persist_concurrency` run at once and may finish in any
         // order. They are polled by this loop, on this task: no batch outlives `consume`.
         let mut in_flight = FuturesUnordered::new();
         let limit = self.config.persist_concurrency;
         let stopped = loop {
-            let chunk = tokio::select! {
+            // A batch closed by a message that did not fit (or full by itself) waits here for
+            // a free slot; nothing more is pulled meanwhile.
+            if batcher.is_full() && in_flight.len() < limit {
+                in_flight.push(self.process(batcher.take(), shutdown));
+            }
+            let room = in_flight.len() < limit && !batcher.is_full();
+            let item = tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break Ok(Stopped::Shutdown),
                 Some(()) = in_flight.next(), if !in_flight.is_empty() => continue,
-                chunk = chunks.next(), if in_flight.len() < limit => chunk,
+                () = &mut wait, if room && !batcher.is_empty() => {
+                    in_flight.push(self.process(batcher.take(), shutdown));
+                    continue;
+                }
+                item = messages.next(), if room => item,
             };
-            let Some(chunk) = chunk else {
+            let Some(item) = item else {
+                if !batcher.is_empty() {
+                    in_flight.push(self.process(batcher.take(), shutdown));
+                }
                 break Err(anyhow::anyhow!("the JetStream message stream ended"));
             };
-            let mut batch = Vec::with_capacity(chunk.len());
-            let mut lost = false;
-            for item in chunk {
-                match item {
-                    Ok(msg) => batch.push(msg),
-                    Err(e) => match e.kind() {
-                        MessagesErrorKind::MissingHeartbeat => {
-                            self.health.nats.store(false, Ordering::Relaxed);
-                            tracing::warn!(error = %e, message = "JetStream heartbeats missed; is NATS reachable?");
-                        }
-                        MessagesErrorKind::ConsumerDeleted => lost = true,
-                        _ => {
-                            tracing::warn!(error = %e, message = "Pulling from JetStream failed; retrying.");
-                        }
-                    },
+            match item {
+                Ok(msg) => {
+                    self.health.nats.store(true, Ordering::Relaxed);
+                    let size = msg.length;
+                    if let Some(closed) = batcher.push(msg, size) {
+                        in_flight.push(self.process(closed, shutdown));
+                    }
+                    // This message opened a batch.
+                    if batcher.len() == 1 {
+                        wait.as_mut()
+                            .reset(tokio::time::Instant::now() + self.config.batch_wait);
+                    }
                 }
-            }
-            if !batch.is_empty() {
-                self.health.nats.store(true, Ordering::Relaxed);
-                in_flight.push(self.process(batch, shutdown));
-            }
-            if lost {
-                break Ok(Stopped::ConsumerLost);
+                Err(e) => match e.kind() {
+                    MessagesErrorKind::MissingHeartbeat => {
+                        self.health.nats.store(false, Ordering::Relaxed);
+                        tracing::warn!(error = %e, message = "JetStream heartbeats missed; is NATS reachable?");
+                    }
+                    MessagesErrorKind::ConsumerDeleted => {
+                        if !batcher.is_empty() {
+                            in_flight.push(self.process(batcher.take(), shutdown));
+                        }
+                        break Ok(Stopped::ConsumerLost);
+                    }
+                    _ => {
+                        tracing::warn!(error = %e, message = "Pulling from JetStream failed; retrying.");
+                    }
+                },
             }
         };
         // Finish what was pulled: commit and ack, or (at shutdown, while the database is
         // away) abandon it unacknowledged.
         while in_flight.next().await.is_some() {}
         stopped
+    }
+
+    /// The byte limit of each pull: `batch_max_bytes`, but never below the largest message the
+    /// server lets anyone publish (`max_payload`) plus its delivery overhead. The stream's own
+    /// limit is not enough: messages stored before it was set (or lowered) can be larger, and
+    /// a pull whose limit is below a message never gets it — JetStream answers 409 and keeps
+    /// it first in line, so every later pull stalls on it too.
+    fn pull_max_bytes(&self) -> usize {
+        let max_payload = self.nats.server_info().max_payload;
+        let floor = max_payload + auditbridge_config::DELIVERY_OVERHEAD;
+        if floor > self.config.batch_max_bytes {
+            tracing::info!(
+                max_payload,
+                batch_max_bytes = self.config.batch_max_bytes,
+                message = "NATS allows messages larger than AUDITBRIDGE_BATCH_MAX_BYTES (max_payload); each pull allows one of them, so no message can stall the consumer."
+            );
+        }
+        floor.max(self.config.batch_max_bytes)
     }
 
     fn check(&self, msg: &Message) -> Verdict {
@@ -153,6 +199,7 @@ impl Ingest {
     async fn process(&self, batch: Vec<Message>, shutdown: &CancellationToken) {
         counter!(EVENTS_RECEIVED).increment(batch.len() as u64);
         histogram!(BATCH_SIZE).record(batch.len() as f64);
+        histogram!(BATCH_BYTES).record(batch.iter().map(|m| m.length).sum::<usize>() as f64);
 
         let verdicts: Vec<Verdict> = batch.iter().map(|m| self.check(m)).collect();
         let origins: Vec<Origin<'_>> = batch.iter().map(|m| self.origin(m)).collect();
@@ -320,6 +367,60 @@ impl Ingest {
     }
 }
 
+/// Gathers pulled messages into batches of at most `max_messages` messages and `max_bytes`
+/// bytes. A message that would take a batch over `max_bytes` closes it and opens the next; a
+/// message larger than `max_bytes` on its own (the configuration keeps the stream's messages
+/// below it, but one stored before can be larger) makes a batch by itself, so nothing is ever
+/// refused here. What the worker holds is then bounded by bytes, whatever the messages' sizes.
+#[derive(Debug)]
+struct Batcher<T> {
+    items: Vec<T>,
+    bytes: usize,
+    max_messages: usize,
+    max_bytes: usize,
+}
+
+impl<T> Batcher<T> {
+    fn new(max_messages: usize, max_bytes: usize) -> Batcher<T> {
+        Batcher {
+            items: Vec::new(),
+            bytes: 0,
+            max_messages: max_messages.max(1),
+            max_bytes,
+        }
+    }
+
+    /// Adds one item of `size` bytes. Returns the batch it closed, if it did not fit there.
+    fn push(&mut self, item: T, size: usize) -> Option<Vec<T>> {
+        let closed = (!self.items.is_empty() && self.bytes.saturating_add(size) > self.max_bytes)
+            .then(|| self.take());
+        if self.items.is_empty() {
+            self.items.reserve(self.max_messages.min(1024));
+        }
+        self.items.push(item);
+        self.bytes = self.bytes.saturating_add(size);
+        closed
+    }
+
+    /// Full: the next item would not fit, whatever its size.
+    fn is_full(&self) -> bool {
+        self.items.len() >= self.max_messages || self.bytes >= self.max_bytes
+    }
+
+    fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+
+    fn len(&self) -> usize {
+        self.items.len()
+    }
+
+    fn take(&mut self) -> Vec<T> {
+        self.bytes = 0;
+        std::mem::take(&mut self.items)
+    }
+}
+
 fn header<'m>(msg: &'m Message, name: &str) -> Option<&'m str> {
     Some(msg.headers.as_ref()?.get(name)?.as_str())
 }
@@ -356,4 +457,66 @@ pub(crate) fn retry_backoff() -> impl Iterator<Item = Duration> {
         .with_jitter()
         .without_max_times()
         .build()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Batcher;
+
+    /// Pushes `sizes` in order; returns the sizes of the batches closed on the way, then
+    /// what is left open.
+    fn batches(max_messages: usize, max_bytes: usize, sizes: &[usize]) -> Vec<Vec<usize>> {
+        let mut b = Batcher::new(max_messages, max_bytes);
+        let mut out = Vec::new();
+        for &size in sizes {
+            if b.is_full() {
+                out.push(b.take());
+            }
+            out.extend(b.push(size, size));
+        }
+        if !b.is_empty() {
+            out.push(b.take());
+        }
+        out
+    }
+
+    #[test]
+    fn a_batch_closes_at_its_message_count() {
+        assert_eq!(
+            batches(3, 1000, &[1, 1, 1, 1, 1]),
+            [vec![1, 1, 1], vec![1, 1]]
+        );
+    }
+
+    #[test]
+    fn a_batch_closes_before_the_message_that_would_take_it_over_its_bytes() {
+        assert_eq!(
+            batches(100, 10, &[4, 4, 4, 6, 1, 9]),
+            [vec![4, 4], vec![4, 6], vec![1, 9]]
+        );
+        // Exactly at the bound is full: the next message opens a new batch.
+        let mut b = Batcher::new(100, 10);
+        assert!(b.push(10, 10).is_none());
+        assert!(b.is_full());
+    }
+
+    #[test]
+    fn a_message_larger_than_the_bound_is_a_batch_of_its_own() {
+        assert_eq!(
+            batches(100, 10, &[3, 25, 3, 3]),
+            [vec![3], vec![25], vec![3, 3]]
+        );
+    }
+
+    #[test]
+    fn no_batch_is_ever_over_either_bound_but_for_one_large_message() {
+        let sizes: Vec<usize> = (0..2000).map(|i| (i * 7919) % 300 + 1).collect();
+        let all = batches(17, 1000, &sizes);
+        assert_eq!(all.iter().map(Vec::len).sum::<usize>(), sizes.len());
+        for b in &all {
+            assert!(b.len() <= 17);
+            assert!(b.iter().sum::<usize>() <= 1000 || b.len() == 1, "{b:?}");
+        }
+        assert_eq!(all.concat(), sizes, "order is kept");
+    }
 }

@@ -159,6 +159,7 @@ impl Worker {
             stream: config.stream.clone(),
             config: config.ingest.clone(),
             health: health.clone(),
+            nats: nats.clone(),
         };
         let work = ingest_until_stopped(&config, &js, &ingest, &health, &background, &shutdown);
         tokio::pin!(work);

@@ -21,9 +21,15 @@ pub fn stream_subject(prefix: &str) -> String {
     format!("{prefix}.>")
 }
 
-/// Makes sure the stream exists with file storage, limits retention, our subjects, max age
-/// and duplicate window. Storage and retention cannot be changed in place; a mismatch there
-/// is an error that says so. Returns the stream.
+/// Makes sure the stream exists with file storage, limits retention, our subjects, max age,
+/// duplicate window and largest message. Storage and retention cannot be changed in place; a
+/// mismatch there is an error that says so. Returns the stream.
+///
+/// The largest message is `max_event_bytes` plus header room
+/// ([`auditbridge_config::IngestConfig::stream_max_message_size`]); a stream created by an
+/// earlier version without one gets it here. A larger message is then refused to its producer
+/// at publish time (JetStream error 10054, "message size exceeds maximum allowed") instead of
+/// being stored and dead-lettered as `oversize`; messages stored before are not affected.
 pub async fn ensure_stream(
     js: &jetstream::Context,
     config: &Config,
@@ -79,6 +85,14 @@ pub async fn ensure_stream(
                     humanize(ingest.duplicate_window)
                 ));
             }
+            let max_message_size = max_message_size(config)?;
+            if current.max_message_size != max_message_size {
+                desired.max_message_size = max_message_size;
+                changes.push(format!(
+                    "max_message_size {} -> {max_message_size}",
+                    current.max_message_size
+                ));
+            }
             if !changes.is_empty() {
                 js.update_stream(&desired)
                     .await
@@ -96,6 +110,7 @@ pub async fn ensure_stream(
                     retention: RetentionPolicy::Limits,
                     max_age: ingest.stream_max_age,
                     duplicate_window: ingest.duplicate_window,
+                    max_message_size: max_message_size(config)?,
                     ..Default::default()
                 })
                 .await
@@ -105,6 +120,18 @@ pub async fn ensure_stream(
         }
         Err(e) => Err(e).with_context(|| format!("looking up stream {name}")),
     }
+}
+
+/// The stream's `max_message_size` (an `i32` in JetStream's API; the configuration keeps it
+/// far below that).
+fn max_message_size(config: &Config) -> anyhow::Result<i32> {
+    let bytes = config.ingest.stream_max_message_size();
+    i32::try_from(bytes).with_context(|| {
+        format!(
+            "AUDITBRIDGE_MAX_EVENT_BYTES={} is too large for JetStream",
+            config.ingest.max_event_bytes
+        )
+    })
 }
 
 fn is_not_found(e: &jetstream::context::GetStreamError) -> bool {

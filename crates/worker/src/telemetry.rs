@@ -15,6 +15,9 @@ pub const EVENTS_DEAD_LETTERED: &str = "auditbridge_events_dead_lettered_total";
 /// A re-sent id with other content than the stored event (also a `conflict` dead letter).
 pub const EVENTS_CONFLICT: &str = "auditbridge_events_conflict_total";
 pub const BATCH_SIZE: &str = "auditbridge_batch_size_messages";
+/// Bytes of the messages of one batch (subjects, headers and payloads, as JetStream counts
+/// them), at most `AUDITBRIDGE_BATCH_MAX_BYTES` but for a single larger message.
+pub const BATCH_BYTES: &str = "auditbridge_batch_size_bytes";
 pub const PERSIST_DURATION: &str = "auditbridge_persist_duration_seconds";
 pub const PUBLISH_TO_COMMIT: &str = "auditbridge_publish_to_commit_seconds";
 /// Label `reason`: unavailable | rejected | refuses_writes | dead_letters_refused.
@@ -61,6 +64,11 @@ fn describe() {
         "Re-sent ids whose content differs from the stored event, kept as conflict dead letters."
     );
     describe_histogram!(BATCH_SIZE, Unit::Count, "Messages per persisted batch.");
+    describe_histogram!(
+        BATCH_BYTES,
+        Unit::Bytes,
+        "Bytes of messages per persisted batch."
+    );
     describe_histogram!(
         PERSIST_DURATION,
         Unit::Seconds,
@@ -130,9 +138,12 @@ pub fn prometheus() -> PrometheusHandle {
             let sizes = [
                 1.0, 10.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0,
             ];
+            // Powers of 4 from 1 KiB to 256 MiB (the largest AUDITBRIDGE_BATCH_MAX_BYTES).
+            let bytes: Vec<f64> = (0..=9).map(|i| 1024.0 * 4f64.powi(i)).collect();
             let recorder = PrometheusBuilder::new()
                 .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &seconds)
                 .and_then(|b| b.set_buckets_for_metric(Matcher::Suffix("_messages".into()), &sizes))
+                .and_then(|b| b.set_buckets_for_metric(Matcher::Full(BATCH_BYTES.into()), &bytes))
                 .expect("bucket lists are non-empty")
                 .build_recorder();
             let handle = recorder.handle();
