@@ -752,8 +752,7 @@ impl Relay<'_> {
         error: DeliveryError,
         next: &mut usize,
     ) -> Flow {
-        counter!(DEST_FAILURES, "destination" => self.name().to_owned(), "reason" => error.reason())
-            .increment(1);
+        // Counted here, or by `failed` where the relay backs off.
         if self.suspects.is_full() {
             tracing::error!(destination = %self.name(), held = self.suspects.queue.len(), held_bytes = self.suspects.bytes, event = %event.id, message = "The destination has refused this many events one by one with none taken since; holding it as failing until it takes the event after them.");
             self.suspects.recheck = true;
@@ -773,6 +772,8 @@ impl Relay<'_> {
         *next += 1;
         s.new += 1;
         if s.new < s.allowance {
+            counter!(DEST_FAILURES, "destination" => self.config.name.clone(), "reason" => error.reason())
+                .increment(1);
             return Flow::Go;
         }
         // Refused one by one, none taken: maybe the destination refuses everything. Offer the
