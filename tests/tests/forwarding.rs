@@ -45,6 +45,17 @@ async fn status_json(env: &TestEnv, destinations: &str) -> anyhow::Result<serde_
     Ok(serde_json::from_slice(&out.stdout)?)
 }
 
+/// `base` with the keys of `extra` added (or replaced): a destination's params for one case.
+fn merged(mut base: serde_json::Value, extra: serde_json::Value) -> serde_json::Value {
+    let serde_json::Value::Object(extra) = extra else {
+        panic!("extra params must be an object: {extra}")
+    };
+    base.as_object_mut()
+        .expect("base params are an object")
+        .extend(extra);
+    base
+}
+
 fn destination<'a>(status: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
     status["destinations"]
         .as_array()
@@ -699,13 +710,11 @@ async fn an_event_a_destination_cannot_take_is_dead_lettered_there_or_blocks_it(
     let long_key = events[250].id;
     rx.refuse_ids([refused]);
     let http = |path: &str, extra: serde_json::Value| {
-        let mut params = json!({"url": rx.url(path), "start": "earliest",
-            "max_batch_events": 100, "retry_min": "50ms", "retry_max": "1s"});
-        params
-            .as_object_mut()
-            .unwrap()
-            .extend(extra.as_object().unwrap().clone());
-        params
+        merged(
+            json!({"url": rx.url(path), "start": "earliest",
+                "max_batch_events": 100, "retry_min": "50ms", "retry_max": "1s"}),
+            extra,
+        )
     };
     let dest = (json!([
         {"name": "siem", "type": "http", "params": http("/siem", json!({}))},
@@ -880,12 +889,11 @@ async fn runs_of_refused_events_and_filtered_windows_do_not_hold_a_destination()
     // A receiver refusing every request until the test says otherwise.
     down_rx.answer(Answer::Status(400));
     let params = |rx: &Receiver, extra: serde_json::Value| {
-        let mut p = json!({"url": rx.url("/in"), "start": "earliest", "max_batch_events": 50,
-            "retry_min": "50ms", "retry_max": "300ms"});
-        p.as_object_mut()
-            .unwrap()
-            .extend(extra.as_object().unwrap().clone());
-        p
+        merged(
+            json!({"url": rx.url("/in"), "start": "earliest", "max_batch_events": 50,
+                "retry_min": "50ms", "retry_max": "300ms"}),
+            extra,
+        )
     };
     let dest = json!([
         {"name": "run", "type": "http", "params": params(&run_rx, json!({}))},
