@@ -184,7 +184,7 @@ impl TestEnv {
     /// Creates the stream exactly as a worker would, so events can be published before any
     /// worker runs.
     pub async fn ensure_stream(&self) -> anyhow::Result<()> {
-        auditbridge_worker::provision::ensure_stream(&self.js, &self.config()).await?;
+        auditbridge_runtime::provision::ensure_stream(&self.js, &self.config()).await?;
         Ok(())
     }
 

@@ -92,14 +92,15 @@ async fn concurrent_writers_that_commit_out_of_order_skip_nothing() -> anyhow::R
             prev = pos;
         }
         for r in &rows {
-            if let Some(first) = first_seen.insert(r.id, (r.position.clone(), before.clone())) {
+            if let Some(first) = first_seen.insert(r.event.id, (r.position.clone(), before.clone()))
+            {
                 repeats.push(format!(
                     "{} first at {:?} (read after {:?}), again at {:?} (read after {:?})",
-                    r.id, first.0, first.1, r.position, before
+                    r.event.id, first.0, first.1, r.position, before
                 ));
             }
         }
-        seen.extend(rows.iter().map(|r| r.id));
+        seen.extend(rows.iter().map(|r| r.event.id));
 
         let naive: Vec<(Uuid, i64)> =
             sqlx::query_as("SELECT id, seq FROM audit_events WHERE seq > $1 ORDER BY seq")
@@ -275,7 +276,7 @@ async fn a_timestamp_start_and_rewind_never_pass_an_event_still_in_flight() -> a
             if let Some(last) = rows.last() {
                 cursor = last.position.clone();
             }
-            seen.extend(rows.iter().map(|r| r.id));
+            seen.extend(rows.iter().map(|r| r.event.id));
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         assert!(
@@ -337,7 +338,7 @@ async fn a_trail_restored_into_a_new_cluster_keeps_relaying_and_tailing() -> any
         .read_outbox(&passed, 100)
         .await?
         .iter()
-        .map(|r| r.id)
+        .map(|r| r.event.id)
         .collect();
     assert_eq!(old_rest.len(), 20);
 
@@ -443,7 +444,7 @@ async fn a_trail_restored_into_a_new_cluster_keeps_relaying_and_tailing() -> any
         } else {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        relayed.extend(rows.iter().map(|r| r.id));
+        relayed.extend(rows.iter().map(|r| r.event.id));
     }
     assert_eq!(
         relayed, want,

@@ -111,6 +111,11 @@ mod tests {
         let row = |json: &str| StoredEvent {
             id: Uuid::now_v7(),
             tenant: "acme".into(),
+            action: "doc.read".into(),
+            outcome: "success".into(),
+            actor_id: "u-1".into(),
+            target_id: None,
+            source: "app".into(),
             occurred_at: time::OffsetDateTime::UNIX_EPOCH,
             received_at: time::OffsetDateTime::UNIX_EPOCH,
             json: json.into(),

@@ -22,7 +22,8 @@
 use std::time::Duration;
 
 use auditbridge_event::Uuid;
-use auditbridge_sources::{Outgoing, Publisher, Sink as _, metrics as m};
+use auditbridge_runtime::telemetry as m;
+use auditbridge_sources::{Outgoing, Publisher, Sink as _};
 use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::extract::State;

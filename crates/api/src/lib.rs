@@ -10,8 +10,8 @@
 //! Every `/v1` route needs a bearer token ([`auth`]); a token sees one tenant (or, marked admin,
 //! all of them), and asking for another tenant is a 403, never an empty answer.
 //!
-//! Operators get per-route request metrics and `/metrics`, `/healthz`, `/readyz` on
-//! `AUDITBRIDGE_METRICS_ADDR` ([`ops`]).
+//! Operators get per-route request metrics ([`track`]) and `/metrics`, `/healthz`, `/readyz`
+//! on `AUDITBRIDGE_METRICS_ADDR` (`auditbridge_runtime::ops`, as for the worker).
 //!
 //! [`Server::build`] binds the address (so tests can bind port 0 and read it back);
 //! [`Server::run`] serves until its shutdown token is cancelled. Reads go to PostgreSQL
@@ -24,21 +24,23 @@ pub mod error;
 mod events;
 mod ingest;
 mod openapi;
-mod ops;
 mod page;
 pub mod params;
 mod stats;
 mod tail;
+mod track;
 mod webhooks;
 mod write_timeout;
 
+use std::future::IntoFuture as _;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::Context as _;
 use async_nats::jetstream;
 use auditbridge_config::Config;
+use auditbridge_runtime::ops::{self, Health};
+use auditbridge_runtime::shutdown::Deadline;
 use auditbridge_store::Store;
 use axum::Router;
 use axum::extract::FromRef;
@@ -108,13 +110,14 @@ impl Server {
         // and it never takes one of theirs.
         let hub_store =
             Store::connect_lazy_for_queries(&config.database_url, 1, config.api_statement_timeout)?;
-        let nats = auditbridge_worker::connect_nats(&config.nats_url, "auditbridge-serve").await?;
+        let nats =
+            auditbridge_runtime::nats::connect(&config.nats_url, "auditbridge-serve").await?;
         let (hub, hub_start) = tail::Hub::new(hub_store, config.api_heartbeat);
         let budget = Arc::new(budget::DbBudget::new(config.ingest.db_max_connections));
         Ok(Server {
             listener,
             metrics_listener,
-            prometheus: auditbridge_worker::telemetry::prometheus(),
+            prometheus: auditbridge_runtime::telemetry::prometheus(),
             state: AppState {
                 store,
                 tokens: Arc::new(tokens),
@@ -143,7 +146,7 @@ impl Server {
     }
 
     /// Serves until `shutdown` is cancelled; open live tails are ended, requests in flight
-    /// finish (bounded by the configured shutdown timeout).
+    /// finish, and the whole stop is bounded by one `shutdown_timeout`.
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let Server {
             listener,
@@ -155,17 +158,23 @@ impl Server {
         } = self;
         let tasks = TaskTracker::new();
         tasks.spawn(hub_start.run(shutdown.clone()));
-        tasks.spawn(auditbridge_worker::db_role::warn_if_privileged(
+        tasks.spawn(auditbridge_runtime::db_role::warn_if_privileged(
             state.store.clone(),
             "serve",
             auditbridge_store::roles::READER,
             shutdown.clone(),
         ));
+        let health = Arc::new(Health::for_service());
+        tasks.spawn(ops::watch_connections(
+            Some(state.store.clone()),
+            nats.clone(),
+            health.clone(),
+            shutdown.clone(),
+        ));
         tasks.spawn(ops::serve(
             metrics_listener,
+            health,
             prometheus,
-            state.store.clone(),
-            nats.clone(),
             shutdown.clone(),
         ));
         let timeout = state.config.shutdown_timeout;
@@ -173,22 +182,35 @@ impl Server {
         let store = state.store.clone();
         let app = router(state);
         let listener = write_timeout::WriteTimeoutListener::new(listener, state_write_timeout);
-        let serve =
-            axum::serve(listener, app).with_graceful_shutdown(shutdown.clone().cancelled_owned());
-        let served = tokio::select! {
-            r = serve => r.context("serving the API"),
-            // Graceful shutdown waits for open streams; the hub ends them, but bound it anyway.
-            _ = async { shutdown.cancelled().await; tokio::time::sleep(timeout).await } => {
-                tracing::warn!(?timeout, message = "Requests still open at the shutdown deadline were cut.");
-                Ok(())
-            }
+        let serve = axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown.clone().cancelled_owned())
+            .into_future();
+        tokio::pin!(serve);
+        let ended = tokio::select! {
+            r = &mut serve => Some(r),
+            _ = shutdown.cancelled() => None,
+        };
+        // One deadline for the whole stop (AUDITBRIDGE_SHUTDOWN_TIMEOUT).
+        let deadline = Deadline::after(timeout);
+        let served = match ended {
+            Some(r) => r,
+            // Graceful shutdown waits for open requests; the hub ends live tails, and what is
+            // still open at the deadline is cut.
+            None => deadline
+                .within("finishing open requests", &mut serve)
+                .await
+                .unwrap_or(Ok(())),
         };
         tasks.close();
-        let _ = tokio::time::timeout(Duration::from_secs(5), tasks.wait()).await;
-        let _ = tokio::time::timeout(Duration::from_secs(5), nats.flush()).await;
-        let _ = tokio::time::timeout(Duration::from_secs(5), store.close()).await;
+        deadline.within("stopping tasks", tasks.wait()).await;
+        deadline
+            .within("flushing publishes to NATS", nats.flush())
+            .await;
+        deadline
+            .within("closing database connections", store.close())
+            .await;
         tracing::info!(message = "API server stopped.");
-        served
+        served.context("serving the API")
     }
 }
 
@@ -201,6 +223,6 @@ fn router(state: AppState) -> Router {
         .merge(openapi::routes())
         .merge(ingest::routes())
         .merge(webhooks::routes())
-        .layer(axum::middleware::from_fn(ops::track))
+        .layer(axum::middleware::from_fn(track::track))
         .with_state(state)
 }

@@ -32,8 +32,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use auditbridge_store::{EventFilter, Position, Store, TailRow};
-use auditbridge_worker::telemetry::{API_TAIL_CLIENTS, API_TAIL_DISCONNECTS};
+use auditbridge_runtime::telemetry::{API_TAIL_CLIENTS, API_TAIL_DISCONNECTS};
+use auditbridge_store::{EventFilter, OutboxEvent, Position, Store};
 use axum::Router;
 use axum::extract::{Query, State};
 use axum::http::HeaderMap;
@@ -85,7 +85,7 @@ const SLOW_CLIENT: Duration = Duration::from_secs(5);
 #[derive(Debug)]
 pub(crate) enum Batch {
     /// The next rows after the previous batch.
-    Rows(Vec<TailRow>),
+    Rows(Vec<OutboxEvent>),
     /// The hub moved its position without reading (nobody was listening); a client that sees
     /// this catches up from the database.
     Gap,
@@ -231,16 +231,16 @@ impl HubStart {
 }
 
 /// Cuts rows into batches of at most [`BATCH_BYTES`] (an event larger than that alone).
-fn by_bytes(rows: Vec<TailRow>) -> Vec<Vec<TailRow>> {
+fn by_bytes(rows: Vec<OutboxEvent>) -> Vec<Vec<OutboxEvent>> {
     let mut batches = Vec::new();
     let mut batch = Vec::new();
     let mut bytes = 0;
     for row in rows {
-        if !batch.is_empty() && bytes + row.json.len() > BATCH_BYTES {
+        if !batch.is_empty() && bytes + row.event.json.len() > BATCH_BYTES {
             batches.push(std::mem::take(&mut batch));
             bytes = 0;
         }
-        bytes += row.json.len();
+        bytes += row.event.json.len();
         batch.push(row);
     }
     if !batch.is_empty() {
@@ -438,7 +438,7 @@ async fn follow(
                     Batch::Rows(rows) => {
                         let floor = key(&last);
                         for row in rows {
-                            if key(&row.position) > floor && filter.matches(row) {
+                            if key(&row.position) > floor && filter.matches(&row.event) {
                                 send(&out, row).await?;
                                 last = row.position.clone();
                             }
@@ -514,12 +514,12 @@ async fn catch_up(
     }
 }
 
-async fn send(out: &Out, row: &TailRow) -> Result<(), End> {
+async fn send(out: &Out, row: &OutboxEvent) -> Result<(), End> {
     let event = SseEvent::default()
         .id(position_id(&row.position))
         .event("audit")
-        .data(&row.json);
-    deliver(out, event, row.json.len()).await
+        .data(&row.event.json);
+    deliver(out, event, row.event.json.len()).await
 }
 
 /// Queues one event of about `bytes` for the client; a client that cannot queue it for

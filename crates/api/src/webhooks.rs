@@ -33,9 +33,10 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use auditbridge_config::Config;
+use auditbridge_runtime::telemetry as m;
 use auditbridge_sources::signature::{SignatureError, check_headers, verify_body};
 use auditbridge_sources::{
-    IdKey, Outgoing, SourceKind, WebhookParams, check_tenant, metrics as m, parse_sources,
+    IdKey, Outgoing, SourceKind, WebhookParams, check_tenant, parse_sources,
 };
 use axum::Router;
 use axum::body::Body;

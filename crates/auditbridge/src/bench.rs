@@ -126,7 +126,7 @@ pub async fn run(args: Args, config: &Config) -> anyhow::Result<ExitCode> {
     let bench_config = names.config(config);
     auditbridge_store::migrate(&names.database_url).await?;
     let store = Store::connect_lazy(&names.database_url, 4)?;
-    let client = auditbridge_worker::connect_nats(&config.nats_url, "auditbridge-bench").await?;
+    let client = auditbridge_runtime::nats::connect(&config.nats_url, "auditbridge-bench").await?;
     let js = jetstream::new(client.clone());
 
     let mut result = Ok(());
@@ -186,8 +186,8 @@ async fn measure(
     drop(rows);
 
     // The stream and consumer exist before the worker starts, so the clock measures work.
-    let stream = auditbridge_worker::provision::ensure_stream(js, config).await?;
-    auditbridge_worker::provision::ensure_consumer(&stream, config).await?;
+    let stream = auditbridge_runtime::provision::ensure_stream(js, config).await?;
+    auditbridge_runtime::provision::ensure_consumer(&stream, config).await?;
     let metrics = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
     let destination: Vec<(&str, String)> = if args.with_destination {
         vec![(

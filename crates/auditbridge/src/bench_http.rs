@@ -34,7 +34,7 @@ pub(crate) async fn measure(
     println!(
         "auditbridge bench, HTTP ingest: {n} events per run, NDJSON batches of {batch}, {clients} concurrent clients"
     );
-    auditbridge_worker::provision::ensure_stream(js, config).await?;
+    auditbridge_runtime::provision::ensure_stream(js, config).await?;
     // Earlier parts of a full run share the database: count from here.
     let before = store.count_events().await?;
     let mut generator = Generator::new(77, args.tenants);

@@ -14,7 +14,8 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use auditbridge_config::Config;
-use auditbridge_worker::{Worker, telemetry};
+use auditbridge_runtime::telemetry;
+use auditbridge_worker::Worker;
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 

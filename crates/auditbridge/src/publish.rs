@@ -169,11 +169,12 @@ pub async fn publish_all(
 }
 
 pub async fn run(args: Args, config: &Config) -> anyhow::Result<ExitCode> {
-    let client = auditbridge_worker::connect_nats(&config.nats_url, "auditbridge-publish").await?;
+    let client =
+        auditbridge_runtime::nats::connect(&config.nats_url, "auditbridge-publish").await?;
     let js = jetstream::new(client.clone());
     // The stream normally exists (workers create it); creating it here too means events
     // published before the first worker starts are kept, not refused.
-    auditbridge_worker::provision::ensure_stream(&js, config)
+    auditbridge_runtime::provision::ensure_stream(&js, config)
         .await
         .context("making sure the stream exists")?;
     let prefix = config.subject_prefix.clone();

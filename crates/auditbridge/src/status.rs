@@ -24,10 +24,10 @@ pub async fn run(args: Args, config: &Config) -> anyhow::Result<ExitCode> {
     // JetStream: the stream and the shared consumer.
     let nats = tokio::time::timeout(
         Duration::from_secs(5),
-        auditbridge_worker::nats_options(&config.nats_url)?
+        auditbridge_runtime::nats::options(&config.nats_url)?
             .name("auditbridge-status")
             .connection_timeout(Duration::from_secs(3))
-            .connect(auditbridge_worker::nats_servers(&config.nats_url)?),
+            .connect(auditbridge_runtime::nats::servers(&config.nats_url)?),
     )
     .await;
     match nats {

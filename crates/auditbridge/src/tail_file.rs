@@ -1,17 +1,21 @@
 //! `auditbridge tail-file [NAME]`: follows the configured `file` sources (or the one named)
 //! and publishes their lines to JetStream until SIGTERM/SIGINT. The position of each file is
 //! kept in its state file, so a restart resumes exactly (see `auditbridge_sources::tail`).
-//! Serves `/metrics` on `AUDITBRIDGE_METRICS_ADDR` like the worker.
+//! Serves `/metrics`, `/healthz` and `/readyz` (NATS connected) on `AUDITBRIDGE_METRICS_ADDR`
+//! like the worker.
 
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
 use async_nats::jetstream;
 use auditbridge_config::Config;
+use auditbridge_runtime::ops::{self, Health};
+use auditbridge_runtime::shutdown::Deadline;
+use auditbridge_runtime::telemetry;
 use auditbridge_sources::tail::Tail;
 use auditbridge_sources::{Publisher, SourceKind, parse_sources};
-use auditbridge_worker::telemetry;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -60,32 +64,28 @@ pub async fn run(args: Args, config: &Config) -> anyhow::Result<ExitCode> {
 
     let shutdown = CancellationToken::new();
     tokio::spawn(super::cancel_on_signal(shutdown.clone()));
-    let prometheus = telemetry::prometheus();
     let listener = tokio::net::TcpListener::bind(config.metrics_addr)
         .await
         .with_context(|| format!("binding AUDITBRIDGE_METRICS_ADDR={}", config.metrics_addr))?;
-    let app = axum::Router::new()
-        .route(
-            "/metrics",
-            axum::routing::get(move || {
-                let body = prometheus.render();
-                async move { ([("content-type", "text/plain; version=0.0.4")], body) }
-            }),
-        )
-        .route("/healthz", axum::routing::get(|| async { "ok\n" }));
     tracing::info!(metrics = %listener.local_addr()?, message = "Metrics listening.");
-    let metrics_stop = shutdown.clone();
-    let metrics_server = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(metrics_stop.cancelled_owned())
-            .await
-    });
-
     let client =
-        auditbridge_worker::connect_nats(&config.nats_url, "auditbridge-tail-file").await?;
+        auditbridge_runtime::nats::connect(&config.nats_url, "auditbridge-tail-file").await?;
+    let health = Arc::new(Health::for_publisher());
+    let ops_server = tokio::spawn(ops::serve(
+        listener,
+        health.clone(),
+        telemetry::prometheus(),
+        shutdown.clone(),
+    ));
+    tokio::spawn(ops::watch_connections(
+        None,
+        client.clone(),
+        health,
+        shutdown.clone(),
+    ));
     let js = jetstream::new(client.clone());
     // As `publish` does: lines read before the first worker starts are kept, not refused.
-    auditbridge_worker::provision::ensure_stream(&js, config)
+    auditbridge_runtime::provision::ensure_stream(&js, config)
         .await
         .context("making sure the stream exists")?;
 
@@ -115,18 +115,27 @@ pub async fn run(args: Args, config: &Config) -> anyhow::Result<ExitCode> {
         }
         failed
     };
+    tokio::pin!(stop_all);
+    let ended = tokio::select! {
+        failed = &mut stop_all => Some(failed),
+        _ = shutdown.cancelled() => None,
+    };
     // Tails stop promptly once cancelled (a publish in flight is abandoned; its lines are read
-    // again from the saved position next time), but bound it anyway.
-    let failed = tokio::select! {
-        failed = stop_all => failed,
-        () = async { shutdown.cancelled().await; tokio::time::sleep(config.shutdown_timeout).await } => {
-            tracing::warn!(timeout = ?config.shutdown_timeout, message = "File sources did not stop in time.");
-            true
-        }
+    // again from the saved position next time), but the whole stop is bounded by one
+    // deadline anyway.
+    let deadline = Deadline::after(config.shutdown_timeout);
+    let failed = match ended {
+        Some(failed) => failed,
+        None => deadline
+            .within("stopping the file sources", &mut stop_all)
+            .await
+            .unwrap_or(true),
     };
     shutdown.cancel();
-    let _ = tokio::time::timeout(Duration::from_secs(5), client.flush()).await;
-    let _ = tokio::time::timeout(Duration::from_secs(5), metrics_server).await;
+    deadline
+        .within("flushing publishes to NATS", client.flush())
+        .await;
+    deadline.within("stopping the ops server", ops_server).await;
     tracing::info!(message = "tail-file stopped.");
     Ok(if failed {
         ExitCode::FAILURE

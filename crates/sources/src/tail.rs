@@ -55,11 +55,12 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 
 use crate::config::FileParams;
 use crate::mapping::{Mapping, Refusal, RefusalKind, check_tenant};
-use crate::metrics as m;
 use crate::publish::{Outgoing, Sink};
+use auditbridge_runtime::telemetry as m;
 
 /// The most bytes read from the file at once; also bounds one published chunk.
 const READ_BYTES: usize = 256 * 1024;
@@ -214,10 +215,15 @@ impl<S: Sink> Tail<S> {
 
     /// Follows the file until `shutdown`; the position is saved after every settled chunk.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), TailError> {
+        let span = tracing::info_span!("source", source = %self.name);
+        self.follow(shutdown).instrument(span).await
+    }
+
+    async fn follow(self, shutdown: CancellationToken) -> Result<(), TailError> {
         let Some(mut cur) = self.open_initial(&shutdown).await? else {
             return Ok(());
         };
-        tracing::info!(source = %self.name, path = %self.params.path.display(), inode = cur.inode, offset = cur.offset, message = "Following file.");
+        tracing::info!(path = %self.params.path.display(), inode = cur.inode, offset = cur.offset, message = "Following file.");
         let mut chunk = vec![0u8; READ_BYTES];
         let mut after_sleep = false;
         while !shutdown.is_cancelled() {
@@ -254,7 +260,11 @@ impl<S: Sink> Tail<S> {
                         continue;
                     }
                     if !cur.buf.is_empty() && !cur.discarding {
-                        tracing::warn!(source = %self.name, inode = cur.inode, bytes = cur.buf.len(), message = "Rotated file ends without a newline; taking its last line as complete.");
+                        tracing::warn!(
+                            inode = cur.inode,
+                            bytes = cur.buf.len(),
+                            message = "Rotated file ends without a newline; taking its last line as complete."
+                        );
                         if !self.consume(&mut cur, b"\n", &shutdown).await? {
                             break;
                         }
@@ -268,7 +278,7 @@ impl<S: Sink> Tail<S> {
                         // Replaced again in between: the next round sees it.
                         continue;
                     };
-                    tracing::info!(source = %self.name, old_inode = done, inode = next.inode, path = %next_path.display(), message = "File rotated; following the next file from its start.");
+                    tracing::info!(old_inode = done, inode = next.inode, path = %next_path.display(), message = "File rotated; following the next file from its start.");
                     metrics::counter!(m::TAIL_ROTATIONS, "source" => self.name.clone())
                         .increment(1);
                     cur = next;
@@ -288,13 +298,22 @@ impl<S: Sink> Tail<S> {
             }
             after_sleep = true;
         }
-        tracing::info!(source = %self.name, inode = cur.inode, offset = cur.offset, message = "File tail stopped.");
+        tracing::info!(
+            inode = cur.inode,
+            offset = cur.offset,
+            message = "File tail stopped."
+        );
         Ok(())
     }
 
     /// Truncation: follows the same file again from its beginning.
     fn restart_at_zero(&self, cur: &mut Current, why: &str) -> Result<(), TailError> {
-        tracing::warn!(source = %self.name, inode = cur.inode, offset = cur.offset, why, message = "File truncated; starting again from its beginning.");
+        tracing::warn!(
+            inode = cur.inode,
+            offset = cur.offset,
+            why,
+            message = "File truncated; starting again from its beginning."
+        );
         metrics::counter!(m::TAIL_TRUNCATIONS, "source" => self.name.clone()).increment(1);
         cur.file
             .seek(SeekFrom::Start(0))
@@ -320,7 +339,7 @@ impl<S: Sink> Tail<S> {
                 Ok(f) => break f,
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {
                     if !waiting_logged {
-                        tracing::info!(source = %self.name, path = %path.display(), message = "Waiting for the file to appear.");
+                        tracing::info!(path = %path.display(), message = "Waiting for the file to appear.");
                         waiting_logged = true;
                     }
                     tokio::select! {
@@ -338,7 +357,11 @@ impl<S: Sink> Tail<S> {
         let (mut file, inode, offset) = match saved {
             Some(pos) if pos.inode == meta.ino() => {
                 if meta.len() < pos.offset {
-                    tracing::warn!(source = %self.name, offset = pos.offset, size = meta.len(), message = "File is shorter than the saved position (truncated while stopped); starting from its beginning.");
+                    tracing::warn!(
+                        offset = pos.offset,
+                        size = meta.len(),
+                        message = "File is shorter than the saved position (truncated while stopped); starting from its beginning."
+                    );
                     metrics::counter!(m::TAIL_TRUNCATIONS, "source" => self.name.clone())
                         .increment(1);
                     (file, meta.ino(), 0)
@@ -352,16 +375,20 @@ impl<S: Sink> Tail<S> {
                 // switches to the new one at its end.
                 Some((old_path, old)) => {
                     check = hex::decode(&pos.check).unwrap_or_default();
-                    tracing::info!(source = %self.name, old = %old_path.display(), offset = pos.offset, message = "File was rotated while stopped; finishing the old file first.");
+                    tracing::info!(old = %old_path.display(), offset = pos.offset, message = "File was rotated while stopped; finishing the old file first.");
                     (old, pos.inode, pos.offset)
                 }
                 None => {
-                    tracing::error!(source = %self.name, old_inode = pos.inode, offset = pos.offset, message = "The file the saved position points into is gone (deleted or compressed before it was finished): its lines after the saved offset were not read and are lost. Going on with the files rotated after it, then the live file.");
+                    tracing::error!(
+                        old_inode = pos.inode,
+                        offset = pos.offset,
+                        message = "The file the saved position points into is gone (deleted or compressed before it was finished): its lines after the saved offset were not read and are lost. Going on with the files rotated after it, then the live file."
+                    );
                     metrics::counter!(m::TAIL_FILES_LOST, "source" => self.name.clone())
                         .increment(1);
                     match self.open_next(pos.inode, pos.modified_ns)? {
                         Some((next, next_path)) => {
-                            tracing::info!(source = %self.name, inode = next.inode, path = %next_path.display(), message = "Following the oldest file not read yet from its start.");
+                            tracing::info!(inode = next.inode, path = %next_path.display(), message = "Following the oldest file not read yet from its start.");
                             (next.file, next.inode, 0)
                         }
                         None => (file, meta.ino(), 0),
@@ -620,7 +647,7 @@ impl<S: Sink> Tail<S> {
                 Err(error) => {
                     metrics::counter!(m::TAIL_PUBLISH_FAILURES, "source" => self.name.clone())
                         .increment(1);
-                    tracing::warn!(source = %self.name, %error, message = "Publishing to JetStream failed; retrying (the position does not move).");
+                    tracing::warn!(%error, message = "Publishing to JetStream failed; retrying (the position does not move).");
                     let delay = backoff.next().unwrap_or(Duration::from_secs(10));
                     tokio::select! {
                         () = shutdown.cancelled() => return false,
@@ -641,7 +668,7 @@ impl<S: Sink> Tail<S> {
         refusal: &Refusal,
     ) -> Result<(), TailError> {
         let path = &self.params.rejected_file;
-        tracing::warn!(source = %self.name, inode, offset, kind = refusal.kind.as_str(), reason = %refusal.detail, rejected_file = %path.display(), message = "Line refused; kept in the rejected file.");
+        tracing::warn!(inode, offset, kind = refusal.kind.as_str(), reason = %refusal.detail, rejected_file = %path.display(), message = "Line refused; kept in the rejected file.");
         metrics::counter!(m::TAIL_LINES, "source" => self.name.clone(), "result" => "rejected")
             .increment(1);
         let record = serde_json::json!({

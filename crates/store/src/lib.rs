@@ -7,6 +7,8 @@
 //!   event, to find the event at fault. [`Store::persist`] is the plain writer tools use.
 //! - [`Store::status`] answers `auditbridge status`.
 //! - [`query`]: the query API's reads (pages, one event, the live tail, stats).
+//! - [`StoredEvent`]: the one type of a stored event every reader gets (with its position in
+//!   the outbox order: [`OutboxEvent`]).
 //! - [`Store::record_undeliverable`]: per-destination dead letters.
 //!
 //! Errors are split by what the caller should do: [`StoreError::Unavailable`] means "the
@@ -20,18 +22,18 @@ mod persist;
 pub mod query;
 pub mod roles;
 mod status;
+mod stored;
 mod undeliverable;
 
 pub use error::StoreError;
-pub use outbox::{Backlog, DestinationState, OutboxRow, Position, StartAt};
+pub use outbox::{Backlog, DestinationState, Position, StartAt};
 pub use persist::{
     CONFLICT, DB_REJECTED, DeadLetter, Incoming, Ingested, NewEvent, Origin, PersistOutcome,
 };
-pub use query::{
-    Condition, EventFilter, Order, PageQuery, StatsRow, StoredEvent, TailRow, TailScan,
-};
+pub use query::{Condition, EventFilter, Order, PageQuery, StatsRow, TailScan};
 pub use roles::SessionRole;
 pub use status::{DeadLetterCount, Status};
+pub use stored::{OutboxEvent, StoredEvent};
 pub use undeliverable::{DestinationDeadLetter, DestinationDeadLetterCount};
 
 use std::str::FromStr;

@@ -21,8 +21,8 @@
 use std::time::Duration;
 
 use time::OffsetDateTime;
-use uuid::Uuid;
 
+use crate::stored::{OutboxEvent, OutboxRecord, stored_columns};
 use crate::{Store, StoreError};
 
 /// The channel the writer notifies on commit, so relays wake without polling.
@@ -120,19 +120,6 @@ pub enum Rebase {
     },
 }
 
-/// One event read from the outbox.
-#[derive(Debug, Clone, PartialEq)]
-pub struct OutboxRow {
-    pub position: Position,
-    pub id: Uuid,
-    pub tenant: String,
-    pub action: String,
-    pub outcome: String,
-    pub source: String,
-    pub received_at: OffsetDateTime,
-    pub json: String,
-}
-
 /// Where a new destination's cursor starts.
 #[derive(Debug, Clone, PartialEq)]
 pub enum StartAt {
@@ -215,21 +202,25 @@ fn state(r: StateRow) -> DestinationState {
 /// The outbox read of the current generation: events after a position, at or above the
 /// generation's first `seq`, below the horizon, in commit-safe order. Public so a test can
 /// check its plan walks the (tx_id, seq) index.
-pub const READ_OUTBOX: &str = "SELECT tx_id::text AS tx_text, seq, id, tenant, action, outcome, \
-        source, received_at, event::text \
-    FROM audit_events \
+pub const READ_OUTBOX: &str = concat!(
+    "SELECT tx_id::text AS tx_text, seq, ",
+    stored_columns!(),
+    " FROM audit_events \
     WHERE (tx_id, seq) > ($1::text::xid8, $2) AND seq >= $4 \
       AND tx_id < pg_snapshot_xmin(pg_current_snapshot()) \
     ORDER BY tx_id, seq \
-    LIMIT $3";
+    LIMIT $3"
+);
 
 /// The same for an earlier generation: every row of it is committed, so no horizon applies.
-const READ_SEALED: &str = "SELECT tx_id::text AS tx_text, seq, id, tenant, action, outcome, \
-        source, received_at, event::text \
-    FROM audit_events \
+const READ_SEALED: &str = concat!(
+    "SELECT tx_id::text AS tx_text, seq, ",
+    stored_columns!(),
+    " FROM audit_events \
     WHERE (tx_id, seq) > ($1::text::xid8, $2) AND seq >= $4 AND seq < $5 \
     ORDER BY tx_id, seq \
-    LIMIT $3";
+    LIMIT $3"
+);
 
 /// The newest event of the current generation (rows with `seq >= $1`) a reader can safely
 /// have passed right now.
@@ -565,18 +556,7 @@ impl Store {
         &self,
         after: &Position,
         limit: usize,
-    ) -> Result<Vec<OutboxRow>, StoreError> {
-        type Row = (
-            String,
-            i64,
-            Uuid,
-            String,
-            String,
-            String,
-            String,
-            OffsetDateTime,
-            String,
-        );
+    ) -> Result<Vec<OutboxEvent>, StoreError> {
         let (gens, Some(mut i), mut from) = self.read_plan(after).await? else {
             return Ok(Vec::new());
         };
@@ -587,7 +567,7 @@ impl Store {
                 None => sqlx::query_as(READ_OUTBOX),
                 Some(_) => sqlx::query_as(READ_SEALED),
             };
-            let rows: Vec<Row> = query
+            let rows: Vec<OutboxRecord> = query
                 .bind(&from.tx_id)
                 .bind(from.seq)
                 .bind(i64::try_from(limit - out.len()).unwrap_or(i64::MAX))
@@ -595,16 +575,7 @@ impl Store {
                 .bind(g.end_seq)
                 .fetch_all(&self.pool)
                 .await?;
-            out.extend(rows.into_iter().map(|r| OutboxRow {
-                position: Position::new(g.generation, r.0, r.1),
-                id: r.2,
-                tenant: r.3,
-                action: r.4,
-                outcome: r.5,
-                source: r.6,
-                received_at: r.7,
-                json: r.8,
-            }));
+            out.extend(rows.into_iter().map(|r| r.in_generation(g.generation)));
             if out.len() >= limit || i + 1 == gens.len() {
                 return Ok(out);
             }

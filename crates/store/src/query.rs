@@ -11,6 +11,7 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 use crate::outbox::{Position, StartAt};
+use crate::stored::{OutboxEvent, OutboxRecord, StoredEvent, stored_columns};
 use crate::{Store, StoreError};
 
 /// Values a field must (or must not) have. Empty lists mean "no condition".
@@ -68,7 +69,7 @@ pub struct EventFilter {
 impl EventFilter {
     /// The same test as the SQL of [`EventFilter::push_sql`], for rows already in memory (the
     /// live tail's shared reads).
-    pub fn matches(&self, row: &TailRow) -> bool {
+    pub fn matches(&self, row: &StoredEvent) -> bool {
         self.tenant.as_deref().is_none_or(|t| t == row.tenant)
             && self.actor.matches_exact(Some(&row.actor_id))
             && self.target.matches_exact(row.target_id.as_deref())
@@ -170,32 +171,6 @@ pub struct PageQuery {
     pub limit: u32,
 }
 
-/// A stored event as the API returns it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StoredEvent {
-    pub id: Uuid,
-    pub tenant: String,
-    pub occurred_at: OffsetDateTime,
-    pub received_at: OffsetDateTime,
-    /// The event as stored (compact JSON text of the `event` column).
-    pub json: String,
-}
-
-/// A row of the live tail, with what its filters look at.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TailRow {
-    pub position: Position,
-    pub id: Uuid,
-    pub tenant: String,
-    pub action: String,
-    pub outcome: String,
-    pub actor_id: String,
-    pub target_id: Option<String>,
-    pub source: String,
-    pub occurred_at: OffsetDateTime,
-    pub json: String,
-}
-
 /// Counts for one time bucket of [`Store::stats`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StatsRow {
@@ -210,7 +185,7 @@ pub struct StatsRow {
 #[derive(Debug, Default)]
 pub struct TailScan {
     /// The matching rows, in commit-safe order.
-    pub rows: Vec<TailRow>,
+    pub rows: Vec<OutboxEvent>,
     /// The last position the read covered; `None` when it covered nothing beyond the last
     /// row (the end of the trail, below the horizon).
     pub scanned_to: Option<Position>,
@@ -219,46 +194,21 @@ pub struct TailScan {
     pub more: bool,
 }
 
-type TailTuple = (
-    String,
-    i64,
-    Uuid,
-    String,
-    String,
-    String,
-    String,
-    Option<String>,
-    String,
-    OffsetDateTime,
-    String,
-);
-
-fn tail_row(generation: i32, r: TailTuple) -> TailRow {
-    TailRow {
-        position: Position::new(generation, r.0, r.1),
-        id: r.2,
-        tenant: r.3,
-        action: r.4,
-        outcome: r.5,
-        actor_id: r.6,
-        target_id: r.7,
-        source: r.8,
-        occurred_at: r.9,
-        json: r.10,
-    }
-}
-
 // As in the outbox, the xid8 leaves as text under another name, so ORDER BY sorts the xid8.
-const TAIL_COLUMNS: &str = "SELECT tx_id::text AS tx_text, seq, id, tenant, action, outcome, \
-    actor_id, target_id, source, occurred_at, event::text FROM audit_events \
-    WHERE (tx_id, seq) > (";
+const TAIL_COLUMNS: &str = concat!(
+    "SELECT tx_id::text AS tx_text, seq, ",
+    stored_columns!(),
+    " FROM audit_events WHERE (tx_id, seq) > ("
+);
 
 impl Store {
     /// One page of the trail, newest or oldest first, after the keyset `after`.
     pub async fn page(&self, query: &PageQuery) -> Result<Vec<StoredEvent>, StoreError> {
-        let mut q = QueryBuilder::<Postgres>::new(
-            "SELECT id, tenant, occurred_at, received_at, event::text FROM audit_events WHERE true",
-        );
+        let mut q = QueryBuilder::<Postgres>::new(concat!(
+            "SELECT ",
+            stored_columns!(),
+            " FROM audit_events WHERE true"
+        ));
         query.filter.push_sql(&mut q);
         let (cmp, dir) = match query.order {
             Order::Asc => (">", "ASC"),
@@ -273,18 +223,7 @@ impl Store {
         }
         q.push(format_args!(" ORDER BY occurred_at {dir}, id {dir} LIMIT "))
             .push_bind(i64::from(query.limit));
-        let rows: Vec<(Uuid, String, OffsetDateTime, OffsetDateTime, String)> =
-            q.build_query_as().fetch_all(&self.pool).await?;
-        Ok(rows
-            .into_iter()
-            .map(|r| StoredEvent {
-                id: r.0,
-                tenant: r.1,
-                occurred_at: r.2,
-                received_at: r.3,
-                json: r.4,
-            })
-            .collect())
+        Ok(q.build_query_as().fetch_all(&self.pool).await?)
     }
 
     /// One event by id, if it is stored (and belongs to `tenant`, when given).
@@ -293,21 +232,15 @@ impl Store {
         id: Uuid,
         tenant: Option<&str>,
     ) -> Result<Option<StoredEvent>, StoreError> {
-        let row: Option<(Uuid, String, OffsetDateTime, OffsetDateTime, String)> = sqlx::query_as(
-            "SELECT id, tenant, occurred_at, received_at, event::text FROM audit_events \
-             WHERE id = $1 AND ($2::text IS NULL OR tenant = $2)",
-        )
+        Ok(sqlx::query_as(concat!(
+            "SELECT ",
+            stored_columns!(),
+            " FROM audit_events WHERE id = $1 AND ($2::text IS NULL OR tenant = $2)"
+        ))
         .bind(id)
         .bind(tenant)
         .fetch_optional(&self.pool)
-        .await?;
-        Ok(row.map(|r| StoredEvent {
-            id: r.0,
-            tenant: r.1,
-            occurred_at: r.2,
-            received_at: r.3,
-            json: r.4,
-        }))
+        .await?)
     }
 
     /// Up to `limit` events after `after` in commit-safe order (see [`crate::outbox`]) that
@@ -318,7 +251,7 @@ impl Store {
         after: &Position,
         filter: Option<&EventFilter>,
         limit: u32,
-    ) -> Result<Vec<TailRow>, StoreError> {
+    ) -> Result<Vec<OutboxEvent>, StoreError> {
         let limit = usize::try_from(limit).unwrap_or(usize::MAX);
         let (gens, Some(mut i), mut from) = self.read_plan(after).await? else {
             return Ok(Vec::new());
@@ -346,8 +279,8 @@ impl Store {
             }
             q.push(" ORDER BY tx_id, seq LIMIT ")
                 .push_bind(i64::try_from(limit - out.len()).unwrap_or(i64::MAX));
-            let rows: Vec<TailTuple> = q.build_query_as().fetch_all(&self.pool).await?;
-            out.extend(rows.into_iter().map(|r| tail_row(g.generation, r)));
+            let rows: Vec<OutboxRecord> = q.build_query_as().fetch_all(&self.pool).await?;
+            out.extend(rows.into_iter().map(|r| r.in_generation(g.generation)));
             if out.len() >= limit || i + 1 == gens.len() {
                 return Ok(out);
             }
@@ -420,10 +353,10 @@ impl Store {
             filter.push_sql(&mut q);
             q.push(" ORDER BY tx_id, seq LIMIT ")
                 .push_bind(i64::from(limit));
-            let rows: Vec<TailTuple> = q.build_query_as().fetch_all(&self.pool).await?;
-            let rows: Vec<TailRow> = rows
+            let rows: Vec<OutboxRecord> = q.build_query_as().fetch_all(&self.pool).await?;
+            let rows: Vec<OutboxEvent> = rows
                 .into_iter()
-                .map(|r| tail_row(g.generation, r))
+                .map(|r| r.in_generation(g.generation))
                 .collect();
             if rows.len() >= limit as usize {
                 // The range holds more matches than one answer: resume after the last one.

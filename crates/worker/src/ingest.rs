@@ -7,7 +7,6 @@
 //! a no-op.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::consumer::PullConsumer;
@@ -15,17 +14,18 @@ use async_nats::jetstream::consumer::pull::MessagesErrorKind;
 use async_nats::jetstream::{AckKind, Message};
 use auditbridge_config::IngestConfig;
 use auditbridge_event::{Event, Invalid};
-use auditbridge_store::{CONFLICT, DeadLetter, Incoming, NewEvent, Origin, StoreError};
-use backon::{BackoffBuilder, ExponentialBuilder};
+use auditbridge_store::{CONFLICT, DeadLetter, Incoming, Ingested, NewEvent, Origin, StoreError};
 use futures::stream::FuturesUnordered;
 use metrics::{counter, histogram};
 use time::OffsetDateTime;
 use tokio::time::MissedTickBehavior;
 use tokio_stream::StreamExt as _;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 
-use crate::Health;
-use crate::telemetry::*;
+use auditbridge_runtime::ops::Health;
+use auditbridge_runtime::retry_backoff;
+use auditbridge_runtime::telemetry::*;
 
 /// Why the consume loop stopped.
 #[derive(Debug)]
@@ -121,7 +121,7 @@ impl Ingest {
             };
             match item {
                 Ok(msg) => {
-                    self.health.nats.store(true, Ordering::Relaxed);
+                    self.health.set_nats(true);
                     let size = msg.length;
                     if let Some(closed) = batcher.push(msg, size) {
                         in_flight.push(self.process(closed, shutdown));
@@ -134,7 +134,7 @@ impl Ingest {
                 }
                 Err(e) => match e.kind() {
                     MessagesErrorKind::MissingHeartbeat => {
-                        self.health.nats.store(false, Ordering::Relaxed);
+                        self.health.set_nats(false);
                         tracing::warn!(error = %e, message = "JetStream heartbeats missed; is NATS reachable?");
                     }
                     MessagesErrorKind::ConsumerDeleted => {
@@ -188,66 +188,100 @@ impl Ingest {
         }
     }
 
-    /// Validates, persists and acknowledges one batch. Never returns an error: a batch either
-    /// commits (and is acknowledged) or is abandoned unacknowledged at shutdown.
-    ///
-    /// "Nothing is given up": a batch the database refuses as a whole is written again once,
-    /// isolated event by event ([`Store::ingest_isolated`]); only an event that fails alone
-    /// while a control row succeeds becomes a dead letter. Anything else is the database's
-    /// fault, and the batch is held with backoff, with in-progress acks so that JetStream does
-    /// not hand it to another worker meanwhile.
+    /// Validates, persists and acknowledges one batch, in a span that carries its size. Never
+    /// returns an error: a batch either commits (and is acknowledged) or is abandoned
+    /// unacknowledged at shutdown.
     async fn process(&self, batch: Vec<Message>, shutdown: &CancellationToken) {
+        let bytes = batch.iter().map(|m| m.length).sum::<usize>();
         counter!(EVENTS_RECEIVED).increment(batch.len() as u64);
         histogram!(BATCH_SIZE).record(batch.len() as f64);
-        histogram!(BATCH_BYTES).record(batch.iter().map(|m| m.length).sum::<usize>() as f64);
+        histogram!(BATCH_BYTES).record(bytes as f64);
+        let span = tracing::info_span!("batch", messages = batch.len(), bytes);
+        async {
+            // The decoded events, which the split borrows.
+            let verdicts: Vec<Verdict> = batch.iter().map(|m| self.check(m)).collect();
+            let split = self.split(&batch, &verdicts);
+            let Some(outcome) = self.persist(&batch, &split, shutdown).await else {
+                tracing::info!(
+                    message = "Shutting down with a batch not persisted; it stays unacknowledged and will be redelivered."
+                );
+                return;
+            };
+            counter!(EVENTS_PERSISTED).increment(outcome.inserted);
+            counter!(EVENTS_DUPLICATE).increment(outcome.duplicates);
+            acknowledge(split, &outcome).await;
+        }
+        .instrument(span)
+        .await;
+    }
 
-        let verdicts: Vec<Verdict> = batch.iter().map(|m| self.check(m)).collect();
-        let origins: Vec<Origin<'_>> = batch.iter().map(|m| self.origin(m)).collect();
-        // The valid events, and for each the index of its message.
-        let mut accepted = Vec::with_capacity(batch.len());
-        let mut incoming = Vec::with_capacity(batch.len());
-        let mut refused = Vec::new();
-        for (i, (msg, verdict)) in batch.iter().zip(&verdicts).enumerate() {
+    /// Splits the batch, once, into the events to store and the messages refused as they are
+    /// (`verdicts[i]` is the check of `batch[i]`).
+    fn split<'b>(&'b self, batch: &'b [Message], verdicts: &'b [Verdict]) -> Split<'b> {
+        let mut split = Split::default();
+        for (msg, verdict) in batch.iter().zip(verdicts) {
+            let origin = self.origin(msg);
             match verdict {
                 Verdict::Accept(event) => {
-                    accepted.push(i);
-                    incoming.push(Incoming {
+                    split.accepted.push(msg);
+                    split.events.push(Incoming {
                         event: NewEvent {
                             event,
                             raw: &msg.payload,
                         },
-                        origin: origins[i],
+                        origin,
                         time_received: header(msg, TIME_HEADER)
                             .is_some_and(|v| v.trim().eq_ignore_ascii_case("received")),
                         legacy_id: header(msg, LEGACY_ID_HEADER)
                             .and_then(|v| auditbridge_event::Uuid::parse_str(v.trim()).ok()),
                     });
                 }
-                Verdict::Refuse { kind, reason } => refused.push(DeadLetter {
-                    origin: origins[i],
-                    payload: &msg.payload,
-                    kind,
-                    reason,
-                }),
+                Verdict::Refuse { kind, reason } => {
+                    split.refused.push(msg);
+                    split.letters.push(DeadLetter {
+                        origin,
+                        payload: &msg.payload,
+                        kind,
+                        reason,
+                    });
+                }
             }
         }
+        split
+    }
 
+    /// Persists the split batch, retrying until it commits; `None` if shutdown came while the
+    /// database was away (the batch stays unacknowledged).
+    ///
+    /// "Nothing is given up": a batch the database refuses as a whole is written again once,
+    /// isolated event by event ([`Store::ingest_isolated`]); only an event that fails alone
+    /// while a control row succeeds becomes a dead letter. Anything else is the database's
+    /// fault, and the batch is held with backoff, with in-progress acks so that JetStream does
+    /// not hand it to another worker meanwhile.
+    async fn persist(
+        &self,
+        batch: &[Message],
+        split: &Split<'_>,
+        shutdown: &CancellationToken,
+    ) -> Option<Ingested> {
         let every = (self.config.ack_wait / 3).max(Duration::from_millis(100));
         let mut progress = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
         progress.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut backoff = retry_backoff();
         let mut failures = 0u32;
         let mut isolate = false;
-        let outcome = loop {
+        loop {
             let started = Instant::now();
             let attempt = async {
                 if isolate {
-                    self.store.ingest_isolated(&incoming, &refused).await
+                    self.store
+                        .ingest_isolated(&split.events, &split.letters)
+                        .await
                 } else {
-                    self.store.ingest(&incoming, &refused).await
+                    self.store.ingest(&split.events, &split.letters).await
                 }
             };
-            match holding(&batch, &mut progress, attempt).await {
+            match holding(batch, &mut progress, attempt).await {
                 Ok(outcome) => {
                     histogram!(PERSIST_DURATION).record(started.elapsed().as_secs_f64());
                     if failures > 0 {
@@ -262,12 +296,12 @@ impl Ingest {
                             message = "PostgreSQL accepted the isolated batch."
                         );
                     }
-                    self.health.db.store(true, Ordering::Relaxed);
-                    break outcome;
+                    self.health.set_database(true);
+                    return Some(outcome);
                 }
                 Err(StoreError::Rejected(e)) if !isolate => {
                     counter!(PERSIST_FAILURES, "reason" => "rejected").increment(1);
-                    tracing::warn!(error = %e, events = incoming.len(), message = "PostgreSQL refused the batch; writing it again part by part to find the event at fault.");
+                    tracing::warn!(error = %e, message = "PostgreSQL refused the batch; writing it again part by part to find the event at fault.");
                     isolate = true;
                 }
                 Err(e) => {
@@ -279,11 +313,11 @@ impl Ingest {
                     };
                     counter!(PERSIST_FAILURES, "reason" => reason).increment(1);
                     if matches!(e, StoreError::Unavailable(_)) {
-                        self.health.db.store(false, Ordering::Relaxed);
+                        self.health.set_database(false);
                     }
                     failures += 1;
                     if failures == 1 || failures.is_multiple_of(20) {
-                        tracing::warn!(error = %e, attempts = failures, events = incoming.len(), message = "Cannot persist the batch; holding it unacknowledged and retrying.");
+                        tracing::warn!(error = %e, attempts = failures, message = "Cannot persist the batch; holding it unacknowledged and retrying.");
                     }
                     if matches!(e, StoreError::NotMigrated { .. }) {
                         tracing::error!(error = %e, message = "The database schema is behind this worker.");
@@ -292,63 +326,12 @@ impl Ingest {
                     // take it now, and it is isolated again if it still refuses it.
                     isolate = false;
                     let delay = backoff.next().unwrap_or(Duration::from_secs(5));
-                    let waited = tokio::select! {
-                        _ = shutdown.cancelled() => false,
-                        _ = holding(&batch, &mut progress, tokio::time::sleep(delay)) => true,
-                    };
-                    if !waited {
-                        tracing::info!(
-                            messages = batch.len(),
-                            message = "Shutting down with a batch not persisted; it stays unacknowledged and will be redelivered."
-                        );
-                        return;
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return None,
+                        _ = holding(batch, &mut progress, tokio::time::sleep(delay)) => {}
                     }
                 }
             }
-        };
-
-        counter!(EVENTS_PERSISTED).increment(outcome.inserted);
-        counter!(EVENTS_DUPLICATE).increment(outcome.duplicates);
-        for letter in &refused {
-            counter!(EVENTS_DEAD_LETTERED, "kind" => letter.kind.to_owned()).increment(1);
-        }
-        let mut dead = vec![false; batch.len()];
-        for (i, kind, reason) in &outcome.dead {
-            let msg = accepted[*i];
-            dead[msg] = true;
-            counter!(EVENTS_DEAD_LETTERED, "kind" => *kind).increment(1);
-            if *kind == CONFLICT {
-                counter!(EVENTS_CONFLICT).increment(1);
-                tracing::warn!(stream_seq = origins[msg].stream_seq, subject = %origins[msg].subject, reason = %reason, message = "A re-sent id carries different content; kept as a dead letter of kind conflict.");
-            }
-        }
-
-        // Committed: now, and only now, acknowledge.
-        let committed_at = OffsetDateTime::now_utc();
-        let mut ack_failures = 0u64;
-        for (i, (msg, verdict)) in batch.iter().zip(&verdicts).enumerate() {
-            let kept_as_dead_letter = dead[i] || matches!(verdict, Verdict::Refuse { .. });
-            let ack = if kept_as_dead_letter {
-                msg.ack_with(AckKind::Term).await
-            } else {
-                msg.ack().await
-            };
-            if ack.is_err() {
-                ack_failures += 1;
-            }
-            if let (false, Ok(info)) = (kept_as_dead_letter, msg.info()) {
-                let latency = (committed_at - info.published).as_seconds_f64().max(0.0);
-                histogram!(PUBLISH_TO_COMMIT).record(latency);
-            }
-        }
-        // Acks travel with the messages they answer; a whole batch of them is flushed by the
-        // client's writer, so they are not flushed one by one here.
-        if ack_failures > 0 {
-            counter!(ACK_FAILURES).increment(ack_failures);
-            tracing::warn!(
-                failed = ack_failures,
-                message = "Some acknowledgements could not be sent; those messages will be redelivered and deduplicated."
-            );
         }
     }
 
@@ -364,6 +347,62 @@ impl Ingest {
             stored_at,
             subject: msg.subject.as_str(),
         }
+    }
+}
+
+/// A batch split by validation: the events to store, each with the message it came from
+/// (`accepted[i]` carried `events[i]`), and the messages refused as they are, each with its
+/// dead letter.
+#[derive(Default)]
+struct Split<'b> {
+    accepted: Vec<&'b Message>,
+    events: Vec<Incoming<'b>>,
+    refused: Vec<&'b Message>,
+    letters: Vec<DeadLetter<'b>>,
+}
+
+/// After the commit, and only then: acknowledges the stored events, and terminates the
+/// messages kept as dead letters (refused at validation, or by the database when isolated)
+/// so that JetStream never redelivers them.
+async fn acknowledge(split: Split<'_>, outcome: &Ingested) {
+    for letter in &split.letters {
+        counter!(EVENTS_DEAD_LETTERED, "kind" => letter.kind.to_owned()).increment(1);
+    }
+    let mut kept = vec![false; split.accepted.len()];
+    for (i, kind, reason) in &outcome.dead {
+        kept[*i] = true;
+        counter!(EVENTS_DEAD_LETTERED, "kind" => *kind).increment(1);
+        if *kind == CONFLICT {
+            counter!(EVENTS_CONFLICT).increment(1);
+            let origin = &split.events[*i].origin;
+            tracing::warn!(stream_seq = origin.stream_seq, subject = %origin.subject, reason = %reason, message = "A re-sent id carries different content; kept as a dead letter of kind conflict.");
+        }
+    }
+    let committed_at = OffsetDateTime::now_utc();
+    let mut ack_failures = 0u64;
+    for (msg, kept) in split.accepted.iter().zip(kept) {
+        let ack = if kept {
+            msg.ack_with(AckKind::Term).await
+        } else {
+            msg.ack().await
+        };
+        ack_failures += u64::from(ack.is_err());
+        if let (false, Ok(info)) = (kept, msg.info()) {
+            let latency = (committed_at - info.published).as_seconds_f64().max(0.0);
+            histogram!(PUBLISH_TO_COMMIT).record(latency);
+        }
+    }
+    for msg in &split.refused {
+        ack_failures += u64::from(msg.ack_with(AckKind::Term).await.is_err());
+    }
+    // Acks travel with the messages they answer; a whole batch of them is flushed by the
+    // client's writer, so they are not flushed one by one here.
+    if ack_failures > 0 {
+        counter!(ACK_FAILURES).increment(ack_failures);
+        tracing::warn!(
+            failed = ack_failures,
+            message = "Some acknowledgements could not be sent; those messages will be redelivered and deduplicated."
+        );
     }
 }
 
@@ -446,17 +485,6 @@ async fn holding<T>(
             }
         }
     }
-}
-
-/// Exponential backoff with jitter from 100 ms to 5 s, forever: a database outage costs delay,
-/// never events, and the worker must not give up on a batch it holds.
-pub(crate) fn retry_backoff() -> impl Iterator<Item = Duration> {
-    ExponentialBuilder::default()
-        .with_min_delay(Duration::from_millis(100))
-        .with_max_delay(Duration::from_secs(5))
-        .with_jitter()
-        .without_max_times()
-        .build()
 }
 
 #[cfg(test)]

@@ -5,21 +5,21 @@
 //! [`Worker::build`] connects nothing yet but binds the metrics port (so a test can bind port
 //! 0 and read the address); [`Worker::run`] then works until its shutdown token is cancelled.
 
-pub mod db_role;
-mod http;
 mod ingest;
-pub mod provision;
 mod relay;
-pub mod telemetry;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::Context as _;
 use async_nats::jetstream;
 use auditbridge_config::Config;
+use auditbridge_runtime::ops::{self, Health};
+use auditbridge_runtime::provision::{self, ProvisionError};
+use auditbridge_runtime::shutdown::Deadline;
+use auditbridge_runtime::telemetry::{CONSUMER_ACK_PENDING, CONSUMER_PENDING, prometheus};
+use auditbridge_runtime::{db_role, retry_backoff};
 use auditbridge_store::{Store, StoreError};
 use metrics::gauge;
 use metrics_exporter_prometheus::PrometheusHandle;
@@ -27,24 +27,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::ingest::{Ingest, Stopped, retry_backoff};
-use crate::telemetry::*;
-
-/// What `/readyz` reports, updated by the tasks that find out.
-#[derive(Debug, Default)]
-pub struct Health {
-    pub db: AtomicBool,
-    pub nats: AtomicBool,
-    pub consumer: AtomicBool,
-}
-
-impl Health {
-    pub fn ready(&self) -> bool {
-        self.db.load(Ordering::Relaxed)
-            && self.nats.load(Ordering::Relaxed)
-            && self.consumer.load(Ordering::Relaxed)
-    }
-}
+use crate::ingest::{Ingest, Stopped};
 
 /// A worker, built and ready to run.
 pub struct Worker {
@@ -68,7 +51,7 @@ impl Worker {
             destinations,
             listener,
             prometheus: prometheus(),
-            health: Arc::default(),
+            health: Arc::new(Health::for_consumer()),
         })
     }
 
@@ -83,9 +66,9 @@ impl Worker {
         self.health.clone()
     }
 
-    /// Runs until `shutdown` is cancelled, then stops pulling, finishes the batch in flight
-    /// (or abandons it unacknowledged after `shutdown_timeout`), flushes acknowledgements and
-    /// closes connections.
+    /// Runs until `shutdown` is cancelled, then stops pulling, finishes the batch in flight,
+    /// flushes acknowledgements, stops the relays and closes connections, all within one
+    /// `shutdown_timeout` (what is left unfinished at the deadline is abandoned, safely).
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let Worker {
             config,
@@ -99,32 +82,24 @@ impl Worker {
 
         let store = Store::connect_lazy(&config.database_url, config.ingest.db_max_connections)?
             .with_notify(!destinations.is_empty());
-        let nats = connect_nats(&config.nats_url, "auditbridge-worker").await?;
+        let nats =
+            auditbridge_runtime::nats::connect(&config.nats_url, "auditbridge-worker").await?;
         let js = jetstream::new(nats.clone());
 
-        tasks.spawn(http::serve(
+        tasks.spawn(ops::serve(
             listener,
             health.clone(),
-            prometheus.clone(),
+            prometheus,
             background.clone(),
         ));
-        tasks.spawn({
-            let background = background.clone();
-            async move {
-                tokio::select! {
-                    _ = background.cancelled() => {}
-                    _ = upkeep(prometheus) => {}
-                }
-            }
-        });
         tasks.spawn(db_role::warn_if_privileged(
             store.clone(),
             "worker",
             auditbridge_store::roles::WRITER,
             background.clone(),
         ));
-        tasks.spawn(watch_health(
-            store.clone(),
+        tasks.spawn(ops::watch_connections(
+            Some(store.clone()),
             nats.clone(),
             health.clone(),
             background.clone(),
@@ -163,84 +138,39 @@ impl Worker {
         };
         let work = ingest_until_stopped(&config, &js, &ingest, &health, &background, &shutdown);
         tokio::pin!(work);
-        let result = tokio::select! {
-            r = &mut work => r,
-            _ = shutdown.cancelled() => {
-                match tokio::time::timeout(config.shutdown_timeout, &mut work).await {
-                    Ok(r) => r,
-                    Err(_) => {
-                        tracing::warn!(timeout = ?config.shutdown_timeout, message = "Gave up on the batch in flight at the shutdown deadline; its messages stay unacknowledged and will be redelivered.");
-                        Ok(())
-                    }
-                }
-            }
+        let ended = tokio::select! {
+            r = &mut work => Some(r),
+            _ = shutdown.cancelled() => None,
         };
-
-        // Acknowledgements are buffered in the client: send them before going away.
-        if tokio::time::timeout(Duration::from_secs(5), nats.flush())
-            .await
-            .is_err()
-        {
-            tracing::warn!(
-                message = "Could not flush acknowledgements to NATS; those messages will be redelivered and deduplicated."
-            );
-        }
+        // From here on every step shares one deadline: AUDITBRIDGE_SHUTDOWN_TIMEOUT bounds the
+        // whole stop.
+        let deadline = Deadline::after(config.shutdown_timeout);
+        let result = match ended {
+            Some(r) => r,
+            // What is abandoned stays unacknowledged and is redelivered.
+            None => deadline
+                .within("finishing the batch in flight", &mut work)
+                .await
+                .unwrap_or(Ok(())),
+        };
+        // Acknowledgements are buffered in the client: send them before going away (any not
+        // sent are redelivered and deduplicated).
+        deadline
+            .within("flushing acknowledgements to NATS", nats.flush())
+            .await;
         background.cancel();
         tasks.close();
         // Relays finish (or abandon) the delivery in flight; unconfirmed events are simply
         // sent again by the next holder.
-        let _ = tokio::time::timeout(config.shutdown_timeout, tasks.wait()).await;
-        let _ = tokio::time::timeout(Duration::from_secs(5), store.close()).await;
+        deadline
+            .within("stopping relays and tasks", tasks.wait())
+            .await;
+        deadline
+            .within("closing database connections", store.close())
+            .await;
         tracing::info!(message = "Worker stopped.");
         result
     }
-}
-
-/// Connects to NATS, retrying in the background if it is not there yet; the client reconnects
-/// by itself for as long as the process lives.
-pub async fn connect_nats(url: &str, name: &str) -> anyhow::Result<async_nats::Client> {
-    nats_options(url)?
-        .name(name)
-        .retry_on_initial_connect()
-        .max_reconnects(None)
-        .connection_timeout(Duration::from_secs(5))
-        .event_callback(|event| async move {
-            match event {
-                async_nats::Event::Disconnected => {
-                    tracing::warn!(message = "Disconnected from NATS; reconnecting.");
-                }
-                async_nats::Event::Connected => tracing::info!(message = "Connected to NATS."),
-                other => tracing::debug!(event = %other, message = "NATS client event."),
-            }
-        })
-        .connect(nats_servers(url)?)
-        .await
-        .with_context(|| {
-            format!(
-                "connecting to NATS at {}",
-                auditbridge_config::redact_url(url)
-            )
-        })
-}
-
-/// Connect options carrying the credentials of a NATS server list; the servers to connect to
-/// are [`nats_servers`], the list without them (the NATS client logs those at debug level).
-pub fn nats_options(url: &str) -> anyhow::Result<async_nats::ConnectOptions> {
-    let (_, auth) = auditbridge_config::nats_credentials(url).map_err(anyhow::Error::msg)?;
-    let options = async_nats::ConnectOptions::new();
-    Ok(match auth {
-        Some(auditbridge_config::NatsAuth::UserPassword { user, password }) => {
-            options.user_and_password(user, password)
-        }
-        Some(auditbridge_config::NatsAuth::Token(token)) => options.token(token),
-        None => options,
-    })
-}
-
-/// The NATS server list without credentials (see [`nats_options`]).
-pub fn nats_servers(url: &str) -> anyhow::Result<String> {
-    let (servers, _) = auditbridge_config::nats_credentials(url).map_err(anyhow::Error::msg)?;
-    Ok(servers)
 }
 
 /// Provisions the stream and consumer (retrying while NATS or PostgreSQL is unavailable),
@@ -297,7 +227,7 @@ async fn ingest_until_stopped(
             }
         };
         attempts = 0;
-        health.consumer.store(true, Ordering::Relaxed);
+        health.set_consumer(true);
         tracing::info!(stream = %config.stream, consumer = %config.consumer, subjects = %provision::stream_subject(&config.subject_prefix), message = "Consuming.");
 
         let watcher = tokio::spawn(watch_consumer(
@@ -307,7 +237,7 @@ async fn ingest_until_stopped(
         ));
         let stopped = ingest.consume(&consumer, shutdown).await;
         watcher.abort();
-        health.consumer.store(false, Ordering::Relaxed);
+        health.set_consumer(false);
         match stopped {
             Ok(Stopped::Shutdown) => return Ok(()),
             Ok(Stopped::ConsumerLost) => {
@@ -336,36 +266,11 @@ use Step::{Fatal, Retry};
 
 /// Configuration conflicts on the stream or consumer need a person; everything else (NATS
 /// down, timeouts) is retried.
-fn classify(e: anyhow::Error) -> Step {
-    if e.downcast_ref::<provision::Conflict>().is_some() {
-        Fatal(e)
+fn classify(e: ProvisionError) -> Step {
+    if e.is_retryable() {
+        Retry(e.into())
     } else {
-        Retry(e)
-    }
-}
-
-/// Keeps `/readyz` and the `*_up` gauges current.
-async fn watch_health(
-    store: Store,
-    nats: async_nats::Client,
-    health: Arc<Health>,
-    stop: CancellationToken,
-) {
-    let mut tick = tokio::time::interval(Duration::from_secs(2));
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tick.tick() => {}
-        }
-        let db = matches!(
-            tokio::time::timeout(Duration::from_secs(2), store.ping()).await,
-            Ok(Ok(()))
-        );
-        let nats_up = nats.connection_state() == async_nats::connection::State::Connected;
-        health.db.store(db, Ordering::Relaxed);
-        health.nats.store(nats_up, Ordering::Relaxed);
-        gauge!(DATABASE_UP).set(if db { 1.0 } else { 0.0 });
-        gauge!(NATS_UP).set(if nats_up { 1.0 } else { 0.0 });
+        Fatal(e.into())
     }
 }
 

@@ -17,14 +17,15 @@ use std::time::{Duration, Instant};
 use auditbridge_destinations::{
     Delivered, DeliveryError, DestinationConfig, OnUndeliverable, OutEvent, Sink, Start,
 };
-use auditbridge_store::{DestinationDeadLetter, OutboxRow, Position, StartAt, Store};
+use auditbridge_store::{DestinationDeadLetter, OutboxEvent, Position, StartAt, Store};
 use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
 use metrics::{counter, gauge, histogram};
 use time::OffsetDateTime;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 
-use crate::telemetry::*;
+use auditbridge_runtime::telemetry::*;
 
 /// What all relays of one worker share.
 pub(crate) struct RelayContext {
@@ -47,7 +48,10 @@ pub(crate) async fn supervise(
     ctx: Arc<RelayContext>,
     shutdown: CancellationToken,
 ) {
-    supervise_with(config, ctx, shutdown, Sink::new).await;
+    let span = tracing::info_span!("relay", destination = %config.name);
+    supervise_with(config, ctx, shutdown, Sink::new)
+        .instrument(span)
+        .await;
 }
 
 /// [`supervise`] with the sink built by `build`. The sink is built before the lease is taken
@@ -70,7 +74,7 @@ async fn supervise_with(
                 build_failures += 1;
                 let delay = build_backoff.next().unwrap_or(config.retry_max);
                 if build_failures == 1 || build_failures.is_multiple_of(20) {
-                    tracing::error!(destination = %name, error = %e, attempts = build_failures, retry_in = ?delay, message = "Cannot build the destination's sink; retrying. Check its configuration.");
+                    tracing::error!(error = %e, attempts = build_failures, retry_in = ?delay, message = "Cannot build the destination's sink; retrying. Check its configuration.");
                 }
                 counter!(DEST_FAILURES, "destination" => name.clone(), "reason" => "sink_build")
                     .increment(1);
@@ -101,13 +105,13 @@ async fn supervise_with(
                 Ok(created) => {
                     registered = true;
                     if created {
-                        tracing::info!(destination = %name, message = "Registered a new destination.");
+                        tracing::info!(message = "Registered a new destination.");
                     }
                 }
                 Err(e) => {
                     failures += 1;
                     if failures == 1 || failures.is_multiple_of(20) {
-                        tracing::warn!(destination = %name, error = %e, message = "Cannot register the destination yet; retrying.");
+                        tracing::warn!(error = %e, message = "Cannot register the destination yet; retrying.");
                     }
                 }
             }
@@ -119,7 +123,7 @@ async fn supervise_with(
                 .await
             {
                 Ok(Some(state)) => {
-                    tracing::info!(destination = %name, cursor = ?state.cursor, message = "Took the destination's lease; relaying.");
+                    tracing::info!(cursor = ?state.cursor, message = "Took the destination's lease; relaying.");
                     gauge!(DEST_LEASE_HELD, "destination" => name.clone()).set(1.0);
                     relay_while_held(&config, &ctx, &mut sink, state.cursor, &shutdown).await;
                     gauge!(DEST_LEASE_HELD, "destination" => name.clone()).set(0.0);
@@ -132,7 +136,7 @@ async fn supervise_with(
                 }
                 Ok(None) => {}
                 Err(e) => {
-                    tracing::debug!(destination = %name, error = %e, message = "Lease check failed.");
+                    tracing::debug!(error = %e, message = "Lease check failed.");
                 }
             }
         }
@@ -155,19 +159,20 @@ async fn relay_while_held(
     let name = config.name.as_str();
     let held = shutdown.child_token();
     let (cursor_tx, cursor_rx) = watch::channel(cursor.clone());
-    let renewer = tokio::spawn(keep_lease(
-        ctx.store.clone(),
-        name.to_owned(),
-        ctx.holder.clone(),
-        ctx.lease_ttl,
-        held.clone(),
-    ));
-    let reporter = tokio::spawn(report_backlog(
-        ctx.store.clone(),
-        name.to_owned(),
-        cursor_rx,
-        held.clone(),
-    ));
+    let renewer = tokio::spawn(
+        keep_lease(
+            ctx.store.clone(),
+            name.to_owned(),
+            ctx.holder.clone(),
+            ctx.lease_ttl,
+            held.clone(),
+        )
+        .in_current_span(),
+    );
+    let reporter = tokio::spawn(
+        report_backlog(ctx.store.clone(), name.to_owned(), cursor_rx, held.clone())
+            .in_current_span(),
+    );
 
     let mut relay = Relay {
         config,
@@ -194,7 +199,7 @@ fn backoff(config: &DestinationConfig) -> ExponentialBackoff {
         .build()
 }
 
-type ReadAhead = tokio::task::JoinHandle<Result<Vec<OutboxRow>, auditbridge_store::StoreError>>;
+type ReadAhead = tokio::task::JoinHandle<Result<Vec<OutboxEvent>, auditbridge_store::StoreError>>;
 
 struct Relay<'a> {
     config: &'a DestinationConfig,
@@ -398,7 +403,7 @@ impl Relay<'_> {
             let rows = match read {
                 Ok(rows) => rows,
                 Err(e) => {
-                    tracing::warn!(destination = %self.name(), error = %e, message = "Cannot read the outbox; retrying.");
+                    tracing::warn!(error = %e, message = "Cannot read the outbox; retrying.");
                     if !self.pause(Duration::from_secs(1)).await {
                         return;
                     }
@@ -439,7 +444,9 @@ impl Relay<'_> {
             let start = last.clone();
             ahead = Some((
                 last,
-                tokio::spawn(async move { store.read_outbox(&start, limit).await }),
+                tokio::spawn(
+                    async move { store.read_outbox(&start, limit).await }.in_current_span(),
+                ),
             ));
             if !self.relay_rows(rows).await {
                 return;
@@ -458,7 +465,7 @@ impl Relay<'_> {
     /// Skips what is too old, delivers what matches, and moves the cursor past the rows (or,
     /// while suspects are held, the frontier). False when the relay must stop (lease lost,
     /// shutdown).
-    async fn relay_rows(&mut self, rows: Vec<OutboxRow>) -> bool {
+    async fn relay_rows(&mut self, rows: Vec<OutboxEvent>) -> bool {
         let mut rows = rows;
         let last = rows.last().map(|r| r.position.clone());
 
@@ -478,16 +485,18 @@ impl Relay<'_> {
             let old = match self.ctx.store.now().await {
                 Ok(now) => {
                     let limit = now - max_age;
-                    rows.iter().take_while(|r| r.received_at < limit).count()
+                    rows.iter()
+                        .take_while(|r| r.event.received_at < limit)
+                        .count()
                 }
                 Err(e) => {
-                    tracing::debug!(destination = %self.name(), error = %e, message = "Cannot read the database's clock; not applying max_backlog_age this time.");
+                    tracing::debug!(error = %e, message = "Cannot read the database's clock; not applying max_backlog_age this time.");
                     0
                 }
             };
             if old > 0 {
                 let to = rows[old - 1].position.clone();
-                tracing::warn!(destination = %self.name(), skipped = old, max_backlog_age = %humantime::format_duration(max_age), message = "Skipping backlog older than max_backlog_age: these events will NOT be delivered to this destination.");
+                tracing::warn!(skipped = old, max_backlog_age = %humantime::format_duration(max_age), message = "Skipping backlog older than max_backlog_age: these events will NOT be delivered to this destination.");
                 counter!(DEST_SKIPPED, "destination" => self.name().to_owned())
                     .increment(old as u64);
                 if !self.advance(&to, 0, old as u64).await {
@@ -503,18 +512,18 @@ impl Relay<'_> {
         let filter = &self.config.filter;
         let (positions, events): (Vec<Position>, Vec<OutEvent>) = rows
             .into_iter()
-            .filter(|r| filter.matches(&r.tenant, &r.action, &r.outcome))
+            .filter(|r| filter.matches(&r.event.tenant, &r.event.action, &r.event.outcome))
             .map(|r| {
                 (
                     r.position,
                     OutEvent {
-                        id: r.id,
-                        tenant: r.tenant,
-                        action: r.action,
-                        outcome: r.outcome,
-                        source: r.source,
-                        received_at: r.received_at,
-                        json: r.json,
+                        id: r.event.id,
+                        tenant: r.event.tenant,
+                        action: r.event.action,
+                        outcome: r.event.outcome,
+                        source: r.event.source,
+                        received_at: r.event.received_at,
+                        json: r.event.json,
                     },
                 )
             })
@@ -564,7 +573,7 @@ impl Relay<'_> {
         let limit = match self.ctx.store.now().await {
             Ok(now) => now - max_age,
             Err(e) => {
-                tracing::debug!(destination = %self.name(), error = %e, message = "Cannot read the database's clock; not applying max_backlog_age this time.");
+                tracing::debug!(error = %e, message = "Cannot read the database's clock; not applying max_backlog_age this time.");
                 return true;
             }
         };
@@ -586,7 +595,7 @@ impl Relay<'_> {
             }
         }
         if skipped > 0 {
-            tracing::warn!(destination = %self.name(), skipped, max_backlog_age = %humantime::format_duration(max_age), message = "Skipping backlog older than max_backlog_age (events held as suspects): these events will NOT be delivered to this destination.");
+            tracing::warn!(skipped, max_backlog_age = %humantime::format_duration(max_age), message = "Skipping backlog older than max_backlog_age (events held as suspects): these events will NOT be delivered to this destination.");
             counter!(DEST_SKIPPED, "destination" => self.name().to_owned()).increment(skipped);
         }
         true
@@ -666,7 +675,7 @@ impl Relay<'_> {
                         return Flow::Stop;
                     }
                     for u in &undeliverable {
-                        tracing::warn!(destination = %label, event = %events[probe + u.index].id, kind = u.reason, reason = %u.detail, message = "The destination cannot take this event; kept in its dead letters and going on.");
+                        tracing::warn!(event = %events[probe + u.index].id, kind = u.reason, reason = %u.detail, message = "The destination cannot take this event; kept in its dead letters and going on.");
                         counter!(DEST_DEAD_LETTERED, "destination" => label.clone(), "reason" => u.reason)
                             .increment(1);
                     }
@@ -699,7 +708,7 @@ impl Relay<'_> {
                     counter!(DEST_FAILURES, "destination" => self.name().to_owned(), "reason" => e.reason())
                         .increment(1);
                     *window = offered / 2;
-                    tracing::info!(destination = %self.name(), offered, reason = e.reason(), error = %e, message = "The destination refused a batch; isolating the event it cannot take.");
+                    tracing::info!(offered, reason = e.reason(), error = %e, message = "The destination refused a batch; isolating the event it cannot take.");
                     Flow::Go
                 } else {
                     self.suspect(&events[probe], &positions[probe], e, next)
@@ -754,11 +763,11 @@ impl Relay<'_> {
     ) -> Flow {
         // Counted here, or by `failed` where the relay backs off.
         if self.suspects.is_full() {
-            tracing::error!(destination = %self.name(), held = self.suspects.queue.len(), held_bytes = self.suspects.bytes, event = %event.id, message = "The destination has refused this many events one by one with none taken since; holding it as failing until it takes the event after them.");
+            tracing::error!(held = self.suspects.queue.len(), held_bytes = self.suspects.bytes, event = %event.id, message = "The destination has refused this many events one by one with none taken since; holding it as failing until it takes the event after them.");
             self.suspects.recheck = true;
             return Flow::from_pause(self.failed(&error, true).await, Flow::Reread);
         }
-        tracing::info!(destination = %self.name(), event = %event.id, reason = error.reason(), error = %error, held = self.suspects.queue.len() + 1, message = "The destination refused an event alone; holding it and trying the next ones to tell whether the event or the destination is at fault.");
+        tracing::info!(event = %event.id, reason = error.reason(), error = %error, held = self.suspects.queue.len() + 1, message = "The destination refused an event alone; holding it and trying the next ones to tell whether the event or the destination is at fault.");
         let s = &mut self.suspects;
         let taken = s.taken;
         s.push(
@@ -812,7 +821,7 @@ impl Relay<'_> {
                 if !self.record_dead(&[record]).await {
                     return Flow::Stop;
                 }
-                tracing::warn!(destination = %label, event = %event.id, kind = error.reason(), reason = %error, message = "The destination refused this event twice while taking others; kept in its dead letters and going on.");
+                tracing::warn!(event = %event.id, kind = error.reason(), reason = %error, message = "The destination refused this event twice while taking others; kept in its dead letters and going on.");
                 counter!(DEST_DEAD_LETTERED, "destination" => label, "reason" => error.reason())
                     .increment(1);
                 self.pass_oldest().await
@@ -897,13 +906,15 @@ impl Relay<'_> {
             {
                 Ok(true) => return true,
                 Ok(false) => {
-                    tracing::warn!(destination = %self.name(), message = "Lost the destination's lease; another worker carries on from the stored cursor.");
+                    tracing::warn!(
+                        message = "Lost the destination's lease; another worker carries on from the stored cursor."
+                    );
                     self.held.cancel();
                     return false;
                 }
                 Err(e) => {
                     if started.elapsed() > self.ctx.lease_ttl {
-                        tracing::warn!(destination = %self.name(), error = %e, message = "Cannot record the destination's dead letters; giving the lease up (the events will be tried again).");
+                        tracing::warn!(error = %e, message = "Cannot record the destination's dead letters; giving the lease up (the events will be tried again).");
                         self.held.cancel();
                         return false;
                     }
@@ -926,9 +937,9 @@ impl Relay<'_> {
             .retry_after()
             .map_or(delay, |r| r.min(self.config.retry_max).max(delay));
         if refused {
-            tracing::error!(destination = %name, reason = e.reason(), error = %e, retry_in = ?delay, message = "The destination refused the delivery; the events are kept and retried. Check its configuration.");
+            tracing::error!(reason = e.reason(), error = %e, retry_in = ?delay, message = "The destination refused the delivery; the events are kept and retried. Check its configuration.");
         } else {
-            tracing::warn!(destination = %name, reason = e.reason(), error = %e, retry_in = ?delay, message = "Delivery failed; retrying.");
+            tracing::warn!(reason = e.reason(), error = %e, retry_in = ?delay, message = "Delivery failed; retrying.");
         }
         if let Err(err) = self
             .ctx
@@ -936,7 +947,7 @@ impl Relay<'_> {
             .record_failure(&name, &self.ctx.holder, &e.to_string(), refused)
             .await
         {
-            tracing::debug!(destination = %name, error = %err, message = "Could not record the failure.");
+            tracing::debug!(error = %err, message = "Could not record the failure.");
         }
         self.pause(delay).await
     }
@@ -959,7 +970,9 @@ impl Relay<'_> {
                     return true;
                 }
                 Ok(false) => {
-                    tracing::warn!(destination = %self.name(), message = "Lost the destination's lease; another worker carries on from the stored cursor.");
+                    tracing::warn!(
+                        message = "Lost the destination's lease; another worker carries on from the stored cursor."
+                    );
                     self.held.cancel();
                     return false;
                 }
@@ -967,7 +980,7 @@ impl Relay<'_> {
                     // Delivered but not yet recorded: keep trying for as long as the lease may
                     // be ours; if it is lost, the next holder resends (duplicates, no loss).
                     if started.elapsed() > self.ctx.lease_ttl {
-                        tracing::warn!(destination = %self.name(), error = %e, message = "Cannot record progress; giving the lease up (the events will be sent again).");
+                        tracing::warn!(error = %e, message = "Cannot record progress; giving the lease up (the events will be sent again).");
                         self.held.cancel();
                         return false;
                     }
@@ -1005,12 +1018,14 @@ async fn keep_lease(
         match store.renew_lease(&name, &holder, ttl).await {
             Ok(true) => last_ok = Instant::now(),
             Ok(false) => {
-                tracing::warn!(destination = %name, message = "The destination's lease was taken (expired or rewound); stopping.");
+                tracing::warn!(
+                    message = "The destination's lease was taken (expired or rewound); stopping."
+                );
                 held.cancel();
                 return;
             }
             Err(e) if last_ok.elapsed() >= ttl => {
-                tracing::warn!(destination = %name, error = %e, message = "Cannot renew the lease before it expires; stopping.");
+                tracing::warn!(error = %e, message = "Cannot renew the lease before it expires; stopping.");
                 held.cancel();
                 return;
             }

@@ -15,7 +15,7 @@ pub async fn warn_if_privileged(
     expected: &'static str,
     stop: CancellationToken,
 ) {
-    let mut backoff = crate::ingest::retry_backoff();
+    let mut backoff = crate::retry_backoff();
     loop {
         let found = tokio::select! {
             _ = stop.cancelled() => return,

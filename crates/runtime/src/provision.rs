@@ -3,18 +3,47 @@
 
 use std::time::Duration;
 
-use anyhow::Context as _;
 use async_nats::jetstream::consumer::{self, AckPolicy, DeliverPolicy, PullConsumer};
 use async_nats::jetstream::context::{ConsumerInfoErrorKind, GetStreamErrorKind};
 use async_nats::jetstream::stream::{self, RetentionPolicy, StorageType};
 use async_nats::jetstream::{self, ErrorCode};
 use auditbridge_config::Config;
 
-/// The stream or consumer exists with settings JetStream cannot change in place: a person must
-/// decide (the message says what to do). Workers stop rather than retry.
+/// Why the stream or consumer could not be provisioned; the variants are the caller's decision.
 #[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct Conflict(pub String);
+pub enum ProvisionError {
+    /// The stream or consumer exists with settings JetStream cannot change in place: a person
+    /// must decide (the message says what to do). Workers stop rather than retry.
+    #[error("{0}")]
+    Conflict(String),
+    /// NATS did not answer, or answered with an error that may pass (not connected, a
+    /// timeout, a cluster without a leader): try again later.
+    #[error("{what}: {source}")]
+    Unavailable {
+        /// What was being done: "creating stream AUDIT".
+        what: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+impl ProvisionError {
+    /// Whether trying again can help (false: a person must change something first).
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, ProvisionError::Unavailable { .. })
+    }
+}
+
+/// Wraps a NATS error as [`ProvisionError::Unavailable`], saying what was being done.
+fn unavailable<E>(what: impl FnOnce() -> String) -> impl FnOnce(E) -> ProvisionError
+where
+    E: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    move |source| ProvisionError::Unavailable {
+        what: what(),
+        source: source.into(),
+    }
+}
 
 /// The stream's subjects: everything under the prefix.
 pub fn stream_subject(prefix: &str) -> String {
@@ -33,7 +62,7 @@ pub fn stream_subject(prefix: &str) -> String {
 pub async fn ensure_stream(
     js: &jetstream::Context,
     config: &Config,
-) -> anyhow::Result<stream::Stream> {
+) -> Result<stream::Stream, ProvisionError> {
     let name = &config.stream;
     let subject = stream_subject(&config.subject_prefix);
     let ingest = &config.ingest;
@@ -42,26 +71,24 @@ pub async fn ensure_stream(
             let current = existing
                 .info()
                 .await
-                .with_context(|| format!("reading stream {name}"))?
+                .map_err(unavailable(|| format!("reading stream {name}")))?
                 .config
                 .clone();
             if current.storage != StorageType::File {
-                return Err(Conflict(format!(
+                return Err(ProvisionError::Conflict(format!(
                     "stream {name} exists with {:?} storage, but the audit stream must use file \
                      storage; JetStream cannot change storage in place: move its messages to a \
                      new stream with file storage, or point AUDITBRIDGE_STREAM at another name",
                     current.storage
-                ))
-                .into());
+                )));
             }
             if current.retention != RetentionPolicy::Limits {
-                return Err(Conflict(format!(
+                return Err(ProvisionError::Conflict(format!(
                     "stream {name} exists with {:?} retention, but the audit stream must use \
                      limits retention (so it can be replayed); JetStream cannot change retention \
                      in place: point AUDITBRIDGE_STREAM at another name",
                     current.retention
-                ))
-                .into());
+                )));
             }
             let mut desired = current.clone();
             let mut changes = Vec::new();
@@ -85,7 +112,7 @@ pub async fn ensure_stream(
                     humanize(ingest.duplicate_window)
                 ));
             }
-            let max_message_size = max_message_size(config)?;
+            let max_message_size = max_message_size(config);
             if current.max_message_size != max_message_size {
                 desired.max_message_size = max_message_size;
                 changes.push(format!(
@@ -94,9 +121,9 @@ pub async fn ensure_stream(
                 ));
             }
             if !changes.is_empty() {
-                js.update_stream(&desired)
-                    .await
-                    .with_context(|| format!("updating stream {name} ({})", changes.join(", ")))?;
+                js.update_stream(&desired).await.map_err(unavailable(|| {
+                    format!("updating stream {name} ({})", changes.join(", "))
+                }))?;
                 tracing::warn!(stream = %name, changes = %changes.join(", "), message = "Updated the stream to match the configuration.");
             }
             Ok(existing)
@@ -110,28 +137,22 @@ pub async fn ensure_stream(
                     retention: RetentionPolicy::Limits,
                     max_age: ingest.stream_max_age,
                     duplicate_window: ingest.duplicate_window,
-                    max_message_size: max_message_size(config)?,
+                    max_message_size: max_message_size(config),
                     ..Default::default()
                 })
                 .await
-                .with_context(|| format!("creating stream {name}"))?;
+                .map_err(unavailable(|| format!("creating stream {name}")))?;
             tracing::info!(stream = %name, message = "Created the stream.");
             Ok(created)
         }
-        Err(e) => Err(e).with_context(|| format!("looking up stream {name}")),
+        Err(e) => Err(unavailable(|| format!("looking up stream {name}"))(e)),
     }
 }
 
-/// The stream's `max_message_size` (an `i32` in JetStream's API; the configuration keeps it
-/// far below that).
-fn max_message_size(config: &Config) -> anyhow::Result<i32> {
-    let bytes = config.ingest.stream_max_message_size();
-    i32::try_from(bytes).with_context(|| {
-        format!(
-            "AUDITBRIDGE_MAX_EVENT_BYTES={} is too large for JetStream",
-            config.ingest.max_event_bytes
-        )
-    })
+/// The stream's `max_message_size`, an `i32` in JetStream's API. The configuration bounds
+/// `max_event_bytes` to 8 MiB, far below `i32::MAX`.
+fn max_message_size(config: &Config) -> i32 {
+    i32::try_from(config.ingest.stream_max_message_size()).unwrap_or(i32::MAX)
 }
 
 fn is_not_found(e: &jetstream::context::GetStreamError) -> bool {
@@ -165,30 +186,28 @@ fn desired_consumer(config: &Config) -> consumer::pull::Config {
 pub async fn ensure_consumer(
     stream: &stream::Stream,
     config: &Config,
-) -> anyhow::Result<PullConsumer> {
+) -> Result<PullConsumer, ProvisionError> {
     let name = &config.consumer;
     let desired = desired_consumer(config);
     match stream.consumer_info(name).await {
         Ok(info) => {
             let current = info.config;
             if current.ack_policy != AckPolicy::Explicit {
-                return Err(Conflict(format!(
+                return Err(ProvisionError::Conflict(format!(
                     "consumer {name} on stream {} exists with ack policy {:?}; auditbridge needs \
                      explicit acks (an event is acknowledged only after its commit) and JetStream \
                      cannot change it in place: delete the consumer (it is recreated at start) \
                      or set AUDITBRIDGE_CONSUMER to another name",
                     config.stream, current.ack_policy
-                ))
-                .into());
+                )));
             }
             if current.deliver_policy != DeliverPolicy::All {
-                return Err(Conflict(format!(
+                return Err(ProvisionError::Conflict(format!(
                     "consumer {name} on stream {} exists with deliver policy {:?}, expected All; \
                      JetStream cannot change it in place: delete the consumer or set \
                      AUDITBRIDGE_CONSUMER to another name",
                     config.stream, current.deliver_policy
-                ))
-                .into());
+                )));
             }
             let mut changes = Vec::new();
             if current.ack_wait != desired.ack_wait {
@@ -214,9 +233,12 @@ pub async fn ensure_consumer(
                 ));
             }
             if !changes.is_empty() {
-                stream.create_consumer(desired).await.with_context(|| {
-                    format!("updating consumer {name} ({})", changes.join(", "))
-                })?;
+                stream
+                    .create_consumer(desired)
+                    .await
+                    .map_err(unavailable(|| {
+                        format!("updating consumer {name} ({})", changes.join(", "))
+                    }))?;
                 tracing::warn!(consumer = %name, changes = %changes.join(", "), message = "Updated the consumer to match the configuration.");
             }
         }
@@ -229,17 +251,17 @@ pub async fn ensure_consumer(
                 _ => false,
             };
             if !not_found {
-                return Err(e).with_context(|| format!("looking up consumer {name}"));
+                return Err(unavailable(|| format!("looking up consumer {name}"))(e));
             }
             stream
                 .create_consumer(desired)
                 .await
-                .with_context(|| format!("creating consumer {name}"))?;
+                .map_err(unavailable(|| format!("creating consumer {name}")))?;
             tracing::info!(consumer = %name, message = "Created the durable consumer.");
         }
     }
     stream
         .get_consumer(name)
         .await
-        .map_err(|e| anyhow::anyhow!("binding to consumer {name}: {e}"))
+        .map_err(unavailable(|| format!("binding to consumer {name}")))
 }

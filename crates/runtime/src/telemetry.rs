@@ -1,4 +1,6 @@
-//! Metric names, units and descriptions, decided in one place; the Prometheus recorder; logs.
+//! Metric names, units and descriptions of the services, decided in one place; the Prometheus
+//! recorder; logs. (The producer client's metrics are named in `auditbridge-client`: it is
+//! embedded in other services and depends on none of ours.)
 
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -103,6 +105,7 @@ fn describe() {
     describe_gauge!(NATS_UP, "1 when the NATS connection is up.");
     describe_destinations();
     describe_api();
+    describe_sources();
 }
 
 fn describe_api() {
@@ -121,6 +124,78 @@ fn describe_api() {
         API_TAIL_DISCONNECTS,
         Unit::Count,
         "Live tails the server ended, by reason (slow: the client fell behind)."
+    );
+}
+
+// Sources (webhooks, HTTP ingest, file tails). Labels are bounded: `source` is a configured
+// name, `result` and `reason` are fixed sets.
+
+/// Labels `source`, `result`: accepted | rejected | unauthorized | unavailable | too_large |
+/// timeout | busy.
+pub const WEBHOOK_REQUESTS: &str = "auditbridge_webhook_requests_total";
+/// Labels `source`, `reason`: missing | bad_timestamp | expired | malformed | mismatch.
+pub const WEBHOOK_SIGNATURE_FAILURES: &str = "auditbridge_webhook_signature_failures_total";
+/// Label `result`: accepted | rejected | forbidden.
+pub const INGEST_EVENTS: &str = "auditbridge_ingest_events_total";
+/// Labels `source`, `result`: published | rejected.
+pub const TAIL_LINES: &str = "auditbridge_tail_lines_total";
+/// Label `source`: the persisted byte offset in the current file.
+pub const TAIL_OFFSET: &str = "auditbridge_tail_offset_bytes";
+/// Label `source`.
+pub const TAIL_ROTATIONS: &str = "auditbridge_tail_rotations_total";
+/// Label `source`.
+pub const TAIL_TRUNCATIONS: &str = "auditbridge_tail_truncations_total";
+/// Label `source`: files the tail had not finished that were gone before it could read them
+/// (deleted or compressed while it was stopped); their unread lines are lost.
+pub const TAIL_FILES_LOST: &str = "auditbridge_tail_files_lost_total";
+/// Label `source`: publish attempts that failed and are being retried.
+pub const TAIL_PUBLISH_FAILURES: &str = "auditbridge_tail_publish_failures_total";
+
+fn describe_sources() {
+    describe_counter!(
+        WEBHOOK_REQUESTS,
+        Unit::Count,
+        "Webhook requests answered, by source and result."
+    );
+    describe_counter!(
+        WEBHOOK_SIGNATURE_FAILURES,
+        Unit::Count,
+        "Webhook requests whose signature did not verify, by source and reason."
+    );
+    describe_counter!(
+        INGEST_EVENTS,
+        Unit::Count,
+        "Events posted to the HTTP ingest endpoint, by result."
+    );
+    describe_counter!(
+        TAIL_LINES,
+        Unit::Count,
+        "Lines read by a file tail, by source and result."
+    );
+    describe_gauge!(
+        TAIL_OFFSET,
+        Unit::Bytes,
+        "The persisted byte offset of a file tail in its current file."
+    );
+    describe_counter!(
+        TAIL_ROTATIONS,
+        Unit::Count,
+        "File rotations a tail followed."
+    );
+    describe_counter!(
+        TAIL_TRUNCATIONS,
+        Unit::Count,
+        "Truncations of a followed file (read again from the start)."
+    );
+    describe_counter!(
+        TAIL_FILES_LOST,
+        Unit::Count,
+        "Rotated files that were gone before the tail finished them."
+    );
+    describe_counter!(
+        TAIL_PUBLISH_FAILURES,
+        Unit::Count,
+        "Publish attempts of a file tail that failed and are retried."
     );
 }
 
@@ -157,7 +232,7 @@ pub fn prometheus() -> PrometheusHandle {
 }
 
 /// Keeps the recorder's histograms drained; run once per process.
-pub async fn upkeep(handle: PrometheusHandle) {
+pub async fn upkeep(handle: PrometheusHandle) -> std::convert::Infallible {
     let mut tick = tokio::time::interval(Duration::from_secs(5));
     loop {
         tick.tick().await;
