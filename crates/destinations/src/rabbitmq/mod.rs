@@ -1,0 +1,5 @@
+//! The RabbitMQ destination.
+
+mod sink;
+
+pub use sink::RabbitSink;
