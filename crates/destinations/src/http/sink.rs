@@ -18,7 +18,7 @@ use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue, LOCATION
 use reqwest::{Client, StatusCode, Url, redirect};
 use sha2::Sha256;
 
-use crate::config::{HttpAuth, HttpFormat, HttpParams};
+use super::config::{HttpAuth, HttpFormat, HttpParams};
 use crate::{Delivered, DeliveryError, OutEvent};
 
 /// Request headers set on every request (the signature pair only with a `secret`).

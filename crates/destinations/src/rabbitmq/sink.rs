@@ -31,7 +31,9 @@ use tokio::time::Instant;
 use tracing::{debug, info};
 use uuid::Uuid;
 
-use crate::config::{RabbitMode, RabbitParams, redact_url, render_routing_key};
+use super::config::{RabbitMode, RabbitParams};
+use super::message::render_routing_key;
+use crate::config::redact_url;
 use crate::{Delivered, DeliveryError, OutEvent, Undeliverable};
 
 /// How long one connect attempt (TCP, AMQP handshake, channel, `confirm.select`) may take, so
