@@ -1,38 +1,25 @@
-//! The RabbitMQ destination: publishes events to an operator-owned exchange, persistent and
-//! with publisher confirms, and reports an event settled only when the broker confirmed its
-//! message, or returned it as unroutable (`mandatory`): then the event is undeliverable and the
-//! relay's `on_undeliverable` decides. In `batch` mode a message holds one run of consecutive
-//! events sharing its routing key and tenant (at most `max_batch_bytes` of them, unless one
-//! event alone is larger), so a return concerns exactly those events.
-//!
-//! A message the broker closes the channel over (406 PRECONDITION_FAILED: over its
-//! `max_message_size`, say) is refused for what it is, not retried as a lost channel: when it
-//! was alone in its confirm window and holds one event, that event is undeliverable; otherwise
-//! the call is [`DeliveryError::Refused`], and the relay offers less until it is.
+//! The RabbitMQ sink: the connection, publishing in confirm windows, and what the broker's
+//! answers mean (confirmed, returned, nacked, refused, lost), settled into a [`Delivered`]
+//! prefix or a [`DeliveryError`] that says whether a retry may help.
 //!
 //! The sink keeps one connection with one confirm-mode channel. It does not use lapin's own
 //! recovery: after any failure it drops both, and the next `deliver` connects from scratch.
 //! That keeps the failure handling in one place (the relay's backoff) and means a delivery
 //! never runs on a half-recovered channel whose confirms could be lost.
 
-use std::borrow::Cow;
 use std::fmt;
 use std::time::Duration;
 
 use lapin::message::BasicReturnMessage;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
-use lapin::types::{AMQPValue, FieldTable, ShortString};
-use lapin::{
-    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ErrorKind,
-    PublisherConfirm,
-};
+use lapin::types::ShortString;
+use lapin::{Channel, Confirmation, Connection, ConnectionProperties, ErrorKind, PublisherConfirm};
 use tokio::time::Instant;
 use tracing::{debug, info};
-use uuid::Uuid;
 
-use super::config::{RabbitMode, RabbitParams};
-use super::message::render_routing_key;
+use super::config::RabbitParams;
+use super::message::{self, Message, Messages};
 use crate::config::redact_url;
 use crate::{Delivered, DeliveryError, OutEvent, Undeliverable};
 
@@ -67,18 +54,6 @@ enum Answer {
         reason: &'static str,
         detail: String,
     },
-}
-
-/// One message ready to publish.
-struct Message<'a> {
-    /// The event id (the first one in batch mode), for error details.
-    id: Uuid,
-    /// The events it carries: `count` of them from index `first` of the call.
-    first: usize,
-    count: usize,
-    routing_key: ShortString,
-    body: Cow<'a, [u8]>,
-    properties: BasicProperties,
 }
 
 // Written by hand so that the URL's password never reaches a log through `{:?}`.
@@ -130,55 +105,12 @@ impl RabbitSink {
                 detail: format!("exchange name {:?}: {e}", self.params.exchange),
             }
         })?;
-        // An event whose routing key cannot be built ends the call: it is settled as
-        // undeliverable, and nothing after it is published, so that a relay that blocks on it
-        // does not publish the events behind it again on every attempt.
-        let mut undeliverable = Vec::new();
-        let mut messages = Vec::new();
-        let mut end = events.len();
-        match self.params.mode {
-            RabbitMode::Event => {
-                for (index, event) in events.iter().enumerate() {
-                    match self.routing_key(event) {
-                        Ok(key) => messages.push(event_message(index, event, key)),
-                        Err(detail) => {
-                            undeliverable.push(Undeliverable {
-                                index,
-                                reason: "routing_key",
-                                detail,
-                            });
-                            end = index + 1;
-                            break;
-                        }
-                    }
-                }
-            }
-            RabbitMode::Batch => {
-                // A batch message holds one run of consecutive events that share its routing
-                // key and its `tenant` header: a queue bound to one tenant's keys must never
-                // receive another tenant's events inside a message routed by the first one.
-                // A run is cut at `max_batch_bytes` too.
-                let mut index = 0;
-                while index < events.len() {
-                    let first = &events[index];
-                    let key = match self.routing_key(first) {
-                        Ok(key) => key,
-                        Err(detail) => {
-                            undeliverable.push(Undeliverable {
-                                index,
-                                reason: "routing_key",
-                                detail,
-                            });
-                            end = index + 1;
-                            break;
-                        }
-                    };
-                    let run = self.run_len(&events[index..], key.as_str());
-                    messages.push(batch_message(index, &events[index..index + run], key));
-                    index += run;
-                }
-            }
-        }
+        let Messages {
+            messages,
+            no_key,
+            end,
+        } = message::messages(&self.params, events);
+        let mut undeliverable: Vec<Undeliverable> = no_key.into_iter().collect();
 
         let (answered, error) = self.publish(exchange, &messages).await;
         // Settled: everything before the first message the broker did not answer for.
@@ -347,112 +279,10 @@ impl RabbitSink {
         }
     }
 
-    /// How many events from the front of `events` (at least one) one batch message takes:
-    /// those that share the first one's tenant and routing key `key`, as long as the body (each
-    /// event's JSON and a newline) stays within `max_batch_bytes`. A first event larger than
-    /// that still goes, alone: resending cannot make it smaller.
-    fn run_len(&self, events: &[OutEvent], key: &str) -> usize {
-        let first = &events[0];
-        let mut size = first.json.len() + 1;
-        let mut n = 1;
-        for event in &events[1..] {
-            size += event.json.len() + 1;
-            if size > self.params.max_batch_bytes
-                || event.tenant != first.tenant
-                || self.render(event) != key
-            {
-                break;
-            }
-            n += 1;
-        }
-        n
-    }
-
-    fn render(&self, event: &OutEvent) -> String {
-        render_routing_key(
-            &self.params.routing_key,
-            &event.tenant,
-            &event.action,
-            &event.outcome,
-            &event.source,
-        )
-    }
-
-    /// The event's routing key, or why it has none: AMQP caps routing keys at 255 bytes, and
-    /// resending the same event cannot fix that.
-    fn routing_key(&self, event: &OutEvent) -> Result<ShortString, String> {
-        ShortString::try_new(self.render(event)).map_err(|e| {
-            format!(
-                "routing key for event {} from template {:?}: {e}",
-                event.id, self.params.routing_key
-            )
-        })
-    }
-
     /// Removes the URL (which holds the password) from a message that might quote it.
     fn scrub(&self, text: &str) -> String {
         text.replace(&self.params.url, &self.redacted_url)
     }
-}
-
-/// The message for event `index` of the call.
-fn event_message(index: usize, event: &OutEvent, routing_key: ShortString) -> Message<'_> {
-    let mut headers = FieldTable::default();
-    headers.insert(
-        "tenant".into(),
-        AMQPValue::LongString(event.tenant.as_str().into()),
-    );
-    headers.insert(
-        "action".into(),
-        AMQPValue::LongString(event.action.as_str().into()),
-    );
-    headers.insert(
-        "outcome".into(),
-        AMQPValue::LongString(event.outcome.as_str().into()),
-    );
-    Message {
-        id: event.id,
-        first: index,
-        count: 1,
-        routing_key,
-        body: Cow::Borrowed(event.json.as_bytes()),
-        properties: properties(event, "application/json", headers),
-    }
-}
-
-/// One NDJSON message for a run of events (from `first` in the call) that share `routing_key`
-/// and tenant; identified by its first event.
-fn batch_message<'a>(first: usize, run: &[OutEvent], routing_key: ShortString) -> Message<'a> {
-    let head = &run[0];
-    let mut body = Vec::with_capacity(run.iter().map(|e| e.json.len() + 1).sum());
-    for event in run {
-        body.extend_from_slice(event.json.as_bytes());
-        body.push(b'\n');
-    }
-    let count = i64::try_from(run.len()).unwrap_or(i64::MAX);
-    let mut headers = FieldTable::default();
-    headers.insert("count".into(), AMQPValue::LongLongInt(count));
-    headers.insert(
-        "tenant".into(),
-        AMQPValue::LongString(head.tenant.as_str().into()),
-    );
-    Message {
-        id: head.id,
-        first,
-        count: run.len(),
-        routing_key,
-        body: Cow::Owned(body),
-        properties: properties(head, "application/x-ndjson", headers),
-    }
-}
-
-fn properties(event: &OutEvent, content_type: &str, headers: FieldTable) -> BasicProperties {
-    BasicProperties::default()
-        .with_delivery_mode(2)
-        .with_content_type(content_type.into())
-        .with_message_id(event.id.to_string().into())
-        .with_timestamp(u64::try_from(event.received_at.unix_timestamp()).unwrap_or(0))
-        .with_headers(headers)
 }
 
 /// Publishes `window` and waits for its confirms, in order. Returns the outcome of each
@@ -666,7 +496,11 @@ fn retry(reason: &'static str, detail: String) -> DeliveryError {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::rabbitmq::RabbitMode;
+    use crate::rabbitmq::message::event_message;
+    use lapin::types::{AMQPValue, FieldTable};
     use std::collections::{HashMap, HashSet};
+    use uuid::Uuid;
 
     use lapin::ExchangeKind;
     use lapin::message::BasicGetMessage;
@@ -1549,7 +1383,7 @@ mod tests {
         let mut messages: Vec<Message<'_>> = events
             .iter()
             .enumerate()
-            .map(|(i, e)| event_message(i, e, sink.routing_key(e).unwrap()))
+            .map(|(i, e)| event_message(i, e, message::routing_key(&sink.params, e).unwrap()))
             .collect();
         messages[1].properties = messages[1]
             .properties
@@ -1819,7 +1653,7 @@ mod tests {
         let messages: Vec<Message<'_>> = events
             .iter()
             .enumerate()
-            .map(|(i, e)| event_message(i, e, helper.routing_key(e).unwrap()))
+            .map(|(i, e)| event_message(i, e, message::routing_key(&helper.params, e).unwrap()))
             .collect();
         let exchange: ShortString = broker.exchange.as_str().into();
         let options = BasicPublishOptions {
