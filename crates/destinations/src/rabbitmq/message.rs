@@ -14,15 +14,15 @@ use super::config::{RabbitMode, RabbitParams};
 use crate::{OutEvent, Undeliverable};
 
 /// One message ready to publish.
-pub(crate) struct Message<'a> {
+pub struct Message<'a> {
     /// The event id (the first one in batch mode), for error details.
     pub(crate) id: Uuid,
     /// The events it carries: `count` of them from index `first` of the call.
     pub(crate) first: usize,
     pub(crate) count: usize,
-    pub(crate) routing_key: ShortString,
-    pub(crate) body: Cow<'a, [u8]>,
-    pub(crate) properties: BasicProperties,
+    pub routing_key: ShortString,
+    pub body: Cow<'a, [u8]>,
+    pub properties: BasicProperties,
 }
 
 /// The messages for one call of `deliver`.

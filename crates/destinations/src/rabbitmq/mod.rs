@@ -22,3 +22,5 @@ pub(crate) use config::parse_params;
 pub use config::{RabbitMode, RabbitParams};
 pub use message::render_routing_key;
 pub use sink::RabbitSink;
+#[doc(hidden)]
+pub use sink::testing;
