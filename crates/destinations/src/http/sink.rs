@@ -1,32 +1,18 @@
-//! The HTTP destination: POSTs a batch of events as NDJSON or as a JSON array to a webhook (a
-//! SIEM's HTTP collector, usually), optionally signed with HMAC-SHA256 so the receiver can tell
-//! the request came from us and was not altered.
-//!
-//! One `deliver` is one request. The receiver's answer decides what the relay does next: 2xx
-//! confirms the whole batch; 429, 408, 5xx, timeouts and connection errors are worth a retry;
-//! any other status (redirects included: they are not followed) is a refusal, which the relay
-//! answers by isolating the event refused (`on_undeliverable`) or holding the events.
-//!
-//! Every request carries `Idempotency-Key: <first id>..<last id>`. The relay resends a batch
-//! whose answer it never saw, so a receiver that remembers recent keys can drop the duplicate.
+//! The HTTP sink: the client (no redirects, one timeout), the request with its
+//! authentication, and what the receiver's answer means: 2xx confirms the batch; 429, 408,
+//! 5xx, timeouts and connection errors are worth a retry (`Retry-After` honoured); any other
+//! status is a refusal. Error details never show a credential: the URL is shown without its
+//! user, password and query, and anything secret the receiver echoes back is scrubbed.
 
 use std::fmt;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
-use hmac::{Hmac, KeyInit, Mac};
-use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue, LOCATION, RETRY_AFTER};
+use reqwest::header::{HeaderMap, HeaderName, HeaderValue, LOCATION, RETRY_AFTER};
 use reqwest::{Client, StatusCode, Url, redirect};
-use sha2::Sha256;
 
-use super::config::{HttpAuth, HttpFormat, HttpParams};
+use super::config::{HttpAuth, HttpParams};
+use super::message::{DESTINATION_HEADER, Layout};
 use crate::{Delivered, DeliveryError, OutEvent};
-
-/// Request headers set on every request (the signature pair only with a `secret`).
-pub const DESTINATION_HEADER: &str = "x-auditbridge-destination";
-pub const COUNT_HEADER: &str = "x-auditbridge-count";
-pub const IDEMPOTENCY_HEADER: &str = "idempotency-key";
-pub const TIMESTAMP_HEADER: &str = "x-auditbridge-timestamp";
-pub const SIGNATURE_HEADER: &str = "x-auditbridge-signature";
 
 /// How much of a refusing or failing response body goes into the error detail.
 const SNIPPET_BYTES: usize = 200;
@@ -36,8 +22,6 @@ const SNIPPET_READ_BYTES: usize = 4096;
 /// How much of a successful response body is drained so the connection can be reused.
 const DRAIN_BYTES: usize = 64 * 1024;
 
-type HmacSha256 = Hmac<Sha256>;
-
 /// A webhook destination. Holds a connection pool; cheap to keep for the life of the relay.
 pub struct HttpSink {
     name: String,
@@ -45,13 +29,11 @@ pub struct HttpSink {
     url: Url,
     /// The URL without credentials, query or fragment: what error details show.
     target: String,
-    format: HttpFormat,
-    max_batch_events: usize,
-    max_batch_bytes: usize,
+    /// How a batch becomes a body and its headers (format, limits, signing secret).
+    layout: Layout,
     /// The configured custom headers plus `X-Auditbridge-Destination`.
     headers: HeaderMap,
     auth: Option<HttpAuth>,
-    secret: Option<String>,
     /// Strings that must never appear in an error detail (token, password, secret, and the
     /// values of custom headers, which often carry API keys).
     redact: Vec<String>,
@@ -63,9 +45,9 @@ impl fmt::Debug for HttpSink {
         f.debug_struct("HttpSink")
             .field("name", &self.name)
             .field("target", &self.target)
-            .field("format", &self.format)
-            .field("max_batch_events", &self.max_batch_events)
-            .field("max_batch_bytes", &self.max_batch_bytes)
+            .field("format", &self.layout.format)
+            .field("max_batch_events", &self.layout.max_batch_events)
+            .field("max_batch_bytes", &self.layout.max_batch_bytes)
             .field(
                 "auth",
                 &self.auth.as_ref().map(|a| match a {
@@ -73,7 +55,7 @@ impl fmt::Debug for HttpSink {
                     HttpAuth::Basic { .. } => "basic",
                 }),
             )
-            .field("signed", &self.secret.is_some())
+            .field("signed", &self.layout.secret.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -152,12 +134,14 @@ impl HttpSink {
             client,
             url,
             target,
-            format: params.format,
-            max_batch_events: params.max_batch_events.max(1),
-            max_batch_bytes: params.max_batch_bytes,
+            layout: Layout {
+                format: params.format,
+                max_batch_events: params.max_batch_events.max(1),
+                max_batch_bytes: params.max_batch_bytes,
+                secret: params.secret,
+            },
             headers,
             auth: params.auth,
-            secret: params.secret,
             redact,
         })
     }
@@ -169,28 +153,13 @@ impl HttpSink {
         if events.is_empty() {
             return Ok(Delivered::default());
         }
-        let n = self.batch_len(events);
+        let n = self.layout.batch_len(events);
         let batch = &events[..n];
-        let body = self.body(batch);
+        let body = self.layout.body(batch);
         let body_len = body.len();
 
         let mut headers = self.headers.clone();
-        headers.insert(CONTENT_TYPE, HeaderValue::from_static(self.content_type()));
-        headers.insert(COUNT_HEADER, HeaderValue::from(n));
-        let key = format!("{}..{}", batch[0].id, batch[n - 1].id);
-        headers.insert(
-            IDEMPOTENCY_HEADER,
-            HeaderValue::from_str(&key).expect("uuids are header-safe"),
-        );
-        if let Some(secret) = &self.secret {
-            let timestamp = unix_now();
-            let signature = sign(secret.as_bytes(), timestamp, &body);
-            headers.insert(TIMESTAMP_HEADER, HeaderValue::from(timestamp));
-            headers.insert(
-                SIGNATURE_HEADER,
-                HeaderValue::from_str(&signature).expect("hex is header-safe"),
-            );
-        }
+        self.layout.describe(&mut headers, batch, &body);
 
         let mut request = self
             .client
@@ -266,56 +235,6 @@ impl HttpSink {
         })
     }
 
-    /// How many events from the front of `events` fit the limits (at least one).
-    fn batch_len(&self, events: &[OutEvent]) -> usize {
-        // Both formats spend one byte per event beyond its JSON (the newline, or the comma or
-        // closing bracket); a JSON array adds its opening bracket.
-        let mut size = match self.format {
-            HttpFormat::Ndjson => 0,
-            HttpFormat::JsonArray => 1,
-        };
-        let mut n = 0;
-        for event in events.iter().take(self.max_batch_events) {
-            size += event.json.len() + 1;
-            if n > 0 && size > self.max_batch_bytes {
-                break;
-            }
-            n += 1;
-        }
-        n
-    }
-
-    fn body(&self, batch: &[OutEvent]) -> Vec<u8> {
-        let mut body =
-            Vec::with_capacity(batch.iter().map(|e| e.json.len() + 1).sum::<usize>() + 1);
-        match self.format {
-            HttpFormat::Ndjson => {
-                for event in batch {
-                    body.extend_from_slice(event.json.as_bytes());
-                    body.push(b'\n');
-                }
-            }
-            HttpFormat::JsonArray => {
-                body.push(b'[');
-                for (i, event) in batch.iter().enumerate() {
-                    if i > 0 {
-                        body.push(b',');
-                    }
-                    body.extend_from_slice(event.json.as_bytes());
-                }
-                body.push(b']');
-            }
-        }
-        body
-    }
-
-    fn content_type(&self) -> &'static str {
-        match self.format {
-            HttpFormat::Ndjson => "application/x-ndjson",
-            HttpFormat::JsonArray => "application/json",
-        }
-    }
-
     fn send_error(&self, error: reqwest::Error) -> DeliveryError {
         // A connect timeout is both; it is reported as a timeout.
         let reason = if error.is_timeout() {
@@ -364,50 +283,6 @@ impl HttpSink {
         }
         text
     }
-}
-
-/// The `X-Auditbridge-Signature` value for a request body sent at `timestamp` (Unix seconds):
-/// `v1=` and the lowercase hex HMAC-SHA256, keyed with `secret`, of `"<timestamp>.<body>"`.
-pub fn sign(secret: &[u8], timestamp: u64, body: &[u8]) -> String {
-    format!(
-        "v1={}",
-        hex::encode(mac(secret, timestamp, body).finalize().into_bytes())
-    )
-}
-
-/// Checks an `X-Auditbridge-Signature` header as a receiver should:
-///
-/// 1. Take the timestamp from `X-Auditbridge-Timestamp` and the body exactly as received, raw
-///    bytes, before any JSON parsing (re-serialized JSON will not match).
-/// 2. Recompute the HMAC-SHA256 of `"<timestamp>.<body>"` with the shared secret and compare it
-///    with the header's `v1=<hex>` in constant time (this function does both steps).
-/// 3. Reject a timestamp far from your clock (say more than 5 minutes old) so that a captured
-///    request cannot be replayed later; this function does not look at the clock.
-///
-/// Returns false for a header that is not `v1=` followed by hex.
-pub fn verify(secret: &[u8], timestamp: u64, body: &[u8], header: &str) -> bool {
-    let Some(expected) = header
-        .trim()
-        .strip_prefix("v1=")
-        .and_then(|h| hex::decode(h).ok())
-    else {
-        return false;
-    };
-    mac(secret, timestamp, body).verify_slice(&expected).is_ok()
-}
-
-fn mac(secret: &[u8], timestamp: u64, body: &[u8]) -> HmacSha256 {
-    let mut mac = HmacSha256::new_from_slice(secret).expect("HMAC takes a key of any length");
-    mac.update(timestamp.to_string().as_bytes());
-    mac.update(b".");
-    mac.update(body);
-    mac
-}
-
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }
 
 /// `Retry-After` as delta-seconds or as an HTTP-date.
@@ -462,6 +337,8 @@ mod tests {
     use uuid::Uuid;
 
     use super::*;
+    use crate::http::HttpFormat;
+    use crate::http::message::{sign, unix_now, verify};
 
     /// One request as the test server saw it.
     #[derive(Debug, Clone)]
@@ -779,16 +656,6 @@ mod tests {
             &signature[3..]
         ));
         assert!(!verify(b"whsec-test", timestamp, &req.body, "v1=zz"));
-    }
-
-    #[test]
-    fn the_signature_matches_a_fixed_vector() {
-        // printf '1700000000.{"a":1}' | openssl dgst -sha256 -hmac Jefe
-        let signature = sign(b"Jefe", 1_700_000_000, br#"{"a":1}"#);
-        assert_eq!(
-            signature,
-            "v1=fa5f6481efc59da48b19c9dc10196c9953e5651f8304b3a318b6b87d70272e0a"
-        );
     }
 
     async fn fail_with(reply: Reply) -> (DeliveryError, Server) {
