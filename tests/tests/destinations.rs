@@ -1081,3 +1081,579 @@ mod rabbitmq {
             .await
     }
 }
+
+/// `HttpSink`: batches, headers, signatures and what each answer means, against a scripted
+/// receiver on 127.0.0.1.
+mod http {
+    use std::collections::VecDeque;
+    use std::net::SocketAddr;
+    use std::sync::{Arc, Mutex};
+    use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+    use auditbridge_destinations::http::{
+        HttpAuth, HttpFormat, HttpParams, HttpSink, sign, verify,
+    };
+    use auditbridge_destinations::{Delivered, DeliveryError, OutEvent};
+    use axum::body::Bytes;
+    use axum::extract::State;
+    use axum::http::{HeaderMap as AxHeaderMap, Method, StatusCode as AxStatus, Uri};
+    use axum::response::{IntoResponse, Response};
+    use serde_json::{Value, json};
+    use time::OffsetDateTime;
+    use time::format_description::FormatItem;
+    use time::macros::format_description;
+    use uuid::Uuid;
+
+    /// How much of a response body the sink puts into an error detail.
+    const SNIPPET_BYTES: usize = 200;
+
+    /// Seconds since the Unix epoch, the clock of `X-Auditbridge-Timestamp`.
+    fn unix_now() -> u64 {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+    }
+
+    /// An HTTP-date (RFC 9110's IMF-fixdate), as a receiver writes `Retry-After`.
+    fn http_date(at: SystemTime) -> String {
+        const IMF_FIXDATE: &[FormatItem<'_>] = format_description!(
+            "[weekday repr:short], [day] [month repr:short] [year] [hour]:[minute]:[second] GMT"
+        );
+        OffsetDateTime::from(at).format(IMF_FIXDATE).unwrap()
+    }
+
+    /// One request as the test server saw it.
+    #[derive(Debug, Clone)]
+    struct Seen {
+        method: Method,
+        path: String,
+        headers: AxHeaderMap,
+        body: Bytes,
+    }
+
+    impl Seen {
+        fn header(&self, name: &str) -> Option<&str> {
+            self.headers.get(name).map(|v| v.to_str().unwrap())
+        }
+    }
+
+    /// What the test server answers to the next request (200 once the script runs out).
+    #[derive(Clone)]
+    struct Reply {
+        status: u16,
+        headers: Vec<(&'static str, String)>,
+        body: String,
+        delay: Duration,
+    }
+
+    impl Reply {
+        fn status(status: u16) -> Reply {
+            Reply {
+                status,
+                headers: Vec::new(),
+                body: String::new(),
+                delay: Duration::ZERO,
+            }
+        }
+        fn header(mut self, name: &'static str, value: &str) -> Reply {
+            self.headers.push((name, value.to_owned()));
+            self
+        }
+        fn body(mut self, body: &str) -> Reply {
+            self.body = body.to_owned();
+            self
+        }
+        fn delay(mut self, delay: Duration) -> Reply {
+            self.delay = delay;
+            self
+        }
+    }
+
+    #[derive(Default)]
+    struct Shared {
+        seen: Mutex<Vec<Seen>>,
+        script: Mutex<VecDeque<Reply>>,
+    }
+
+    struct Server {
+        addr: SocketAddr,
+        shared: Arc<Shared>,
+    }
+
+    impl Server {
+        fn url(&self, path: &str) -> String {
+            format!("http://{}{path}", self.addr)
+        }
+        fn seen(&self) -> Vec<Seen> {
+            self.shared.seen.lock().unwrap().clone()
+        }
+    }
+
+    async fn record(
+        State(shared): State<Arc<Shared>>,
+        method: Method,
+        uri: Uri,
+        headers: AxHeaderMap,
+        body: Bytes,
+    ) -> Response {
+        shared.seen.lock().unwrap().push(Seen {
+            method,
+            path: uri.path().to_owned(),
+            headers,
+            body,
+        });
+        let reply = shared
+            .script
+            .lock()
+            .unwrap()
+            .pop_front()
+            .unwrap_or_else(|| Reply::status(200));
+        tokio::time::sleep(reply.delay).await;
+        let mut response = (AxStatus::from_u16(reply.status).unwrap(), reply.body).into_response();
+        for (name, value) in reply.headers {
+            response.headers_mut().insert(name, value.parse().unwrap());
+        }
+        response
+    }
+
+    /// A real HTTP server on 127.0.0.1:0 that records every request and answers from `script`.
+    async fn server(script: Vec<Reply>) -> Server {
+        let shared = Arc::new(Shared {
+            seen: Mutex::default(),
+            script: Mutex::new(script.into()),
+        });
+        let app = axum::Router::new()
+            .fallback(record)
+            .with_state(shared.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        Server { addr, shared }
+    }
+
+    fn params(url: String) -> HttpParams {
+        HttpParams {
+            url,
+            format: HttpFormat::Ndjson,
+            max_batch_events: 500,
+            max_batch_bytes: 1024 * 1024,
+            headers: Vec::new(),
+            auth: None,
+            timeout: Duration::from_secs(5),
+            secret: None,
+        }
+    }
+
+    /// An event whose JSON is exactly `len` bytes long (at least ~120).
+    fn event(len: usize) -> OutEvent {
+        let id = Uuid::now_v7();
+        let mut value = json!({"id": id, "tenant": "acme", "action": "user.login", "outcome": "success", "pad": ""});
+        let short = value.to_string().len();
+        assert!(len >= short, "an event is at least {short} bytes");
+        value["pad"] = Value::String("x".repeat(len - short));
+        let json = value.to_string();
+        assert_eq!(json.len(), len);
+        OutEvent {
+            id,
+            tenant: "acme".into(),
+            action: "user.login".into(),
+            outcome: "success".into(),
+            source: "auth".into(),
+            received_at: OffsetDateTime::now_utc(),
+            json,
+        }
+    }
+
+    fn events(n: usize, len: usize) -> Vec<OutEvent> {
+        (0..n).map(|_| event(len)).collect()
+    }
+
+    fn values(events: &[OutEvent]) -> Vec<Value> {
+        events
+            .iter()
+            .map(|e| serde_json::from_str(&e.json).unwrap())
+            .collect()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn ndjson_batches_carry_events_headers_and_bearer_auth() {
+        let server = server(vec![]).await;
+        let mut p = params(server.url("/in"));
+        p.headers = vec![("X-Source".into(), "auditbridge-test".into())];
+        p.auth = Some(HttpAuth::Bearer("tok-123".into()));
+        let mut sink = HttpSink::new("siem", p).unwrap();
+        let batch = events(3, 150);
+
+        assert_eq!(sink.deliver(&batch).await.unwrap(), Delivered::confirmed(3));
+
+        let seen = server.seen();
+        assert_eq!(seen.len(), 1);
+        let req = &seen[0];
+        assert_eq!(req.method, Method::POST);
+        assert_eq!(req.path, "/in");
+        assert_eq!(req.header("content-type"), Some("application/x-ndjson"));
+        assert_eq!(req.header("x-source"), Some("auditbridge-test"));
+        assert_eq!(req.header("authorization"), Some("Bearer tok-123"));
+        assert_eq!(req.header("x-auditbridge-destination"), Some("siem"));
+        assert_eq!(req.header("x-auditbridge-count"), Some("3"));
+        let key = format!("{}..{}", batch[0].id, batch[2].id);
+        assert_eq!(req.header("idempotency-key"), Some(key.as_str()));
+        // No secret, no signature.
+        assert_eq!(req.header("x-auditbridge-timestamp"), None);
+        assert_eq!(req.header("x-auditbridge-signature"), None);
+
+        let body = std::str::from_utf8(&req.body).unwrap();
+        assert!(body.ends_with('\n'));
+        let got: Vec<Value> = body
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(got, values(&batch));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn json_array_batches_parse_back_and_carry_basic_auth() {
+        let server = server(vec![Reply::status(202)]).await;
+        let mut p = params(server.url("/hook"));
+        p.format = HttpFormat::JsonArray;
+        // The example from RFC 7617.
+        p.auth = Some(HttpAuth::Basic {
+            username: "Aladdin".into(),
+            password: "open sesame".into(),
+        });
+        let mut sink = HttpSink::new("array", p).unwrap();
+        let batch = events(4, 130);
+
+        assert_eq!(sink.deliver(&batch).await.unwrap(), Delivered::confirmed(4));
+
+        let req = &server.seen()[0];
+        assert_eq!(req.header("content-type"), Some("application/json"));
+        assert_eq!(
+            req.header("authorization"),
+            Some("Basic QWxhZGRpbjpvcGVuIHNlc2FtZQ==")
+        );
+        assert_eq!(req.header("x-auditbridge-count"), Some("4"));
+        let got: Vec<Value> = serde_json::from_slice(&req.body).unwrap();
+        assert_eq!(got, values(&batch));
+        let expected = format!(
+            "[{}]",
+            batch
+                .iter()
+                .map(|e| e.json.as_str())
+                .collect::<Vec<_>>()
+                .join(",")
+        );
+        assert_eq!(req.body, expected.as_bytes());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn batch_limits_cut_the_prefix_but_a_lone_oversized_event_still_goes() {
+        let server = server(vec![]).await;
+        let batch = events(5, 200);
+
+        // By count.
+        let mut p = params(server.url("/"));
+        p.max_batch_events = 2;
+        let mut sink = HttpSink::new("count", p).unwrap();
+        assert_eq!(sink.deliver(&batch).await.unwrap(), Delivered::confirmed(2));
+
+        // By bytes, NDJSON: three events take 3 × 201 = 603 bytes, four would take 804.
+        let mut p = params(server.url("/"));
+        p.max_batch_bytes = 700;
+        let mut sink = HttpSink::new("bytes", p).unwrap();
+        assert_eq!(sink.deliver(&batch).await.unwrap(), Delivered::confirmed(3));
+
+        // By bytes, JSON array, an exact fit: "[" + 3 × 200 + 2 commas + "]" = 604.
+        let mut p = params(server.url("/"));
+        p.format = HttpFormat::JsonArray;
+        p.max_batch_bytes = 604;
+        let mut sink = HttpSink::new("exact", p).unwrap();
+        assert_eq!(sink.deliver(&batch).await.unwrap(), Delivered::confirmed(3));
+
+        // One event larger than the limit goes alone, and only it.
+        let mut big = vec![event(2000)];
+        big.extend(events(2, 150));
+        let mut p = params(server.url("/"));
+        p.max_batch_bytes = 1024;
+        let mut sink = HttpSink::new("big", p).unwrap();
+        assert_eq!(sink.deliver(&big).await.unwrap(), Delivered::confirmed(1));
+
+        let seen = server.seen();
+        let counts: Vec<_> = seen
+            .iter()
+            .map(|r| r.header("x-auditbridge-count").unwrap().to_owned())
+            .collect();
+        assert_eq!(counts, ["2", "3", "3", "1"]);
+        assert_eq!(
+            seen[0].body,
+            format!("{}\n{}\n", batch[0].json, batch[1].json).as_bytes()
+        );
+        assert_eq!(seen[1].body.len(), 603);
+        assert_eq!(seen[2].body.len(), 604);
+        assert_eq!(seen[3].body, format!("{}\n", big[0].json).as_bytes());
+        let key = format!("{}..{}", big[0].id, big[0].id);
+        assert_eq!(seen[3].header("idempotency-key"), Some(key.as_str()));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn signed_requests_verify_on_the_raw_body() {
+        let server = server(vec![]).await;
+        let mut p = params(server.url("/signed"));
+        p.secret = Some("whsec-test".into());
+        let mut sink = HttpSink::new("signed", p).unwrap();
+        let batch = events(2, 140);
+
+        assert_eq!(sink.deliver(&batch).await.unwrap(), Delivered::confirmed(2));
+
+        let req = &server.seen()[0];
+        let timestamp: u64 = req
+            .header("x-auditbridge-timestamp")
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(
+            unix_now().abs_diff(timestamp) <= 5,
+            "timestamp {timestamp} is not now"
+        );
+        let signature = req.header("x-auditbridge-signature").unwrap();
+        assert!(signature.starts_with("v1="));
+        assert_eq!(signature.len(), 3 + 64);
+        assert!(
+            signature[3..]
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        );
+        assert_eq!(signature, sign(b"whsec-test", timestamp, &req.body));
+
+        assert!(verify(b"whsec-test", timestamp, &req.body, signature));
+        let mut altered = req.body.to_vec();
+        altered[5] ^= 1;
+        assert!(!verify(b"whsec-test", timestamp, &altered, signature));
+        assert!(!verify(b"whsec-test", timestamp + 1, &req.body, signature));
+        assert!(!verify(b"whsec-other", timestamp, &req.body, signature));
+        assert!(!verify(
+            b"whsec-test",
+            timestamp,
+            &req.body,
+            &signature[3..]
+        ));
+        assert!(!verify(b"whsec-test", timestamp, &req.body, "v1=zz"));
+    }
+
+    async fn fail_with(reply: Reply) -> (DeliveryError, Server) {
+        let server = server(vec![reply]).await;
+        let mut sink = HttpSink::new("siem", params(server.url("/in"))).unwrap();
+        let error = sink.deliver(&events(2, 130)).await.unwrap_err();
+        (error, server)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn server_errors_and_throttling_are_retried() {
+        let (e, _s) = fail_with(Reply::status(500).body("database down")).await;
+        assert!(
+            matches!(
+                e,
+                DeliveryError::Retry {
+                    reason: "status_5xx",
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        assert!(
+            e.to_string().contains("500") && e.to_string().contains("database down"),
+            "{e}"
+        );
+
+        let (e, _s) = fail_with(
+            Reply::status(429)
+                .header("retry-after", "7")
+                .body("slow down"),
+        )
+        .await;
+        assert!(
+            matches!(
+                e,
+                DeliveryError::Retry {
+                    reason: "status_429",
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        assert_eq!(e.retry_after(), Some(Duration::from_secs(7)));
+        assert!(
+            e.to_string().contains("429") && e.to_string().contains("slow down"),
+            "{e}"
+        );
+
+        let when = http_date(SystemTime::now() + Duration::from_secs(120));
+        let (e, _s) = fail_with(Reply::status(503).header("retry-after", &when)).await;
+        assert_eq!(e.reason(), "status_5xx");
+        let after = e.retry_after().unwrap();
+        assert!(
+            after > Duration::from_secs(100) && after <= Duration::from_secs(120),
+            "{after:?}"
+        );
+
+        let (e, _s) = fail_with(Reply::status(408)).await;
+        assert!(
+            matches!(
+                e,
+                DeliveryError::Retry {
+                    reason: "timeout",
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn client_errors_and_redirects_are_refused() {
+        let (e, _s) = fail_with(Reply::status(404)).await;
+        assert!(
+            matches!(
+                e,
+                DeliveryError::Refused {
+                    reason: "status_4xx",
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        assert!(e.to_string().contains("404"), "{e}");
+
+        let long = format!("bad field tenant{}", "y".repeat(1000));
+        let (e, _s) = fail_with(Reply::status(400).body(&long)).await;
+        assert!(
+            matches!(
+                e,
+                DeliveryError::Refused {
+                    reason: "status_4xx",
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        let detail = e.to_string();
+        assert!(
+            detail.contains("400") && detail.contains("bad field tenant"),
+            "{detail}"
+        );
+        assert!(
+            !detail.contains(&"y".repeat(SNIPPET_BYTES)),
+            "the body is cut to {SNIPPET_BYTES} bytes: {detail}"
+        );
+
+        let server = server(vec![Reply::status(302).header("location", "/elsewhere")]).await;
+        let mut sink = HttpSink::new("siem", params(server.url("/in"))).unwrap();
+        let e = sink.deliver(&events(1, 130)).await.unwrap_err();
+        assert!(
+            matches!(
+                e,
+                DeliveryError::Refused {
+                    reason: "status_3xx",
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        assert!(
+            e.to_string().contains("302") && e.to_string().contains("/elsewhere"),
+            "{e}"
+        );
+        let paths: Vec<_> = server.seen().into_iter().map(|r| r.path).collect();
+        assert_eq!(paths, ["/in"], "the redirect was not followed");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_slow_receiver_times_out() {
+        let server = server(vec![Reply::status(200).delay(Duration::from_secs(5))]).await;
+        let mut p = params(server.url("/slow"));
+        p.timeout = Duration::from_millis(300);
+        let mut sink = HttpSink::new("slow", p).unwrap();
+
+        let started = Instant::now();
+        let e = sink.deliver(&events(1, 130)).await.unwrap_err();
+        assert!(
+            matches!(
+                e,
+                DeliveryError::Retry {
+                    reason: "timeout",
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        assert!(
+            started.elapsed() < Duration::from_millis(1500),
+            "took {:?}",
+            started.elapsed()
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_closed_port_is_a_connect_error() {
+        let port = {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            listener.local_addr().unwrap().port()
+        };
+        let mut sink =
+            HttpSink::new("gone", params(format!("http://127.0.0.1:{port}/in"))).unwrap();
+        let e = sink.deliver(&events(1, 130)).await.unwrap_err();
+        assert!(
+            matches!(
+                e,
+                DeliveryError::Retry {
+                    reason: "connect",
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        assert!(e.to_string().contains(&format!("127.0.0.1:{port}")), "{e}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn credentials_stay_out_of_errors_and_debug_output() {
+        // A receiver that echoes the credentials back in its refusal.
+        let server =
+            server(vec![Reply::status(401).body(
+                "bad token tok-secret-123 / whsec-hidden / key-hidden-9",
+            )])
+            .await;
+        let mut p = params(server.url("/in?api_key=query-hidden"));
+        p.auth = Some(HttpAuth::Bearer("tok-secret-123".into()));
+        p.secret = Some("whsec-hidden".into());
+        p.headers = vec![("X-Api-Key".into(), "key-hidden-9".into())];
+        let mut sink = HttpSink::new("siem", p).unwrap();
+
+        let e = sink.deliver(&events(1, 130)).await.unwrap_err();
+        assert_eq!(e.reason(), "status_4xx");
+        let shown = format!("{e} {e:?} {sink:?}");
+        for hidden in [
+            "tok-secret-123",
+            "whsec-hidden",
+            "key-hidden-9",
+            "query-hidden",
+        ] {
+            assert!(!shown.contains(hidden), "{hidden} leaked: {shown}");
+        }
+        assert!(shown.contains("bad token [redacted]"), "{shown}");
+
+        let mut p = params("http://user:pw-hidden@127.0.0.1:1/in".into());
+        p.auth = Some(HttpAuth::Basic {
+            username: "u".into(),
+            password: "basic-hidden".into(),
+        });
+        let mut sink = HttpSink::new("siem", p).unwrap();
+        let e = sink.deliver(&events(1, 130)).await.unwrap_err();
+        let shown = format!("{e} {e:?} {sink:?}");
+        assert!(
+            !shown.contains("pw-hidden") && !shown.contains("basic-hidden"),
+            "{shown}"
+        );
+    }
+}

@@ -143,7 +143,7 @@ fn mac(secret: &[u8], timestamp: u64, body: &[u8]) -> HmacSha256 {
     mac
 }
 
-pub(super) fn unix_now() -> u64 {
+fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
