@@ -242,17 +242,18 @@ mod rabbitmq {
             RabbitMode::Batch => messages.iter().flat_map(body_ids).collect(),
             RabbitMode::Event => messages
                 .iter()
-                .map(|m| {
-                    m.properties
-                        .message_id()
-                        .as_ref()
-                        .expect("message_id")
-                        .as_str()
-                        .parse()
-                        .unwrap()
-                })
+                .map(|m| message_id(m).parse().unwrap())
                 .collect(),
         }
+    }
+
+    /// A message's `message_id`, as the broker delivered it.
+    fn message_id(m: &BasicGetMessage) -> &str {
+        m.properties
+            .message_id()
+            .as_ref()
+            .expect("message_id")
+            .as_str()
     }
 
     fn header<'a>(m: &'a BasicGetMessage, key: &str) -> &'a AMQPValue {
@@ -319,12 +320,7 @@ mod rabbitmq {
         let messages = broker.take(12).await;
         let mut seen = HashSet::new();
         for m in &messages {
-            let id = m
-                .properties
-                .message_id()
-                .as_ref()
-                .expect("message_id")
-                .to_string();
+            let id = message_id(m).to_owned();
             let e = by_id[&id];
             assert!(seen.insert(id.clone()), "{id} arrived twice");
             assert_eq!(m.data, e.json.as_bytes());
@@ -357,10 +353,7 @@ mod rabbitmq {
                 &AMQPValue::LongString(e.outcome.as_str().into())
             );
         }
-        let order: Vec<&str> = messages
-            .iter()
-            .map(|m| m.properties.message_id().as_ref().unwrap().as_str())
-            .collect();
+        let order: Vec<&str> = messages.iter().map(message_id).collect();
         let want: Vec<String> = events.iter().map(|e| e.id.to_string()).collect();
         assert_eq!(order, want, "messages arrive in the order given");
         broker.delete().await;
@@ -397,10 +390,7 @@ mod rabbitmq {
             ids,
             events.iter().map(|e| e.id.to_string()).collect::<Vec<_>>()
         );
-        assert_eq!(
-            m.properties.message_id().as_ref().unwrap().as_str(),
-            events[0].id.to_string()
-        );
+        assert_eq!(message_id(m), events[0].id.to_string());
         assert_eq!(
             m.properties
                 .content_type()
@@ -656,7 +646,7 @@ mod rabbitmq {
             .take(6)
             .await
             .iter()
-            .map(|m| m.properties.message_id().as_ref().unwrap().to_string())
+            .map(|m| message_id(m).to_owned())
             .collect();
         let want: Vec<String> = first
             .iter()
@@ -731,7 +721,7 @@ mod rabbitmq {
             .take(5)
             .await
             .iter()
-            .map(|m| m.properties.message_id().as_ref().unwrap().to_string())
+            .map(|m| message_id(m).to_owned())
             .collect();
         assert_eq!(ids, events.iter().map(|e| e.id.to_string()).collect());
         broker.delete().await;
@@ -968,7 +958,7 @@ mod rabbitmq {
             .take(2000)
             .await
             .iter()
-            .map(|m| m.properties.message_id().as_ref().unwrap().to_string())
+            .map(|m| message_id(m).to_owned())
             .collect();
         assert_eq!(
             ids,
