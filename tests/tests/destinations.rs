@@ -1,678 +1,32 @@
-//! The RabbitMQ destination: publishes events to an operator-owned exchange, persistent and
-//! with publisher confirms, and reports an event settled only when the broker confirmed its
-//! message, or returned it as unroutable (`mandatory`): then the event is undeliverable and the
-//! relay's `on_undeliverable` decides. In `batch` mode a message holds one run of consecutive
-//! events sharing its routing key and tenant (at most `max_batch_bytes` of them, unless one
-//! event alone is larger), so a return concerns exactly those events.
+//! The RabbitMQ and HTTP sinks of `auditbridge-destinations` on their own, through the
+//! crate's public API: RabbitMQ against the real broker on 127.0.0.1:5672 (guest/guest; each
+//! test declares its own exchange and queue with random names and deletes them), HTTP against
+//! a scripted receiver each test starts on 127.0.0.1:0. No worker, no database: what reaches
+//! a destination end to end through the relay is `forwarding.rs`'s business.
 //!
-//! A message the broker closes the channel over (406 PRECONDITION_FAILED: over its
-//! `max_message_size`, say) is refused for what it is, not retried as a lost channel: when it
-//! was alone in its confirm window and holds one event, that event is undeliverable; otherwise
-//! the call is [`DeliveryError::Refused`], and the relay offers less until it is.
-//!
-//! The sink keeps one connection with one confirm-mode channel. It does not use lapin's own
-//! recovery: after any failure it drops both, and the next `deliver` connects from scratch.
-//! That keeps the failure handling in one place (the relay's backoff) and means a delivery
-//! never runs on a half-recovered channel whose confirms could be lost.
+//! Self-contained (its own fixtures), so that it can become a module of one test binary as
+//! it is.
 
-use std::borrow::Cow;
-use std::fmt;
-use std::time::Duration;
-
-use lapin::message::BasicReturnMessage;
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
-use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
-use lapin::types::{AMQPValue, FieldTable, ShortString};
-use lapin::{
-    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ErrorKind,
-    PublisherConfirm,
-};
-use tokio::time::Instant;
-use tracing::{debug, info};
-use uuid::Uuid;
-
-use crate::config::{RabbitMode, RabbitParams, redact_url, render_routing_key};
-use crate::{Delivered, DeliveryError, OutEvent, Undeliverable};
-
-/// How long one connect attempt (TCP, AMQP handshake, channel, `confirm.select`) may take, so
-/// a broker that accepts connections but never answers cannot stall the relay.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// Publishes to one RabbitMQ exchange. Connects lazily, on the first `deliver`.
-pub struct RabbitSink {
-    name: String,
-    params: RabbitParams,
-    /// The URL with its password replaced, for logs and error details.
-    redacted_url: String,
-    link: Option<Link>,
-}
-
-/// An open connection and its confirm-mode channel. Dropping it closes both.
-struct Link {
-    connection: Connection,
-    channel: Channel,
-}
-
-/// What the broker answered for one published message.
-#[derive(Debug, PartialEq)]
-enum Answer {
-    Confirmed,
-    /// Returned as unroutable (`mandatory`); the detail says why.
-    Returned(String),
-    /// The broker closed the channel over this message, the only one of its window, which
-    /// holds a single event: that event is undeliverable for `reason`.
-    Refused {
-        reason: &'static str,
-        detail: String,
-    },
-}
-
-/// One message ready to publish.
-struct Message<'a> {
-    /// The event id (the first one in batch mode), for error details.
-    id: Uuid,
-    /// The events it carries: `count` of them from index `first` of the call.
-    first: usize,
-    count: usize,
-    routing_key: ShortString,
-    body: Cow<'a, [u8]>,
-    properties: BasicProperties,
-}
-
-// Written by hand so that the URL's password never reaches a log through `{:?}`.
-impl fmt::Debug for RabbitSink {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("RabbitSink")
-            .field("name", &self.name)
-            .field("url", &self.redacted_url)
-            .field("exchange", &self.params.exchange)
-            .field("mode", &self.params.mode)
-            .field("connected", &self.is_connected())
-            .finish_non_exhaustive()
-    }
-}
-
-impl RabbitSink {
-    /// Builds the sink; does no I/O.
-    pub fn new(name: &str, params: RabbitParams) -> RabbitSink {
-        RabbitSink {
-            name: name.to_owned(),
-            redacted_url: redact_url(&params.url),
-            params,
-            link: None,
-        }
-    }
-
-    /// Whether the sink holds a connection and channel that are both open.
-    pub fn is_connected(&self) -> bool {
-        self.link
-            .as_ref()
-            .is_some_and(|l| l.connection.status().connected() && l.channel.status().connected())
-    }
-
-    /// Publishes `events` and settles the longest prefix the broker answered for: every
-    /// message of it confirmed, or returned as unroutable (with `mandatory`; its events are
-    /// then undeliverable, as is an event whose routing key cannot be built, or one whose
-    /// message the broker refused alone). After a failure (connection, channel, nack, a
-    /// confirm that never came, a refused message) the connection is dropped; what was
-    /// confirmed before it still counts, the rest is offered again (duplicates around
-    /// failures, never a loss). Fails only when nothing at all was settled: with
-    /// [`DeliveryError::Refused`] when the broker refused a message it cannot pin on one event.
-    pub async fn deliver(&mut self, events: &[OutEvent]) -> Result<Delivered, DeliveryError> {
-        if events.is_empty() {
-            return Ok(Delivered::default());
-        }
-        let exchange = ShortString::try_new(self.params.exchange.as_str()).map_err(|e| {
-            DeliveryError::Refused {
-                reason: "exchange",
-                detail: format!("exchange name {:?}: {e}", self.params.exchange),
-            }
-        })?;
-        // An event whose routing key cannot be built ends the call: it is settled as
-        // undeliverable, and nothing after it is published, so that a relay that blocks on it
-        // does not publish the events behind it again on every attempt.
-        let mut undeliverable = Vec::new();
-        let mut messages = Vec::new();
-        let mut end = events.len();
-        match self.params.mode {
-            RabbitMode::Event => {
-                for (index, event) in events.iter().enumerate() {
-                    match self.routing_key(event) {
-                        Ok(key) => messages.push(event_message(index, event, key)),
-                        Err(detail) => {
-                            undeliverable.push(Undeliverable {
-                                index,
-                                reason: "routing_key",
-                                detail,
-                            });
-                            end = index + 1;
-                            break;
-                        }
-                    }
-                }
-            }
-            RabbitMode::Batch => {
-                // A batch message holds one run of consecutive events that share its routing
-                // key and its `tenant` header: a queue bound to one tenant's keys must never
-                // receive another tenant's events inside a message routed by the first one.
-                // A run is cut at `max_batch_bytes` too.
-                let mut index = 0;
-                while index < events.len() {
-                    let first = &events[index];
-                    let key = match self.routing_key(first) {
-                        Ok(key) => key,
-                        Err(detail) => {
-                            undeliverable.push(Undeliverable {
-                                index,
-                                reason: "routing_key",
-                                detail,
-                            });
-                            end = index + 1;
-                            break;
-                        }
-                    };
-                    let run = self.run_len(&events[index..], key.as_str());
-                    messages.push(batch_message(index, &events[index..index + run], key));
-                    index += run;
-                }
-            }
-        }
-
-        let (answered, error) = self.publish(exchange, &messages).await;
-        // Settled: everything before the first message the broker did not answer for.
-        let settled = messages.get(answered.len()).map_or(end, |m| m.first);
-        for (message, answer) in messages.iter().zip(&answered) {
-            let (reason, detail) = match answer {
-                Answer::Confirmed => continue,
-                Answer::Returned(detail) => ("returned", detail),
-                Answer::Refused { reason, detail } => (*reason, detail),
-            };
-            undeliverable.extend((message.first..message.first + message.count).map(|index| {
-                Undeliverable {
-                    index,
-                    reason,
-                    detail: detail.clone(),
-                }
-            }));
-        }
-        undeliverable.retain(|u| u.index < settled);
-        undeliverable.sort_by_key(|u| u.index);
-        if let Some(error) = error {
-            // Whatever failed, the next call starts from a new connection.
-            self.link = None;
-            debug!(destination = %self.name, reason = error.reason(), %error, settled, message = "Dropped the RabbitMQ connection after a failure.");
-            if settled == 0 {
-                return Err(error);
-            }
-        }
-        Ok(Delivered {
-            settled,
-            undeliverable,
-        })
-    }
-
-    /// Publishes `messages` in confirm windows. Returns the answers for the prefix of messages
-    /// the broker answered for, and the failure that stopped it, if any.
-    async fn publish(
-        &mut self,
-        exchange: ShortString,
-        messages: &[Message<'_>],
-    ) -> (Vec<Answer>, Option<DeliveryError>) {
-        if messages.is_empty() {
-            return (Vec::new(), None);
-        }
-        let channel = match self.channel().await {
-            Ok(channel) => channel,
-            Err(error) => return (Vec::new(), Some(error)),
-        };
-        let options = BasicPublishOptions {
-            mandatory: self.params.mandatory,
-            immediate: false,
-        };
-        let mut answered = Vec::with_capacity(messages.len());
-        // `max_in_flight` is at least 1 (checked at startup); `max` guards a hand-built config.
-        for window in messages.chunks(self.params.max_in_flight.max(1)) {
-            let (outcomes, error) = publish_window(
-                &channel,
-                &exchange,
-                options,
-                window,
-                self.params.confirm_timeout,
-            )
-            .await;
-            answered.extend(outcomes.into_iter().map(|o| match o {
-                None => Answer::Confirmed,
-                Some(detail) => Answer::Returned(detail),
-            }));
-            let Some(error) = error else { continue };
-            // The broker closes the channel at the first message it refuses and drops what
-            // follows, but the confirms of the messages before it may never come: the refusal
-            // is about one message only when that message was alone in its window. And only
-            // one holding a single event is undeliverable: a batch that is too large as a
-            // whole is not the fault of any of its events (the relay offers fewer).
-            if let DeliveryError::Refused { reason, detail } = &error {
-                if let [message] = window
-                    && message.count == 1
-                {
-                    answered.push(Answer::Refused {
-                        reason,
-                        detail: detail.clone(),
-                    });
-                    return (answered, Some(error));
-                }
-                // The detail names the first message without a confirm, which need not be
-                // the one refused.
-                let what = match window {
-                    [message] => format!("a batch of {} events", message.count),
-                    _ => format!("one of {} messages published together", window.len()),
-                };
-                let error = DeliveryError::Refused {
-                    reason,
-                    detail: format!("{detail} (the broker refused {what}; fewer may go)"),
-                };
-                return (answered, Some(error));
-            }
-            if let DeliveryError::Retry {
-                reason: "confirm_timeout",
-                detail,
-                ..
-            } = &error
-                && self
-                    .link
-                    .as_ref()
-                    .is_some_and(|l| l.connection.status().blocked())
-            {
-                let error = retry(
-                    "confirm_timeout",
-                    format!("{detail} (the broker is blocking publishers: a memory or disk alarm)"),
-                );
-                return (answered, Some(error));
-            }
-            return (answered, Some(error));
-        }
-        (answered, None)
-    }
-
-    /// The open channel, connecting first when there is none or the old one died.
-    async fn channel(&mut self) -> Result<Channel, DeliveryError> {
-        if self.is_connected()
-            && let Some(link) = &self.link
-        {
-            return Ok(link.channel.clone());
-        }
-        // Close what is left of a dead link before opening the next one.
-        self.link = None;
-        let link = self.connect().await?;
-        let channel = link.channel.clone();
-        self.link = Some(link);
-        Ok(channel)
-    }
-
-    async fn connect(&self) -> Result<Link, DeliveryError> {
-        let properties = ConnectionProperties::default()
-            .with_connection_name(format!("auditbridge {}", self.name).into());
-        let attempt = async {
-            let connection = Connection::connect(&self.params.url, properties).await?;
-            let channel = connection.create_channel().await?;
-            channel
-                .confirm_select(ConfirmSelectOptions::default())
-                .await?;
-            Ok::<_, lapin::Error>(Link {
-                connection,
-                channel,
-            })
-        };
-        match tokio::time::timeout(CONNECT_TIMEOUT, attempt).await {
-            Ok(Ok(link)) => {
-                info!(destination = %self.name, url = %self.redacted_url, message = "Connected to RabbitMQ.");
-                Ok(link)
-            }
-            Ok(Err(error)) => Err(retry(
-                "connect",
-                format!(
-                    "cannot connect to {}: {}",
-                    self.redacted_url,
-                    self.scrub(&error.to_string())
-                ),
-            )),
-            Err(_) => Err(retry(
-                "connect",
-                format!(
-                    "connecting to {} took longer than {CONNECT_TIMEOUT:?}",
-                    self.redacted_url
-                ),
-            )),
-        }
-    }
-
-    /// How many events from the front of `events` (at least one) one batch message takes:
-    /// those that share the first one's tenant and routing key `key`, as long as the body (each
-    /// event's JSON and a newline) stays within `max_batch_bytes`. A first event larger than
-    /// that still goes, alone: resending cannot make it smaller.
-    fn run_len(&self, events: &[OutEvent], key: &str) -> usize {
-        let first = &events[0];
-        let mut size = first.json.len() + 1;
-        let mut n = 1;
-        for event in &events[1..] {
-            size += event.json.len() + 1;
-            if size > self.params.max_batch_bytes
-                || event.tenant != first.tenant
-                || self.render(event) != key
-            {
-                break;
-            }
-            n += 1;
-        }
-        n
-    }
-
-    fn render(&self, event: &OutEvent) -> String {
-        render_routing_key(
-            &self.params.routing_key,
-            &event.tenant,
-            &event.action,
-            &event.outcome,
-            &event.source,
-        )
-    }
-
-    /// The event's routing key, or why it has none: AMQP caps routing keys at 255 bytes, and
-    /// resending the same event cannot fix that.
-    fn routing_key(&self, event: &OutEvent) -> Result<ShortString, String> {
-        ShortString::try_new(self.render(event)).map_err(|e| {
-            format!(
-                "routing key for event {} from template {:?}: {e}",
-                event.id, self.params.routing_key
-            )
-        })
-    }
-
-    /// Removes the URL (which holds the password) from a message that might quote it.
-    fn scrub(&self, text: &str) -> String {
-        text.replace(&self.params.url, &self.redacted_url)
-    }
-}
-
-/// The message for event `index` of the call.
-fn event_message(index: usize, event: &OutEvent, routing_key: ShortString) -> Message<'_> {
-    let mut headers = FieldTable::default();
-    headers.insert(
-        "tenant".into(),
-        AMQPValue::LongString(event.tenant.as_str().into()),
-    );
-    headers.insert(
-        "action".into(),
-        AMQPValue::LongString(event.action.as_str().into()),
-    );
-    headers.insert(
-        "outcome".into(),
-        AMQPValue::LongString(event.outcome.as_str().into()),
-    );
-    Message {
-        id: event.id,
-        first: index,
-        count: 1,
-        routing_key,
-        body: Cow::Borrowed(event.json.as_bytes()),
-        properties: properties(event, "application/json", headers),
-    }
-}
-
-/// One NDJSON message for a run of events (from `first` in the call) that share `routing_key`
-/// and tenant; identified by its first event.
-fn batch_message<'a>(first: usize, run: &[OutEvent], routing_key: ShortString) -> Message<'a> {
-    let head = &run[0];
-    let mut body = Vec::with_capacity(run.iter().map(|e| e.json.len() + 1).sum());
-    for event in run {
-        body.extend_from_slice(event.json.as_bytes());
-        body.push(b'\n');
-    }
-    let count = i64::try_from(run.len()).unwrap_or(i64::MAX);
-    let mut headers = FieldTable::default();
-    headers.insert("count".into(), AMQPValue::LongLongInt(count));
-    headers.insert(
-        "tenant".into(),
-        AMQPValue::LongString(head.tenant.as_str().into()),
-    );
-    Message {
-        id: head.id,
-        first,
-        count: run.len(),
-        routing_key,
-        body: Cow::Owned(body),
-        properties: properties(head, "application/x-ndjson", headers),
-    }
-}
-
-fn properties(event: &OutEvent, content_type: &str, headers: FieldTable) -> BasicProperties {
-    BasicProperties::default()
-        .with_delivery_mode(2)
-        .with_content_type(content_type.into())
-        .with_message_id(event.id.to_string().into())
-        .with_timestamp(u64::try_from(event.received_at.unix_timestamp()).unwrap_or(0))
-        .with_headers(headers)
-}
-
-/// Publishes `window` and waits for its confirms, in order. Returns the outcome of each
-/// message up to the first failure (`None`: confirmed, `Some(detail)`: returned as
-/// unroutable), and that failure. A confirm that has not come `confirm_timeout` after the last
-/// publish of the window counts as failed.
-async fn publish_window(
-    channel: &Channel,
-    exchange: &ShortString,
-    options: BasicPublishOptions,
-    window: &[Message<'_>],
-    confirm_timeout: Duration,
-) -> (Vec<Option<String>>, Option<DeliveryError>) {
-    // All publishes of the window run together: each one waits until lapin wrote its frames,
-    // and waiting for them one by one costs a wakeup of the I/O loop per message. They are
-    // first polled in order, so the messages still go out in the order of `window`.
-    let publishes = window.iter().map(|message| {
-        channel.basic_publish(
-            exchange.clone(),
-            message.routing_key.clone(),
-            options,
-            &message.body,
-            message.properties.clone(),
-        )
-    });
-    // A publish waits until its frames are written, which a broker that blocks publishers
-    // (a resource alarm) can delay for as long as the alarm lasts.
-    let Ok(published) =
-        tokio::time::timeout(confirm_timeout, futures::future::join_all(publishes)).await
-    else {
-        let error = retry(
-            "confirm_timeout",
-            format!(
-                "the broker did not take {} messages for exchange {:?} within {confirm_timeout:?}",
-                window.len(),
-                exchange.as_str()
-            ),
-        );
-        return (Vec::new(), Some(error));
-    };
-    // In order: when a publish failed because the broker closed the channel, the earlier
-    // confirms carry the broker's reason (`NOT_FOUND - no exchange ...`).
-    let deadline = Instant::now() + confirm_timeout;
-    let mut returns = Vec::new();
-    for (message, published) in window.iter().zip(published) {
-        let outcome = match published {
-            Ok(confirm) => {
-                check_confirm(
-                    exchange.as_str(),
-                    message,
-                    confirm,
-                    deadline,
-                    confirm_timeout,
-                )
-                .await
-            }
-            Err(error) => Err(publish_failure(
-                &error,
-                format!(
-                    "publishing event {} to exchange {:?} failed: {error}",
-                    message.id,
-                    exchange.as_str()
-                ),
-            )),
-        };
-        match outcome {
-            Ok(Some(returned)) => returns.push(returned),
-            Ok(None) => {}
-            // A return can ride on any confirm of the window (below), so after a failure no
-            // message of the window can be said to be confirmed rather than returned.
-            Err(error) => return (Vec::new(), Some(error)),
-        }
-    }
-    // lapin hands each returned message to whichever confirm it completes next, not to the
-    // confirm of the message that was returned (with `multiple` acks, any of the window's).
-    // The broker sends a return before the ack of its message, and the whole window's acks
-    // are awaited here, so every return of the window is among `returns`: match them to the
-    // messages by message id (unique within a call).
-    let mut outcomes: Vec<Option<String>> = vec![None; window.len()];
-    for returned in returns {
-        let id = returned
-            .properties
-            .message_id()
-            .as_ref()
-            .map(|m| m.as_str().to_owned());
-        let Some(i) = window.iter().position(|m| Some(m.id.to_string()) == id) else {
-            let error = retry(
-                "returned",
-                format!(
-                    "the broker returned a message this window did not publish (message id {id:?}); sending the window again"
-                ),
-            );
-            return (Vec::new(), Some(error));
-        };
-        outcomes[i] = Some(returned_detail(exchange.as_str(), &window[i], &returned));
-    }
-    (outcomes, None)
-}
-
-/// `Ok` when the broker confirmed the message, with the returned message lapin attached to
-/// this confirm (which may be another message's), an error otherwise.
-async fn check_confirm(
-    exchange: &str,
-    message: &Message<'_>,
-    confirm: PublisherConfirm,
-    deadline: Instant,
-    confirm_timeout: Duration,
-) -> Result<Option<BasicReturnMessage>, DeliveryError> {
-    let id = message.id;
-    match tokio::time::timeout_at(deadline, confirm).await {
-        Err(_) => Err(retry(
-            "confirm_timeout",
-            format!(
-                "no publisher confirm for event {id} on exchange {exchange:?} within {confirm_timeout:?}"
-            ),
-        )),
-        Ok(Err(error)) => Err(publish_failure(
-            &error,
-            format!("publishing event {id} to exchange {exchange:?} failed: {error}"),
-        )),
-        Ok(Ok(Confirmation::Ack(None))) => Ok(None),
-        Ok(Ok(Confirmation::Ack(Some(returned)))) => Ok(Some(returned)),
-        Ok(Ok(Confirmation::Nack(_))) => Err(retry(
-            "nack",
-            format!(
-                "the broker nacked event {id} on exchange {exchange:?} (routing key {:?})",
-                message.routing_key.as_str()
-            ),
-        )),
-        Ok(Ok(Confirmation::NotRequested)) => Err(retry(
-            "channel",
-            "the channel is not in confirm mode; cannot tell whether the broker took the message"
-                .into(),
-        )),
-    }
-}
-
-fn returned_detail(exchange: &str, message: &Message<'_>, returned: &BasicReturnMessage) -> String {
-    let what = if message.count == 1 {
-        format!("event {}", message.id)
-    } else {
-        format!("a batch of {} events from {}", message.count, message.id)
-    };
-    format!(
-        "the broker returned {what}: exchange {exchange:?} has no route for routing key {:?} ({} {})",
-        returned.delivery.routing_key.as_str(),
-        returned.reply_code,
-        returned.reply_text,
-    )
-}
-
-/// The failure for a lapin error while publishing a message or awaiting its confirm:
-/// [`DeliveryError::Refused`] when the broker closed the channel over the message itself
-/// (see [`refusal_reason`]), a retry otherwise.
-fn publish_failure(error: &lapin::Error, detail: String) -> DeliveryError {
-    match refusal_reason(error) {
-        Some(reason) => DeliveryError::Refused { reason, detail },
-        None => retry(lapin_reason(error), detail),
-    }
-}
-
-/// The metric reason when `error` is the broker closing the channel over the message being
-/// published, which the same bytes would meet again, rather than over its configuration or
-/// state, which someone can fix while the events wait.
-///
-/// On `basic.publish` RabbitMQ answers 406 PRECONDITION_FAILED for a message over its
-/// `max_message_size` (`too_large`, told by the reply text; the detail keeps all of it) and
-/// for properties it will not take, such as a `user_id` that is not the connection's user or an
-/// `expiration` that is not a number (`precondition_failed`; the sink sets neither). Not the
-/// message's fault: 403 ACCESS_REFUSED (no write permission, an internal exchange) and 404
-/// NOT_FOUND (no such exchange) are configuration, 405 RESOURCE_LOCKED is the broker's state;
-/// 311 CONTENT_TOO_LARGE, which RabbitMQ does not send, is "may retry later" in the AMQP spec.
-/// Connection-level (hard) errors stop every message alike.
-fn refusal_reason(error: &lapin::Error) -> Option<&'static str> {
-    let ErrorKind::ProtocolError(amqp) = error.kind() else {
-        return None;
-    };
-    match amqp.kind() {
-        AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED) => {
-            if amqp.get_message().as_str().contains("message size") {
-                Some("too_large")
-            } else {
-                Some("precondition_failed")
-            }
-        }
-        _ => None,
-    }
-}
-
-/// The metric reason for a lapin error: the connection as a whole (`connect`) or just the
-/// channel (`channel`, e.g. the broker closed it because the exchange is missing).
-fn lapin_reason(error: &lapin::Error) -> &'static str {
-    match error.kind() {
-        ErrorKind::IOError(_)
-        | ErrorKind::InvalidConnectionState(_)
-        | ErrorKind::MissingHeartbeatError
-        | ErrorKind::RuntimeShutdownError(_) => "connect",
-        _ if error.is_amqp_hard_error() => "connect",
-        _ => "channel",
-    }
-}
-
-fn retry(reason: &'static str, detail: String) -> DeliveryError {
-    DeliveryError::Retry {
-        reason,
-        detail,
-        retry_after: None,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
+/// `RabbitSink`: confirms, returns, refusals, reconnects and message layout, on a real broker.
+mod rabbitmq {
     use std::collections::{HashMap, HashSet};
+    use std::time::Duration;
 
-    use lapin::ExchangeKind;
+    use auditbridge_destinations::rabbitmq::testing::{self, Answer, Message};
+    use auditbridge_destinations::rabbitmq::{RabbitMode, RabbitParams, RabbitSink};
+    use auditbridge_destinations::{Delivered, DeliveryError, OutEvent};
     use lapin::message::BasicGetMessage;
     use lapin::options::{
-        BasicGetOptions, ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions,
-        QueueDeclareOptions, QueueDeleteOptions,
+        BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions,
+        ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
+    };
+    use lapin::types::{AMQPValue, FieldTable, ShortString};
+    use lapin::{
+        Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind, PublisherConfirm,
     };
     use time::OffsetDateTime;
+    use tokio::time::Instant;
+    use uuid::Uuid;
 
     const URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 
@@ -888,17 +242,18 @@ mod tests {
             RabbitMode::Batch => messages.iter().flat_map(body_ids).collect(),
             RabbitMode::Event => messages
                 .iter()
-                .map(|m| {
-                    m.properties
-                        .message_id()
-                        .as_ref()
-                        .expect("message_id")
-                        .as_str()
-                        .parse()
-                        .unwrap()
-                })
+                .map(|m| message_id(m).parse().unwrap())
                 .collect(),
         }
+    }
+
+    /// A message's `message_id`, as the broker delivered it.
+    fn message_id(m: &BasicGetMessage) -> &str {
+        m.properties
+            .message_id()
+            .as_ref()
+            .expect("message_id")
+            .as_str()
     }
 
     fn header<'a>(m: &'a BasicGetMessage, key: &str) -> &'a AMQPValue {
@@ -965,12 +320,7 @@ mod tests {
         let messages = broker.take(12).await;
         let mut seen = HashSet::new();
         for m in &messages {
-            let id = m
-                .properties
-                .message_id()
-                .as_ref()
-                .expect("message_id")
-                .to_string();
+            let id = message_id(m).to_owned();
             let e = by_id[&id];
             assert!(seen.insert(id.clone()), "{id} arrived twice");
             assert_eq!(m.data, e.json.as_bytes());
@@ -1003,10 +353,7 @@ mod tests {
                 &AMQPValue::LongString(e.outcome.as_str().into())
             );
         }
-        let order: Vec<&str> = messages
-            .iter()
-            .map(|m| m.properties.message_id().as_ref().unwrap().as_str())
-            .collect();
+        let order: Vec<&str> = messages.iter().map(message_id).collect();
         let want: Vec<String> = events.iter().map(|e| e.id.to_string()).collect();
         assert_eq!(order, want, "messages arrive in the order given");
         broker.delete().await;
@@ -1043,10 +390,7 @@ mod tests {
             ids,
             events.iter().map(|e| e.id.to_string()).collect::<Vec<_>>()
         );
-        assert_eq!(
-            m.properties.message_id().as_ref().unwrap().as_str(),
-            events[0].id.to_string()
-        );
+        assert_eq!(message_id(m), events[0].id.to_string());
         assert_eq!(
             m.properties
                 .content_type()
@@ -1302,7 +646,7 @@ mod tests {
             .take(6)
             .await
             .iter()
-            .map(|m| m.properties.message_id().as_ref().unwrap().to_string())
+            .map(|m| message_id(m).to_owned())
             .collect();
         let want: Vec<String> = first
             .iter()
@@ -1352,36 +696,6 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_broker_that_never_answers_fails_within_the_connect_timeout() {
-        // Accepts TCP connections and never speaks AMQP.
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let silent = tokio::spawn(async move {
-            let mut held = Vec::new();
-            while let Ok((socket, _)) = listener.accept().await {
-                held.push(socket);
-            }
-        });
-        let mut sink = RabbitSink::new(
-            "bus",
-            RabbitParams {
-                url: format!("amqp://guest:guest@127.0.0.1:{port}/%2f"),
-                ..params("x", RabbitMode::Event)
-            },
-        );
-        let started = Instant::now();
-        let (reason, detail) = retry_reason(sink.deliver(&[event(0)]).await);
-        assert_eq!(reason, "connect");
-        assert!(detail.contains("took longer than"), "{detail}");
-        assert!(
-            started.elapsed() < CONNECT_TIMEOUT + Duration::from_secs(2),
-            "took {:?}",
-            started.elapsed()
-        );
-        silent.abort();
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_missing_exchange_fails_the_channel_and_the_next_call_reconnects() {
         let suffix = Uuid::new_v4();
         let exchange = format!("test.ab.missing.{suffix}");
@@ -1407,7 +721,7 @@ mod tests {
             .take(5)
             .await
             .iter()
-            .map(|m| m.properties.message_id().as_ref().unwrap().to_string())
+            .map(|m| message_id(m).to_owned())
             .collect();
         assert_eq!(ids, events.iter().map(|e| e.id.to_string()).collect());
         broker.delete().await;
@@ -1544,19 +858,13 @@ mod tests {
         params.max_in_flight = 1;
         let mut sink = RabbitSink::new("bus", params);
         let events: Vec<OutEvent> = (0..3).map(event).collect();
-        let mut messages: Vec<Message<'_>> = events
-            .iter()
-            .enumerate()
-            .map(|(i, e)| event_message(i, e, sink.routing_key(e).unwrap()))
-            .collect();
+        let mut messages: Vec<Message<'_>> = testing::event_messages(&sink, &events);
         messages[1].properties = messages[1]
             .properties
             .clone()
             .with_user_id("not-guest".into());
 
-        let (answered, error) = sink
-            .publish(broker.exchange.as_str().into(), &messages)
-            .await;
+        let (answered, error) = testing::publish(&mut sink, &broker.exchange, &messages).await;
 
         // Confirmed before it, refused itself, nothing after it (the channel is gone).
         assert_eq!(answered.len(), 2, "{answered:?}");
@@ -1579,95 +887,6 @@ mod tests {
             [events[0].id]
         );
         broker.delete().await;
-    }
-
-    /// Which lapin errors on publish are the message's fault (refused) and which are the
-    /// broker's or the configuration's (retried, holding the events).
-    #[test]
-    fn only_a_channel_closed_over_the_message_itself_refuses_it() {
-        let amqp = |kind: AMQPErrorKind, text: &str| {
-            lapin::Error::from(ErrorKind::ProtocolError(lapin::protocol::AMQPError::new(
-                kind,
-                text.into(),
-            )))
-        };
-        let soft = |e: AMQPSoftError, text: &str| amqp(AMQPErrorKind::Soft(e), text);
-        let cases = [
-            (
-                soft(
-                    AMQPSoftError::PRECONDITIONFAILED,
-                    "PRECONDITION_FAILED - message size 134217729 is larger than configured max size 134217728",
-                ),
-                Some("too_large"),
-                "too_large",
-            ),
-            (
-                soft(
-                    AMQPSoftError::PRECONDITIONFAILED,
-                    "PRECONDITION_FAILED - user_id property set to 'x' but authenticated user was 'guest'",
-                ),
-                Some("precondition_failed"),
-                "precondition_failed",
-            ),
-            (
-                soft(
-                    AMQPSoftError::NOTFOUND,
-                    "NOT_FOUND - no exchange 'audit' in vhost '/'",
-                ),
-                None,
-                "channel",
-            ),
-            (
-                soft(
-                    AMQPSoftError::ACCESSREFUSED,
-                    "ACCESS_REFUSED - write access to exchange 'audit' refused",
-                ),
-                None,
-                "channel",
-            ),
-            (
-                soft(AMQPSoftError::RESOURCELOCKED, "RESOURCE_LOCKED"),
-                None,
-                "channel",
-            ),
-            (
-                soft(AMQPSoftError::CONTENTTOOLARGE, "CONTENT_TOO_LARGE"),
-                None,
-                "channel",
-            ),
-            (
-                amqp(
-                    AMQPErrorKind::Hard(lapin::protocol::AMQPHardError::CONNECTIONFORCED),
-                    "CONNECTION_FORCED - broker forced connection closure",
-                ),
-                None,
-                "connect",
-            ),
-            (
-                lapin::Error::from(ErrorKind::InvalidChannelState(
-                    lapin::ChannelState::Closed,
-                    "closed",
-                )),
-                None,
-                "channel",
-            ),
-            (
-                lapin::Error::from(std::io::Error::from(std::io::ErrorKind::ConnectionReset)),
-                None,
-                "connect",
-            ),
-        ];
-        for (error, refusal, reason) in cases {
-            assert_eq!(refusal_reason(&error), refusal, "{error}");
-            let failure = publish_failure(&error, format!("detail: {error}"));
-            assert_eq!(failure.reason(), reason, "{error}");
-            assert_eq!(
-                matches!(failure, DeliveryError::Refused { .. }),
-                refusal.is_some(),
-                "{error}"
-            );
-            assert_eq!(failure.to_string(), format!("detail: {error}"));
-        }
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1739,7 +958,7 @@ mod tests {
             .take(2000)
             .await
             .iter()
-            .map(|m| m.properties.message_id().as_ref().unwrap().to_string())
+            .map(|m| message_id(m).to_owned())
             .collect();
         assert_eq!(
             ids,
@@ -1814,11 +1033,7 @@ mod tests {
             .unwrap();
         // The sink's own message building, so both publish the same bytes and properties.
         let helper = RabbitSink::new("bench", broker.params(RabbitMode::Event));
-        let messages: Vec<Message<'_>> = events
-            .iter()
-            .enumerate()
-            .map(|(i, e)| event_message(i, e, helper.routing_key(e).unwrap()))
-            .collect();
+        let messages: Vec<Message<'_>> = testing::event_messages(&helper, events);
         let exchange: ShortString = broker.exchange.as_str().into();
         let options = BasicPublishOptions {
             mandatory: true,
@@ -1854,5 +1069,581 @@ mod tests {
                 m.properties.clone(),
             )
             .await
+    }
+}
+
+/// `HttpSink`: batches, headers, signatures and what each answer means, against a scripted
+/// receiver on 127.0.0.1.
+mod http {
+    use std::collections::VecDeque;
+    use std::net::SocketAddr;
+    use std::sync::{Arc, Mutex};
+    use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+    use auditbridge_destinations::http::{
+        HttpAuth, HttpFormat, HttpParams, HttpSink, sign, verify,
+    };
+    use auditbridge_destinations::{Delivered, DeliveryError, OutEvent};
+    use axum::body::Bytes;
+    use axum::extract::State;
+    use axum::http::{HeaderMap as AxHeaderMap, Method, StatusCode as AxStatus, Uri};
+    use axum::response::{IntoResponse, Response};
+    use serde_json::{Value, json};
+    use time::OffsetDateTime;
+    use time::format_description::FormatItem;
+    use time::macros::format_description;
+    use uuid::Uuid;
+
+    /// How much of a response body the sink puts into an error detail.
+    const SNIPPET_BYTES: usize = 200;
+
+    /// Seconds since the Unix epoch, the clock of `X-Auditbridge-Timestamp`.
+    fn unix_now() -> u64 {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+    }
+
+    /// An HTTP-date (RFC 9110's IMF-fixdate), as a receiver writes `Retry-After`.
+    fn http_date(at: SystemTime) -> String {
+        const IMF_FIXDATE: &[FormatItem<'_>] = format_description!(
+            "[weekday repr:short], [day] [month repr:short] [year] [hour]:[minute]:[second] GMT"
+        );
+        OffsetDateTime::from(at).format(IMF_FIXDATE).unwrap()
+    }
+
+    /// One request as the test server saw it.
+    #[derive(Debug, Clone)]
+    struct Seen {
+        method: Method,
+        path: String,
+        headers: AxHeaderMap,
+        body: Bytes,
+    }
+
+    impl Seen {
+        fn header(&self, name: &str) -> Option<&str> {
+            self.headers.get(name).map(|v| v.to_str().unwrap())
+        }
+    }
+
+    /// What the test server answers to the next request (200 once the script runs out).
+    #[derive(Clone)]
+    struct Reply {
+        status: u16,
+        headers: Vec<(&'static str, String)>,
+        body: String,
+        delay: Duration,
+    }
+
+    impl Reply {
+        fn status(status: u16) -> Reply {
+            Reply {
+                status,
+                headers: Vec::new(),
+                body: String::new(),
+                delay: Duration::ZERO,
+            }
+        }
+        fn header(mut self, name: &'static str, value: &str) -> Reply {
+            self.headers.push((name, value.to_owned()));
+            self
+        }
+        fn body(mut self, body: &str) -> Reply {
+            self.body = body.to_owned();
+            self
+        }
+        fn delay(mut self, delay: Duration) -> Reply {
+            self.delay = delay;
+            self
+        }
+    }
+
+    #[derive(Default)]
+    struct Shared {
+        seen: Mutex<Vec<Seen>>,
+        script: Mutex<VecDeque<Reply>>,
+    }
+
+    struct Server {
+        addr: SocketAddr,
+        shared: Arc<Shared>,
+    }
+
+    impl Server {
+        fn url(&self, path: &str) -> String {
+            format!("http://{}{path}", self.addr)
+        }
+        fn seen(&self) -> Vec<Seen> {
+            self.shared.seen.lock().unwrap().clone()
+        }
+    }
+
+    async fn record(
+        State(shared): State<Arc<Shared>>,
+        method: Method,
+        uri: Uri,
+        headers: AxHeaderMap,
+        body: Bytes,
+    ) -> Response {
+        shared.seen.lock().unwrap().push(Seen {
+            method,
+            path: uri.path().to_owned(),
+            headers,
+            body,
+        });
+        let reply = shared
+            .script
+            .lock()
+            .unwrap()
+            .pop_front()
+            .unwrap_or_else(|| Reply::status(200));
+        tokio::time::sleep(reply.delay).await;
+        let mut response = (AxStatus::from_u16(reply.status).unwrap(), reply.body).into_response();
+        for (name, value) in reply.headers {
+            response.headers_mut().insert(name, value.parse().unwrap());
+        }
+        response
+    }
+
+    /// A real HTTP server on 127.0.0.1:0 that records every request and answers from `script`.
+    async fn server(script: Vec<Reply>) -> Server {
+        let shared = Arc::new(Shared {
+            seen: Mutex::default(),
+            script: Mutex::new(script.into()),
+        });
+        let app = axum::Router::new()
+            .fallback(record)
+            .with_state(shared.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        Server { addr, shared }
+    }
+
+    fn params(url: String) -> HttpParams {
+        HttpParams {
+            url,
+            format: HttpFormat::Ndjson,
+            max_batch_events: 500,
+            max_batch_bytes: 1024 * 1024,
+            headers: Vec::new(),
+            auth: None,
+            timeout: Duration::from_secs(5),
+            secret: None,
+        }
+    }
+
+    /// An event whose JSON is exactly `len` bytes long (at least ~120).
+    fn event(len: usize) -> OutEvent {
+        let id = Uuid::now_v7();
+        let mut value = json!({"id": id, "tenant": "acme", "action": "user.login", "outcome": "success", "pad": ""});
+        let short = value.to_string().len();
+        assert!(len >= short, "an event is at least {short} bytes");
+        value["pad"] = Value::String("x".repeat(len - short));
+        let json = value.to_string();
+        assert_eq!(json.len(), len);
+        OutEvent {
+            id,
+            tenant: "acme".into(),
+            action: "user.login".into(),
+            outcome: "success".into(),
+            source: "auth".into(),
+            received_at: OffsetDateTime::now_utc(),
+            json,
+        }
+    }
+
+    fn events(n: usize, len: usize) -> Vec<OutEvent> {
+        (0..n).map(|_| event(len)).collect()
+    }
+
+    fn values(events: &[OutEvent]) -> Vec<Value> {
+        events
+            .iter()
+            .map(|e| serde_json::from_str(&e.json).unwrap())
+            .collect()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn ndjson_batches_carry_events_headers_and_bearer_auth() {
+        let server = server(vec![]).await;
+        let mut p = params(server.url("/in"));
+        p.headers = vec![("X-Source".into(), "auditbridge-test".into())];
+        p.auth = Some(HttpAuth::Bearer("tok-123".into()));
+        let mut sink = HttpSink::new("siem", p).unwrap();
+        let batch = events(3, 150);
+
+        assert_eq!(sink.deliver(&batch).await.unwrap(), Delivered::confirmed(3));
+
+        let seen = server.seen();
+        assert_eq!(seen.len(), 1);
+        let req = &seen[0];
+        assert_eq!(req.method, Method::POST);
+        assert_eq!(req.path, "/in");
+        assert_eq!(req.header("content-type"), Some("application/x-ndjson"));
+        assert_eq!(req.header("x-source"), Some("auditbridge-test"));
+        assert_eq!(req.header("authorization"), Some("Bearer tok-123"));
+        assert_eq!(req.header("x-auditbridge-destination"), Some("siem"));
+        assert_eq!(req.header("x-auditbridge-count"), Some("3"));
+        let key = format!("{}..{}", batch[0].id, batch[2].id);
+        assert_eq!(req.header("idempotency-key"), Some(key.as_str()));
+        // No secret, no signature.
+        assert_eq!(req.header("x-auditbridge-timestamp"), None);
+        assert_eq!(req.header("x-auditbridge-signature"), None);
+
+        let body = std::str::from_utf8(&req.body).unwrap();
+        assert!(body.ends_with('\n'));
+        let got: Vec<Value> = body
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(got, values(&batch));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn json_array_batches_parse_back_and_carry_basic_auth() {
+        let server = server(vec![Reply::status(202)]).await;
+        let mut p = params(server.url("/hook"));
+        p.format = HttpFormat::JsonArray;
+        // The example from RFC 7617.
+        p.auth = Some(HttpAuth::Basic {
+            username: "Aladdin".into(),
+            password: "open sesame".into(),
+        });
+        let mut sink = HttpSink::new("array", p).unwrap();
+        let batch = events(4, 130);
+
+        assert_eq!(sink.deliver(&batch).await.unwrap(), Delivered::confirmed(4));
+
+        let req = &server.seen()[0];
+        assert_eq!(req.header("content-type"), Some("application/json"));
+        assert_eq!(
+            req.header("authorization"),
+            Some("Basic QWxhZGRpbjpvcGVuIHNlc2FtZQ==")
+        );
+        assert_eq!(req.header("x-auditbridge-count"), Some("4"));
+        let got: Vec<Value> = serde_json::from_slice(&req.body).unwrap();
+        assert_eq!(got, values(&batch));
+        let expected = format!(
+            "[{}]",
+            batch
+                .iter()
+                .map(|e| e.json.as_str())
+                .collect::<Vec<_>>()
+                .join(",")
+        );
+        assert_eq!(req.body, expected.as_bytes());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn batch_limits_cut_the_prefix_but_a_lone_oversized_event_still_goes() {
+        let server = server(vec![]).await;
+        let batch = events(5, 200);
+
+        // By count.
+        let mut p = params(server.url("/"));
+        p.max_batch_events = 2;
+        let mut sink = HttpSink::new("count", p).unwrap();
+        assert_eq!(sink.deliver(&batch).await.unwrap(), Delivered::confirmed(2));
+
+        // By bytes, NDJSON: three events take 3 × 201 = 603 bytes, four would take 804.
+        let mut p = params(server.url("/"));
+        p.max_batch_bytes = 700;
+        let mut sink = HttpSink::new("bytes", p).unwrap();
+        assert_eq!(sink.deliver(&batch).await.unwrap(), Delivered::confirmed(3));
+
+        // By bytes, JSON array, an exact fit: "[" + 3 × 200 + 2 commas + "]" = 604.
+        let mut p = params(server.url("/"));
+        p.format = HttpFormat::JsonArray;
+        p.max_batch_bytes = 604;
+        let mut sink = HttpSink::new("exact", p).unwrap();
+        assert_eq!(sink.deliver(&batch).await.unwrap(), Delivered::confirmed(3));
+
+        // One event larger than the limit goes alone, and only it.
+        let mut big = vec![event(2000)];
+        big.extend(events(2, 150));
+        let mut p = params(server.url("/"));
+        p.max_batch_bytes = 1024;
+        let mut sink = HttpSink::new("big", p).unwrap();
+        assert_eq!(sink.deliver(&big).await.unwrap(), Delivered::confirmed(1));
+
+        let seen = server.seen();
+        let counts: Vec<_> = seen
+            .iter()
+            .map(|r| r.header("x-auditbridge-count").unwrap().to_owned())
+            .collect();
+        assert_eq!(counts, ["2", "3", "3", "1"]);
+        assert_eq!(
+            seen[0].body,
+            format!("{}\n{}\n", batch[0].json, batch[1].json).as_bytes()
+        );
+        assert_eq!(seen[1].body.len(), 603);
+        assert_eq!(seen[2].body.len(), 604);
+        assert_eq!(seen[3].body, format!("{}\n", big[0].json).as_bytes());
+        let key = format!("{}..{}", big[0].id, big[0].id);
+        assert_eq!(seen[3].header("idempotency-key"), Some(key.as_str()));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn signed_requests_verify_on_the_raw_body() {
+        let server = server(vec![]).await;
+        let mut p = params(server.url("/signed"));
+        p.secret = Some("whsec-test".into());
+        let mut sink = HttpSink::new("signed", p).unwrap();
+        let batch = events(2, 140);
+
+        assert_eq!(sink.deliver(&batch).await.unwrap(), Delivered::confirmed(2));
+
+        let req = &server.seen()[0];
+        let timestamp: u64 = req
+            .header("x-auditbridge-timestamp")
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(
+            unix_now().abs_diff(timestamp) <= 5,
+            "timestamp {timestamp} is not now"
+        );
+        let signature = req.header("x-auditbridge-signature").unwrap();
+        assert!(signature.starts_with("v1="));
+        assert_eq!(signature.len(), 3 + 64);
+        assert!(
+            signature[3..]
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        );
+        assert_eq!(signature, sign(b"whsec-test", timestamp, &req.body));
+
+        assert!(verify(b"whsec-test", timestamp, &req.body, signature));
+        let mut altered = req.body.to_vec();
+        altered[5] ^= 1;
+        assert!(!verify(b"whsec-test", timestamp, &altered, signature));
+        assert!(!verify(b"whsec-test", timestamp + 1, &req.body, signature));
+        assert!(!verify(b"whsec-other", timestamp, &req.body, signature));
+        assert!(!verify(
+            b"whsec-test",
+            timestamp,
+            &req.body,
+            &signature[3..]
+        ));
+        assert!(!verify(b"whsec-test", timestamp, &req.body, "v1=zz"));
+    }
+
+    async fn fail_with(reply: Reply) -> (DeliveryError, Server) {
+        let server = server(vec![reply]).await;
+        let mut sink = HttpSink::new("siem", params(server.url("/in"))).unwrap();
+        let error = sink.deliver(&events(2, 130)).await.unwrap_err();
+        (error, server)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn server_errors_and_throttling_are_retried() {
+        let (e, _s) = fail_with(Reply::status(500).body("database down")).await;
+        assert!(
+            matches!(
+                e,
+                DeliveryError::Retry {
+                    reason: "status_5xx",
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        assert!(
+            e.to_string().contains("500") && e.to_string().contains("database down"),
+            "{e}"
+        );
+
+        let (e, _s) = fail_with(
+            Reply::status(429)
+                .header("retry-after", "7")
+                .body("slow down"),
+        )
+        .await;
+        assert!(
+            matches!(
+                e,
+                DeliveryError::Retry {
+                    reason: "status_429",
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        assert_eq!(e.retry_after(), Some(Duration::from_secs(7)));
+        assert!(
+            e.to_string().contains("429") && e.to_string().contains("slow down"),
+            "{e}"
+        );
+
+        let when = http_date(SystemTime::now() + Duration::from_secs(120));
+        let (e, _s) = fail_with(Reply::status(503).header("retry-after", &when)).await;
+        assert_eq!(e.reason(), "status_5xx");
+        let after = e.retry_after().unwrap();
+        assert!(
+            after > Duration::from_secs(100) && after <= Duration::from_secs(120),
+            "{after:?}"
+        );
+
+        let (e, _s) = fail_with(Reply::status(408)).await;
+        assert!(
+            matches!(
+                e,
+                DeliveryError::Retry {
+                    reason: "timeout",
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn client_errors_and_redirects_are_refused() {
+        let (e, _s) = fail_with(Reply::status(404)).await;
+        assert!(
+            matches!(
+                e,
+                DeliveryError::Refused {
+                    reason: "status_4xx",
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        assert!(e.to_string().contains("404"), "{e}");
+
+        let long = format!("bad field tenant{}", "y".repeat(1000));
+        let (e, _s) = fail_with(Reply::status(400).body(&long)).await;
+        assert!(
+            matches!(
+                e,
+                DeliveryError::Refused {
+                    reason: "status_4xx",
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        let detail = e.to_string();
+        assert!(
+            detail.contains("400") && detail.contains("bad field tenant"),
+            "{detail}"
+        );
+        assert!(
+            !detail.contains(&"y".repeat(SNIPPET_BYTES)),
+            "the body is cut to {SNIPPET_BYTES} bytes: {detail}"
+        );
+
+        let server = server(vec![Reply::status(302).header("location", "/elsewhere")]).await;
+        let mut sink = HttpSink::new("siem", params(server.url("/in"))).unwrap();
+        let e = sink.deliver(&events(1, 130)).await.unwrap_err();
+        assert!(
+            matches!(
+                e,
+                DeliveryError::Refused {
+                    reason: "status_3xx",
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        assert!(
+            e.to_string().contains("302") && e.to_string().contains("/elsewhere"),
+            "{e}"
+        );
+        let paths: Vec<_> = server.seen().into_iter().map(|r| r.path).collect();
+        assert_eq!(paths, ["/in"], "the redirect was not followed");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_slow_receiver_times_out() {
+        let server = server(vec![Reply::status(200).delay(Duration::from_secs(5))]).await;
+        let mut p = params(server.url("/slow"));
+        p.timeout = Duration::from_millis(300);
+        let mut sink = HttpSink::new("slow", p).unwrap();
+
+        let started = Instant::now();
+        let e = sink.deliver(&events(1, 130)).await.unwrap_err();
+        assert!(
+            matches!(
+                e,
+                DeliveryError::Retry {
+                    reason: "timeout",
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        assert!(
+            started.elapsed() < Duration::from_millis(1500),
+            "took {:?}",
+            started.elapsed()
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_closed_port_is_a_connect_error() {
+        let port = {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            listener.local_addr().unwrap().port()
+        };
+        let mut sink =
+            HttpSink::new("gone", params(format!("http://127.0.0.1:{port}/in"))).unwrap();
+        let e = sink.deliver(&events(1, 130)).await.unwrap_err();
+        assert!(
+            matches!(
+                e,
+                DeliveryError::Retry {
+                    reason: "connect",
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        assert!(e.to_string().contains(&format!("127.0.0.1:{port}")), "{e}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn credentials_stay_out_of_errors_and_debug_output() {
+        // A receiver that echoes the credentials back in its refusal.
+        let server =
+            server(vec![Reply::status(401).body(
+                "bad token tok-secret-123 / whsec-hidden / key-hidden-9",
+            )])
+            .await;
+        let mut p = params(server.url("/in?api_key=query-hidden"));
+        p.auth = Some(HttpAuth::Bearer("tok-secret-123".into()));
+        p.secret = Some("whsec-hidden".into());
+        p.headers = vec![("X-Api-Key".into(), "key-hidden-9".into())];
+        let mut sink = HttpSink::new("siem", p).unwrap();
+
+        let e = sink.deliver(&events(1, 130)).await.unwrap_err();
+        assert_eq!(e.reason(), "status_4xx");
+        let shown = format!("{e} {e:?} {sink:?}");
+        for hidden in [
+            "tok-secret-123",
+            "whsec-hidden",
+            "key-hidden-9",
+            "query-hidden",
+        ] {
+            assert!(!shown.contains(hidden), "{hidden} leaked: {shown}");
+        }
+        assert!(shown.contains("bad token [redacted]"), "{shown}");
+
+        let mut p = params("http://user:pw-hidden@127.0.0.1:1/in".into());
+        p.auth = Some(HttpAuth::Basic {
+            username: "u".into(),
+            password: "basic-hidden".into(),
+        });
+        let mut sink = HttpSink::new("siem", p).unwrap();
+        let e = sink.deliver(&events(1, 130)).await.unwrap_err();
+        let shown = format!("{e} {e:?} {sink:?}");
+        assert!(
+            !shown.contains("pw-hidden") && !shown.contains("basic-hidden"),
+            "{shown}"
+        );
     }
 }
