@@ -550,10 +550,25 @@ async fn live_tail_replays_then_follows_without_gap_or_repeat_across_reconnects(
     Ok(())
 }
 
-/// The process-wide count of live tails disconnected as slow. Metrics are global to the test
-/// binary, so the two tests that wait for it take [`SLOW_CLIENT_TESTS`] and compare with the
-/// count before their own client stopped reading: another test's disconnection must not pass
-/// for theirs (it did once, and the test then read the live stream forever).
+/// `auditbridge serve` as a process of its own, for the tests that read the live tail's
+/// metrics: metrics are global to a process, and an in-process [`ApiServer`] shares them with
+/// every test of this binary (another test's tails or slow disconnection would pass for the
+/// test's own; one did once, and the test then read the live stream forever).
+async fn serve_process(
+    env: &TestEnv,
+    token: &Token,
+    extra: &[(&str, &str)],
+) -> anyhow::Result<Process> {
+    let tokens = Value::Array(vec![token.entry.clone()]).to_string();
+    let mut vars = vec![("AUDITBRIDGE_API_TOKENS", tokens.as_str())];
+    vars.extend_from_slice(extra);
+    let mut serve = Process::spawn(env, "serve", &["serve"], &vars)?;
+    serve.wait_listening(T).await?;
+    Ok(serve)
+}
+
+/// The count of live tails the server at `metrics_addr` disconnected as slow; the tests
+/// compare it with the count before their own client stopped reading.
 async fn slow_disconnects(metrics_addr: std::net::SocketAddr) -> anyhow::Result<f64> {
     let metrics = reqwest::get(format!("http://{metrics_addr}/metrics"))
         .await?
@@ -570,18 +585,18 @@ async fn slow_disconnects(metrics_addr: std::net::SocketAddr) -> anyhow::Result<
 /// for a client that stops reading is small and the same on every machine), and reads until
 /// the replay has caught up. The caller then stops reading.
 async fn open_tail_that_stops_reading(
-    api: &ApiServer,
+    addr: std::net::SocketAddr,
     token: &Token,
 ) -> anyhow::Result<tokio::net::TcpStream> {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
     let socket = tokio::net::TcpSocket::new_v4()?;
     socket.set_recv_buffer_size(4096)?;
-    let mut conn = socket.connect(api.addr).await?;
+    let mut conn = socket.connect(addr).await?;
     conn.write_all(
         format!(
             "GET /v1/events/stream HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {}\r\nConnection: close\r\n\r\n",
-            api.addr, token.token
+            addr, token.token
         )
         .as_bytes(),
     )
@@ -601,20 +616,17 @@ async fn open_tail_that_stops_reading(
     Ok(conn)
 }
 
-static SLOW_CLIENT_TESTS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_does_not_read_is_disconnected() -> anyhow::Result<()> {
     use tokio::io::AsyncReadExt as _;
 
-    let _serial = SLOW_CLIENT_TESTS.lock().await;
     let mut env = TestEnv::new().await?;
     env.ensure_stream().await?;
     let _worker = env.spawn_worker("w", &[]).await?;
     let admin = Token::admin("ops", &["read"]);
-    let api = ApiServer::start(&env, &[&admin], &[]).await?;
+    let api = serve_process(&env, &admin, &[]).await?;
     let before = slow_disconnects(api.metrics).await?;
-    let mut conn = open_tail_that_stops_reading(&api, &admin).await?;
+    let mut conn = open_tail_that_stops_reading(api.addr, &admin).await?;
     let mut buf = vec![0u8; 4096];
     // Stop reading; publish far more than the client queue and the socket buffers hold.
     let events = dataset(&mut env, 30_000);
@@ -675,14 +687,13 @@ async fn a_client_that_does_not_read_is_disconnected() -> anyhow::Result<()> {
 async fn a_slow_client_of_large_events_is_bounded_in_bytes() -> anyhow::Result<()> {
     use tokio::io::AsyncReadExt as _;
 
-    let _serial = SLOW_CLIENT_TESTS.lock().await;
     let mut env = TestEnv::new().await?;
     env.ensure_stream().await?;
     let _worker = env.spawn_worker("w", &[]).await?;
     let admin = Token::admin("ops", &["read"]);
-    let api = ApiServer::start(&env, &[&admin], &[]).await?;
+    let api = serve_process(&env, &admin, &[]).await?;
     let before = slow_disconnects(api.metrics).await?;
-    let mut conn = open_tail_that_stops_reading(&api, &admin).await?;
+    let mut conn = open_tail_that_stops_reading(api.addr, &admin).await?;
     let mut buf = vec![0u8; 65536];
     let pad = "x".repeat(60_000);
     let mut events = env.events(600);
@@ -741,13 +752,12 @@ async fn a_slow_client_of_large_events_is_bounded_in_bytes() -> anyhow::Result<(
 async fn a_client_that_stops_reading_is_cut_and_frees_its_tail() -> anyhow::Result<()> {
     use tokio::io::AsyncReadExt as _;
 
-    let _serial = SLOW_CLIENT_TESTS.lock().await;
     let mut env = TestEnv::new().await?;
     env.ensure_stream().await?;
     let _worker = env.spawn_worker("w", &[]).await?;
     let admin = Token::admin("ops", &["read"]);
-    let api = ApiServer::start(&env, &[&admin], &[("AUDITBRIDGE_API_WRITE_TIMEOUT", "2s")]).await?;
-    let mut conn = open_tail_that_stops_reading(&api, &admin).await?;
+    let api = serve_process(&env, &admin, &[("AUDITBRIDGE_API_WRITE_TIMEOUT", "2s")]).await?;
+    let mut conn = open_tail_that_stops_reading(api.addr, &admin).await?;
     assert_eq!(tail_clients(api.metrics).await?, 1.0);
     let pad = "x".repeat(60_000);
     let mut events = env.events(200);
