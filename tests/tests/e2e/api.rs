@@ -6,10 +6,11 @@
 use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
+use anyhow::ensure;
 use auditbridge_event::{Event, Outcome, Target};
-use auditbridge_tests::TestEnv;
 use auditbridge_tests::api::{ApiServer, Token};
 use auditbridge_tests::sources::Process;
+use auditbridge_tests::{TestEnv, eventually};
 use serde_json::Value;
 use uuid::Uuid;
 
@@ -581,6 +582,24 @@ async fn slow_disconnects(metrics_addr: std::net::SocketAddr) -> anyhow::Result<
         .unwrap_or(0.0))
 }
 
+/// Waits until the server at `metrics_addr` has disconnected more live tails as slow than
+/// `before`.
+async fn wait_for_slow_disconnect(
+    metrics_addr: std::net::SocketAddr,
+    before: f64,
+) -> anyhow::Result<()> {
+    let what = "the client that reads nothing to be disconnected as slow";
+    eventually(what, T, async || {
+        let now = slow_disconnects(metrics_addr).await?;
+        ensure!(
+            now > before,
+            "{now} slow disconnects, {before} before its client stopped"
+        );
+        Ok(())
+    })
+    .await
+}
+
 /// Opens a live tail on a plain socket with a small receive buffer (so what the kernel absorbs
 /// for a client that stops reading is small and the same on every machine), and reads until
 /// the replay has caught up. The caller then stops reading.
@@ -633,39 +652,31 @@ async fn a_client_that_does_not_read_is_disconnected() -> anyhow::Result<()> {
     env.publish(&events).await?;
     env.wait_for_count(30_000, T).await?;
     // Without the client reading a byte, the server gives up on it and says so.
-    let deadline = std::time::Instant::now() + T;
-    loop {
-        if slow_disconnects(api.metrics).await? > before {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "a client that reads nothing is still connected after {T:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_for_slow_disconnect(api.metrics, before).await?;
     // What it had queued is still delivered, then the response ends (and, with
     // `Connection: close`, the connection).
     let mut received = Vec::new();
     // Bounded in all, not only per read: heartbeats would keep an open stream alive forever.
-    let until = std::time::Instant::now() + T;
-    loop {
-        assert!(
-            std::time::Instant::now() < until,
-            "the stream of a client disconnected as slow was still open after {T:?}"
-        );
-        match tokio::time::timeout(Duration::from_secs(20), conn.read(&mut buf)).await {
-            Ok(Ok(0)) => break,
-            Ok(Ok(n)) => received.extend_from_slice(&buf[..n]),
-            Ok(Err(_)) => break,
-            Err(_) => panic!(
-                "the server kept the stream open ({} events read)",
-                String::from_utf8_lossy(&received)
-                    .matches("event: audit")
-                    .count()
-            ),
+    let read_to_end = tokio::time::timeout(T, async {
+        loop {
+            match tokio::time::timeout(Duration::from_secs(20), conn.read(&mut buf)).await {
+                Ok(Ok(0)) => break,
+                Ok(Ok(n)) => received.extend_from_slice(&buf[..n]),
+                Ok(Err(_)) => break,
+                Err(_) => panic!(
+                    "the server kept the stream open ({} events read)",
+                    String::from_utf8_lossy(&received)
+                        .matches("event: audit")
+                        .count()
+                ),
+            }
         }
-    }
+    })
+    .await;
+    assert!(
+        read_to_end.is_ok(),
+        "the stream of a client disconnected as slow was still open after {T:?}"
+    );
     let text = String::from_utf8_lossy(&received);
     let delivered = text.matches("event: audit").count();
     assert!(
@@ -705,31 +716,23 @@ async fn a_slow_client_of_large_events_is_bounded_in_bytes() -> anyhow::Result<(
     env.publish(&events).await?;
     env.wait_for_count(600, T).await?;
     // Bounded: the server disconnects it (slow) within SLOW_CLIENT of its budget filling.
-    let deadline = std::time::Instant::now() + T;
-    loop {
-        if slow_disconnects(api.metrics).await? > before {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "a client that reads nothing is still connected after {T:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_for_slow_disconnect(api.metrics, before).await?;
     let mut received = Vec::new();
     // Bounded in all, not only per read: heartbeats would keep an open stream alive forever.
-    let until = std::time::Instant::now() + T;
-    loop {
-        assert!(
-            std::time::Instant::now() < until,
-            "the stream of a client disconnected as slow was still open after {T:?}"
-        );
-        match tokio::time::timeout(Duration::from_secs(20), conn.read(&mut buf)).await {
-            Ok(Ok(0)) | Ok(Err(_)) => break,
-            Ok(Ok(n)) => received.extend_from_slice(&buf[..n]),
-            Err(_) => panic!("the server kept the stream open"),
+    let read_to_end = tokio::time::timeout(T, async {
+        loop {
+            match tokio::time::timeout(Duration::from_secs(20), conn.read(&mut buf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => break,
+                Ok(Ok(n)) => received.extend_from_slice(&buf[..n]),
+                Err(_) => panic!("the server kept the stream open"),
+            }
         }
-    }
+    })
+    .await;
+    assert!(
+        read_to_end.is_ok(),
+        "the stream of a client disconnected as slow was still open after {T:?}"
+    );
     let delivered = String::from_utf8_lossy(&received)
         .matches("event: audit")
         .count();
@@ -768,28 +771,26 @@ async fn a_client_that_stops_reading_is_cut_and_frees_its_tail() -> anyhow::Resu
     }
     env.publish(&events).await?;
     env.wait_for_count(200, T).await?;
-    let deadline = std::time::Instant::now() + T;
-    while tail_clients(api.metrics).await? > 0.0 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "a client that stopped reading still holds its live tail after {T:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let what = "the client that stopped reading to lose its live tail";
+    eventually(what, T, async || {
+        let open = tail_clients(api.metrics).await?;
+        ensure!(open == 0.0, "{open} live tails open");
+        Ok(())
+    })
+    .await?;
     // The connection is closed: what the kernel buffered, then the end.
     let mut buf = vec![0u8; 65536];
-    let until = std::time::Instant::now() + T;
-    loop {
-        assert!(
-            std::time::Instant::now() < until,
-            "the connection is still open"
-        );
-        match tokio::time::timeout(Duration::from_secs(10), conn.read(&mut buf)).await {
-            Ok(Ok(0)) | Ok(Err(_)) => break,
-            Ok(Ok(_)) => {}
-            Err(_) => panic!("the server kept the connection open"),
+    let read_to_end = tokio::time::timeout(T, async {
+        loop {
+            match tokio::time::timeout(Duration::from_secs(10), conn.read(&mut buf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => break,
+                Ok(Ok(_)) => {}
+                Err(_) => panic!("the server kept the connection open"),
+            }
         }
-    }
+    })
+    .await;
+    assert!(read_to_end.is_ok(), "the connection is still open");
     Ok(())
 }
 
