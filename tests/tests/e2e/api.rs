@@ -582,6 +582,13 @@ async fn slow_disconnects(metrics_addr: std::net::SocketAddr) -> anyhow::Result<
         .unwrap_or(0.0))
 }
 
+/// The three tests of a client that stops reading each push tens of megabytes through a worker
+/// and a server; this lock runs them one at a time. (It once kept their process-wide metrics
+/// apart; each now has a `serve` process of its own for that.) Run together, they load the
+/// machine enough that the tail tests beside them lose their stream to a statement timeout
+/// (seen twice: `a_small_tenant_…` with its 60 ms, and `one_token_with_many_…`).
+static SLOW_CLIENT_TESTS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// Waits until the server at `metrics_addr` has disconnected more live tails as slow than
 /// `before`.
 async fn wait_for_slow_disconnect(
@@ -639,6 +646,7 @@ async fn open_tail_that_stops_reading(
 async fn a_client_that_does_not_read_is_disconnected() -> anyhow::Result<()> {
     use tokio::io::AsyncReadExt as _;
 
+    let _one_at_a_time = SLOW_CLIENT_TESTS.lock().await;
     let mut env = TestEnv::new().await?;
     env.ensure_stream().await?;
     let _worker = env.spawn_worker("w", &[]).await?;
@@ -698,6 +706,7 @@ async fn a_client_that_does_not_read_is_disconnected() -> anyhow::Result<()> {
 async fn a_slow_client_of_large_events_is_bounded_in_bytes() -> anyhow::Result<()> {
     use tokio::io::AsyncReadExt as _;
 
+    let _one_at_a_time = SLOW_CLIENT_TESTS.lock().await;
     let mut env = TestEnv::new().await?;
     env.ensure_stream().await?;
     let _worker = env.spawn_worker("w", &[]).await?;
@@ -755,6 +764,7 @@ async fn a_slow_client_of_large_events_is_bounded_in_bytes() -> anyhow::Result<(
 async fn a_client_that_stops_reading_is_cut_and_frees_its_tail() -> anyhow::Result<()> {
     use tokio::io::AsyncReadExt as _;
 
+    let _one_at_a_time = SLOW_CLIENT_TESTS.lock().await;
     let mut env = TestEnv::new().await?;
     env.ensure_stream().await?;
     let _worker = env.spawn_worker("w", &[]).await?;
