@@ -30,13 +30,13 @@ step "services"
 ensure_services
 
 step "headless Chromium and chromedriver (the query page's browser test)"
-# Debian's chromium and chromium-driver; tests/tests/page.rs drives the browser headless over
-# WebDriver against the page served on 127.0.0.1.
+# Debian's chromium and chromium-driver; tests/tests/e2e/page.rs drives the browser headless
+# over WebDriver against the page served on 127.0.0.1.
 if command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; then
     printf 'chromium: %s\n' "$(chromedriver --version 2>/dev/null | head -1)"
 else
     ab_apt_install chromium chromium-driver ||
-        die "cannot install chromium and chromium-driver (needed by tests/tests/page.rs)"
+        die "cannot install chromium and chromium-driver (needed by tests/tests/e2e/page.rs)"
 fi
 
 step "cargo fmt --all -- --check"
@@ -68,8 +68,9 @@ else
 fi
 
 step "cargo test --workspace --no-fail-fast $*"
-# Test binaries run one after another; faults_global restarts the shared services and
-# serialises its own tests.
+# Test binaries run one after another: the end-to-end suite is one binary (e2e, a module per
+# area), and faults_global, which restarts the shared services and serialises its own tests,
+# another, so nothing runs beside it.
 status=0
 cargo test --workspace --no-fail-fast "$@" || status=$?
 exit "$status"

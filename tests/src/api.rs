@@ -2,9 +2,9 @@
 //! test's own database and NATS names, with tokens made for it.
 
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::{Context as _, bail};
+use anyhow::{Context as _, anyhow, bail};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
@@ -175,7 +175,13 @@ impl SseClient {
     /// The next event (heartbeat comments are skipped), or `None` when the server closed
     /// the stream. Fails after `timeout`.
     pub async fn next(&mut self, timeout: Duration) -> anyhow::Result<Option<Sse>> {
-        let deadline = Instant::now() + timeout;
+        tokio::time::timeout(timeout, self.next_unbounded())
+            .await
+            .map_err(|_| anyhow!("no event within {timeout:?}"))?
+    }
+
+    /// [`SseClient::next`] without a bound; the callers bound it.
+    async fn next_unbounded(&mut self) -> anyhow::Result<Option<Sse>> {
         loop {
             while let Some(cut) = self.buf.find("\n\n") {
                 let block: String = self.buf.drain(..cut + 2).collect();
@@ -200,14 +206,9 @@ impl SseClient {
                     return Ok(Some(sse));
                 }
             }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                bail!("no event within {timeout:?}");
-            }
-            match tokio::time::timeout(left, self.resp.chunk()).await {
-                Err(_) => bail!("no event within {timeout:?}"),
-                Ok(Ok(Some(chunk))) => self.buf.push_str(&String::from_utf8_lossy(&chunk)),
-                Ok(Ok(None)) | Ok(Err(_)) => return Ok(None),
+            match self.resp.chunk().await {
+                Ok(Some(chunk)) => self.buf.push_str(&String::from_utf8_lossy(&chunk)),
+                Ok(None) | Err(_) => return Ok(None),
             }
         }
     }
@@ -223,32 +224,38 @@ impl SseClient {
 
     /// Reads `audit` events until `n` arrived; fails after `timeout`.
     pub async fn audit_events(&mut self, n: usize, timeout: Duration) -> anyhow::Result<Vec<Sse>> {
-        let deadline = Instant::now() + timeout;
         let mut out = Vec::with_capacity(n);
-        while out.len() < n {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.next(left).await {
-                Ok(Some(e)) if e.event == "audit" => out.push(e),
-                Ok(Some(_)) => {}
-                Ok(None) => bail!("stream ended after {} of {n} events", out.len()),
-                Err(e) => bail!("{e} ({} of {n} events)", out.len()),
+        let read = tokio::time::timeout(timeout, async {
+            while out.len() < n {
+                match self.next_unbounded().await? {
+                    Some(e) if e.event == "audit" => out.push(e),
+                    Some(_) => {}
+                    None => bail!("stream ended after {} of {n} events", out.len()),
+                }
             }
+            Ok(())
+        })
+        .await;
+        match read {
+            Ok(read) => read.map(|()| out),
+            Err(_) => bail!("no event within {timeout:?} ({} of {n} events)", out.len()),
         }
-        Ok(out)
     }
 
     /// Waits for the `caught-up` marker (the end of the replay).
     pub async fn caught_up(&mut self, timeout: Duration) -> anyhow::Result<Vec<Sse>> {
-        let deadline = Instant::now() + timeout;
-        let mut replayed = Vec::new();
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.next(left).await? {
-                Some(e) if e.event == "caught-up" => return Ok(replayed),
-                Some(e) if e.event == "audit" => replayed.push(e),
-                Some(_) => {}
-                None => bail!("stream ended before caught-up"),
+        tokio::time::timeout(timeout, async {
+            let mut replayed = Vec::new();
+            loop {
+                match self.next_unbounded().await? {
+                    Some(e) if e.event == "caught-up" => return Ok(replayed),
+                    Some(e) if e.event == "audit" => replayed.push(e),
+                    Some(_) => {}
+                    None => bail!("stream ended before caught-up"),
+                }
             }
-        }
+        })
+        .await
+        .map_err(|_| anyhow!("no event within {timeout:?}"))?
     }
 }

@@ -6,9 +6,9 @@ use std::collections::HashSet;
 use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
 use std::process::Stdio;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::{Context as _, bail};
+use anyhow::{Context as _, bail, ensure};
 use async_nats::HeaderMap;
 use async_nats::jetstream;
 use auditbridge_event::{Event, synth::Generator};
@@ -19,11 +19,14 @@ use uuid::Uuid;
 
 pub mod api;
 pub mod cluster;
+mod eventually;
 pub mod nats_server;
 pub mod proxy;
 pub mod rabbit;
 pub mod receiver;
 pub mod sources;
+
+pub use eventually::{eventually, until};
 
 pub const NATS_URL: &str = "nats://127.0.0.1:4222";
 pub const PG_BASE: &str = "postgres://postgres@127.0.0.1:5432";
@@ -214,17 +217,12 @@ impl TestEnv {
 
     /// Waits until at least `n` events are stored, or fails after `timeout`.
     pub async fn wait_for_count(&self, n: i64, timeout: Duration) -> anyhow::Result<()> {
-        let deadline = Instant::now() + timeout;
-        loop {
+        eventually(&format!("{n} events stored"), timeout, async || {
             let have = self.count().await?;
-            if have >= n {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                bail!("timed out with {have} of {n} events stored");
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+            ensure!(have >= n, "{have} of {n} events stored");
+            Ok(())
+        })
+        .await
     }
 
     /// Waits until every stored event is below the commit-safe horizon (older than every
@@ -232,40 +230,37 @@ impl TestEnv {
     /// starting "now" starts after them. A transaction of another test running in parallel can
     /// hold the horizon back for a moment.
     pub async fn wait_below_horizon(&self, timeout: Duration) -> anyhow::Result<()> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let passed: bool = sqlx::query_scalar(
-                "SELECT coalesce(max(tx_id) < pg_snapshot_xmin(pg_current_snapshot()), true) \
-                 FROM audit_events",
-            )
-            .fetch_one(&self.pool)
-            .await?;
-            if passed {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                bail!("stored events stayed above the horizon for {timeout:?}");
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        eventually(
+            "every stored event below the commit-safe horizon",
+            timeout,
+            async || {
+                let passed: bool = sqlx::query_scalar(
+                    "SELECT coalesce(max(tx_id) < pg_snapshot_xmin(pg_current_snapshot()), true) \
+                     FROM audit_events",
+                )
+                .fetch_one(&self.pool)
+                .await?;
+                ensure!(passed, "stored events are above the horizon");
+                Ok(())
+            },
+        )
+        .await
     }
 
     /// Waits until the consumer has nothing pending and nothing unacknowledged.
     pub async fn wait_for_drained(&self, timeout: Duration) -> anyhow::Result<()> {
-        let deadline = Instant::now() + timeout;
         let stream = self.js.get_stream(&self.stream).await?;
-        loop {
-            if let Ok(info) = stream.consumer_info(&self.consumer).await
-                && info.num_pending == 0
-                && info.num_ack_pending == 0
-            {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                bail!("consumer not drained after {timeout:?}");
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        eventually("the consumer drained", timeout, async || {
+            let info = stream.consumer_info(&self.consumer).await?;
+            ensure!(
+                info.num_pending == 0 && info.num_ack_pending == 0,
+                "{} pending, {} unacknowledged",
+                info.num_pending,
+                info.num_ack_pending
+            );
+            Ok(())
+        })
+        .await
     }
 
     /// (kind, reason, subject) of every dead letter, oldest first.
@@ -353,19 +348,16 @@ impl Worker {
 
     /// Waits until `/readyz` answers 200.
     pub async fn wait_ready(&self, timeout: Duration) -> anyhow::Result<()> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Ok((200, _)) = self.get("/readyz").await {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "worker not ready after {timeout:?}; log: {}",
-                    self.log.display()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        eventually(
+            &format!("the worker ready (log: {})", self.log.display()),
+            timeout,
+            async || {
+                let (status, body) = self.get("/readyz").await?;
+                ensure!(status == 200, "/readyz: {status} {body}");
+                Ok(())
+            },
+        )
+        .await
     }
 
     /// The value of an unlabelled counter or gauge from `/metrics`.

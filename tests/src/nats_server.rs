@@ -4,9 +4,9 @@
 
 use std::path::PathBuf;
 use std::process::Stdio;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::{Context as _, bail};
+use anyhow::{Context as _, anyhow, bail};
 use tokio::process::{Child, Command};
 
 pub const NATS_SERVER: &str = "/usr/sbin/nats-server";
@@ -78,34 +78,31 @@ impl NatsServer {
 
     /// Waits until a client connection succeeds and JetStream answers.
     async fn wait_accepting(&mut self, timeout: Duration) -> anyhow::Result<()> {
-        let deadline = Instant::now() + timeout;
-        loop {
+        let url = self.url();
+        let log = self.dir.join("server.log");
+        let Some(child) = &mut self.child else {
+            bail!("the private nats-server is not running");
+        };
+        let what = format!("the private nats-server at {url} to accept clients");
+        let accepting = crate::eventually(&what, timeout, async || {
             let attempt = async {
                 let client = async_nats::ConnectOptions::new()
                     .connection_timeout(Duration::from_secs(1))
-                    .connect(self.url())
+                    .connect(url.as_str())
                     .await?;
                 // JetStream answers its API (the reply's shape is not this test's business).
                 client.request("$JS.API.INFO", "".into()).await?;
                 anyhow::Ok(())
             };
-            let last = match tokio::time::timeout(Duration::from_secs(2), attempt).await {
-                Ok(Ok(())) => return Ok(()),
-                Ok(Err(e)) => format!("{e:#}"),
-                Err(_) => "timed out".to_owned(),
-            };
-            if let Some(child) = &mut self.child
-                && let Some(status) = child.try_wait()?
-            {
-                bail!(
-                    "nats-server exited with {status}; log: {}",
-                    self.dir.join("server.log").display()
-                );
+            tokio::time::timeout(Duration::from_secs(2), attempt)
+                .await
+                .map_err(|_| anyhow!("no answer within 2 s"))?
+        });
+        tokio::select! {
+            accepting = accepting => accepting,
+            status = child.wait() => {
+                bail!("nats-server exited with {}; log: {}", status?, log.display())
             }
-            if Instant::now() > deadline {
-                bail!("the private nats-server did not accept clients within {timeout:?}: {last}");
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 }

@@ -1,7 +1,7 @@
 //! A RabbitMQ exchange and queue of a test's own on the local broker, and a way to read back
 //! what a destination published (ids by `message_id`, NDJSON bodies in batch mode).
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use lapin::options::{
     BasicGetOptions, ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions,
@@ -121,23 +121,16 @@ impl TestBroker {
         got: &mut Vec<Got>,
         mut check: impl FnMut(&[Got]) -> bool,
     ) -> anyhow::Result<()> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Ok(more) = self.drain().await {
-                got.extend(more);
-            }
+        let what = format!("the messages wanted from {}", self.queue);
+        crate::eventually(&what, timeout, async || {
+            let drained = self.drain().await.map(|more| got.extend(more));
             if check(got) {
                 return Ok(());
             }
-            if Instant::now() > deadline {
-                anyhow::bail!(
-                    "timed out collecting from {} ({} messages so far)",
-                    self.queue,
-                    got.len()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+            drained?;
+            anyhow::bail!("{} messages so far", got.len())
+        })
+        .await
     }
 
     /// A destination definition publishing to this exchange.

@@ -3,7 +3,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use tokio::process::Child;
@@ -60,25 +60,27 @@ impl Process {
 
     /// Waits until the process answers HTTP on either address (any status).
     pub async fn wait_listening(&mut self, timeout: Duration) -> anyhow::Result<()> {
-        let deadline = Instant::now() + timeout;
         let client = reqwest::Client::new();
-        loop {
-            let metrics = format!("http://{}/healthz", self.metrics);
-            if client.get(self.url("/healthz")).send().await.is_ok()
-                || client.get(&metrics).send().await.is_ok()
-            {
-                return Ok(());
+        let api = self.url("/healthz");
+        let metrics = format!("http://{}/healthz", self.metrics);
+        let log = self.log.clone();
+        let what = format!("{api} or {metrics} to answer (log: {})", log.display());
+        let listening = crate::eventually(&what, timeout, async || {
+            match client.get(&api).send().await {
+                Ok(_) => Ok(()),
+                Err(_) => {
+                    client.get(&metrics).send().await?;
+                    Ok(())
+                }
             }
-            if let Ok(Some(status)) = self.child.try_wait() {
-                bail!("exited with {status}; log: {}", self.log_text());
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "not listening after {timeout:?}; log: {}",
-                    self.log.display()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+        });
+        tokio::select! {
+            listening = listening => listening,
+            status = self.child.wait() => bail!(
+                "exited with {}; log: {}",
+                status?,
+                std::fs::read_to_string(&log).unwrap_or_default()
+            ),
         }
     }
 

@@ -9,7 +9,7 @@
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context as _, bail, ensure};
 use auditbridge_event::Event;
@@ -17,7 +17,7 @@ use auditbridge_store::roles::{OWNER, READER, WRITER};
 use auditbridge_store::{DeadLetter, NewEvent, Store};
 use auditbridge_tests::api::{ApiServer, Token};
 use auditbridge_tests::receiver::{Answer, Receiver};
-use auditbridge_tests::{TestEnv, free_addr};
+use auditbridge_tests::{TestEnv, eventually, free_addr, until};
 use serde_json::json;
 use sqlx::{AssertSqlSafe, Connection as _, PgConnection};
 use uuid::Uuid;
@@ -33,30 +33,14 @@ fn url_as(env: &TestEnv, role: &str) -> String {
     format!("postgres://{role}@{rest}")
 }
 
-async fn until(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) -> anyhow::Result<()> {
-    let deadline = Instant::now() + timeout;
-    while !ok() {
-        if Instant::now() > deadline {
-            bail!("timed out waiting for {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    Ok(())
-}
-
 /// Waits until a query as the harness's superuser returns true.
 async fn until_sql(env: &TestEnv, what: &str, sql: &'static str) -> anyhow::Result<()> {
-    let deadline = Instant::now() + T;
-    loop {
+    eventually(what, T, async || {
         let done: bool = sqlx::query_scalar(sql).fetch_one(&env.pool).await?;
-        if done {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            bail!("timed out waiting for {what} (`{sql}`)");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+        ensure!(done, "`{sql}` is false");
+        Ok(())
+    })
+    .await
 }
 
 fn owned(events: &[Event]) -> Vec<(Event, Vec<u8>)> {
@@ -684,17 +668,16 @@ async fn a_worker_as_the_writer_and_serve_as_the_reader_work_end_to_end() -> any
 
 /// Waits until `path` contains `needle`; returns the text.
 async fn wait_for_log(path: &Path, needle: &str) -> anyhow::Result<String> {
-    let deadline = Instant::now() + T;
-    loop {
-        let text = std::fs::read_to_string(path).unwrap_or_default();
-        if text.contains(needle) {
-            return Ok(text);
-        }
-        if Instant::now() > deadline {
-            bail!("{} never said {needle:?}:\n{text}", path.display());
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    eventually(
+        &format!("{} to say {needle:?}", path.display()),
+        T,
+        async || {
+            let text = std::fs::read_to_string(path).unwrap_or_default();
+            ensure!(text.contains(needle), "it says:\n{text}");
+            Ok(text)
+        },
+    )
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

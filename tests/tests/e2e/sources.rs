@@ -7,13 +7,13 @@ use std::io::Write as _;
 use std::path::Path;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use anyhow::bail;
+use anyhow::{bail, ensure};
 use auditbridge_event::Event;
 use auditbridge_sources::signature::sign;
 use auditbridge_sources::{SourceKind, parse_sources};
 use auditbridge_tests::api::Token;
 use auditbridge_tests::sources::Process;
-use auditbridge_tests::{TestEnv, id_key};
+use auditbridge_tests::{TestEnv, eventually, id_key, until};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
@@ -43,21 +43,17 @@ fn ndjson(events: &[Event]) -> String {
 }
 
 async fn wait_stored(env: &TestEnv, ids: &HashSet<Uuid>) -> anyhow::Result<()> {
-    let deadline = Instant::now() + WAIT;
-    loop {
+    eventually(&format!("{} ids stored", ids.len()), WAIT, async || {
         let stored = env.stored_ids().await?;
-        if ids.is_subset(&stored) {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            bail!(
-                "{} of {} ids stored after {WAIT:?}",
-                ids.intersection(&stored).count(),
-                ids.len()
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+        ensure!(
+            ids.is_subset(&stored),
+            "{} of {} ids stored",
+            ids.intersection(&stored).count(),
+            ids.len()
+        );
+        Ok(())
+    })
+    .await
 }
 
 async fn stored_event(env: &TestEnv, id: Uuid) -> anyhow::Result<Value> {
@@ -483,17 +479,6 @@ fn append(path: &Path, text: &str) {
     f.write_all(text.as_bytes()).unwrap();
 }
 
-async fn wait_until(what: &str, mut check: impl FnMut() -> bool) -> anyhow::Result<()> {
-    let deadline = Instant::now() + WAIT;
-    while !check() {
-        if Instant::now() > deadline {
-            bail!("timed out waiting for {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    Ok(())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tail_file_follows_appends_restarts_rotation_truncation_and_partial_lines()
 -> anyhow::Result<()> {
@@ -536,7 +521,10 @@ async fn tail_file_follows_appends_restarts_rotation_truncation_and_partial_line
     let mut p = tail(&env, "tail-1")?;
     p.wait_listening(WAIT).await?;
     let complete = file_len(&path) - head.len() as u64;
-    wait_until("the complete lines to be settled", || offset() == complete).await?;
+    until("the complete lines to be settled", WAIT, || {
+        offset() == complete
+    })
+    .await?;
     wait_stored(&env, &first[..29].iter().map(|e| e.id).collect()).await?;
     env.wait_for_drained(WAIT).await?;
     assert!(
@@ -562,7 +550,10 @@ async fn tail_file_follows_appends_restarts_rotation_truncation_and_partial_line
     all.extend(bulk.iter().map(|e| e.id));
     append(&path, &ndjson(&bulk));
     let before = offset();
-    wait_until("the tail to move into the append", || offset() > before).await?;
+    until("the tail to move into the append", WAIT, || {
+        offset() > before
+    })
+    .await?;
     p.signal("KILL");
     p.wait_exit(WAIT).await?;
     let killed_at = offset();
@@ -586,7 +577,7 @@ async fn tail_file_follows_appends_restarts_rotation_truncation_and_partial_line
     std::fs::File::create(&path)?;
     append(&path, &ndjson(&truncated));
     wait_stored(&env, &truncated.iter().map(|e| e.id).collect()).await?;
-    wait_until("the position to reach the end", || {
+    until("the position to reach the end", WAIT, || {
         offset() == file_len(&path)
     })
     .await?;
@@ -633,17 +624,12 @@ async fn stream_messages(env: &TestEnv) -> anyhow::Result<u64> {
 }
 
 async fn wait_stream_messages(env: &TestEnv, n: u64) -> anyhow::Result<()> {
-    let deadline = Instant::now() + WAIT;
-    loop {
+    eventually(&format!("{n} messages in the stream"), WAIT, async || {
         let have = stream_messages(env).await?;
-        if have >= n {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            bail!("{have} of {n} messages in the stream after {WAIT:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+        ensure!(have >= n, "{have} of {n} messages in the stream");
+        Ok(())
+    })
+    .await
 }
 
 /// An event of tenant `globex` carrying `victim`'s id (what a squatting producer sends).
@@ -738,7 +724,7 @@ async fn no_way_in_lets_another_tenants_id_suppress_an_event() -> anyhow::Result
     tail.wait_listening(WAIT).await?;
     let state = dir.join(".auditbridge-tail-app.state.json");
     let len = std::fs::metadata(&path)?.len();
-    wait_until("the file to be settled", || {
+    until("the file to be settled", WAIT, || {
         auditbridge_sources::tail::read_position(&state)
             .ok()
             .flatten()
@@ -1349,15 +1335,14 @@ async fn tail_file_reads_every_file_rotated_while_nats_was_down() -> anyhow::Res
     let a_more = env.events(100);
     append(&path, &ndjson(&a_more));
     // The tail has read A's new lines and is retrying their publish.
-    let deadline = Instant::now() + WAIT;
-    while p
-        .metric("auditbridge_tail_publish_failures_total{source=\"app\"}")
-        .await?
-        < 1.0
-    {
-        assert!(Instant::now() < deadline, "the tail never tried to publish");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually("the tail to try to publish", WAIT, async || {
+        let failures = p
+            .metric("auditbridge_tail_publish_failures_total{source=\"app\"}")
+            .await?;
+        ensure!(failures >= 1.0, "{failures} failed publishes");
+        Ok(())
+    })
+    .await?;
     rotate(&path)?;
     let b = env.events(100);
     append(&path, &ndjson(&b));

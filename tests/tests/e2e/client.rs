@@ -14,7 +14,7 @@ use auditbridge_client::{
 };
 use auditbridge_event::{Event, Uuid};
 use auditbridge_tests::nats_server::NatsServer;
-use auditbridge_tests::{PG_BASE, TestEnv};
+use auditbridge_tests::{PG_BASE, TestEnv, eventually};
 use sqlx::migrate::MigrateDatabase as _;
 
 const EVENTS_PER_PHASE: usize = 400;
@@ -569,11 +569,16 @@ async fn more_held_events_than_max_in_flight_go_out_when_nats_is_back() -> anyho
         ids.push(e.id);
         client.record(e).await?;
     }
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while client.stats().queue_events > 40 - 16 {
-        ensure!(Instant::now() < deadline, "not held: {:?}", client.stats());
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    eventually(
+        "the rest held in the queue",
+        Duration::from_secs(10),
+        async || {
+            let stats = client.stats();
+            ensure!(stats.queue_events <= 40 - 16, "not held: {stats:?}");
+            Ok(())
+        },
+    )
+    .await?;
     ensure!(client.stats().store_events == 0, "{:?}", client.stats());
 
     nats.restart().await?;
@@ -641,20 +646,18 @@ async fn corrupt_rows_of_the_postgres_store_are_moved_and_leave_no_transaction_o
         .connect()
         .await?;
     let want: Vec<Uuid> = good.iter().map(|e| e.id).collect();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
+    let what = "the good rows behind the corrupt ones drained";
+    eventually(what, Duration::from_secs(20), async || {
         // Reading an empty stream is an error: nothing there yet.
         let in_stream = stream_ids(auditbridge_tests::NATS_URL, &env.stream).await;
-        if in_stream.is_ok_and(|ids| ids == want) {
-            break;
-        }
         ensure!(
-            Instant::now() < deadline,
-            "the good rows behind the corrupt ones were not drained: {:?}",
+            in_stream.is_ok_and(|ids| ids == want),
+            "not drained: {:?}",
             online.stats()
         );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+        Ok(())
+    })
+    .await?;
     let count = |sql: &'static str| {
         let pool = pool.clone();
         async move { sqlx::query_scalar::<_, i64>(sql).fetch_one(&pool).await }

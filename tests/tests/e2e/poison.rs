@@ -6,10 +6,10 @@
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, bail};
+use anyhow::{Context as _, ensure};
 use async_nats::HeaderMap;
 use auditbridge_event::Event;
-use auditbridge_tests::{PG_BASE, TestEnv, Worker};
+use auditbridge_tests::{PG_BASE, TestEnv, Worker, eventually};
 use sqlx::{AssertSqlSafe, Connection as _, PgConnection};
 use uuid::Uuid;
 
@@ -49,20 +49,16 @@ async fn wait_for_dead_letters(
     env: &TestEnv,
     n: usize,
 ) -> anyhow::Result<Vec<(String, String, String)>> {
-    let deadline = Instant::now() + T;
-    loop {
+    eventually(&format!("{n} dead letters"), T, async || {
         let dead = env.dead_letters().await?;
-        if dead.len() >= n {
-            return Ok(dead);
-        }
-        if Instant::now() > deadline {
-            bail!(
-                "timed out with {} of {n} dead letters: {dead:#?}",
-                dead.len()
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+        ensure!(
+            dead.len() >= n,
+            "{} of {n} dead letters: {dead:#?}",
+            dead.len()
+        );
+        Ok(dead)
+    })
+    .await
 }
 
 /// A labelled counter from the worker's `/metrics` (0 when absent).

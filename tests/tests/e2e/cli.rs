@@ -4,8 +4,8 @@
 use std::process::{Output, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, bail};
-use auditbridge_tests::{TestEnv, Worker};
+use anyhow::{Context as _, ensure};
+use auditbridge_tests::{TestEnv, Worker, eventually};
 use tokio::io::AsyncWriteExt as _;
 
 fn text(bytes: &[u8]) -> String {
@@ -51,8 +51,8 @@ async fn stream_messages(env: &TestEnv) -> anyhow::Result<u64> {
 
 /// Waits until `/metrics` has a line for `name`, and returns the page.
 async fn wait_for_metric(worker: &Worker, name: &str, at_least: f64) -> anyhow::Result<String> {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
+    let what = format!("{name} >= {at_least} on /metrics");
+    eventually(&what, Duration::from_secs(15), async || {
         let (status, body) = worker.get("/metrics").await?;
         let value = body.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
             l.strip_prefix(name)?
@@ -61,14 +61,13 @@ async fn wait_for_metric(worker: &Worker, name: &str, at_least: f64) -> anyhow::
                 .parse::<f64>()
                 .ok()
         });
-        if status == 200 && value.is_some_and(|v| v >= at_least) {
-            return Ok(body);
-        }
-        if Instant::now() > deadline {
-            bail!("/metrics has no {name} >= {at_least} (got {value:?}):\n{body}");
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+        ensure!(
+            status == 200 && value.is_some_and(|v| v >= at_least),
+            "{status}, {name} is {value:?}:\n{body}"
+        );
+        Ok(body)
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -240,13 +239,12 @@ async fn status_reports_stream_consumer_database_and_dead_letters() -> anyhow::R
     .await?;
 
     env.wait_for_count(12, Duration::from_secs(20)).await?;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while env.dead_letters().await?.len() < 2 {
-        if Instant::now() > deadline {
-            bail!("dead letters: {:?}", env.dead_letters().await?);
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    eventually("two dead letters", Duration::from_secs(20), async || {
+        let dead = env.dead_letters().await?;
+        ensure!(dead.len() >= 2, "dead letters: {dead:?}");
+        Ok(())
+    })
+    .await?;
     env.wait_for_drained(Duration::from_secs(10)).await?;
 
     let out = env.command(&["status", "--json"], &[]).output().await?;
@@ -364,20 +362,21 @@ async fn health_readiness_and_metrics_endpoints() -> anyhow::Result<()> {
     let mut worker = env.spawn_worker("w", &[]).await?;
 
     // /healthz answers as soon as the port is served.
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        match worker.get("/healthz").await {
+    eventually(
+        "/healthz to answer",
+        Duration::from_secs(15),
+        async || match worker.get("/healthz").await {
             Ok((status, _)) => {
                 assert_eq!(status, 200);
-                break;
+                Ok(())
             }
-            Err(e) if Instant::now() > deadline => bail!("/healthz never answered: {e}"),
-            Err(_) => {
+            Err(e) => {
                 assert!(worker.is_running(), "worker died: {}", worker.log_text());
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                Err(e)
             }
-        }
-    }
+        },
+    )
+    .await?;
 
     worker.wait_ready(Duration::from_secs(20)).await?;
     let (status, body) = worker.get("/readyz").await?;
@@ -398,8 +397,8 @@ async fn health_readiness_and_metrics_endpoints() -> anyhow::Result<()> {
     );
     // Once drained, the gauge comes down to 0 (it is refreshed every few seconds).
     env.wait_for_drained(Duration::from_secs(10)).await?;
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
+    let what = "auditbridge_consumer_pending_messages to come down to 0";
+    eventually(what, Duration::from_secs(15), async || {
         let (_, body) = worker.get("/metrics").await?;
         let pending = body.lines().find_map(|l| {
             l.strip_prefix("auditbridge_consumer_pending_messages ")?
@@ -407,14 +406,10 @@ async fn health_readiness_and_metrics_endpoints() -> anyhow::Result<()> {
                 .parse::<f64>()
                 .ok()
         });
-        if pending == Some(0.0) {
-            break;
-        }
-        if Instant::now() > deadline {
-            bail!("auditbridge_consumer_pending_messages is {pending:?}, expected 0:\n{body}");
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+        ensure!(pending == Some(0.0), "it is {pending:?}:\n{body}");
+        Ok(())
+    })
+    .await?;
     Ok(())
 }
 

@@ -4,11 +4,11 @@
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use anyhow::bail;
+use anyhow::ensure;
 use auditbridge_event::Event;
 use auditbridge_tests::rabbit::TestBroker;
 use auditbridge_tests::receiver::{Answer, Receiver};
-use auditbridge_tests::{TestEnv, Worker};
+use auditbridge_tests::{TestEnv, Worker, eventually, until};
 use serde_json::json;
 use uuid::Uuid;
 
@@ -16,22 +16,6 @@ const T: Duration = Duration::from_secs(60);
 
 fn ids<'a>(events: impl IntoIterator<Item = &'a Event>) -> HashSet<Uuid> {
     events.into_iter().map(|e| e.id).collect()
-}
-
-/// Waits until `check` holds, polling every 100 ms, or fails with `what` after `timeout`.
-async fn until(
-    what: &str,
-    timeout: Duration,
-    mut check: impl FnMut() -> bool,
-) -> anyhow::Result<()> {
-    let deadline = Instant::now() + timeout;
-    while !check() {
-        if Instant::now() > deadline {
-            bail!("timed out waiting for {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    Ok(())
 }
 
 async fn status_json(env: &TestEnv, destinations: &str) -> anyhow::Result<serde_json::Value> {
@@ -195,14 +179,10 @@ async fn filters_and_start_positions_route_exactly_what_they_should_and_signatur
         .await?;
     worker.wait_ready(T).await?;
     // `now` means from the destination's creation: wait until it exists before publishing.
-    let deadline = Instant::now() + T;
-    while destination(&status_json(&env, &dest).await?, "all-now").is_null() {
-        assert!(
-            Instant::now() < deadline,
-            "destination all-now never registered"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    until_status(&env, &dest, "destination all-now registered", T, |s| {
+        !destination(s, "all-now").is_null()
+    })
+    .await?;
     let after = env.events(500);
     env.publish(&after).await?;
     let all: Vec<Event> = before.iter().chain(&after).cloned().collect();
@@ -348,20 +328,15 @@ async fn rewind_replays_and_max_backlog_age_skips_loudly() -> anyhow::Result<()>
     env.publish(&old).await?;
     env.wait_for_count(300, T).await?;
     // A 400 keeps the batch and marks the destination failing.
-    let deadline = Instant::now() + T;
-    loop {
-        let s = status_json(&env, &dest).await?;
-        let d = destination(&s, "impatient");
-        if d["failing"] == true {
-            assert!(
-                d["last_error"].as_str().unwrap_or("").contains("400"),
-                "{d}"
-            );
-            break;
-        }
-        assert!(Instant::now() < deadline, "never marked failing: {s}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let s = until_status(&env, &dest, "impatient marked failing", T, |s| {
+        destination(s, "impatient")["failing"] == true
+    })
+    .await?;
+    let d = destination(&s, "impatient");
+    assert!(
+        d["last_error"].as_str().unwrap_or("").contains("400"),
+        "{d}"
+    );
     // Let the backlog age past 6 s, then recover. (6 s, not less: `received_at` is the
     // transaction's start, and on a loaded machine a batch can take seconds to commit, so
     // a shorter age can pass before the relay ever sees the events.)
@@ -585,17 +560,12 @@ async fn until_status(
     timeout: Duration,
     check: impl Fn(&serde_json::Value) -> bool,
 ) -> anyhow::Result<serde_json::Value> {
-    let deadline = Instant::now() + timeout;
-    loop {
+    eventually(what, timeout, async || {
         let s = status_json(env, dest).await?;
-        if check(&s) {
-            return Ok(s);
-        }
-        if Instant::now() > deadline {
-            bail!("timed out waiting for {what}: {s}");
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+        ensure!(check(&s), "status: {s}");
+        Ok(s)
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

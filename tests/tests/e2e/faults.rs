@@ -6,7 +6,7 @@ use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use auditbridge_tests::proxy::Proxy;
-use auditbridge_tests::{PG_BASE, TestEnv};
+use auditbridge_tests::{PG_BASE, TestEnv, eventually};
 use uuid::Uuid;
 
 const T: Duration = Duration::from_secs(90);
@@ -144,18 +144,16 @@ async fn postgres_unreachable_then_back_loses_nothing_and_the_worker_stays_up() 
 
     proxy.cut();
     // The worker notices: not ready, persist failures counted, and it holds its batches.
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
+    let what = "/readyz to report the database down";
+    eventually(what, Duration::from_secs(15), async || {
         let (status, body) = worker.get("/readyz").await?;
-        if status == 503 && body.contains("\"database\":false") {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "readyz never reported the database down: {body}"
+        anyhow::ensure!(
+            status == 503 && body.contains("\"database\":false"),
+            "{status} {body}"
         );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+        Ok(())
+    })
+    .await?;
     let stalled = env.count().await?;
     // The outage lasts longer than the ack wait (3 s), so JetStream redelivers what the worker
     // holds: the worst case for duplicates.

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use auditbridge_store::{Position, Store};
-use auditbridge_tests::TestEnv;
+use auditbridge_tests::{TestEnv, eventually};
 use uuid::Uuid;
 
 /// One writer transaction: when it inserted (its highest seq) and when it committed.
@@ -264,21 +264,19 @@ async fn a_timestamp_start_and_rewind_never_pass_an_event_still_in_flight() -> a
     for name in ["from-t", "rewound"] {
         // Bounded: the horizon passes both batches once no transaction of this or another
         // test holds it.
-        let deadline = Instant::now() + Duration::from_secs(30);
         let mut cursor = cursors[name].clone();
         let mut seen = HashSet::new();
-        while !seen.contains(&later_id) {
-            assert!(
-                Instant::now() < deadline,
-                "{name}: the later event never came"
-            );
+        let what = format!("{name}: the later event");
+        eventually(&what, Duration::from_secs(30), async || {
             let rows = store.read_outbox(&cursor, 100).await?;
             if let Some(last) = rows.last() {
                 cursor = last.position.clone();
             }
             seen.extend(rows.iter().map(|r| r.event.id));
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+            anyhow::ensure!(seen.contains(&later_id), "{} others read", seen.len());
+            Ok(())
+        })
+        .await?;
         assert!(
             seen.contains(&held_id),
             "{name}: the cursor was placed past the event that was in flight"
@@ -419,33 +417,31 @@ async fn a_trail_restored_into_a_new_cluster_keeps_relaying_and_tailing() -> any
         .collect();
 
     // The destination, from its stored cursor.
-    let deadline = Instant::now() + Duration::from_secs(30);
     let state = restored
         .acquire_lease("d", "after", ttl)
         .await?
         .expect("free");
     let mut cursor = state.cursor;
     let mut relayed = Vec::new();
-    while relayed.len() < want.len() {
-        assert!(
-            Instant::now() < deadline,
-            "the destination got {} of {} events after the restore",
-            relayed.len(),
-            want.len()
-        );
-        let rows = restored.read_outbox(&cursor, 7).await?;
-        if let Some(last) = rows.last() {
+    let what = "the destination to relay every event after the restore";
+    eventually(what, Duration::from_secs(30), async || {
+        // Read on while there is something to read; wait only when there is not.
+        while relayed.len() < want.len() {
+            let rows = restored.read_outbox(&cursor, 7).await?;
+            let Some(last) = rows.last() else {
+                anyhow::bail!("{} of {} events relayed", relayed.len(), want.len());
+            };
             cursor = last.position.clone();
             assert!(
                 restored
                     .advance("d", "after", &cursor, rows.len() as u64, 0)
                     .await?
             );
-        } else {
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            relayed.extend(rows.iter().map(|r| r.event.id));
         }
-        relayed.extend(rows.iter().map(|r| r.event.id));
-    }
+        Ok(())
+    })
+    .await?;
     assert_eq!(
         relayed, want,
         "the destination missed, repeated or reordered events"

@@ -3,7 +3,7 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-use auditbridge_tests::TestEnv;
+use auditbridge_tests::{TestEnv, eventually};
 use uuid::Uuid;
 
 const T: Duration = Duration::from_secs(60);
@@ -274,14 +274,12 @@ async fn the_stream_refuses_messages_over_the_event_limit_at_publish() -> anyhow
     env.publish_raw(&subject, within, None).await?.await?;
 
     let _worker = env.spawn_worker("w", &[]).await?;
-    let deadline = std::time::Instant::now() + T;
-    let dead = loop {
+    let dead = eventually("two dead letters", T, async || {
         let dead = env.dead_letters().await?;
-        if dead.len() >= 2 || std::time::Instant::now() > deadline {
-            break dead;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+        anyhow::ensure!(dead.len() >= 2, "{dead:#?}");
+        Ok(dead)
+    })
+    .await?;
     env.wait_for_drained(T).await?;
     assert_eq!(dead.len(), 2, "{dead:#?}");
     for (kind, reason, _) in &dead {
@@ -343,14 +341,12 @@ async fn pulls_and_batches_are_bounded_by_bytes() -> anyhow::Result<()> {
     assert!(info.num_pending > 0, "the rest waits in the stream");
     lock.rollback().await?;
 
-    let deadline = std::time::Instant::now() + T;
-    while env.dead_letters().await?.len() < N {
-        anyhow::ensure!(
-            std::time::Instant::now() < deadline,
-            "timed out waiting for {N} dead letters"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    eventually(&format!("{N} dead letters"), T, async || {
+        let dead = env.dead_letters().await?.len();
+        anyhow::ensure!(dead >= N, "{dead} of {N} dead letters");
+        Ok(())
+    })
+    .await?;
     env.wait_for_drained(T).await?;
     let dead = env.dead_letters().await?;
     assert_eq!(dead.len(), N);

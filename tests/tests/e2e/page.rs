@@ -7,8 +7,8 @@
 use std::time::Duration;
 
 use anyhow::Context as _;
-use auditbridge_tests::TestEnv;
 use auditbridge_tests::api::{ApiServer, Token};
+use auditbridge_tests::{TestEnv, eventually};
 use tokio::process::Command;
 
 fn chromium() -> String {
@@ -66,23 +66,21 @@ async fn the_page_shows_a_tenants_events_charts_and_live_tail_in_chromium() -> a
     let browser = Browser::start(&env.tag).await?;
     let url = format!("{}#token={}&tenant=acme", api.url("/"), acme.token);
     browser.goto(&url).await?;
-    let deadline = std::time::Instant::now() + Duration::from_secs(45);
-    loop {
+    let what = "five rows in the page's live tail";
+    eventually(what, Duration::from_secs(45), async || {
         let n = browser
             .script("return document.querySelectorAll('#tail tr').length")
             .await?;
-        if n.as_u64().unwrap_or(0) >= 5 {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the live tail shows {n} rows after 45 s; status: {}",
+        anyhow::ensure!(
+            n.as_u64().unwrap_or(0) >= 5,
+            "the live tail shows {n} rows; status: {}",
             browser
                 .script("return document.getElementById('status').textContent")
                 .await?
         );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+        Ok(())
+    })
+    .await?;
     let dom = browser
         .script("return document.documentElement.outerHTML")
         .await?
@@ -162,14 +160,15 @@ impl Browser {
         .context("starting chromedriver (Debian package chromium-driver)")?;
         let base = format!("http://127.0.0.1:{port}");
         let http = reqwest::Client::new();
-        let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        while http.get(format!("{base}/status")).send().await.is_err() {
-            anyhow::ensure!(
-                std::time::Instant::now() < deadline,
-                "chromedriver did not start"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        eventually(
+            "chromedriver to start",
+            Duration::from_secs(20),
+            async || {
+                http.get(format!("{base}/status")).send().await?;
+                Ok(())
+            },
+        )
+        .await?;
         let profile = std::env::temp_dir().join(format!("ab-chromium-{tag}"));
         let caps = serde_json::json!({"capabilities": {"alwaysMatch": {
             "browserName": "chrome",

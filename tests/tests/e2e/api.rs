@@ -6,10 +6,11 @@
 use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
+use anyhow::ensure;
 use auditbridge_event::{Event, Outcome, Target};
-use auditbridge_tests::TestEnv;
 use auditbridge_tests::api::{ApiServer, Token};
 use auditbridge_tests::sources::Process;
+use auditbridge_tests::{TestEnv, eventually};
 use serde_json::Value;
 use uuid::Uuid;
 
@@ -550,10 +551,25 @@ async fn live_tail_replays_then_follows_without_gap_or_repeat_across_reconnects(
     Ok(())
 }
 
-/// The process-wide count of live tails disconnected as slow. Metrics are global to the test
-/// binary, so the two tests that wait for it take [`SLOW_CLIENT_TESTS`] and compare with the
-/// count before their own client stopped reading: another test's disconnection must not pass
-/// for theirs (it did once, and the test then read the live stream forever).
+/// `auditbridge serve` as a process of its own, for the tests that read the live tail's
+/// metrics: metrics are global to a process, and an in-process [`ApiServer`] shares them with
+/// every test of this binary (another test's tails or slow disconnection would pass for the
+/// test's own; one did once, and the test then read the live stream forever).
+async fn serve_process(
+    env: &TestEnv,
+    token: &Token,
+    extra: &[(&str, &str)],
+) -> anyhow::Result<Process> {
+    let tokens = Value::Array(vec![token.entry.clone()]).to_string();
+    let mut vars = vec![("AUDITBRIDGE_API_TOKENS", tokens.as_str())];
+    vars.extend_from_slice(extra);
+    let mut serve = Process::spawn(env, "serve", &["serve"], &vars)?;
+    serve.wait_listening(T).await?;
+    Ok(serve)
+}
+
+/// The count of live tails the server at `metrics_addr` disconnected as slow; the tests
+/// compare it with the count before their own client stopped reading.
 async fn slow_disconnects(metrics_addr: std::net::SocketAddr) -> anyhow::Result<f64> {
     let metrics = reqwest::get(format!("http://{metrics_addr}/metrics"))
         .await?
@@ -566,22 +582,47 @@ async fn slow_disconnects(metrics_addr: std::net::SocketAddr) -> anyhow::Result<
         .unwrap_or(0.0))
 }
 
+/// The three tests of a client that stops reading each push tens of megabytes through a worker
+/// and a server; this lock runs them one at a time. (It once kept their process-wide metrics
+/// apart; each now has a `serve` process of its own for that.) Run together, they load the
+/// machine enough that the tail tests beside them lose their stream to a statement timeout
+/// (seen twice: `a_small_tenant_…` with its 60 ms, and `one_token_with_many_…`).
+static SLOW_CLIENT_TESTS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Waits until the server at `metrics_addr` has disconnected more live tails as slow than
+/// `before`.
+async fn wait_for_slow_disconnect(
+    metrics_addr: std::net::SocketAddr,
+    before: f64,
+) -> anyhow::Result<()> {
+    let what = "the client that reads nothing to be disconnected as slow";
+    eventually(what, T, async || {
+        let now = slow_disconnects(metrics_addr).await?;
+        ensure!(
+            now > before,
+            "{now} slow disconnects, {before} before its client stopped"
+        );
+        Ok(())
+    })
+    .await
+}
+
 /// Opens a live tail on a plain socket with a small receive buffer (so what the kernel absorbs
 /// for a client that stops reading is small and the same on every machine), and reads until
 /// the replay has caught up. The caller then stops reading.
 async fn open_tail_that_stops_reading(
-    api: &ApiServer,
+    addr: std::net::SocketAddr,
     token: &Token,
 ) -> anyhow::Result<tokio::net::TcpStream> {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
     let socket = tokio::net::TcpSocket::new_v4()?;
     socket.set_recv_buffer_size(4096)?;
-    let mut conn = socket.connect(api.addr).await?;
+    let mut conn = socket.connect(addr).await?;
     conn.write_all(
         format!(
             "GET /v1/events/stream HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {}\r\nConnection: close\r\n\r\n",
-            api.addr, token.token
+            addr, token.token
         )
         .as_bytes(),
     )
@@ -601,59 +642,49 @@ async fn open_tail_that_stops_reading(
     Ok(conn)
 }
 
-static SLOW_CLIENT_TESTS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_does_not_read_is_disconnected() -> anyhow::Result<()> {
     use tokio::io::AsyncReadExt as _;
 
-    let _serial = SLOW_CLIENT_TESTS.lock().await;
+    let _one_at_a_time = SLOW_CLIENT_TESTS.lock().await;
     let mut env = TestEnv::new().await?;
     env.ensure_stream().await?;
     let _worker = env.spawn_worker("w", &[]).await?;
     let admin = Token::admin("ops", &["read"]);
-    let api = ApiServer::start(&env, &[&admin], &[]).await?;
+    let api = serve_process(&env, &admin, &[]).await?;
     let before = slow_disconnects(api.metrics).await?;
-    let mut conn = open_tail_that_stops_reading(&api, &admin).await?;
+    let mut conn = open_tail_that_stops_reading(api.addr, &admin).await?;
     let mut buf = vec![0u8; 4096];
     // Stop reading; publish far more than the client queue and the socket buffers hold.
     let events = dataset(&mut env, 30_000);
     env.publish(&events).await?;
     env.wait_for_count(30_000, T).await?;
     // Without the client reading a byte, the server gives up on it and says so.
-    let deadline = std::time::Instant::now() + T;
-    loop {
-        if slow_disconnects(api.metrics).await? > before {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "a client that reads nothing is still connected after {T:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_for_slow_disconnect(api.metrics, before).await?;
     // What it had queued is still delivered, then the response ends (and, with
     // `Connection: close`, the connection).
     let mut received = Vec::new();
     // Bounded in all, not only per read: heartbeats would keep an open stream alive forever.
-    let until = std::time::Instant::now() + T;
-    loop {
-        assert!(
-            std::time::Instant::now() < until,
-            "the stream of a client disconnected as slow was still open after {T:?}"
-        );
-        match tokio::time::timeout(Duration::from_secs(20), conn.read(&mut buf)).await {
-            Ok(Ok(0)) => break,
-            Ok(Ok(n)) => received.extend_from_slice(&buf[..n]),
-            Ok(Err(_)) => break,
-            Err(_) => panic!(
-                "the server kept the stream open ({} events read)",
-                String::from_utf8_lossy(&received)
-                    .matches("event: audit")
-                    .count()
-            ),
+    let read_to_end = tokio::time::timeout(T, async {
+        loop {
+            match tokio::time::timeout(Duration::from_secs(20), conn.read(&mut buf)).await {
+                Ok(Ok(0)) => break,
+                Ok(Ok(n)) => received.extend_from_slice(&buf[..n]),
+                Ok(Err(_)) => break,
+                Err(_) => panic!(
+                    "the server kept the stream open ({} events read)",
+                    String::from_utf8_lossy(&received)
+                        .matches("event: audit")
+                        .count()
+                ),
+            }
         }
-    }
+    })
+    .await;
+    assert!(
+        read_to_end.is_ok(),
+        "the stream of a client disconnected as slow was still open after {T:?}"
+    );
     let text = String::from_utf8_lossy(&received);
     let delivered = text.matches("event: audit").count();
     assert!(
@@ -675,14 +706,14 @@ async fn a_client_that_does_not_read_is_disconnected() -> anyhow::Result<()> {
 async fn a_slow_client_of_large_events_is_bounded_in_bytes() -> anyhow::Result<()> {
     use tokio::io::AsyncReadExt as _;
 
-    let _serial = SLOW_CLIENT_TESTS.lock().await;
+    let _one_at_a_time = SLOW_CLIENT_TESTS.lock().await;
     let mut env = TestEnv::new().await?;
     env.ensure_stream().await?;
     let _worker = env.spawn_worker("w", &[]).await?;
     let admin = Token::admin("ops", &["read"]);
-    let api = ApiServer::start(&env, &[&admin], &[]).await?;
+    let api = serve_process(&env, &admin, &[]).await?;
     let before = slow_disconnects(api.metrics).await?;
-    let mut conn = open_tail_that_stops_reading(&api, &admin).await?;
+    let mut conn = open_tail_that_stops_reading(api.addr, &admin).await?;
     let mut buf = vec![0u8; 65536];
     let pad = "x".repeat(60_000);
     let mut events = env.events(600);
@@ -694,31 +725,23 @@ async fn a_slow_client_of_large_events_is_bounded_in_bytes() -> anyhow::Result<(
     env.publish(&events).await?;
     env.wait_for_count(600, T).await?;
     // Bounded: the server disconnects it (slow) within SLOW_CLIENT of its budget filling.
-    let deadline = std::time::Instant::now() + T;
-    loop {
-        if slow_disconnects(api.metrics).await? > before {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "a client that reads nothing is still connected after {T:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_for_slow_disconnect(api.metrics, before).await?;
     let mut received = Vec::new();
     // Bounded in all, not only per read: heartbeats would keep an open stream alive forever.
-    let until = std::time::Instant::now() + T;
-    loop {
-        assert!(
-            std::time::Instant::now() < until,
-            "the stream of a client disconnected as slow was still open after {T:?}"
-        );
-        match tokio::time::timeout(Duration::from_secs(20), conn.read(&mut buf)).await {
-            Ok(Ok(0)) | Ok(Err(_)) => break,
-            Ok(Ok(n)) => received.extend_from_slice(&buf[..n]),
-            Err(_) => panic!("the server kept the stream open"),
+    let read_to_end = tokio::time::timeout(T, async {
+        loop {
+            match tokio::time::timeout(Duration::from_secs(20), conn.read(&mut buf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => break,
+                Ok(Ok(n)) => received.extend_from_slice(&buf[..n]),
+                Err(_) => panic!("the server kept the stream open"),
+            }
         }
-    }
+    })
+    .await;
+    assert!(
+        read_to_end.is_ok(),
+        "the stream of a client disconnected as slow was still open after {T:?}"
+    );
     let delivered = String::from_utf8_lossy(&received)
         .matches("event: audit")
         .count();
@@ -741,13 +764,13 @@ async fn a_slow_client_of_large_events_is_bounded_in_bytes() -> anyhow::Result<(
 async fn a_client_that_stops_reading_is_cut_and_frees_its_tail() -> anyhow::Result<()> {
     use tokio::io::AsyncReadExt as _;
 
-    let _serial = SLOW_CLIENT_TESTS.lock().await;
+    let _one_at_a_time = SLOW_CLIENT_TESTS.lock().await;
     let mut env = TestEnv::new().await?;
     env.ensure_stream().await?;
     let _worker = env.spawn_worker("w", &[]).await?;
     let admin = Token::admin("ops", &["read"]);
-    let api = ApiServer::start(&env, &[&admin], &[("AUDITBRIDGE_API_WRITE_TIMEOUT", "2s")]).await?;
-    let mut conn = open_tail_that_stops_reading(&api, &admin).await?;
+    let api = serve_process(&env, &admin, &[("AUDITBRIDGE_API_WRITE_TIMEOUT", "2s")]).await?;
+    let mut conn = open_tail_that_stops_reading(api.addr, &admin).await?;
     assert_eq!(tail_clients(api.metrics).await?, 1.0);
     let pad = "x".repeat(60_000);
     let mut events = env.events(200);
@@ -758,28 +781,26 @@ async fn a_client_that_stops_reading_is_cut_and_frees_its_tail() -> anyhow::Resu
     }
     env.publish(&events).await?;
     env.wait_for_count(200, T).await?;
-    let deadline = std::time::Instant::now() + T;
-    while tail_clients(api.metrics).await? > 0.0 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "a client that stopped reading still holds its live tail after {T:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let what = "the client that stopped reading to lose its live tail";
+    eventually(what, T, async || {
+        let open = tail_clients(api.metrics).await?;
+        ensure!(open == 0.0, "{open} live tails open");
+        Ok(())
+    })
+    .await?;
     // The connection is closed: what the kernel buffered, then the end.
     let mut buf = vec![0u8; 65536];
-    let until = std::time::Instant::now() + T;
-    loop {
-        assert!(
-            std::time::Instant::now() < until,
-            "the connection is still open"
-        );
-        match tokio::time::timeout(Duration::from_secs(10), conn.read(&mut buf)).await {
-            Ok(Ok(0)) | Ok(Err(_)) => break,
-            Ok(Ok(_)) => {}
-            Err(_) => panic!("the server kept the connection open"),
+    let read_to_end = tokio::time::timeout(T, async {
+        loop {
+            match tokio::time::timeout(Duration::from_secs(10), conn.read(&mut buf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => break,
+                Ok(Ok(_)) => {}
+                Err(_) => panic!("the server kept the connection open"),
+            }
         }
-    }
+    })
+    .await;
+    assert!(read_to_end.is_ok(), "the connection is still open");
     Ok(())
 }
 
