@@ -16,24 +16,10 @@ pub mod rabbitmq;
 
 use std::time::Duration;
 
-use time::OffsetDateTime;
-use uuid::Uuid;
-
 pub use config::{DestinationConfig, Filter, Kind, OnUndeliverable, Start, parse_destinations};
 
-/// One stored event as the relay hands it to a destination.
-#[derive(Debug, Clone, PartialEq)]
-pub struct OutEvent {
-    pub id: Uuid,
-    pub tenant: String,
-    pub action: String,
-    pub outcome: String,
-    pub source: String,
-    /// When it was stored (its transaction's start).
-    pub received_at: OffsetDateTime,
-    /// The stored event, as compact JSON.
-    pub json: String,
-}
+/// What the relay hands a destination: the events as stored, in commit-safe order.
+pub use auditbridge_store::StoredEvent;
 
 /// What a sink settled of the events it was given: the first `settled` of them, each either
 /// confirmed by the destination or listed in `undeliverable`.
@@ -129,7 +115,7 @@ impl Sink {
     /// Delivers a prefix of `events` and says how much of it is settled (see [`Delivered`]).
     /// Events past that prefix were not confirmed (a size limit, a failure after the prefix)
     /// and will be offered again. A sink may settle nothing; the relay then backs off.
-    pub async fn deliver(&mut self, events: &[OutEvent]) -> Result<Delivered, DeliveryError> {
+    pub async fn deliver(&mut self, events: &[StoredEvent]) -> Result<Delivered, DeliveryError> {
         match self {
             Sink::RabbitMq(s) => s.deliver(events).await,
             Sink::Http(s) => s.deliver(events).await,

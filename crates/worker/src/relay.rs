@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use auditbridge_destinations::{
-    Delivered, DeliveryError, DestinationConfig, OnUndeliverable, OutEvent, Sink, Start,
+    Delivered, DeliveryError, DestinationConfig, OnUndeliverable, Sink, Start, StoredEvent,
 };
 use auditbridge_store::{DestinationDeadLetter, OutboxEvent, Position, StartAt, Store};
 use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
@@ -254,7 +254,7 @@ struct HeldEvent {
 enum Fate {
     /// Refused alone when the destination had taken `taken` events.
     Suspect {
-        event: Box<OutEvent>,
+        event: Box<StoredEvent>,
         error: DeliveryError,
         taken: u64,
     },
@@ -510,23 +510,10 @@ impl Relay<'_> {
         }
 
         let filter = &self.config.filter;
-        let (positions, events): (Vec<Position>, Vec<OutEvent>) = rows
+        let (positions, events): (Vec<Position>, Vec<StoredEvent>) = rows
             .into_iter()
             .filter(|r| filter.matches(&r.event.tenant, &r.event.action, &r.event.outcome))
-            .map(|r| {
-                (
-                    r.position,
-                    OutEvent {
-                        id: r.event.id,
-                        tenant: r.event.tenant,
-                        action: r.event.action,
-                        outcome: r.event.outcome,
-                        source: r.event.source,
-                        received_at: r.event.received_at,
-                        json: r.event.json,
-                    },
-                )
-            })
+            .map(|r| (r.position, r.event))
             .unzip();
 
         // events[..next] are settled or held.
@@ -605,7 +592,7 @@ impl Relay<'_> {
     /// the destination settled; an event refused alone becomes the first suspect.
     async fn deliver_batch(
         &mut self,
-        events: &[OutEvent],
+        events: &[StoredEvent],
         positions: &[Position],
         last: Option<&Position>,
         next: &mut usize,
@@ -734,7 +721,7 @@ impl Relay<'_> {
     }
 
     /// Offers the event after the held ones alone.
-    async fn probe(&mut self, event: &OutEvent, position: &Position, next: &mut usize) -> Flow {
+    async fn probe(&mut self, event: &StoredEvent, position: &Position, next: &mut usize) -> Flow {
         match self.offer_alone(event).await {
             Answer::Taken => {
                 // The destination takes events: the suspects get their second offer.
@@ -756,7 +743,7 @@ impl Relay<'_> {
     /// once this round's allowance of new suspects is used up.
     async fn suspect(
         &mut self,
-        event: &OutEvent,
+        event: &StoredEvent,
         position: &Position,
         error: DeliveryError,
         next: &mut usize,
@@ -848,7 +835,7 @@ impl Relay<'_> {
     }
 
     /// Delivers one event alone and classifies the answer.
-    async fn offer_alone(&mut self, event: &OutEvent) -> Answer {
+    async fn offer_alone(&mut self, event: &StoredEvent) -> Answer {
         match self.sink.deliver(std::slice::from_ref(event)).await {
             Ok(Delivered {
                 settled,
@@ -875,7 +862,7 @@ impl Relay<'_> {
 
     /// Counts events the destination confirmed: metrics, and the evidence that it takes
     /// events (which convicts suspects and resets the backoff).
-    fn record_taken<'e>(&mut self, events: impl Iterator<Item = &'e OutEvent>) {
+    fn record_taken<'e>(&mut self, events: impl Iterator<Item = &'e StoredEvent>) {
         let label = self.name().to_owned();
         let confirmed_at = OffsetDateTime::now_utc();
         let mut n = 0u64;

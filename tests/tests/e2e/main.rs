@@ -11,6 +11,7 @@
 mod api;
 mod cli;
 mod client;
+mod destinations;
 mod faults;
 mod forwarding;
 mod ingest;

@@ -11,7 +11,7 @@ use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderValue};
 use sha2::Sha256;
 
 use super::config::HttpFormat;
-use crate::OutEvent;
+use crate::StoredEvent;
 
 /// Request headers set on every request (the signature pair only with a `secret`).
 pub const DESTINATION_HEADER: &str = "x-auditbridge-destination";
@@ -33,7 +33,7 @@ pub(crate) struct Layout {
 
 impl Layout {
     /// How many events from the front of `events` fit the limits (at least one).
-    pub(crate) fn batch_len(&self, events: &[OutEvent]) -> usize {
+    pub(crate) fn batch_len(&self, events: &[StoredEvent]) -> usize {
         // Both formats spend one byte per event beyond its JSON (the newline, or the comma or
         // closing bracket); a JSON array adds its opening bracket.
         let mut size = match self.format {
@@ -52,7 +52,7 @@ impl Layout {
     }
 
     /// The body for `batch`: each event's stored JSON as it is, one per line or in an array.
-    pub(crate) fn body(&self, batch: &[OutEvent]) -> Vec<u8> {
+    pub(crate) fn body(&self, batch: &[StoredEvent]) -> Vec<u8> {
         let mut body =
             Vec::with_capacity(batch.iter().map(|e| e.json.len() + 1).sum::<usize>() + 1);
         match self.format {
@@ -84,7 +84,7 @@ impl Layout {
     }
 
     /// Adds the headers that describe `batch`, sent as `body`, to `headers`.
-    pub(crate) fn describe(&self, headers: &mut HeaderMap, batch: &[OutEvent], body: &[u8]) {
+    pub(crate) fn describe(&self, headers: &mut HeaderMap, batch: &[StoredEvent], body: &[u8]) {
         let n = batch.len();
         headers.insert(CONTENT_TYPE, HeaderValue::from_static(self.content_type()));
         headers.insert(COUNT_HEADER, HeaderValue::from(n));

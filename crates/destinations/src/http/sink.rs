@@ -12,7 +12,7 @@ use reqwest::{Client, StatusCode, Url, redirect};
 
 use super::config::{HttpAuth, HttpParams};
 use super::message::{DESTINATION_HEADER, Layout};
-use crate::{Delivered, DeliveryError, OutEvent};
+use crate::{Delivered, DeliveryError, StoredEvent};
 
 /// How much of a refusing or failing response body goes into the error detail.
 const SNIPPET_BYTES: usize = 200;
@@ -149,7 +149,7 @@ impl HttpSink {
     /// Sends the longest prefix of `events` that fits the batch limits (at least one event, even
     /// one larger than `max_batch_bytes`) in one POST and returns its length once the receiver
     /// answered 2xx.
-    pub async fn deliver(&mut self, events: &[OutEvent]) -> Result<Delivered, DeliveryError> {
+    pub async fn deliver(&mut self, events: &[StoredEvent]) -> Result<Delivered, DeliveryError> {
         if events.is_empty() {
             return Ok(Delivered::default());
         }

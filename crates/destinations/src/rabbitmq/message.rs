@@ -11,7 +11,7 @@ use lapin::types::{AMQPValue, FieldTable, ShortString};
 use uuid::Uuid;
 
 use super::config::{RabbitMode, RabbitParams};
-use crate::{OutEvent, Undeliverable};
+use crate::{StoredEvent, Undeliverable};
 
 /// One message ready to publish.
 pub struct Message<'a> {
@@ -38,7 +38,7 @@ pub(crate) struct Messages<'a> {
 /// The messages for `events`, in order. An event whose routing key cannot be built ends the
 /// call: it is settled as undeliverable, and nothing after it is published, so that a relay
 /// that blocks on it does not publish the events behind it again on every attempt.
-pub(crate) fn messages<'a>(params: &RabbitParams, events: &'a [OutEvent]) -> Messages<'a> {
+pub(crate) fn messages<'a>(params: &RabbitParams, events: &'a [StoredEvent]) -> Messages<'a> {
     let mut messages = Vec::new();
     let mut index = 0;
     while index < events.len() {
@@ -84,7 +84,7 @@ pub(crate) fn messages<'a>(params: &RabbitParams, events: &'a [OutEvent]) -> Mes
 /// those that share the first one's tenant and routing key `key`, as long as the body (each
 /// event's JSON and a newline) stays within `max_batch_bytes`. A first event larger than
 /// that still goes, alone: resending cannot make it smaller.
-fn run_len(params: &RabbitParams, events: &[OutEvent], key: &str) -> usize {
+fn run_len(params: &RabbitParams, events: &[StoredEvent], key: &str) -> usize {
     let first = &events[0];
     let mut size = first.json.len() + 1;
     let mut n = 1;
@@ -101,7 +101,7 @@ fn run_len(params: &RabbitParams, events: &[OutEvent], key: &str) -> usize {
     n
 }
 
-fn render(params: &RabbitParams, event: &OutEvent) -> String {
+fn render(params: &RabbitParams, event: &StoredEvent) -> String {
     render_routing_key(
         &params.routing_key,
         &event.tenant,
@@ -113,7 +113,10 @@ fn render(params: &RabbitParams, event: &OutEvent) -> String {
 
 /// The event's routing key, or why it has none: AMQP caps routing keys at 255 bytes, and
 /// resending the same event cannot fix that.
-pub(crate) fn routing_key(params: &RabbitParams, event: &OutEvent) -> Result<ShortString, String> {
+pub(crate) fn routing_key(
+    params: &RabbitParams,
+    event: &StoredEvent,
+) -> Result<ShortString, String> {
     ShortString::try_new(render(params, event)).map_err(|e| {
         format!(
             "routing key for event {} from template {:?}: {e}",
@@ -125,7 +128,7 @@ pub(crate) fn routing_key(params: &RabbitParams, event: &OutEvent) -> Result<Sho
 /// The message for event `index` of the call.
 pub(crate) fn event_message(
     index: usize,
-    event: &OutEvent,
+    event: &StoredEvent,
     routing_key: ShortString,
 ) -> Message<'_> {
     let mut headers = FieldTable::default();
@@ -153,7 +156,7 @@ pub(crate) fn event_message(
 
 /// One NDJSON message for a run of events (from `first` in the call) that share `routing_key`
 /// and tenant; identified by its first event.
-fn batch_message<'a>(first: usize, run: &[OutEvent], routing_key: ShortString) -> Message<'a> {
+fn batch_message<'a>(first: usize, run: &[StoredEvent], routing_key: ShortString) -> Message<'a> {
     let head = &run[0];
     let mut body = Vec::with_capacity(run.iter().map(|e| e.json.len() + 1).sum());
     for event in run {
@@ -177,7 +180,7 @@ fn batch_message<'a>(first: usize, run: &[OutEvent], routing_key: ShortString) -
     }
 }
 
-fn properties(event: &OutEvent, content_type: &str, headers: FieldTable) -> BasicProperties {
+fn properties(event: &StoredEvent, content_type: &str, headers: FieldTable) -> BasicProperties {
     BasicProperties::default()
         .with_delivery_mode(2)
         .with_content_type(content_type.into())

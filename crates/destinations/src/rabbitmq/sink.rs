@@ -21,7 +21,7 @@ use tracing::{debug, info};
 use super::config::RabbitParams;
 use super::message::{self, Message, Messages};
 use crate::config::redact_url;
-use crate::{Delivered, DeliveryError, OutEvent, Undeliverable};
+use crate::{Delivered, DeliveryError, StoredEvent, Undeliverable};
 
 /// How long one connect attempt (TCP, AMQP handshake, channel, `confirm.select`) may take, so
 /// a broker that accepts connections but never answers cannot stall the relay.
@@ -95,7 +95,7 @@ impl RabbitSink {
     /// confirmed before it still counts, the rest is offered again (duplicates around
     /// failures, never a loss). Fails only when nothing at all was settled: with
     /// [`DeliveryError::Refused`] when the broker refused a message it cannot pin on one event.
-    pub async fn deliver(&mut self, events: &[OutEvent]) -> Result<Delivered, DeliveryError> {
+    pub async fn deliver(&mut self, events: &[StoredEvent]) -> Result<Delivered, DeliveryError> {
         if events.is_empty() {
             return Ok(Delivered::default());
         }
@@ -504,13 +504,13 @@ pub mod testing {
     use super::RabbitSink;
     pub use crate::rabbitmq::message::Message;
     use crate::rabbitmq::message::{event_message, routing_key};
-    use crate::{DeliveryError, OutEvent};
+    use crate::{DeliveryError, StoredEvent};
 
     /// The event-mode message the sink builds for each of `events`.
     ///
     /// # Panics
     /// When an event has no routing key (see `deliver`).
-    pub fn event_messages<'a>(sink: &RabbitSink, events: &'a [OutEvent]) -> Vec<Message<'a>> {
+    pub fn event_messages<'a>(sink: &RabbitSink, events: &'a [StoredEvent]) -> Vec<Message<'a>> {
         events
             .iter()
             .enumerate()
@@ -654,12 +654,15 @@ mod tests {
                 max_batch_bytes: 1024 * 1024,
             },
         );
-        let event = OutEvent {
+        let event = StoredEvent {
             id: Uuid::new_v4(),
             tenant: "acme".into(),
             action: "document.update".into(),
             outcome: "success".into(),
+            actor_id: "u-1".into(),
+            target_id: None,
             source: "docs-api".into(),
+            occurred_at: OffsetDateTime::now_utc(),
             received_at: OffsetDateTime::now_utc(),
             json: "{}".into(),
         };

@@ -3,9 +3,6 @@
 //! test declares its own exchange and queue with random names and deletes them), HTTP against
 //! a scripted receiver each test starts on 127.0.0.1:0. No worker, no database: what reaches
 //! a destination end to end through the relay is `forwarding.rs`'s business.
-//!
-//! Self-contained (its own fixtures), so that it can become a module of one test binary as
-//! it is.
 
 /// `RabbitSink`: confirms, returns, refusals, reconnects and message layout, on a real broker.
 mod rabbitmq {
@@ -14,7 +11,7 @@ mod rabbitmq {
 
     use auditbridge_destinations::rabbitmq::testing::{self, Answer, Message};
     use auditbridge_destinations::rabbitmq::{RabbitMode, RabbitParams, RabbitSink};
-    use auditbridge_destinations::{Delivered, DeliveryError, OutEvent};
+    use auditbridge_destinations::{Delivered, DeliveryError, StoredEvent};
     use lapin::message::BasicGetMessage;
     use lapin::options::{
         BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions,
@@ -170,7 +167,7 @@ mod rabbitmq {
         }
     }
 
-    fn event(n: usize) -> OutEvent {
+    fn event(n: usize) -> StoredEvent {
         let tenant = if n.is_multiple_of(2) {
             "acme"
         } else {
@@ -184,14 +181,17 @@ mod rabbitmq {
         event_for(n, tenant, "document.update", outcome)
     }
 
-    fn event_for(n: usize, tenant: &str, action: &str, outcome: &str) -> OutEvent {
+    fn event_for(n: usize, tenant: &str, action: &str, outcome: &str) -> StoredEvent {
         let id = Uuid::new_v4();
-        OutEvent {
+        StoredEvent {
             id,
             tenant: tenant.into(),
             action: action.into(),
             outcome: outcome.into(),
+            actor_id: "u-1".into(),
+            target_id: None,
             source: "docs-api".into(),
+            occurred_at: OffsetDateTime::now_utc(),
             received_at: OffsetDateTime::now_utc(),
             json: serde_json::json!({"id": id, "tenant": tenant, "action": action, "outcome": outcome, "n": n})
                 .to_string(),
@@ -307,7 +307,7 @@ mod rabbitmq {
     async fn event_mode_publishes_one_persistent_message_per_event() {
         let broker = Broker::new(true).await;
         let mut sink = RabbitSink::new("bus", broker.params(RabbitMode::Event));
-        let events: Vec<OutEvent> = (0..12).map(event).collect();
+        let events: Vec<StoredEvent> = (0..12).map(event).collect();
 
         assert_eq!(
             sink.deliver(&events).await.unwrap(),
@@ -315,7 +315,7 @@ mod rabbitmq {
         );
         assert!(sink.is_connected());
 
-        let by_id: HashMap<String, &OutEvent> =
+        let by_id: HashMap<String, &StoredEvent> =
             events.iter().map(|e| (e.id.to_string(), e)).collect();
         let messages = broker.take(12).await;
         let mut seen = HashSet::new();
@@ -363,7 +363,7 @@ mod rabbitmq {
     async fn batch_mode_publishes_one_ndjson_message_per_run() {
         let broker = Broker::new(true).await;
         let mut sink = RabbitSink::new("bus", broker.params(RabbitMode::Batch));
-        let events: Vec<OutEvent> = (1..=7)
+        let events: Vec<StoredEvent> = (1..=7)
             .map(|n| event_for(n, "globex", "document.update", "success"))
             .collect();
 
@@ -423,7 +423,7 @@ mod rabbitmq {
             ("acme", "b.y"),
             ("acme", "b.y"),
         ];
-        let events: Vec<OutEvent> = spec
+        let events: Vec<StoredEvent> = spec
             .iter()
             .enumerate()
             .map(|(n, (t, a))| event_for(n, t, a, "success"))
@@ -515,7 +515,7 @@ mod rabbitmq {
             params.routing_key = "{tenant}.{action}".into();
             let mut sink = RabbitSink::new("bus", params);
             let tenants = ["acme", "globex", "globex", "acme", "initech", "acme"];
-            let events: Vec<OutEvent> = tenants
+            let events: Vec<StoredEvent> = tenants
                 .iter()
                 .enumerate()
                 .map(|(n, t)| event_for(n, t, "document.update", "success"))
@@ -588,7 +588,7 @@ mod rabbitmq {
         let mut params = broker.params(RabbitMode::Event);
         params.routing_key = "{tenant}.{action}".into();
         let mut sink = RabbitSink::new("bus", params.clone());
-        let events: Vec<OutEvent> = (0..3).map(event).collect();
+        let events: Vec<StoredEvent> = (0..3).map(event).collect();
 
         let got = sink.deliver(&events).await.unwrap();
         assert_eq!(got.settled, 3);
@@ -615,7 +615,7 @@ mod rabbitmq {
         let broker = Broker::new(true).await;
         let name = format!("closed-{}", Uuid::new_v4());
         let mut sink = RabbitSink::new(&name, broker.params(RabbitMode::Event));
-        let first: Vec<OutEvent> = (0..3).map(event).collect();
+        let first: Vec<StoredEvent> = (0..3).map(event).collect();
         assert_eq!(sink.deliver(&first).await.unwrap(), Delivered::confirmed(3));
 
         // Only this sink's connection is closed, by the broker (as `stop_app` does to all).
@@ -636,7 +636,7 @@ mod rabbitmq {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
 
-        let second: Vec<OutEvent> = (0..3).map(event).collect();
+        let second: Vec<StoredEvent> = (0..3).map(event).collect();
         assert_eq!(
             sink.deliver(&second).await.unwrap(),
             Delivered::confirmed(3)
@@ -685,7 +685,7 @@ mod rabbitmq {
             .await
             .unwrap();
         let mut sink = RabbitSink::new("bus", broker.params(RabbitMode::Event));
-        let events: Vec<OutEvent> = (0..3).map(event).collect();
+        let events: Vec<StoredEvent> = (0..3).map(event).collect();
 
         // Nothing of a window with a nack counts (a return may ride on any of its confirms).
         let (reason, detail) = retry_reason(sink.deliver(&events).await);
@@ -700,7 +700,7 @@ mod rabbitmq {
         let suffix = Uuid::new_v4();
         let exchange = format!("test.ab.missing.{suffix}");
         let mut sink = RabbitSink::new("bus", params(&exchange, RabbitMode::Event));
-        let events: Vec<OutEvent> = (0..5).map(event).collect();
+        let events: Vec<StoredEvent> = (0..5).map(event).collect();
 
         let (reason, detail) = retry_reason(sink.deliver(&events).await);
         assert_eq!(reason, "channel");
@@ -823,7 +823,7 @@ mod rabbitmq {
         let mut params = broker.params(RabbitMode::Batch);
         params.max_batch_bytes = usize::MAX;
         let mut sink = RabbitSink::new("bus", params);
-        let half: Vec<OutEvent> = (0..2)
+        let half: Vec<StoredEvent> = (0..2)
             .map(|n| padded(event_for(n, "acme", "a", "success"), limit / 2 + 1))
             .collect();
         let (reason, detail) = refused_reason(sink.deliver(&half).await);
@@ -857,7 +857,7 @@ mod rabbitmq {
         let mut params = broker.params(RabbitMode::Event);
         params.max_in_flight = 1;
         let mut sink = RabbitSink::new("bus", params);
-        let events: Vec<OutEvent> = (0..3).map(event).collect();
+        let events: Vec<StoredEvent> = (0..3).map(event).collect();
         let mut messages: Vec<Message<'_>> = testing::event_messages(&sink, &events);
         messages[1].properties = messages[1]
             .properties
@@ -946,7 +946,7 @@ mod rabbitmq {
         let mut params = broker.params(RabbitMode::Event);
         params.max_in_flight = 100;
         let mut sink = RabbitSink::new("bus", params);
-        let events: Vec<OutEvent> = (0..2000).map(event).collect();
+        let events: Vec<StoredEvent> = (0..2000).map(event).collect();
 
         assert_eq!(
             sink.deliver(&events).await.unwrap(),
@@ -978,7 +978,7 @@ mod rabbitmq {
         const TOTAL: usize = 20_000;
         const ROUNDS: usize = 2;
         // 600-byte events, as in the design's measured limits.
-        let events: Vec<OutEvent> = (0..TOTAL).map(|n| padded(event(n), 600)).collect();
+        let events: Vec<StoredEvent> = (0..TOTAL).map(|n| padded(event(n), 600)).collect();
         assert_eq!(events[0].json.len(), 600);
         let (mut sink_rates, mut raw_rates) = (Vec::new(), Vec::new());
         for _ in 0..ROUNDS {
@@ -995,7 +995,7 @@ mod rabbitmq {
     }
 
     /// Grows the event's JSON to `size` bytes with a padding field.
-    fn padded(mut e: OutEvent, size: usize) -> OutEvent {
+    fn padded(mut e: StoredEvent, size: usize) -> StoredEvent {
         e.json.pop(); // the closing brace
         e.json.push_str(r#","pad":""#);
         let pad = size.saturating_sub(e.json.len() + 2);
@@ -1004,7 +1004,7 @@ mod rabbitmq {
         e
     }
 
-    async fn sink_rate(events: &[OutEvent]) -> f64 {
+    async fn sink_rate(events: &[StoredEvent]) -> f64 {
         let broker = Broker::new(true).await;
         let mut sink = RabbitSink::new("bench", broker.params(RabbitMode::Event));
         sink.deliver(&events[..1]).await.unwrap(); // connect outside the measurement
@@ -1021,7 +1021,7 @@ mod rabbitmq {
         rate
     }
 
-    async fn raw_rate(events: &[OutEvent]) -> f64 {
+    async fn raw_rate(events: &[StoredEvent]) -> f64 {
         let broker = Broker::new(true).await;
         let connection = Connection::connect(URL, ConnectionProperties::default())
             .await
@@ -1083,7 +1083,7 @@ mod http {
     use auditbridge_destinations::http::{
         HttpAuth, HttpFormat, HttpParams, HttpSink, sign, verify,
     };
-    use auditbridge_destinations::{Delivered, DeliveryError, OutEvent};
+    use auditbridge_destinations::{Delivered, DeliveryError, StoredEvent};
     use axum::body::Bytes;
     use axum::extract::State;
     use axum::http::{HeaderMap as AxHeaderMap, Method, StatusCode as AxStatus, Uri};
@@ -1236,7 +1236,7 @@ mod http {
     }
 
     /// An event whose JSON is exactly `len` bytes long (at least ~120).
-    fn event(len: usize) -> OutEvent {
+    fn event(len: usize) -> StoredEvent {
         let id = Uuid::now_v7();
         let mut value = json!({"id": id, "tenant": "acme", "action": "user.login", "outcome": "success", "pad": ""});
         let short = value.to_string().len();
@@ -1244,22 +1244,25 @@ mod http {
         value["pad"] = Value::String("x".repeat(len - short));
         let json = value.to_string();
         assert_eq!(json.len(), len);
-        OutEvent {
+        StoredEvent {
             id,
             tenant: "acme".into(),
             action: "user.login".into(),
             outcome: "success".into(),
+            actor_id: "u-1".into(),
+            target_id: None,
             source: "auth".into(),
+            occurred_at: OffsetDateTime::now_utc(),
             received_at: OffsetDateTime::now_utc(),
             json,
         }
     }
 
-    fn events(n: usize, len: usize) -> Vec<OutEvent> {
+    fn events(n: usize, len: usize) -> Vec<StoredEvent> {
         (0..n).map(|_| event(len)).collect()
     }
 
-    fn values(events: &[OutEvent]) -> Vec<Value> {
+    fn values(events: &[StoredEvent]) -> Vec<Value> {
         events
             .iter()
             .map(|e| serde_json::from_str(&e.json).unwrap())
