@@ -107,7 +107,7 @@ fn ingest_responses() -> Value {
 }
 
 /// The whole document.
-pub fn document() -> Value {
+pub(crate) fn document() -> Value {
     let security = json!([{"bearer": []}]);
     let read_errors = ["400", "401", "403", "429", "503"];
     let mut stream_parameters = parameters(Endpoint::Stream);

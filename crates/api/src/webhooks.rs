@@ -56,7 +56,7 @@ use crate::ingest::{
 
 /// Most webhook requests read and published at once, over every source: with the default
 /// body limit, at most 64 MiB of bodies in memory.
-pub const MAX_CONCURRENT: usize = 64;
+pub(crate) const MAX_CONCURRENT: usize = 64;
 
 /// What a client is told to wait before retrying when every permit is taken.
 const RETRY_AFTER_SECS: u32 = 1;
@@ -75,7 +75,7 @@ struct Source {
 
 /// The configured webhook sources, by name.
 #[derive(Debug)]
-pub struct Webhooks {
+pub(crate) struct Webhooks {
     by_name: HashMap<String, Source>,
     permits: Arc<Semaphore>,
 }
@@ -91,7 +91,9 @@ impl Default for Webhooks {
 
 impl Webhooks {
     /// The `webhook` sources of the configuration (file sources are `tail-file`'s).
-    pub fn from_config(config: &Config) -> Result<Webhooks, auditbridge_sources::ConfigError> {
+    pub(crate) fn from_config(
+        config: &Config,
+    ) -> Result<Webhooks, auditbridge_sources::ConfigError> {
         let key = config.id_key.as_ref().map(|k| IdKey::new(k.expose()));
         let webhooks: Vec<(String, WebhookParams)> = parse_sources(&config.sources, key.as_ref())?
             .into_iter()

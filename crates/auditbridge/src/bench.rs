@@ -31,7 +31,7 @@ use uuid::Uuid;
 use crate::publish::{Outgoing, publish_all};
 
 #[derive(Debug, clap::Args)]
-pub struct Args {
+pub(crate) struct Args {
     /// Events for the throughput run (and for the raw limit).
     #[arg(long, default_value_t = 300_000)]
     pub(crate) events: usize,
@@ -121,7 +121,7 @@ impl Names {
     }
 }
 
-pub async fn run(args: Args, config: &Config) -> anyhow::Result<ExitCode> {
+pub(crate) async fn run(args: Args, config: &Config) -> anyhow::Result<ExitCode> {
     let names = Names::new(config);
     let bench_config = names.config(config);
     auditbridge_store::migrate(&names.database_url).await?;

@@ -16,7 +16,7 @@ use tokio::io::AsyncBufReadExt as _;
 
 /// Publish events to JetStream and wait for its acknowledgements.
 #[derive(Debug, clap::Args)]
-pub struct Args {
+pub(crate) struct Args {
     /// Publish N synthetic events (realistic tenants, actions, actors) instead of reading
     /// JSON lines from standard input.
     #[arg(long, value_name = "N")]
@@ -34,7 +34,7 @@ pub struct Args {
 
 /// One message to publish.
 #[derive(Debug, Clone)]
-pub struct Outgoing {
+pub(crate) struct Outgoing {
     pub subject: String,
     /// The `Nats-Msg-Id`, tenant-scoped: `<tenant>:<id>` ([`Event::message_id`]).
     pub msg_id: String,
@@ -42,7 +42,7 @@ pub struct Outgoing {
 }
 
 impl Outgoing {
-    pub fn from_event(event: &Event, prefix: &str) -> Outgoing {
+    pub(crate) fn from_event(event: &Event, prefix: &str) -> Outgoing {
         Outgoing {
             subject: event.subject(prefix),
             msg_id: event.message_id(),
@@ -53,7 +53,7 @@ impl Outgoing {
 
 /// What a publish run achieved.
 #[derive(Debug, Default, Clone, Copy)]
-pub struct Report {
+pub(crate) struct Report {
     /// Acknowledged by JetStream (stored, or recognised as a duplicate).
     pub acked: u64,
     /// Of those, recognised as re-sends inside the duplicate window.
@@ -92,7 +92,7 @@ async fn wait_ack(ack: PublishAckFuture) -> anyhow::Result<bool> {
 /// Publishes everything `messages` yields, paced to `rate` events/s if given, with at most
 /// [`MAX_IN_FLIGHT`] unacknowledged; retries a failed publish (same `Nats-Msg-Id`, so
 /// JetStream stores it once) with a growing pause.
-pub async fn publish_all(
+pub(crate) async fn publish_all(
     js: &jetstream::Context,
     messages: impl Stream<Item = Outgoing>,
     rate: Option<f64>,
@@ -168,7 +168,7 @@ pub async fn publish_all(
     report
 }
 
-pub async fn run(args: Args, config: &Config) -> anyhow::Result<ExitCode> {
+pub(crate) async fn run(args: Args, config: &Config) -> anyhow::Result<ExitCode> {
     let client =
         auditbridge_runtime::nats::connect(&config.nats_url, "auditbridge-publish").await?;
     let js = jetstream::new(client.clone());

@@ -11,13 +11,13 @@ use serde_json::json;
 use time::format_description::well_known::Rfc3339;
 
 #[derive(Debug, clap::Args)]
-pub struct Args {
+pub(crate) struct Args {
     /// Print one JSON document instead of text.
     #[arg(long)]
     json: bool,
 }
 
-pub async fn run(args: Args, config: &Config) -> anyhow::Result<ExitCode> {
+pub(crate) async fn run(args: Args, config: &Config) -> anyhow::Result<ExitCode> {
     let mut ok = true;
     let mut doc = json!({});
 

@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 /// Follow JSONL files (the `file` sources of the configuration) into JetStream.
 #[derive(Debug, clap::Args)]
-pub struct Args {
+pub(crate) struct Args {
     /// Follow only the source with this name (default: every `file` source).
     name: Option<String>,
 }
@@ -29,7 +29,7 @@ pub struct Args {
 /// How long one publish may wait for its acks before it is retried.
 const ACK_TIMEOUT: Duration = Duration::from_secs(10);
 
-pub async fn run(args: Args, config: &Config) -> anyhow::Result<ExitCode> {
+pub(crate) async fn run(args: Args, config: &Config) -> anyhow::Result<ExitCode> {
     // A configuration mistake exits 2, like every other invalid setting.
     let id_key = config
         .id_key

@@ -1,3 +1,6 @@
+//! [`StoreError`]: what went wrong talking to PostgreSQL, sorted by what the caller should
+//! do about it (retry later, isolate the batch, stop).
+
 use sqlx::error::DatabaseError;
 
 /// What went wrong talking to PostgreSQL, sorted by what the caller should do about it.

@@ -58,10 +58,10 @@ enum Verdict {
 
 /// Header set by sources whose mapping filled `occurred_at` at receive time (value `received`):
 /// a re-delivery of the same event is compared without it.
-pub const TIME_HEADER: &str = "Auditbridge-Time";
+pub(crate) const TIME_HEADER: &str = "Auditbridge-Time";
 /// Header carrying the id an older (unkeyed) derivation gave the event: a duplicate of the row
 /// stored under it only with the same content (see `auditbridge_store::Incoming::legacy_id`).
-pub const LEGACY_ID_HEADER: &str = "Auditbridge-Legacy-Id";
+pub(crate) const LEGACY_ID_HEADER: &str = "Auditbridge-Legacy-Id";
 
 impl Ingest {
     /// Pulls and processes batches until shutdown is requested or the consumer disappears.

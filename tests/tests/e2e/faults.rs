@@ -1,6 +1,7 @@
 //! Faults caused for real, one worker at a time, so these tests can run beside the others:
-//! a worker killed with SIGKILL mid-stream, a worker stopped with SIGTERM under load, and
-//! PostgreSQL made unreachable (every connection cut, new ones refused) for one worker.
+//! a worker killed with SIGKILL mid-stream, a worker stopped with SIGTERM under load,
+//! PostgreSQL made unreachable (every connection cut, new ones refused) for one worker, and a
+//! stop held up at once by the database and by a destination.
 
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
@@ -181,5 +182,107 @@ async fn postgres_unreachable_then_back_loses_nothing_and_the_worker_stays_up() 
     let log = worker.log_text();
     assert!(log.contains("Cannot persist the batch"), "{log}");
     assert!(log.contains("PostgreSQL accepted the batch again"), "{log}");
+    Ok(())
+}
+
+/// `AUDITBRIDGE_SHUTDOWN_TIMEOUT` bounds the whole stop, not each step of it: with the batch in
+/// flight blocked in the database (the test holds a lock on `audit_events`) and the relay
+/// blocked in a delivery to a destination that accepts the request and never answers, SIGTERM
+/// still ends the worker within the timeout. Each step given the whole timeout (the batch,
+/// then the relays, then the pools) took at least twice as long.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_deadline_bounds_a_stop_held_by_the_database_and_a_destination() -> anyhow::Result<()> {
+    const STOP: Duration = Duration::from_secs(3);
+    let mut env = TestEnv::new().await?;
+    // A destination that reads requests and never answers.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}/hook", silent.local_addr()?);
+    let requests = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let listener = tokio::spawn({
+        let requests = requests.clone();
+        async move {
+            let mut held = Vec::new();
+            while let Ok((mut socket, _)) = silent.accept().await {
+                let requests = requests.clone();
+                held.push(tokio::spawn(async move {
+                    let mut buf = vec![0u8; 64 * 1024];
+                    while let Ok(n) = tokio::io::AsyncReadExt::read(&mut socket, &mut buf).await {
+                        if n == 0 {
+                            break;
+                        }
+                        requests.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    }
+                }));
+            }
+        }
+    });
+    let dest = serde_json::json!([{"name": "silent", "type": "http", "params": {
+        "url": url, "start": "earliest", "timeout": "120s"
+    }}])
+    .to_string();
+    let stop = format!("{}s", STOP.as_secs());
+    let mut worker = env
+        .spawn_worker(
+            "w",
+            &[
+                ("AUDITBRIDGE_DESTINATIONS", &dest),
+                ("AUDITBRIDGE_SHUTDOWN_TIMEOUT", &stop),
+            ],
+        )
+        .await?;
+    worker.wait_ready(T).await?;
+    let first = env.events(20);
+    env.publish(&first).await?;
+    env.wait_for_count(20, T).await?;
+    auditbridge_tests::until("the relay is inside a delivery", T, || {
+        requests.load(std::sync::atomic::Ordering::SeqCst) > 0
+    })
+    .await?;
+
+    // Block the next batch inside its transaction: COPY waits for this lock.
+    let mut lock = env.pool.begin().await?;
+    sqlx::query("LOCK TABLE audit_events IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *lock)
+        .await?;
+    let second = env.events(20);
+    env.publish(&second).await?;
+    eventually("the worker's batch waits for the lock", T, async || {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        )
+        .fetch_one(&env.pool)
+        .await?;
+        anyhow::ensure!(waiting > 0, "no session waits for a lock yet");
+        Ok(())
+    })
+    .await?;
+
+    let started = Instant::now();
+    worker.signal("TERM");
+    let status = worker.wait_exit(Duration::from_secs(30)).await?;
+    let took = started.elapsed();
+    lock.rollback().await?;
+    listener.abort();
+    assert!(
+        status.success(),
+        "the worker exits 0 after a stop cut short: {status}"
+    );
+    assert!(
+        took < STOP + Duration::from_secs(2),
+        "the stop took {took:?} with AUDITBRIDGE_SHUTDOWN_TIMEOUT={stop}: {}",
+        worker.log_text()
+    );
+    assert!(
+        worker.log_text().contains("Gave up on a step of the stop"),
+        "the step cut at the deadline is named: {}",
+        worker.log_text()
+    );
+    // What was abandoned is redelivered to the next worker and stored once.
+    let next = env.spawn_worker("next", &[]).await?;
+    env.wait_for_count(40, T).await?;
+    let stored = env.stored_ids().await?;
+    assert!(second.iter().all(|e| stored.contains(&e.id)));
+    drop(next);
     Ok(())
 }

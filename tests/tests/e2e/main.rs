@@ -22,3 +22,4 @@ mod poison;
 mod roles;
 mod schema;
 mod sources;
+mod tidy;
