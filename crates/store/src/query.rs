@@ -10,7 +10,7 @@ use sqlx::{Postgres, QueryBuilder};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use crate::outbox::{Position, StartAt};
+use crate::outbox::{Generation, Position, StartAt};
 use crate::stored::{OutboxEvent, OutboxRecord, StoredEvent, stored_columns};
 use crate::{Store, StoreError};
 
@@ -201,6 +201,25 @@ const TAIL_COLUMNS: &str = concat!(
     " FROM audit_events WHERE (tx_id, seq) > ("
 );
 
+/// Completes `WHERE (tx_id, seq) > (` with `from` and the bounds of generation `g`: its seq
+/// range and, for the current generation, the commit-safe horizon (an earlier generation is
+/// all committed: no horizon, see `crate::outbox`).
+fn push_range(q: &mut QueryBuilder<Postgres>, from: &Position, g: &Generation) {
+    q.push_bind(from.tx_id.clone())
+        .push("::xid8, ")
+        .push_bind(from.seq)
+        .push(") AND seq >= ")
+        .push_bind(g.first_seq);
+    match g.end_seq {
+        Some(end) => {
+            q.push(" AND seq < ").push_bind(end);
+        }
+        None => {
+            q.push(" AND tx_id < pg_snapshot_xmin(pg_current_snapshot())");
+        }
+    }
+}
+
 impl Store {
     /// One page of the trail, newest or oldest first, after the keyset `after`.
     pub async fn page(&self, query: &PageQuery) -> Result<Vec<StoredEvent>, StoreError> {
@@ -260,20 +279,7 @@ impl Store {
         loop {
             let g = &gens[i];
             let mut q = QueryBuilder::<Postgres>::new(TAIL_COLUMNS);
-            q.push_bind(from.tx_id.clone())
-                .push("::xid8, ")
-                .push_bind(from.seq)
-                .push(") AND seq >= ")
-                .push_bind(g.first_seq);
-            match g.end_seq {
-                // An earlier generation is all committed: no horizon (see `crate::outbox`).
-                Some(end) => {
-                    q.push(" AND seq < ").push_bind(end);
-                }
-                None => {
-                    q.push(" AND tx_id < pg_snapshot_xmin(pg_current_snapshot())");
-                }
-            }
+            push_range(&mut q, &from, g);
             if let Some(f) = filter {
                 f.push_sql(&mut q);
             }
@@ -312,28 +318,12 @@ impl Store {
         let scan = i64::from(scan.max(1));
         loop {
             let g = &gens[i];
-            let bounds = |q: &mut QueryBuilder<Postgres>, from: &Position| {
-                q.push_bind(from.tx_id.clone())
-                    .push("::xid8, ")
-                    .push_bind(from.seq)
-                    .push(") AND seq >= ")
-                    .push_bind(g.first_seq);
-                match g.end_seq {
-                    // An earlier generation is all committed: no horizon (see `crate::outbox`).
-                    Some(end) => {
-                        q.push(" AND seq < ").push_bind(end);
-                    }
-                    None => {
-                        q.push(" AND tx_id < pg_snapshot_xmin(pg_current_snapshot())");
-                    }
-                }
-            };
             // The end of this range: the `scan`-th position after `from`, an index-only walk
             // of `audit_events_outbox_order`. `None` when fewer remain below the horizon.
             let mut q = QueryBuilder::<Postgres>::new(
                 "SELECT tx_id::text AS tx_text, seq FROM audit_events WHERE (tx_id, seq) > (",
             );
-            bounds(&mut q, &from);
+            push_range(&mut q, &from, g);
             q.push(" ORDER BY tx_id, seq OFFSET ")
                 .push_bind(scan - 1)
                 .push(" LIMIT 1");
@@ -342,7 +332,7 @@ impl Store {
             // (its tx_id is below the horizon of the statement that found it, and the horizon
             // only moves forward), so this statement sees the whole range.
             let mut q = QueryBuilder::<Postgres>::new(TAIL_COLUMNS);
-            bounds(&mut q, &from);
+            push_range(&mut q, &from, g);
             if let Some((tx, seq)) = &end {
                 q.push(" AND (tx_id, seq) <= (")
                     .push_bind(tx.clone())

@@ -883,14 +883,31 @@ impl Relay<'_> {
     /// Records dead letters for this destination, retrying while the lease may still be ours
     /// (as [`Relay::advance`] does). False if the relay must stop.
     async fn record_dead(&mut self, dead: &[DestinationDeadLetter]) -> bool {
+        let (store, holder) = (self.ctx.store.clone(), self.ctx.holder.clone());
+        let name = self.name().to_owned();
+        self.write_under_lease(
+            "Cannot record the destination's dead letters; giving the lease up (the events will be tried again).",
+            || store.record_undeliverable(&name, &holder, dead),
+        )
+        .await
+    }
+
+    /// Runs a write that holds only under this worker's lease (it answers `false` once the
+    /// lease is another's), retrying a database error for as long as the lease may still be
+    /// ours. `false`: the lease is lost or given up, and relaying stops; the next holder carries
+    /// on from the stored cursor (sending again what this one could not record: duplicates,
+    /// no loss).
+    async fn write_under_lease<F>(
+        &mut self,
+        giving_up: &'static str,
+        mut write: impl FnMut() -> F,
+    ) -> bool
+    where
+        F: Future<Output = Result<bool, auditbridge_store::StoreError>>,
+    {
         let started = Instant::now();
         loop {
-            match self
-                .ctx
-                .store
-                .record_undeliverable(self.name(), &self.ctx.holder, dead)
-                .await
-            {
+            match write().await {
                 Ok(true) => return true,
                 Ok(false) => {
                     tracing::warn!(
@@ -901,7 +918,7 @@ impl Relay<'_> {
                 }
                 Err(e) => {
                     if started.elapsed() > self.ctx.lease_ttl {
-                        tracing::warn!(error = %e, message = "Cannot record the destination's dead letters; giving the lease up (the events will be tried again).");
+                        tracing::warn!(error = %e, message = giving_up);
                         self.held.cancel();
                         return false;
                     }
@@ -940,43 +957,23 @@ impl Relay<'_> {
     }
 
     async fn advance(&mut self, to: &Position, delivered: u64, skipped: u64) -> bool {
-        let started = Instant::now();
-        loop {
-            match self
-                .ctx
-                .store
-                .advance(self.name(), &self.ctx.holder, to, delivered, skipped)
-                .await
-            {
-                Ok(true) => {
-                    self.cursor = to.clone();
-                    if self.suspects.is_empty() {
-                        self.suspects.frontier = to.clone();
-                    }
-                    let _ = self.cursor_tx.send(to.clone());
-                    return true;
-                }
-                Ok(false) => {
-                    tracing::warn!(
-                        message = "Lost the destination's lease; another worker carries on from the stored cursor."
-                    );
-                    self.held.cancel();
-                    return false;
-                }
-                Err(e) => {
-                    // Delivered but not yet recorded: keep trying for as long as the lease may
-                    // be ours; if it is lost, the next holder resends (duplicates, no loss).
-                    if started.elapsed() > self.ctx.lease_ttl {
-                        tracing::warn!(error = %e, message = "Cannot record progress; giving the lease up (the events will be sent again).");
-                        self.held.cancel();
-                        return false;
-                    }
-                    if !self.pause(Duration::from_millis(500)).await {
-                        return false;
-                    }
-                }
+        let (store, holder) = (self.ctx.store.clone(), self.ctx.holder.clone());
+        let name = self.name().to_owned();
+        // Delivered but not yet recorded: if the lease is lost, the next holder resends.
+        let recorded = self
+            .write_under_lease(
+                "Cannot record progress; giving the lease up (the events will be sent again).",
+                || store.advance(&name, &holder, to, delivered, skipped),
+            )
+            .await;
+        if recorded {
+            self.cursor = to.clone();
+            if self.suspects.is_empty() {
+                self.suspects.frontier = to.clone();
             }
+            let _ = self.cursor_tx.send(to.clone());
         }
+        recorded
     }
 
     /// Sleeps unless the lease is lost or shutdown comes first.
