@@ -8,7 +8,7 @@
 //! [`Event::validate`]; [`raw_numbers`] adds numbers near the written-out limit to a
 //! payload's text, which only [`crate::decode`] can judge.
 //!
-//! The database property test (`tests/tests/limits.rs`) stores what these produce; the
+//! The database property test (`tests/tests/e2e/limits.rs`) stores what these produce; the
 //! decode properties (`crates/event/tests/properties.rs`) check the accept/refuse rules.
 
 use proptest::prelude::*;

@@ -9,7 +9,7 @@
 //!   batch. The largest entry of any index of `audit_events` is `(tenant, actor_id,
 //!   occurred_at, id)` or `(tenant, target_id, occurred_at, id)`: with ids of [`ID_BYTES`]
 //!   that is about 1,140 bytes even if nothing compresses, less than half the limit, so a later
-//!   index on two ids still fits. `tests/tests/limits.rs` recomputes this from the catalog for
+//!   index on two ids still fits. `tests/tests/e2e/limits.rs` recomputes this from the catalog for
 //!   every index, so a new index on an unbounded column fails a test, not a batch.
 //! - **Routing keys.** The default RabbitMQ routing key `<tenant>.<action>` must fit AMQP's
 //!   255-byte short string: [`TENANT_BYTES`] + 1 + [`ACTION_BYTES`] = 255.

@@ -153,7 +153,7 @@ fn char_name(c: char) -> String {
 /// code with anything else could not be serialized. PostgreSQL reads no year 0000 (it counts
 /// 1 BC, 1 AD), keeps microseconds, and stores the instant: `9999-12-31T23:59:59-05:00` is
 /// the year 10000 in UTC, which the `time` crate cannot hold: sqlx panics encoding it (the
-/// writer's `INSERT` path, seen in `tests/tests/limits.rs`), and it could not be read back.
+/// writer's `INSERT` path, seen in `tests/tests/e2e/limits.rs`), and it could not be read back.
 /// So the time must lie in the years 0001 to 9999 both as written and in UTC, rounded to the
 /// microsecond.
 pub(crate) fn validate_timestamp(t: time::OffsetDateTime) -> Result<(), Invalid> {

@@ -5,7 +5,7 @@
 -- run: it first takes every privilege of the writer and the reader away, then grants exactly
 -- what is listed here. So this file is the whole truth, an upgrade that changes it needs no
 -- migration, and a privilege granted by hand is gone at the next `migrate`. A table added by
--- a migration gets its grants HERE (tests/tests/roles.rs fails for a table the reader cannot
+-- a migration gets its grants HERE (tests/tests/e2e/roles.rs fails for a table the reader cannot
 -- read, and for a worker or `serve` that needs a privilege that is missing).
 --
 -- The roles are cluster-global and created by `migrate` unless `--no-roles` (crates/store/src/

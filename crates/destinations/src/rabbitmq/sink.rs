@@ -494,7 +494,7 @@ fn retry(reason: &'static str, detail: String) -> DeliveryError {
 }
 
 /// Not part of the API (hidden from the docs, no stability promised): the sink's message
-/// building and confirm windows, for the two tests in `tests/tests/destinations.rs` that no
+/// building and confirm windows, for the two tests in `tests/tests/e2e/destinations.rs` that no
 /// public behaviour reaches. One sends a property the sink never sets (a `user_id` RabbitMQ
 /// refuses with 406) through the sink's own publishing and reads the answer for each message;
 /// the other publishes the sink's exact messages with lapin directly, to compare throughput.
