@@ -47,6 +47,7 @@ use axum::routing::post;
 use bytes::Bytes;
 use time::OffsetDateTime;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tracing::Instrument as _;
 
 use crate::AppState;
 use crate::error::ApiError;
@@ -144,7 +145,7 @@ fn refuse_signature(source: &str, e: &SignatureError) -> ApiError {
     count(source, "unauthorized");
     metrics::counter!(m::WEBHOOK_SIGNATURE_FAILURES, "source" => source.to_owned(), "reason" => e.label())
         .increment(1);
-    tracing::warn!(source = %source, reason = e.label(), error = %e, message = "Webhook signature refused.");
+    tracing::warn!(reason = e.label(), error = %e, message = "Webhook signature refused.");
     ApiError::Unauthorized(match e.label() {
         "missing" => "missing signature or timestamp header",
         "bad_timestamp" => "the timestamp header is not Unix seconds",
@@ -157,7 +158,10 @@ fn refuse_signature(source: &str, e: &SignatureError) -> ApiError {
 /// 503 with `Retry-After`: every permit is taken.
 fn busy(source: &str, what: &str) -> Response {
     count(source, "busy");
-    tracing::info!(source = %source, limit = what, message = "Webhook request refused: too many at once.");
+    tracing::info!(
+        limit = what,
+        message = "Webhook request refused: too many at once."
+    );
     let mut response = ApiError::Unavailable(format!(
         "too many webhook requests at once ({what}); retry after {RETRY_AFTER_SECS} s"
     ))
@@ -199,14 +203,28 @@ async fn receive(
             "no webhook source named {name:?}"
         )));
     };
+    let span = tracing::info_span!("source", source = %name);
+    receive_for(&state, &name, source, headers, body)
+        .instrument(span)
+        .await
+}
+
+/// One request of a configured webhook source, inside its span.
+async fn receive_for(
+    state: &AppState,
+    name: &str,
+    source: &Source,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
     let params = &source.params;
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
     let header = |h: &str| headers.get(h).and_then(|v| v.to_str().ok());
-    let presented = check_headers(params, header, now).map_err(|e| refuse_signature(&name, &e))?;
+    let presented = check_headers(params, header, now).map_err(|e| refuse_signature(name, &e))?;
     if declared_too_large(&headers, params.max_body_bytes) {
-        count(&name, "too_large");
+        count(name, "too_large");
         return Err(ApiError::PayloadTooLarge {
             limit: params.max_body_bytes,
         });
@@ -214,14 +232,14 @@ async fn receive(
     // Held until the answer: the body and the publish are what the permits bound.
     let _permits = match take_permits(&state.webhooks, source) {
         Ok(p) => p,
-        Err(limit) => return Ok(busy(&name, limit)),
+        Err(limit) => return Ok(busy(name, limit)),
     };
     let body =
         match read_body_within(&headers, body, params.max_body_bytes, params.body_timeout).await {
             Ok(b) => b,
             Err(e) => {
                 count(
-                    &name,
+                    name,
                     match e {
                         BodyError::TooLarge { .. } => "too_large",
                         BodyError::Timeout(_) => "timeout",
@@ -231,7 +249,7 @@ async fn receive(
                 return Err(e.into());
             }
         };
-    verify_body(params, &presented, &body).map_err(|e| refuse_signature(&name, &e))?;
+    verify_body(params, &presented, &body).map_err(|e| refuse_signature(name, &e))?;
     let payloads: Vec<Bytes> = match serde_json::from_slice::<serde_json::Value>(&body) {
         Ok(serde_json::Value::Array(items)) => items
             .iter()
@@ -246,10 +264,8 @@ async fn receive(
     for (index, payload) in payloads.into_iter().enumerate() {
         let mapped = params
             .mapping
-            .apply(&name, &payload, max, received_at)
-            .and_then(|mapped| {
-                check_tenant(&name, &params.tenants, &mapped.event).map(|()| mapped)
-            });
+            .apply(name, &payload, max, received_at)
+            .and_then(|mapped| check_tenant(name, &params.tenants, &mapped.event).map(|()| mapped));
         match mapped {
             Ok(mapped) => {
                 results.push(ItemResult::accepted(index, mapped.event.id));
@@ -258,7 +274,7 @@ async fn receive(
                 outgoing.push(Outgoing::mapped(&mapped, &state.config.subject_prefix, raw));
             }
             Err(refusal) => {
-                tracing::info!(source = %name, index, kind = refusal.kind.as_str(), reason = %refusal.detail, message = "Webhook payload refused.");
+                tracing::info!(index, kind = refusal.kind.as_str(), reason = %refusal.detail, message = "Webhook payload refused.");
                 results.push(ItemResult::rejected(
                     index,
                     refusal.kind.as_str(),
@@ -267,10 +283,10 @@ async fn receive(
             }
         }
     }
-    match publish_and_answer(&state, outgoing, results).await {
+    match publish_and_answer(state, outgoing, results).await {
         Ok((status, _, _, response)) => {
             count(
-                &name,
+                name,
                 if status == StatusCode::ACCEPTED {
                     "accepted"
                 } else {
@@ -280,7 +296,7 @@ async fn receive(
             Ok(response)
         }
         Err(e) => {
-            count(&name, "unavailable");
+            count(name, "unavailable");
             Err(e)
         }
     }
