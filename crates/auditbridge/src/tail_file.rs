@@ -6,6 +6,7 @@
 
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -101,8 +102,11 @@ pub(crate) async fn run(args: Args, config: &Config) -> anyhow::Result<ExitCode>
         let token = shutdown.clone();
         tails.spawn(async move { (name, tail.run(token).await) });
     }
+    // Whether a source stopped on an error: kept outside `stop_all`, so that a stop cut at the
+    // deadline still exits as the sources ended (abandoning what is in flight is safe: its
+    // lines are read again from the saved position).
+    let failed = AtomicBool::new(false);
     let stop_all = async {
-        let mut failed = false;
         while let Some(done) = tails.join_next().await {
             let error = match done {
                 Ok((_, Ok(()))) => continue,
@@ -110,27 +114,24 @@ pub(crate) async fn run(args: Args, config: &Config) -> anyhow::Result<ExitCode>
                 Err(e) => format!("file source task: {e}"),
             };
             tracing::error!(%error, message = "File source stopped; stopping the others.");
-            failed = true;
+            failed.store(true, Ordering::Relaxed);
             shutdown.cancel();
         }
-        failed
     };
     tokio::pin!(stop_all);
     let ended = tokio::select! {
-        failed = &mut stop_all => Some(failed),
-        _ = shutdown.cancelled() => None,
+        () = &mut stop_all => true,
+        _ = shutdown.cancelled() => false,
     };
-    // Tails stop promptly once cancelled (a publish in flight is abandoned; its lines are read
-    // again from the saved position next time), but the whole stop is bounded by one
-    // deadline anyway.
+    // Tails stop promptly once cancelled (a publish in flight is abandoned), but the whole
+    // stop is bounded by one deadline anyway.
     let deadline = Deadline::after(config.shutdown_timeout);
-    let failed = match ended {
-        Some(failed) => failed,
-        None => deadline
+    if !ended {
+        deadline
             .within("stopping the file sources", &mut stop_all)
-            .await
-            .unwrap_or(true),
-    };
+            .await;
+    }
+    let failed = failed.load(Ordering::Relaxed);
     shutdown.cancel();
     deadline
         .within("flushing publishes to NATS", client.flush())

@@ -42,6 +42,15 @@ impl Deadline {
         }
     }
 
+    /// The same deadline `reserve` earlier: for a step that must leave time to the steps after
+    /// it.
+    pub fn sooner_by(&self, reserve: Duration) -> Deadline {
+        Deadline {
+            at: self.at.checked_sub(reserve).unwrap_or(self.at),
+            budget: self.budget.saturating_sub(reserve),
+        }
+    }
+
     /// Time left before the deadline (zero once it passed).
     pub fn remaining(&self) -> Duration {
         self.at.saturating_duration_since(Instant::now())
@@ -72,5 +81,17 @@ mod tests {
             Some(1),
             "a step that is ready at once still completes"
         );
+    }
+
+    /// A step run `sooner_by` a reserve leaves that much to the next one.
+    #[tokio::test(start_paused = true)]
+    async fn a_reserve_is_left_to_the_next_step() {
+        let deadline = Deadline::after(Duration::from_secs(10));
+        let first = deadline
+            .sooner_by(Duration::from_secs(1))
+            .within("first", std::future::pending::<()>())
+            .await;
+        assert!(first.is_none());
+        assert_eq!(deadline.remaining(), Duration::from_secs(1));
     }
 }

@@ -29,6 +29,9 @@ use tokio_util::task::TaskTracker;
 
 use crate::ingest::{Ingest, Stopped};
 
+/// The most of a stop's deadline kept for flushing acknowledgements after the batch in flight.
+const FLUSH_RESERVE: Duration = Duration::from_secs(1);
+
 /// A worker, built and ready to run.
 pub struct Worker {
     config: Config,
@@ -79,6 +82,9 @@ impl Worker {
         } = self;
         let tasks = TaskTracker::new();
         let background = CancellationToken::new();
+        // Relays stop at shutdown, and also when ingest ends by itself (a fatal error): they
+        // must not hold the stop for its whole deadline.
+        let stopping = shutdown.child_token();
 
         let store = Store::connect_lazy(&config.database_url, config.ingest.db_max_connections)?
             .with_notify(!destinations.is_empty());
@@ -124,7 +130,7 @@ impl Worker {
             });
             tracing::info!(holder = %ctx.holder, destinations = destinations.len(), message = "Relaying destinations.");
             for d in destinations {
-                tasks.spawn(relay::supervise(d, ctx.clone(), shutdown.clone()));
+                tasks.spawn(relay::supervise(d, ctx.clone(), stopping.clone()));
             }
         }
 
@@ -142,13 +148,16 @@ impl Worker {
             r = &mut work => Some(r),
             _ = shutdown.cancelled() => None,
         };
+        stopping.cancel();
         // From here on every step shares one deadline: AUDITBRIDGE_SHUTDOWN_TIMEOUT bounds the
         // whole stop.
         let deadline = Deadline::after(config.shutdown_timeout);
         let result = match ended {
             Some(r) => r,
-            // What is abandoned stays unacknowledged and is redelivered.
+            // What is abandoned stays unacknowledged and is redelivered. A tenth of the budget
+            // (at most a second) stays for flushing the acks of the batches that did commit.
             None => deadline
+                .sooner_by(FLUSH_RESERVE.min(config.shutdown_timeout / 10))
                 .within("finishing the batch in flight", &mut work)
                 .await
                 .unwrap_or(Ok(())),

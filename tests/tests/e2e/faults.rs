@@ -246,7 +246,12 @@ async fn one_deadline_bounds_a_stop_held_by_the_database_and_a_destination() -> 
         .await?;
     let second = env.events(20);
     env.publish(&second).await?;
+    // The batch has started (counted when it is taken from the batcher: from then on its write
+    // is not cut by the shutdown) and a session waits for the lock. (Waiting sessions alone
+    // could be the relay's backlog report.)
     eventually("the worker's batch waits for the lock", T, async || {
+        let received = worker.metric("auditbridge_events_received_total").await?;
+        anyhow::ensure!(received >= 40.0, "{received} messages taken into batches");
         let waiting: i64 = sqlx::query_scalar(
             "SELECT count(*) FROM pg_stat_activity \
              WHERE datname = current_database() AND wait_event_type = 'Lock'",

@@ -6,7 +6,9 @@
 //!   the test harness depend on sqlx: everything else reaches PostgreSQL through `store`;
 //! - `event` (the model) depends on no runtime: no tokio;
 //! - every dependency a crate declares is used by its code, and every workspace dependency by
-//!   some crate.
+//!   some crate;
+//! - crates depend on each other only along the map's boundaries (a service crate never on
+//!   another service crate: what they share moves down into `runtime`).
 //!
 //! Each check lists every offender at once, by path, so one run says all that is wrong.
 
@@ -55,12 +57,47 @@ fn package_name(manifest: &toml::Table) -> String {
         .to_owned()
 }
 
-/// Every dependency a manifest declares, in any section.
-fn dependencies(manifest: &toml::Table) -> BTreeSet<String> {
-    SECTIONS
+/// Every dependency a manifest declares, in any section (also `[target.'…'.dependencies]`), as
+/// (the name the code uses, the package it is).
+fn dependencies(manifest: &toml::Table) -> BTreeSet<(String, String)> {
+    let mut tables: Vec<&toml::Table> = SECTIONS
         .iter()
         .filter_map(|s| manifest.get(*s).and_then(|t| t.as_table()))
-        .flat_map(|t| t.keys().cloned())
+        .collect();
+    if let Some(targets) = manifest.get("target").and_then(|t| t.as_table()) {
+        for target in targets.values().filter_map(|t| t.as_table()) {
+            tables.extend(
+                SECTIONS
+                    .iter()
+                    .filter_map(|s| target.get(*s).and_then(|t| t.as_table())),
+            );
+        }
+    }
+    tables
+        .into_iter()
+        .flat_map(|t| t.iter())
+        .map(|(key, spec)| {
+            let package = spec.get("package").and_then(|p| p.as_str()).unwrap_or(key);
+            (key.clone(), package.to_owned())
+        })
+        .collect()
+}
+
+/// The packages a manifest depends on.
+fn packages(manifest: &toml::Table) -> BTreeSet<String> {
+    dependencies(manifest).into_iter().map(|(_, p)| p).collect()
+}
+
+/// Our own crates a manifest's `[dependencies]` name (what its library links; tests and
+/// benches may use more).
+fn internal_dependencies(manifest: &toml::Table) -> BTreeSet<String> {
+    manifest
+        .get("dependencies")
+        .and_then(|t| t.as_table())
+        .into_iter()
+        .flat_map(|t| t.keys())
+        .filter(|k| k.starts_with("auditbridge"))
+        .cloned()
         .collect()
 }
 
@@ -125,7 +162,7 @@ fn only_store_client_and_the_test_support_speak_sql() {
     let offenders: Vec<String> = members()
         .iter()
         .map(|d| manifest(d))
-        .filter(|m| dependencies(m).contains("sqlx"))
+        .filter(|m| packages(m).contains("sqlx"))
         .map(|m| package_name(&m))
         .filter(|name| !SQLX_ALLOWED.contains(&name.as_str()))
         .collect();
@@ -135,27 +172,163 @@ fn only_store_client_and_the_test_support_speak_sql() {
     );
 }
 
+/// What the event model may never pull in, directly or through another crate.
+const RUNTIMES: &[&str] = &[
+    "tokio",
+    "mio",
+    "async-nats",
+    "sqlx",
+    "lapin",
+    "reqwest",
+    "hyper",
+    "axum",
+];
+
 #[test]
 fn the_event_model_depends_on_no_runtime() {
-    let event = manifest(&root().join("crates/event"));
-    let deps = dependencies(&event);
-    for runtime in ["tokio", "async-nats", "sqlx", "lapin", "reqwest"] {
-        assert!(
-            !deps.contains(runtime),
-            "auditbridge-event (the model: no I/O) depends on {runtime}"
-        );
+    // Walk the resolved graph in Cargo.lock from auditbridge-event.
+    let lock: toml::Table = std::fs::read_to_string(root().join("Cargo.lock"))
+        .expect("Cargo.lock")
+        .parse()
+        .expect("Cargo.lock is TOML");
+    let packages = lock["package"].as_array().expect("[[package]] entries");
+    let deps_of = |name: &str| -> Vec<String> {
+        packages
+            .iter()
+            .filter(|p| p["name"].as_str() == Some(name))
+            .flat_map(|p| {
+                p.get("dependencies")
+                    .and_then(|d| d.as_array())
+                    .cloned()
+                    .unwrap_or_default()
+            })
+            // "name" or "name version" when several versions are locked.
+            .filter_map(|d| {
+                d.as_str()
+                    .and_then(|d| d.split(' ').next())
+                    .map(str::to_owned)
+            })
+            .collect()
+    };
+    let mut seen = BTreeSet::new();
+    let mut stack = vec!["auditbridge-event".to_owned()];
+    while let Some(name) = stack.pop() {
+        if seen.insert(name.clone()) {
+            stack.extend(deps_of(&name));
+        }
     }
+    let found: Vec<&&str> = RUNTIMES.iter().filter(|r| seen.contains(**r)).collect();
+    assert!(
+        found.is_empty(),
+        "auditbridge-event (the model: no I/O) pulls in {found:?}"
+    );
 }
 
-/// Whether `crate_name` (as written in Cargo.toml) is named in any of `files`.
+/// Which of our crates each crate's library may depend on: the map's boundaries
+/// (ARCHITECTURE.md, invariant 13). A new crate is added here and to the map.
+const BOUNDARIES: &[(&str, &[&str])] = &[
+    ("auditbridge-event", &[]),
+    ("auditbridge-config", &[]),
+    ("auditbridge-store", &["auditbridge-event"]),
+    (
+        "auditbridge-runtime",
+        &["auditbridge-config", "auditbridge-store"],
+    ),
+    (
+        "auditbridge-destinations",
+        &[
+            "auditbridge-config",
+            "auditbridge-event",
+            "auditbridge-store",
+        ],
+    ),
+    (
+        "auditbridge-sources",
+        &["auditbridge-event", "auditbridge-runtime"],
+    ),
+    (
+        "auditbridge-worker",
+        &[
+            "auditbridge-config",
+            "auditbridge-destinations",
+            "auditbridge-event",
+            "auditbridge-runtime",
+            "auditbridge-store",
+        ],
+    ),
+    (
+        "auditbridge-api",
+        &[
+            "auditbridge-config",
+            "auditbridge-event",
+            "auditbridge-runtime",
+            "auditbridge-sources",
+            "auditbridge-store",
+        ],
+    ),
+    (
+        "auditbridge-client",
+        &["auditbridge-config", "auditbridge-event"],
+    ),
+];
+
+/// Crates on top of everything: the binary and the test harness.
+const TOP: &[&str] = &["auditbridge", "auditbridge-tests"];
+
+#[test]
+fn crates_depend_on_each_other_only_along_the_map() {
+    let mut wrong = Vec::new();
+    for dir in members() {
+        let m = manifest(&dir);
+        let name = package_name(&m);
+        if TOP.contains(&name.as_str()) {
+            continue;
+        }
+        let Some((_, allowed)) = BOUNDARIES.iter().find(|(n, _)| *n == name) else {
+            wrong.push(format!(
+                "{name} is not in the map (tidy.rs BOUNDARIES, ARCHITECTURE.md)"
+            ));
+            continue;
+        };
+        for dep in internal_dependencies(&m) {
+            if !allowed.contains(&dep.as_str()) {
+                wrong.push(format!("{name} depends on {dep}"));
+            }
+        }
+    }
+    assert!(
+        wrong.is_empty(),
+        "crate dependencies outside the map:\n  {}",
+        wrong.join("\n  ")
+    );
+}
+
+/// Whether `crate_name` (as written in Cargo.toml) is named in any of `files`, as a path
+/// (`name::`), an import (`use name`) or `extern crate name`, outside `//` comments, and not
+/// as the end of a longer name (`tokio` in `tokio_util::`, `time` in `std::time::`).
 fn used_in(crate_name: &str, files: &[String]) -> bool {
     let ident = crate_name.replace('-', "_");
-    let path = format!("{ident}::");
-    let import = format!("use {ident}");
-    let external = format!("extern crate {ident}");
-    files
-        .iter()
-        .any(|text| text.contains(&path) || text.contains(&import) || text.contains(&external))
+    files.iter().any(|text| {
+        text.lines()
+            .map(str::trim_start)
+            .filter(|l| !l.starts_with("//"))
+            .any(|line| {
+                line.match_indices(ident.as_str()).any(|(at, _)| {
+                    let before = line[..at].chars().next_back();
+                    let after = &line[at + ident.len()..];
+                    let starts_name =
+                        before.is_none_or(|c| !(c.is_ascii_alphanumeric() || c == '_' || c == ':'));
+                    let names_crate = after.starts_with("::")
+                        || (line[..at].trim_end().ends_with("use")
+                            || line[..at].trim_end().ends_with("extern crate"))
+                            && after
+                                .chars()
+                                .next()
+                                .is_none_or(|c| matches!(c, ';' | '{' | ' ' | ':'));
+                    starts_name && names_crate
+                })
+            })
+    })
 }
 
 #[test]
@@ -172,7 +345,7 @@ fn every_declared_dependency_is_used() {
             .iter()
             .map(|f| std::fs::read_to_string(f).expect("a readable source file"))
             .collect();
-        for dep in dependencies(&m) {
+        for (dep, _) in dependencies(&m) {
             used_anywhere.insert(dep.clone());
             if !used_in(&dep, &texts) {
                 unused.push(format!(
