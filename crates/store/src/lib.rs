@@ -28,7 +28,8 @@ mod undeliverable;
 pub use error::StoreError;
 pub use outbox::{Backlog, DestinationState, Position, StartAt};
 pub use persist::{
-    CONFLICT, DB_REJECTED, DeadLetter, Incoming, Ingested, NewEvent, Origin, PersistOutcome,
+    CONFLICT, COPY_COLUMNS, DB_REJECTED, DeadLetter, Incoming, Ingested, NewEvent, Origin,
+    PersistOutcome, encode_copy_row,
 };
 pub use query::{Condition, EventFilter, Order, PageQuery, StatsRow, TailScan};
 pub use roles::SessionRole;

@@ -92,6 +92,11 @@ pub struct PersistOutcome {
     pub dead_lettered: u64,
 }
 
+/// The columns of `audit_events` a batch writes, in the order [`encode_copy_row`] writes
+/// their values.
+pub const COPY_COLUMNS: &str =
+    "id, tenant, action, outcome, occurred_at, actor_id, target_id, source, event";
+
 const COPY_EVENTS: &str = "COPY audit_events \
     (id, tenant, action, outcome, occurred_at, actor_id, target_id, source, event) \
     FROM STDIN";
@@ -245,8 +250,9 @@ async fn copy_events(
 }
 
 /// One row of `COPY ... FROM STDIN` text format: tab-separated, `\N` for NULL, backslash,
-/// newline, carriage return and tab escaped.
-pub(crate) fn encode_copy_row(buf: &mut Vec<u8>, e: &NewEvent<'_>) {
+/// newline, carriage return and tab escaped; the values of [`COPY_COLUMNS`]. Public for the
+/// benchmarks' raw limit, which copies the very rows the writer copies.
+pub fn encode_copy_row(buf: &mut Vec<u8>, e: &NewEvent<'_>) {
     let ev = e.event;
     let mut uuid = Uuid::encode_buffer();
     buf.extend_from_slice(ev.id.hyphenated().encode_lower(&mut uuid).as_bytes());
