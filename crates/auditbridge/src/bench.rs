@@ -28,7 +28,7 @@ use futures::StreamExt as _;
 use tokio::process::{Child, Command};
 use uuid::Uuid;
 
-use crate::publish::{Outgoing, publish_all};
+use auditbridge_sources::{Outgoing, publish_all};
 
 #[derive(Debug, clap::Args)]
 pub(crate) struct Args {
@@ -223,11 +223,7 @@ async fn measure(
         let js = js.clone();
         let outgoing: Vec<Outgoing> = events
             .iter()
-            .map(|(e, raw)| Outgoing {
-                subject: e.subject(&prefix),
-                msg_id: e.message_id(),
-                payload: raw.clone(),
-            })
+            .map(|(e, raw)| Outgoing::new(e, &prefix, Some(raw.clone())))
             .collect();
         tokio::spawn(async move {
             let report = publish_all(&js, futures::stream::iter(outgoing), None).await;
@@ -363,7 +359,7 @@ async fn latency_run(
                     .lock()
                     .expect("not poisoned")
                     .insert(e.id, Instant::now());
-                Outgoing::from_event(&e, &prefix)
+                Outgoing::new(&e, &prefix, None)
             });
             publish_all(&js, messages, Some(rate)).await
         })

@@ -33,7 +33,7 @@ use uuid::Uuid;
 use crate::bench::{
     Args, Names, peak_rss_kib, persist_synthetic, rss_kib, spawn_worker, stop_worker, synthetic,
 };
-use crate::publish::{Outgoing, publish_all};
+use auditbridge_sources::{Outgoing, publish_all};
 
 const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 
@@ -417,7 +417,7 @@ async fn latency_run(
                     .lock()
                     .expect("not poisoned")
                     .insert(e.id.to_string(), Instant::now());
-                Outgoing::from_event(&e, &prefix)
+                Outgoing::new(&e, &prefix, None)
             });
             publish_all(&js, messages, Some(rate)).await
         })

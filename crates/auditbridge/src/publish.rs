@@ -3,15 +3,15 @@
 //! acks.
 
 use std::process::ExitCode;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::Context as _;
-use async_nats::HeaderMap;
-use async_nats::jetstream::{self, context::PublishAckFuture};
+use async_nats::jetstream;
 use auditbridge_config::Config;
-use auditbridge_event::{Event, synth::Generator};
+use auditbridge_event::synth::Generator;
+use auditbridge_sources::{Outgoing, publish_all};
 use bytes::Bytes;
-use futures::stream::{FuturesUnordered, Stream, StreamExt};
+use futures::stream::StreamExt as _;
 use tokio::io::AsyncBufReadExt as _;
 
 /// Publish events to JetStream and wait for its acknowledgements.
@@ -32,142 +32,6 @@ pub(crate) struct Args {
     seed: u64,
 }
 
-/// One message to publish.
-#[derive(Debug, Clone)]
-pub(crate) struct Outgoing {
-    pub subject: String,
-    /// The `Nats-Msg-Id`, tenant-scoped: `<tenant>:<id>` ([`Event::message_id`]).
-    pub msg_id: String,
-    pub payload: Bytes,
-}
-
-impl Outgoing {
-    pub(crate) fn from_event(event: &Event, prefix: &str) -> Outgoing {
-        Outgoing {
-            subject: event.subject(prefix),
-            msg_id: event.message_id(),
-            payload: Bytes::from(serde_json::to_vec(event).expect("an Event always serializes")),
-        }
-    }
-}
-
-/// What a publish run achieved.
-#[derive(Debug, Default, Clone, Copy)]
-pub(crate) struct Report {
-    /// Acknowledged by JetStream (stored, or recognised as a duplicate).
-    pub acked: u64,
-    /// Of those, recognised as re-sends inside the duplicate window.
-    pub duplicates: u64,
-    /// Not acknowledged after every retry.
-    pub failed: u64,
-}
-
-/// Most publishes awaiting their acknowledgement at once.
-const MAX_IN_FLIGHT: usize = 4096;
-/// Attempts per message before it counts as failed.
-const ATTEMPTS: u32 = 5;
-
-type InFlight =
-    std::pin::Pin<Box<dyn Future<Output = (Outgoing, u32, anyhow::Result<bool>)> + Send>>;
-
-async fn send(js: &jetstream::Context, out: Outgoing, attempt: u32) -> InFlight {
-    let mut headers = HeaderMap::new();
-    headers.insert("Nats-Msg-Id", out.msg_id.as_str());
-    let sent = js
-        .publish_with_headers(out.subject.clone(), headers, out.payload.clone())
-        .await;
-    Box::pin(async move {
-        let result = match sent {
-            Ok(ack) => wait_ack(ack).await,
-            Err(e) => Err(anyhow::Error::from(e)),
-        };
-        (out, attempt, result)
-    })
-}
-
-async fn wait_ack(ack: PublishAckFuture) -> anyhow::Result<bool> {
-    Ok(ack.await?.duplicate)
-}
-
-/// Publishes everything `messages` yields, paced to `rate` events/s if given, with at most
-/// [`MAX_IN_FLIGHT`] unacknowledged; retries a failed publish (same `Nats-Msg-Id`, so
-/// JetStream stores it once) with a growing pause.
-pub(crate) async fn publish_all(
-    js: &jetstream::Context,
-    messages: impl Stream<Item = Outgoing>,
-    rate: Option<f64>,
-) -> Report {
-    let mut report = Report::default();
-    let mut in_flight: FuturesUnordered<InFlight> = FuturesUnordered::new();
-    let started = Instant::now();
-    let mut last_progress = Instant::now();
-    let mut sent: u64 = 0;
-    let interval = rate
-        .filter(|r| *r > 0.0)
-        .map(|r| Duration::from_secs_f64(1.0 / r));
-    tokio::pin!(messages);
-
-    let settle = |report: &mut Report,
-                  done: (Outgoing, u32, anyhow::Result<bool>)|
-     -> Option<(Outgoing, u32)> {
-        let (out, attempt, result) = done;
-        match result {
-            Ok(duplicate) => {
-                report.acked += 1;
-                report.duplicates += u64::from(duplicate);
-                None
-            }
-            Err(e) if attempt < ATTEMPTS => {
-                tracing::debug!(msg_id = %out.msg_id, error = %e, attempt, message = "Publish not acknowledged; retrying.");
-                Some((out, attempt + 1))
-            }
-            Err(e) => {
-                tracing::warn!(msg_id = %out.msg_id, error = %e, message = "Publish failed after every retry.");
-                report.failed += 1;
-                None
-            }
-        }
-    };
-
-    loop {
-        // Pace before taking the next message, so a stream that stamps its items when they
-        // are taken (the benchmark does) stamps them when they are really sent.
-        if let Some(step) = interval {
-            let due = started + step.mul_f64(sent as f64);
-            tokio::time::sleep_until(due.into()).await;
-        }
-        let Some(out) = messages.next().await else {
-            break;
-        };
-        while in_flight.len() >= MAX_IN_FLIGHT {
-            if let Some(done) = in_flight.next().await
-                && let Some((out, attempt)) = settle(&mut report, done)
-            {
-                tokio::time::sleep(Duration::from_millis(100 * u64::from(attempt))).await;
-                let next = send(js, out, attempt).await;
-                in_flight.push(next);
-            }
-        }
-        // Awaited before `push` (which takes `&self`), so no borrow of the set is held across
-        // the await and the future stays `Send`.
-        let next = send(js, out, 1).await;
-        in_flight.push(next);
-        sent += 1;
-        if last_progress.elapsed() >= Duration::from_secs(5) {
-            last_progress = Instant::now();
-            tracing::info!(sent, acked = report.acked, message = "Publishing.");
-        }
-    }
-    while let Some(done) = in_flight.next().await {
-        if let Some((out, attempt)) = settle(&mut report, done) {
-            tokio::time::sleep(Duration::from_millis(100 * u64::from(attempt))).await;
-            let next = send(js, out, attempt).await;
-            in_flight.push(next);
-        }
-    }
-    report
-}
-
 pub(crate) async fn run(args: Args, config: &Config) -> anyhow::Result<ExitCode> {
     let client =
         auditbridge_runtime::nats::connect(&config.nats_url, "auditbridge-publish").await?;
@@ -185,7 +49,7 @@ pub(crate) async fn run(args: Args, config: &Config) -> anyhow::Result<ExitCode>
             let tenants = usize::try_from(args.tenants).unwrap_or(usize::MAX);
             let mut generator = Generator::new(args.seed, tenants);
             let events = futures::stream::iter(0..n)
-                .map(move |_| Outgoing::from_event(&generator.next_event(), &prefix));
+                .map(move |_| Outgoing::new(&generator.next_event(), &prefix, None));
             (publish_all(&js, events, args.rate).await, 0)
         }
         None => {
@@ -202,11 +66,7 @@ pub(crate) async fn run(args: Args, config: &Config) -> anyhow::Result<ExitCode>
                     }
                     match auditbridge_event::decode(line.as_bytes(), max) {
                         Ok(event) => {
-                            let out = Outgoing {
-                                subject: event.subject(&prefix),
-                                msg_id: event.message_id(),
-                                payload: Bytes::from(line),
-                            };
+                            let out = Outgoing::new(&event, &prefix, Some(Bytes::from(line)));
                             if tx.send(out).await.is_err() {
                                 break;
                             }

@@ -22,4 +22,7 @@ pub use config::{ConfigError, FileParams, SourceConfig, SourceKind, WebhookParam
 pub use mapping::{
     IdKey, Mapped, Mapping, Refusal, RefusalKind, check_tenant, derive_id, legacy_derive_id,
 };
-pub use publish::{LEGACY_ID_HEADER, Outgoing, PublishError, Publisher, Sink, TIME_HEADER};
+pub use publish::{
+    LEGACY_ID_HEADER, Outgoing, PublishError, PublishReport, Publisher, Sink, TIME_HEADER,
+    publish_all,
+};
