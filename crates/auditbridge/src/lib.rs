@@ -2,10 +2,6 @@
 //! command line, loads the configuration, and maps failures to an exit code and one clear
 //! message.
 
-mod bench;
-mod bench_forward;
-mod bench_http;
-mod bench_query;
 mod publish;
 mod status;
 mod tail_file;
@@ -48,7 +44,7 @@ enum Command {
     /// Show the consumer's pending counts, stored events and dead letters.
     Status(status::Args),
     /// Measure end-to-end throughput and latency next to the raw limits of this machine.
-    Bench(bench::Args),
+    Bench(auditbridge_bench::Args),
     /// Follow JSONL files (the `file` sources of the configuration) and publish their lines.
     TailFile(tail_file::Args),
     /// Manage destinations' progress.
@@ -212,7 +208,7 @@ async fn run(command: Command, config: Config) -> anyhow::Result<ExitCode> {
         }
         Command::Publish(args) => publish::run(args, &config).await,
         Command::Status(args) => status::run(args, &config).await,
-        Command::Bench(args) => bench::run(args, &config).await,
+        Command::Bench(args) => auditbridge_bench::run(args, &config).await,
         Command::TailFile(args) => tail_file::run(args, &config).await,
         Command::Serve => {
             let shutdown = CancellationToken::new();

@@ -245,5 +245,3 @@ impl Store {
         self.pool.close().await;
     }
 }
-
-pub mod bench;

@@ -15,21 +15,27 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail};
 use auditbridge_config::Config;
 use auditbridge_event::synth::Generator;
+use auditbridge_fixtures::{Scratch, synthetic};
 use auditbridge_store::{EventFilter, Order, PageQuery, Store};
 use time::format_description::well_known::Rfc3339;
 
-use crate::bench::{Args, BenchApi, persist_synthetic, synthetic};
+use crate::{Args, BenchApi, persist_synthetic};
 
 /// Requests per latency figure.
 const SAMPLES: usize = 200;
 
-pub(crate) async fn measure(args: &Args, config: &Config, store: &Store) -> anyhow::Result<()> {
+pub(crate) async fn measure(
+    args: &Args,
+    config: &Config,
+    scratch: &Scratch,
+    store: &Store,
+) -> anyhow::Result<()> {
     println!(
         "auditbridge bench, query: {} stored events, {} tenants",
         args.query_events, args.tenants
     );
-    load(store, args.query_events, args.tenants).await?;
-    store.bench_analyze().await?;
+    load(scratch, store, args.query_events, args.tenants).await?;
+    scratch.analyze().await?;
 
     let api = BenchApi::start(config, &["read"]).await?;
     let http = reqwest::Client::new();
@@ -40,7 +46,7 @@ pub(crate) async fn measure(args: &Args, config: &Config, store: &Store) -> anyh
     };
 
     let result = async {
-        let sample = store.bench_sample().await?;
+        let sample = scratch.sample().await?;
         println!(
             "data          largest tenant {:?}: {} events; filters use its most frequent actor {:?}, target {:?}, top-level action {:?}",
             sample.tenant, sample.tenant_events, sample.actor, sample.target, sample.action
@@ -133,8 +139,8 @@ pub(crate) async fn measure(args: &Args, config: &Config, store: &Store) -> anyh
 }
 
 /// Stores `n` synthetic events, `occurred_at` spread over the last 30 days, with two writers.
-async fn load(store: &Store, n: usize, tenants: usize) -> anyhow::Result<()> {
-    let existing = store.count_events().await? as usize;
+async fn load(scratch: &Scratch, store: &Store, n: usize, tenants: usize) -> anyhow::Result<()> {
+    let existing = scratch.count_events().await? as usize;
     if existing >= n {
         println!("load          {existing} events already stored (--keep'd database)");
         return Ok(());
@@ -176,7 +182,7 @@ async fn load(store: &Store, n: usize, tenants: usize) -> anyhow::Result<()> {
     for t in tasks {
         t.await??;
     }
-    let stored = store.count_events().await?;
+    let stored = scratch.count_events().await?;
     println!(
         "load          {stored} events stored in {:.0}s ({:.0} events/s)",
         started.elapsed().as_secs_f64(),

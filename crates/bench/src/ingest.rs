@@ -1,10 +1,6 @@
-//! `auditbridge bench`: end-to-end throughput and latency of the ingest path, printed next to
-//! the raw limit measured in the same run on the same machine.
-//!
-//! Everything runs against the real services with names of its own (a fresh database, subject
-//! prefix, stream and consumer), and a real worker process (this binary, `worker`), so the
-//! figures include NATS, validation, the transaction and the acks, and the worker's peak RSS
-//! can be read from /proc.
+//! `auditbridge bench --only ingest`: end-to-end throughput and latency of the ingest path
+//! (NATS to PostgreSQL through one worker process), printed next to the raw limit measured in
+//! the same run on the same machine.
 //!
 //! 1. Raw limit: the same rows written by `COPY` straight into a copy of `audit_events`.
 //! 2. Throughput: N events published as fast as JetStream acknowledges them while the worker
@@ -14,153 +10,25 @@
 //!    this a slight over-estimate of publish-to-commit.
 
 use std::collections::HashMap;
-use std::process::{ExitCode, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, bail};
+use anyhow::bail;
 use async_nats::jetstream;
 use auditbridge_config::Config;
-use auditbridge_event::{Event, synth::Generator};
+use auditbridge_event::synth::Generator;
+use auditbridge_fixtures::{Scratch, synthetic};
+use auditbridge_sources::{Outgoing, publish_all};
 use auditbridge_store::{NewEvent, Position, Store};
-use bytes::Bytes;
 use futures::StreamExt as _;
-use tokio::process::{Child, Command};
 use uuid::Uuid;
 
-use auditbridge_sources::{Outgoing, publish_all};
+use crate::{Args, STOP_GRACE, spawn_worker};
 
-#[derive(Debug, clap::Args)]
-pub(crate) struct Args {
-    /// Events for the throughput run (and for the raw limit).
-    #[arg(long, default_value_t = 300_000)]
-    pub(crate) events: usize,
-    /// Events per second for the latency run.
-    #[arg(long, default_value_t = 5_000.0)]
-    latency_rate: f64,
-    /// Length of the latency run.
-    #[arg(long, default_value_t = 10)]
-    latency_seconds: u64,
-    /// Tenants in the generated traffic.
-    #[arg(long, default_value_t = 50)]
-    pub(crate) tenants: usize,
-    /// Keep the benchmark's database and stream afterwards.
-    #[arg(long)]
-    keep: bool,
-    /// Which part to run.
-    #[arg(long, value_enum, default_value_t = Part::All)]
-    only: Part,
-    /// Ingest: the worker also relays to one RabbitMQ destination (`batch` mode, `amq.topic`,
-    /// `mandatory = false`, `start = now`) while it ingests, as a production worker does.
-    #[arg(long, default_value_t = false)]
-    with_destination: bool,
-    /// Forwarding: stored events to drain as a backlog, per mode.
-    #[arg(long, default_value_t = 1_000_000)]
-    pub(crate) backlog: usize,
-    /// Forwarding: messages for the raw RabbitMQ limit.
-    #[arg(long, default_value_t = 60_000)]
-    pub(crate) raw_messages: usize,
-    /// Forwarding: events per second for the latency run.
-    #[arg(long, default_value_t = 2_000.0)]
-    pub(crate) forward_rate: f64,
-    /// Forwarding: length of the latency run.
-    #[arg(long, default_value_t = 10)]
-    pub(crate) forward_seconds: u64,
-    /// Query: events stored before the query API is measured.
-    #[arg(long, default_value_t = 5_000_000)]
-    pub(crate) query_events: usize,
-    /// Query: events written while a live tail follows them.
-    #[arg(long, default_value_t = 300_000)]
-    pub(crate) tail_events: usize,
-    /// HTTP ingest: events per run.
-    #[arg(long, default_value_t = 200_000)]
-    pub(crate) http_events: usize,
-    /// HTTP ingest: events per NDJSON request.
-    #[arg(long, default_value_t = 1000)]
-    pub(crate) http_batch: usize,
-    /// HTTP ingest: concurrent clients.
-    #[arg(long, default_value_t = 4)]
-    pub(crate) http_clients: usize,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-enum Part {
-    All,
-    Ingest,
-    Forward,
-    Query,
-    HttpIngest,
-}
-
-pub(crate) struct Names {
-    database_url: String,
-    prefix: String,
-    pub(crate) stream: String,
-    consumer: String,
-}
-
-impl Names {
-    fn new(config: &Config) -> Names {
-        let tag = Uuid::now_v7().simple().to_string()[20..].to_owned();
-        let base = &config.database_url[..config.database_url.len() - config.database_name().len()];
-        Names {
-            database_url: format!("{base}ab_bench_{tag}"),
-            prefix: format!("bench{tag}"),
-            stream: format!("ABB_{tag}"),
-            consumer: format!("bench_{tag}"),
-        }
-    }
-
-    fn config(&self, config: &Config) -> Config {
-        let mut c = config.clone();
-        c.database_url = self.database_url.clone();
-        c.subject_prefix = self.prefix.clone();
-        c.stream = self.stream.clone();
-        c.consumer = self.consumer.clone();
-        c
-    }
-}
-
-pub(crate) async fn run(args: Args, config: &Config) -> anyhow::Result<ExitCode> {
-    let names = Names::new(config);
-    let bench_config = names.config(config);
-    auditbridge_store::migrate(&names.database_url).await?;
-    let store = Store::connect_lazy(&names.database_url, 4)?;
-    let client = auditbridge_runtime::nats::connect(&config.nats_url, "auditbridge-bench").await?;
-    let js = jetstream::new(client.clone());
-
-    let mut result = Ok(());
-    if matches!(args.only, Part::All | Part::Ingest) {
-        result = measure(&args, &bench_config, &names, &store, &js).await;
-    }
-    if result.is_ok() && matches!(args.only, Part::All | Part::Forward) {
-        result = crate::bench_forward::measure(&args, &bench_config, &names, &store, &js).await;
-    }
-    if result.is_ok() && matches!(args.only, Part::All | Part::HttpIngest) {
-        result = crate::bench_http::measure(&args, &bench_config, &names, &store, &js).await;
-    }
-    if result.is_ok() && matches!(args.only, Part::All | Part::Query) {
-        result = crate::bench_query::measure(&args, &bench_config, &store).await;
-    }
-
-    if !args.keep {
-        let _ = js.delete_stream(&names.stream).await;
-        store.close().await;
-        let _ = auditbridge_store::drop_database(&names.database_url).await;
-    } else {
-        println!(
-            "kept database {} and stream {}",
-            auditbridge_config::redact_url(&names.database_url),
-            names.stream
-        );
-    }
-    result.map(|()| ExitCode::SUCCESS)
-}
-
-async fn measure(
+pub(crate) async fn measure(
     args: &Args,
     config: &Config,
-    names: &Names,
+    scratch: &Scratch,
     store: &Store,
     js: &jetstream::Context,
 ) -> anyhow::Result<()> {
@@ -177,7 +45,7 @@ async fn measure(
         .iter()
         .map(|(event, raw)| NewEvent { event, raw })
         .collect();
-    let raw = store.bench_raw_copy(&rows, 10_000).await?;
+    let raw = scratch.raw_copy(&rows, 10_000).await?;
     let raw_rate = events.len() as f64 / raw.as_secs_f64();
     println!(
         "raw limit     COPY into a copy of audit_events (10k rows/txn): {:>9.0} rows/s",
@@ -189,9 +57,8 @@ async fn measure(
     let stream = auditbridge_runtime::provision::ensure_stream(js, config).await?;
     auditbridge_runtime::provision::ensure_consumer(&stream, config).await?;
     let metrics = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
-    let destination: Vec<(&str, String)> = if args.with_destination {
-        vec![(
-            "AUDITBRIDGE_DESTINATIONS",
+    let destination = if args.with_destination {
+        Some(
             serde_json::json!([{
                 "name": "bench-ingest-relay",
                 "type": "rabbitmq",
@@ -204,12 +71,15 @@ async fn measure(
                 }
             }])
             .to_string(),
-        )]
+        )
     } else {
-        Vec::new()
+        None
     };
-    let mut worker = spawn_worker_at(names, config, &destination, &metrics.to_string())?;
-    let pid = worker.id().context("worker pid")?;
+    let extra: Vec<(&str, &str)> = destination
+        .iter()
+        .map(|d| ("AUDITBRIDGE_DESTINATIONS", d.as_str()))
+        .collect();
+    let mut worker = spawn_worker(scratch, &extra, &metrics.to_string())?;
     if args.with_destination {
         println!(
             "destination   the worker relays to one RabbitMQ destination (batch mode, amq.topic) while it ingests"
@@ -243,19 +113,19 @@ async fn measure(
             break info.state.last_sequence;
         }
         if Instant::now() > deadline {
-            let _ = worker.kill().await;
+            let _ = worker.child.kill().await;
             bail!(
                 "the worker did not store {} events within 10 minutes",
                 events.len()
             );
         }
-        if let Ok(Some(status)) = worker.try_wait() {
+        if let Some(status) = worker.exited() {
             bail!("the worker exited early: {status}");
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     let elapsed = started.elapsed();
-    let stored = store.count_events().await?;
+    let stored = scratch.count_events().await?;
     if stored != events.len() as i64 {
         bail!(
             "expected {} stored events, found {stored} (stream seq {last_seq})",
@@ -294,14 +164,14 @@ async fn measure(
 
     // 3. Latency at a fixed rate, in steady state: the bulk load above leaves about a
     // gigabyte of WAL whose checkpoint would otherwise land inside this run.
-    store.bench_checkpoint().await?;
+    scratch.checkpoint().await?;
     let before = commit_histogram(metrics).await?;
-    let latencies = latency_run(args, config, store, js).await?;
+    let latencies = latency_run(args, config, scratch, js).await?;
     let after = commit_histogram(metrics).await?;
     let commit = Histogram::between(&before, &after);
-    let rss = peak_rss_kib(pid);
+    let rss = worker.peak_rss_kib();
 
-    stop_worker(&mut worker).await;
+    worker.stop(STOP_GRACE).await;
     println!(
         "latency       publish to commit at {}/s (worker histogram, {} events): p50 {:.1} ms, p99 {:.1} ms, {:.2}% within 100 ms  (target p99 <= 100 ms)",
         args.latency_rate,
@@ -331,7 +201,7 @@ async fn measure(
 async fn latency_run(
     args: &Args,
     config: &Config,
-    store: &Store,
+    scratch: &Scratch,
     js: &jetstream::Context,
 ) -> anyhow::Result<Option<(f64, f64, f64, usize)>> {
     let total = (args.latency_rate * args.latency_seconds as f64) as usize;
@@ -341,7 +211,7 @@ async fn latency_run(
     // Start from the newest stored event, so only this run's events are timed.
     let mut position = Position::start();
     loop {
-        let (ids, next) = store.bench_ids_after(&position).await?;
+        let (ids, next) = scratch.ids_after(&position).await?;
         position = next;
         if ids.is_empty() {
             break;
@@ -368,7 +238,7 @@ async fn latency_run(
     let mut seen: Vec<f64> = Vec::with_capacity(total);
     let deadline = Instant::now() + Duration::from_secs(args.latency_seconds + 120);
     while seen.len() < total && Instant::now() < deadline {
-        let (ids, next) = store.bench_ids_after(&position).await?;
+        let (ids, next) = scratch.ids_after(&position).await?;
         let now = Instant::now();
         position = next;
         {
@@ -388,74 +258,6 @@ async fn latency_run(
     seen.sort_by(|a, b| a.total_cmp(b));
     let q = |p: f64| seen[((seen.len() as f64 - 1.0) * p).round() as usize];
     Ok(Some((q(0.5), q(0.99), q(1.0), seen.len())))
-}
-
-pub(crate) fn spawn_worker(
-    names: &Names,
-    config: &Config,
-    extra: &[(&str, String)],
-) -> anyhow::Result<Child> {
-    spawn_worker_at(names, config, extra, "127.0.0.1:0")
-}
-
-/// Like [`spawn_worker`], serving `/metrics` on `metrics`.
-fn spawn_worker_at(
-    names: &Names,
-    config: &Config,
-    extra: &[(&str, String)],
-    metrics: &str,
-) -> anyhow::Result<Child> {
-    let exe = std::env::current_exe().context("locating the auditbridge binary")?;
-    Command::new(exe)
-        .arg("worker")
-        .env("AUDITBRIDGE_DATABASE_URL", &names.database_url)
-        .env("AUDITBRIDGE_SUBJECT_PREFIX", &names.prefix)
-        .env("AUDITBRIDGE_STREAM", &names.stream)
-        .env("AUDITBRIDGE_CONSUMER", &names.consumer)
-        .env("AUDITBRIDGE_NATS_URL", &config.nats_url)
-        .env("AUDITBRIDGE_METRICS_ADDR", metrics)
-        .env(
-            "AUDITBRIDGE_LOG",
-            std::env::var("AUDITBRIDGE_LOG").unwrap_or_else(|_| "warn".into()),
-        )
-        .envs(extra.iter().map(|(k, v)| (*k, v.as_str())))
-        .stdin(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .context("starting the worker")
-}
-
-pub(crate) async fn stop_worker(worker: &mut Child) {
-    if let Some(pid) = worker.id() {
-        // SIGTERM, as an operator would; the worker drains and exits.
-        let _ = std::process::Command::new("kill")
-            .args(["-TERM", &pid.to_string()])
-            .status();
-    }
-    if tokio::time::timeout(Duration::from_secs(20), worker.wait())
-        .await
-        .is_err()
-    {
-        let _ = worker.kill().await;
-    }
-}
-
-/// VmHWM: the peak resident set of a process, in KiB.
-pub(crate) fn peak_rss_kib(pid: u32) -> Option<u64> {
-    proc_status_kib(pid, "VmHWM:")
-}
-
-/// VmRSS: the current resident set of a process, in KiB.
-pub(crate) fn rss_kib(pid: u32) -> Option<u64> {
-    proc_status_kib(pid, "VmRSS:")
-}
-
-fn proc_status_kib(pid: u32, field: &str) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(field))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
 /// Cumulative bucket counts of `auditbridge_publish_to_commit_seconds`: (upper bound, count).
@@ -530,68 +332,5 @@ impl Histogram {
             lower = (le, n);
         }
         lower.0
-    }
-}
-
-/// Writes `events` (as [`synthetic`] makes them) in one batch straight through the store's
-/// writer, without NATS: how the benchmarks fill a backlog or a trail.
-pub(crate) async fn persist_synthetic(
-    store: &Store,
-    events: &[(Event, Bytes)],
-) -> anyhow::Result<()> {
-    let rows: Vec<NewEvent<'_>> = events
-        .iter()
-        .map(|(event, raw)| NewEvent { event, raw })
-        .collect();
-    store.persist(&rows, &[]).await?;
-    Ok(())
-}
-
-/// `n` synthetic events, each with its JSON as published.
-pub(crate) fn synthetic(generator: &mut Generator, n: usize) -> Vec<(Event, Bytes)> {
-    (0..n)
-        .map(|_| {
-            let e = generator.next_event();
-            let raw = Bytes::from(serde_json::to_vec(&e).expect("events serialize"));
-            (e, raw)
-        })
-        .collect()
-}
-
-/// `auditbridge serve` in process on free ports, with one admin token, for the parts that
-/// measure the API.
-pub(crate) struct BenchApi {
-    /// `http://127.0.0.1:<port>`.
-    pub(crate) base: String,
-    pub(crate) token: String,
-    shutdown: tokio_util::sync::CancellationToken,
-    serving: tokio::task::JoinHandle<anyhow::Result<()>>,
-}
-
-impl BenchApi {
-    pub(crate) async fn start(config: &Config, scopes: &[&str]) -> anyhow::Result<BenchApi> {
-        let token = auditbridge_api::auth::generate_token();
-        let mut api_config = config.clone();
-        api_config.api_addr = "127.0.0.1:0".parse()?;
-        api_config.metrics_addr = "127.0.0.1:0".parse()?;
-        api_config.api_tokens = vec![serde_json::json!({
-            "name": "bench", "admin": true, "scopes": scopes,
-            "sha256": auditbridge_api::auth::hash_token(&token)
-        })];
-        let server = auditbridge_api::Server::build(api_config).await?;
-        let base = format!("http://{}", server.local_addr());
-        let shutdown = tokio_util::sync::CancellationToken::new();
-        let serving = tokio::spawn(server.run(shutdown.clone()));
-        Ok(BenchApi {
-            base,
-            token,
-            shutdown,
-            serving,
-        })
-    }
-
-    pub(crate) async fn stop(self) {
-        self.shutdown.cancel();
-        let _ = tokio::time::timeout(Duration::from_secs(10), self.serving).await;
     }
 }

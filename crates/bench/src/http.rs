@@ -15,17 +15,16 @@ use async_nats::jetstream;
 use auditbridge_config::Config;
 use auditbridge_event::Event;
 use auditbridge_event::synth::Generator;
+use auditbridge_fixtures::Scratch;
 use auditbridge_sources::{Outgoing, Publisher, Sink as _};
-use auditbridge_store::Store;
 use futures::StreamExt as _;
 
-use crate::bench::{Args, BenchApi, Names, spawn_worker, stop_worker};
+use crate::{Args, BenchApi, STOP_GRACE, spawn_worker};
 
 pub(crate) async fn measure(
     args: &Args,
     config: &Config,
-    names: &Names,
-    store: &Store,
+    scratch: &Scratch,
     js: &jetstream::Context,
 ) -> anyhow::Result<()> {
     let n = args.http_events;
@@ -36,7 +35,7 @@ pub(crate) async fn measure(
     );
     auditbridge_runtime::provision::ensure_stream(js, config).await?;
     // Earlier parts of a full run share the database: count from here.
-    let before = store.count_events().await?;
+    let before = scratch.count_events().await?;
     let mut generator = Generator::new(77, args.tenants);
     let mut events = |n: usize| -> Vec<Event> { (0..n).map(|_| generator.next_event()).collect() };
 
@@ -88,9 +87,9 @@ pub(crate) async fn measure(
         );
 
         // 3. With a worker consuming live.
-        let mut worker = spawn_worker(names, config, &[])?;
+        let mut worker = spawn_worker(scratch, &[], "127.0.0.1:0")?;
         let deadline = Instant::now() + Duration::from_secs(600);
-        while store.count_events().await? < before + 2 * n as i64 {
+        while scratch.count_events().await? < before + 2 * n as i64 {
             if Instant::now() > deadline {
                 bail!("the worker did not store the first {} events in 10 minutes", 2 * n);
             }
@@ -98,14 +97,14 @@ pub(crate) async fn measure(
         }
         let started = Instant::now();
         let live_rate = post_all(&http, &url, &token, &events(n), batch, clients).await? as f64;
-        while store.count_events().await? < before + 3 * n as i64 {
+        while scratch.count_events().await? < before + 3 * n as i64 {
             if Instant::now() > deadline {
                 bail!("the worker did not store the HTTP events in 10 minutes");
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         let stored = started.elapsed();
-        stop_worker(&mut worker).await;
+        worker.stop(STOP_GRACE).await;
         println!(
             "http ingest   a worker consuming at the time: {live_rate:>9.0} events/s accepted; the last stored {:.2}s after the first request: {:>9.0} events/s end to end",
             stored.as_secs_f64(),

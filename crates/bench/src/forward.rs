@@ -18,103 +18,49 @@ use anyhow::{Context as _, bail};
 use async_nats::jetstream;
 use auditbridge_config::Config;
 use auditbridge_event::synth::Generator;
+use auditbridge_fixtures::{AMQP_URL, Exchange, Process, QueueOptions, Scratch, synthetic};
+use auditbridge_sources::{Outgoing, publish_all};
 use auditbridge_store::Store;
 use bytes::Bytes;
 use futures::StreamExt as _;
-use lapin::options::{
-    BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions,
-    ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
-    QueuePurgeOptions,
-};
-use lapin::types::{AMQPValue, FieldTable};
-use lapin::{BasicProperties, Connection, ConnectionProperties, ExchangeKind};
+use lapin::options::{BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Connection};
 use uuid::Uuid;
 
-use crate::bench::{
-    Args, Names, peak_rss_kib, persist_synthetic, rss_kib, spawn_worker, stop_worker, synthetic,
-};
-use auditbridge_sources::{Outgoing, publish_all};
+use crate::{Args, STOP_GRACE, persist_synthetic, spawn_worker};
 
-const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
-
+/// The benchmark's exchange and queue, and one connection to the broker for the raw limit
+/// and the consumers.
 struct Bus {
+    exchange: Exchange,
     conn: Connection,
-    channel: lapin::Channel,
-    exchange: String,
-    queue: String,
 }
 
 impl Bus {
     async fn declare(tag: &str) -> anyhow::Result<Bus> {
-        let conn = Connection::connect(AMQP_URL, ConnectionProperties::default())
-            .await
-            .context("connecting to RabbitMQ at 127.0.0.1:5672")?;
-        let channel = conn.create_channel().await?;
-        let exchange = format!("abbench.{tag}");
-        let queue = format!("abbench.{tag}.q");
-        channel
-            .exchange_declare(
-                exchange.as_str().into(),
-                ExchangeKind::Topic,
-                ExchangeDeclareOptions {
-                    durable: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await?;
         // A durable queue that keeps the newest 200k messages: every message is really
         // persisted, but a million-event drain does not fill the broker's disk.
-        let mut args = FieldTable::default();
-        args.insert("x-max-length".into(), AMQPValue::LongLongInt(200_000));
-        args.insert("x-expires".into(), AMQPValue::LongLongInt(3_600_000));
-        channel
-            .queue_declare(
-                queue.as_str().into(),
-                QueueDeclareOptions {
-                    durable: true,
-                    ..Default::default()
-                },
-                args,
-            )
-            .await?;
-        channel
-            .queue_bind(
-                queue.as_str().into(),
-                exchange.as_str().into(),
-                "#".into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
-        Ok(Bus {
-            conn,
-            channel,
-            exchange,
-            queue,
-        })
+        let options = QueueOptions {
+            max_length: Some(200_000),
+            expires: Some(Duration::from_secs(3600)),
+            ..QueueOptions::default()
+        };
+        let exchange = Exchange::declare(AMQP_URL, &format!("abbench.{tag}"), &options)
+            .await
+            .context("declaring the benchmark's exchange on RabbitMQ at 127.0.0.1:5672")?;
+        let conn = exchange.connect().await?;
+        Ok(Bus { exchange, conn })
     }
 
     async fn purge(&self) -> anyhow::Result<()> {
-        self.channel
-            .queue_purge(self.queue.as_str().into(), QueuePurgeOptions::default())
-            .await?;
+        self.exchange.purge().await?;
         Ok(())
     }
 
     async fn delete(self) {
-        let _ = self
-            .channel
-            .queue_delete(self.queue.as_str().into(), QueueDeleteOptions::default())
-            .await;
-        let _ = self
-            .channel
-            .exchange_delete(
-                self.exchange.as_str().into(),
-                ExchangeDeleteOptions::default(),
-            )
-            .await;
         let _ = self.conn.close(200, "done".into()).await;
+        self.exchange.delete().await;
     }
 
     /// A downstream consumer that takes and discards everything, as the system watching the
@@ -128,7 +74,7 @@ impl Bus {
             .await?;
         let mut consumer = channel
             .basic_consume(
-                self.queue.as_str().into(),
+                self.exchange.queue.as_str().into(),
                 "bench-downstream".into(),
                 BasicConsumeOptions {
                     no_ack: true,
@@ -141,24 +87,22 @@ impl Bus {
         Ok(channel)
     }
 
+    /// `AUDITBRIDGE_DESTINATIONS` with one destination to the bus.
     fn destination(&self, name: &str, mode: &str, start: &str) -> String {
-        serde_json::json!([{"name": name, "type": "rabbitmq", "params": {
-            "url": AMQP_URL, "exchange": self.exchange, "mode": mode, "start": start
-        }}])
-        .to_string()
+        let params = serde_json::json!({"mode": mode, "start": start});
+        serde_json::json!([self.exchange.destination(name, params)]).to_string()
     }
 }
 
 pub(crate) async fn measure(
     args: &Args,
     config: &Config,
-    names: &Names,
+    scratch: &Scratch,
     store: &Store,
     js: &jetstream::Context,
 ) -> anyhow::Result<()> {
-    let tag = names.stream.trim_start_matches("ABB_").to_owned();
-    let bus = Bus::declare(&tag).await?;
-    let result = run(args, config, names, store, js, &bus).await;
+    let bus = Bus::declare(&scratch.tag).await?;
+    let result = run(args, config, scratch, store, js, &bus).await;
     bus.delete().await;
     result
 }
@@ -166,7 +110,7 @@ pub(crate) async fn measure(
 async fn run(
     args: &Args,
     config: &Config,
-    names: &Names,
+    scratch: &Scratch,
     store: &Store,
     js: &jetstream::Context,
     bus: &Bus,
@@ -191,20 +135,20 @@ async fn run(
     drop(bodies);
 
     // A backlog, as an outage would leave it: stored events no destination has confirmed.
-    let have = store.count_events().await? as usize;
+    let have = scratch.count_events().await? as usize;
     if have < args.backlog {
         fill_backlog(store, args.backlog - have, args.tenants).await?;
     }
-    let backlog = store.count_events().await? as usize;
+    let backlog = scratch.count_events().await? as usize;
 
     // 2 and 3. Drains.
     for (mode, name) in [("event", "drain-event"), ("batch", "drain-batch")] {
         let dest = bus.destination(name, mode, "earliest");
-        let mut worker = spawn_worker(names, config, &[("AUDITBRIDGE_DESTINATIONS", dest)])?;
-        let pid = worker.id().context("worker pid")?;
-        let drain = watch_drain(store, name, backlog, pid).await;
-        let peak = peak_rss_kib(pid);
-        stop_worker(&mut worker).await;
+        let extra = [("AUDITBRIDGE_DESTINATIONS", dest.as_str())];
+        let mut worker = spawn_worker(scratch, &extra, "127.0.0.1:0")?;
+        let drain = watch_drain(store, name, backlog, &worker).await;
+        let peak = worker.peak_rss_kib();
+        worker.stop(STOP_GRACE).await;
         bus.purge().await?;
         let d = drain?;
         let note = if mode == "event" {
@@ -230,11 +174,12 @@ async fn run(
     let _ = downstream.close(200, "done".into()).await;
 
     // 4. Latency at a fixed rate, event mode, from now on (after a checkpoint, as above).
-    store.bench_checkpoint().await?;
+    scratch.checkpoint().await?;
     let dest = bus.destination("latency", "event", "now");
-    let mut worker = spawn_worker(names, config, &[("AUDITBRIDGE_DESTINATIONS", dest)])?;
+    let extra = [("AUDITBRIDGE_DESTINATIONS", dest.as_str())];
+    let mut worker = spawn_worker(scratch, &extra, "127.0.0.1:0")?;
     let latency = latency_run(args, config, store, js, bus).await;
-    stop_worker(&mut worker).await;
+    worker.stop(STOP_GRACE).await;
     match latency? {
         Some((p50, p99, max, n)) => println!(
             "latency       publish to arrival in the queue at {}/s ({n} events): p50 {p50:.1} ms, p99 {p99:.1} ms, max {max:.1} ms  (target p99 commit-to-confirmed <= 250 ms)",
@@ -262,7 +207,7 @@ async fn raw_publish(bus: &Bus, bodies: &[(Uuid, Bytes)]) -> anyhow::Result<f64>
             confirms.push(
                 channel
                     .basic_publish(
-                        bus.exchange.as_str().into(),
+                        bus.exchange.name.as_str().into(),
                         "raw.limit".into(),
                         BasicPublishOptions {
                             mandatory: true,
@@ -312,7 +257,12 @@ struct Drain {
 }
 
 /// Watches a destination's delivered count until it reaches `total`.
-async fn watch_drain(store: &Store, name: &str, total: usize, pid: u32) -> anyhow::Result<Drain> {
+async fn watch_drain(
+    store: &Store,
+    name: &str,
+    total: usize,
+    worker: &Process,
+) -> anyhow::Result<Drain> {
     let deadline = Instant::now() + Duration::from_secs(1800);
     let mut started: Option<Instant> = None;
     let mut marks: Vec<(usize, Instant)> = Vec::new();
@@ -334,10 +284,10 @@ async fn watch_drain(store: &Store, name: &str, total: usize, pid: u32) -> anyho
             && delivered as f64 >= f * total as f64
         {
             next_rss.next();
-            rss_mb.push(rss_kib(pid).unwrap_or(0) as f64 / 1024.0);
+            rss_mb.push(worker.rss_kib().unwrap_or(0) as f64 / 1024.0);
         }
         if delivered >= total {
-            rss_mb.push(rss_kib(pid).unwrap_or(0) as f64 / 1024.0);
+            rss_mb.push(worker.rss_kib().unwrap_or(0) as f64 / 1024.0);
             break;
         }
         if now > deadline {
@@ -394,7 +344,7 @@ async fn latency_run(
     let channel = bus.conn.create_channel().await?;
     let mut consumer = channel
         .basic_consume(
-            bus.queue.as_str().into(),
+            bus.exchange.queue.as_str().into(),
             "bench-latency".into(),
             BasicConsumeOptions {
                 no_ack: true,

@@ -1,0 +1,206 @@
+//! `auditbridge bench`: what the pipeline achieves end to end on this machine, each figure
+//! printed next to the raw limit measured in the same run (what PostgreSQL, RabbitMQ or
+//! JetStream manage on their own).
+//!
+//! Everything runs against the real services in a scratch corner of its own (a fresh
+//! database, subject prefix, stream and consumer: [`auditbridge_fixtures::Scratch`]) with
+//! real worker processes of the running binary, so the figures include NATS, validation, the
+//! transactions and the acks, and a worker's resident set can be read from `/proc`. The parts:
+//! `ingest.rs` (NATS to PostgreSQL), `forward.rs` (PostgreSQL to RabbitMQ), `http.rs`
+//! (`POST /v1/ingest`), `query.rs` (the query API and the live tail).
+
+mod forward;
+mod http;
+mod ingest;
+mod query;
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use async_nats::jetstream;
+use auditbridge_config::Config;
+use auditbridge_event::Event;
+use auditbridge_fixtures::{Env, Process, Purpose, Scratch};
+use auditbridge_store::{NewEvent, Store};
+use bytes::Bytes;
+
+/// Measure end-to-end throughput and latency next to the raw limits of this machine.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Events for the throughput run (and for the raw limit).
+    #[arg(long, default_value_t = 300_000)]
+    events: usize,
+    /// Events per second for the latency run.
+    #[arg(long, default_value_t = 5_000.0)]
+    latency_rate: f64,
+    /// Length of the latency run.
+    #[arg(long, default_value_t = 10)]
+    latency_seconds: u64,
+    /// Tenants in the generated traffic.
+    #[arg(long, default_value_t = 50)]
+    tenants: usize,
+    /// Keep the benchmark's database and stream afterwards.
+    #[arg(long)]
+    keep: bool,
+    /// Which part to run.
+    #[arg(long, value_enum, default_value_t = Part::All)]
+    only: Part,
+    /// Ingest: the worker also relays to one RabbitMQ destination (`batch` mode, `amq.topic`,
+    /// `mandatory = false`, `start = now`) while it ingests, as a production worker does.
+    #[arg(long, default_value_t = false)]
+    with_destination: bool,
+    /// Forwarding: stored events to drain as a backlog, per mode.
+    #[arg(long, default_value_t = 1_000_000)]
+    backlog: usize,
+    /// Forwarding: messages for the raw RabbitMQ limit.
+    #[arg(long, default_value_t = 60_000)]
+    raw_messages: usize,
+    /// Forwarding: events per second for the latency run.
+    #[arg(long, default_value_t = 2_000.0)]
+    forward_rate: f64,
+    /// Forwarding: length of the latency run.
+    #[arg(long, default_value_t = 10)]
+    forward_seconds: u64,
+    /// Query: events stored before the query API is measured.
+    #[arg(long, default_value_t = 5_000_000)]
+    query_events: usize,
+    /// Query: events written while a live tail follows them.
+    #[arg(long, default_value_t = 300_000)]
+    tail_events: usize,
+    /// HTTP ingest: events per run.
+    #[arg(long, default_value_t = 200_000)]
+    http_events: usize,
+    /// HTTP ingest: events per NDJSON request.
+    #[arg(long, default_value_t = 1000)]
+    http_batch: usize,
+    /// HTTP ingest: concurrent clients.
+    #[arg(long, default_value_t = 4)]
+    http_clients: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Part {
+    All,
+    Ingest,
+    Forward,
+    Query,
+    HttpIngest,
+}
+
+/// Runs the parts `args` asks for, in a scratch corner of the services `config` names, and
+/// prints their figures.
+pub async fn run(args: Args, config: &Config) -> anyhow::Result<ExitCode> {
+    let scratch = Scratch::create(Purpose::Bench, &config.database_url, &config.nats_url).await?;
+    let bench_config = scratch_config(&scratch, config);
+    let store = Store::connect_lazy(&scratch.database_url, 4)?;
+    let client = auditbridge_runtime::nats::connect(&config.nats_url, "auditbridge-bench").await?;
+    let js = jetstream::new(client.clone());
+
+    let mut result = Ok(());
+    if matches!(args.only, Part::All | Part::Ingest) {
+        result = ingest::measure(&args, &bench_config, &scratch, &store, &js).await;
+    }
+    if result.is_ok() && matches!(args.only, Part::All | Part::Forward) {
+        result = forward::measure(&args, &bench_config, &scratch, &store, &js).await;
+    }
+    if result.is_ok() && matches!(args.only, Part::All | Part::HttpIngest) {
+        result = http::measure(&args, &bench_config, &scratch, &js).await;
+    }
+    if result.is_ok() && matches!(args.only, Part::All | Part::Query) {
+        result = query::measure(&args, &bench_config, &scratch, &store).await;
+    }
+
+    store.close().await;
+    if args.keep {
+        println!(
+            "kept database {} and stream {}",
+            auditbridge_config::redact_url(&scratch.database_url),
+            scratch.stream
+        );
+        scratch.keep();
+    } else {
+        scratch.remove().await;
+    }
+    result.map(|()| ExitCode::SUCCESS)
+}
+
+/// `config` pointed at the scratch corner.
+fn scratch_config(scratch: &Scratch, config: &Config) -> Config {
+    let mut c = config.clone();
+    c.database_url = scratch.database_url.clone();
+    c.subject_prefix = scratch.prefix.clone();
+    c.stream = scratch.stream.clone();
+    c.consumer = scratch.consumer.clone();
+    c
+}
+
+/// How long a worker gets to drain after SIGTERM before it is killed.
+const STOP_GRACE: Duration = Duration::from_secs(20);
+
+/// Starts `auditbridge worker` (this very binary: the benchmark is a subcommand of it) on the
+/// scratch corner, with the caller's environment (so an operator's tuning applies), `extra`
+/// variables, `/metrics` on `metrics`, and `AUDITBRIDGE_LOG` (default `warn`).
+fn spawn_worker(
+    scratch: &Scratch,
+    extra: &[(&str, &str)],
+    metrics: &str,
+) -> anyhow::Result<Process> {
+    let exe = std::env::current_exe().context("locating the auditbridge binary")?;
+    let log = std::env::var("AUDITBRIDGE_LOG").unwrap_or_else(|_| "warn".into());
+    let mut vars = vec![
+        ("AUDITBRIDGE_METRICS_ADDR", metrics),
+        ("AUDITBRIDGE_LOG", log.as_str()),
+    ];
+    vars.extend_from_slice(extra);
+    scratch.spawn_worker(&exe, Env::Inherit, &vars, None)
+}
+
+/// Writes `events` (as [`auditbridge_fixtures::synthetic`] makes them) in one batch straight
+/// through the store's writer, without NATS: how the benchmarks fill a backlog or a trail.
+async fn persist_synthetic(store: &Store, events: &[(Event, Bytes)]) -> anyhow::Result<()> {
+    let rows: Vec<NewEvent<'_>> = events
+        .iter()
+        .map(|(event, raw)| NewEvent { event, raw })
+        .collect();
+    store.persist(&rows, &[]).await?;
+    Ok(())
+}
+
+/// `auditbridge serve` in process on free ports, with one admin token, for the parts that
+/// measure the API.
+struct BenchApi {
+    /// `http://127.0.0.1:<port>`.
+    base: String,
+    token: String,
+    shutdown: tokio_util::sync::CancellationToken,
+    serving: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl BenchApi {
+    async fn start(config: &Config, scopes: &[&str]) -> anyhow::Result<BenchApi> {
+        let token = auditbridge_api::auth::generate_token();
+        let mut api_config = config.clone();
+        api_config.api_addr = "127.0.0.1:0".parse()?;
+        api_config.metrics_addr = "127.0.0.1:0".parse()?;
+        api_config.api_tokens = vec![serde_json::json!({
+            "name": "bench", "admin": true, "scopes": scopes,
+            "sha256": auditbridge_api::auth::hash_token(&token)
+        })];
+        let server = auditbridge_api::Server::build(api_config).await?;
+        let base = format!("http://{}", server.local_addr());
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let serving = tokio::spawn(server.run(shutdown.clone()));
+        Ok(BenchApi {
+            base,
+            token,
+            shutdown,
+            serving,
+        })
+    }
+
+    async fn stop(self) {
+        self.shutdown.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(10), self.serving).await;
+    }
+}
