@@ -1,20 +1,22 @@
 //! Shared harness for the end-to-end tests: each test gets its own database, subject prefix,
 //! stream and consumer on the real local services, so tests run in parallel and leave nothing
-//! behind (the environment cleans up when dropped, even after a failed assertion).
+//! behind (the environment cleans up when dropped, even after a failed assertion). The corner
+//! itself, processes and the RabbitMQ exchange are `auditbridge-fixtures`, shared with the
+//! benchmarks; this crate adds the suite's settings and what only tests need.
 
 use std::collections::HashSet;
 use std::net::{SocketAddr, TcpListener};
+use std::ops::Deref;
 use std::path::PathBuf;
-use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{Context as _, bail, ensure};
 use async_nats::HeaderMap;
 use async_nats::jetstream;
 use auditbridge_event::{Event, synth::Generator};
+use auditbridge_fixtures::{Env, Process, Purpose, Scratch};
 use bytes::Bytes;
-use sqlx::PgPool;
-use tokio::process::{Child, Command};
+use tokio::process::Command;
 use uuid::Uuid;
 
 pub mod api;
@@ -26,6 +28,7 @@ pub mod rabbit;
 pub mod receiver;
 pub mod sources;
 
+pub use auditbridge_fixtures::run_cleanup;
 pub use eventually::{eventually, until};
 
 pub const NATS_URL: &str = "nats://127.0.0.1:4222";
@@ -49,90 +52,88 @@ pub fn binary() -> PathBuf {
     dir.join("auditbridge-under-test")
 }
 
-/// One test's private corner of the shared services.
+/// What every process a test starts gets on top of its corner's names.
+const SETTINGS: [(&str, &str); 4] = [
+    ("AUDITBRIDGE_METRICS_ADDR", "127.0.0.1:0"),
+    // Tests kill workers; a short ack wait makes JetStream redeliver their messages quickly.
+    ("AUDITBRIDGE_ACK_WAIT", "3s"),
+    ("AUDITBRIDGE_LOG", "info"),
+    ("AUDITBRIDGE_ID_KEY", ID_KEY),
+];
+
+/// One test's private corner of the shared services: a [`Scratch`] (its names, `tag`,
+/// `database_url`, `prefix`, `stream`, `consumer`, and its `pool`, are read through `Deref`),
+/// a NATS connection, and the suite's settings. The corner is removed when this is dropped.
 pub struct TestEnv {
-    pub tag: String,
-    pub database_url: String,
-    pub prefix: String,
-    pub stream: String,
-    pub consumer: String,
+    scratch: Scratch,
     pub js: jetstream::Context,
     pub nats: async_nats::Client,
-    pub pool: PgPool,
     generator: Generator,
+}
+
+impl Deref for TestEnv {
+    type Target = Scratch;
+
+    fn deref(&self) -> &Scratch {
+        &self.scratch
+    }
 }
 
 impl TestEnv {
     /// Creates and migrates a fresh database; names a fresh stream and consumer (created by
     /// the first worker, as in production).
     pub async fn new() -> anyhow::Result<TestEnv> {
-        let tag = Uuid::now_v7().simple().to_string()[18..].to_owned();
-        let database_url = format!("{PG_BASE}/ab_test_{tag}");
-        auditbridge_store::migrate(&database_url).await?;
-        let pool = sqlx::postgres::PgPoolOptions::new()
-            .max_connections(4)
-            .connect(&database_url)
-            .await?;
+        let scratch = Scratch::create(Purpose::Test, PG_BASE, NATS_URL).await?;
         let nats = async_nats::connect(NATS_URL).await?;
+        let seed = u64::from_str_radix(&scratch.tag[..8], 16).unwrap_or(1);
         Ok(TestEnv {
-            prefix: format!("t{tag}"),
-            stream: format!("ABT_{tag}"),
-            consumer: format!("c_{tag}"),
             js: jetstream::new(nats.clone()),
             nats,
-            pool,
-            database_url,
-            generator: Generator::new(u64::from_str_radix(&tag[..8], 16).unwrap_or(1), 5),
-            tag,
+            generator: Generator::new(seed, 5),
+            scratch,
         })
     }
 
     /// The `AUDITBRIDGE_*` variables that point a process at this environment.
     pub fn env_vars(&self) -> Vec<(String, String)> {
-        vec![
-            ("AUDITBRIDGE_DATABASE_URL".into(), self.database_url.clone()),
-            ("AUDITBRIDGE_NATS_URL".into(), NATS_URL.into()),
-            ("AUDITBRIDGE_SUBJECT_PREFIX".into(), self.prefix.clone()),
-            ("AUDITBRIDGE_STREAM".into(), self.stream.clone()),
-            ("AUDITBRIDGE_CONSUMER".into(), self.consumer.clone()),
-            ("AUDITBRIDGE_METRICS_ADDR".into(), "127.0.0.1:0".into()),
-            // Tests kill workers; a short ack wait makes JetStream redeliver their messages
-            // quickly.
-            ("AUDITBRIDGE_ACK_WAIT".into(), "3s".into()),
-            ("AUDITBRIDGE_LOG".into(), "info".into()),
-            ("AUDITBRIDGE_ID_KEY".into(), ID_KEY.into()),
-        ]
+        let names = self.scratch.env_vars().into_iter();
+        let settings = SETTINGS.iter().map(|(k, v)| (*k, (*v).to_owned()));
+        names
+            .chain(settings)
+            .map(|(k, v)| (k.to_owned(), v))
+            .collect()
     }
 
-    /// A command for the binary with this environment's variables (plus `extra`).
+    /// A command for the binary with this environment's variables (plus `extra`), in an
+    /// environment of nothing else but `PATH`.
     pub fn command(&self, args: &[&str], extra: &[(&str, &str)]) -> Command {
-        let mut cmd = Command::new(binary());
-        cmd.args(args).env_clear();
-        if let Ok(path) = std::env::var("PATH") {
-            cmd.env("PATH", path);
-        }
-        cmd.envs(self.env_vars());
-        cmd.envs(extra.iter().map(|(k, v)| (*k, *v)));
-        cmd.stdin(Stdio::null()).kill_on_drop(true);
+        let mut cmd = self.scratch.command(&binary(), args, Env::Clean);
+        cmd.envs(SETTINGS).envs(extra.iter().copied());
         cmd
     }
 
     /// Starts a worker process; its log goes to `target/test-logs/<tag>-<name>.log`.
     pub async fn spawn_worker(&self, name: &str, extra: &[(&str, &str)]) -> anyhow::Result<Worker> {
+        self.spawn(name, &["worker"], extra)
+    }
+
+    /// Starts `auditbridge <args>` with this environment's variables, `/metrics` on a free
+    /// port, and `extra`; its log goes to `target/test-logs/<tag>-<name>.log`.
+    pub(crate) fn spawn(
+        &self,
+        name: &str,
+        args: &[&str],
+        extra: &[(&str, &str)],
+    ) -> anyhow::Result<Worker> {
         let metrics = free_addr()?;
         let metrics_s = metrics.to_string();
-        let mut vars: Vec<(&str, &str)> = vec![("AUDITBRIDGE_METRICS_ADDR", &metrics_s)];
+        let mut vars = vec![("AUDITBRIDGE_METRICS_ADDR", metrics_s.as_str())];
         vars.extend_from_slice(extra);
         let log = log_path(&format!("{}-{name}", self.tag));
-        let file = std::fs::File::create(&log)?;
-        let child = self
-            .command(&["worker"], &vars)
-            .stdout(file.try_clone()?)
-            .stderr(file)
-            .spawn()
-            .context("spawning a worker")?;
+        let process = Process::spawn(&mut self.command(args, &vars), Some(&log))
+            .with_context(|| format!("spawning auditbridge {args:?}"))?;
         Ok(Worker {
-            child,
+            process,
             metrics,
             log,
         })
@@ -197,9 +198,7 @@ impl TestEnv {
     }
 
     pub async fn count(&self) -> anyhow::Result<i64> {
-        Ok(sqlx::query_scalar("SELECT count(*) FROM audit_events")
-            .fetch_one(&self.pool)
-            .await?)
+        self.scratch.count_events().await
     }
 
     /// Every stored id; fails if any id is stored twice (it cannot be, by the primary key,
@@ -273,55 +272,24 @@ impl TestEnv {
     }
 }
 
-/// Runs async clean-up from a `Drop` and waits for it: on a thread of its own with a runtime
-/// of its own, because a runtime cannot be blocked on from inside another (and a test's
-/// runtime may be the one unwinding).
-pub fn run_cleanup(cleanup: impl Future<Output = ()> + Send + 'static) {
-    let _ = std::thread::spawn(move || {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("a runtime for cleanup")
-            .block_on(cleanup);
-    })
-    .join();
-}
-
-impl Drop for TestEnv {
-    // Runs even when an assertion failed, so no stream or database outlives its test.
-    fn drop(&mut self) {
-        let stream = self.stream.clone();
-        let url = self.database_url.clone();
-        let pool = self.pool.clone();
-        run_cleanup(async move {
-            pool.close().await;
-            if let Ok(client) = async_nats::connect(NATS_URL).await {
-                let _ = jetstream::new(client).delete_stream(&stream).await;
-            }
-            let _ = auditbridge_store::drop_database(&url).await;
-        });
-    }
-}
-
-/// A worker process. Killed when dropped.
+/// A process of the binary under test with its `/metrics` address and its log: a worker, or
+/// the core of a [`sources::Process`] (`serve`, `tail-file`). Killed when dropped.
 pub struct Worker {
-    pub child: Child,
+    pub process: Process,
     pub metrics: SocketAddr,
     pub log: PathBuf,
 }
 
 impl Worker {
     pub fn pid(&self) -> u32 {
-        self.child.id().expect("the worker is running")
+        self.process.pid().expect("the worker is running")
     }
 
-    /// Sends a signal (`"KILL"`, `"TERM"`, `"INT"`).
+    /// Sends a signal (`"KILL"`, `"TERM"`, `"INT"`); panics if it cannot.
     pub fn signal(&self, signal: &str) {
-        let status = std::process::Command::new("kill")
-            .args([format!("-{signal}"), self.pid().to_string()])
-            .status()
-            .expect("kill runs");
-        assert!(status.success(), "kill -{signal} failed");
+        if let Err(e) = self.process.signal(signal) {
+            panic!("kill -{signal}: {e:#}");
+        }
     }
 
     /// Waits for the process to exit; fails if it does not within `timeout`.
@@ -329,15 +297,16 @@ impl Worker {
         &mut self,
         timeout: Duration,
     ) -> anyhow::Result<std::process::ExitStatus> {
-        tokio::time::timeout(timeout, self.child.wait())
+        let log = self.log.display();
+        self.process
+            .wait_exit(timeout)
             .await
-            .with_context(|| format!("worker did not exit within {timeout:?}"))?
-            .context("waiting for the worker")
+            .with_context(|| format!("log: {log}"))
     }
 
     /// True while the process is alive.
     pub fn is_running(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
+        self.process.is_running()
     }
 
     /// GETs a path from the worker's metrics server.
@@ -360,12 +329,19 @@ impl Worker {
         .await
     }
 
-    /// The value of an unlabelled counter or gauge from `/metrics`.
-    pub async fn metric(&self, name: &str) -> anyhow::Result<f64> {
+    /// The value of a metric line (name with its labels, exactly as rendered; 0 when absent)
+    /// from `/metrics`.
+    pub async fn metric(&self, series: &str) -> anyhow::Result<f64> {
         let (_, body) = self.get("/metrics").await?;
         Ok(body
             .lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+            .find_map(|l| {
+                l.strip_prefix(series)?
+                    .strip_prefix(' ')?
+                    .trim()
+                    .parse()
+                    .ok()
+            })
             .unwrap_or(0.0))
     }
 

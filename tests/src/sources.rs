@@ -2,22 +2,34 @@
 //! of the binary under test, pointed at a [`TestEnv`].
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::ops::{Deref, DerefMut};
 use std::time::Duration;
 
-use anyhow::{Context as _, bail};
-use tokio::process::Child;
+use anyhow::bail;
 
-use crate::{TestEnv, free_addr};
+use crate::{TestEnv, Worker, free_addr};
 
-/// A process of the binary under test. Killed when dropped.
+/// A process of the binary under test that may serve the API: a [`Worker`] (signals, exit,
+/// metrics and log, through `Deref`) with the address it was given to listen on. Killed when
+/// dropped.
 pub struct Process {
-    pub child: Child,
-    pub log: PathBuf,
+    worker: Worker,
     /// `AUDITBRIDGE_API_ADDR` (serve).
     pub addr: SocketAddr,
-    /// `AUDITBRIDGE_METRICS_ADDR` (`/metrics`, `/healthz`).
-    pub metrics: SocketAddr,
+}
+
+impl Deref for Process {
+    type Target = Worker;
+
+    fn deref(&self) -> &Worker {
+        &self.worker
+    }
+}
+
+impl DerefMut for Process {
+    fn deref_mut(&mut self) -> &mut Worker {
+        &mut self.worker
+    }
 }
 
 impl Process {
@@ -30,28 +42,11 @@ impl Process {
         extra: &[(&str, &str)],
     ) -> anyhow::Result<Process> {
         let addr = free_addr()?;
-        let metrics = free_addr()?;
         let addr_s = addr.to_string();
-        let metrics_s = metrics.to_string();
-        let mut vars: Vec<(&str, &str)> = vec![
-            ("AUDITBRIDGE_API_ADDR", &addr_s),
-            ("AUDITBRIDGE_METRICS_ADDR", &metrics_s),
-        ];
+        let mut vars = vec![("AUDITBRIDGE_API_ADDR", addr_s.as_str())];
         vars.extend_from_slice(extra);
-        let log = crate::log_path(&format!("{}-{name}", env.tag));
-        let file = std::fs::File::create(&log)?;
-        let child = env
-            .command(args, &vars)
-            .stdout(file.try_clone()?)
-            .stderr(file)
-            .spawn()
-            .with_context(|| format!("spawning auditbridge {args:?}"))?;
-        Ok(Process {
-            child,
-            log,
-            addr,
-            metrics,
-        })
+        let worker = env.spawn(name, args, &vars)?;
+        Ok(Process { worker, addr })
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -76,57 +71,11 @@ impl Process {
         });
         tokio::select! {
             listening = listening => listening,
-            status = self.child.wait() => bail!(
+            status = self.worker.process.child.wait() => bail!(
                 "exited with {}; log: {}",
                 status?,
                 std::fs::read_to_string(&log).unwrap_or_default()
             ),
         }
-    }
-
-    pub fn signal(&self, signal: &str) {
-        let pid = self.child.id().expect("the process is running");
-        let status = std::process::Command::new("kill")
-            .args([format!("-{signal}"), pid.to_string()])
-            .status()
-            .expect("kill runs");
-        assert!(status.success(), "kill -{signal} failed");
-    }
-
-    pub async fn wait_exit(
-        &mut self,
-        timeout: Duration,
-    ) -> anyhow::Result<std::process::ExitStatus> {
-        tokio::time::timeout(timeout, self.child.wait())
-            .await
-            .with_context(|| {
-                format!(
-                    "did not exit within {timeout:?}; log: {}",
-                    self.log.display()
-                )
-            })?
-            .context("waiting for the process")
-    }
-
-    /// The value of a metric line (name with its labels, exactly as rendered) from `/metrics`.
-    pub async fn metric(&self, series: &str) -> anyhow::Result<f64> {
-        let body = reqwest::get(format!("http://{}/metrics", self.metrics))
-            .await?
-            .text()
-            .await?;
-        Ok(body
-            .lines()
-            .find_map(|l| {
-                l.strip_prefix(series)?
-                    .strip_prefix(' ')?
-                    .trim()
-                    .parse()
-                    .ok()
-            })
-            .unwrap_or(0.0))
-    }
-
-    pub fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 }
