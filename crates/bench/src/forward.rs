@@ -18,17 +18,17 @@ use anyhow::{Context as _, bail};
 use async_nats::jetstream;
 use auditbridge_config::Config;
 use auditbridge_event::synth::Generator;
-use auditbridge_fixtures::{AMQP_URL, Exchange, Process, QueueOptions, Scratch, synthetic};
+use auditbridge_fixtures::{AMQP_URL, Exchange, Process, QueueOptions, synthetic};
 use auditbridge_sources::{Outgoing, publish_all};
 use auditbridge_store::Store;
 use bytes::Bytes;
 use futures::StreamExt as _;
 use lapin::options::{BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::FieldTable;
-use lapin::{BasicProperties, Connection};
+use lapin::{BasicProperties, Channel, Connection, Consumer};
 use uuid::Uuid;
 
-use crate::{Args, STOP_GRACE, persist_synthetic, spawn_worker};
+use crate::{Args, Bench, STOP_GRACE, latencies, persist_synthetic, spawn_worker};
 
 /// The benchmark's exchange and queue, and one connection to the broker for the raw limit
 /// and the consumers.
@@ -67,24 +67,26 @@ impl Bus {
     /// bus would, so the queue stays short during the raw run and the drains alike (a queue
     /// at its length limit makes every publish also drop a message, which is extra broker
     /// work the raw run would not see). Runs until the returned channel is closed.
-    async fn downstream(&self) -> anyhow::Result<lapin::Channel> {
+    async fn downstream(&self) -> anyhow::Result<Channel> {
         let channel = self.conn.create_channel().await?;
         channel
             .basic_qos(1000, lapin::options::BasicQosOptions::default())
             .await?;
-        let mut consumer = channel
-            .basic_consume(
-                self.exchange.queue.as_str().into(),
-                "bench-downstream".into(),
-                BasicConsumeOptions {
-                    no_ack: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await?;
+        let mut consumer = self.consume(&channel, "bench-downstream").await?;
         tokio::spawn(async move { while let Some(Ok(_)) = consumer.next().await {} });
         Ok(channel)
+    }
+
+    /// A consumer of the queue on `channel`, without acks.
+    async fn consume(&self, channel: &Channel, tag: &str) -> anyhow::Result<Consumer> {
+        let no_ack = BasicConsumeOptions {
+            no_ack: true,
+            ..Default::default()
+        };
+        let queue = self.exchange.queue.as_str();
+        Ok(channel
+            .basic_consume(queue.into(), tag.into(), no_ack, FieldTable::default())
+            .await?)
     }
 
     /// `AUDITBRIDGE_DESTINATIONS` with one destination to the bus.
@@ -94,27 +96,21 @@ impl Bus {
     }
 }
 
-pub(crate) async fn measure(
-    args: &Args,
-    config: &Config,
-    scratch: &Scratch,
-    store: &Store,
-    js: &jetstream::Context,
-) -> anyhow::Result<()> {
-    let bus = Bus::declare(&scratch.tag).await?;
-    let result = run(args, config, scratch, store, js, &bus).await;
+pub(crate) async fn measure(bench: Bench<'_>) -> anyhow::Result<()> {
+    let bus = Bus::declare(&bench.scratch.tag).await?;
+    let result = run(bench, &bus).await;
     bus.delete().await;
     result
 }
 
-async fn run(
-    args: &Args,
-    config: &Config,
-    scratch: &Scratch,
-    store: &Store,
-    js: &jetstream::Context,
-    bus: &Bus,
-) -> anyhow::Result<()> {
+async fn run(bench: Bench<'_>, bus: &Bus) -> anyhow::Result<()> {
+    let Bench {
+        args,
+        config,
+        scratch,
+        store,
+        js,
+    } = bench;
     println!(
         "forwarding: RabbitMQ, backlog {} events, latency at {}/s",
         args.backlog, args.forward_rate
@@ -342,17 +338,7 @@ async fn latency_run(
     let total = (args.forward_rate * args.forward_seconds as f64) as usize;
     let sent_at: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
     let channel = bus.conn.create_channel().await?;
-    let mut consumer = channel
-        .basic_consume(
-            bus.exchange.queue.as_str().into(),
-            "bench-latency".into(),
-            BasicConsumeOptions {
-                no_ack: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await?;
+    let mut consumer = bus.consume(&channel, "bench-latency").await?;
 
     let publisher = {
         let js = js.clone();
@@ -389,10 +375,5 @@ async fn latency_run(
     }
     publisher.await?;
     let _ = channel.close(200, "done".into()).await;
-    if seen.is_empty() {
-        return Ok(None);
-    }
-    seen.sort_by(|a, b| a.total_cmp(b));
-    let q = |p: f64| seen[((seen.len() as f64 - 1.0) * p).round() as usize];
-    Ok(Some((q(0.5), q(0.99), q(1.0), seen.len())))
+    Ok(latencies(seen))
 }

@@ -11,22 +11,21 @@
 use std::time::{Duration, Instant};
 
 use anyhow::bail;
-use async_nats::jetstream;
-use auditbridge_config::Config;
 use auditbridge_event::Event;
 use auditbridge_event::synth::Generator;
-use auditbridge_fixtures::Scratch;
 use auditbridge_sources::{Outgoing, Publisher, Sink as _};
 use futures::StreamExt as _;
 
-use crate::{Args, BenchApi, STOP_GRACE, spawn_worker};
+use crate::{Bench, BenchApi, STOP_GRACE, spawn_worker};
 
-pub(crate) async fn measure(
-    args: &Args,
-    config: &Config,
-    scratch: &Scratch,
-    js: &jetstream::Context,
-) -> anyhow::Result<()> {
+pub(crate) async fn measure(bench: Bench<'_>) -> anyhow::Result<()> {
+    let Bench {
+        args,
+        config,
+        scratch,
+        js,
+        ..
+    } = bench;
     let n = args.http_events;
     let batch = args.http_batch;
     let clients = args.http_clients;

@@ -19,19 +19,20 @@ use auditbridge_config::Config;
 use auditbridge_event::synth::Generator;
 use auditbridge_fixtures::{Scratch, synthetic};
 use auditbridge_sources::{Outgoing, publish_all};
-use auditbridge_store::{NewEvent, Position, Store};
+use auditbridge_store::{NewEvent, Position};
 use futures::StreamExt as _;
 use uuid::Uuid;
 
-use crate::{Args, STOP_GRACE, spawn_worker};
+use crate::{Args, Bench, STOP_GRACE, latencies, spawn_worker};
 
-pub(crate) async fn measure(
-    args: &Args,
-    config: &Config,
-    scratch: &Scratch,
-    store: &Store,
-    js: &jetstream::Context,
-) -> anyhow::Result<()> {
+pub(crate) async fn measure(bench: Bench<'_>) -> anyhow::Result<()> {
+    let Bench {
+        args,
+        config,
+        scratch,
+        store,
+        js,
+    } = bench;
     println!(
         "auditbridge bench: {} events, {} tenants, latency at {}/s for {}s",
         args.events, args.tenants, args.latency_rate, args.latency_seconds
@@ -252,12 +253,7 @@ async fn latency_run(
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     publisher.await?;
-    if seen.is_empty() {
-        return Ok(None);
-    }
-    seen.sort_by(|a, b| a.total_cmp(b));
-    let q = |p: f64| seen[((seen.len() as f64 - 1.0) * p).round() as usize];
-    Ok(Some((q(0.5), q(0.99), q(1.0), seen.len())))
+    Ok(latencies(seen))
 }
 
 /// Cumulative bucket counts of `auditbridge_publish_to_commit_seconds`: (upper bound, count).

@@ -97,18 +97,25 @@ pub async fn run(args: Args, config: &Config) -> anyhow::Result<ExitCode> {
     let client = auditbridge_runtime::nats::connect(&config.nats_url, "auditbridge-bench").await?;
     let js = jetstream::new(client.clone());
 
+    let bench = Bench {
+        args: &args,
+        config: &bench_config,
+        scratch: &scratch,
+        store: &store,
+        js: &js,
+    };
     let mut result = Ok(());
     if matches!(args.only, Part::All | Part::Ingest) {
-        result = ingest::measure(&args, &bench_config, &scratch, &store, &js).await;
+        result = ingest::measure(bench).await;
     }
     if result.is_ok() && matches!(args.only, Part::All | Part::Forward) {
-        result = forward::measure(&args, &bench_config, &scratch, &store, &js).await;
+        result = forward::measure(bench).await;
     }
     if result.is_ok() && matches!(args.only, Part::All | Part::HttpIngest) {
-        result = http::measure(&args, &bench_config, &scratch, &js).await;
+        result = http::measure(bench).await;
     }
     if result.is_ok() && matches!(args.only, Part::All | Part::Query) {
-        result = query::measure(&args, &bench_config, &scratch, &store).await;
+        result = query::measure(bench).await;
     }
 
     store.close().await;
@@ -123,6 +130,18 @@ pub async fn run(args: Args, config: &Config) -> anyhow::Result<ExitCode> {
         scratch.remove().await;
     }
     result.map(|()| ExitCode::SUCCESS)
+}
+
+/// What every part measures with.
+#[derive(Clone, Copy)]
+struct Bench<'a> {
+    args: &'a Args,
+    /// The configuration pointed at the scratch corner.
+    config: &'a Config,
+    scratch: &'a Scratch,
+    store: &'a Store,
+    /// The benchmark's own connection, for publishing.
+    js: &'a jetstream::Context,
 }
 
 /// `config` pointed at the scratch corner.
@@ -154,6 +173,16 @@ fn spawn_worker(
     ];
     vars.extend_from_slice(extra);
     scratch.spawn_worker(&exe, Env::Inherit, &vars, None)
+}
+
+/// (p50, p99, max, count) of latencies in ms; `None` when nothing was seen.
+fn latencies(mut seen: Vec<f64>) -> Option<(f64, f64, f64, usize)> {
+    if seen.is_empty() {
+        return None;
+    }
+    seen.sort_by(f64::total_cmp);
+    let q = |p: f64| seen[((seen.len() as f64 - 1.0) * p).round() as usize];
+    Some((q(0.5), q(0.99), q(1.0), seen.len()))
 }
 
 /// Writes `events` (as [`auditbridge_fixtures::synthetic`] makes them) in one batch straight
@@ -202,5 +231,17 @@ impl BenchApi {
     async fn stop(self) {
         self.shutdown.cancel();
         let _ = tokio::time::timeout(Duration::from_secs(10), self.serving).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn latencies_are_nearest_rank_of_the_sorted_samples() {
+        assert_eq!(latencies(Vec::new()), None);
+        let seen: Vec<f64> = (1..=101).rev().map(f64::from).collect();
+        assert_eq!(latencies(seen), Some((51.0, 100.0, 101.0, 101)));
     }
 }

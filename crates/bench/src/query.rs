@@ -13,23 +13,24 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
-use auditbridge_config::Config;
 use auditbridge_event::synth::Generator;
 use auditbridge_fixtures::{Scratch, synthetic};
 use auditbridge_store::{EventFilter, Order, PageQuery, Store};
 use time::format_description::well_known::Rfc3339;
 
-use crate::{Args, BenchApi, persist_synthetic};
+use crate::{Args, Bench, BenchApi, persist_synthetic};
 
 /// Requests per latency figure.
 const SAMPLES: usize = 200;
 
-pub(crate) async fn measure(
-    args: &Args,
-    config: &Config,
-    scratch: &Scratch,
-    store: &Store,
-) -> anyhow::Result<()> {
+pub(crate) async fn measure(bench: Bench<'_>) -> anyhow::Result<()> {
+    let Bench {
+        args,
+        config,
+        scratch,
+        store,
+        ..
+    } = bench;
     println!(
         "auditbridge bench, query: {} stored events, {} tenants",
         args.query_events, args.tenants
