@@ -270,6 +270,27 @@ const BOUNDARIES: &[(&str, &[&str])] = &[
         "auditbridge-client",
         &["auditbridge-config", "auditbridge-event"],
     ),
+    // What the test harness and the benchmarks share: below every service crate.
+    (
+        "auditbridge-fixtures",
+        &[
+            "auditbridge-event",
+            "auditbridge-runtime",
+            "auditbridge-store",
+        ],
+    ),
+    (
+        "auditbridge-bench",
+        &[
+            "auditbridge-api",
+            "auditbridge-config",
+            "auditbridge-event",
+            "auditbridge-fixtures",
+            "auditbridge-runtime",
+            "auditbridge-sources",
+            "auditbridge-store",
+        ],
+    ),
 ];
 
 /// Crates on top of everything: the binary and the test harness.
