@@ -124,6 +124,45 @@ impl ApiServer {
     }
 
     /// Opens the live tail.
+    /// Replays the live tail from `from` to its caught-up mark as a browser's EventSource
+    /// does: when the server ends the stream (a statement cut by a short statement timeout on
+    /// a loaded machine), it reconnects with the last id it saw, at most `reconnects` times.
+    /// Every id the server sends, the id-only progress events included, is a resume point, so
+    /// a replay that moves forward finishes; one stuck at one place uses up its reconnects.
+    pub async fn replay(
+        &self,
+        query: &str,
+        token: &Token,
+        from: &str,
+        timeout: Duration,
+        reconnects: usize,
+    ) -> anyhow::Result<Vec<Sse>> {
+        tokio::time::timeout(timeout, async {
+            let mut last = from.to_owned();
+            let mut replayed = Vec::new();
+            for _ in 0..=reconnects {
+                let mut tail = self.stream(query, token, Some(&last)).await?;
+                loop {
+                    match tail.next_unbounded().await? {
+                        Some(e) if e.event == "caught-up" => return Ok(replayed),
+                        Some(e) => {
+                            if let Some(id) = &e.id {
+                                last = id.clone();
+                            }
+                            if e.event == "audit" {
+                                replayed.push(e);
+                            }
+                        }
+                        None => break,
+                    }
+                }
+            }
+            bail!("the replay did not catch up within {reconnects} reconnects (last id {last})")
+        })
+        .await
+        .map_err(|_| anyhow!("the replay did not catch up within {timeout:?}"))?
+    }
+
     pub async fn stream(
         &self,
         query: &str,

@@ -1107,14 +1107,16 @@ async fn a_small_tenant_resuming_behind_many_other_events_catches_up_under_a_sho
         &[("AUDITBRIDGE_API_STATEMENT_TIMEOUT", "60ms")],
     )
     .await?;
-    let mut tail = api.stream("", &small, Some(&resume)).await?;
-    let got = tail.caught_up(T).await?;
+    // As a browser's EventSource would, the client resumes from the last id it saw if the
+    // server ends the stream (a statement cut by the timeout when the machine is loaded); the
+    // replay must still move forward and finish, without a gap or a repeat.
+    let got = api.replay("", &small, &resume, T, 20).await?;
     let got: Vec<Uuid> = got.iter().map(sse_id).collect();
     assert_eq!(got, want, "the replay missed, repeated or reordered events");
 
     // And an admin-like filter with no index of its own (actor) over the whole trail.
-    let mut tail = api.stream("actor=u-small", &small, Some("0.0")).await?;
-    let got: Vec<Uuid> = tail.caught_up(T).await?.iter().map(sse_id).collect();
+    let got = api.replay("actor=u-small", &small, "0.0", T, 20).await?;
+    let got: Vec<Uuid> = got.iter().map(sse_id).collect();
     assert_eq!(got.len(), want.len() + 1);
     assert_eq!(&got[1..], &want[..]);
     Ok(())
