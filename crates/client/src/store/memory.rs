@@ -79,10 +79,12 @@ mod tests {
         assert_eq!(store.bytes(), events[2].payload.len() as u64);
         assert_eq!(store.append(&events[3..]), 2);
 
-        let one = events[0].payload.len() as u64;
+        // Exactly the first two events' bytes (the synthetic events differ in size, so not
+        // twice the first one's: that let only one in when the second was larger).
+        let two = (events[0].payload.len() + events[1].payload.len()) as u64;
         let mut by_bytes = MemoryStore::new(&MemoryParams {
             max_events: 100,
-            max_bytes: 2 * one,
+            max_bytes: two,
         });
         assert_eq!(by_bytes.append(&events), 2);
     }
