@@ -41,6 +41,18 @@ pub fn id_key() -> auditbridge_sources::IdKey {
     auditbridge_sources::IdKey::new(ID_KEY)
 }
 
+/// Source definitions (a JSON array), loaded by the configuration as `serve` and `tail-file`
+/// load them, with [`ID_KEY`] as `AUDITBRIDGE_ID_KEY`.
+pub fn load_sources(
+    definitions: &serde_json::Value,
+) -> anyhow::Result<Vec<auditbridge_config::SourceConfig>> {
+    let vars = [
+        ("AUDITBRIDGE_SOURCES".to_owned(), definitions.to_string()),
+        ("AUDITBRIDGE_ID_KEY".to_owned(), ID_KEY.to_owned()),
+    ];
+    Ok(auditbridge_config::Config::from_env(vars)?.sources)
+}
+
 /// The binary under test. Cargo builds this package's binary before its integration tests and
 /// puts it next to the `deps/` folder that holds the test executables.
 pub fn binary() -> PathBuf {

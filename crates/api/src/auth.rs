@@ -9,47 +9,16 @@
 use std::fmt;
 use std::sync::Arc;
 
+use auditbridge_config::ApiToken;
 use axum::extract::{FromRef, FromRequestParts};
 use axum::http::header::AUTHORIZATION;
 use axum::http::request::Parts;
-use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use crate::error::ApiError;
 
-/// What a token may do.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Scope {
-    /// Query, tail and chart the trail.
-    Read,
-    /// Write events (`POST /v1/ingest`).
-    Ingest,
-}
-
-impl Scope {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Scope::Read => "read",
-            Scope::Ingest => "ingest",
-        }
-    }
-}
-
-/// One configured token, as `[[api_tokens]]` or an item of `AUDITBRIDGE_API_TOKENS`.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct TokenEntry {
-    name: String,
-    sha256: String,
-    #[serde(default)]
-    tenant: Option<String>,
-    #[serde(default)]
-    admin: bool,
-    #[serde(default)]
-    scopes: Option<Vec<Scope>>,
-}
+pub use auditbridge_config::Scope;
 
 /// The caller, once its token checked out.
 #[derive(Clone, PartialEq, Eq)]
@@ -137,77 +106,23 @@ impl fmt::Debug for Tokens {
     }
 }
 
-/// A token definition that cannot be used; the message names the entry and the field.
-#[derive(Debug, thiserror::Error)]
-#[error("invalid setting api_tokens[{index}] ({name}): {message}")]
-pub struct TokenConfigError {
-    pub index: usize,
-    pub name: String,
-    pub message: String,
-}
-
 impl Tokens {
-    /// Parses `[[api_tokens]]` / `AUDITBRIDGE_API_TOKENS` items.
-    pub fn parse(items: &[serde_json::Value]) -> Result<Tokens, TokenConfigError> {
-        let mut known: Vec<Known> = Vec::with_capacity(items.len());
-        for (index, item) in items.iter().enumerate() {
-            let name = item
-                .get("name")
-                .and_then(|n| n.as_str())
-                .unwrap_or("unnamed")
-                .to_owned();
-            let fail = |message: String| TokenConfigError {
-                index,
-                name: name.clone(),
-                message,
-            };
-            let entry: TokenEntry = serde_json::from_value(item.clone()).map_err(|e| {
-                fail(format!(
-                    "{e} (expected {{\"name\", \"sha256\", \"tenant\" or \"admin\": true, \"scopes\": [\"read\", \"ingest\"]}})"
-                ))
-            })?;
-            if entry.name.trim().is_empty() {
-                return Err(fail("name: must not be empty".into()));
-            }
-            let hash = decode_hash(&entry.sha256).ok_or_else(|| {
-                fail("sha256: expected 64 hex digits, the SHA-256 of the token (see `auditbridge token new`)".into())
-            })?;
-            let tenant = match (entry.tenant, entry.admin) {
-                (Some(_), true) => {
-                    return Err(fail("set either tenant or admin = true, not both".into()));
-                }
-                (None, false) => {
-                    return Err(fail("tenant: required unless admin = true".into()));
-                }
-                (Some(t), false) => {
-                    auditbridge_event::validate_tenant(&t)
-                        .map_err(|e| fail(format!("tenant: {}", e.detail)))?;
-                    Some(t)
-                }
-                (None, true) => None,
-            };
-            let scopes = entry.scopes.unwrap_or_else(|| vec![Scope::Read]);
-            if scopes.is_empty() {
-                return Err(fail(
-                    "scopes: must name at least one of read, ingest".into(),
-                ));
-            }
-            if known.iter().any(|k| k.principal.name == entry.name) {
-                return Err(fail("name: another token has the same name".into()));
-            }
-            if known.iter().any(|k| k.hash == hash) {
-                return Err(fail("sha256: the same token is configured twice".into()));
-            }
-            known.push(Known {
-                hash,
-                principal: Principal {
-                    name: entry.name,
-                    tenant,
-                    scopes,
-                },
-            });
+    /// The tokens of the configuration (`[[api_tokens]]`, `AUDITBRIDGE_API_TOKENS`), which
+    /// checked them at load.
+    pub fn new(tokens: &[ApiToken]) -> Tokens {
+        Tokens {
+            known: tokens
+                .iter()
+                .map(|t| Known {
+                    hash: t.sha256,
+                    principal: Principal {
+                        name: t.name.clone(),
+                        tenant: t.tenant.clone(),
+                        scopes: t.scopes.clone(),
+                    },
+                })
+                .collect(),
         }
-        Ok(Tokens { known })
     }
 
     pub fn is_empty(&self) -> bool {
@@ -216,7 +131,7 @@ impl Tokens {
 
     /// The principal for a presented token, comparing against every hash in constant time.
     pub fn authenticate(&self, token: &str) -> Option<&Principal> {
-        let presented: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        let presented = digest_token(token);
         let mut found = None;
         for k in &self.known {
             if bool::from(k.hash.ct_eq(&presented)) {
@@ -227,14 +142,14 @@ impl Tokens {
     }
 }
 
-fn decode_hash(s: &str) -> Option<[u8; 32]> {
-    let bytes = hex::decode(s.trim()).ok()?;
-    bytes.try_into().ok()
+/// The SHA-256 of a token, as configuration holds it (in hex).
+pub fn hash_token(token: &str) -> String {
+    hex::encode(digest_token(token))
 }
 
-/// The SHA-256 of a token, as configuration holds it.
-pub fn hash_token(token: &str) -> String {
-    hex::encode(Sha256::digest(token.as_bytes()))
+/// The SHA-256 of a token, as [`ApiToken::sha256`] holds it.
+pub fn digest_token(token: &str) -> [u8; 32] {
+    Sha256::digest(token.as_bytes()).into()
 }
 
 /// A new random token (`abt_` and 43 base62 characters, 256 bits).
@@ -291,11 +206,16 @@ mod tests {
     fn tokens_authenticate_by_hash_only() {
         let t = generate_token();
         assert!(t.starts_with("abt_") && t.len() == 47, "{t}");
-        let tokens = Tokens::parse(&[
-            json!({"name": "acme", "sha256": hash_token(&t), "tenant": "acme"}),
-            json!({"name": "ops", "sha256": hash_token("other"), "admin": true, "scopes": ["read", "ingest"]}),
-        ])
-        .unwrap();
+        let items = json!([
+            {"name": "acme", "sha256": hash_token(&t), "tenant": "acme"},
+            {"name": "ops", "sha256": hash_token("other"), "admin": true, "scopes": ["read", "ingest"]},
+        ]);
+        let vars = [("AUDITBRIDGE_API_TOKENS".to_owned(), items.to_string())];
+        let tokens = Tokens::new(
+            &auditbridge_config::Config::from_env(vars)
+                .unwrap()
+                .api_tokens,
+        );
         let p = tokens.authenticate(&t).unwrap();
         assert_eq!(p.name, "acme");
         assert_eq!(p.tenant.as_deref(), Some("acme"));
@@ -313,53 +233,5 @@ mod tests {
         assert_eq!(admin.tenant_for(Some("globex")).unwrap(), "globex");
         assert!(tokens.authenticate("abt_wrong").is_none());
         assert!(!format!("{tokens:?}").contains(&hash_token(&t)));
-    }
-
-    #[test]
-    fn bad_entries_name_the_entry_and_field() {
-        let h = hash_token("x");
-        for (item, needle) in [
-            (
-                json!({"name": "a", "sha256": "zz", "tenant": "acme"}),
-                "sha256",
-            ),
-            (json!({"name": "a", "sha256": h}), "tenant: required"),
-            (
-                json!({"name": "a", "sha256": h, "tenant": "acme", "admin": true}),
-                "not both",
-            ),
-            (
-                json!({"name": "a", "sha256": h, "tenant": "Acme!"}),
-                "tenant",
-            ),
-            (
-                json!({"name": "a", "sha256": h, "tenant": "acme", "scopes": ["write"]}),
-                "write",
-            ),
-            (
-                json!({"name": "a", "sha256": h, "tenant": "acme", "scope": ["read"]}),
-                "scope",
-            ),
-            (
-                json!({"name": "a", "sha256": h, "tenant": "acme", "scopes": []}),
-                "scopes",
-            ),
-        ] {
-            let err = Tokens::parse(&[item]).unwrap_err().to_string();
-            assert!(
-                err.contains("api_tokens[0] (a)") && err.contains(needle),
-                "{err}"
-            );
-        }
-        let err = Tokens::parse(&[
-            json!({"name": "a", "sha256": h, "tenant": "acme"}),
-            json!({"name": "b", "sha256": h, "tenant": "acme"}),
-        ])
-        .unwrap_err()
-        .to_string();
-        assert!(
-            err.contains("api_tokens[1] (b)") && err.contains("twice"),
-            "{err}"
-        );
     }
 }

@@ -86,8 +86,8 @@ impl Server {
     /// Validates the tokens, binds `AUDITBRIDGE_API_ADDR`, and prepares connections (the
     /// database and NATS are connected lazily, so the server starts while either is down).
     pub async fn build(config: Config) -> anyhow::Result<Server> {
-        let tokens = Tokens::parse(&config.api_tokens)?;
-        let webhooks = webhooks::Webhooks::from_config(&config)?;
+        let tokens = Tokens::new(&config.api_tokens);
+        let webhooks = webhooks::Webhooks::from_config(&config);
         if tokens.is_empty() {
             tracing::warn!(
                 message = "No API tokens are configured (AUDITBRIDGE_API_TOKENS or [[api_tokens]]); every /v1 request will be refused. Create one with `auditbridge token new`."
@@ -102,16 +102,20 @@ impl Server {
         // A statement that runs longer than `AUDITBRIDGE_API_STATEMENT_TIMEOUT` is cancelled
         // by PostgreSQL: one costly request cannot hold a connection.
         let store = Store::connect_lazy_for_queries(
-            &config.database_url,
+            config.database_url.expose(),
             config.ingest.db_max_connections,
             config.api_statement_timeout,
         )?;
         // The live tail's hub reads on a connection of its own: requests can never starve it,
         // and it never takes one of theirs.
-        let hub_store =
-            Store::connect_lazy_for_queries(&config.database_url, 1, config.api_statement_timeout)?;
+        let hub_store = Store::connect_lazy_for_queries(
+            config.database_url.expose(),
+            1,
+            config.api_statement_timeout,
+        )?;
         let nats =
-            auditbridge_runtime::nats::connect(&config.nats_url, "auditbridge-serve").await?;
+            auditbridge_runtime::nats::connect(config.nats_url.expose(), "auditbridge-serve")
+                .await?;
         let (hub, hub_start) = tail::Hub::new(hub_store, config.api_heartbeat);
         let budget = Arc::new(budget::DbBudget::new(config.ingest.db_max_connections));
         Ok(Server {

@@ -35,9 +35,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use auditbridge_config::Config;
 use auditbridge_runtime::telemetry as m;
 use auditbridge_sources::signature::{SignatureError, check_headers, verify_body};
-use auditbridge_sources::{
-    IdKey, Outgoing, SourceKind, WebhookParams, check_tenant, parse_sources,
-};
+use auditbridge_sources::{Mapping, Outgoing, SourceKind, WebhookParams, check_tenant};
 use axum::Router;
 use axum::body::Body;
 use axum::extract::{Path, State};
@@ -66,6 +64,8 @@ const RETRY_AFTER_SECS: u32 = 1;
 #[derive(Debug)]
 struct Source {
     params: WebhookParams,
+    /// Its mapping, with the id key ready.
+    mapping: Mapping,
     /// Its `max_concurrent_requests`.
     permits: Arc<Semaphore>,
     /// Its share of [`MAX_CONCURRENT`] that no other source can take: `MAX_CONCURRENT / n`
@@ -92,18 +92,16 @@ impl Default for Webhooks {
 
 impl Webhooks {
     /// The `webhook` sources of the configuration (file sources are `tail-file`'s).
-    pub(crate) fn from_config(
-        config: &Config,
-    ) -> Result<Webhooks, auditbridge_sources::ConfigError> {
-        let key = config.id_key.as_ref().map(|k| IdKey::new(k.expose()));
-        let webhooks: Vec<(String, WebhookParams)> = parse_sources(&config.sources, key.as_ref())?
-            .into_iter()
-            .filter_map(|s| match s.kind {
-                SourceKind::Webhook(params) => Some((s.name, params)),
+    pub(crate) fn from_config(config: &Config) -> Webhooks {
+        let webhooks: Vec<(String, WebhookParams)> = config
+            .sources
+            .iter()
+            .filter_map(|s| match &s.kind {
+                SourceKind::Webhook(params) => Some((s.name.clone(), params.clone())),
                 SourceKind::File(_) => None,
             })
             .collect();
-        Ok(Webhooks::new(webhooks))
+        Webhooks::new(webhooks)
     }
 
     fn new(webhooks: Vec<(String, WebhookParams)>) -> Webhooks {
@@ -120,6 +118,7 @@ impl Webhooks {
                 let source = Source {
                     permits: Arc::new(Semaphore::new(params.max_concurrent_requests)),
                     reserved: Arc::new(Semaphore::new(reserved)),
+                    mapping: Mapping::new(&params.mapping),
                     params,
                 };
                 (name, source)
@@ -262,15 +261,14 @@ async fn receive_for(
     let mut outgoing = Vec::with_capacity(payloads.len());
     let mut results = Vec::with_capacity(payloads.len());
     for (index, payload) in payloads.into_iter().enumerate() {
-        let mapped = params
+        let mapped = source
             .mapping
             .apply(name, &payload, max, received_at)
             .and_then(|mapped| check_tenant(name, &params.tenants, &mapped.event).map(|()| mapped));
         match mapped {
             Ok(mapped) => {
                 results.push(ItemResult::accepted(index, mapped.event.id));
-                let raw = matches!(params.mapping, auditbridge_sources::Mapping::Identity)
-                    .then_some(payload);
+                let raw = matches!(source.mapping, Mapping::Identity).then_some(payload);
                 outgoing.push(Outgoing::mapped(&mapped, &state.config.subject_prefix, raw));
             }
             Err(refusal) => {
@@ -317,15 +315,11 @@ mod tests {
                 "params": {"secret": "0123456789abcdef", "max_concurrent_requests": 16}})
             })
             .collect();
-        let sources = parse_sources(&raw, None)
-            .unwrap()
-            .into_iter()
-            .filter_map(|s| match s.kind {
-                SourceKind::Webhook(p) => Some((s.name, p)),
-                SourceKind::File(_) => None,
-            })
-            .collect();
-        let webhooks = Webhooks::new(sources);
+        let vars = [(
+            "AUDITBRIDGE_SOURCES".to_owned(),
+            serde_json::Value::from(raw).to_string(),
+        )];
+        let webhooks = Webhooks::from_config(&Config::from_env(vars).unwrap());
         let source = |name: &str| &webhooks.by_name[name];
         let mut held = Vec::new();
         for name in ["s0", "s1", "s2", "s3"] {

@@ -151,7 +151,7 @@ pub fn main() -> ExitCode {
 async fn run(command: Command, config: Config) -> anyhow::Result<ExitCode> {
     match command {
         Command::Migrate { no_roles } => {
-            let url = &config.migrate_database_url;
+            let url = config.migrate_database_url.expose();
             let roles = if no_roles {
                 auditbridge_store::Roles::Skip
             } else {
@@ -159,7 +159,7 @@ async fn run(command: Command, config: Config) -> anyhow::Result<ExitCode> {
             };
             let done = auditbridge_store::migrate_with(url, roles)
                 .await
-                .with_context(|| format!("migrating {}", auditbridge_config::redact_url(url)))?;
+                .with_context(|| format!("migrating {}", config.migrate_database_url))?;
             let name = url.rsplit('/').next().unwrap_or("");
             let name = name.split('?').next().unwrap_or("");
             if done.created_database {
@@ -235,7 +235,8 @@ async fn run(command: Command, config: Config) -> anyhow::Result<ExitCode> {
                 None => entry["admin"] = admin.into(),
             }
             // Checked with the same rules the server applies at start-up.
-            if let Err(e) = auditbridge_api::Tokens::parse(std::slice::from_ref(&entry)) {
+            let item = [("AUDITBRIDGE_API_TOKENS".to_owned(), format!("[{entry}]"))];
+            if let Err(e) = Config::from_env(item) {
                 eprintln!("error: {e}");
                 return Ok(ExitCode::from(2));
             }
@@ -244,7 +245,8 @@ async fn run(command: Command, config: Config) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Outbox(OutboxCommand::Rebase) => {
-            let store = auditbridge_store::Store::connect_lazy(&config.migrate_database_url, 1)?;
+            let store =
+                auditbridge_store::Store::connect_lazy(config.migrate_database_url.expose(), 1)?;
             let done = store.rebase_outbox().await.context("rebasing the outbox")?;
             store.close().await;
             match done {
@@ -264,7 +266,7 @@ async fn run(command: Command, config: Config) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Destinations(DestinationsCommand::Rewind { name, to }) => {
-            let store = auditbridge_store::Store::connect_lazy(&config.database_url, 2)?;
+            let store = auditbridge_store::Store::connect_lazy(config.database_url.expose(), 2)?;
             let moved = store.rewind(&name, to).await?;
             store.close().await;
             match moved {

@@ -34,7 +34,7 @@ pub(crate) struct Args {
 
 pub(crate) async fn run(args: Args, config: &Config) -> anyhow::Result<ExitCode> {
     let client =
-        auditbridge_runtime::nats::connect(&config.nats_url, "auditbridge-publish").await?;
+        auditbridge_runtime::nats::connect(config.nats_url.expose(), "auditbridge-publish").await?;
     let js = jetstream::new(client.clone());
     // The stream normally exists (workers create it); creating it here too means events
     // published before the first worker starts are kept, not refused.

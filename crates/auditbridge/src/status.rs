@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use async_nats::jetstream;
-use auditbridge_config::{Config, redact_url};
+use auditbridge_config::Config;
 use auditbridge_store::Store;
 use serde_json::json;
 use time::format_description::well_known::Rfc3339;
@@ -24,10 +24,12 @@ pub(crate) async fn run(args: Args, config: &Config) -> anyhow::Result<ExitCode>
     // JetStream: the stream and the shared consumer.
     let nats = tokio::time::timeout(
         Duration::from_secs(5),
-        auditbridge_runtime::nats::options(&config.nats_url)?
+        auditbridge_runtime::nats::options(config.nats_url.expose())?
             .name("auditbridge-status")
             .connection_timeout(Duration::from_secs(3))
-            .connect(auditbridge_runtime::nats::servers(&config.nats_url)?),
+            .connect(auditbridge_runtime::nats::servers(
+                config.nats_url.expose(),
+            )?),
     )
     .await;
     match nats {
@@ -76,17 +78,17 @@ pub(crate) async fn run(args: Args, config: &Config) -> anyhow::Result<ExitCode>
         }
         Ok(Err(e)) => {
             ok = false;
-            doc["nats"] = json!({"url": redact_url(&config.nats_url), "error": e.to_string()});
+            doc["nats"] = json!({"url": config.nats_url.redacted(), "error": e.to_string()});
         }
         Err(_) => {
             ok = false;
             doc["nats"] =
-                json!({"url": redact_url(&config.nats_url), "error": "timed out connecting"});
+                json!({"url": config.nats_url.redacted(), "error": "timed out connecting"});
         }
     }
 
     // PostgreSQL: stored events and dead letters.
-    let store = Store::connect_lazy(&config.database_url, 2)?;
+    let store = Store::connect_lazy(config.database_url.expose(), 2)?;
     match tokio::time::timeout(Duration::from_secs(30), store.status()).await {
         Ok(Ok(s)) => {
             doc["database"] = json!({
@@ -154,10 +156,11 @@ pub(crate) async fn run(args: Args, config: &Config) -> anyhow::Result<ExitCode>
 
 /// Each destination's progress: cursor lag, last error, lease holder, dead letters.
 async fn destinations(store: &Store, config: &Config) -> anyhow::Result<serde_json::Value> {
-    let configured: Vec<String> =
-        auditbridge_destinations::parse_destinations(&config.destinations)
-            .map(|d| d.into_iter().map(|d| d.name).collect())
-            .unwrap_or_default();
+    let configured: Vec<&str> = config
+        .destinations
+        .iter()
+        .map(|d| d.name.as_str())
+        .collect();
     // The database's clock: lease expiries and `received_at` were taken on it.
     let now = store.now().await?;
     let dead = store.destination_dead_letter_counts().await?;
@@ -179,7 +182,7 @@ async fn destinations(store: &Store, config: &Config) -> anyhow::Result<serde_js
         list.push(json!({
             "name": d.name,
             "type": d.kind,
-            "configured": configured.contains(&d.name),
+            "configured": configured.contains(&d.name.as_str()),
             "backlog_events": backlog.events,
             "backlog_exact": backlog.exact,
             "lag_seconds": backlog.oldest.map(|t| (now - t).as_seconds_f64().max(0.0)),

@@ -16,7 +16,7 @@ use auditbridge_runtime::ops::{self, Health};
 use auditbridge_runtime::shutdown::Deadline;
 use auditbridge_runtime::telemetry;
 use auditbridge_sources::tail::Tail;
-use auditbridge_sources::{Publisher, SourceKind, parse_sources};
+use auditbridge_sources::{Publisher, SourceKind};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -31,22 +31,11 @@ pub(crate) struct Args {
 const ACK_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub(crate) async fn run(args: Args, config: &Config) -> anyhow::Result<ExitCode> {
-    // A configuration mistake exits 2, like every other invalid setting.
-    let id_key = config
-        .id_key
-        .as_ref()
-        .map(|k| auditbridge_sources::IdKey::new(k.expose()));
-    let sources = match parse_sources(&config.sources, id_key.as_ref()) {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return Ok(ExitCode::from(2));
-        }
-    };
-    let files: Vec<_> = sources
-        .into_iter()
-        .filter_map(|s| match s.kind {
-            SourceKind::File(p) => Some((s.name, p)),
+    let files: Vec<_> = config
+        .sources
+        .iter()
+        .filter_map(|s| match &s.kind {
+            SourceKind::File(p) => Some((s.name.clone(), p.clone())),
             SourceKind::Webhook(_) => None,
         })
         .filter(|(name, _)| args.name.as_ref().is_none_or(|n| n == name))
@@ -70,7 +59,8 @@ pub(crate) async fn run(args: Args, config: &Config) -> anyhow::Result<ExitCode>
         .with_context(|| format!("binding AUDITBRIDGE_METRICS_ADDR={}", config.metrics_addr))?;
     tracing::info!(metrics = %listener.local_addr()?, message = "Metrics listening.");
     let client =
-        auditbridge_runtime::nats::connect(&config.nats_url, "auditbridge-tail-file").await?;
+        auditbridge_runtime::nats::connect(config.nats_url.expose(), "auditbridge-tail-file")
+            .await?;
     let health = Arc::new(Health::for_publisher());
     let ops_server = tokio::spawn(ops::serve(
         listener,

@@ -8,6 +8,7 @@
 //!    events through `serve`; the time until the last of them is stored gives the end-to-end
 //!    rate.
 
+use auditbridge_config::Scope;
 use std::time::{Duration, Instant};
 
 use anyhow::bail;
@@ -73,7 +74,7 @@ pub(crate) async fn measure(bench: Bench<'_>) -> anyhow::Result<()> {
     drop(batches);
 
     // The server, in process, with an ingest token for every tenant.
-    let api = BenchApi::start(config, &["ingest"]).await?;
+    let api = BenchApi::start(config, &[Scope::Ingest]).await?;
     let (url, token) = (format!("{}/v1/ingest", api.base), api.token.clone());
     let http = reqwest::Client::new();
 

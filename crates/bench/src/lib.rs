@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use async_nats::jetstream;
-use auditbridge_config::Config;
+use auditbridge_config::{Config, SecretUrl};
 use auditbridge_event::Event;
 use auditbridge_fixtures::{Env, Process, Purpose, Scratch};
 use auditbridge_store::{NewEvent, Store};
@@ -91,10 +91,16 @@ enum Part {
 /// Runs the parts `args` asks for, in a scratch corner of the services `config` names, and
 /// prints their figures.
 pub async fn run(args: Args, config: &Config) -> anyhow::Result<ExitCode> {
-    let scratch = Scratch::create(Purpose::Bench, &config.database_url, &config.nats_url).await?;
+    let scratch = Scratch::create(
+        Purpose::Bench,
+        config.database_url.expose(),
+        config.nats_url.expose(),
+    )
+    .await?;
     let bench_config = scratch_config(&scratch, config);
     let store = Store::connect_lazy(&scratch.database_url, 4)?;
-    let client = auditbridge_runtime::nats::connect(&config.nats_url, "auditbridge-bench").await?;
+    let client =
+        auditbridge_runtime::nats::connect(config.nats_url.expose(), "auditbridge-bench").await?;
     let js = jetstream::new(client.clone());
 
     let bench = Bench {
@@ -147,7 +153,7 @@ struct Bench<'a> {
 /// `config` pointed at the scratch corner.
 fn scratch_config(scratch: &Scratch, config: &Config) -> Config {
     let mut c = config.clone();
-    c.database_url = scratch.database_url.clone();
+    c.database_url = SecretUrl::unchecked(scratch.database_url.clone());
     c.subject_prefix = scratch.prefix.clone();
     c.stream = scratch.stream.clone();
     c.consumer = scratch.consumer.clone();
@@ -207,15 +213,20 @@ struct BenchApi {
 }
 
 impl BenchApi {
-    async fn start(config: &Config, scopes: &[&str]) -> anyhow::Result<BenchApi> {
+    async fn start(
+        config: &Config,
+        scopes: &[auditbridge_config::Scope],
+    ) -> anyhow::Result<BenchApi> {
         let token = auditbridge_api::auth::generate_token();
         let mut api_config = config.clone();
         api_config.api_addr = "127.0.0.1:0".parse()?;
         api_config.metrics_addr = "127.0.0.1:0".parse()?;
-        api_config.api_tokens = vec![serde_json::json!({
-            "name": "bench", "admin": true, "scopes": scopes,
-            "sha256": auditbridge_api::auth::hash_token(&token)
-        })];
+        api_config.api_tokens = vec![auditbridge_config::ApiToken {
+            name: "bench".into(),
+            sha256: auditbridge_api::auth::digest_token(&token),
+            tenant: None,
+            scopes: scopes.to_vec(),
+        }];
         let server = auditbridge_api::Server::build(api_config).await?;
         let base = format!("http://{}", server.local_addr());
         let shutdown = tokio_util::sync::CancellationToken::new();

@@ -10,6 +10,7 @@
 //! 3. Live tail: an SSE client follows every tenant while events are written as fast as the
 //!    store takes them; the tail's delivery rate is printed next to the write rate.
 
+use auditbridge_config::Scope;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
@@ -38,7 +39,7 @@ pub(crate) async fn measure(bench: Bench<'_>) -> anyhow::Result<()> {
     load(scratch, store, args.query_events, args.tenants).await?;
     scratch.analyze().await?;
 
-    let api = BenchApi::start(config, &["read"]).await?;
+    let api = BenchApi::start(config, &[Scope::Read]).await?;
     let http = reqwest::Client::new();
     let client = Client {
         http: &http,

@@ -117,6 +117,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
+use auditbridge_config::ExposeSecret as _;
 pub use auditbridge_event::{Actor, Event, Invalid, InvalidKind, Outcome, Target, Uuid};
 use metrics::counter;
 use tokio::sync::{mpsc, watch};
@@ -374,10 +375,11 @@ impl ClientBuilder {
             .map_err(|e| ConfigError::new("nats_url", e))?;
         let options = match auth {
             Some(auditbridge_config::NatsAuth::UserPassword { user, password }) => {
-                async_nats::ConnectOptions::new().user_and_password(user, password)
+                async_nats::ConnectOptions::new()
+                    .user_and_password(user, password.expose_secret().to_owned())
             }
             Some(auditbridge_config::NatsAuth::Token(token)) => {
-                async_nats::ConnectOptions::new().token(token)
+                async_nats::ConnectOptions::new().token(token.expose_secret().to_owned())
             }
             None => async_nats::ConnectOptions::new(),
         };

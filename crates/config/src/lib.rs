@@ -1,34 +1,51 @@
 //! The typed configuration tree shared by every command.
 //!
-//! Settings are resolved in three layers: built-in defaults that work on a local machine, an
+//! Settings are layered by `figment`: built-in defaults that work on a local machine, an
 //! optional TOML file named by `AUDITBRIDGE_CONFIG`, then `AUDITBRIDGE_*` environment
-//! variables. Every value is validated here, at startup, and an error names the setting and
-//! where its value came from (the variable, or the key in the file), so an operator can fix it
-//! without reading code. Unknown keys in the file are refused; unknown `AUDITBRIDGE_*`
-//! variables are reported by [`Config::unknown_env`] so the caller can warn about typos.
+//! variables. [`Config::load`] reads and checks everything once, at startup — the scalar
+//! settings, and the definitions of destinations, sources and API tokens (the file's arrays of
+//! tables, extended by JSON arrays in `AUDITBRIDGE_DESTINATIONS`, `_SOURCES`, `_API_TOKENS`).
+//! If it succeeds the configuration is valid: no later step refuses a definition. Every error
+//! names the setting and where its value came from (the variable, or the key and the file), so
+//! an operator can fix it without reading code. Unknown keys in the file are refused; unknown
+//! `AUDITBRIDGE_*` variables are reported by [`Config::unknown_env`] so the caller can warn
+//! about typos. Secrets are [`secrecy::SecretString`]s and URLs that may carry credentials are
+//! [`SecretUrl`]s: `Debug` of the whole tree shows none of them.
 //!
 //! This crate does no network I/O; it reads the configuration file and nothing else.
 
+mod de;
+pub mod destinations;
+mod lists;
+mod providers;
+pub mod sources;
+pub mod tokens;
+mod urls;
+
 use std::collections::BTreeMap;
-use std::fmt;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
-use secrecy::{ExposeSecret as _, SecretString};
+use figment::Figment;
+use figment::value::magic::Tagged;
+pub use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
 
-/// Where a setting's value came from; used in error messages.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Origin {
-    Default,
-    File(PathBuf),
-    Env,
-}
+pub use destinations::DestinationConfig;
+pub use lists::Origin;
+pub use sources::SourceConfig;
+pub use tokens::{ApiToken, Scope};
+pub use urls::{NatsAuth, SecretUrl, nats_credentials, redact_url};
 
 /// A setting that could not be used. The message names the setting the way the operator
 /// wrote it (`AUDITBRIDGE_BATCH_SIZE`, or `batch_size` in a named file).
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
+    /// A value that does not fit its setting, as the layering found it.
+    #[error("invalid setting: {0}")]
+    Setting(Box<figment::Error>),
+    /// A value that does not fit with another setting.
     #[error("invalid setting {setting}={value:?}: {expected}")]
     Invalid {
         setting: String,
@@ -44,38 +61,26 @@ pub enum ConfigError {
     #[error("configuration file {path} is not valid TOML: {message}")]
     Parse { path: PathBuf, message: String },
     #[error(
-        "configuration file {path}: unknown setting {key:?} (known settings: {known})",
-        known = KEYS.iter().map(|k| k.name).collect::<Vec<_>>().join(", ")
+        "configuration file {path}: unknown setting {key:?} (known settings: {})",
+        providers::file_keys().join(", ")
     )]
     UnknownKey { path: PathBuf, key: String },
+    /// A destination, source or API token that cannot be used.
+    #[error("{what} {name}: {setting}: {message} ({origin})")]
+    Definition {
+        /// `destination`, `source` or `api token`.
+        what: &'static str,
+        /// The item's name, or its position (`#2`) when it has no usable name.
+        name: String,
+        setting: String,
+        message: String,
+        origin: Origin,
+    },
 }
 
-/// A secret setting: `Debug` never shows it, and nothing else prints it.
-#[derive(Clone)]
-pub struct Secret(SecretString);
-
-impl Secret {
-    pub fn new(value: String) -> Secret {
-        Secret(SecretString::from(value))
-    }
-
-    /// The value, for the one place that uses it (never for a log line).
-    pub fn expose(&self) -> &str {
-        self.0.expose_secret()
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.0.fmt(f)
-    }
-}
-
-// For comparing configurations in tests; not constant-time, and not used to check a secret
-// someone presents.
-impl PartialEq for Secret {
-    fn eq(&self, other: &Secret) -> bool {
-        self.expose() == other.expose()
+impl From<figment::Error> for ConfigError {
+    fn from(e: figment::Error) -> ConfigError {
+        ConfigError::Setting(Box::new(e))
     }
 }
 
@@ -106,7 +111,8 @@ impl IngestConfig {
 }
 
 /// Log output format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     Text,
     Json,
@@ -143,13 +149,14 @@ pub struct IngestConfig {
 }
 
 /// The whole configuration of a worker (and of the other commands, which use parts of it).
-#[derive(Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct Config {
-    pub nats_url: String,
-    pub database_url: String,
+    /// One NATS URL or a comma-separated list of them.
+    pub nats_url: SecretUrl,
+    pub database_url: SecretUrl,
     /// What `auditbridge migrate` connects as: a superuser, or the owner role
     /// (`AUDITBRIDGE_MIGRATE_DATABASE_URL`, defaulting to `database_url`).
-    pub migrate_database_url: String,
+    pub migrate_database_url: SecretUrl,
     pub subject_prefix: String,
     pub stream: String,
     pub consumer: String,
@@ -173,495 +180,131 @@ pub struct Config {
     /// A destination's relay lease lasts this long unless renewed; another worker takes over
     /// within about this time after the holder dies.
     pub lease_ttl: Duration,
-    /// Raw destination definitions (`{"name","type","params"}`), from the file's
-    /// `[[destinations]]` tables followed by the `AUDITBRIDGE_DESTINATIONS` JSON array.
-    /// They are validated by the destinations layer, which knows each type's parameters.
-    pub destinations: Vec<serde_json::Value>,
-    /// Raw API token definitions for `auditbridge serve` (`[[api_tokens]]`, then
-    /// `AUDITBRIDGE_API_TOKENS`), validated by the API crate. They hold hashes, not tokens.
-    pub api_tokens: Vec<serde_json::Value>,
-    /// Raw ingest source definitions (`{"name","type","params"}`: signed webhooks, file
-    /// tails), from `[[sources]]` then `AUDITBRIDGE_SOURCES`; validated by the sources crate.
-    pub sources: Vec<serde_json::Value>,
+    /// The file's `[[destinations]]`, then the items of `AUDITBRIDGE_DESTINATIONS`.
+    pub destinations: Vec<DestinationConfig>,
+    /// Tokens of `auditbridge serve` (`[[api_tokens]]`, then `AUDITBRIDGE_API_TOKENS`). They
+    /// hold hashes, not tokens.
+    pub api_tokens: Vec<ApiToken>,
+    /// Ingest sources (signed webhooks, file tails): `[[sources]]`, then
+    /// `AUDITBRIDGE_SOURCES`.
+    pub sources: Vec<SourceConfig>,
     /// `AUDITBRIDGE_ID_KEY`: the key of the ids that sources derive for foreign events, one
     /// secret shared by every `serve`, `tail-file` and poller. `None` when unset; a source
-    /// that derives ids then refuses to start.
-    pub id_key: Option<Secret>,
+    /// whose mapping derives ids is then refused at load.
+    pub id_key: Option<SecretString>,
     unknown_env: Vec<String>,
 }
 
-impl fmt::Debug for Config {
-    // By hand, so that a password in a URL never reaches a log line.
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Config")
-            .field("nats_url", &redact_url(&self.nats_url))
-            .field("database_url", &redact_url(&self.database_url))
-            .field(
-                "migrate_database_url",
-                &redact_url(&self.migrate_database_url),
-            )
-            .field("subject_prefix", &self.subject_prefix)
-            .field("stream", &self.stream)
-            .field("consumer", &self.consumer)
-            .field("metrics_addr", &self.metrics_addr)
-            .field("api_addr", &self.api_addr)
-            .field("api_max_body_bytes", &self.api_max_body_bytes)
-            .field("api_heartbeat", &self.api_heartbeat)
-            .field("api_statement_timeout", &self.api_statement_timeout)
-            .field("api_write_timeout", &self.api_write_timeout)
-            .field("log", &self.log)
-            .field("log_format", &self.log_format)
-            .field("ingest", &self.ingest)
-            .field("shutdown_timeout", &self.shutdown_timeout)
-            .field("lease_ttl", &self.lease_ttl)
-            .field("destinations", &self.destinations.len())
-            .field("api_tokens", &self.api_tokens.len())
-            .field("sources", &self.sources.len())
-            .field("id_key", &self.id_key)
-            .finish()
-    }
+/// Every setting of the file and the environment, flat, as the layers give them: the schema.
+/// The environment variable of a key is `AUDITBRIDGE_` followed by the key in upper case.
+#[derive(Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct Settings {
+    #[serde(deserialize_with = "de::nats_urls")]
+    nats_url: SecretUrl,
+    #[serde(deserialize_with = "de::postgres_url")]
+    database_url: SecretUrl,
+    /// Empty: the same as `database_url`.
+    #[serde(deserialize_with = "de::optional_postgres_url")]
+    migrate_database_url: Option<SecretUrl>,
+    #[serde(deserialize_with = "de::subject_prefix")]
+    subject_prefix: String,
+    #[serde(deserialize_with = "de::nats_name")]
+    stream: String,
+    #[serde(deserialize_with = "de::nats_name")]
+    consumer: String,
+    #[serde(deserialize_with = "de::socket_addr")]
+    metrics_addr: SocketAddr,
+    #[serde(deserialize_with = "de::socket_addr")]
+    api_addr: SocketAddr,
+    #[serde(deserialize_with = "de::int::<_, _, 1024, { 256 * 1024 * 1024 }>")]
+    api_max_body_bytes: usize,
+    #[serde(deserialize_with = "de::duration::<_, 100, 3_600_000>")]
+    api_heartbeat: Duration,
+    #[serde(deserialize_with = "de::duration::<_, 10, 3_600_000>")]
+    api_statement_timeout: Duration,
+    #[serde(deserialize_with = "de::duration::<_, 100, 3_600_000>")]
+    api_write_timeout: Duration,
+    log: String,
+    log_format: LogFormat,
+    #[serde(deserialize_with = "de::int::<_, _, 1, 10_000>")]
+    batch_size: usize,
+    #[serde(deserialize_with = "de::duration::<_, 1, 10_000>")]
+    batch_wait: Duration,
+    #[serde(deserialize_with = "de::int::<_, _, 256, { 8 * 1024 * 1024 }>")]
+    max_event_bytes: usize,
+    #[serde(deserialize_with = "de::int::<_, _, { 1024 * 1024 }, { 256 * 1024 * 1024 }>")]
+    batch_max_bytes: usize,
+    #[serde(deserialize_with = "de::duration::<_, 1000, 3_600_000>")]
+    ack_wait: Duration,
+    #[serde(deserialize_with = "de::int::<_, _, 1, 1_000_000>")]
+    max_ack_pending: i64,
+    #[serde(deserialize_with = "de::duration::<_, 60_000, { 10 * 365 * 86_400_000 }>")]
+    stream_max_age: Duration,
+    #[serde(deserialize_with = "de::duration::<_, 1000, 86_400_000>")]
+    duplicate_window: Duration,
+    #[serde(deserialize_with = "de::int::<_, _, 2, 1000>")]
+    db_max_connections: u32,
+    #[serde(deserialize_with = "de::int::<_, _, 1, 16>")]
+    persist_concurrency: usize,
+    #[serde(deserialize_with = "de::duration::<_, 1000, 600_000>")]
+    lease_ttl: Duration,
+    #[serde(deserialize_with = "de::duration::<_, 1000, 600_000>")]
+    shutdown_timeout: Duration,
+    /// Empty: unset. A secret: never part of an error message.
+    #[serde(deserialize_with = "de::id_key")]
+    id_key: Option<SecretString>,
+    destinations: Vec<Tagged<serde_json::Value>>,
+    api_tokens: Vec<Tagged<serde_json::Value>>,
+    sources: Vec<Tagged<serde_json::Value>>,
 }
 
-/// Replaces the secrets of a URL with `***`, keeping everything else so that it still says
-/// where it points: the password of `scheme://user:password@host/...`, a NATS token
-/// (`nats://token@host`: user info without a password), and the values of query parameters
-/// that carry secrets (`?password=`, `sslpassword`, `token`, `auth_token`, `secret`). A
-/// comma-separated list of URLs (NATS servers) is redacted URL by URL. The one place URLs are
-/// redacted.
-pub fn redact_url(url: &str) -> String {
-    split_url_list(url)
-        .into_iter()
-        .map(redact_one_url)
-        .collect::<Vec<_>>()
-        .join(",")
-}
-
-/// Splits `nats://a@h1,nats://b@h2` into its URLs: a comma starts a new URL only when what
-/// follows it has a scheme, so a comma in a password or in a host list
-/// (`postgres://u:p@h1,h2/db`) stays where it is.
-fn split_url_list(text: &str) -> Vec<&str> {
-    let starts_url = |rest: &str| {
-        rest.find("://").is_some_and(|i| {
-            i > 0
-                && rest[..i]
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c))
-        })
-    };
-    let mut parts = Vec::new();
-    let mut from = 0;
-    for (i, c) in text.char_indices() {
-        if c == ',' && starts_url(text[i + 1..].trim_start()) {
-            parts.push(&text[from..i]);
-            from = i + 1;
-        }
-    }
-    parts.push(&text[from..]);
-    parts
-}
-
-/// Query parameters whose values are secrets (compared case-insensitively).
-const SECRET_PARAMS: [&str; 6] = [
-    "password",
-    "sslpassword",
-    "pass",
-    "token",
-    "auth_token",
-    "secret",
-];
-
-fn redact_one_url(url: &str) -> String {
-    let Some(scheme_end) = url.find("://").map(|i| i + 3) else {
-        return url.to_owned();
-    };
-    let scheme = url[..scheme_end - 3].trim().to_ascii_lowercase();
-    let authority_end = url[scheme_end..]
-        .find(['/', '?', '#'])
-        .map_or(url.len(), |i| scheme_end + i);
-    let authority = &url[scheme_end..authority_end];
-    let mut out = url[..scheme_end].to_owned();
-    // The last '@' ends the user info: a password may contain '@' itself.
-    match authority.rfind('@') {
-        Some(at) => {
-            let user_info = &authority[..at];
-            match user_info.find(':') {
-                Some(colon) => {
-                    out.push_str(&user_info[..colon]);
-                    out.push_str(":***");
-                }
-                // A user alone is a token for NATS; for others it is just a name.
-                None if matches!(scheme.as_str(), "nats" | "tls" | "ws" | "wss") => {
-                    out.push_str("***");
-                }
-                None => out.push_str(user_info),
-            }
-            out.push_str(&authority[at..]);
-        }
-        None => out.push_str(authority),
-    }
-    let rest = &url[authority_end..];
-    let Some(q) = rest.find('?') else {
-        out.push_str(rest);
-        return out;
-    };
-    out.push_str(&rest[..=q]);
-    let query = &rest[q + 1..];
-    let (query, fragment) = query.split_at(query.find('#').unwrap_or(query.len()));
-    let params: Vec<String> = query
-        .split('&')
-        .map(|pair| match pair.split_once('=') {
-            Some((key, _))
-                if SECRET_PARAMS
-                    .iter()
-                    .any(|s| s.eq_ignore_ascii_case(key.trim())) =>
-            {
-                format!("{key}=***")
-            }
-            _ => pair.to_owned(),
-        })
-        .collect();
-    out.push_str(&params.join("&"));
-    out.push_str(fragment);
-    out
-}
-
-/// Credentials for NATS, as a server list's URLs carried them.
-#[derive(Clone, PartialEq, Eq)]
-pub enum NatsAuth {
-    /// `nats://user:password@host`.
-    UserPassword { user: String, password: String },
-    /// `nats://token@host`.
-    Token(String),
-}
-
-impl fmt::Debug for NatsAuth {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            NatsAuth::UserPassword { user, .. } => write!(f, "UserPassword({user}:***)"),
-            NatsAuth::Token(_) => f.write_str("Token(***)"),
+impl Default for Settings {
+    fn default() -> Settings {
+        Settings {
+            nats_url: SecretUrl::unchecked("nats://127.0.0.1:4222"),
+            database_url: SecretUrl::unchecked("postgres://postgres@127.0.0.1:5432/auditbridge"),
+            migrate_database_url: None,
+            subject_prefix: "audit".into(),
+            stream: "AUDIT".into(),
+            consumer: "auditbridge".into(),
+            metrics_addr: SocketAddr::from(([127, 0, 0, 1], 9464)),
+            api_addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            api_max_body_bytes: 10 * 1024 * 1024,
+            api_heartbeat: Duration::from_secs(15),
+            api_statement_timeout: Duration::from_secs(30),
+            api_write_timeout: Duration::from_secs(30),
+            log: "info".into(),
+            log_format: LogFormat::Text,
+            batch_size: 2000,
+            batch_wait: Duration::from_millis(20),
+            max_event_bytes: 64 * 1024,
+            batch_max_bytes: 16 * 1024 * 1024,
+            ack_wait: Duration::from_secs(30),
+            max_ack_pending: 20_000,
+            stream_max_age: Duration::from_secs(7 * 86_400),
+            duplicate_window: Duration::from_secs(120),
+            db_max_connections: 8,
+            persist_concurrency: 3,
+            lease_ttl: Duration::from_secs(10),
+            shutdown_timeout: Duration::from_secs(15),
+            id_key: None,
+            destinations: Vec::new(),
+            api_tokens: Vec::new(),
+            sources: Vec::new(),
         }
     }
 }
 
-/// Takes the credentials out of a NATS server list (`nats://u:p@h1,nats://u:p@h2`): the
-/// list without user info, and the credentials, percent-decoded. The NATS client is then
-/// given the credentials as options and the URLs without them, because it writes the URLs
-/// it connects to into its own debug log lines (and ignores credentials in them).
-/// Servers of one list must share their credentials: an error says so otherwise (without
-/// showing them).
-pub fn nats_credentials(list: &str) -> Result<(String, Option<NatsAuth>), String> {
-    let mut auth: Option<NatsAuth> = None;
-    let mut urls = Vec::new();
-    for url in split_url_list(list) {
-        let url = url.trim();
-        let Some(scheme_end) = url.find("://").map(|i| i + 3) else {
-            urls.push(url.to_owned());
-            continue;
-        };
-        let authority_end = url[scheme_end..]
-            .find(['/', '?', '#'])
-            .map_or(url.len(), |i| scheme_end + i);
-        let authority = &url[scheme_end..authority_end];
-        let Some(at) = authority.rfind('@') else {
-            urls.push(url.to_owned());
-            continue;
-        };
-        let decode = |s: &str| {
-            percent_encoding::percent_decode_str(s)
-                .decode_utf8()
-                .map(|s| s.into_owned())
-                .map_err(|_| format!("{}: user info is not UTF-8", redact_url(url)))
-        };
-        let this = match authority[..at].split_once(':') {
-            Some((user, password)) => NatsAuth::UserPassword {
-                user: decode(user)?,
-                password: decode(password)?,
-            },
-            None => NatsAuth::Token(decode(&authority[..at])?),
-        };
-        if auth.as_ref().is_some_and(|a| *a != this) {
-            return Err(format!(
-                "{}: every server of the list must carry the same credentials",
-                redact_url(list)
-            ));
-        }
-        auth = Some(this);
-        urls.push(format!(
-            "{}{}",
-            &url[..scheme_end],
-            &url[scheme_end + at + 1..]
-        ));
-    }
-    Ok((urls.join(","), auth))
-}
-
-struct Key {
-    name: &'static str,
-    default: &'static str,
-}
-
-/// Every scalar setting, its file key and its default. The environment variable is
-/// `AUDITBRIDGE_` followed by the key in upper case.
-const KEYS: &[Key] = &[
-    Key {
-        name: "nats_url",
-        default: "nats://127.0.0.1:4222",
-    },
-    Key {
-        name: "database_url",
-        default: "postgres://postgres@127.0.0.1:5432/auditbridge",
-    },
-    // Empty: the same as database_url.
-    Key {
-        name: "migrate_database_url",
-        default: "",
-    },
-    Key {
-        name: "subject_prefix",
-        default: "audit",
-    },
-    Key {
-        name: "stream",
-        default: "AUDIT",
-    },
-    Key {
-        name: "consumer",
-        default: "auditbridge",
-    },
-    Key {
-        name: "metrics_addr",
-        default: "127.0.0.1:9464",
-    },
-    Key {
-        name: "api_addr",
-        default: "127.0.0.1:8080",
-    },
-    Key {
-        name: "api_max_body_bytes",
-        default: "10485760",
-    },
-    Key {
-        name: "api_heartbeat",
-        default: "15s",
-    },
-    Key {
-        name: "api_statement_timeout",
-        default: "30s",
-    },
-    Key {
-        name: "api_write_timeout",
-        default: "30s",
-    },
-    Key {
-        name: "log",
-        default: "info",
-    },
-    Key {
-        name: "log_format",
-        default: "text",
-    },
-    Key {
-        name: "batch_size",
-        default: "2000",
-    },
-    Key {
-        name: "batch_wait",
-        default: "20ms",
-    },
-    Key {
-        name: "max_event_bytes",
-        default: "65536",
-    },
-    Key {
-        name: "batch_max_bytes",
-        default: "16777216",
-    },
-    Key {
-        name: "ack_wait",
-        default: "30s",
-    },
-    Key {
-        name: "max_ack_pending",
-        default: "20000",
-    },
-    Key {
-        name: "stream_max_age",
-        default: "7d",
-    },
-    Key {
-        name: "duplicate_window",
-        default: "2m",
-    },
-    Key {
-        name: "db_max_connections",
-        default: "8",
-    },
-    Key {
-        name: "persist_concurrency",
-        default: "3",
-    },
-    Key {
-        name: "lease_ttl",
-        default: "10s",
-    },
-    Key {
-        name: "shutdown_timeout",
-        default: "15s",
-    },
-    // Empty: unset. A secret: never part of an error message.
-    Key {
-        name: "id_key",
-        default: "",
-    },
+/// The settings that hold lists of definitions, and the variable that extends each.
+const LISTS: [(&str, &str); 3] = [
+    ("destinations", "AUDITBRIDGE_DESTINATIONS"),
+    ("api_tokens", "AUDITBRIDGE_API_TOKENS"),
+    ("sources", "AUDITBRIDGE_SOURCES"),
 ];
 
 /// Variables that are read elsewhere and must not be reported as unknown.
 const OTHER_ENV: &[&str] = &["AUDITBRIDGE_CONFIG"];
-
-/// The settings that hold lists of definitions: the file's array of tables, the variable that
-/// extends it (a JSON array), and the shape of one item for error messages.
-const LISTS: &[List] = &[
-    List {
-        key: "destinations",
-        shape: "{\"name\",\"type\",\"params\"}",
-    },
-    List {
-        key: "api_tokens",
-        shape: "{\"name\",\"sha256\",\"tenant\" or \"admin\",\"scopes\"}",
-    },
-    List {
-        key: "sources",
-        shape: "{\"name\",\"type\",\"params\"}",
-    },
-];
-
-struct List {
-    key: &'static str,
-    shape: &'static str,
-}
-
-fn env_name(key: &str) -> String {
-    format!("AUDITBRIDGE_{}", key.to_ascii_uppercase())
-}
-
-struct Value {
-    text: String,
-    origin: Origin,
-}
-
-/// The merged raw values, before typing.
-struct Layers {
-    values: BTreeMap<&'static str, Value>,
-}
-
-impl Layers {
-    fn setting_name(&self, key: &str) -> String {
-        match &self.values[key].origin {
-            Origin::Env => env_name(key),
-            Origin::File(path) => format!("{key} (in {})", path.display()),
-            Origin::Default => format!("{key} (default)"),
-        }
-    }
-
-    fn get(&self, key: &str) -> &str {
-        &self.values[key].text
-    }
-
-    fn invalid(&self, key: &str, expected: impl Into<String>) -> ConfigError {
-        ConfigError::Invalid {
-            setting: self.setting_name(key),
-            value: self.get(key).to_owned(),
-            expected: expected.into(),
-        }
-    }
-
-    fn parse<T: std::str::FromStr>(&self, key: &str, expected: &str) -> Result<T, ConfigError> {
-        self.get(key)
-            .trim()
-            .parse()
-            .map_err(|_| self.invalid(key, expected))
-    }
-
-    fn int_in<T>(&self, key: &str, lo: T, hi: T) -> Result<T, ConfigError>
-    where
-        T: std::str::FromStr + PartialOrd + fmt::Display + Copy,
-    {
-        let expected = format!("an integer from {lo} to {hi}");
-        let v: T = self.parse(key, &expected)?;
-        if v < lo || v > hi {
-            return Err(self.invalid(key, expected));
-        }
-        Ok(v)
-    }
-
-    fn duration_in(&self, key: &str, lo: Duration, hi: Duration) -> Result<Duration, ConfigError> {
-        let expected = format!(
-            "a duration such as \"500ms\", \"30s\" or \"7d\", from {} to {}",
-            humantime::format_duration(lo),
-            humantime::format_duration(hi)
-        );
-        let v = humantime::parse_duration(self.get(key).trim())
-            .map_err(|_| self.invalid(key, expected.clone()))?;
-        if v < lo || v > hi {
-            return Err(self.invalid(key, expected));
-        }
-        Ok(v)
-    }
-
-    fn url(&self, key: &str, schemes: &[&str]) -> Result<String, ConfigError> {
-        let v = self.get(key).trim();
-        let expected = format!("a URL starting with {}", schemes.join(" or "));
-        let ok = schemes.iter().any(|s| {
-            v.strip_prefix(s)
-                .and_then(|r| r.strip_prefix("://"))
-                .is_some_and(|r| !r.is_empty() && !r.starts_with('/'))
-        });
-        if !ok {
-            // Not `invalid`: the value is shown, and a URL may hold a password.
-            return Err(ConfigError::Invalid {
-                setting: self.setting_name(key),
-                value: redact_url(v),
-                expected,
-            });
-        }
-        Ok(v.to_owned())
-    }
-
-    /// NATS names: stream and consumer names may not contain whitespace, `.`, `*`, `>`,
-    /// path separators or control characters.
-    fn nats_name(&self, key: &str) -> Result<String, ConfigError> {
-        let v = self.get(key);
-        let ok = !v.is_empty()
-            && v.len() <= 255
-            && v.chars()
-                .all(|c| c.is_ascii_graphic() && !matches!(c, '.' | '*' | '>' | '/' | '\\'));
-        if !ok {
-            return Err(self.invalid(
-                key,
-                "a name of printable ASCII without spaces, '.', '*', '>', '/' or '\\'",
-            ));
-        }
-        Ok(v.to_owned())
-    }
-
-    /// A subject prefix: one or more dot-separated tokens, no wildcards.
-    fn subject_prefix(&self, key: &str) -> Result<String, ConfigError> {
-        let v = self.get(key);
-        let ok = !v.is_empty()
-            && v.split('.').all(|t| {
-                !t.is_empty()
-                    && t.chars()
-                        .all(|c| c.is_ascii_graphic() && c != '*' && c != '>')
-            });
-        if !ok {
-            return Err(self.invalid(
-                key,
-                "dot-separated subject tokens without spaces or wildcards, such as \"audit\"",
-            ));
-        }
-        Ok(v.to_owned())
-    }
-}
 
 impl Config {
     /// Loads the configuration from the process environment (and the file it names).
@@ -677,191 +320,138 @@ impl Config {
             .into_iter()
             .filter(|(k, _)| k.starts_with("AUDITBRIDGE_"))
             .collect();
-
-        let mut values: BTreeMap<&'static str, Value> = KEYS
-            .iter()
-            .map(|k| {
-                (
-                    k.name,
-                    Value {
-                        text: k.default.to_owned(),
-                        origin: Origin::Default,
-                    },
-                )
-            })
-            .collect();
-
-        let mut lists: BTreeMap<&'static str, Vec<serde_json::Value>> = BTreeMap::new();
+        let mut figment = Figment::new();
         if let Some(path) = env.get("AUDITBRIDGE_CONFIG").filter(|p| !p.is_empty()) {
-            lists = read_file(Path::new(path), &mut values)?;
+            figment = figment.merge(providers::File::read(PathBuf::from(path))?);
         }
-        for key in KEYS {
-            if let Some(v) = env.get(&env_name(key.name)) {
-                values.insert(
-                    key.name,
-                    Value {
-                        text: v.clone(),
-                        origin: Origin::Env,
-                    },
-                );
-            }
-        }
-        for list in LISTS {
-            let var = env_name(list.key);
-            let Some(raw) = env.get(&var).filter(|s| !s.trim().is_empty()) else {
-                continue;
-            };
-            let expected = format!("a JSON array of {}", list.shape);
-            let parsed: serde_json::Value =
-                serde_json::from_str(raw).map_err(|e| ConfigError::Invalid {
-                    setting: var.clone(),
-                    value: raw.clone(),
-                    expected: format!("{expected} ({e})"),
-                })?;
-            let serde_json::Value::Array(items) = parsed else {
-                return Err(ConfigError::Invalid {
-                    setting: var,
-                    value: raw.clone(),
-                    expected,
-                });
-            };
-            lists.entry(list.key).or_default().extend(items);
-        }
-
+        // `admerge`: a variable replaces the file's value, and a list variable's items follow
+        // the file's.
+        let figment = figment.admerge(providers::Env::new(&env));
+        let s: Settings = figment.extract()?;
         let unknown_env = env
             .keys()
-            .filter(|k| {
-                !OTHER_ENV.contains(&k.as_str())
-                    && !KEYS.iter().any(|key| env_name(key.name) == **k)
-                    && !LISTS.iter().any(|list| env_name(list.key) == **k)
-            })
+            .filter(|k| !OTHER_ENV.contains(&k.as_str()) && !providers::is_setting(k))
             .cloned()
             .collect();
+        let setting = |key: &str| providers::setting_name(&figment, key);
 
-        let l = Layers { values };
-        let log_format = match l.get("log_format").trim() {
-            "text" => LogFormat::Text,
-            "json" => LogFormat::Json,
-            _ => return Err(l.invalid("log_format", "\"text\" or \"json\"")),
-        };
         let ingest = IngestConfig {
-            batch_size: l.int_in("batch_size", 1, 10_000)?,
-            batch_wait: l.duration_in(
-                "batch_wait",
-                Duration::from_millis(1),
-                Duration::from_secs(10),
-            )?,
-            max_event_bytes: l.int_in("max_event_bytes", 256, 8 * 1024 * 1024)?,
-            batch_max_bytes: l.int_in("batch_max_bytes", 1024 * 1024, 256 * 1024 * 1024)?,
-            ack_wait: l.duration_in(
-                "ack_wait",
-                Duration::from_secs(1),
-                Duration::from_secs(3600),
-            )?,
-            max_ack_pending: l.int_in("max_ack_pending", 1, 1_000_000)?,
-            stream_max_age: l.duration_in(
-                "stream_max_age",
-                Duration::from_secs(60),
-                Duration::from_secs(10 * 365 * 86_400),
-            )?,
-            duplicate_window: l.duration_in(
-                "duplicate_window",
-                Duration::from_secs(1),
-                Duration::from_secs(86_400),
-            )?,
-            db_max_connections: l.int_in("db_max_connections", 2, 1000)?,
-            persist_concurrency: l.int_in("persist_concurrency", 1, 16)?,
+            batch_size: s.batch_size,
+            batch_wait: s.batch_wait,
+            max_event_bytes: s.max_event_bytes,
+            batch_max_bytes: s.batch_max_bytes,
+            ack_wait: s.ack_wait,
+            max_ack_pending: s.max_ack_pending,
+            stream_max_age: s.stream_max_age,
+            duplicate_window: s.duplicate_window,
+            db_max_connections: s.db_max_connections,
+            persist_concurrency: s.persist_concurrency,
         };
         if ingest.persist_concurrency as u32 >= ingest.db_max_connections {
-            return Err(l.invalid(
-                "persist_concurrency",
-                format!(
+            return Err(ConfigError::Invalid {
+                setting: setting("persist_concurrency"),
+                value: ingest.persist_concurrency.to_string(),
+                expected: format!(
                     "fewer than db_max_connections ({}), which must also serve health checks",
                     ingest.db_max_connections
                 ),
-            ));
+            });
         }
         let largest = ingest.stream_max_message_size() + DELIVERY_OVERHEAD;
         if ingest.batch_max_bytes < largest {
-            return Err(l.invalid(
-                "batch_max_bytes",
-                format!(
+            return Err(ConfigError::Invalid {
+                setting: setting("batch_max_bytes"),
+                value: ingest.batch_max_bytes.to_string(),
+                expected: format!(
                     "at least {largest} bytes with {}={}: the largest message the stream takes \
                      ({} of payload + {STREAM_HEADER_HEADROOM} of headers) and its delivery \
                      ({DELIVERY_OVERHEAD}) must fit in one batch; raise it, or lower the \
                      largest event",
-                    l.setting_name("max_event_bytes"),
+                    setting("max_event_bytes"),
                     ingest.max_event_bytes,
                     ingest.max_event_bytes,
                 ),
-            ));
+            });
         }
-        let id_key = match l.get("id_key").trim() {
-            "" => None,
-            key if key.chars().count() < ID_KEY_MIN_LEN => {
-                return Err(ConfigError::Invalid {
-                    setting: l.setting_name("id_key"),
-                    value: "***".into(),
-                    expected: format!(
-                        "a secret of at least {ID_KEY_MIN_LEN} characters, such as the output of `openssl rand -hex 32`"
-                    ),
-                });
-            }
-            key => Some(Secret::new(key.to_owned())),
-        };
         if ingest.duplicate_window > ingest.stream_max_age {
-            return Err(l.invalid(
-                "duplicate_window",
-                "a duration no longer than stream_max_age",
-            ));
+            return Err(ConfigError::Invalid {
+                setting: setting("duplicate_window"),
+                value: humantime::format_duration(ingest.duplicate_window).to_string(),
+                expected: "a duration no longer than stream_max_age".into(),
+            });
         }
-        let database_url = l.url("database_url", &["postgres", "postgresql"])?;
-        let migrate_database_url = if l.get("migrate_database_url").trim().is_empty() {
-            database_url.clone()
-        } else {
-            l.url("migrate_database_url", &["postgres", "postgresql"])?
+
+        let items = |list: Vec<Tagged<serde_json::Value>>, var: &'static str| {
+            list.into_iter()
+                .map(|item| lists::Item {
+                    origin: providers::origin(&figment, item.tag(), var),
+                    value: item.into_inner(),
+                })
+                .collect::<Vec<_>>()
         };
+        let [(_, destinations_var), (_, tokens_var), (_, sources_var)] = LISTS;
+        let destinations = lists::read_list(
+            "destination",
+            items(s.destinations, destinations_var),
+            destinations::read,
+            &[(
+                "name",
+                |d: &DestinationConfig| d.name.clone().into_bytes(),
+                "is used by another destination; names must be unique",
+            )],
+        )?;
+        let id_key = s.id_key;
+        let sources = lists::read_list(
+            "source",
+            items(s.sources, sources_var),
+            |v| sources::read(v, id_key.as_ref()),
+            &[(
+                "name",
+                |d: &SourceConfig| d.name.clone().into_bytes(),
+                "is used by another source; names must be unique",
+            )],
+        )?;
+        let api_tokens = lists::read_list(
+            "api token",
+            items(s.api_tokens, tokens_var),
+            tokens::read,
+            &[
+                (
+                    "name",
+                    |t: &ApiToken| t.name.clone().into_bytes(),
+                    "another token has the same name",
+                ),
+                (
+                    "sha256",
+                    |t: &ApiToken| t.sha256.to_vec(),
+                    "the same token is configured twice",
+                ),
+            ],
+        )?;
+
         Ok(Config {
-            nats_url: l.url("nats_url", &["nats", "tls", "ws", "wss"])?,
-            database_url,
-            migrate_database_url,
-            subject_prefix: l.subject_prefix("subject_prefix")?,
-            stream: l.nats_name("stream")?,
-            consumer: l.nats_name("consumer")?,
-            metrics_addr: l.parse("metrics_addr", "a socket address such as 127.0.0.1:9464")?,
-            api_addr: l.parse("api_addr", "a socket address such as 127.0.0.1:8080")?,
-            api_max_body_bytes: l.int_in("api_max_body_bytes", 1024, 256 * 1024 * 1024)?,
-            api_heartbeat: l.duration_in(
-                "api_heartbeat",
-                Duration::from_millis(100),
-                Duration::from_secs(3600),
-            )?,
-            api_statement_timeout: l.duration_in(
-                "api_statement_timeout",
-                Duration::from_millis(10),
-                Duration::from_secs(3600),
-            )?,
-            api_write_timeout: l.duration_in(
-                "api_write_timeout",
-                Duration::from_millis(100),
-                Duration::from_secs(3600),
-            )?,
-            log: l.get("log").to_owned(),
-            log_format,
+            migrate_database_url: s
+                .migrate_database_url
+                .unwrap_or_else(|| s.database_url.clone()),
+            nats_url: s.nats_url,
+            database_url: s.database_url,
+            subject_prefix: s.subject_prefix,
+            stream: s.stream,
+            consumer: s.consumer,
+            metrics_addr: s.metrics_addr,
+            api_addr: s.api_addr,
+            api_max_body_bytes: s.api_max_body_bytes,
+            api_heartbeat: s.api_heartbeat,
+            api_statement_timeout: s.api_statement_timeout,
+            api_write_timeout: s.api_write_timeout,
+            log: s.log,
+            log_format: s.log_format,
             ingest,
-            shutdown_timeout: l.duration_in(
-                "shutdown_timeout",
-                Duration::from_secs(1),
-                Duration::from_secs(600),
-            )?,
-            lease_ttl: l.duration_in(
-                "lease_ttl",
-                Duration::from_secs(1),
-                Duration::from_secs(600),
-            )?,
-            destinations: lists.remove("destinations").unwrap_or_default(),
-            api_tokens: lists.remove("api_tokens").unwrap_or_default(),
-            sources: lists.remove("sources").unwrap_or_default(),
+            shutdown_timeout: s.shutdown_timeout,
+            lease_ttl: s.lease_ttl,
+            destinations,
+            api_tokens,
+            sources,
             id_key,
             unknown_env,
         })
@@ -874,7 +464,7 @@ impl Config {
 
     /// The database name in `database_url` (the part after the last `/`, before `?`).
     pub fn database_name(&self) -> &str {
-        let tail = self.database_url.rsplit('/').next().unwrap_or("");
+        let tail = self.database_url.expose().rsplit('/').next().unwrap_or("");
         tail.split('?').next().unwrap_or("")
     }
 }
@@ -883,70 +473,6 @@ impl Default for Config {
     fn default() -> Self {
         Config::from_env(std::iter::empty()).expect("the built-in defaults are valid")
     }
-}
-
-/// Reads the TOML file into `values`; returns its arrays of tables (`[[destinations]]`,
-/// `[[api_tokens]]`, `[[sources]]`) by key.
-fn read_file(
-    path: &Path,
-    values: &mut BTreeMap<&'static str, Value>,
-) -> Result<BTreeMap<&'static str, Vec<serde_json::Value>>, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-        path: path.to_owned(),
-        source,
-    })?;
-    let table: toml::Table = text
-        .parse()
-        .map_err(|e: toml::de::Error| ConfigError::Parse {
-            path: path.to_owned(),
-            message: e.to_string(),
-        })?;
-    let mut lists: BTreeMap<&'static str, Vec<serde_json::Value>> = BTreeMap::new();
-    for (key, value) in table {
-        if let Some(list) = LISTS.iter().find(|l| l.key == key) {
-            let toml::Value::Array(items) = value else {
-                return Err(ConfigError::Parse {
-                    path: path.to_owned(),
-                    message: format!("`{key}` must be an array of tables ([[{key}]])"),
-                });
-            };
-            for item in items {
-                let json = serde_json::to_value(&item).map_err(|e| ConfigError::Parse {
-                    path: path.to_owned(),
-                    message: format!("{key}: {e}"),
-                })?;
-                lists.entry(list.key).or_default().push(json);
-            }
-            continue;
-        }
-        let Some(known) = KEYS.iter().find(|k| k.name == key) else {
-            return Err(ConfigError::UnknownKey {
-                path: path.to_owned(),
-                key,
-            });
-        };
-        let text = match value {
-            toml::Value::String(s) => s,
-            toml::Value::Integer(i) => i.to_string(),
-            toml::Value::Float(f) => f.to_string(),
-            toml::Value::Boolean(b) => b.to_string(),
-            other => {
-                return Err(ConfigError::Invalid {
-                    setting: format!("{key} (in {})", path.display()),
-                    value: other.to_string(),
-                    expected: "a string or a number".into(),
-                });
-            }
-        };
-        values.insert(
-            known.name,
-            Value {
-                text,
-                origin: Origin::File(path.to_owned()),
-            },
-        );
-    }
-    Ok(lists)
 }
 
 #[cfg(test)]
@@ -963,9 +489,9 @@ mod tests {
     #[test]
     fn defaults_match_the_contract() {
         let c = Config::from_env(env(&[])).unwrap();
-        assert_eq!(c.nats_url, "nats://127.0.0.1:4222");
+        assert_eq!(c.nats_url.expose(), "nats://127.0.0.1:4222");
         assert_eq!(
-            c.database_url,
+            c.database_url.expose(),
             "postgres://postgres@127.0.0.1:5432/auditbridge"
         );
         assert_eq!(c.subject_prefix, "audit");
@@ -1031,7 +557,7 @@ mod tests {
         let path = dir.join("a.toml");
         std::fs::write(
             &path,
-            "batch_size = 100\nstream = \"FROMFILE\"\n[[destinations]]\nname = \"siem\"\ntype = \"http\"\n",
+            "batch_size = 100\nstream = \"FROMFILE\"\n[[destinations]]\nname = \"siem\"\ntype = \"http\"\nparams = { url = \"https://siem.example/in\" }\n",
         )
         .unwrap();
         let c = Config::from_env(env(&[
@@ -1039,15 +565,15 @@ mod tests {
             ("AUDITBRIDGE_BATCH_SIZE", "250"),
             (
                 "AUDITBRIDGE_DESTINATIONS",
-                r#"[{"name":"bus","type":"rabbitmq"}]"#,
+                r#"[{"name":"bus","type":"rabbitmq","params":{"url":"amqp://h","exchange":"e"}}]"#,
             ),
         ]))
         .unwrap();
         assert_eq!(c.ingest.batch_size, 250);
         assert_eq!(c.stream, "FROMFILE");
         assert_eq!(c.destinations.len(), 2);
-        assert_eq!(c.destinations[0]["name"], "siem");
-        assert_eq!(c.destinations[1]["name"], "bus");
+        assert_eq!(c.destinations[0].name, "siem");
+        assert_eq!(c.destinations[1].name, "bus");
     }
 
     #[test]
@@ -1057,23 +583,33 @@ mod tests {
         let path = dir.join("lists.toml");
         std::fs::write(
             &path,
-            "[[api_tokens]]\nname = \"a\"\n[[sources]]\nname = \"gh\"\ntype = \"webhook\"\n",
+            format!(
+                "[[api_tokens]]\nname = \"a\"\nsha256 = \"{}\"\nadmin = true\n\
+                 [[sources]]\nname = \"gh\"\ntype = \"webhook\"\nparams = {{ secret = \"0123456789abcdef\" }}\n",
+                "ab".repeat(32)
+            ),
         )
         .unwrap();
         let c = Config::from_env(env(&[
             ("AUDITBRIDGE_CONFIG", path.to_str().unwrap()),
-            ("AUDITBRIDGE_API_TOKENS", r#"[{"name":"b"}]"#),
-            ("AUDITBRIDGE_SOURCES", r#"[{"name":"f","type":"file"}]"#),
+            (
+                "AUDITBRIDGE_API_TOKENS",
+                &format!(
+                    r#"[{{"name":"b","sha256":"{}","tenant":"acme"}}]"#,
+                    "cd".repeat(32)
+                ),
+            ),
+            (
+                "AUDITBRIDGE_SOURCES",
+                r#"[{"name":"f","type":"file","params":{"path":"/var/log/a.jsonl"}}]"#,
+            ),
         ]))
         .unwrap();
         assert!(c.unknown_env().is_empty(), "{:?}", c.unknown_env());
-        let names = |l: &[serde_json::Value]| -> Vec<String> {
-            l.iter()
-                .map(|v| v["name"].as_str().unwrap().to_owned())
-                .collect()
-        };
-        assert_eq!(names(&c.api_tokens), ["a", "b"]);
-        assert_eq!(names(&c.sources), ["gh", "f"]);
+        let tokens: Vec<_> = c.api_tokens.iter().map(|t| t.name.as_str()).collect();
+        assert_eq!(tokens, ["a", "b"]);
+        let sources: Vec<_> = c.sources.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(sources, ["gh", "f"]);
         assert!(c.destinations.is_empty());
 
         for var in ["AUDITBRIDGE_API_TOKENS", "AUDITBRIDGE_SOURCES"] {
@@ -1138,7 +674,7 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(
-            err.contains("batch_size (in ") && err.contains("b.toml"),
+            err.contains("\"batch_size\"") && err.contains("b.toml"),
             "{err}"
         );
 
@@ -1153,14 +689,14 @@ mod tests {
     fn the_migrate_url_defaults_to_the_database_url() {
         let writer = "postgres://auditbridge_writer:pw@db:5432/audit";
         let c = Config::from_env(env(&[("AUDITBRIDGE_DATABASE_URL", writer)])).unwrap();
-        assert_eq!(c.migrate_database_url, writer);
+        assert_eq!(c.migrate_database_url.expose(), writer);
         let owner = "postgres://auditbridge_owner:s3cret@db:5432/audit";
         let c = Config::from_env(env(&[
             ("AUDITBRIDGE_DATABASE_URL", writer),
             ("AUDITBRIDGE_MIGRATE_DATABASE_URL", owner),
         ]))
         .unwrap();
-        assert_eq!(c.migrate_database_url, owner);
+        assert_eq!(c.migrate_database_url.expose(), owner);
         assert!(c.unknown_env().is_empty());
         assert!(!format!("{c:?}").contains("s3cret"));
         let err = Config::from_env(env(&[("AUDITBRIDGE_MIGRATE_DATABASE_URL", "mysql://x/y")]))
@@ -1217,7 +753,7 @@ mod tests {
                 "nats://h1:4222,nats://h2".to_owned(),
                 Some(NatsAuth::UserPassword {
                     user: "u".into(),
-                    password: "p@ss".into()
+                    password: "p@ss".into(),
                 })
             )
         );
@@ -1254,10 +790,10 @@ mod tests {
     #[test]
     fn the_id_key_is_a_secret_with_a_minimum_length() {
         let c = Config::from_env(env(&[])).unwrap();
-        assert_eq!(c.id_key, None);
+        assert!(c.id_key.is_none());
         let key = "0123456789abcdef0123456789abcdef-id-key";
         let c = Config::from_env(env(&[("AUDITBRIDGE_ID_KEY", key)])).unwrap();
-        assert_eq!(c.id_key.as_ref().map(Secret::expose), Some(key));
+        assert_eq!(c.id_key.as_ref().map(|k| k.expose_secret()), Some(key));
         assert!(!format!("{c:?}").contains(key), "{c:?}");
         assert!(c.unknown_env().is_empty());
         let short = "too-short-a-key";
@@ -1267,5 +803,54 @@ mod tests {
         assert!(err.contains("AUDITBRIDGE_ID_KEY"), "{err}");
         assert!(err.contains("openssl rand -hex 32"), "{err}");
         assert!(!err.contains(short), "the error printed the secret: {err}");
+    }
+
+    /// Every secret the tree can hold, in every place it can hold one: none appears in the
+    /// `Debug` output of the whole configuration.
+    #[test]
+    fn no_secret_appears_in_the_debug_output_of_the_tree() {
+        let hash = "5ec0".repeat(16);
+        let destinations = r#"[
+            {"name": "a", "type": "http", "params": {"url": "https://u:url-SECRET@h/x?token=query-SECRET",
+              "bearer_token": "bearer-SECRET", "secret": "hmac-SECRET",
+              "headers": {"X-Api-Key": "header-SECRET"}}},
+            {"name": "b", "type": "http", "params": {"url": "http://h/x",
+              "basic_auth": {"username": "u", "password": "basic-SECRET"}}},
+            {"name": "c", "type": "rabbitmq", "params": {"url": "amqp://u:amqp-SECRET@h:5672/%2f", "exchange": "e"}}
+        ]"#;
+        let sources = r#"[
+            {"name": "w", "type": "webhook", "params": {"secret": "webhook-SECRET-0123456789",
+             "mapping": {"id": "/id", "tenant": "/t", "type": "/k", "actions": {"x": "y"},
+                         "actor": {"id": "/u"}}}}
+        ]"#;
+        let tokens = format!(r#"[{{"name": "t", "sha256": "{hash}", "admin": true}}]"#);
+        let c = Config::from_env(env(&[
+            (
+                "AUDITBRIDGE_DATABASE_URL",
+                "postgres://app:pg-SECRET@db/audit?sslpassword=ssl-SECRET",
+            ),
+            (
+                "AUDITBRIDGE_MIGRATE_DATABASE_URL",
+                "postgres://owner:owner-SECRET@db/audit",
+            ),
+            (
+                "AUDITBRIDGE_NATS_URL",
+                "nats://nats-SECRET@h1:4222,nats://nats-SECRET@h2:4222",
+            ),
+            (
+                "AUDITBRIDGE_ID_KEY",
+                "idkey-SECRET-0123456789abcdef0123456789",
+            ),
+            ("AUDITBRIDGE_DESTINATIONS", destinations),
+            ("AUDITBRIDGE_SOURCES", sources),
+            ("AUDITBRIDGE_API_TOKENS", &tokens),
+        ]))
+        .unwrap();
+        let shown = format!("{c:?} {c:#?}");
+        assert!(!shown.contains("SECRET"), "{shown}");
+        assert!(!shown.contains(&hash), "{shown}");
+        // What is not secret still says where things are.
+        assert!(shown.contains("postgres://app:***@db/audit"), "{shown}");
+        assert!(shown.contains("X-Api-Key"), "{shown}");
     }
 }

@@ -16,7 +16,7 @@ pub mod rabbitmq;
 
 use std::time::Duration;
 
-pub use config::{DestinationConfig, Filter, Kind, OnUndeliverable, Start, parse_destinations};
+pub use config::{DestinationConfig, Filter, Kind, OnUndeliverable, Start};
 
 /// What the relay hands a destination: the events as stored, in commit-safe order.
 pub use auditbridge_store::StoredEvent;

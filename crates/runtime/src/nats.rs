@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use auditbridge_config::{NatsAuth, nats_credentials, redact_url};
+use auditbridge_config::{ExposeSecret as _, NatsAuth, nats_credentials, redact_url};
 
 /// A NATS server list that could not be used, or a first connection that failed.
 #[derive(Debug, thiserror::Error)]
@@ -53,9 +53,9 @@ pub fn options(url: &str) -> Result<async_nats::ConnectOptions, ConnectError> {
     let options = async_nats::ConnectOptions::new();
     Ok(match auth {
         Some(NatsAuth::UserPassword { user, password }) => {
-            options.user_and_password(user, password)
+            options.user_and_password(user, password.expose_secret().to_owned())
         }
-        Some(NatsAuth::Token(token)) => options.token(token),
+        Some(NatsAuth::Token(token)) => options.token(token.expose_secret().to_owned()),
         None => options,
     })
 }

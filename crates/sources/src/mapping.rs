@@ -19,17 +19,18 @@
 //! it), and `Auditbridge-Legacy-Id` with the id the unkeyed derivation of earlier versions
 //! ([`legacy_derive_id`]) gave, so a re-delivery that spans the upgrade is recognised.
 
-use std::collections::BTreeMap;
-
-use auditbridge_event::{Actor, Event, Outcome, Target, Uuid, validate_action};
+use auditbridge_config::ExposeSecret as _;
+use auditbridge_config::sources::MappingConfig;
+use auditbridge_event::{Actor, Event, Outcome, Target, Uuid};
 use hmac::{Hmac, KeyInit as _, Mac as _};
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
-/// How a source's payloads become v1 events.
-#[derive(Debug, Clone, PartialEq)]
+/// How a source's payloads become v1 events: its configured mapping
+/// ([`auditbridge_config::sources::MappingConfig`]), with the id key ready to use.
+#[derive(Debug, Clone)]
 pub enum Mapping {
     /// The payload is already a v1 event.
     Identity,
@@ -37,59 +38,27 @@ pub enum Mapping {
     Fields(Box<FieldMapping>),
 }
 
-/// Where one string field comes from.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Field {
-    /// A JSON pointer (RFC 6901) into the payload; numbers and booleans are taken as text.
-    Pointer(String),
-    /// A fixed value.
-    Const(String),
-}
+pub use auditbridge_config::sources::{ActorMapping, Field, TargetMapping};
 
-#[derive(Debug, Clone, PartialEq, Default)]
-pub struct ActorMapping {
-    pub id: Option<Field>,
-    pub kind: Option<Field>,
-    pub name: Option<Field>,
-    pub ip: Option<Field>,
-    pub user_agent: Option<Field>,
-}
-
-#[derive(Debug, Clone, PartialEq, Default)]
-pub struct TargetMapping {
-    pub id: Option<Field>,
-    pub kind: Option<Field>,
-    pub name: Option<Field>,
-}
-
-/// A field-by-field mapping. Built (and checked) by the configuration parser.
-#[derive(Debug, Clone, PartialEq)]
+/// A field-by-field mapping and the key of the ids it derives.
+#[derive(Debug, Clone)]
 pub struct FieldMapping {
     /// The key of the derived ids.
     pub id_key: IdKey,
-    /// The source's own event id: the dedup key.
-    pub id: Field,
-    pub tenant: Field,
-    /// The foreign event type: the values at these pointers joined with `.`
-    /// (e.g. `["/event", "/action"]` gives `issues.opened`).
-    pub event_type: Vec<String>,
-    /// Foreign type → v1 action. Its keys are the allow-list.
-    pub actions: BTreeMap<String, String>,
-    /// RFC 3339 text or Unix seconds. Absent: the time the payload was received.
-    pub occurred_at: Option<String>,
-    /// Absent: `unknown`.
-    pub outcome: Option<Field>,
-    /// Foreign outcome value → v1 outcome; values that are already v1 outcomes pass.
-    pub outcomes: BTreeMap<String, Outcome>,
-    pub actor: ActorMapping,
-    pub target: Option<TargetMapping>,
-    /// Absent: the source's name.
-    pub source: Option<Field>,
-    pub reason: Option<Field>,
-    pub request_id: Option<Field>,
-    /// Metadata key → JSON pointer; the value is copied as JSON. `source_event_id` is always
-    /// added.
-    pub metadata: BTreeMap<String, String>,
+    pub spec: auditbridge_config::sources::FieldMapping,
+}
+
+impl Mapping {
+    /// The mapping a source's configuration names.
+    pub fn new(config: &MappingConfig) -> Mapping {
+        match config {
+            MappingConfig::Identity => Mapping::Identity,
+            MappingConfig::Fields(spec) => Mapping::Fields(Box::new(FieldMapping {
+                id_key: IdKey::new(spec.id_key.expose_secret()),
+                spec: (**spec).clone(),
+            })),
+        }
+    }
 }
 
 /// Why a payload was not turned into an event. Permanent: the same payload is refused again.
@@ -340,33 +309,27 @@ fn text_at(doc: &Value, pointer: &str) -> Result<Option<String>, Refusal> {
     }
 }
 
-impl Field {
-    fn get(&self, doc: &Value) -> Result<Option<String>, Refusal> {
-        match self {
-            Field::Const(c) => Ok(Some(c.clone())),
-            Field::Pointer(p) => text_at(doc, p),
-        }
-    }
-
-    fn describe(&self) -> String {
-        match self {
-            Field::Const(c) => format!("the constant {c:?}"),
-            Field::Pointer(p) => p.clone(),
-        }
+/// The text a field gives for `doc`.
+fn field_text(field: &Field, doc: &Value) -> Result<Option<String>, Refusal> {
+    match field {
+        Field::Const(c) => Ok(Some(c.clone())),
+        Field::Pointer(p) => text_at(doc, p),
     }
 }
 
 fn optional(field: Option<&Field>, doc: &Value) -> Result<Option<String>, Refusal> {
-    field.map_or(Ok(None), |f| f.get(doc))
+    field.map_or(Ok(None), |f| field_text(f, doc))
 }
 
 fn required(field: &Field, doc: &Value, what: &str) -> Result<String, Refusal> {
-    field.get(doc)?.filter(|s| !s.is_empty()).ok_or_else(|| {
-        refuse(
-            RefusalKind::MissingField,
-            format!("{what}: nothing at {}", field.describe()),
-        )
-    })
+    field_text(field, doc)?
+        .filter(|s| !s.is_empty())
+        .ok_or_else(|| {
+            refuse(
+                RefusalKind::MissingField,
+                format!("{what}: nothing at {field}"),
+            )
+        })
 }
 
 impl FieldMapping {
@@ -376,36 +339,37 @@ impl FieldMapping {
         doc: &Value,
         received_at: OffsetDateTime,
     ) -> Result<Mapped, Refusal> {
-        let foreign_id = required(&self.id, doc, "id")?;
-        let mut parts = Vec::with_capacity(self.event_type.len());
-        for p in &self.event_type {
-            match text_at(doc, p)? {
+        let spec = &self.spec;
+        let foreign_id = required(&spec.id, doc, "id")?;
+        let mut parts = Vec::with_capacity(spec.event_type.len());
+        for p in &spec.event_type {
+            match text_at(doc, &p.0)? {
                 Some(t) if !t.is_empty() => parts.push(t),
                 _ => {
                     return Err(refuse(
                         RefusalKind::MissingField,
-                        format!("event type: nothing at {p}"),
+                        format!("event type: nothing at {}", p.0),
                     ));
                 }
             }
         }
         let event_type = parts.join(".");
-        let Some(action) = self.actions.get(&event_type) else {
+        let Some(action) = spec.actions.get(&event_type) else {
             return Err(refuse(
                 RefusalKind::UnmappedType,
                 format!(
                     "event type {event_type:?} is not in the action map of source {source} (allowed: {})",
-                    self.actions.keys().cloned().collect::<Vec<_>>().join(", ")
+                    spec.actions.keys().cloned().collect::<Vec<_>>().join(", ")
                 ),
             ));
         };
-        let occurred_at = match &self.occurred_at {
+        let occurred_at = match &spec.occurred_at {
             None => None,
-            Some(p) => Some(timestamp_at(doc, p)?),
+            Some(p) => Some(timestamp_at(doc, &p.0)?),
         };
-        let outcome = match optional(self.outcome.as_ref(), doc)? {
+        let outcome = match optional(spec.outcome.as_ref(), doc)? {
             None => Outcome::Unknown,
-            Some(v) => match self.outcomes.get(&v) {
+            Some(v) => match spec.outcomes.get(&v) {
                 Some(o) => *o,
                 None => v.parse().map_err(|_| {
                     refuse(
@@ -416,16 +380,16 @@ impl FieldMapping {
             },
         };
         let actor = Actor {
-            id: match &self.actor.id {
+            id: match &spec.actor.id {
                 Some(f) => required(f, doc, "actor.id")?,
                 None => return Err(refuse(RefusalKind::MissingField, "actor.id: not mapped")),
             },
-            kind: optional(self.actor.kind.as_ref(), doc)?,
-            name: optional(self.actor.name.as_ref(), doc)?,
-            ip: optional(self.actor.ip.as_ref(), doc)?,
-            user_agent: optional(self.actor.user_agent.as_ref(), doc)?,
+            kind: optional(spec.actor.kind.as_ref(), doc)?,
+            name: optional(spec.actor.name.as_ref(), doc)?,
+            ip: optional(spec.actor.ip.as_ref(), doc)?,
+            user_agent: optional(spec.actor.user_agent.as_ref(), doc)?,
         };
-        let target = match &self.target {
+        let target = match &spec.target {
             None => None,
             Some(t) => {
                 let target = Target {
@@ -437,13 +401,13 @@ impl FieldMapping {
             }
         };
         let mut metadata = Map::new();
-        for (key, pointer) in &self.metadata {
-            if let Some(v) = doc.pointer(pointer).filter(|v| !v.is_null()) {
+        for (key, pointer) in &spec.metadata {
+            if let Some(v) = doc.pointer(&pointer.0).filter(|v| !v.is_null()) {
                 metadata.insert(key.clone(), v.clone());
             }
         }
         metadata.insert("source_event_id".into(), Value::String(foreign_id.clone()));
-        let tenant = required(&self.tenant, doc, "tenant")?;
+        let tenant = required(&spec.tenant, doc, "tenant")?;
         let legacy_id = legacy_derive_id(source, &tenant, &foreign_id, occurred_at);
         let event = Event {
             id: derive_id(&self.id_key, source, &tenant, &foreign_id, occurred_at),
@@ -453,12 +417,12 @@ impl FieldMapping {
             outcome,
             actor,
             target,
-            source: match &self.source {
+            source: match &spec.source {
                 Some(f) => required(f, doc, "source")?,
                 None => source.to_owned(),
             },
-            reason: optional(self.reason.as_ref(), doc)?,
-            request_id: optional(self.request_id.as_ref(), doc)?,
+            reason: optional(spec.reason.as_ref(), doc)?,
+            request_id: optional(spec.request_id.as_ref(), doc)?,
             metadata: Some(metadata),
         };
         event
@@ -490,11 +454,6 @@ fn timestamp_at(doc: &Value, pointer: &str) -> Result<OffsetDateTime, Refusal> {
     }
 }
 
-/// Checks a v1 action named in a configuration (the action map's values).
-pub(crate) fn check_action(action: &str) -> Result<(), String> {
-    validate_action(action).map_err(|e| e.detail)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -520,7 +479,7 @@ mod tests {
             "target": {"id": "/issue/number", "type": {"const": "issue"}, "name": "/issue/title"},
             "metadata": {"repository": "/repository"}
         });
-        crate::config::parse_mapping(&config, &key()).unwrap()
+        crate::test_config::mapping(&config)
     }
 
     fn payload(kind: &str) -> Vec<u8> {
@@ -684,7 +643,7 @@ mod tests {
             "outcome": "/result", "outcomes": {"ok": "success", "blocked": "denied"},
             "actor": {"id": "/user"}
         });
-        let m = crate::config::parse_mapping(&config, &key()).unwrap();
+        let m = crate::test_config::mapping(&config);
         let ev = |result: Value| {
             let body = json!({"id": 1, "t": "login", "user": "u", "result": result});
             m.apply("s", &serde_json::to_vec(&body).unwrap(), 65536, now())

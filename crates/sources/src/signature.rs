@@ -3,6 +3,7 @@
 //! configurable header names and prefix, and to body-only schemes (GitHub's
 //! `X-Hub-Signature-256: sha256=<hex>`).
 
+use auditbridge_config::ExposeSecret as _;
 use std::time::Duration;
 
 use hmac::{Hmac, KeyInit, Mac};
@@ -107,9 +108,13 @@ pub fn verify_body(
     presented: &Presented<'_>,
     body: &[u8],
 ) -> Result<(), SignatureError> {
-    let expected = mac(params.secret.as_bytes(), presented.timestamp, body)
-        .finalize()
-        .into_bytes();
+    let expected = mac(
+        params.secret.expose_secret().as_bytes(),
+        presented.timestamp,
+        body,
+    )
+    .finalize()
+    .into_bytes();
     let mut matches = false;
     for digest in &presented.digests {
         matches |= bool::from(expected.as_slice().ct_eq(digest.as_slice()));
@@ -135,9 +140,13 @@ pub fn verify_request<'a>(
 /// The header value a sender puts on `body` (for tests, benchmarks and documentation).
 pub fn sign(params: &WebhookParams, timestamp: Option<u64>, body: &[u8]) -> String {
     let ts = timestamp.map(|t| t.to_string());
-    let digest = mac(params.secret.as_bytes(), ts.as_deref(), body)
-        .finalize()
-        .into_bytes();
+    let digest = mac(
+        params.secret.expose_secret().as_bytes(),
+        ts.as_deref(),
+        body,
+    )
+    .finalize()
+    .into_bytes();
     format!("{}{}", params.signature_prefix, hex::encode(digest))
 }
 
@@ -159,22 +168,18 @@ fn mac(secret: &[u8], timestamp: Option<&str>, body: &[u8]) -> Hmac<Sha256> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::mapping::Mapping;
     use std::collections::HashMap;
 
     fn params() -> WebhookParams {
-        WebhookParams {
-            secret: "whsec-0123456789abcdef".into(),
-            signature_header: "x-auditbridge-signature".into(),
-            signature_prefix: "v1=".into(),
-            timestamp_header: Some("x-auditbridge-timestamp".into()),
-            replay_window: Duration::from_secs(300),
-            mapping: Mapping::Identity,
-            tenants: Vec::new(),
-            max_body_bytes: 1 << 20,
-            body_timeout: Duration::from_secs(5),
-            max_concurrent_requests: 16,
-        }
+        let kind = crate::test_config::load(&serde_json::json!({"name": "w", "type": "webhook",
+            "params": {"secret": "whsec-0123456789abcdef"}}));
+        let crate::SourceKind::Webhook(params) = kind else {
+            unreachable!("a webhook")
+        };
+        assert_eq!(params.signature_header, "x-auditbridge-signature");
+        assert_eq!(params.signature_prefix, "v1=");
+        assert_eq!(params.replay_window, Duration::from_secs(300));
+        params
     }
 
     fn check(
@@ -191,7 +196,8 @@ mod tests {
     fn accepts_what_the_http_destination_signs() {
         let p = params();
         let body = br#"{"a":1}"#;
-        let sig = auditbridge_destinations::http::sign(p.secret.as_bytes(), 1_000, body);
+        let sig =
+            auditbridge_destinations::http::sign(p.secret.expose_secret().as_bytes(), 1_000, body);
         assert_eq!(sig, sign(&p, Some(1_000), body));
         let headers = [
             ("x-auditbridge-timestamp", "1000".to_owned()),

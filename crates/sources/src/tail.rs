@@ -142,6 +142,7 @@ const CHECK_BYTES: usize = 64;
 pub struct Tail<S> {
     name: String,
     params: FileParams,
+    mapping: Mapping,
     sink: S,
     prefix: String,
     max_event_bytes: usize,
@@ -197,6 +198,7 @@ impl<S: Sink> Tail<S> {
     ) -> Tail<S> {
         Tail {
             name,
+            mapping: Mapping::new(&params.mapping),
             params,
             sink,
             prefix,
@@ -594,8 +596,7 @@ impl<S: Sink> Tail<S> {
                     ),
                 })
             } else {
-                self.params
-                    .mapping
+                self.mapping
                     .apply(&self.name, text, self.max_event_bytes, received_at)
                     .and_then(|mapped| {
                         check_tenant(&self.name, &self.params.tenants, &mapped.event)
@@ -604,7 +605,7 @@ impl<S: Sink> Tail<S> {
             };
             match result {
                 Ok(mapped) => {
-                    let raw = matches!(self.params.mapping, Mapping::Identity)
+                    let raw = matches!(self.mapping, Mapping::Identity)
                         .then(|| Bytes::copy_from_slice(text));
                     batch.push(Outgoing::mapped(&mapped, &self.prefix, raw));
                 }
@@ -816,16 +817,13 @@ mod tests {
             let dir = std::env::temp_dir().join(format!("abtail-{test}-{}", std::process::id()));
             let _ = std::fs::remove_dir_all(&dir);
             std::fs::create_dir_all(&dir).unwrap();
-            let params = FileParams {
-                path: dir.join("audit.jsonl"),
-                state_file: dir.join("state.json"),
-                rejected_file: dir.join("rejected.jsonl"),
-                poll_interval: Duration::from_millis(10),
-                max_line_bytes: 4096,
-                start_at_end: false,
-                mapping: Mapping::Identity,
-                tenants: Vec::new(),
+            let kind = crate::test_config::load(&serde_json::json!({"name": "t", "type": "file",
+                "params": {"path": dir.join("audit.jsonl"), "poll_interval": "10ms",
+                           "max_line_bytes": 4096}}));
+            let crate::SourceKind::File(params) = kind else {
+                unreachable!("a file source")
             };
+            assert!(!params.start_at_end);
             Fixture {
                 dir,
                 params,

@@ -42,10 +42,10 @@ pub struct Worker {
 }
 
 impl Worker {
-    /// Validates the destinations, binds the metrics address and installs the metrics
-    /// recorder.
+    /// Binds the metrics address and installs the metrics recorder (the configuration
+    /// checked the destinations at load).
     pub async fn build(config: Config) -> anyhow::Result<Worker> {
-        let destinations = auditbridge_destinations::parse_destinations(&config.destinations)?;
+        let destinations = config.destinations.clone();
         let listener = TcpListener::bind(config.metrics_addr)
             .await
             .with_context(|| format!("binding AUDITBRIDGE_METRICS_ADDR={}", config.metrics_addr))?;
@@ -86,10 +86,14 @@ impl Worker {
         // must not hold the stop for its whole deadline.
         let stopping = shutdown.child_token();
 
-        let store = Store::connect_lazy(&config.database_url, config.ingest.db_max_connections)?
-            .with_notify(!destinations.is_empty());
+        let store = Store::connect_lazy(
+            config.database_url.expose(),
+            config.ingest.db_max_connections,
+        )?
+        .with_notify(!destinations.is_empty());
         let nats =
-            auditbridge_runtime::nats::connect(&config.nats_url, "auditbridge-worker").await?;
+            auditbridge_runtime::nats::connect(config.nats_url.expose(), "auditbridge-worker")
+                .await?;
         let js = jetstream::new(nats.clone());
 
         tasks.spawn(ops::serve(
@@ -115,7 +119,7 @@ impl Worker {
             // Relays get a pool of their own: a slow destination can never take a connection
             // the ingest path needs (guarantee 3).
             let relay_store =
-                Store::connect_lazy(&config.database_url, destinations.len() as u32 + 3)?;
+                Store::connect_lazy(config.database_url.expose(), destinations.len() as u32 + 3)?;
             let (wake_tx, wake_rx) = tokio::sync::watch::channel(0u64);
             tasks.spawn(relay::listen(
                 relay_store.clone(),

@@ -1114,12 +1114,18 @@ mod tests {
 
     #[tokio::test]
     async fn a_sink_that_cannot_be_built_is_retried_with_backoff_not_in_a_loop() {
-        let config = auditbridge_destinations::parse_destinations(&[serde_json::json!({
+        let definitions = serde_json::json!([{
             "name": "siem", "type": "http",
             "params": {"url": "http://127.0.0.1:9/in", "retry_min": "200ms", "retry_max": "5s"}
-        })])
-        .unwrap()
-        .remove(0);
+        }]);
+        let vars = [(
+            "AUDITBRIDGE_DESTINATIONS".to_owned(),
+            definitions.to_string(),
+        )];
+        let config = auditbridge_config::Config::from_env(vars)
+            .unwrap()
+            .destinations
+            .remove(0);
         let ctx = Arc::new(RelayContext {
             // Never reached: nothing is registered before the sink exists.
             store: Store::connect_lazy("postgres://nobody@127.0.0.1:1/none", 1).unwrap(),

@@ -894,7 +894,7 @@ mod rabbitmq {
         let password = format!("not-the-password-{}", Uuid::new_v4());
         let url = format!("amqp://guest:{password}@127.0.0.1:5672/%2f");
         let params = RabbitParams {
-            url: url.clone(),
+            url: url.clone().into(),
             exchange: "amq.topic".into(),
             routing_key: "{tenant}".into(),
             mandatory: false,
@@ -1223,16 +1223,9 @@ mod http {
     }
 
     fn params(url: String) -> HttpParams {
-        HttpParams {
-            url,
-            format: HttpFormat::Ndjson,
-            max_batch_events: 500,
-            max_batch_bytes: 1024 * 1024,
-            headers: Vec::new(),
-            auth: None,
-            timeout: Duration::from_secs(5),
-            secret: None,
-        }
+        let mut p = HttpParams::new(url.into());
+        p.timeout = Duration::from_secs(5);
+        p
     }
 
     /// An event whose JSON is exactly `len` bytes long (at least ~120).
@@ -1273,7 +1266,7 @@ mod http {
     async fn ndjson_batches_carry_events_headers_and_bearer_auth() {
         let server = server(vec![]).await;
         let mut p = params(server.url("/in"));
-        p.headers = vec![("X-Source".into(), "auditbridge-test".into())];
+        p.headers = [("X-Source".into(), "auditbridge-test".into())].into();
         p.auth = Some(HttpAuth::Bearer("tok-123".into()));
         let mut sink = HttpSink::new("siem", p).unwrap();
         let batch = events(3, 150);
@@ -1620,7 +1613,7 @@ mod http {
         let mut p = params(server.url("/in?api_key=query-hidden"));
         p.auth = Some(HttpAuth::Bearer("tok-secret-123".into()));
         p.secret = Some("whsec-hidden".into());
-        p.headers = vec![("X-Api-Key".into(), "key-hidden-9".into())];
+        p.headers = [("X-Api-Key".into(), "key-hidden-9".into())].into();
         let mut sink = HttpSink::new("siem", p).unwrap();
 
         let e = sink.deliver(&events(1, 130)).await.unwrap_err();

@@ -10,10 +10,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{bail, ensure};
 use auditbridge_event::Event;
 use auditbridge_sources::signature::sign;
-use auditbridge_sources::{SourceKind, parse_sources};
+use auditbridge_sources::{Mapping, SourceKind};
 use auditbridge_tests::api::Token;
 use auditbridge_tests::sources::Process;
-use auditbridge_tests::{TestEnv, eventually, id_key, until};
+use auditbridge_tests::{TestEnv, eventually, id_key, load_sources, until};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
@@ -268,7 +268,7 @@ async fn webhooks_verify_signatures_map_payloads_and_store_redeliveries_once() -
     let worker = env.spawn_worker("w", &[]).await?;
     worker.wait_ready(WAIT).await?;
     let sources = json!([vendor_source(), hub_source()]);
-    let parsed = parse_sources(sources.as_array().unwrap(), Some(&id_key()))?;
+    let parsed = load_sources(&sources)?;
     let (SourceKind::Webhook(vendor), SourceKind::Webhook(hub)) =
         (&parsed[0].kind, &parsed[1].kind)
     else {
@@ -654,7 +654,7 @@ async fn no_way_in_lets_another_tenants_id_suppress_an_event() -> anyhow::Result
     let tokens = json!([acme_token.entry, globex_token.entry]).to_string();
     let relay = json!([{"name": "relay", "type": "webhook",
         "params": {"secret": "relay-secret-0123456789"}}]);
-    let parsed = parse_sources(relay.as_array().unwrap(), None)?;
+    let parsed = load_sources(&relay)?;
     let SourceKind::Webhook(relay_params) = &parsed[0].kind else {
         bail!("a webhook")
     };
@@ -801,7 +801,7 @@ async fn webhooks_refuse_unsigned_oversized_slow_and_excess_requests_early() -> 
         {"name": "bulk", "type": "webhook", "params": {"secret": "bulk-secret-0123456789",
             "body_timeout": "3s", "max_concurrent_requests": 1000}}
     ]);
-    let parsed = parse_sources(sources.as_array().unwrap(), None)?;
+    let parsed = load_sources(&sources)?;
     let SourceKind::Webhook(tight) = &parsed[0].kind else {
         bail!("a webhook")
     };
@@ -1013,7 +1013,7 @@ async fn redeliveries_with_a_receive_time_stay_duplicates_and_carry_their_header
     let worker = env.spawn_worker("w", &[]).await?;
     worker.wait_ready(WAIT).await?;
     let sources = json!([hub_source(), vendor_source()]);
-    let parsed = parse_sources(sources.as_array().unwrap(), Some(&id_key()))?;
+    let parsed = load_sources(&sources)?;
     let (SourceKind::Webhook(hub), SourceKind::Webhook(vendor)) =
         (&parsed[0].kind, &parsed[1].kind)
     else {
@@ -1107,7 +1107,7 @@ async fn a_redelivery_spanning_the_upgrade_to_keyed_ids_is_stored_once() -> anyh
     let worker = env.spawn_worker("w", &[]).await?;
     worker.wait_ready(WAIT).await?;
     let sources = json!([vendor_source()]);
-    let parsed = parse_sources(sources.as_array().unwrap(), Some(&id_key()))?;
+    let parsed = load_sources(&sources)?;
     let SourceKind::Webhook(vendor) = &parsed[0].kind else {
         bail!("a webhook")
     };
@@ -1115,8 +1115,7 @@ async fn a_redelivery_spanning_the_upgrade_to_keyed_ids_is_stored_once() -> anyh
 
     // What the earlier version stored: the same mapping, the unkeyed id, published with the
     // bare id as its message id.
-    let mapped = vendor
-        .mapping
+    let mapped = Mapping::new(&vendor.mapping)
         .apply(
             "vendor",
             body.as_bytes(),

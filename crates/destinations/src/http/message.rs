@@ -4,13 +4,14 @@
 //! HMAC-SHA256 signature, whose check for receivers is [`verify`]). No I/O: the sink sends
 //! what this builds.
 
+use auditbridge_config::ExposeSecret as _;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use hmac::{Hmac, KeyInit, Mac};
 use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderValue};
 use sha2::Sha256;
 
-use super::config::HttpFormat;
+use super::HttpFormat;
 use crate::StoredEvent;
 
 /// Request headers set on every request (the signature pair only with a `secret`).
@@ -28,7 +29,7 @@ pub(crate) struct Layout {
     pub(crate) format: HttpFormat,
     pub(crate) max_batch_events: usize,
     pub(crate) max_batch_bytes: usize,
-    pub(crate) secret: Option<String>,
+    pub(crate) secret: Option<auditbridge_config::SecretString>,
 }
 
 impl Layout {
@@ -95,7 +96,7 @@ impl Layout {
         );
         if let Some(secret) = &self.secret {
             let timestamp = unix_now();
-            let signature = sign(secret.as_bytes(), timestamp, body);
+            let signature = sign(secret.expose_secret().as_bytes(), timestamp, body);
             headers.insert(TIMESTAMP_HEADER, HeaderValue::from(timestamp));
             headers.insert(
                 SIGNATURE_HEADER,

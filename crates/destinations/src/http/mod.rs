@@ -10,15 +10,14 @@
 //! Every request carries `Idempotency-Key: <first id>..<last id>`. The relay resends a batch
 //! whose answer it never saw, so a receiver that remembers recent keys can drop the duplicate.
 //!
-//! `config` reads and checks the parameters, `message` lays a batch out as a body and its
+//! The parameters are read and checked with the rest of the configuration
+//! (`auditbridge_config::destinations`); `message` lays a batch out as a body and its
 //! headers (and signs it), `sink` sends it and reads the answer.
 
-mod config;
 mod message;
 mod sink;
 
-pub(crate) use config::parse_params;
-pub use config::{HttpAuth, HttpFormat, HttpParams};
+pub use auditbridge_config::destinations::{HttpAuth, HttpFormat, HttpParams};
 pub use message::{
     COUNT_HEADER, DESTINATION_HEADER, IDEMPOTENCY_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER, sign,
     verify,

@@ -10,8 +10,10 @@ use std::time::{Duration, SystemTime};
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue, LOCATION, RETRY_AFTER};
 use reqwest::{Client, StatusCode, Url, redirect};
 
-use super::config::{HttpAuth, HttpParams};
+use auditbridge_config::ExposeSecret as _;
+
 use super::message::{DESTINATION_HEADER, Layout};
+use super::{HttpAuth, HttpParams};
 use crate::{Delivered, DeliveryError, StoredEvent};
 
 /// How much of a refusing or failing response body goes into the error detail.
@@ -69,7 +71,7 @@ impl HttpSink {
             reason: "config",
             detail: format!("destination {name}: {setting}: {message}"),
         };
-        let url = Url::parse(&params.url)
+        let url = Url::parse(params.url.expose())
             .map_err(|e| refuse("params.url", format!("not a valid URL: {e}")))?;
         let target = redacted(&url);
 
@@ -83,7 +85,7 @@ impl HttpSink {
                 )
             })?;
             // The value is not quoted in the error: it may be an API key.
-            let mut header_value = HeaderValue::from_str(value).map_err(|_| {
+            let mut header_value = HeaderValue::from_str(value.expose_secret()).map_err(|_| {
                 refuse(
                     &format!("params.headers.{key}"),
                     "the value has bytes a header cannot carry".into(),
@@ -95,8 +97,8 @@ impl HttpSink {
                 continue;
             }
             headers.append(header_name, header_value);
-            if value.len() >= 4 {
-                redact.push(value.clone());
+            if value.expose_secret().len() >= 4 {
+                redact.push(value.expose_secret().to_owned());
             }
         }
         let destination = HeaderValue::from_str(name)
@@ -104,12 +106,14 @@ impl HttpSink {
         headers.insert(DESTINATION_HEADER, destination);
 
         match &params.auth {
-            Some(HttpAuth::Bearer(token)) => redact.push(token.clone()),
-            Some(HttpAuth::Basic { password, .. }) => redact.push(password.clone()),
+            Some(HttpAuth::Bearer(token)) => redact.push(token.expose_secret().to_owned()),
+            Some(HttpAuth::Basic { password, .. }) => {
+                redact.push(password.expose_secret().to_owned());
+            }
             None => {}
         }
         if let Some(secret) = &params.secret {
-            redact.push(secret.clone());
+            redact.push(secret.expose_secret().to_owned());
         }
         redact.retain(|s| !s.is_empty());
         // Longest first, so a secret that contains another is scrubbed whole.
@@ -167,9 +171,9 @@ impl HttpSink {
             .headers(headers)
             .body(body);
         request = match &self.auth {
-            Some(HttpAuth::Bearer(token)) => request.bearer_auth(token),
+            Some(HttpAuth::Bearer(token)) => request.bearer_auth(token.expose_secret()),
             Some(HttpAuth::Basic { username, password }) => {
-                request.basic_auth(username, Some(password))
+                request.basic_auth(username, Some(password.expose_secret()))
             }
             None => request,
         };

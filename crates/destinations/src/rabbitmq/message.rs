@@ -10,7 +10,7 @@ use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use uuid::Uuid;
 
-use super::config::{RabbitMode, RabbitParams};
+use super::{RabbitMode, RabbitParams};
 use crate::{StoredEvent, Undeliverable};
 
 /// One message ready to publish.

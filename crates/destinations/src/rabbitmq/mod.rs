@@ -11,15 +11,14 @@
 //! the call is [`DeliveryError::Refused`](crate::DeliveryError::Refused), and the relay offers
 //! less until it is.
 //!
-//! `config` reads and checks the parameters, `message` turns events into messages (routing
+//! The parameters are read and checked with the rest of the configuration
+//! (`auditbridge_config::destinations`); `message` turns events into messages (routing
 //! key, body, properties), `sink` connects, publishes and reads the broker's answers.
 
-mod config;
 mod message;
 mod sink;
 
-pub(crate) use config::parse_params;
-pub use config::{RabbitMode, RabbitParams};
+pub use auditbridge_config::destinations::{RabbitMode, RabbitParams};
 pub use message::render_routing_key;
 pub use sink::RabbitSink;
 #[doc(hidden)]

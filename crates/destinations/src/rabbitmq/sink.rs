@@ -18,9 +18,8 @@ use lapin::{Channel, Confirmation, Connection, ConnectionProperties, ErrorKind, 
 use tokio::time::Instant;
 use tracing::{debug, info};
 
-use super::config::RabbitParams;
+use super::RabbitParams;
 use super::message::{self, Message, Messages};
-use crate::config::redact_url;
 use crate::{Delivered, DeliveryError, StoredEvent, Undeliverable};
 
 /// How long one connect attempt (TCP, AMQP handshake, channel, `confirm.select`) may take, so
@@ -74,7 +73,7 @@ impl RabbitSink {
     pub fn new(name: &str, params: RabbitParams) -> RabbitSink {
         RabbitSink {
             name: name.to_owned(),
-            redacted_url: redact_url(&params.url),
+            redacted_url: params.url.redacted().to_owned(),
             params,
             link: None,
         }
@@ -246,7 +245,7 @@ impl RabbitSink {
         let properties = ConnectionProperties::default()
             .with_connection_name(format!("auditbridge {}", self.name).into());
         let attempt = async {
-            let connection = Connection::connect(&self.params.url, properties).await?;
+            let connection = Connection::connect(self.params.url.expose(), properties).await?;
             let channel = connection.create_channel().await?;
             channel
                 .confirm_select(ConfirmSelectOptions::default())
@@ -281,7 +280,7 @@ impl RabbitSink {
 
     /// Removes the URL (which holds the password) from a message that might quote it.
     fn scrub(&self, text: &str) -> String {
-        text.replace(&self.params.url, &self.redacted_url)
+        text.replace(self.params.url.expose(), &self.redacted_url)
     }
 }
 
@@ -644,7 +643,9 @@ mod tests {
         let mut sink = RabbitSink::new(
             "bus",
             RabbitParams {
-                url: format!("amqp://guest:guest@127.0.0.1:{port}/%2f"),
+                url: auditbridge_config::SecretUrl::unchecked(format!(
+                    "amqp://guest:guest@127.0.0.1:{port}/%2f"
+                )),
                 exchange: "x".into(),
                 routing_key: "{tenant}".into(),
                 mandatory: true,
