@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use auditbridge_config::SecretUrl;
 use serde::Deserialize;
 
 use crate::error::ConfigError;
@@ -200,11 +201,11 @@ pub enum Fsync {
 }
 
 /// `postgres` store params. Its `Debug` shows the URL without its password.
-#[derive(Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PostgresParams {
     /// The service's database, e.g. `postgres://app@db/app`.
-    pub url: String,
+    pub url: SecretUrl,
     /// The table, created if missing (default `auditbridge_client_buffer`).
     #[serde(default = "PostgresParams::default_table")]
     pub table: String,
@@ -216,21 +217,9 @@ pub struct PostgresParams {
     pub max_bytes: u64,
 }
 
-// By hand, so that the URL's password never reaches a log line through `{:?}`.
-impl std::fmt::Debug for PostgresParams {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PostgresParams")
-            .field("url", &auditbridge_config::redact_url(&self.url))
-            .field("table", &self.table)
-            .field("max_events", &self.max_events)
-            .field("max_bytes", &self.max_bytes)
-            .finish()
-    }
-}
-
 impl PostgresParams {
     /// Defaults for everything but the URL.
-    pub fn new(url: impl Into<String>) -> PostgresParams {
+    pub fn new(url: impl Into<SecretUrl>) -> PostgresParams {
         PostgresParams {
             url: url.into(),
             table: PostgresParams::default_table(),

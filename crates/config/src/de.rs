@@ -203,9 +203,38 @@ fn url_setting<'de, D: Deserializer<'de>>(
     crate::SecretUrl::parse(&text, schemes, list).map_err(de::Error::custom)
 }
 
-/// One NATS server URL or a comma-separated list of them.
+/// One NATS server URL or a comma-separated list of them, each with its scheme; servers of
+/// one list carry the same credentials ([`crate::nats_credentials`]).
 pub(crate) fn nats_urls<'de, D: Deserializer<'de>>(d: D) -> Result<crate::SecretUrl, D::Error> {
-    url_setting(d, &["nats", "tls", "ws", "wss"], true)
+    let url = url_setting(d, &["nats", "tls", "ws", "wss"], true)?;
+    crate::nats_credentials(url.expose()).map_err(de::Error::custom)?;
+    Ok(url)
+}
+
+/// A `tracing` filter (`info`, `auditbridge_worker=debug,info`), checked by the parser
+/// logging uses.
+pub(crate) fn log_filter<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    let text = Text::deserialize_from(d)?;
+    tracing_subscriber::EnvFilter::try_new(&text).map_err(|e| {
+        de::Error::custom(format!(
+            "expected a tracing filter such as \"info\" or \"auditbridge_worker=debug,info\", \
+             got {text:?} ({e})"
+        ))
+    })?;
+    Ok(text)
+}
+
+/// `text` or `json`, spaces around it ignored.
+pub(crate) fn log_format<'de, D: Deserializer<'de>>(d: D) -> Result<crate::LogFormat, D::Error> {
+    let text = Text::deserialize_from(d)?;
+    match text.trim() {
+        "text" => Ok(crate::LogFormat::Text),
+        "json" => Ok(crate::LogFormat::Json),
+        _ => Err(de::Error::invalid_value(
+            Unexpected::Str(&text),
+            &"\"text\" or \"json\"",
+        )),
+    }
 }
 
 pub(crate) fn postgres_url<'de, D: Deserializer<'de>>(d: D) -> Result<crate::SecretUrl, D::Error> {
@@ -270,4 +299,75 @@ pub(crate) fn socket_addr<'de, D: Deserializer<'de>>(
             &"a socket address such as 127.0.0.1:9464",
         )
     })
+}
+
+/// A secret given as text. Any other value is refused without being shown: serde's own
+/// message would repeat it ("invalid type: integer `123456`").
+struct SecretText(SecretString);
+
+impl<'de> Deserialize<'de> for SecretText {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<SecretText, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = SecretText;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a string (the value given is not shown: it is a secret)")
+            }
+
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<SecretText, E> {
+                Ok(SecretText(SecretString::from(v.to_owned())))
+            }
+
+            fn visit_string<E: de::Error>(self, v: String) -> Result<SecretText, E> {
+                Ok(SecretText(SecretString::from(v)))
+            }
+        }
+        // Every other type reaches `expecting` through serde's default visitor methods,
+        // whose message names the type given but (for these) not the value: numbers, maps
+        // and sequences are reported by kind only below.
+        d.deserialize_str(V).map_err(|_: D::Error| {
+            de::Error::custom("expected a string (the value given is not shown: it is a secret)")
+        })
+    }
+}
+
+/// A secret setting (see [`SecretText`]).
+pub(crate) fn secret<'de, D: Deserializer<'de>>(d: D) -> Result<SecretString, D::Error> {
+    SecretText::deserialize(d).map(|s| s.0)
+}
+
+/// An optional secret setting.
+pub(crate) fn optional_secret<'de, D: Deserializer<'de>>(
+    d: D,
+) -> Result<Option<SecretString>, D::Error> {
+    Ok(Option::<SecretText>::deserialize(d)?.map(|s| s.0))
+}
+
+/// A map of secrets (header values).
+pub(crate) fn secret_map<'de, D: Deserializer<'de>>(
+    d: D,
+) -> Result<std::collections::BTreeMap<String, SecretString>, D::Error> {
+    let map = std::collections::BTreeMap::<String, SecretText>::deserialize(d)?;
+    Ok(map.into_iter().map(|(k, v)| (k, v.0)).collect())
+}
+
+/// A value that may hold a secret (basic-auth credentials, a token hash), read as `T`; when
+/// it does not fit, the error says what was expected without repeating the value.
+pub(crate) fn hidden<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Deserialize<'de> + Hidden,
+{
+    T::deserialize(d).map_err(|_: D::Error| {
+        de::Error::custom(format!(
+            "expected {} (the value given is not shown: it may be a secret)",
+            T::EXPECTED
+        ))
+    })
+}
+
+/// What [`hidden`] says a value should have been.
+pub(crate) trait Hidden {
+    const EXPECTED: &'static str;
 }

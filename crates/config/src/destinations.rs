@@ -15,7 +15,7 @@ use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
 use crate::SecretUrl;
-use crate::de::positive_duration;
+use crate::de::{self, positive_duration};
 use crate::lists::{Refusal, check_name, check_range, check_tenants, refuse, typed_definition};
 
 /// A validated destination.
@@ -258,7 +258,7 @@ fn check_template(template: &str) -> Result<usize, Refusal> {
 /// URL with scheme `amqp` or `amqps` and a host, user info, host and vhost that
 /// percent-decode to UTF-8, and numeric query parameters that fit their types.
 fn amqp_url<'de, D: serde::Deserializer<'de>>(d: D) -> Result<SecretUrl, D::Error> {
-    let text = crate::de::Text::deserialize_from(d)?;
+    let text = de::Text::deserialize_from(d)?;
     let url =
         SecretUrl::parse(&text, &["amqp", "amqps"], false).map_err(serde::de::Error::custom)?;
     let fail = |why: &str| serde::de::Error::custom(format!("not a valid AMQP URI ({why}): {url}"));
@@ -330,11 +330,11 @@ pub struct HttpParams {
     #[serde(default = "HttpParams::default_max_batch_bytes")]
     pub max_batch_bytes: usize,
     /// Extra request headers; their values may be API keys.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "de::secret_map")]
     pub headers: BTreeMap<String, SecretString>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "de::optional_secret")]
     bearer_token: Option<SecretString>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "optional_basic_auth")]
     basic_auth: Option<BasicAuth>,
     /// Set from `bearer_token` or `basic_auth` when the definition is read.
     #[serde(skip)]
@@ -345,7 +345,7 @@ pub struct HttpParams {
     )]
     pub timeout: Duration,
     /// When set, requests carry an HMAC-SHA256 signature of `timestamp + "." + body`.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "de::optional_secret")]
     pub secret: Option<SecretString>,
 }
 
@@ -353,13 +353,24 @@ pub struct HttpParams {
 #[serde(deny_unknown_fields)]
 struct BasicAuth {
     username: String,
+    #[serde(deserialize_with = "de::secret")]
     password: SecretString,
+}
+
+impl de::Hidden for BasicAuth {
+    const EXPECTED: &'static str = "{\"username\", \"password\"}";
+}
+
+fn optional_basic_auth<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<BasicAuth>, D::Error> {
+    de::hidden::<_, BasicAuth>(d).map(Some)
 }
 
 /// An `http://` or `https://` URL with a host, by the parser the sink uses (reqwest's `Url` is
 /// the `url` crate's).
 fn http_url<'de, D: serde::Deserializer<'de>>(d: D) -> Result<SecretUrl, D::Error> {
-    let text = crate::de::Text::deserialize_from(d)?;
+    let text = de::Text::deserialize_from(d)?;
     SecretUrl::parse(&text, &["http", "https"], false).map_err(serde::de::Error::custom)
 }
 
@@ -426,13 +437,14 @@ impl HttpParams {
             // The name by our own (narrower) rule than the http crate's; the value is not
             // quoted: it may be an API key.
             let ok = !k.is_empty()
+                && k.len() <= 256
                 && k.bytes()
                     .all(|b| b.is_ascii_alphanumeric() || b"-_".contains(&b))
                 && header_value_ok(v.expose_secret());
             if !ok {
                 return Err(refuse(
                     format!("params.headers.{k}"),
-                    "expected a header name of letters, digits, '-' or '_' and a value without control characters",
+                    "expected a header name of at most 256 letters, digits, '-' or '_' and a value without control characters",
                 ));
             }
         }

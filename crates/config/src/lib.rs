@@ -111,8 +111,7 @@ impl IngestConfig {
 }
 
 /// Log output format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogFormat {
     Text,
     Json,
@@ -225,7 +224,9 @@ struct Settings {
     api_statement_timeout: Duration,
     #[serde(deserialize_with = "de::duration::<_, 100, 3_600_000>")]
     api_write_timeout: Duration,
+    #[serde(deserialize_with = "de::log_filter")]
     log: String,
+    #[serde(deserialize_with = "de::log_format")]
     log_format: LogFormat,
     #[serde(deserialize_with = "de::int::<_, _, 1, 10_000>")]
     batch_size: usize,
@@ -849,8 +850,127 @@ mod tests {
         let shown = format!("{c:?} {c:#?}");
         assert!(!shown.contains("SECRET"), "{shown}");
         assert!(!shown.contains(&hash), "{shown}");
+        // A secret given as another type is refused without being repeated.
+        for definition in [
+            r#"{"name": "a", "type": "http", "params": {"url": "http://h", "bearer_token": 987654321987}}"#,
+            r#"{"name": "a", "type": "http", "params": {"url": "http://h", "secret": 987654321987}}"#,
+            r#"{"name": "a", "type": "http", "params": {"url": "http://h", "headers": {"K": 987654321987}}}"#,
+            r#"{"name": "a", "type": "http", "params": {"url": "http://h",
+                "basic_auth": {"username": "u", "password": 987654321987}}}"#,
+        ] {
+            let err = Config::from_env(env(&[(
+                "AUDITBRIDGE_DESTINATIONS",
+                &format!("[{definition}]"),
+            )]))
+            .unwrap_err()
+            .to_string();
+            assert!(
+                !err.contains("987654321987")
+                    && err.contains("not shown")
+                    && err.contains("destination a: params."),
+                "{err}"
+            );
+        }
+        let err = Config::from_env(env(&[(
+            "AUDITBRIDGE_SOURCES",
+            r#"[{"name": "w", "type": "webhook", "params": {"secret": 987654321987654321}}]"#,
+        )]))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            !err.contains("987654321987") && err.contains("source w: params.secret"),
+            "{err}"
+        );
         // What is not secret still says where things are.
         assert!(shown.contains("postgres://app:***@db/audit"), "{shown}");
         assert!(shown.contains("X-Api-Key"), "{shown}");
+    }
+
+    /// What the attacker-minded review of the typed tree found: each is refused at load, or
+    /// shown without its secret.
+    #[test]
+    fn review_findings_stay_fixed() {
+        let dir = std::env::temp_dir().join(format!("abcfg-review-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        // A TOML syntax error names the line, not its text (which may be a secret).
+        let path = dir.join("bad.toml");
+        std::fs::write(&path, "log = \"info\"\nid_key = \"unterminated-SECRET\n").unwrap();
+        let err = Config::from_env(env(&[("AUDITBRIDGE_CONFIG", path.to_str().unwrap())]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("bad.toml") && err.contains("line 2"), "{err}");
+        assert!(!err.contains("SECRET"), "{err}");
+        // URLs that do not parse, and more query parameters, are redacted too.
+        for url in [
+            "postgres://db:5432x/audit?password=s3cret",
+            "https://exa mple/in?token=s3cret",
+            "https://h/in?api_key=s3cret&sig=s3cret&code=s3cret",
+        ] {
+            assert!(!redact_url(url).contains("s3cret"), "{}", redact_url(url));
+        }
+        // A NATS list whose servers carry different credentials, and a bad log filter, are
+        // refused at load, by name.
+        let err = Config::from_env(env(&[(
+            "AUDITBRIDGE_NATS_URL",
+            "nats://u:one-SECRET@h1:4222,nats://u:two-SECRET@h2:4222",
+        )]))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("AUDITBRIDGE_NATS_URL") && err.contains("same credentials"),
+            "{err}"
+        );
+        assert!(!err.contains("SECRET"), "{err}");
+        let err = Config::from_env(env(&[("AUDITBRIDGE_LOG", "info,[[[")]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("AUDITBRIDGE_LOG") && err.contains("tracing filter"),
+            "{err}"
+        );
+        let c = Config::from_env(env(&[("AUDITBRIDGE_LOG_FORMAT", " json ")])).unwrap();
+        assert_eq!(c.log_format, LogFormat::Json);
+        // An unnamed item is numbered where it was written; a typo at the top of a
+        // definition names the keys the operator may write.
+        let path = dir.join("lists.toml");
+        std::fs::write(
+            &path,
+            "[[destinations]]\nname = \"a\"\ntype = \"http\"\nparams = { url = \"http://h\" }\n",
+        )
+        .unwrap();
+        let err = Config::from_env(env(&[
+            ("AUDITBRIDGE_CONFIG", path.to_str().unwrap()),
+            (
+                "AUDITBRIDGE_DESTINATIONS",
+                r#"[{"type": "http", "params": {"url": "http://h"}}]"#,
+            ),
+        ]))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("destination #1") && err.contains("from AUDITBRIDGE_DESTINATIONS"),
+            "{err}"
+        );
+        let err = Config::from_env(env(&[(
+            "AUDITBRIDGE_DESTINATIONS",
+            r#"[{"name": "a", "type": "http", "parmas": {"url": "http://h"}}]"#,
+        )]))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("`parmas`") && err.contains("`name`, `type` or `params`"),
+            "{err}"
+        );
+        // Basic-auth credentials of the wrong shape are not repeated.
+        let err = Config::from_env(env(&[(
+            "AUDITBRIDGE_DESTINATIONS",
+            r#"[{"name": "a", "type": "http", "params": {"url": "http://h", "basic_auth": "u:pw-SECRET"}}]"#,
+        )]))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("params.basic_auth") && !err.contains("SECRET"),
+            "{err}"
+        );
     }
 }

@@ -81,6 +81,16 @@ pub(crate) fn typed_definition<T: DeserializeOwned>(
     let Value::Object(item) = value else {
         return typed(value);
     };
+    // The keys the operator may write; `common` and `kind` exist only in the new shape.
+    if let Some(key) = item
+        .keys()
+        .find(|k| !["name", "type", "params"].contains(&k.as_str()))
+    {
+        return Err(refuse(
+            "definition",
+            format!("unknown field `{key}`, expected `name`, `type` or `params`"),
+        ));
+    }
     let mut item = item.clone();
     let mut params = match item.remove("params") {
         Some(Value::Object(params)) => params,
@@ -109,7 +119,18 @@ pub(crate) fn typed_definition<T: DeserializeOwned>(
         "\"kind\":{{{kind}\"params\":{}}}}}",
         Value::Object(params)
     ));
-    typed_text(&text).map_err(|(path, message)| (written_path(&path), message))
+    typed_text(&text).map_err(|(path, message)| {
+        // The type's own parameters refuse the common ones' names too: say them.
+        let message = if path.starts_with("kind.params") && message.starts_with("unknown field") {
+            format!(
+                "{message} (or one of the common parameters: {})",
+                common.join(", ")
+            )
+        } else {
+            message
+        };
+        (written_path(&path), message)
+    })
 }
 
 /// The setting as written, for a path in the shape [`typed_definition`] reads.
@@ -140,12 +161,24 @@ pub(crate) fn read_list<T>(
 ) -> Result<Vec<T>, ConfigError> {
     let mut seen: Vec<HashSet<Vec<u8>>> = vec![HashSet::new(); unique.len()];
     let mut out = Vec::with_capacity(items.len());
-    for (i, item) in items.into_iter().enumerate() {
+    // An item without a usable name is called by its position where it was written.
+    let mut position: Vec<(Origin, usize)> = Vec::new();
+    for item in items {
+        let n = match position.iter_mut().find(|(o, _)| *o == item.origin) {
+            Some((_, n)) => {
+                *n += 1;
+                *n
+            }
+            None => {
+                position.push((item.origin.clone(), 1));
+                1
+            }
+        };
         let label = item
             .value
             .get("name")
             .and_then(Value::as_str)
-            .map_or_else(|| format!("#{}", i + 1), str::to_owned);
+            .map_or_else(|| format!("#{n}"), str::to_owned);
         let fail = |(setting, message): Refusal| ConfigError::Definition {
             what,
             name: label.clone(),

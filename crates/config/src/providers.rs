@@ -60,9 +60,19 @@ impl File {
             path: path.clone(),
             source,
         })?;
-        let data: Dict = Toml::from_str(&text).map_err(|e| ConfigError::Parse {
+        // The parser's own message quotes the offending line, which may hold a secret: the
+        // error says where it is instead.
+        if let Err(e) = text.parse::<toml::Table>() {
+            let at = e.span().map_or(0, |span| span.start);
+            let line = text[..at.min(text.len())].matches('\n').count() + 1;
+            return Err(ConfigError::Parse {
+                path,
+                message: format!("line {line}: {}", e.message()),
+            });
+        }
+        let data: Dict = Toml::from_str(&text).map_err(|_| ConfigError::Parse {
             path: path.clone(),
-            message: e.to_string(),
+            message: "cannot be read as TOML".into(),
         })?;
         for (key, value) in &data {
             if !file_keys().contains(&key.as_str()) {

@@ -13,7 +13,7 @@ use secrecy::{ExposeSecret as _, SecretString};
 use serde::{Deserialize, Deserializer};
 use serde_json::Value;
 
-use crate::de::positive_duration;
+use crate::de::{self, positive_duration};
 use crate::lists::{
     Refusal, check_name, check_range, check_tenants, refuse, typed, typed_definition,
 };
@@ -52,6 +52,7 @@ impl SourceKind {
 #[serde(deny_unknown_fields)]
 pub struct WebhookParams {
     /// The HMAC-SHA256 key shared with the sender.
+    #[serde(deserialize_with = "de::secret")]
     pub secret: SecretString,
     /// Header carrying the signature (lowercase).
     #[serde(default = "WebhookParams::default_signature_header")]

@@ -66,7 +66,9 @@ struct Definition {
 }
 
 fn sha256<'de, D: Deserializer<'de>>(d: D) -> Result<[u8; 32], D::Error> {
-    let text = String::deserialize(d)?;
+    let text = String::deserialize(d).map_err(|_: D::Error| {
+        serde::de::Error::custom("expected 64 hex digits, the SHA-256 of the token")
+    })?;
     hex::decode(text.trim())
         .ok()
         .and_then(|bytes| <[u8; 32]>::try_from(bytes).ok())

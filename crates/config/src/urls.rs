@@ -81,6 +81,14 @@ impl From<&str> for SecretUrl {
     }
 }
 
+/// Read as it is written (for configuration outside [`crate::Config`], such as a client's
+/// store); the reader checks what it needs.
+impl<'de> serde::Deserialize<'de> for SecretUrl {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<SecretUrl, D::Error> {
+        crate::de::Text::deserialize_from(d).map(SecretUrl::unchecked)
+    }
+}
+
 impl fmt::Debug for SecretUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         fmt::Debug::fmt(&self.shown, f)
@@ -139,14 +147,25 @@ fn split_url_list(text: &str) -> Vec<&str> {
     parts
 }
 
-/// Query parameters whose values are secrets (compared case-insensitively).
-const SECRET_PARAMS: [&str; 6] = [
+/// Query parameters whose values are secrets (compared case-insensitively): passwords,
+/// tokens and keys as PostgreSQL, NATS, SIEM collectors, Azure (`code`, `sig`) and API
+/// gateways name them.
+const SECRET_PARAMS: [&str; 15] = [
     "password",
     "sslpassword",
     "pass",
     "token",
     "auth_token",
+    "access_token",
+    "private_token",
     "secret",
+    "client_secret",
+    "api_key",
+    "apikey",
+    "key",
+    "code",
+    "sig",
+    "signature",
 ];
 
 /// Schemes whose user info alone (no password) is a token.
@@ -155,10 +174,12 @@ const TOKEN_SCHEMES: [&str; 4] = ["nats", "tls", "ws", "wss"];
 fn redact_one_url(text: &str) -> String {
     let lead = &text[..text.len() - text.trim_start().len()];
     let Ok(mut url) = url::Url::parse(text.trim()) else {
-        return if text.contains('@') {
-            format!("{lead}*** (not a URL)")
-        } else {
-            text.to_owned()
+        // Nothing in it can be told apart as a secret: shown only when it has no user info
+        // or query that could hold one, else up to its scheme.
+        return match text.find("://") {
+            _ if !text.contains(['@', '?', '#']) => text.to_owned(),
+            Some(i) => format!("{}://*** (not a valid URL)", &text[..i]),
+            None => "*** (not a valid URL)".to_owned(),
         };
     };
     if url.password().is_some() {

@@ -148,6 +148,16 @@ pub struct Tail<S> {
     max_event_bytes: usize,
 }
 
+/// What one read of the file gave.
+enum Read {
+    /// Bytes, consumed.
+    Data,
+    /// Nothing: the position is at the end of the file.
+    End,
+    /// Shutdown while the bytes were being published.
+    Stop,
+}
+
 /// The file being read.
 struct Current {
     file: File,
@@ -236,30 +246,20 @@ impl<S: Sink> Tail<S> {
                 continue;
             }
 
-            let n = cur
-                .file
-                .read(&mut chunk)
-                .map_err(|e| self.io_err("reading", &self.params.path, e))?;
-            if n > 0 {
-                if !self.consume(&mut cur, &chunk[..n], &shutdown).await? {
-                    break;
-                }
-                continue;
+            match self.read_on(&mut cur, &mut chunk, &shutdown).await? {
+                Read::Data => continue,
+                Read::Stop => break,
+                Read::End => {}
             }
             // At the end of what we have: has the file been rotated or truncated?
             match std::fs::metadata(&self.params.path) {
                 Ok(meta) if meta.ino() != cur.inode => {
                     // Rotated. The open handle still reads the old file to its end (the
                     // loop above runs again if it grew); it was at its end just now.
-                    let n = cur
-                        .file
-                        .read(&mut chunk)
-                        .map_err(|e| self.io_err("reading", &self.params.path, e))?;
-                    if n > 0 {
-                        if !self.consume(&mut cur, &chunk[..n], &shutdown).await? {
-                            break;
-                        }
-                        continue;
+                    match self.read_on(&mut cur, &mut chunk, &shutdown).await? {
+                        Read::Data => continue,
+                        Read::Stop => break,
+                        Read::End => {}
                     }
                     if !cur.buf.is_empty() && !cur.discarding {
                         tracing::warn!(
@@ -306,6 +306,27 @@ impl<S: Sink> Tail<S> {
             message = "File tail stopped."
         );
         Ok(())
+    }
+
+    /// Reads what follows the position into `chunk` and consumes it.
+    async fn read_on(
+        &self,
+        cur: &mut Current,
+        chunk: &mut [u8],
+        shutdown: &CancellationToken,
+    ) -> Result<Read, TailError> {
+        let n = cur
+            .file
+            .read(chunk)
+            .map_err(|e| self.io_err("reading", &self.params.path, e))?;
+        if n == 0 {
+            return Ok(Read::End);
+        }
+        Ok(if self.consume(cur, &chunk[..n], shutdown).await? {
+            Read::Data
+        } else {
+            Read::Stop
+        })
     }
 
     /// Truncation: follows the same file again from its beginning.

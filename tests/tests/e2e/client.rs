@@ -228,7 +228,7 @@ impl Drop for ProducerDb {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nats_outage_during_a_burst_loses_nothing_with_the_postgres_store() -> anyhow::Result<()> {
     let db = ProducerDb::create().await?;
-    let params = PostgresParams::new(&db.url);
+    let params = PostgresParams::new(db.url.as_str());
     outage_during_burst(StoreConfig::Postgres(params)).await?;
     let pool = sqlx::PgPool::connect(&db.url).await?;
     let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM auditbridge_client_buffer")
@@ -607,7 +607,7 @@ async fn corrupt_rows_of_the_postgres_store_are_moved_and_leave_no_transaction_o
     let env = TestEnv::new().await?;
     env.ensure_stream().await?;
     let db = ProducerDb::create().await?;
-    let store = StoreConfig::Postgres(PostgresParams::new(&db.url));
+    let store = StoreConfig::Postgres(PostgresParams::new(db.url.as_str()));
     let pool = sqlx::PgPool::connect(&db.url).await?;
     let database = db.url.rsplit('/').next().unwrap_or_default().to_owned();
 

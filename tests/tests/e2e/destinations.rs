@@ -12,15 +12,14 @@ mod rabbitmq {
     use auditbridge_destinations::rabbitmq::testing::{self, Answer, Message};
     use auditbridge_destinations::rabbitmq::{RabbitMode, RabbitParams, RabbitSink};
     use auditbridge_destinations::{Delivered, DeliveryError, StoredEvent};
+    use auditbridge_fixtures::{Exchange, QueueOptions};
     use lapin::message::BasicGetMessage;
     use lapin::options::{
-        BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions,
-        ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
+        BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, QueueBindOptions,
+        QueueDeclareOptions,
     };
     use lapin::types::{AMQPValue, FieldTable, ShortString};
-    use lapin::{
-        Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind, PublisherConfirm,
-    };
+    use lapin::{Channel, Confirmation, Connection, ConnectionProperties, PublisherConfirm};
     use time::OffsetDateTime;
     use tokio::time::Instant;
     use uuid::Uuid;
@@ -28,8 +27,10 @@ mod rabbitmq {
     const URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 
     /// A topic exchange of its own (and, when bound, a queue that takes everything), set up by
-    /// the test the way an operator would.
+    /// the test the way an operator would: an [`Exchange`] of the shared fixtures, and a
+    /// channel to read the queue with.
     struct Broker {
+        fixture: Exchange,
         _connection: Connection,
         channel: Channel,
         exchange: String,
@@ -38,54 +39,29 @@ mod rabbitmq {
 
     impl Broker {
         async fn new(bound: bool) -> Broker {
-            let suffix = Uuid::new_v4();
-            Broker::declare(
-                format!("test.ab.{suffix}"),
-                format!("test.ab.{suffix}"),
-                bound,
-            )
-            .await
+            Broker::declare(format!("test.ab.{}", Uuid::new_v4()), bound).await
         }
 
-        async fn declare(exchange: String, queue: String, bound: bool) -> Broker {
-            let connection = Connection::connect(URL, ConnectionProperties::default())
-                .await
-                .unwrap();
-            let channel = connection.create_channel().await.unwrap();
-            channel
-                .exchange_declare(
-                    exchange.as_str().into(),
-                    ExchangeKind::Topic,
-                    ExchangeDeclareOptions::default(),
-                    FieldTable::default(),
-                )
-                .await
-                .unwrap();
-            if bound {
-                let options = QueueDeclareOptions {
-                    durable: true,
-                    ..Default::default()
+        async fn declare(exchange: String, bound: bool) -> Broker {
+            let fixture = if bound {
+                let options = QueueOptions {
+                    // The broker removes the queue by itself if a failed test leaves it.
+                    expires: Some(Duration::from_secs(600)),
+                    ..QueueOptions::default()
                 };
-                channel
-                    .queue_declare(queue.as_str().into(), options, expiring())
-                    .await
-                    .unwrap();
-                channel
-                    .queue_bind(
-                        queue.as_str().into(),
-                        exchange.as_str().into(),
-                        "#".into(),
-                        QueueBindOptions::default(),
-                        FieldTable::default(),
-                    )
-                    .await
-                    .unwrap();
+                Exchange::declare(URL, &exchange, &options).await
+            } else {
+                Exchange::declare_unbound(URL, &exchange).await
             }
+            .unwrap();
+            let connection = fixture.connect().await.unwrap();
+            let channel = connection.create_channel().await.unwrap();
             Broker {
+                exchange: fixture.name.clone(),
+                queue: fixture.queue.clone(),
+                fixture,
                 _connection: connection,
                 channel,
-                exchange,
-                queue,
             }
         }
 
@@ -133,17 +109,11 @@ mod rabbitmq {
         }
 
         async fn delete(self) {
-            let _ = self
-                .channel
-                .queue_delete(self.queue.as_str().into(), QueueDeleteOptions::default())
-                .await;
-            self.channel
-                .exchange_delete(
-                    self.exchange.as_str().into(),
-                    ExchangeDeleteOptions::default(),
-                )
-                .await
-                .unwrap();
+            let Broker {
+                fixture, channel, ..
+            } = self;
+            let _ = channel.close(200, "done".into()).await;
+            fixture.delete().await;
         }
     }
 
@@ -711,7 +681,7 @@ mod rabbitmq {
         assert!(!sink.is_connected());
 
         // The operator creates the exchange; the same sink delivers on a new connection.
-        let broker = Broker::declare(exchange, format!("test.ab.{suffix}"), true).await;
+        let broker = Broker::declare(exchange, true).await;
         assert_eq!(
             sink.deliver(&events).await.unwrap(),
             Delivered::confirmed(5)

@@ -40,7 +40,7 @@ impl PgStore {
         prefix: &str,
         max_event_bytes: usize,
     ) -> Result<PgStore, StoreError> {
-        let mut options = PgConnectOptions::from_str(&params.url)
+        let mut options = PgConnectOptions::from_str(params.url.expose())
             .map_err(StoreError::db("parsing the postgres store's URL"))?;
         if options.get_application_name().is_none() {
             // So that its sessions can be told apart in `pg_stat_activity`.
