@@ -2,6 +2,7 @@
 //! command line, loads the configuration, and maps failures to an exit code and one clear
 //! message.
 
+mod log;
 mod publish;
 mod status;
 mod tail_file;
@@ -59,6 +60,9 @@ enum Command {
     /// Maintain the outbox order (relays and live tails).
     #[command(subcommand)]
     Outbox(OutboxCommand),
+    /// The tenants' verifiable logs: signing key.
+    #[command(subcommand)]
+    Log(log::LogCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -111,6 +115,10 @@ fn parse_timestamp(s: &str) -> Result<time::OffsetDateTime, String> {
 /// Entry point of the binary (also used by the end-to-end test crate's copy of it).
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Needs no configuration: a key is made before a worker is configured to use it.
+    if let Command::Log(command) = cli.command {
+        return log::run(command);
+    }
     let config = match Config::load() {
         Ok(c) => c,
         Err(e) => {
@@ -244,6 +252,7 @@ async fn run(command: Command, config: Config) -> anyhow::Result<ExitCode> {
             println!("AUDITBRIDGE_API_TOKENS item: {entry}");
             Ok(ExitCode::SUCCESS)
         }
+        Command::Log(command) => Ok(log::run(command)),
         Command::Outbox(OutboxCommand::Rebase) => {
             let store =
                 auditbridge_store::Store::connect_lazy(config.migrate_database_url.expose(), 1)?;

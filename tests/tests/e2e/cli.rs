@@ -491,3 +491,51 @@ async fn sources_that_derive_ids_refuse_to_start_without_the_id_key() -> anyhow:
     assert!(!all.contains(short), "the key was printed: {all}");
     Ok(())
 }
+
+/// `log keygen` writes a private key only its owner can read, prints its verifier key, and
+/// never overwrites a key; a bad name exits 2 naming `--name`.
+#[test]
+fn log_keygen_writes_a_private_key_and_prints_its_verifier() -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+
+    let dir = std::env::temp_dir().join(format!("ab-keygen-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir)?;
+    let out = dir.join("log.key");
+    let keygen = |name: &str| {
+        std::process::Command::new(auditbridge_tests::binary())
+            .args(["log", "keygen", "--name", name, "--out"])
+            .arg(&out)
+            .output()
+    };
+    let first = keygen("audit.example/log")?;
+    ensure!(first.status.success(), "{}", describe(&first));
+    let mode = std::fs::metadata(&out)?.permissions().mode() & 0o777;
+    ensure!(mode == 0o600, "mode {mode:o}");
+    let private = std::fs::read_to_string(&out)?;
+    let key = auditbridge_tlog::SignerKey::parse(&private)?;
+    let printed = text(&first.stdout);
+    ensure!(printed.trim() == key.verifier().to_string(), "{printed}");
+    ensure!(!printed.contains("PRIVATE"), "{printed}");
+
+    let again = keygen("audit.example/log")?;
+    ensure!(again.status.code() == Some(2), "{}", describe(&again));
+    ensure!(
+        text(&again.stderr).contains("exists"),
+        "{}",
+        describe(&again)
+    );
+    ensure!(
+        std::fs::read_to_string(&out)? == private,
+        "the key was overwritten"
+    );
+    std::fs::remove_file(&out)?;
+    let bad = keygen("not a name")?;
+    ensure!(
+        bad.status.code() == Some(2) && text(&bad.stderr).contains("--name"),
+        "{}",
+        describe(&bad)
+    );
+    ensure!(!out.exists());
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}

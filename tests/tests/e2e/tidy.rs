@@ -228,6 +228,7 @@ fn the_event_model_depends_on_no_runtime() {
 /// (ARCHITECTURE.md, invariant 13). A new crate is added here and to the map.
 const BOUNDARIES: &[(&str, &[&str])] = &[
     ("auditbridge-event", &[]),
+    ("auditbridge-tlog", &[]),
     ("auditbridge-config", &["auditbridge-event"]),
     ("auditbridge-store", &["auditbridge-event"]),
     (
