@@ -238,7 +238,7 @@ fn diagnose(text: &str, serde_error: &serde_json::Error) -> Invalid {
     }
 }
 
-const EVENT_FIELDS: &[&str] = &[
+pub(crate) const EVENT_FIELDS: &[&str] = &[
     "id",
     "tenant",
     "occurred_at",

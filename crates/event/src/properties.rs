@@ -74,23 +74,14 @@ fn json_value() -> impl Strategy<Value = Value> {
     })
 }
 
-const FIELDS: &[&str] = &[
-    "id",
-    "tenant",
-    "occurred_at",
-    "action",
-    "outcome",
-    "actor",
-    "target",
-    "source",
-    "reason",
-    "request_id",
-    "metadata",
-    "bogus",
-];
-
 fn mutation() -> impl Strategy<Value = Mutation> {
-    let field = proptest::sample::select(FIELDS);
+    // The format's fields, and one it does not have.
+    let fields: Vec<&str> = decode::EVENT_FIELDS
+        .iter()
+        .copied()
+        .chain(["bogus"])
+        .collect();
+    let field = proptest::sample::select(fields);
     prop_oneof![
         any::<usize>().prop_map(Mutation::Truncate),
         (any::<usize>(), any::<u8>()).prop_map(|(at, b)| Mutation::FlipByte(at, b)),

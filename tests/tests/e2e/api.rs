@@ -704,8 +704,6 @@ async fn a_client_that_does_not_read_is_disconnected() -> anyhow::Result<()> {
 /// count alone (1,024 queued) it would have been sent all 600 (36 MiB).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_client_of_large_events_is_bounded_in_bytes() -> anyhow::Result<()> {
-    use tokio::io::AsyncReadExt as _;
-
     let _one_at_a_time = SLOW_CLIENT_TESTS.lock().await;
     let mut env = TestEnv::new().await?;
     env.ensure_stream().await?;
@@ -714,34 +712,10 @@ async fn a_slow_client_of_large_events_is_bounded_in_bytes() -> anyhow::Result<(
     let api = serve_process(&env, &admin, &[]).await?;
     let before = slow_disconnects(api.metrics).await?;
     let mut conn = open_tail_that_stops_reading(api.addr, &admin).await?;
-    let mut buf = vec![0u8; 65536];
-    let pad = "x".repeat(60_000);
-    let mut events = env.events(600);
-    for e in &mut events {
-        let mut m = serde_json::Map::new();
-        m.insert("pad".into(), Value::String(pad.clone()));
-        e.metadata = Some(m);
-    }
-    env.publish(&events).await?;
-    env.wait_for_count(600, T).await?;
+    publish_padded(&mut env, 600, 60_000).await?;
     // Bounded: the server disconnects it (slow) within SLOW_CLIENT of its budget filling.
     wait_for_slow_disconnect(api.metrics, before).await?;
-    let mut received = Vec::new();
-    // Bounded in all, not only per read: heartbeats would keep an open stream alive forever.
-    let read_to_end = tokio::time::timeout(T, async {
-        loop {
-            match tokio::time::timeout(Duration::from_secs(20), conn.read(&mut buf)).await {
-                Ok(Ok(0)) | Ok(Err(_)) => break,
-                Ok(Ok(n)) => received.extend_from_slice(&buf[..n]),
-                Err(_) => panic!("the server kept the stream open"),
-            }
-        }
-    })
-    .await;
-    assert!(
-        read_to_end.is_ok(),
-        "the stream of a client disconnected as slow was still open after {T:?}"
-    );
+    let received = read_until_closed(&mut conn, Duration::from_secs(20)).await;
     let delivered = String::from_utf8_lossy(&received)
         .matches("event: audit")
         .count();
@@ -762,8 +736,6 @@ async fn a_slow_client_of_large_events_is_bounded_in_bytes() -> anyhow::Result<(
 /// could hold the whole byte budget with sockets that never read.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_stops_reading_is_cut_and_frees_its_tail() -> anyhow::Result<()> {
-    use tokio::io::AsyncReadExt as _;
-
     let _one_at_a_time = SLOW_CLIENT_TESTS.lock().await;
     let mut env = TestEnv::new().await?;
     env.ensure_stream().await?;
@@ -772,15 +744,7 @@ async fn a_client_that_stops_reading_is_cut_and_frees_its_tail() -> anyhow::Resu
     let api = serve_process(&env, &admin, &[("AUDITBRIDGE_API_WRITE_TIMEOUT", "2s")]).await?;
     let mut conn = open_tail_that_stops_reading(api.addr, &admin).await?;
     assert_eq!(tail_clients(api.metrics).await?, 1.0);
-    let pad = "x".repeat(60_000);
-    let mut events = env.events(200);
-    for e in &mut events {
-        let mut m = serde_json::Map::new();
-        m.insert("pad".into(), Value::String(pad.clone()));
-        e.metadata = Some(m);
-    }
-    env.publish(&events).await?;
-    env.wait_for_count(200, T).await?;
+    publish_padded(&mut env, 200, 60_000).await?;
     let what = "the client that stopped reading to lose its live tail";
     eventually(what, T, async || {
         let open = tail_clients(api.metrics).await?;
@@ -789,19 +753,48 @@ async fn a_client_that_stops_reading_is_cut_and_frees_its_tail() -> anyhow::Resu
     })
     .await?;
     // The connection is closed: what the kernel buffered, then the end.
+    read_until_closed(&mut conn, Duration::from_secs(10)).await;
+    Ok(())
+}
+
+/// `n` events of about `bytes` each (a `pad` of that many characters in their metadata),
+/// published and stored.
+async fn publish_padded(env: &mut TestEnv, n: usize, bytes: usize) -> anyhow::Result<()> {
+    let pad = "x".repeat(bytes);
+    let mut events = env.events(n);
+    for e in &mut events {
+        let mut m = serde_json::Map::new();
+        m.insert("pad".into(), Value::String(pad.clone()));
+        e.metadata = Some(m);
+    }
+    env.publish(&events).await?;
+    env.wait_for_count(n as i64, T).await?;
+    Ok(())
+}
+
+/// Reads `conn` until the server closes it, within `T` in all and `quiet` between reads
+/// (heartbeats would keep an open stream alive forever); returns what it read. Panics when
+/// the server keeps it open.
+async fn read_until_closed(conn: &mut tokio::net::TcpStream, quiet: Duration) -> Vec<u8> {
+    use tokio::io::AsyncReadExt as _;
+
     let mut buf = vec![0u8; 65536];
+    let mut received = Vec::new();
     let read_to_end = tokio::time::timeout(T, async {
         loop {
-            match tokio::time::timeout(Duration::from_secs(10), conn.read(&mut buf)).await {
+            match tokio::time::timeout(quiet, conn.read(&mut buf)).await {
                 Ok(Ok(0)) | Ok(Err(_)) => break,
-                Ok(Ok(_)) => {}
+                Ok(Ok(n)) => received.extend_from_slice(&buf[..n]),
                 Err(_) => panic!("the server kept the connection open"),
             }
         }
     })
     .await;
-    assert!(read_to_end.is_ok(), "the connection is still open");
-    Ok(())
+    assert!(
+        read_to_end.is_ok(),
+        "the connection was still open after {T:?}"
+    );
+    received
 }
 
 async fn tail_clients(metrics_addr: std::net::SocketAddr) -> anyhow::Result<f64> {

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{bail, ensure};
 use auditbridge_event::Event;
 use auditbridge_sources::signature::sign;
-use auditbridge_sources::{Mapping, SourceKind};
+use auditbridge_sources::{Mapping, SourceKind, WebhookParams};
 use auditbridge_tests::api::Token;
 use auditbridge_tests::sources::Process;
 use auditbridge_tests::{TestEnv, eventually, id_key, load_sources, until};
@@ -39,6 +39,31 @@ fn ndjson(events: &[Event]) -> String {
     events
         .iter()
         .map(|e| serde_json::to_string(e).unwrap() + "\n")
+        .collect()
+}
+
+/// `serve` with these sources (and more variables), listening.
+async fn serve_with(
+    env: &TestEnv,
+    sources: &Value,
+    more: &[(&str, &str)],
+) -> anyhow::Result<Process> {
+    let sources = sources.to_string();
+    let mut vars = vec![("AUDITBRIDGE_SOURCES", sources.as_str())];
+    vars.extend_from_slice(more);
+    let mut serve = Process::spawn(env, "serve", &["serve"], &vars)?;
+    serve.wait_listening(WAIT).await?;
+    Ok(serve)
+}
+
+/// The parameters of webhook sources, loaded as `serve` loads them, in order.
+fn webhooks(sources: &Value) -> anyhow::Result<Vec<WebhookParams>> {
+    load_sources(sources)?
+        .into_iter()
+        .map(|s| match s.kind {
+            SourceKind::Webhook(params) => Ok(params),
+            SourceKind::File(_) => bail!("source {} is not a webhook", s.name),
+        })
         .collect()
 }
 
@@ -268,19 +293,10 @@ async fn webhooks_verify_signatures_map_payloads_and_store_redeliveries_once() -
     let worker = env.spawn_worker("w", &[]).await?;
     worker.wait_ready(WAIT).await?;
     let sources = json!([vendor_source(), hub_source()]);
-    let parsed = load_sources(&sources)?;
-    let (SourceKind::Webhook(vendor), SourceKind::Webhook(hub)) =
-        (&parsed[0].kind, &parsed[1].kind)
-    else {
+    let [vendor, hub] = &webhooks(&sources)?[..] else {
         bail!("two webhooks")
     };
-    let mut serve = Process::spawn(
-        &env,
-        "serve",
-        &["serve"],
-        &[("AUDITBRIDGE_SOURCES", &sources.to_string())],
-    )?;
-    serve.wait_listening(WAIT).await?;
+    let serve = serve_with(&env, &sources, &[]).await?;
     let http = reqwest::Client::new();
     let url = serve.url("/v1/webhooks/vendor");
     let deliver = |body: String, ts: u64, signature: Option<String>| {
@@ -654,20 +670,10 @@ async fn no_way_in_lets_another_tenants_id_suppress_an_event() -> anyhow::Result
     let tokens = json!([acme_token.entry, globex_token.entry]).to_string();
     let relay = json!([{"name": "relay", "type": "webhook",
         "params": {"secret": "relay-secret-0123456789"}}]);
-    let parsed = load_sources(&relay)?;
-    let SourceKind::Webhook(relay_params) = &parsed[0].kind else {
+    let [relay_params] = &webhooks(&relay)?[..] else {
         bail!("a webhook")
     };
-    let mut serve = Process::spawn(
-        &env,
-        "serve",
-        &["serve"],
-        &[
-            ("AUDITBRIDGE_API_TOKENS", &tokens),
-            ("AUDITBRIDGE_SOURCES", &relay.to_string()),
-        ],
-    )?;
-    serve.wait_listening(WAIT).await?;
+    let serve = serve_with(&env, &relay, &[("AUDITBRIDGE_API_TOKENS", &tokens)]).await?;
     let http = reqwest::Client::new();
 
     // HTTP ingest.
@@ -801,17 +807,10 @@ async fn webhooks_refuse_unsigned_oversized_slow_and_excess_requests_early() -> 
         {"name": "bulk", "type": "webhook", "params": {"secret": "bulk-secret-0123456789",
             "body_timeout": "3s", "max_concurrent_requests": 1000}}
     ]);
-    let parsed = load_sources(&sources)?;
-    let SourceKind::Webhook(tight) = &parsed[0].kind else {
-        bail!("a webhook")
+    let [tight, _] = &webhooks(&sources)?[..] else {
+        bail!("two webhooks")
     };
-    let mut serve = Process::spawn(
-        &env,
-        "serve",
-        &["serve"],
-        &[("AUDITBRIDGE_SOURCES", &sources.to_string())],
-    )?;
-    serve.wait_listening(WAIT).await?;
+    let mut serve = serve_with(&env, &sources, &[]).await?;
     let addr = serve.addr;
     let fast = Duration::from_millis(1500);
     let well_formed = |ts: u64| {
@@ -1013,19 +1012,10 @@ async fn redeliveries_with_a_receive_time_stay_duplicates_and_carry_their_header
     let worker = env.spawn_worker("w", &[]).await?;
     worker.wait_ready(WAIT).await?;
     let sources = json!([hub_source(), vendor_source()]);
-    let parsed = load_sources(&sources)?;
-    let (SourceKind::Webhook(hub), SourceKind::Webhook(vendor)) =
-        (&parsed[0].kind, &parsed[1].kind)
-    else {
+    let [hub, vendor] = &webhooks(&sources)?[..] else {
         bail!("two webhooks")
     };
-    let mut serve = Process::spawn(
-        &env,
-        "serve",
-        &["serve"],
-        &[("AUDITBRIDGE_SOURCES", &sources.to_string())],
-    )?;
-    serve.wait_listening(WAIT).await?;
+    let serve = serve_with(&env, &sources, &[]).await?;
     let http = reqwest::Client::new();
     let push = json!({"id": 4242, "event": "push", "pusher": "ada"}).to_string();
     let mut ids = Vec::new();
@@ -1107,8 +1097,7 @@ async fn a_redelivery_spanning_the_upgrade_to_keyed_ids_is_stored_once() -> anyh
     let worker = env.spawn_worker("w", &[]).await?;
     worker.wait_ready(WAIT).await?;
     let sources = json!([vendor_source()]);
-    let parsed = load_sources(&sources)?;
-    let SourceKind::Webhook(vendor) = &parsed[0].kind else {
+    let [vendor] = &webhooks(&sources)?[..] else {
         bail!("a webhook")
     };
     let body = vendor_payload("dlv-upgrade", "edited", "acme");
@@ -1136,13 +1125,7 @@ async fn a_redelivery_spanning_the_upgrade_to_keyed_ids_is_stored_once() -> anyh
     wait_stored(&env, &[old.id].into()).await?;
 
     // The new serve receives the same delivery again.
-    let mut serve = Process::spawn(
-        &env,
-        "serve",
-        &["serve"],
-        &[("AUDITBRIDGE_SOURCES", &sources.to_string())],
-    )?;
-    serve.wait_listening(WAIT).await?;
+    let serve = serve_with(&env, &sources, &[]).await?;
     let ts = now();
     let resp = reqwest::Client::new()
         .post(serve.url("/v1/webhooks/vendor"))
