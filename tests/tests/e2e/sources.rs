@@ -893,22 +893,22 @@ async fn webhooks_refuse_unsigned_oversized_slow_and_excess_requests_early() -> 
         ];
         (headers, body)
     };
+    // A request that sends its headers and one byte of a 100-byte body: it holds a permit
+    // until its body times out.
+    let slow = async |path: &str| {
+        open_request(addr, path, &with_length(well_formed(now()), 100), b"{").await
+    };
+    let send_valid = async |env: &mut TestEnv, within: Duration| {
+        let (headers, body) = valid(env);
+        let mut conn = open_request(addr, "/v1/webhooks/tight", &headers, body.as_bytes()).await?;
+        answer(&mut conn, within).await
+    };
     let mut held = Vec::new();
     for _ in 0..2 {
-        held.push(
-            open_request(
-                addr,
-                "/v1/webhooks/tight",
-                &with_length(well_formed(now()), 100),
-                b"{",
-            )
-            .await?,
-        );
+        held.push(slow("/v1/webhooks/tight").await?);
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let (headers, body) = valid(&mut env);
-    let mut conn = open_request(addr, "/v1/webhooks/tight", &headers, body.as_bytes()).await?;
-    let (status, head) = answer(&mut conn, fast).await?;
+    let (status, head) = send_valid(&mut env, fast).await?;
     assert_eq!(status, 503, "{head}");
     assert!(
         head.to_ascii_lowercase().contains("retry-after: 1"),
@@ -917,9 +917,7 @@ async fn webhooks_refuse_unsigned_oversized_slow_and_excess_requests_early() -> 
     for mut conn in held {
         assert_eq!(answer(&mut conn, Duration::from_secs(5)).await?.0, 400);
     }
-    let (headers, body) = valid(&mut env);
-    let mut conn = open_request(addr, "/v1/webhooks/tight", &headers, body.as_bytes()).await?;
-    let (status, head) = answer(&mut conn, Duration::from_secs(15)).await?;
+    let (status, head) = send_valid(&mut env, Duration::from_secs(15)).await?;
     assert_eq!(status, 202, "{head}");
 
     // In all: slow requests to a source that allows 1000 take its share of the 64 (32 for
@@ -927,33 +925,17 @@ async fn webhooks_refuse_unsigned_oversized_slow_and_excess_requests_early() -> 
     // answered 503 at once, while `tight` keeps its own share.
     let mut held = Vec::new();
     for _ in 0..62 {
-        held.push(
-            open_request(
-                addr,
-                "/v1/webhooks/bulk",
-                &with_length(well_formed(now()), 100),
-                b"{",
-            )
-            .await?,
-        );
+        held.push(slow("/v1/webhooks/bulk").await?);
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let mut conn = open_request(
-        addr,
-        "/v1/webhooks/bulk",
-        &with_length(well_formed(now()), 100),
-        b"{",
-    )
-    .await?;
+    let mut conn = slow("/v1/webhooks/bulk").await?;
     let (status, head) = answer(&mut conn, fast).await?;
     assert_eq!(status, 503, "{head}");
     assert!(
         head.contains("etry-After") || head.contains("etry-after"),
         "{head}"
     );
-    let (headers, body) = valid(&mut env);
-    let mut conn = open_request(addr, "/v1/webhooks/tight", &headers, body.as_bytes()).await?;
-    let (status, head) = answer(&mut conn, Duration::from_secs(15)).await?;
+    let (status, head) = send_valid(&mut env, Duration::from_secs(15)).await?;
     assert_eq!(status, 202, "another source keeps its share: {head}");
     drop(held);
 
