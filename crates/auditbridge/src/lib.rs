@@ -275,6 +275,13 @@ async fn run(command: Command, config: Config) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Destinations(DestinationsCommand::Rewind { name, to }) => {
+            if name == auditbridge_store::log::LOG_CURSOR {
+                eprintln!(
+                    "error: {name:?} is the verifiable log's sequencer, not a destination: a log is \
+                     appended once and never rewound"
+                );
+                return Ok(ExitCode::from(2));
+            }
             let store = auditbridge_store::Store::connect_lazy(config.database_url.expose(), 2)?;
             let moved = store.rewind(&name, to).await?;
             store.close().await;

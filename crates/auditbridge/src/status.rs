@@ -7,6 +7,7 @@ use std::time::Duration;
 use async_nats::jetstream;
 use auditbridge_config::Config;
 use auditbridge_store::Store;
+use auditbridge_store::log::LOG_CURSOR;
 use serde_json::json;
 use time::format_description::well_known::Rfc3339;
 
@@ -139,6 +140,13 @@ pub(crate) async fn run(args: Args, config: &Config) -> anyhow::Result<ExitCode>
                 doc["destinations"] = json!({"error": format!("{e:#}")});
             }
         }
+        match log(&store, config).await {
+            Ok(l) => doc["log"] = l,
+            Err(e) => {
+                ok = false;
+                doc["log"] = json!({"error": format!("{e:#}")});
+            }
+        }
     }
     store.close().await;
 
@@ -165,7 +173,13 @@ async fn destinations(store: &Store, config: &Config) -> anyhow::Result<serde_js
     let now = store.now().await?;
     let dead = store.destination_dead_letter_counts().await?;
     let mut list = Vec::new();
-    for d in store.destinations().await? {
+    // The sequencer's row is the log's, not a destination (see `log`).
+    for d in store
+        .destinations()
+        .await?
+        .into_iter()
+        .filter(|d| d.name != LOG_CURSOR)
+    {
         let backlog = store.backlog(&d.cursor).await?;
         let lease_live = d.lease_expires_at.is_some_and(|t| t > now);
         let dead_letters =
@@ -197,6 +211,48 @@ async fn destinations(store: &Store, config: &Config) -> anyhow::Result<serde_js
         }));
     }
     Ok(serde_json::Value::Array(list))
+}
+
+/// The verifiable logs: the sequencer's progress, and each tenant's size and newest
+/// checkpoint.
+async fn log(store: &Store, config: &Config) -> anyhow::Result<serde_json::Value> {
+    let now = store.now().await?;
+    let state = store
+        .destinations()
+        .await?
+        .into_iter()
+        .find(|d| d.name == LOG_CURSOR);
+    let backlog = match &state {
+        Some(s) => Some(store.backlog(&s.cursor).await?),
+        None => None,
+    };
+    let tenants: Vec<serde_json::Value> = store
+        .newest_checkpoints()
+        .await?
+        .into_iter()
+        .map(|c| {
+            json!({
+                "tenant": c.tenant,
+                "tree_size": c.tree_size,
+                "checkpoint_signed": c.signed,
+                "checkpoint_at": c.signed_at.format(&Rfc3339).ok(),
+                "checkpoint_age_seconds": (now - c.signed_at).as_seconds_f64().max(0.0),
+            })
+        })
+        .collect();
+    Ok(json!({
+        "signing": match &config.log_key_file {
+            Some(path) => json!({"key_file": path.display().to_string()}),
+            None => json!({"key_file": null, "warning": "AUDITBRIDGE_LOG_KEY_FILE is not set: checkpoints are not signed"}),
+        },
+        "sequencer": state.map(|s| json!({
+            "lease_holder": s.lease_expires_at.is_some_and(|t| t > now).then_some(s.lease_holder).flatten(),
+            "sequenced_total": s.delivered_total,
+            "unsequenced_events": backlog.map(|b| b.events),
+            "lag_seconds": backlog.and_then(|b| b.oldest).map(|t| (now - t).as_seconds_f64().max(0.0)),
+        })),
+        "tenants": tenants,
+    }))
 }
 
 fn print_text(doc: &serde_json::Value) {
@@ -270,6 +326,7 @@ fn print_text(doc: &serde_json::Value) {
         Some(_) => println!("dead letters: none"),
         None => {}
     }
+    print_log(&doc["log"]);
     match &doc["destinations"] {
         serde_json::Value::Array(list) if !list.is_empty() => {
             println!("destinations:");
@@ -327,5 +384,49 @@ fn print_text(doc: &serde_json::Value) {
             );
         }
         _ => {}
+    }
+}
+
+fn print_log(log: &serde_json::Value) {
+    if log.is_null() {
+        return;
+    }
+    if let Some(e) = log["error"].as_str() {
+        println!("log         ERROR: {e}");
+        return;
+    }
+    let seq = &log["sequencer"];
+    if seq.is_null() {
+        println!("log         no sequencer has started yet");
+    } else {
+        println!(
+            "log         {} events sequenced, {} waiting, lag {}, {}",
+            seq["sequenced_total"],
+            seq["unsequenced_events"],
+            seq["lag_seconds"]
+                .as_f64()
+                .map_or("-".to_owned(), |s| format!("{s:.1}s")),
+            match seq["lease_holder"].as_str() {
+                Some(h) => format!("sequenced by {h}"),
+                None => "no worker sequences it".to_owned(),
+            }
+        );
+    }
+    if let Some(w) = log["signing"]["warning"].as_str() {
+        println!("            {w}");
+    }
+    for t in log["tenants"].as_array().into_iter().flatten() {
+        println!(
+            "  {:<16} {:>10} events, newest checkpoint {} ({}, {:.0}s ago)",
+            t["tenant"].as_str().unwrap_or(""),
+            t["tree_size"],
+            t["checkpoint_at"].as_str().unwrap_or("-"),
+            if t["checkpoint_signed"].as_bool() == Some(true) {
+                "signed"
+            } else {
+                "UNSIGNED"
+            },
+            t["checkpoint_age_seconds"].as_f64().unwrap_or(0.0)
+        );
     }
 }

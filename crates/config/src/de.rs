@@ -371,3 +371,11 @@ where
 pub(crate) trait Hidden {
     const EXPECTED: &'static str;
 }
+
+/// A file path, or empty for "none".
+pub(crate) fn optional_path<'de, D: Deserializer<'de>>(
+    d: D,
+) -> Result<Option<std::path::PathBuf>, D::Error> {
+    let text = Text::deserialize_from(d)?;
+    Ok((!text.trim().is_empty()).then(|| std::path::PathBuf::from(text.trim())))
+}

@@ -191,6 +191,13 @@ pub struct Config {
     /// secret shared by every `serve`, `tail-file` and poller. `None` when unset; a source
     /// whose mapping derives ids is then refused at load.
     pub id_key: Option<SecretString>,
+    /// `AUDITBRIDGE_LOG_KEY_FILE`: the signed-note private key (`auditbridge log keygen`) the
+    /// sequencer signs checkpoints with; read and checked by the worker at start-up. `None`:
+    /// the logs are built, their checkpoints are not signed.
+    pub log_key_file: Option<PathBuf>,
+    /// Most often a tenant whose tree grew gets a new checkpoint (an idle tenant's is signed
+    /// again every minute, so its freshness stays verifiable).
+    pub log_checkpoint_interval: Duration,
     unknown_env: Vec<String>,
 }
 
@@ -255,6 +262,11 @@ struct Settings {
     /// Empty: unset. A secret: never part of an error message.
     #[serde(deserialize_with = "de::id_key")]
     id_key: Option<SecretString>,
+    /// Empty: unset (checkpoints are not signed).
+    #[serde(deserialize_with = "de::optional_path")]
+    log_key_file: Option<PathBuf>,
+    #[serde(deserialize_with = "de::duration::<_, 1000, 3_600_000>")]
+    log_checkpoint_interval: Duration,
     destinations: Vec<Tagged<serde_json::Value>>,
     api_tokens: Vec<Tagged<serde_json::Value>>,
     sources: Vec<Tagged<serde_json::Value>>,
@@ -290,6 +302,8 @@ impl Default for Settings {
             lease_ttl: Duration::from_secs(10),
             shutdown_timeout: Duration::from_secs(15),
             id_key: None,
+            log_key_file: None,
+            log_checkpoint_interval: Duration::from_secs(10),
             destinations: Vec::new(),
             api_tokens: Vec::new(),
             sources: Vec::new(),
@@ -454,6 +468,8 @@ impl Config {
             api_tokens,
             sources,
             id_key,
+            log_key_file: s.log_key_file,
+            log_checkpoint_interval: s.log_checkpoint_interval,
             unknown_env,
         })
     }

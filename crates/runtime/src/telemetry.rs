@@ -104,6 +104,7 @@ fn describe() {
     describe_gauge!(DATABASE_UP, "1 when PostgreSQL answered the last check.");
     describe_gauge!(NATS_UP, "1 when the NATS connection is up.");
     describe_destinations();
+    describe_log();
     describe_api();
     describe_sources();
 }
@@ -279,6 +280,51 @@ pub const DEST_BACKLOG_SECONDS: &str = "auditbridge_destination_backlog_age_seco
 pub const DEST_UP: &str = "auditbridge_destination_up";
 pub const DEST_LEASE_HELD: &str = "auditbridge_destination_lease_held";
 pub const DEST_LATENCY: &str = "auditbridge_destination_delivery_latency_seconds";
+
+// The verifiable log's sequencer (on the worker holding the `_log` lease).
+pub const LOG_LEAVES: &str = "auditbridge_log_leaves_total";
+pub const LOG_UNSEQUENCED: &str = "auditbridge_log_unsequenced_events";
+pub const LOG_LAG_SECONDS: &str = "auditbridge_log_sequencer_lag_seconds";
+pub const LOG_CHECKPOINTS_SIGNED: &str = "auditbridge_log_checkpoints_signed_total";
+/// The oldest of the tenants' newest checkpoints: how stale the freshest proof can be.
+pub const LOG_CHECKPOINT_AGE: &str = "auditbridge_log_checkpoint_age_seconds";
+pub const LOG_LEASE_HELD: &str = "auditbridge_log_sequencer_lease_held";
+/// Label `reason`: database | lease.
+pub const LOG_FAILURES: &str = "auditbridge_log_sequencer_failures_total";
+
+fn describe_log() {
+    describe_counter!(
+        LOG_LEAVES,
+        Unit::Count,
+        "Events appended to their tenant's verifiable log."
+    );
+    describe_gauge!(
+        LOG_UNSEQUENCED,
+        Unit::Count,
+        "Stored events not yet in their tenant's log."
+    );
+    describe_gauge!(
+        LOG_LAG_SECONDS,
+        Unit::Seconds,
+        "Age of the oldest stored event not yet in its tenant's log."
+    );
+    describe_counter!(
+        LOG_CHECKPOINTS_SIGNED,
+        Unit::Count,
+        "Checkpoints signed with AUDITBRIDGE_LOG_KEY_FILE's key."
+    );
+    describe_gauge!(
+        LOG_CHECKPOINT_AGE,
+        Unit::Seconds,
+        "Age of the oldest of the tenants' newest checkpoints."
+    );
+    describe_gauge!(LOG_LEASE_HELD, "1 on the worker that sequences the logs.");
+    describe_counter!(
+        LOG_FAILURES,
+        Unit::Count,
+        "Sequencer steps that failed, by reason (the batch is retried)."
+    );
+}
 
 fn describe_destinations() {
     describe_counter!(

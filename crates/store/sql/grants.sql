@@ -95,8 +95,11 @@ GRANT SELECT, INSERT ON destination_dead_letters TO auditbridge_writer;
 -- Outbox generations (0006): read by relays and the start-up check; only the owner writes
 -- them (`auditbridge outbox rebase`).
 GRANT SELECT ON outbox_generations TO auditbridge_writer;
+-- The verifiable log (0007): the sequencer appends leaves, nodes and checkpoints. No UPDATE,
+-- DELETE or TRUNCATE (and triggers refuse them to everyone).
+GRANT SELECT, INSERT ON log_leaves, log_nodes, log_checkpoints TO auditbridge_writer;
 
 -- The reader (`auditbridge serve`, `auditbridge status`): SELECT, nothing else.
 GRANT SELECT ON audit_events, dead_letters, destinations, destination_dead_letters,
-    outbox_generations, _sqlx_migrations
+    outbox_generations, log_leaves, log_nodes, log_checkpoints, _sqlx_migrations
     TO auditbridge_reader;

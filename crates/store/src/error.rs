@@ -37,6 +37,9 @@ pub enum StoreError {
     NotMigrated { missing: Vec<i64> },
     #[error("invalid database URL: {0}")]
     Config(sqlx::Error),
+    /// Stored data that cannot be what this version wrote (a log hash of the wrong length).
+    #[error("stored data is not what it should be: {0}")]
+    Corrupt(String),
     #[error("applying migrations failed: {0}")]
     Migrate(sqlx::migrate::MigrateError),
     /// Creating the least-privilege roles or applying their grants failed (usually: the

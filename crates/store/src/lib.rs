@@ -10,6 +10,8 @@
 //! - [`StoredEvent`]: the one type of a stored event every reader gets (with its position in
 //!   the outbox order: [`OutboxEvent`]).
 //! - [`Store::record_undeliverable`]: per-destination dead letters.
+//! - [`log`]: the tenants' verifiable logs (leaves, stored subtrees, checkpoints), appended by
+//!   the sequencer under the `_log` lease.
 //!
 //! Errors are split by what the caller should do: [`StoreError::Unavailable`] means "the
 //! database could not do it now, keep the batch and retry"; [`StoreError::Rejected`] means "the
@@ -17,6 +19,7 @@
 //! that fails alone while a control row succeeds is at fault, anything else is the database's.
 
 mod error;
+pub mod log;
 pub mod outbox;
 mod persist;
 pub mod query;

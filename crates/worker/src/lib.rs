@@ -7,6 +7,7 @@
 
 mod ingest;
 mod relay;
+mod sequencer;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -36,6 +37,8 @@ const FLUSH_RESERVE: Duration = Duration::from_secs(1);
 pub struct Worker {
     config: Config,
     destinations: Vec<auditbridge_destinations::DestinationConfig>,
+    /// The log's signing key (`AUDITBRIDGE_LOG_KEY_FILE`), read at build.
+    log_key: Option<auditbridge_tlog::SignerKey>,
     listener: TcpListener,
     prometheus: PrometheusHandle,
     health: Arc<Health>,
@@ -46,12 +49,17 @@ impl Worker {
     /// checked the destinations at load).
     pub async fn build(config: Config) -> anyhow::Result<Worker> {
         let destinations = config.destinations.clone();
+        let log_key = match &config.log_key_file {
+            None => None,
+            Some(path) => Some(read_log_key(path)?),
+        };
         let listener = TcpListener::bind(config.metrics_addr)
             .await
             .with_context(|| format!("binding AUDITBRIDGE_METRICS_ADDR={}", config.metrics_addr))?;
         Ok(Worker {
             config,
             destinations,
+            log_key,
             listener,
             prometheus: prometheus(),
             health: Arc::new(Health::for_consumer()),
@@ -76,6 +84,7 @@ impl Worker {
         let Worker {
             config,
             destinations,
+            log_key,
             listener,
             prometheus,
             health,
@@ -113,6 +122,20 @@ impl Worker {
             nats.clone(),
             health.clone(),
             background.clone(),
+        ));
+
+        // The sequencer, on a pool of its own (two connections: it works one batch at a time,
+        // and reports and checkpoints beside it): it competes for the `_log` lease like a
+        // relay, so exactly one worker sequences.
+        tasks.spawn(sequencer::supervise(
+            sequencer::Sequencer {
+                store: Store::connect_lazy(config.database_url.expose(), 2)?,
+                holder: holder_id(),
+                lease_ttl: config.lease_ttl,
+                key: log_key,
+                checkpoint_interval: config.log_checkpoint_interval,
+            },
+            stopping.clone(),
         ));
 
         if !destinations.is_empty() {
@@ -308,6 +331,22 @@ async fn watch_consumer(
 
 /// This worker's name as a lease holder: host, process and a random part (a restarted
 /// process is a new holder).
+/// Reads and checks `AUDITBRIDGE_LOG_KEY_FILE` (a signed-note private key).
+fn read_log_key(path: &std::path::Path) -> anyhow::Result<auditbridge_tlog::SignerKey> {
+    let text = std::fs::read_to_string(path).with_context(|| {
+        format!(
+            "AUDITBRIDGE_LOG_KEY_FILE={}: cannot read the log's key",
+            path.display()
+        )
+    })?;
+    auditbridge_tlog::SignerKey::parse(&text).map_err(|e| {
+        anyhow::anyhow!(
+            "AUDITBRIDGE_LOG_KEY_FILE={}: {e} (make one with `auditbridge log keygen`)",
+            path.display()
+        )
+    })
+}
+
 fn holder_id() -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_owned())

@@ -986,7 +986,7 @@ impl Relay<'_> {
 }
 
 /// Renews the lease every third of its TTL; cancels `held` if it is lost.
-async fn keep_lease(
+pub(crate) async fn keep_lease(
     store: Store,
     name: String,
     holder: String,

@@ -16,6 +16,7 @@ mod faults;
 mod forwarding;
 mod ingest;
 mod limits;
+mod log;
 mod outbox;
 mod page;
 mod poison;

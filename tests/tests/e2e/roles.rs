@@ -392,7 +392,10 @@ async fn the_grants_are_exactly_the_listed_ones_and_migrate_restores_them() -> a
         [
             ("destination_dead_letters".to_owned(), "INSERT".to_owned()),
             ("destinations".to_owned(), "INSERT".to_owned()),
-            ("destinations".to_owned(), "UPDATE".to_owned())
+            ("destinations".to_owned(), "UPDATE".to_owned()),
+            ("log_checkpoints".to_owned(), "INSERT".to_owned()),
+            ("log_leaves".to_owned(), "INSERT".to_owned()),
+            ("log_nodes".to_owned(), "INSERT".to_owned())
         ]
     );
     // Column INSERT grants of the writer: the columns a batch carries, nothing the database

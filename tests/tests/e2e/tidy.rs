@@ -230,7 +230,10 @@ const BOUNDARIES: &[(&str, &[&str])] = &[
     ("auditbridge-event", &[]),
     ("auditbridge-tlog", &[]),
     ("auditbridge-config", &["auditbridge-event"]),
-    ("auditbridge-store", &["auditbridge-event"]),
+    (
+        "auditbridge-store",
+        &["auditbridge-event", "auditbridge-tlog"],
+    ),
     (
         "auditbridge-runtime",
         &["auditbridge-config", "auditbridge-store"],
@@ -259,6 +262,7 @@ const BOUNDARIES: &[(&str, &[&str])] = &[
             "auditbridge-event",
             "auditbridge-runtime",
             "auditbridge-store",
+            "auditbridge-tlog",
         ],
     ),
     (

@@ -1,0 +1,295 @@
+//! The tenants' verifiable logs in `log_leaves`, `log_nodes` and `log_checkpoints`
+//! (migration 0007): what the sequencer appends, what proofs and audits read.
+//!
+//! The sequencer is the holder of the `_log` row of `destinations`: it reads the outbox after
+//! that row's cursor (the relays' lease and cursor machinery), and [`Store::append_log`]
+//! writes the leaves and nodes *and* moves the cursor in one transaction, fenced by the lease
+//! and by the cursor it read from. So an event is sequenced exactly once: a holder that lost
+//! its lease, or whose cursor someone else moved, commits nothing, and the unique keys
+//! (`(tenant, log_index)`, `event_id`) refuse a repeat whatever happens.
+
+use auditbridge_tlog::Hash;
+use auditbridge_tlog::stored::StoredRange;
+use time::OffsetDateTime;
+
+use crate::outbox::Position;
+use crate::{Store, StoreError};
+
+/// The `destinations` row whose lease elects the sequencer and whose cursor is its place in
+/// the outbox. Destination names start with a letter or digit, so none can take it.
+pub const LOG_CURSOR: &str = "_log";
+
+/// One leaf to append.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogLeaf {
+    pub tenant: String,
+    pub index: u64,
+    pub event_id: uuid::Uuid,
+    pub hash: Hash,
+}
+
+/// One stored complete subtree to append (height `8 * level`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogNode {
+    pub tenant: String,
+    pub level: u32,
+    pub index: u64,
+    pub hash: Hash,
+}
+
+/// A stored checkpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredCheckpoint {
+    pub tenant: String,
+    pub tree_size: u64,
+    pub root: Hash,
+    pub signed_at: OffsetDateTime,
+    pub signed: bool,
+    pub note: String,
+}
+
+/// Where an event is in its tenant's log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogEntry {
+    pub tenant: String,
+    pub index: u64,
+    pub hash: Hash,
+}
+
+fn hash(bytes: &[u8]) -> Result<Hash, StoreError> {
+    bytes
+        .try_into()
+        .map_err(|_| StoreError::Corrupt(format!("a log hash of {} bytes", bytes.len())))
+}
+
+fn int(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+impl Store {
+    /// Creates the sequencer's row (cursor at the start: every stored event is sequenced,
+    /// those stored before the log existed too) unless it exists.
+    pub async fn register_log(&self) -> Result<bool, StoreError> {
+        self.register_destination(LOG_CURSOR, "log", &crate::StartAt::Earliest)
+            .await
+    }
+
+    /// The number of leaves in `tenant`'s log.
+    pub async fn log_size(&self, tenant: &str) -> Result<u64, StoreError> {
+        let max: Option<i64> =
+            sqlx::query_scalar("SELECT max(log_index) FROM log_leaves WHERE tenant = $1")
+                .bind(tenant)
+                .fetch_one(&self.pool)
+                .await?;
+        Ok(max.map_or(0, |m| m as u64 + 1))
+    }
+
+    /// The stored nodes of each range (level 0: leaf hashes), in one round trip, each in
+    /// order. A range that runs past what is stored comes back short: the caller checks.
+    pub async fn log_stored(
+        &self,
+        tenant: &str,
+        ranges: &[StoredRange],
+    ) -> Result<Vec<Vec<Hash>>, StoreError> {
+        let levels: Vec<i32> = ranges.iter().map(|r| r.level as i32).collect();
+        let firsts: Vec<i64> = ranges.iter().map(|r| int(r.first)).collect();
+        let counts: Vec<i64> = ranges.iter().map(|r| int(r.count)).collect();
+        let rows: Vec<(i64, Vec<u8>)> = sqlx::query_as(
+            "SELECT r.ord, x.hash FROM unnest($2::int[], $3::bigint[], $4::bigint[]) \
+                 WITH ORDINALITY AS r(level, first, count, ord) \
+             CROSS JOIN LATERAL ( \
+                 SELECT leaf_hash AS hash, log_index AS pos FROM log_leaves \
+                 WHERE r.level = 0 AND tenant = $1 \
+                   AND log_index >= r.first AND log_index < r.first + r.count \
+                 UNION ALL \
+                 SELECT hash, node_index FROM log_nodes \
+                 WHERE r.level > 0 AND tenant = $1 AND level = r.level \
+                   AND node_index >= r.first AND node_index < r.first + r.count \
+             ) x ORDER BY r.ord, x.pos",
+        )
+        .bind(tenant)
+        .bind(&levels)
+        .bind(&firsts)
+        .bind(&counts)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut out = vec![Vec::new(); ranges.len()];
+        for (ord, h) in rows {
+            out[ord as usize - 1].push(hash(&h)?);
+        }
+        Ok(out)
+    }
+
+    /// Appends leaves and nodes and moves the sequencer's cursor from `from` to `to`, in one
+    /// transaction, only while `holder` holds the lease and the cursor is still at `from`.
+    /// False (and nothing written) otherwise: the caller must drop what it holds in memory
+    /// and start again from the stored state.
+    pub async fn append_log(
+        &self,
+        holder: &str,
+        from: &Position,
+        to: &Position,
+        leaves: &[LogLeaf],
+        nodes: &[LogNode],
+    ) -> Result<bool, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let moved = sqlx::query(
+            "UPDATE destinations SET cursor_gen = $6, cursor_tx = $3::text::xid8, cursor_seq = $4, \
+                 delivered_total = delivered_total + $5, \
+                 last_delivered_at = CASE WHEN $5 > 0 THEN now() ELSE last_delivered_at END \
+             WHERE name = $1 AND lease_holder = $2 AND lease_expires_at > now() \
+               AND (cursor_gen, cursor_tx, cursor_seq) = ($9, $7::text::xid8, $8)",
+        )
+        .bind(LOG_CURSOR)
+        .bind(holder)
+        .bind(&to.tx_id)
+        .bind(to.seq)
+        .bind(leaves.len() as i64)
+        .bind(to.generation)
+        .bind(&from.tx_id)
+        .bind(from.seq)
+        .bind(from.generation)
+        .execute(&mut *tx)
+        .await?;
+        if moved.rows_affected() != 1 {
+            tx.rollback().await?;
+            return Ok(false);
+        }
+        if !leaves.is_empty() {
+            let tenants: Vec<&str> = leaves.iter().map(|l| l.tenant.as_str()).collect();
+            let indexes: Vec<i64> = leaves.iter().map(|l| int(l.index)).collect();
+            let ids: Vec<uuid::Uuid> = leaves.iter().map(|l| l.event_id).collect();
+            let hashes: Vec<&[u8]> = leaves.iter().map(|l| l.hash.as_slice()).collect();
+            sqlx::query(
+                "INSERT INTO log_leaves (tenant, log_index, event_id, leaf_hash) \
+                 SELECT * FROM unnest($1::text[], $2::bigint[], $3::uuid[], $4::bytea[])",
+            )
+            .bind(&tenants)
+            .bind(&indexes)
+            .bind(&ids)
+            .bind(&hashes)
+            .execute(&mut *tx)
+            .await?;
+        }
+        if !nodes.is_empty() {
+            let tenants: Vec<&str> = nodes.iter().map(|n| n.tenant.as_str()).collect();
+            let levels: Vec<i16> = nodes.iter().map(|n| n.level as i16).collect();
+            let indexes: Vec<i64> = nodes.iter().map(|n| int(n.index)).collect();
+            let hashes: Vec<&[u8]> = nodes.iter().map(|n| n.hash.as_slice()).collect();
+            sqlx::query(
+                "INSERT INTO log_nodes (tenant, level, node_index, hash) \
+                 SELECT * FROM unnest($1::text[], $2::smallint[], $3::bigint[], $4::bytea[])",
+            )
+            .bind(&tenants)
+            .bind(&levels)
+            .bind(&indexes)
+            .bind(&hashes)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    /// Stores a checkpoint, only while `holder` holds the sequencer's lease. False otherwise.
+    pub async fn insert_checkpoint(
+        &self,
+        holder: &str,
+        checkpoint: &StoredCheckpoint,
+    ) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "INSERT INTO log_checkpoints (tenant, tree_size, root, signed_at, signed, note) \
+             SELECT $2, $3, $4, $5, $6, $7 FROM destinations \
+             WHERE name = $1 AND lease_holder = $8 AND lease_expires_at > now()",
+        )
+        .bind(LOG_CURSOR)
+        .bind(&checkpoint.tenant)
+        .bind(int(checkpoint.tree_size))
+        .bind(checkpoint.root.as_slice())
+        .bind(checkpoint.signed_at)
+        .bind(checkpoint.signed)
+        .bind(&checkpoint.note)
+        .bind(holder)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Every tenant's newest checkpoint (signed or not), by tenant.
+    pub async fn newest_checkpoints(&self) -> Result<Vec<StoredCheckpoint>, StoreError> {
+        let rows: Vec<(String, i64, Vec<u8>, OffsetDateTime, bool, String)> = sqlx::query_as(
+            "SELECT DISTINCT ON (tenant) tenant, tree_size, root, signed_at, signed, note \
+             FROM log_checkpoints ORDER BY tenant, id DESC",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter().map(checkpoint).collect()
+    }
+
+    /// `tenant`'s newest signed checkpoint.
+    pub async fn newest_signed_checkpoint(
+        &self,
+        tenant: &str,
+    ) -> Result<Option<StoredCheckpoint>, StoreError> {
+        let row: Option<(String, i64, Vec<u8>, OffsetDateTime, bool, String)> = sqlx::query_as(
+            "SELECT tenant, tree_size, root, signed_at, signed, note FROM log_checkpoints \
+             WHERE tenant = $1 AND signed ORDER BY id DESC LIMIT 1",
+        )
+        .bind(tenant)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(checkpoint).transpose()
+    }
+
+    /// Where event `id` is in its tenant's log, if it is sequenced (`tenant`: only if it is
+    /// that tenant's).
+    pub async fn log_entry(
+        &self,
+        id: uuid::Uuid,
+        tenant: Option<&str>,
+    ) -> Result<Option<LogEntry>, StoreError> {
+        let row: Option<(String, i64, Vec<u8>)> = sqlx::query_as(
+            "SELECT tenant, log_index, leaf_hash FROM log_leaves \
+             WHERE event_id = $1 AND ($2::text IS NULL OR tenant = $2)",
+        )
+        .bind(id)
+        .bind(tenant)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|(tenant, index, h)| {
+            Ok(LogEntry {
+                tenant,
+                index: index as u64,
+                hash: hash(&h)?,
+            })
+        })
+        .transpose()
+    }
+
+    /// Events stored but not yet in a log (the outbox after the sequencer's cursor), and
+    /// the age of the oldest: the sequencer's lag.
+    pub async fn log_backlog(&self) -> Result<Option<crate::Backlog>, StoreError> {
+        let state = self
+            .destinations()
+            .await?
+            .into_iter()
+            .find(|d| d.name == LOG_CURSOR);
+        match state {
+            Some(s) => Ok(Some(self.backlog(&s.cursor).await?)),
+            None => Ok(None),
+        }
+    }
+}
+
+type CheckpointRow = (String, i64, Vec<u8>, OffsetDateTime, bool, String);
+
+fn checkpoint(r: CheckpointRow) -> Result<StoredCheckpoint, StoreError> {
+    Ok(StoredCheckpoint {
+        tenant: r.0,
+        tree_size: r.1 as u64,
+        root: hash(&r.2)?,
+        signed_at: r.3,
+        signed: r.4,
+        note: r.5,
+    })
+}

@@ -1,0 +1,317 @@
+//! The tenants' verifiable logs against real workers: every stored event in its tenant's log
+//! once, with no gap, in leaves that are the events' stored bytes; signed checkpoints a note
+//! verifier accepts whose roots a reference computation reproduces; a sequencer killed
+//! mid-load taken over without a gap or a repeat.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use anyhow::{Context as _, ensure};
+use auditbridge_tests::{TestEnv, Worker, eventually};
+use auditbridge_tlog::note::open_checkpoint;
+use auditbridge_tlog::tree::root;
+use auditbridge_tlog::{Hash, SignerKey, leaf_hash};
+use sqlx::Row as _;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+/// A fresh signing key in a file of the test's own.
+fn key_file(env: &TestEnv) -> anyhow::Result<(SignerKey, std::path::PathBuf)> {
+    let key = SignerKey::generate("audit.test/log")?;
+    let path = std::env::temp_dir().join(format!("ab-logkey-{}", env.tag));
+    std::fs::write(&path, key.to_private_text())?;
+    Ok((key, path))
+}
+
+/// Every tenant's leaves, in log order: (index, event id, leaf hash, the event's stored text).
+async fn leaves(
+    env: &TestEnv,
+) -> anyhow::Result<HashMap<String, Vec<(i64, uuid::Uuid, Hash, String)>>> {
+    let rows = sqlx::query(
+        "SELECT l.tenant, l.log_index, l.event_id, l.leaf_hash, e.event::text AS json \
+         FROM log_leaves l JOIN audit_events e ON e.id = l.event_id \
+         ORDER BY l.tenant, l.log_index",
+    )
+    .fetch_all(&env.pool)
+    .await?;
+    let mut out: HashMap<String, Vec<_>> = HashMap::new();
+    for r in rows {
+        let hash: Vec<u8> = r.try_get("leaf_hash")?;
+        out.entry(r.try_get("tenant")?).or_default().push((
+            r.try_get("log_index")?,
+            r.try_get("event_id")?,
+            hash.try_into()
+                .map_err(|_| anyhow::anyhow!("a leaf hash of another length"))?,
+            r.try_get("json")?,
+        ));
+    }
+    Ok(out)
+}
+
+/// Waits until every stored event is in a log, then checks each tenant's: as many leaves as
+/// stored events, indexes 0..n with no gap, each leaf the hash of the event's stored bytes.
+async fn check_logs(env: &TestEnv, stored: i64) -> anyhow::Result<HashMap<String, Vec<Hash>>> {
+    eventually(
+        "every stored event to be in its tenant's log",
+        WAIT,
+        async || {
+            let n: i64 = sqlx::query_scalar("SELECT count(*) FROM log_leaves")
+                .fetch_one(&env.pool)
+                .await?;
+            ensure!(n == stored, "{n} of {stored} events sequenced");
+            Ok(())
+        },
+    )
+    .await?;
+    let per_tenant: Vec<(String, i64)> =
+        sqlx::query_as("SELECT tenant, count(*) FROM audit_events GROUP BY tenant")
+            .fetch_all(&env.pool)
+            .await?;
+    let logs = leaves(env).await?;
+    ensure!(
+        logs.len() == per_tenant.len(),
+        "tenants: {} logs, {} stored",
+        logs.len(),
+        per_tenant.len()
+    );
+    let mut hashes = HashMap::new();
+    for (tenant, count) in per_tenant {
+        let log = &logs[&tenant];
+        ensure!(
+            log.len() as i64 == count,
+            "{tenant}: {} leaves, {count} events",
+            log.len()
+        );
+        for (i, (index, id, hash, json)) in log.iter().enumerate() {
+            ensure!(
+                *index == i as i64,
+                "{tenant}: index {index} at position {i}"
+            );
+            ensure!(
+                *hash == leaf_hash(json.as_bytes()),
+                "{tenant}: leaf {index} ({id}) is not its event's bytes"
+            );
+        }
+        hashes.insert(tenant, log.iter().map(|l| l.2).collect());
+    }
+    Ok(hashes)
+}
+
+/// Waits for each tenant's newest checkpoint to cover its whole log, then checks it: signed
+/// by `key` (a plain note verifier's check, and the timestamped cosignature), origin
+/// `<log name>/<tenant>`, and the root a reference computation gets from the leaves.
+async fn check_checkpoints(
+    env: &TestEnv,
+    key: &SignerKey,
+    logs: &HashMap<String, Vec<Hash>>,
+) -> anyhow::Result<()> {
+    for (tenant, leaves) in logs {
+        let note: String = eventually("a checkpoint of the whole log", WAIT, async || {
+            let row: Option<(i64, String)> = sqlx::query_as(
+                "SELECT tree_size, note FROM log_checkpoints WHERE tenant = $1 AND signed \
+                 ORDER BY id DESC LIMIT 1",
+            )
+            .bind(tenant)
+            .fetch_optional(&env.pool)
+            .await?;
+            match row {
+                Some((size, note)) if size as usize == leaves.len() => Ok(note),
+                other => anyhow::bail!(
+                    "{tenant}: newest checkpoint {:?} of {}",
+                    other.map(|o| o.0),
+                    leaves.len()
+                ),
+            }
+        })
+        .await?;
+        let opened = open_checkpoint(&note, &key.verifier()).context("the note verifies")?;
+        ensure!(
+            opened.checkpoint.origin == format!("audit.test/log/{tenant}"),
+            "{note}"
+        );
+        ensure!(
+            opened.checkpoint.root == root(leaves),
+            "{tenant}: the root is not the leaves'"
+        );
+        let signed_at = opened.signed_at.context("a timestamped cosignature")?;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_secs();
+        ensure!(
+            signed_at <= now && now - signed_at < 600,
+            "signed at {signed_at}, now {now}"
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_workers_sequence_every_event_once_and_sign_checkpoints() -> anyhow::Result<()> {
+    let mut env = TestEnv::new().await?;
+    let (key, path) = key_file(&env)?;
+    let path_s = path.to_string_lossy().into_owned();
+    let vars = [
+        ("AUDITBRIDGE_LOG_KEY_FILE", path_s.as_str()),
+        ("AUDITBRIDGE_LOG_CHECKPOINT_INTERVAL", "1s"),
+        ("AUDITBRIDGE_BATCH_SIZE", "50"),
+    ];
+    let mut workers: Vec<Worker> = Vec::new();
+    for name in ["w1", "w2", "w3"] {
+        workers.push(env.spawn_worker(name, &vars).await?);
+    }
+    for w in &workers {
+        w.wait_ready(WAIT).await?;
+    }
+    // Three workers committing small batches at once: their transactions commit out of order.
+    let events = env.events(3_000);
+    env.publish(&events).await?;
+    env.wait_for_count(3_000, WAIT).await?;
+    let logs = check_logs(&env, 3_000).await?;
+    check_checkpoints(&env, &key, &logs).await?;
+    let holders: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM destinations WHERE name = '_log' AND lease_holder IS NOT NULL",
+    )
+    .fetch_one(&env.pool)
+    .await?;
+    ensure!(holders == 1, "{holders} sequencers");
+
+    // `status` shows the log (not as a destination): every tenant's size and its signed
+    // checkpoint; the sequencer's row cannot be rewound.
+    let out = env
+        .command(
+            &["status", "--json"],
+            &[("AUDITBRIDGE_LOG_KEY_FILE", &path_s)],
+        )
+        .output()
+        .await?;
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let tenants = doc["log"]["tenants"].as_array().context("log tenants")?;
+    ensure!(tenants.len() == logs.len(), "{doc}");
+    for t in tenants {
+        let name = t["tenant"].as_str().unwrap_or("");
+        ensure!(
+            t["tree_size"].as_u64() == Some(logs[name].len() as u64),
+            "{t}"
+        );
+        ensure!(t["checkpoint_signed"] == true, "{t}");
+    }
+    ensure!(doc["log"]["sequencer"]["unsequenced_events"] == 0, "{doc}");
+    ensure!(
+        doc["destinations"].as_array().is_some_and(|d| d.is_empty()),
+        "the sequencer listed as a destination: {doc}"
+    );
+    let out = env
+        .command(
+            &[
+                "destinations",
+                "rewind",
+                "_log",
+                "--to",
+                "2026-01-01T00:00:00Z",
+            ],
+            &[],
+        )
+        .output()
+        .await?;
+    ensure!(out.status.code() == Some(2), "{out:?}");
+    let _ = std::fs::remove_file(path);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sequencer_killed_mid_load_is_taken_over_without_a_gap_or_a_repeat() -> anyhow::Result<()>
+{
+    let mut env = TestEnv::new().await?;
+    let (key, path) = key_file(&env)?;
+    let path_s = path.to_string_lossy().into_owned();
+    let vars = [
+        ("AUDITBRIDGE_LOG_KEY_FILE", path_s.as_str()),
+        ("AUDITBRIDGE_LOG_CHECKPOINT_INTERVAL", "1s"),
+        ("AUDITBRIDGE_LEASE_TTL", "2s"),
+        ("AUDITBRIDGE_BATCH_SIZE", "100"),
+    ];
+    let mut workers = Vec::new();
+    for name in ["w1", "w2"] {
+        workers.push(env.spawn_worker(name, &vars).await?);
+    }
+    for w in &workers {
+        w.wait_ready(WAIT).await?;
+    }
+    let first = env.events(2_000);
+    env.publish(&first).await?;
+    // The holder's id carries its pid: kill that worker while it sequences.
+    let holder: String = eventually("a sequencer to hold the log's lease", WAIT, async || {
+        let h: Option<String> = sqlx::query_scalar(
+            "SELECT lease_holder FROM destinations WHERE name = '_log' AND lease_holder IS NOT NULL",
+        )
+        .fetch_optional(&env.pool)
+        .await?;
+        h.context("no holder yet")
+    })
+    .await?;
+    let killed = workers
+        .iter()
+        .position(|w| holder.contains(&format!("-{}-", w.pid())))
+        .context("the holder is one of the workers")?;
+    let more = env.events(2_000);
+    let publishing = env.publish(&more);
+    workers[killed].signal("KILL");
+    publishing.await?;
+    env.wait_for_count(4_000, WAIT).await?;
+    let logs = check_logs(&env, 4_000).await?;
+    check_checkpoints(&env, &key, &logs).await?;
+    let taken: String =
+        sqlx::query_scalar("SELECT lease_holder FROM destinations WHERE name = '_log'")
+            .fetch_one(&env.pool)
+            .await?;
+    ensure!(taken != holder, "the killed worker still holds the lease");
+    let _ = std::fs::remove_file(path);
+    Ok(())
+}
+
+/// Without a key the logs are built all the same; their checkpoints are not signed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_key_the_log_is_built_and_checkpoints_are_unsigned() -> anyhow::Result<()> {
+    let mut env = TestEnv::new().await?;
+    let worker = env
+        .spawn_worker("w", &[("AUDITBRIDGE_LOG_CHECKPOINT_INTERVAL", "1s")])
+        .await?;
+    worker.wait_ready(WAIT).await?;
+    let events = env.events(300);
+    env.publish(&events).await?;
+    env.wait_for_count(300, WAIT).await?;
+    let logs = check_logs(&env, 300).await?;
+    for (tenant, leaves) in &logs {
+        let (signed, note): (bool, String) =
+            eventually("an unsigned checkpoint", WAIT, async || {
+                let row: Option<(bool, String, i64)> = sqlx::query_as(
+                    "SELECT signed, note, tree_size FROM log_checkpoints WHERE tenant = $1 \
+                 ORDER BY id DESC LIMIT 1",
+                )
+                .bind(tenant)
+                .fetch_optional(&env.pool)
+                .await?;
+                match row {
+                    Some((signed, note, size)) if size as usize == leaves.len() => {
+                        Ok((signed, note))
+                    }
+                    _ => anyhow::bail!("no checkpoint of the whole log yet"),
+                }
+            })
+            .await?;
+        ensure!(!signed, "{note}");
+        let checkpoint = auditbridge_tlog::Checkpoint::parse(&note)?;
+        ensure!(
+            checkpoint.root == root(leaves) && checkpoint.origin == format!("auditbridge/{tenant}"),
+            "{note}"
+        );
+    }
+    let out = env.command(&["status"], &[]).output().await?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        text.contains("AUDITBRIDGE_LOG_KEY_FILE is not set"),
+        "{text}"
+    );
+    ensure!(text.contains("UNSIGNED"), "{text}");
+    Ok(())
+}
