@@ -56,6 +56,45 @@ pub struct LogEntry {
     pub hash: Hash,
 }
 
+/// An event as the sequencer reads it: its outbox position, id, tenant and leaf hash,
+/// computed by PostgreSQL from the bytes `GET /v1/events/{id}` returns (the `event` column's
+/// text): the sequencer needs no more, and the 32 bytes cross the wire instead of the event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogSource {
+    pub position: Position,
+    pub event_id: uuid::Uuid,
+    pub tenant: String,
+    pub leaf: Hash,
+}
+
+/// The leaf of log version 1, in SQL: `SHA-256(0x00 || the event's text as UTF-8)`.
+macro_rules! leaf_sql {
+    () => {
+        "sha256('\\x00'::bytea || convert_to(event::text, 'UTF8'))"
+    };
+}
+
+/// [`crate::outbox::READ_OUTBOX`], reading what the sequencer needs.
+const READ_FOR_LOG: &str = concat!(
+    "SELECT tx_id::text AS tx_text, seq, id, tenant, ",
+    leaf_sql!(),
+    " AS leaf FROM audit_events \
+    WHERE (tx_id, seq) > ($1::text::xid8, $2) AND seq >= $4 \
+      AND tx_id < pg_snapshot_xmin(pg_current_snapshot()) \
+    ORDER BY tx_id, seq \
+    LIMIT $3"
+);
+
+/// The same for an earlier generation (no horizon).
+const READ_SEALED_FOR_LOG: &str = concat!(
+    "SELECT tx_id::text AS tx_text, seq, id, tenant, ",
+    leaf_sql!(),
+    " AS leaf FROM audit_events \
+    WHERE (tx_id, seq) > ($1::text::xid8, $2) AND seq >= $4 AND seq < $5 \
+    ORDER BY tx_id, seq \
+    LIMIT $3"
+);
+
 fn hash(bytes: &[u8]) -> Result<Hash, StoreError> {
     bytes
         .try_into()
@@ -72,6 +111,35 @@ impl Store {
     pub async fn register_log(&self) -> Result<bool, StoreError> {
         self.register_destination(LOG_CURSOR, "log", &crate::StartAt::Earliest)
             .await
+    }
+
+    /// Up to `limit` events after `after`, in commit-safe order, as the sequencer reads them.
+    pub async fn read_for_log(
+        &self,
+        after: &Position,
+        limit: usize,
+    ) -> Result<Vec<LogSource>, StoreError> {
+        use sqlx::Row as _;
+        self.read_ordered(
+            after,
+            limit,
+            READ_FOR_LOG,
+            READ_SEALED_FOR_LOG,
+            |row, generation| {
+                let leaf: Vec<u8> = row.try_get("leaf")?;
+                Ok(LogSource {
+                    position: Position::new(
+                        generation,
+                        row.try_get::<String, _>("tx_text")?,
+                        row.try_get("seq")?,
+                    ),
+                    event_id: row.try_get("id")?,
+                    tenant: row.try_get("tenant")?,
+                    leaf: hash(&leaf)?,
+                })
+            },
+        )
+        .await
     }
 
     /// The number of leaves in `tenant`'s log.

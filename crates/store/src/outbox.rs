@@ -22,6 +22,8 @@ use std::time::Duration;
 
 use time::OffsetDateTime;
 
+use sqlx::FromRow as _;
+
 use crate::stored::{OutboxEvent, OutboxRecord, stored_columns};
 use crate::{Store, StoreError};
 
@@ -557,17 +559,35 @@ impl Store {
         after: &Position,
         limit: usize,
     ) -> Result<Vec<OutboxEvent>, StoreError> {
+        self.read_ordered(after, limit, READ_OUTBOX, READ_SEALED, |row, generation| {
+            Ok(OutboxRecord::from_row(&row)?.in_generation(generation))
+        })
+        .await
+    }
+
+    /// Up to `limit` rows after `after` in commit-safe order, by `current` (the current
+    /// generation, below the horizon) and `sealed` (earlier ones), each bound to (cursor tx,
+    /// cursor seq, limit, first seq, end seq) and returning `tx_text` and `seq` first; each row
+    /// read by `read` with its generation.
+    pub(crate) async fn read_ordered<T>(
+        &self,
+        after: &Position,
+        limit: usize,
+        current: &'static str,
+        sealed: &'static str,
+        read: impl Fn(sqlx::postgres::PgRow, i32) -> Result<T, StoreError>,
+    ) -> Result<Vec<T>, StoreError> {
         let (gens, Some(mut i), mut from) = self.read_plan(after).await? else {
             return Ok(Vec::new());
         };
         let mut out = Vec::new();
         loop {
             let g = &gens[i];
-            let query = match g.end_seq {
-                None => sqlx::query_as(READ_OUTBOX),
-                Some(_) => sqlx::query_as(READ_SEALED),
+            let sql = match g.end_seq {
+                None => current,
+                Some(_) => sealed,
             };
-            let rows: Vec<OutboxRecord> = query
+            let rows = sqlx::query(sql)
                 .bind(&from.tx_id)
                 .bind(from.seq)
                 .bind(i64::try_from(limit - out.len()).unwrap_or(i64::MAX))
@@ -575,7 +595,9 @@ impl Store {
                 .bind(g.end_seq)
                 .fetch_all(&self.pool)
                 .await?;
-            out.extend(rows.into_iter().map(|r| r.in_generation(g.generation)));
+            for row in rows {
+                out.push(read(row, g.generation)?);
+            }
             if out.len() >= limit || i + 1 == gens.len() {
                 return Ok(out);
             }

@@ -17,9 +17,9 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use auditbridge_store::log::{LOG_CURSOR, LogLeaf, LogNode, StoredCheckpoint};
-use auditbridge_store::{OutboxEvent, Position, Store, StoreError};
+use auditbridge_store::{Position, Store, StoreError};
 use auditbridge_tlog::stored::{stored_range, subtree_hash};
-use auditbridge_tlog::{Checkpoint, Frontier, SignerKey, leaf_hash};
+use auditbridge_tlog::{Checkpoint, Frontier, SignerKey};
 use metrics::{counter, gauge};
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
@@ -237,7 +237,7 @@ impl Held<'_> {
     /// Reads one batch after the cursor and appends it. `Some(n)`: `n` events appended;
     /// `None`: fenced.
     async fn step(&mut self) -> Result<Option<usize>, StoreError> {
-        let rows = self.seq.store.read_outbox(&self.cursor, BATCH).await?;
+        let rows = self.seq.store.read_for_log(&self.cursor, BATCH).await?;
         let Some(last) = rows.last() else {
             return Ok(Some(0));
         };
@@ -246,7 +246,7 @@ impl Held<'_> {
         let mut work: HashMap<String, Frontier> = HashMap::new();
         let mut leaves = Vec::with_capacity(rows.len());
         let mut nodes = Vec::new();
-        for OutboxEvent { event, .. } in &rows {
+        for event in &rows {
             if !work.contains_key(&event.tenant) {
                 let tree = match self.trees.get(&event.tenant) {
                     Some(t) => t.clone(),
@@ -255,14 +255,13 @@ impl Held<'_> {
                 work.insert(event.tenant.clone(), tree);
             }
             let tree = work.get_mut(&event.tenant).expect("inserted above");
-            let hash = leaf_hash(event.json.as_bytes());
             leaves.push(LogLeaf {
                 tenant: event.tenant.clone(),
                 index: tree.size(),
-                event_id: event.id,
-                hash,
+                event_id: event.event_id,
+                hash: event.leaf,
             });
-            for (subtree, hash) in tree.push(hash) {
+            for (subtree, hash) in tree.push(event.leaf) {
                 nodes.push(LogNode {
                     tenant: event.tenant.clone(),
                     level: subtree.height / auditbridge_tlog::stored::TILE_HEIGHT,
