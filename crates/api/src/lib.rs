@@ -23,6 +23,7 @@ mod budget;
 pub mod error;
 mod events;
 mod ingest;
+mod log;
 mod openapi;
 mod page;
 pub mod params;
@@ -221,6 +222,7 @@ impl Server {
 fn router(state: AppState) -> Router {
     Router::new()
         .merge(events::routes())
+        .merge(log::routes())
         .merge(tail::routes())
         .merge(stats::routes())
         .merge(page::routes())

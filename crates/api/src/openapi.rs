@@ -29,6 +29,7 @@ fn schema(kind: Kind) -> Value {
             json!({"type": "integer", "minimum": min, "maximum": max, "default": default})
         }
         Kind::Cursor => json!({"type": "string"}),
+        Kind::Size => json!({"type": "integer", "minimum": 0}),
         Kind::Duration => json!({"type": "string", "examples": ["5m", "1h", "1d"]}),
     }
 }
@@ -110,6 +111,12 @@ fn ingest_responses() -> Value {
 pub(crate) fn document() -> Value {
     let security = json!([{"bearer": []}]);
     let read_errors = ["400", "401", "403", "429", "503"];
+    let proof_parameters: Vec<Value> = std::iter::once(json!({
+        "name": "id", "in": "path", "required": true,
+        "schema": {"type": "string", "format": "uuid"}
+    }))
+    .chain(parameters(Endpoint::Proof))
+    .collect();
     let mut stream_parameters = parameters(Endpoint::Stream);
     stream_parameters.push(
         json!({"name": "Last-Event-ID", "in": "header", "required": false,
@@ -182,6 +189,28 @@ pub(crate) fn document() -> Value {
                         "by_outcome": {"type": "object", "additionalProperties": {"type": "integer"}}
                     }
                 },
+                "InclusionProof": {
+                    "type": "object",
+                    "properties": {
+                        "id": {"type": "string", "format": "uuid"},
+                        "tenant": {"type": "string"},
+                        "log_index": {"type": "integer"},
+                        "tree_size": {"type": "integer"},
+                        "leaf_hash": {"type": "string", "contentEncoding": "base64"},
+                        "hashes": {"type": "array", "items": {"type": "string", "contentEncoding": "base64"}},
+                        "checkpoint": {"type": ["string", "null"]}
+                    }
+                },
+                "ConsistencyProof": {
+                    "type": "object",
+                    "properties": {
+                        "tenant": {"type": "string"},
+                        "from": {"type": "integer"},
+                        "to": {"type": "integer"},
+                        "hashes": {"type": "array", "items": {"type": "string", "contentEncoding": "base64"}},
+                        "checkpoint": {"type": ["string", "null"]}
+                    }
+                },
                 "Stats": {
                     "allOf": [{"$ref": "#/components/schemas/Counts"}, {
                         "type": "object",
@@ -214,6 +243,27 @@ pub(crate) fn document() -> Value {
                 "security": security,
                 "parameters": [{"name": "id", "in": "path", "required": true, "schema": {"type": "string", "format": "uuid"}}],
                 "responses": responses(json!({"description": "The event as stored.", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Event"}}}}), &["400", "401", "403", "404", "429", "503"]),
+            }},
+            "/v1/events/{id}/proof": {"get": {
+                "operationId": "eventProof",
+                "summary": "The event's RFC 9162 inclusion proof in its tenant's verifiable log: its log index, the tree size, its leaf hash (SHA-256 of 0x00 and the exact body of GET /v1/events/{id}) and the proof hashes (base64, nearest the leaf first). Without `size`, against the tenant's newest signed checkpoint, which comes along as `checkpoint` (a C2SP signed note). 404 also for another tenant's event; 503 while there is no signed checkpoint covering it.",
+                "security": security,
+                "parameters": proof_parameters,
+                "responses": responses(json!({"description": "The proof.", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/InclusionProof"}}}}), &["400", "401", "403", "404", "429", "503"]),
+            }},
+            "/v1/log/checkpoint": {"get": {
+                "operationId": "logCheckpoint",
+                "summary": "The tenant's newest signed checkpoint: a C2SP tlog-checkpoint (origin `<log name>/<tenant>`, tree size, base64 root) as a C2SP signed note, with an Ed25519 signature and a timestamped tlog-cosignature line by the same key (when it was signed). 503 naming AUDITBRIDGE_LOG_KEY_FILE when none is signed.",
+                "security": security,
+                "parameters": parameters(Endpoint::Checkpoint),
+                "responses": responses(json!({"description": "The signed note.", "content": {"text/plain": {"schema": {"type": "string"}}}}), &read_errors),
+            }},
+            "/v1/log/consistency": {"get": {
+                "operationId": "logConsistency",
+                "summary": "An RFC 9162 consistency proof that the tenant's tree of `from` leaves is a prefix of its tree of `to` leaves (default: the newest signed checkpoint's size, which comes along as `checkpoint`). Hashes are base64.",
+                "security": security,
+                "parameters": parameters(Endpoint::Consistency),
+                "responses": responses(json!({"description": "The proof.", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ConsistencyProof"}}}}), &read_errors),
             }},
             "/v1/events/stream": {"get": {
                 "operationId": "streamEvents",

@@ -33,6 +33,8 @@ pub enum Kind {
     Order,
     /// An integer in a range.
     Integer { min: i64, max: i64, default: i64 },
+    /// A tree size or index: a non-negative integer, absent unless given.
+    Size,
     /// An opaque cursor from an earlier answer.
     Cursor,
     /// A duration such as `1h` or `15m`.
@@ -167,16 +169,43 @@ pub enum Endpoint {
     Events,
     Stream,
     Stats,
+    /// `GET /v1/log/checkpoint`.
+    Checkpoint,
+    /// `GET /v1/events/{id}/proof`.
+    Proof,
+    /// `GET /v1/log/consistency`.
+    Consistency,
 }
+
+/// The parameters of the log's endpoints (besides `tenant`).
+pub const PROOF: &[Param] = &[p(
+    "size",
+    Kind::Size,
+    false,
+    "The tree size to prove against (greater than the event's log index, at most the log's size). Default: the size of the tenant's newest signed checkpoint.",
+)];
+
+pub const CONSISTENCY: &[Param] = &[
+    p("from", Kind::Size, false, "The older tree size (required)."),
+    p(
+        "to",
+        Kind::Size,
+        false,
+        "The newer tree size, at most the log's size. Default: the size of the tenant's newest signed checkpoint.",
+    ),
+];
 
 impl Endpoint {
     pub fn params(self) -> Vec<&'static Param> {
-        let extra = match self {
-            Endpoint::Events => PAGE,
-            Endpoint::Stream => STREAM,
-            Endpoint::Stats => STATS,
-        };
-        FILTERS.iter().chain(extra.iter()).collect()
+        let tenant = FILTERS.iter().take(1);
+        match self {
+            Endpoint::Events => FILTERS.iter().chain(PAGE).collect(),
+            Endpoint::Stream => FILTERS.iter().chain(STREAM).collect(),
+            Endpoint::Stats => FILTERS.iter().chain(STATS).collect(),
+            Endpoint::Checkpoint => tenant.collect(),
+            Endpoint::Proof => PROOF.iter().collect(),
+            Endpoint::Consistency => tenant.chain(CONSISTENCY).collect(),
+        }
     }
 }
 
@@ -191,6 +220,14 @@ pub struct Parsed {
 }
 
 impl Parsed {
+    /// A [`Kind::Size`] parameter, if given.
+    pub fn size(&self, name: &str) -> Option<u64> {
+        self.ints
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, v)| *v as u64)
+    }
+
     pub fn int(&self, name: &str) -> i64 {
         self.ints
             .iter()
@@ -302,6 +339,14 @@ pub fn parse(
                     })?;
                 out.ints.push((param.name, n));
             }
+            Kind::Size => {
+                let n: i64 = value
+                    .parse()
+                    .ok()
+                    .filter(|n| *n >= 0)
+                    .ok_or_else(|| ApiError::bad(key, "expected a non-negative integer"))?;
+                out.ints.push((param.name, n));
+            }
             Kind::Cursor => out.cursor = Some(value.clone()),
             Kind::Duration => {
                 let d = humantime::parse_duration(value)
@@ -329,6 +374,8 @@ pub fn parse(
     out.filter.tenant = match endpoint {
         // An admin may tail every tenant at once; everything else reads one tenant.
         Endpoint::Stream if tenant.is_none() && principal.tenant.is_none() => None,
+        // The event names its tenant.
+        Endpoint::Proof => None,
         _ => Some(principal.tenant_for(tenant.as_deref())?),
     };
     Ok(out)

@@ -188,6 +188,41 @@ impl Store {
         Ok(out)
     }
 
+    /// The Merkle tree hashes of `ranges` of `tenant`'s leaves (the ranges of a proof), from
+    /// the stored nodes of their complete subtrees, read in one round trip. Fails if a range
+    /// reaches past what is stored.
+    pub async fn log_range_hashes(
+        &self,
+        tenant: &str,
+        ranges: &[auditbridge_tlog::tree::Range],
+    ) -> Result<Vec<Hash>, StoreError> {
+        let parts: Vec<Vec<auditbridge_tlog::tree::Subtree>> =
+            ranges.iter().map(|r| r.subtrees()).collect();
+        let wanted: Vec<StoredRange> = parts
+            .iter()
+            .flatten()
+            .map(|s| auditbridge_tlog::stored::stored_range(*s))
+            .collect();
+        let stored = self.log_stored(tenant, &wanted).await?;
+        let mut stored = stored.into_iter().zip(&wanted);
+        let mut out = Vec::with_capacity(ranges.len());
+        for (range, subtrees) in ranges.iter().zip(&parts) {
+            let mut hashes = Vec::with_capacity(subtrees.len());
+            for _ in subtrees {
+                let (got, want) = stored.next().expect("one stored range per subtree");
+                if got.len() as u64 != want.count {
+                    return Err(StoreError::Corrupt(format!(
+                        "tenant {tenant}'s log lacks stored nodes of level {} from {}",
+                        want.level, want.first
+                    )));
+                }
+                hashes.push(auditbridge_tlog::stored::subtree_hash(&got));
+            }
+            out.push(range.hash(&hashes));
+        }
+        Ok(out)
+    }
+
     /// Appends leaves and nodes and moves the sequencer's cursor from `from` to `to`, in one
     /// transaction, only while `holder` holds the lease and the cursor is still at `from`.
     /// False (and nothing written) otherwise: the caller must drop what it holds in memory

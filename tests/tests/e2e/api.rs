@@ -833,6 +833,7 @@ async fn the_openapi_document_matches_the_handlers() -> anyhow::Result<()> {
             ("until", _) => until.clone(),
             ("bucket", _) => "1h".into(),
             ("cursor", _) => String::new(),
+            (_, Some("integer")) if schema["default"].is_null() => schema["minimum"].to_string(),
             (_, Some("integer")) => schema["default"].to_string(),
             _ => "x".into(),
         }
@@ -895,7 +896,15 @@ async fn the_openapi_document_matches_the_handlers() -> anyhow::Result<()> {
                         Some(&admin),
                     )
                     .await?;
-                assert_eq!(status, 200, "{path} {name}={value}: {body}");
+                // The log's endpoints answer 503 naming the setting while no checkpoint is
+                // signed (none is here): the parameter itself was accepted.
+                let no_checkpoint = path.starts_with("/v1/log/")
+                    && status == 503
+                    && body.to_string().contains("AUDITBRIDGE_LOG_KEY_FILE");
+                assert!(
+                    status == 200 || no_checkpoint,
+                    "{path} {name}={value}: {status} {body}"
+                );
             }
             // ...and an undocumented one is refused by name.
             if !params.is_empty() {

@@ -315,3 +315,168 @@ async fn without_a_key_the_log_is_built_and_checkpoints_are_unsigned() -> anyhow
     ensure!(text.contains("UNSIGNED"), "{text}");
     Ok(())
 }
+
+fn unbase64(v: &serde_json::Value) -> anyhow::Result<Hash> {
+    use base64::Engine as _;
+    let bytes =
+        base64::engine::general_purpose::STANDARD.decode(v.as_str().context("a string")?)?;
+    bytes
+        .try_into()
+        .map_err(|_| anyhow::anyhow!("not 32 bytes"))
+}
+
+/// `serve`'s log endpoints: the newest signed checkpoint as a note the verifier key opens; each
+/// event's inclusion proof and a consistency proof, checked by the RFC 9162 verifiers against
+/// roots taken from verified notes only; another tenant's token learns nothing; without a
+/// signed checkpoint the answer is 503 naming the setting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_gives_checkpoints_and_proofs_a_verifier_accepts() -> anyhow::Result<()> {
+    use auditbridge_tests::api::{ApiServer, Token};
+    use auditbridge_tlog::tree::{verify_consistency, verify_inclusion};
+
+    let mut env = TestEnv::new().await?;
+    let (key, path) = key_file(&env)?;
+    let path_s = path.to_string_lossy().into_owned();
+    let worker = env
+        .spawn_worker(
+            "w",
+            &[
+                ("AUDITBRIDGE_LOG_KEY_FILE", path_s.as_str()),
+                ("AUDITBRIDGE_LOG_CHECKPOINT_INTERVAL", "1s"),
+            ],
+        )
+        .await?;
+    worker.wait_ready(WAIT).await?;
+    let admin = Token::admin("ops", &["read"]);
+    let api = ApiServer::start(&env, &[&admin], &[]).await?;
+
+    let first = env.events(100);
+    env.publish(&first).await?;
+    env.wait_for_count(100, WAIT).await?;
+    let logs = check_logs(&env, 100).await?;
+    check_checkpoints(&env, &key, &logs).await?;
+    let (tenant, leaves) = logs
+        .iter()
+        .max_by_key(|(_, l)| l.len())
+        .context("a tenant")?;
+    let old_size = leaves.len() as u64;
+    let (status, body) = api
+        .get(&format!("/v1/log/checkpoint?tenant={tenant}"), Some(&admin))
+        .await?;
+    ensure!(status == 200, "{body}");
+    let old_note = body.as_str().context("the note as text")?.to_owned();
+    let old = open_checkpoint(&old_note, &key.verifier())?.checkpoint;
+    ensure!(old.size == old_size, "{old_note}");
+
+    let more = env.events(200);
+    env.publish(&more).await?;
+    env.wait_for_count(300, WAIT).await?;
+    let logs = check_logs(&env, 300).await?;
+    check_checkpoints(&env, &key, &logs).await?;
+    let ids: Vec<(uuid::Uuid, i64)> = sqlx::query_as(
+        "SELECT event_id, log_index FROM log_leaves WHERE tenant = $1 ORDER BY log_index",
+    )
+    .bind(tenant)
+    .fetch_all(&env.pool)
+    .await?;
+    for (id, index) in &ids {
+        let (status, proof) = api
+            .get(&format!("/v1/events/{id}/proof"), Some(&admin))
+            .await?;
+        ensure!(status == 200, "{proof}");
+        // The root comes from the note, once it verified; nothing else of the answer is trusted.
+        let note = proof["checkpoint"].as_str().context("the checkpoint")?;
+        let cp = open_checkpoint(note, &key.verifier())?.checkpoint;
+        // The leaf is the hash of exactly the body GET /v1/events/{id} returns.
+        let body = api
+            .http
+            .get(api.url(&format!("/v1/events/{id}")))
+            .bearer_auth(&admin.token)
+            .send()
+            .await?
+            .text()
+            .await?;
+        let leaf = leaf_hash(body.as_bytes());
+        ensure!(
+            proof["leaf_hash"]
+                == base64::Engine::encode(&base64::engine::general_purpose::STANDARD, leaf),
+            "{proof}"
+        );
+        let hashes: Vec<Hash> = proof["hashes"]
+            .as_array()
+            .context("hashes")?
+            .iter()
+            .map(unbase64)
+            .collect::<anyhow::Result<_>>()?;
+        ensure!(
+            proof["log_index"] == *index && proof["tree_size"] == cp.size,
+            "{proof}"
+        );
+        verify_inclusion(*index as u64, cp.size, &leaf, &hashes, &cp.root)
+            .with_context(|| format!("event {id} at {index}: {proof}"))?;
+        // Against an older size too.
+        if (*index as u64) < old_size {
+            let (status, p) = api
+                .get(
+                    &format!("/v1/events/{id}/proof?size={old_size}"),
+                    Some(&admin),
+                )
+                .await?;
+            ensure!(status == 200, "{p}");
+            let hashes: Vec<Hash> = p["hashes"]
+                .as_array()
+                .context("hashes")?
+                .iter()
+                .map(unbase64)
+                .collect::<anyhow::Result<_>>()?;
+            verify_inclusion(*index as u64, old_size, &leaf, &hashes, &old.root)?;
+        }
+    }
+    let (status, c) = api
+        .get(
+            &format!("/v1/log/consistency?tenant={tenant}&from={old_size}"),
+            Some(&admin),
+        )
+        .await?;
+    ensure!(status == 200, "{c}");
+    let new =
+        open_checkpoint(c["checkpoint"].as_str().context("note")?, &key.verifier())?.checkpoint;
+    let hashes: Vec<Hash> = c["hashes"]
+        .as_array()
+        .context("hashes")?
+        .iter()
+        .map(unbase64)
+        .collect::<anyhow::Result<_>>()?;
+    verify_consistency(old_size, new.size, &old.root, &new.root, &hashes)?;
+
+    // Sizes out of range are refused by name; another tenant's token learns nothing.
+    let (id, _) = ids[0];
+    let (status, _) = api
+        .get(&format!("/v1/events/{id}/proof?size=0"), Some(&admin))
+        .await?;
+    ensure!(status == 400);
+    let (status, _) = api
+        .get(
+            &format!("/v1/log/consistency?tenant={tenant}&from=5&to=999999"),
+            Some(&admin),
+        )
+        .await?;
+    ensure!(status == 400);
+    let other = Token::tenant("other", "zz-nobody", &["read"]);
+    let api2 = ApiServer::start(&env, &[&other], &[]).await?;
+    let (status, _) = api2
+        .get(&format!("/v1/events/{id}/proof"), Some(&other))
+        .await?;
+    ensure!(status == 404, "another tenant's event is not found");
+    let (status, _) = api2
+        .get(&format!("/v1/log/checkpoint?tenant={tenant}"), Some(&other))
+        .await?;
+    ensure!(status == 403);
+    let (status, body) = api2.get("/v1/log/checkpoint", Some(&other)).await?;
+    ensure!(
+        status == 503 && body.to_string().contains("AUDITBRIDGE_LOG_KEY_FILE"),
+        "{status} {body}"
+    );
+    let _ = std::fs::remove_file(path);
+    Ok(())
+}

@@ -273,6 +273,7 @@ const BOUNDARIES: &[(&str, &[&str])] = &[
             "auditbridge-runtime",
             "auditbridge-sources",
             "auditbridge-store",
+            "auditbridge-tlog",
         ],
     ),
     (
