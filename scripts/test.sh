@@ -2,7 +2,8 @@
 # The project's test command (the README's, and CI's through .ci/run):
 #   scripts/test.sh [extra cargo test arguments...]
 # 1. makes sure PostgreSQL, RabbitMQ and NATS/JetStream run locally (scripts/services.sh),
-# 2. installs Debian's chromium and chromium-driver if missing (the page's browser test),
+# 2. installs Debian's chromium and chromium-driver if missing (the page's browser test) and
+#    Python's cryptography (the independent log bundle verifier),
 #    cargo fmt --check and clippy with warnings as errors,
 # 3. drops test databases (ab_test_*) left behind by earlier interrupted runs,
 # 4. cargo test --workspace --no-fail-fast "$@", and exits with its status.
@@ -38,6 +39,19 @@ else
     ab_apt_install chromium chromium-driver ||
         die "cannot install chromium and chromium-driver (needed by tests/tests/e2e/page.rs)"
 fi
+
+step "python3 with cryptography (the independent bundle verifier, tests/scripts/verify_bundle.py)"
+# The log's bundles are also checked by a verifier that is not ours: Python's hashlib and the
+# `cryptography` package's Ed25519 (tests/tests/e2e/log_audit.rs).
+if ! command -v python3 >/dev/null 2>&1; then
+    ab_apt_install python3 || die "cannot install python3"
+fi
+if ! python3 -c 'import cryptography' >/dev/null 2>&1; then
+    python3 -m pip install --quiet cryptography >/dev/null 2>&1 ||
+        ab_apt_install python3-cryptography ||
+        die "cannot install the Python package cryptography (pip or Debian's python3-cryptography)"
+fi
+python3 -c 'import cryptography; print("cryptography:", cryptography.__version__)'
 
 step "cargo fmt --all -- --check"
 cargo fmt --version >/dev/null 2>&1 || die "rustfmt is missing: rustup component add rustfmt"

@@ -60,7 +60,7 @@ enum Command {
     /// Maintain the outbox order (relays and live tails).
     #[command(subcommand)]
     Outbox(OutboxCommand),
-    /// The tenants' verifiable logs: signing key.
+    /// The tenants' verifiable logs: signing key, bundles, offline verification, audit.
     #[command(subcommand)]
     Log(log::LogCommand),
 }
@@ -115,9 +115,13 @@ fn parse_timestamp(s: &str) -> Result<time::OffsetDateTime, String> {
 /// Entry point of the binary (also used by the end-to-end test crate's copy of it).
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    // Needs no configuration: a key is made before a worker is configured to use it.
-    if let Command::Log(command) = cli.command {
-        return log::run(command);
+    // Need no configuration: a key is made before a worker is configured to use it, and a
+    // bundle is verified where there is no database.
+    if matches!(&cli.command, Command::Log(c) if c.is_offline()) {
+        let Command::Log(command) = cli.command else {
+            unreachable!("matched above")
+        };
+        return log::run_offline(command);
     }
     let config = match Config::load() {
         Ok(c) => c,
@@ -252,7 +256,7 @@ async fn run(command: Command, config: Config) -> anyhow::Result<ExitCode> {
             println!("AUDITBRIDGE_API_TOKENS item: {entry}");
             Ok(ExitCode::SUCCESS)
         }
-        Command::Log(command) => Ok(log::run(command)),
+        Command::Log(command) => Ok(log::run(command, &config).await),
         Command::Outbox(OutboxCommand::Rebase) => {
             let store =
                 auditbridge_store::Store::connect_lazy(config.migrate_database_url.expose(), 1)?;
@@ -279,6 +283,13 @@ async fn run(command: Command, config: Config) -> anyhow::Result<ExitCode> {
                 eprintln!(
                     "error: {name:?} is the verifiable log's sequencer, not a destination: a log is \
                      appended once and never rewound"
+                );
+                return Ok(ExitCode::from(2));
+            }
+            if name.starts_with('_') {
+                eprintln!(
+                    "error: {name:?} is a checkpoint cursor, not a destination (rewind the \
+                     destination by its own name)"
                 );
                 return Ok(ExitCode::from(2));
             }

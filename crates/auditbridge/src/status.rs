@@ -7,7 +7,7 @@ use std::time::Duration;
 use async_nats::jetstream;
 use auditbridge_config::Config;
 use auditbridge_store::Store;
-use auditbridge_store::log::LOG_CURSOR;
+use auditbridge_store::log::{LOG_CURSOR, checkpoints_cursor};
 use serde_json::json;
 use time::format_description::well_known::Rfc3339;
 
@@ -173,13 +173,21 @@ async fn destinations(store: &Store, config: &Config) -> anyhow::Result<serde_js
     let now = store.now().await?;
     let dead = store.destination_dead_letter_counts().await?;
     let mut list = Vec::new();
-    // The sequencer's row is the log's, not a destination (see `log`).
-    for d in store
-        .destinations()
-        .await?
-        .into_iter()
-        .filter(|d| d.name != LOG_CURSOR)
-    {
+    // The sequencer's row is the log's, not a destination (see `log`); a checkpoint
+    // cursor's row is shown with its destination.
+    let rows = store.destinations().await?;
+    for d in rows.iter().filter(|d| !d.name.starts_with('_')).cloned() {
+        let checkpoints = match rows.iter().find(|c| c.name == checkpoints_cursor(&d.name)) {
+            Some(c) => json!({
+                "behind": store.checkpoints_behind(c.cursor.seq).await?,
+                "delivered_total": c.delivered_total,
+                "skipped_total": c.skipped_total,
+                "last_delivered_at": c.last_delivered_at.and_then(|t| t.format(&Rfc3339).ok()),
+                "failing": c.failing,
+                "last_error": c.last_error,
+            }),
+            None => serde_json::Value::Null,
+        };
         let backlog = store.backlog(&d.cursor).await?;
         let lease_live = d.lease_expires_at.is_some_and(|t| t > now);
         let dead_letters =
@@ -208,6 +216,7 @@ async fn destinations(store: &Store, config: &Config) -> anyhow::Result<serde_js
             "last_error_at": d.last_error_at.and_then(|t| t.format(&Rfc3339).ok()),
             "lease_holder": if lease_live { d.lease_holder } else { None },
             "dead_letters": dead_letters,
+            "checkpoints": checkpoints,
         }));
     }
     Ok(serde_json::Value::Array(list))

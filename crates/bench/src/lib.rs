@@ -7,11 +7,13 @@
 //! real worker processes of the running binary, so the figures include NATS, validation, the
 //! transactions and the acks, and a worker's resident set can be read from `/proc`. The parts:
 //! `ingest.rs` (NATS to PostgreSQL), `forward.rs` (PostgreSQL to RabbitMQ), `http.rs`
-//! (`POST /v1/ingest`), `query.rs` (the query API and the live tail).
+//! (`POST /v1/ingest`), `query.rs` (the query API and the live tail), `log.rs` (the verifiable
+//! log: catch-up, storage, proofs).
 
 mod forward;
 mod http;
 mod ingest;
+mod log;
 mod query;
 
 use std::process::ExitCode;
@@ -77,6 +79,12 @@ pub struct Args {
     /// HTTP ingest: concurrent clients.
     #[arg(long, default_value_t = 4)]
     http_clients: usize,
+    /// Log: events stored, then sequenced from a standing start, before proofs are measured.
+    #[arg(long, default_value_t = 5_000_000)]
+    log_events: usize,
+    /// Log: tenants of those events (1: one tree of all of them, the deepest proofs).
+    #[arg(long, default_value_t = 1)]
+    log_tenants: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -86,6 +94,7 @@ enum Part {
     Forward,
     Query,
     HttpIngest,
+    Log,
 }
 
 /// Runs the parts `args` asks for, in a scratch corner of the services `config` names, and
@@ -122,6 +131,9 @@ pub async fn run(args: Args, config: &Config) -> anyhow::Result<ExitCode> {
     }
     if result.is_ok() && matches!(args.only, Part::All | Part::Query) {
         result = query::measure(bench).await;
+    }
+    if result.is_ok() && matches!(args.only, Part::All | Part::Log) {
+        result = log::measure(bench).await;
     }
 
     store.close().await;

@@ -141,7 +141,12 @@ pub(crate) async fn measure(bench: Bench<'_>) -> anyhow::Result<()> {
 }
 
 /// Stores `n` synthetic events, `occurred_at` spread over the last 30 days, with two writers.
-async fn load(scratch: &Scratch, store: &Store, n: usize, tenants: usize) -> anyhow::Result<()> {
+pub(crate) async fn load(
+    scratch: &Scratch,
+    store: &Store,
+    n: usize,
+    tenants: usize,
+) -> anyhow::Result<()> {
     let existing = scratch.count_events().await? as usize;
     if existing >= n {
         println!("load          {existing} events already stored (--keep'd database)");

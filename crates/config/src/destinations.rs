@@ -53,6 +53,14 @@ impl Kind {
             Kind::Http(_) => "http",
         }
     }
+
+    /// Whether the destination also takes the log's checkpoints (`"checkpoints": true`).
+    pub fn checkpoints(&self) -> bool {
+        match self {
+            Kind::RabbitMq(p) => p.checkpoints,
+            Kind::Http(p) => p.checkpoints,
+        }
+    }
 }
 
 /// What the relay does with an event the destination cannot take: one whose message cannot be
@@ -82,8 +90,13 @@ pub struct Filter {
 }
 
 impl Filter {
+    /// Whether the filter lets `tenant` through (what applies to its log's checkpoints).
+    pub fn takes_tenant(&self, tenant: &str) -> bool {
+        self.tenants.is_empty() || self.tenants.iter().any(|t| t == tenant)
+    }
+
     pub fn matches(&self, tenant: &str, action: &str, outcome: &str) -> bool {
-        (self.tenants.is_empty() || self.tenants.iter().any(|t| t == tenant))
+        self.takes_tenant(tenant)
             && (self.actions.is_empty()
                 || self.actions.iter().any(|p| {
                     action == p
@@ -164,6 +177,10 @@ pub struct RabbitParams {
     /// larger than this still goes, alone.
     #[serde(default = "RabbitParams::default_max_batch_bytes")]
     pub max_batch_bytes: usize,
+    /// Also forward each tenant's new log checkpoints, one message each, routing key
+    /// `_log.<tenant>` (README, "The verifiable log").
+    #[serde(default)]
+    pub checkpoints: bool,
 }
 
 fn yes() -> bool {
@@ -347,6 +364,10 @@ pub struct HttpParams {
     /// When set, requests carry an HMAC-SHA256 signature of `timestamp + "." + body`.
     #[serde(default, deserialize_with = "de::optional_secret")]
     pub secret: Option<SecretString>,
+    /// Also forward each tenant's new log checkpoints, one request each with the body
+    /// `{"type": "checkpoint", "tenant": …, "note": …}` (README, "The verifiable log").
+    #[serde(default)]
+    pub checkpoints: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -395,6 +416,7 @@ impl HttpParams {
             auth: None,
             timeout: HttpParams::default_timeout(),
             secret: None,
+            checkpoints: false,
         }
     }
 

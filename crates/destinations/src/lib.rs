@@ -94,6 +94,40 @@ impl DeliveryError {
     }
 }
 
+/// One checkpoint of a tenant's verifiable log, as destinations with `"checkpoints": true`
+/// receive it: one message, RabbitMQ routing key `_log.<tenant>`, body (RabbitMQ and HTTP
+/// alike) the JSON object `{"type": "checkpoint", "tenant": …, "note": …}`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckpointMessage {
+    /// Its id in `log_checkpoints`: the message id and idempotency key `checkpoint-<id>`.
+    pub id: i64,
+    pub tenant: String,
+    /// The checkpoint note, signed or (with no key configured) bare.
+    pub note: String,
+}
+
+impl CheckpointMessage {
+    /// The message body.
+    pub fn body(&self) -> Vec<u8> {
+        serde_json::to_vec(&serde_json::json!({
+            "type": "checkpoint",
+            "tenant": self.tenant,
+            "note": self.note,
+        }))
+        .expect("a JSON object of strings serializes")
+    }
+
+    /// Its message id and idempotency key.
+    pub fn key(&self) -> String {
+        format!("checkpoint-{}", self.id)
+    }
+
+    /// The RabbitMQ routing key.
+    pub fn routing_key(&self) -> String {
+        format!("_log.{}", self.tenant)
+    }
+}
+
 /// A connected (or connecting) destination.
 #[derive(Debug)]
 pub enum Sink {
@@ -119,6 +153,17 @@ impl Sink {
         match self {
             Sink::RabbitMq(s) => s.deliver(events).await,
             Sink::Http(s) => s.deliver(events).await,
+        }
+    }
+
+    /// Delivers one checkpoint; done once the destination confirmed it.
+    pub async fn deliver_checkpoint(
+        &mut self,
+        checkpoint: &CheckpointMessage,
+    ) -> Result<(), DeliveryError> {
+        match self {
+            Sink::RabbitMq(s) => s.deliver_checkpoint(checkpoint).await,
+            Sink::Http(s) => s.deliver_checkpoint(checkpoint).await,
         }
     }
 }

@@ -291,6 +291,10 @@ pub const LOG_CHECKPOINT_AGE: &str = "auditbridge_log_checkpoint_age_seconds";
 pub const LOG_LEASE_HELD: &str = "auditbridge_log_sequencer_lease_held";
 /// Label `reason`: database | lease.
 pub const LOG_FAILURES: &str = "auditbridge_log_sequencer_failures_total";
+/// Label `destination`: checkpoints delivered to a destination with `"checkpoints": true`.
+pub const LOG_CHECKPOINTS_FORWARDED: &str = "auditbridge_log_checkpoints_forwarded_total";
+/// Label `destination`, `reason`: failed checkpoint deliveries (each is retried).
+pub const LOG_CHECKPOINT_FAILURES: &str = "auditbridge_log_checkpoint_delivery_failures_total";
 
 fn describe_log() {
     describe_counter!(
@@ -323,6 +327,16 @@ fn describe_log() {
         LOG_FAILURES,
         Unit::Count,
         "Sequencer steps that failed, by reason (the batch is retried)."
+    );
+    describe_counter!(
+        LOG_CHECKPOINTS_FORWARDED,
+        Unit::Count,
+        "Checkpoints delivered to a destination with \"checkpoints\": true."
+    );
+    describe_counter!(
+        LOG_CHECKPOINT_FAILURES,
+        Unit::Count,
+        "Failed checkpoint deliveries, by destination and reason (each is retried)."
     );
 }
 

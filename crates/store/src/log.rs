@@ -303,7 +303,8 @@ impl Store {
         let done = sqlx::query(
             "INSERT INTO log_checkpoints (tenant, tree_size, root, signed_at, signed, note) \
              SELECT $2, $3, $4, $5, $6, $7 FROM destinations \
-             WHERE name = $1 AND lease_holder = $8 AND lease_expires_at > now()",
+             WHERE name = $1 AND lease_holder = $8 AND lease_expires_at > now() \
+             FOR SHARE",
         )
         .bind(LOG_CURSOR)
         .bind(&checkpoint.tenant)
@@ -395,4 +396,291 @@ fn checkpoint(r: CheckpointRow) -> Result<StoredCheckpoint, StoreError> {
         signed: r.4,
         note: r.5,
     })
+}
+
+/// One entry of a tenant's log with the event it stands for, as `auditbridge log export` and
+/// `log audit` read them: what the log holds (`leaf_hash` as stored, unchecked: an audit
+/// judges it) and, unless the event is gone, the event's bytes and place in commit order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoggedEvent {
+    pub index: u64,
+    pub event_id: uuid::Uuid,
+    pub leaf_hash: Vec<u8>,
+    pub event: Option<LoggedBody>,
+}
+
+/// The stored event behind a log entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoggedBody {
+    /// The bytes `GET /v1/events/{id}` returns (log version 1's leaf bytes).
+    pub text: String,
+    /// The columns queries filter on and destinations route by, as stored beside the event:
+    /// an audit checks them against the event's own fields.
+    pub columns: EventColumns,
+    /// Its place in the outbox's commit-safe order, the order the sequencer appended in.
+    pub position: Position,
+}
+
+/// The columns of `audit_events` that repeat fields of the event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventColumns {
+    pub id: uuid::Uuid,
+    pub tenant: String,
+    pub action: String,
+    pub outcome: String,
+    pub occurred_at: OffsetDateTime,
+    pub actor_id: String,
+    pub target_id: Option<String>,
+    pub source: String,
+}
+
+/// The stored subtree hashes of a log by `(level, index)`, as read back whole for an audit.
+pub type StoredNodes = std::collections::HashMap<(u32, u64), Vec<u8>>;
+
+impl Store {
+    /// Every tenant with log entries or checkpoints, in order (a loose index scan of each
+    /// table: cheap however long the logs are).
+    pub async fn log_tenants(&self) -> Result<Vec<String>, StoreError> {
+        let tenants: Vec<String> = sqlx::query_scalar(
+            "WITH RECURSIVE l(tenant) AS ( \
+                 (SELECT tenant FROM log_leaves ORDER BY tenant LIMIT 1) \
+                 UNION ALL \
+                 SELECT (SELECT tenant FROM log_leaves WHERE tenant > l.tenant \
+                         ORDER BY tenant LIMIT 1) FROM l WHERE l.tenant IS NOT NULL \
+             ), c(tenant) AS ( \
+                 (SELECT tenant FROM log_checkpoints ORDER BY tenant LIMIT 1) \
+                 UNION ALL \
+                 SELECT (SELECT tenant FROM log_checkpoints WHERE tenant > c.tenant \
+                         ORDER BY tenant LIMIT 1) FROM c WHERE c.tenant IS NOT NULL \
+             ) \
+             SELECT tenant FROM l WHERE tenant IS NOT NULL \
+             UNION SELECT tenant FROM c WHERE tenant IS NOT NULL ORDER BY 1",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(tenants)
+    }
+
+    /// Up to `limit` entries of `tenant`'s log from index `from` (entries, not indexes: a
+    /// gap shows as a jump), below `end`, in order, each with its event if it is stored.
+    pub async fn logged_events(
+        &self,
+        tenant: &str,
+        from: u64,
+        end: u64,
+        limit: usize,
+    ) -> Result<Vec<LoggedEvent>, StoreError> {
+        use sqlx::Row as _;
+        let rows = sqlx::query(
+            "SELECT l.log_index, l.event_id, l.leaf_hash, e.event::text AS text, e.id, e.tenant, \
+                    e.action, e.outcome, e.occurred_at, e.actor_id, e.target_id, e.source, \
+                    e.tx_id::text AS tx_text, e.seq, \
+                    COALESCE((SELECT g.generation FROM outbox_generations g \
+                        WHERE g.first_seq <= e.seq ORDER BY g.first_seq DESC LIMIT 1), 0) \
+                        AS generation \
+             FROM log_leaves l LEFT JOIN audit_events e ON e.id = l.event_id \
+             WHERE l.tenant = $1 AND l.log_index >= $2 AND l.log_index < $3 \
+             ORDER BY l.log_index LIMIT $4",
+        )
+        .bind(tenant)
+        .bind(int(from))
+        .bind(int(end))
+        .bind(limit as i64)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                let text: Option<String> = r.try_get("text")?;
+                let event = match text {
+                    None => None,
+                    Some(text) => Some(LoggedBody {
+                        text,
+                        columns: EventColumns {
+                            id: r.try_get("id")?,
+                            tenant: r.try_get("tenant")?,
+                            action: r.try_get("action")?,
+                            outcome: r.try_get("outcome")?,
+                            occurred_at: r.try_get("occurred_at")?,
+                            actor_id: r.try_get("actor_id")?,
+                            target_id: r.try_get("target_id")?,
+                            source: r.try_get("source")?,
+                        },
+                        position: Position::new(
+                            r.try_get("generation")?,
+                            r.try_get::<String, _>("tx_text")?,
+                            r.try_get("seq")?,
+                        ),
+                    }),
+                };
+                Ok(LoggedEvent {
+                    index: r.try_get::<i64, _>("log_index")? as u64,
+                    event_id: r.try_get("event_id")?,
+                    leaf_hash: r.try_get("leaf_hash")?,
+                    event,
+                })
+            })
+            .collect()
+    }
+
+    /// Every stored subtree hash of `tenant`'s log (levels 1 and up: 1/255 of the leaves).
+    pub async fn log_nodes(&self, tenant: &str) -> Result<StoredNodes, StoreError> {
+        let rows: Vec<(i16, i64, Vec<u8>)> =
+            sqlx::query_as("SELECT level, node_index, hash FROM log_nodes WHERE tenant = $1")
+                .bind(tenant)
+                .fetch_all(&self.pool)
+                .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(level, index, hash)| ((level as u32, index as u64), hash))
+            .collect())
+    }
+
+    /// Every checkpoint of `tenant`, oldest first: id, whether the row says it is signed, and
+    /// the note (the other columns unchecked: an audit reads the note).
+    pub async fn all_checkpoints(
+        &self,
+        tenant: &str,
+    ) -> Result<Vec<(i64, bool, String)>, StoreError> {
+        Ok(sqlx::query_as(
+            "SELECT id, signed, note FROM log_checkpoints WHERE tenant = $1 ORDER BY id",
+        )
+        .bind(tenant)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+}
+
+/// The `destinations` row of a destination's checkpoint cursor: its `cursor_seq` is the id of
+/// the last checkpoint the destination was given (or passed over by its filter).
+pub fn checkpoints_cursor(destination: &str) -> String {
+    format!("_checkpoints.{destination}")
+}
+
+/// A checkpoint to forward.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ForwardCheckpoint {
+    pub id: i64,
+    pub tenant: String,
+    pub note: String,
+}
+
+impl Store {
+    /// Creates a destination's checkpoint cursor, after every checkpoint stored so far (a
+    /// destination gets the checkpoints signed from its creation on; an idle tenant's is
+    /// signed again within a minute), unless it exists.
+    pub async fn register_checkpoint_cursor(&self, destination: &str) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "INSERT INTO destinations (name, type, cursor_tx, cursor_seq, cursor_gen) \
+             SELECT $1, 'checkpoints', '0'::text::xid8, COALESCE(max(id), 0), 0 \
+             FROM log_checkpoints \
+             ON CONFLICT (name) DO NOTHING",
+        )
+        .bind(checkpoints_cursor(destination))
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// How many checkpoints were stored after id `after`.
+    pub async fn checkpoints_behind(&self, after: i64) -> Result<i64, StoreError> {
+        Ok(
+            sqlx::query_scalar("SELECT count(*) FROM log_checkpoints WHERE id > $1")
+                .bind(after)
+                .fetch_one(&self.pool)
+                .await?,
+        )
+    }
+
+    /// Up to `limit` checkpoints after id `after`, oldest first. Ids are in commit order: the
+    /// one sequencer stores them one at a time, each insert holding its lease row against a
+    /// takeover until it commits.
+    pub async fn checkpoints_after(
+        &self,
+        after: i64,
+        limit: usize,
+    ) -> Result<Vec<ForwardCheckpoint>, StoreError> {
+        let rows: Vec<(i64, String, String)> = sqlx::query_as(
+            "SELECT id, tenant, note FROM log_checkpoints WHERE id > $1 ORDER BY id LIMIT $2",
+        )
+        .bind(after)
+        .bind(limit as i64)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(id, tenant, note)| ForwardCheckpoint { id, tenant, note })
+            .collect())
+    }
+}
+
+/// What the verifiable log takes on disk (tables with their indexes and TOAST), next to the
+/// trail itself, in bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LogStorage {
+    pub events: i64,
+    pub leaves: i64,
+    pub nodes: i64,
+    pub checkpoints: i64,
+}
+
+impl Store {
+    /// Every tenant's leaves, counted.
+    pub async fn log_leaf_count(&self) -> Result<i64, StoreError> {
+        Ok(sqlx::query_scalar("SELECT count(*) FROM log_leaves")
+            .fetch_one(&self.pool)
+            .await?)
+    }
+
+    /// The log's tables' sizes next to `audit_events`'.
+    pub async fn log_storage(&self) -> Result<LogStorage, StoreError> {
+        let (events, leaves, nodes, checkpoints): (i64, i64, i64, i64) = sqlx::query_as(
+            "SELECT pg_total_relation_size('audit_events'), pg_total_relation_size('log_leaves'), \
+                    pg_total_relation_size('log_nodes'), pg_total_relation_size('log_checkpoints')",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(LogStorage {
+            events,
+            leaves,
+            nodes,
+            checkpoints,
+        })
+    }
+}
+
+impl Store {
+    /// Up to `limit` events of `tenant` in the trail, at or before the sequencer's cursor,
+    /// that no log holds: events the sequencer passed without appending, which only an
+    /// insert behind its cursor (or a deleted leaf) makes. With no cursor, none.
+    pub async fn unlogged_events(
+        &self,
+        tenant: &str,
+        limit: usize,
+    ) -> Result<Vec<uuid::Uuid>, StoreError> {
+        let Some(cursor) = self
+            .destinations()
+            .await?
+            .into_iter()
+            .find(|d| d.name == LOG_CURSOR)
+            .map(|d| d.cursor)
+        else {
+            return Ok(Vec::new());
+        };
+        Ok(sqlx::query_scalar(
+            "SELECT e.id FROM audit_events e \
+             WHERE e.tenant = $1 \
+               AND NOT EXISTS (SELECT 1 FROM log_leaves l WHERE l.event_id = e.id) \
+               AND (COALESCE((SELECT g.generation FROM outbox_generations g \
+                        WHERE g.first_seq <= e.seq ORDER BY g.first_seq DESC LIMIT 1), 0), \
+                    e.tx_id, e.seq) <= ($2, $3::text::xid8, $4) \
+             ORDER BY e.tx_id, e.seq LIMIT $5",
+        )
+        .bind(tenant)
+        .bind(cursor.generation)
+        .bind(&cursor.tx_id)
+        .bind(cursor.seq)
+        .bind(limit as i64)
+        .fetch_all(&self.pool)
+        .await?)
+    }
 }

@@ -5,7 +5,9 @@
 //! [`Worker::build`] connects nothing yet but binds the metrics port (so a test can bind port
 //! 0 and read the address); [`Worker::run`] then works until its shutdown token is cancelled.
 
+mod checkpoints;
 mod ingest;
+mod lease;
 mod relay;
 mod sequencer;
 
@@ -141,8 +143,10 @@ impl Worker {
         if !destinations.is_empty() {
             // Relays get a pool of their own: a slow destination can never take a connection
             // the ingest path needs (guarantee 3).
+            let tasks_n =
+                destinations.len() + destinations.iter().filter(|d| d.kind.checkpoints()).count();
             let relay_store =
-                Store::connect_lazy(config.database_url.expose(), destinations.len() as u32 + 3)?;
+                Store::connect_lazy(config.database_url.expose(), tasks_n as u32 + 3)?;
             let (wake_tx, wake_rx) = tokio::sync::watch::channel(0u64);
             tasks.spawn(relay::listen(
                 relay_store.clone(),
@@ -157,6 +161,13 @@ impl Worker {
             });
             tracing::info!(holder = %ctx.holder, destinations = destinations.len(), message = "Relaying destinations.");
             for d in destinations {
+                if d.kind.checkpoints() {
+                    tasks.spawn(checkpoints::supervise(
+                        d.clone(),
+                        ctx.clone(),
+                        stopping.clone(),
+                    ));
+                }
                 tasks.spawn(relay::supervise(d, ctx.clone(), stopping.clone()));
             }
         }
@@ -332,7 +343,7 @@ async fn watch_consumer(
 /// This worker's name as a lease holder: host, process and a random part (a restarted
 /// process is a new holder).
 /// Reads and checks `AUDITBRIDGE_LOG_KEY_FILE` (a signed-note private key).
-fn read_log_key(path: &std::path::Path) -> anyhow::Result<auditbridge_tlog::SignerKey> {
+pub fn read_log_key(path: &std::path::Path) -> anyhow::Result<auditbridge_tlog::SignerKey> {
     let text = std::fs::read_to_string(path).with_context(|| {
         format!(
             "AUDITBRIDGE_LOG_KEY_FILE={}: cannot read the log's key",

@@ -27,6 +27,8 @@ use tracing::Instrument as _;
 
 use auditbridge_runtime::telemetry::*;
 
+use crate::lease::Lease;
+
 /// What all relays of one worker share.
 pub(crate) struct RelayContext {
     pub store: Store,
@@ -65,11 +67,52 @@ async fn supervise_with(
     build: impl Fn(&DestinationConfig) -> Result<Sink, DeliveryError>,
 ) {
     let name = config.name.clone();
-    let mut build_backoff = backoff(&config);
+    let Some(mut sink) = build_sink(&config, &shutdown, build).await else {
+        return;
+    };
+    let start = match &config.start {
+        Start::Now => StartAt::Now,
+        Start::Earliest => StartAt::Earliest,
+        Start::At(t) => StartAt::At(*t),
+    };
+    let kind = config.kind.type_name();
+    let mut lease = Lease::new(&ctx.store, &name, &ctx.holder, ctx.lease_ttl);
+    let register = || async {
+        let created = ctx.store.register_destination(&name, kind, &start).await?;
+        if created {
+            tracing::info!(message = "Registered a new destination.");
+        }
+        Ok(created)
+    };
+    while let Some(held) = lease.acquire(&shutdown, register).await {
+        tracing::info!(cursor = ?held.state.cursor, message = "Took the destination's lease; relaying.");
+        gauge!(DEST_LEASE_HELD, "destination" => name.clone()).set(1.0);
+        relay_while_held(
+            &config,
+            &ctx,
+            &mut sink,
+            held.state.cursor.clone(),
+            held.token.clone(),
+        )
+        .await;
+        gauge!(DEST_LEASE_HELD, "destination" => name.clone()).set(0.0);
+        lease.finish(held, &shutdown).await;
+    }
+}
+
+/// Builds the destination's sink with `build`, again after a backoff while that fails;
+/// `None` at shutdown.
+pub(crate) async fn build_sink(
+    config: &DestinationConfig,
+    shutdown: &CancellationToken,
+    build: impl Fn(&DestinationConfig) -> Result<Sink, DeliveryError>,
+) -> Option<Sink> {
+    let name = config.name.clone();
+    let mut build_backoff = backoff(config);
     let mut build_failures = 0u32;
-    let mut sink = loop {
-        match build(&config) {
-            Ok(sink) => break sink,
+    loop {
+        match build(config) {
+            Ok(sink) => return Some(sink),
             Err(e) => {
                 build_failures += 1;
                 let delay = build_backoff.next().unwrap_or(config.retry_max);
@@ -79,96 +122,24 @@ async fn supervise_with(
                 counter!(DEST_FAILURES, "destination" => name.clone(), "reason" => "sink_build")
                     .increment(1);
                 tokio::select! {
-                    _ = shutdown.cancelled() => return,
+                    _ = shutdown.cancelled() => return None,
                     _ = tokio::time::sleep(delay) => {}
                 }
             }
         }
-    };
-    let start = match &config.start {
-        Start::Now => StartAt::Now,
-        Start::Earliest => StartAt::Earliest,
-        Start::At(t) => StartAt::At(*t),
-    };
-    let mut registered = false;
-    let mut failures = 0u32;
-    loop {
-        if shutdown.is_cancelled() {
-            return;
-        }
-        if !registered {
-            match ctx
-                .store
-                .register_destination(&name, config.kind.type_name(), &start)
-                .await
-            {
-                Ok(created) => {
-                    registered = true;
-                    if created {
-                        tracing::info!(message = "Registered a new destination.");
-                    }
-                }
-                Err(e) => {
-                    failures += 1;
-                    if failures == 1 || failures.is_multiple_of(20) {
-                        tracing::warn!(error = %e, message = "Cannot register the destination yet; retrying.");
-                    }
-                }
-            }
-        }
-        if registered {
-            match ctx
-                .store
-                .acquire_lease(&name, &ctx.holder, ctx.lease_ttl)
-                .await
-            {
-                Ok(Some(state)) => {
-                    tracing::info!(cursor = ?state.cursor, message = "Took the destination's lease; relaying.");
-                    gauge!(DEST_LEASE_HELD, "destination" => name.clone()).set(1.0);
-                    relay_while_held(&config, &ctx, &mut sink, state.cursor, &shutdown).await;
-                    gauge!(DEST_LEASE_HELD, "destination" => name.clone()).set(0.0);
-                    if shutdown.is_cancelled() {
-                        // Hand over at once rather than after the TTL.
-                        let _ = ctx.store.release_lease(&name, &ctx.holder).await;
-                        return;
-                    }
-                    continue;
-                }
-                Ok(None) => {}
-                Err(e) => {
-                    tracing::debug!(error = %e, message = "Lease check failed.");
-                }
-            }
-        }
-        // Someone else holds it (or the database is away): look again well within a TTL.
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(ctx.lease_ttl / 3) => {}
-        }
     }
 }
 
-/// Relays from `cursor` until the lease is lost or shutdown.
+/// Relays from `cursor` until `held` is cancelled (the lease lost, or shutdown).
 async fn relay_while_held(
     config: &DestinationConfig,
     ctx: &RelayContext,
     sink: &mut Sink,
     cursor: Position,
-    shutdown: &CancellationToken,
+    held: CancellationToken,
 ) {
     let name = config.name.as_str();
-    let held = shutdown.child_token();
     let (cursor_tx, cursor_rx) = watch::channel(cursor.clone());
-    let renewer = tokio::spawn(
-        keep_lease(
-            ctx.store.clone(),
-            name.to_owned(),
-            ctx.holder.clone(),
-            ctx.lease_ttl,
-            held.clone(),
-        )
-        .in_current_span(),
-    );
     let reporter = tokio::spawn(
         report_backlog(ctx.store.clone(), name.to_owned(), cursor_rx, held.clone())
             .in_current_span(),
@@ -185,12 +156,10 @@ async fn relay_while_held(
         suspects: Suspects::new(cursor),
     };
     relay.run().await;
-    held.cancel();
-    let _ = renewer.await;
     reporter.abort();
 }
 
-fn backoff(config: &DestinationConfig) -> ExponentialBackoff {
+pub(crate) fn backoff(config: &DestinationConfig) -> ExponentialBackoff {
     ExponentialBuilder::default()
         .with_min_delay(config.retry_min)
         .with_max_delay(config.retry_max)
@@ -981,39 +950,6 @@ impl Relay<'_> {
         tokio::select! {
             _ = self.held.cancelled() => false,
             _ = tokio::time::sleep(d) => true,
-        }
-    }
-}
-
-/// Renews the lease every third of its TTL; cancels `held` if it is lost.
-pub(crate) async fn keep_lease(
-    store: Store,
-    name: String,
-    holder: String,
-    ttl: Duration,
-    held: CancellationToken,
-) {
-    let mut last_ok = Instant::now();
-    loop {
-        tokio::select! {
-            _ = held.cancelled() => return,
-            _ = tokio::time::sleep(ttl / 3) => {}
-        }
-        match store.renew_lease(&name, &holder, ttl).await {
-            Ok(true) => last_ok = Instant::now(),
-            Ok(false) => {
-                tracing::warn!(
-                    message = "The destination's lease was taken (expired or rewound); stopping."
-                );
-                held.cancel();
-                return;
-            }
-            Err(e) if last_ok.elapsed() >= ttl => {
-                tracing::warn!(error = %e, message = "Cannot renew the lease before it expires; stopping.");
-                held.cancel();
-                return;
-            }
-            Err(_) => {}
         }
     }
 }

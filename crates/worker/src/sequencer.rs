@@ -62,50 +62,20 @@ pub(crate) async fn supervise(seq: Sequencer, shutdown: CancellationToken) {
 }
 
 async fn supervise_inner(seq: Sequencer, shutdown: CancellationToken) {
-    let mut registered = false;
-    let mut failures = 0u32;
-    loop {
-        if shutdown.is_cancelled() {
-            return;
-        }
-        if !registered {
-            match seq.store.register_log().await {
-                Ok(_) => registered = true,
-                Err(e) => {
-                    failures += 1;
-                    if failures == 1 || failures.is_multiple_of(20) {
-                        tracing::warn!(error = %e, message = "Cannot register the log's sequencer yet; retrying.");
-                    }
-                }
-            }
-        }
-        if registered {
-            match seq
-                .store
-                .acquire_lease(LOG_CURSOR, &seq.holder, seq.lease_ttl)
-                .await
-            {
-                Ok(Some(state)) => {
-                    tracing::info!(cursor = ?state.cursor, signed = seq.key.is_some(), message = "Took the log's lease; sequencing.");
-                    gauge!(LOG_LEASE_HELD).set(1.0);
-                    sequence_while_held(&seq, state.cursor, &shutdown).await;
-                    gauge!(LOG_LEASE_HELD).set(0.0);
-                    if shutdown.is_cancelled() {
-                        let _ = seq.store.release_lease(LOG_CURSOR, &seq.holder).await;
-                        return;
-                    }
-                    continue;
-                }
-                Ok(None) => {}
-                Err(e) => {
-                    tracing::debug!(error = %e, message = "Log lease check failed.");
-                }
-            }
-        }
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(seq.lease_ttl / 3) => {}
-        }
+    let mut lease = crate::lease::Lease::new(&seq.store, LOG_CURSOR, &seq.holder, seq.lease_ttl);
+    while let Some(held) = lease.acquire(&shutdown, || seq.store.register_log()).await {
+        tracing::info!(cursor = ?held.state.cursor, signed = seq.key.is_some(), message = "Took the log's lease; sequencing.");
+        gauge!(LOG_LEASE_HELD).set(1.0);
+        let mut state = Held {
+            seq: &seq,
+            cursor: held.state.cursor.clone(),
+            trees: HashMap::new(),
+            checkpointed: HashMap::new(),
+            held: held.token.clone(),
+        };
+        state.run().await;
+        gauge!(LOG_LEASE_HELD).set(0.0);
+        lease.finish(held, &shutdown).await;
     }
 }
 
@@ -118,30 +88,6 @@ struct Held<'s> {
     /// Tenant → (size, when) of its newest checkpoint.
     checkpointed: HashMap<String, (u64, Instant)>,
     held: CancellationToken,
-}
-
-async fn sequence_while_held(seq: &Sequencer, cursor: Position, shutdown: &CancellationToken) {
-    let held = shutdown.child_token();
-    let renewer = tokio::spawn(
-        crate::relay::keep_lease(
-            seq.store.clone(),
-            LOG_CURSOR.to_owned(),
-            seq.holder.clone(),
-            seq.lease_ttl,
-            held.clone(),
-        )
-        .in_current_span(),
-    );
-    let mut state = Held {
-        seq,
-        cursor,
-        trees: HashMap::new(),
-        checkpointed: HashMap::new(),
-        held: held.clone(),
-    };
-    state.run().await;
-    held.cancel();
-    let _ = renewer.await;
 }
 
 impl Held<'_> {

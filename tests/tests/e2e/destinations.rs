@@ -134,6 +134,7 @@ mod rabbitmq {
             confirm_timeout: Duration::from_secs(10),
             max_in_flight: 1000,
             max_batch_bytes: 1024 * 1024,
+            checkpoints: false,
         }
     }
 
@@ -872,6 +873,7 @@ mod rabbitmq {
             confirm_timeout: Duration::from_secs(10),
             max_in_flight: 10,
             max_batch_bytes: 1024 * 1024,
+            checkpoints: false,
         };
         let mut sink = RabbitSink::new("bus", params);
         let started = Instant::now();
@@ -902,6 +904,7 @@ mod rabbitmq {
             confirm_timeout: Duration::from_secs(1),
             max_in_flight: 10,
             max_batch_bytes: 1024 * 1024,
+            checkpoints: false,
         };
         let mut sink = RabbitSink::new("bus", params);
         assert_eq!(sink.deliver(&[]).await.unwrap(), Delivered::confirmed(0));

@@ -16,7 +16,7 @@ use sqlx::Row as _;
 const WAIT: Duration = Duration::from_secs(60);
 
 /// A fresh signing key in a file of the test's own.
-fn key_file(env: &TestEnv) -> anyhow::Result<(SignerKey, std::path::PathBuf)> {
+pub(crate) fn key_file(env: &TestEnv) -> anyhow::Result<(SignerKey, std::path::PathBuf)> {
     let key = SignerKey::generate("audit.test/log")?;
     let path = std::env::temp_dir().join(format!("ab-logkey-{}", env.tag));
     std::fs::write(&path, key.to_private_text())?;
@@ -50,7 +50,10 @@ async fn leaves(
 
 /// Waits until every stored event is in a log, then checks each tenant's: as many leaves as
 /// stored events, indexes 0..n with no gap, each leaf the hash of the event's stored bytes.
-async fn check_logs(env: &TestEnv, stored: i64) -> anyhow::Result<HashMap<String, Vec<Hash>>> {
+pub(crate) async fn check_logs(
+    env: &TestEnv,
+    stored: i64,
+) -> anyhow::Result<HashMap<String, Vec<Hash>>> {
     eventually(
         "every stored event to be in its tenant's log",
         WAIT,
@@ -100,7 +103,7 @@ async fn check_logs(env: &TestEnv, stored: i64) -> anyhow::Result<HashMap<String
 /// Waits for each tenant's newest checkpoint to cover its whole log, then checks it: signed
 /// by `key` (a plain note verifier's check, and the timestamped cosignature), origin
 /// `<log name>/<tenant>`, and the root a reference computation gets from the leaves.
-async fn check_checkpoints(
+pub(crate) async fn check_checkpoints(
     env: &TestEnv,
     key: &SignerKey,
     logs: &HashMap<String, Vec<Hash>>,
@@ -163,8 +166,27 @@ async fn three_workers_sequence_every_event_once_and_sign_checkpoints() -> anyho
         w.wait_ready(WAIT).await?;
     }
     // Three workers committing small batches at once: their transactions commit out of order.
+    // `log audit` run meanwhile, against logs that grow under it, finds nothing.
     let events = env.events(3_000);
-    env.publish(&events).await?;
+    let publishing = env.publish(&events);
+    let auditing = async {
+        for _ in 0..3 {
+            let out = env
+                .command(&["log", "audit"], &[("AUDITBRIDGE_LOG_KEY_FILE", &path_s)])
+                .output()
+                .await?;
+            ensure!(
+                out.status.code() == Some(0),
+                "an audit beside the sequencer: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        anyhow::Ok(())
+    };
+    let (published, audited) = tokio::join!(publishing, auditing);
+    published?;
+    audited?;
     env.wait_for_count(3_000, WAIT).await?;
     let logs = check_logs(&env, 3_000).await?;
     check_checkpoints(&env, &key, &logs).await?;
@@ -476,6 +498,158 @@ async fn serve_gives_checkpoints_and_proofs_a_verifier_accepts() -> anyhow::Resu
     ensure!(
         status == 503 && body.to_string().contains("AUDITBRIDGE_LOG_KEY_FILE"),
         "{status} {body}"
+    );
+    let _ = std::fs::remove_file(path);
+    Ok(())
+}
+
+/// The note of a forwarded checkpoint message, if `body` is one of `tenant`'s.
+fn checkpoint_note(body: &[u8]) -> Option<(String, String)> {
+    let v: serde_json::Value = serde_json::from_slice(body).ok()?;
+    (v["type"] == "checkpoint").then(|| {
+        (
+            v["tenant"].as_str().unwrap_or("").to_owned(),
+            v["note"].as_str().unwrap_or("").to_owned(),
+        )
+    })
+}
+
+/// Destinations with `"checkpoints": true` get every tenant's new checkpoints, one message
+/// each: RabbitMQ with routing key `_log.<tenant>`, only for the tenants `filter.tenants`
+/// takes; HTTP as `{"type": "checkpoint", …}`, through a run of 500s, none lost. Each note
+/// verifies and the newest covers the tenant's whole log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checkpoints_reach_the_destinations_that_ask_for_them() -> anyhow::Result<()> {
+    use auditbridge_tests::rabbit::TestBroker;
+    use auditbridge_tests::receiver::{Answer, Receiver};
+
+    let mut env = TestEnv::new().await?;
+    env.ensure_stream().await?;
+    let (key, path) = key_file(&env)?;
+    let path_s = path.to_string_lossy().into_owned();
+    let rx = Receiver::start().await?;
+    rx.answer(Answer::Status(500));
+    let broker = TestBroker::new(&env.tag).await?;
+    let events = env.events(300);
+    let wanted = events[0].tenant.clone();
+    let destinations = serde_json::json!([
+        broker.destination(
+            "bus",
+            serde_json::json!({"checkpoints": true, "filter": {"tenants": [wanted]}})
+        ),
+        {"name": "siem", "type": "http", "params": {"url": rx.url("/siem"), "checkpoints": true,
+            "start": "earliest", "retry_min": "50ms", "retry_max": "500ms"}},
+    ])
+    .to_string();
+    let worker = env
+        .spawn_worker(
+            "w",
+            &[
+                ("AUDITBRIDGE_LOG_KEY_FILE", path_s.as_str()),
+                ("AUDITBRIDGE_LOG_CHECKPOINT_INTERVAL", "1s"),
+                ("AUDITBRIDGE_DESTINATIONS", destinations.as_str()),
+            ],
+        )
+        .await?;
+    worker.wait_ready(WAIT).await?;
+    env.publish(&events).await?;
+    env.wait_for_count(300, WAIT).await?;
+    let logs = check_logs(&env, 300).await?;
+    check_checkpoints(&env, &key, &logs).await?;
+    eventually("checkpoint posts refused with 500", WAIT, async || {
+        let refused = rx
+            .requests()
+            .iter()
+            .filter(|r| r.answered == 500 && checkpoint_note(&r.body).is_some())
+            .count();
+        ensure!(refused >= 3, "{refused} refused so far");
+        Ok(())
+    })
+    .await?;
+    rx.answer(Answer::Ok);
+
+    // HTTP: every tenant's whole log, in a note that verifies, with its headers.
+    eventually(
+        "every tenant's newest checkpoint over HTTP",
+        WAIT,
+        async || {
+            let mut newest: HashMap<String, u64> = HashMap::new();
+            for r in rx.requests().iter().filter(|r| r.answered == 200) {
+                let Some((tenant, note)) = checkpoint_note(&r.body) else {
+                    continue;
+                };
+                let cp = open_checkpoint(&note, &key.verifier())?.checkpoint;
+                ensure!(cp.origin == format!("audit.test/log/{tenant}"), "{note}");
+                ensure!(
+                    r.headers.get("content-type").and_then(|v| v.to_str().ok())
+                        == Some("application/json")
+                        && r.headers
+                            .get("idempotency-key")
+                            .and_then(|v| v.to_str().ok())
+                            .is_some_and(|k| k.starts_with("checkpoint-")),
+                    "{:?}",
+                    r.headers
+                );
+                let n = newest.entry(tenant).or_default();
+                *n = (*n).max(cp.size);
+            }
+            for (tenant, leaves) in &logs {
+                ensure!(
+                    newest.get(tenant) == Some(&(leaves.len() as u64)),
+                    "{tenant}: newest {:?} of {}",
+                    newest.get(tenant),
+                    leaves.len()
+                );
+            }
+            Ok(())
+        },
+    )
+    .await?;
+
+    // RabbitMQ: only the filtered tenant's, routing key `_log.<tenant>`.
+    let mut got = Vec::new();
+    let size = logs[&wanted].len() as u64;
+    let key_v = key.verifier();
+    broker
+        .collect_until(WAIT, &mut got, |got| {
+            got.iter().any(|m| {
+                m.routing_key == format!("_log.{wanted}")
+                    && checkpoint_note(&m.body).is_some_and(|(_, note)| {
+                        open_checkpoint(&note, &key_v).is_ok_and(|c| c.checkpoint.size == size)
+                    })
+            })
+        })
+        .await?;
+    for m in got.iter().filter(|m| m.routing_key.starts_with("_log.")) {
+        let (tenant, _) = checkpoint_note(&m.body).context("a checkpoint body")?;
+        ensure!(
+            tenant == wanted && m.routing_key == format!("_log.{wanted}"),
+            "a checkpoint the filter does not take: {} {tenant}",
+            m.routing_key
+        );
+    }
+
+    // `status` shows the checkpoint cursor with its destination, not as one of its own.
+    let out = env
+        .command(
+            &["status", "--json"],
+            &[("AUDITBRIDGE_DESTINATIONS", destinations.as_str())],
+        )
+        .output()
+        .await?;
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let list = doc["destinations"].as_array().context("destinations")?;
+    ensure!(
+        list.len() == 2
+            && list
+                .iter()
+                .all(|d| !d["name"].as_str().unwrap_or("_").starts_with('_')),
+        "{doc}"
+    );
+    let siem = list.iter().find(|d| d["name"] == "siem").context("siem")?;
+    ensure!(
+        siem["checkpoints"]["delivered_total"].as_i64() >= Some(logs.len() as i64),
+        "{siem}"
     );
     let _ = std::fs::remove_file(path);
     Ok(())

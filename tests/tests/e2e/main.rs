@@ -17,6 +17,7 @@ mod forwarding;
 mod ingest;
 mod limits;
 mod log;
+mod log_audit;
 mod outbox;
 mod page;
 mod poison;

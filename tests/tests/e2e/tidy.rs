@@ -299,6 +299,7 @@ const BOUNDARIES: &[(&str, &[&str])] = &[
             "auditbridge-runtime",
             "auditbridge-sources",
             "auditbridge-store",
+            "auditbridge-tlog",
         ],
     ),
 ];

@@ -87,12 +87,28 @@ impl Layout {
     /// Adds the headers that describe `batch`, sent as `body`, to `headers`.
     pub(crate) fn describe(&self, headers: &mut HeaderMap, batch: &[StoredEvent], body: &[u8]) {
         let n = batch.len();
-        headers.insert(CONTENT_TYPE, HeaderValue::from_static(self.content_type()));
-        headers.insert(COUNT_HEADER, HeaderValue::from(n));
         let key = format!("{}..{}", batch[0].id, batch[n - 1].id);
+        self.describe_as(headers, self.content_type(), n, &key, body);
+    }
+
+    /// Adds the headers of a checkpoint's request (`body` from [`crate::CheckpointMessage`]).
+    pub(crate) fn describe_checkpoint(&self, headers: &mut HeaderMap, key: &str, body: &[u8]) {
+        self.describe_as(headers, "application/json", 1, key, body);
+    }
+
+    fn describe_as(
+        &self,
+        headers: &mut HeaderMap,
+        content_type: &'static str,
+        count: usize,
+        key: &str,
+        body: &[u8],
+    ) {
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+        headers.insert(COUNT_HEADER, HeaderValue::from(count));
         headers.insert(
             IDEMPOTENCY_HEADER,
-            HeaderValue::from_str(&key).expect("uuids are header-safe"),
+            HeaderValue::from_str(key).expect("idempotency keys are header-safe"),
         );
         if let Some(secret) = &self.secret {
             let timestamp = unix_now();

@@ -164,7 +164,29 @@ impl HttpSink {
 
         let mut headers = self.headers.clone();
         self.layout.describe(&mut headers, batch, &body);
+        let status = self.post(headers, body).await?;
+        tracing::debug!(destination = %self.name, events = n, bytes = body_len, status, message = "Delivered a batch.");
+        Ok(Delivered::confirmed(n))
+    }
 
+    /// Sends one checkpoint (`{"type": "checkpoint", "tenant": …, "note": …}`) in one POST;
+    /// done once the receiver answered 2xx.
+    pub async fn deliver_checkpoint(
+        &mut self,
+        checkpoint: &crate::CheckpointMessage,
+    ) -> Result<(), DeliveryError> {
+        let body = checkpoint.body();
+        let mut headers = self.headers.clone();
+        self.layout
+            .describe_checkpoint(&mut headers, &checkpoint.key(), &body);
+        let status = self.post(headers, body).await?;
+        tracing::debug!(destination = %self.name, tenant = %checkpoint.tenant, status, message = "Delivered a checkpoint.");
+        Ok(())
+    }
+
+    /// POSTs `body` with `headers` (and the credentials); the status once it is 2xx, the
+    /// failure otherwise.
+    async fn post(&self, headers: HeaderMap, body: Vec<u8>) -> Result<u16, DeliveryError> {
         let mut request = self
             .client
             .post(self.url.clone())
@@ -190,8 +212,7 @@ impl HttpSink {
                     Ok(None) | Err(_) => break,
                 }
             }
-            tracing::debug!(destination = %self.name, events = n, bytes = body_len, status = status.as_u16(), message = "Delivered a batch.");
-            return Ok(Delivered::confirmed(n));
+            return Ok(status.as_u16());
         }
 
         let retry_after = retry_after(response.headers());

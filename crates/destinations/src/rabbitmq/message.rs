@@ -180,6 +180,36 @@ fn batch_message<'a>(first: usize, run: &[StoredEvent], routing_key: ShortString
     }
 }
 
+/// The message of a log checkpoint (its body built by the caller, who keeps it).
+pub(crate) fn checkpoint_message<'a>(
+    checkpoint: &crate::CheckpointMessage,
+    routing_key: ShortString,
+    body: &'a [u8],
+) -> Message<'a> {
+    let mut headers = FieldTable::default();
+    headers.insert(
+        "tenant".into(),
+        AMQPValue::LongString(checkpoint.tenant.as_str().into()),
+    );
+    headers.insert("type".into(), AMQPValue::LongString("checkpoint".into()));
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    Message {
+        id: Uuid::nil(),
+        first: 0,
+        count: 1,
+        routing_key,
+        body: Cow::Borrowed(body),
+        properties: BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_content_type("application/json".into())
+            .with_message_id(checkpoint.key().into())
+            .with_timestamp(now)
+            .with_headers(headers),
+    }
+}
+
 fn properties(event: &StoredEvent, content_type: &str, headers: FieldTable) -> BasicProperties {
     BasicProperties::default()
         .with_delivery_mode(2)

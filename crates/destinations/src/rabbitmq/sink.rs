@@ -144,6 +144,40 @@ impl RabbitSink {
         })
     }
 
+    /// Publishes one checkpoint (routing key `_log.<tenant>`); done once the broker confirmed
+    /// it. One the broker returns as unroutable (no binding for `_log.#` while `mandatory`)
+    /// is refused: it is retried, never dropped.
+    pub async fn deliver_checkpoint(
+        &mut self,
+        checkpoint: &crate::CheckpointMessage,
+    ) -> Result<(), DeliveryError> {
+        let refused = |reason, detail| DeliveryError::Refused { reason, detail };
+        let exchange = ShortString::try_new(self.params.exchange.as_str()).map_err(|e| {
+            refused(
+                "exchange",
+                format!("exchange name {:?}: {e}", self.params.exchange),
+            )
+        })?;
+        let key = ShortString::try_new(checkpoint.routing_key())
+            .map_err(|e| refused("routing_key", format!("checkpoint routing key: {e}")))?;
+        let body = checkpoint.body();
+        let message = message::checkpoint_message(checkpoint, key, &body);
+        let (answered, error) = self.publish(exchange, std::slice::from_ref(&message)).await;
+        if error.is_some() {
+            self.link = None;
+        }
+        match (answered.into_iter().next(), error) {
+            (Some(Answer::Confirmed), _) => Ok(()),
+            (Some(Answer::Returned(detail)), _) => Err(refused(
+                "returned",
+                format!("{detail} (bind `_log.#`, or set mandatory false, to take checkpoints)"),
+            )),
+            (Some(Answer::Refused { reason, detail }), _) => Err(refused(reason, detail)),
+            (None, Some(error)) => Err(error),
+            (None, None) => Err(retry("confirm", "no answer for the checkpoint".into())),
+        }
+    }
+
     /// Publishes `messages` in confirm windows. Returns the answers for the prefix of messages
     /// the broker answered for, and the failure that stopped it, if any.
     async fn publish(
@@ -653,6 +687,7 @@ mod tests {
                 confirm_timeout: Duration::from_secs(10),
                 max_in_flight: 1000,
                 max_batch_bytes: 1024 * 1024,
+                checkpoints: false,
             },
         );
         let event = StoredEvent {

@@ -1,35 +1,12 @@
-//! `auditbridge log …`: the tenants' verifiable logs. `keygen` makes the log's signing key.
+//! `auditbridge log keygen`: the log's signing key.
 
 use std::io::Write as _;
 use std::os::unix::fs::OpenOptionsExt as _;
-use std::path::PathBuf;
 use std::process::ExitCode;
 
 use auditbridge_tlog::SignerKey;
 
-#[derive(Debug, clap::Subcommand)]
-pub(crate) enum LogCommand {
-    /// Make the log's Ed25519 signing key: write the private key (signed-note format, mode
-    /// 0600) to --out, for AUDITBRIDGE_LOG_KEY_FILE, and print the verifier key to give to
-    /// auditors. Refuses to overwrite a file.
-    Keygen {
-        /// The log's name: the key name of its signatures and the start of every
-        /// checkpoint's origin line (`<name>/<tenant>`), such as audit.example.com/log.
-        #[arg(long)]
-        name: String,
-        /// Where to write the private key.
-        #[arg(long)]
-        out: PathBuf,
-    },
-}
-
-pub(crate) fn run(command: LogCommand) -> ExitCode {
-    match command {
-        LogCommand::Keygen { name, out } => keygen(&name, &out),
-    }
-}
-
-fn keygen(name: &str, out: &std::path::Path) -> ExitCode {
+pub(crate) fn run(name: &str, out: &std::path::Path) -> ExitCode {
     let key = match SignerKey::generate(name) {
         Ok(k) => k,
         Err(e) => {
