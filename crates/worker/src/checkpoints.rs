@@ -6,10 +6,11 @@
 //! given or passed over), under its own lease: its events and its checkpoints never wait for
 //! each other.
 
+use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use auditbridge_destinations::{CheckpointMessage, DestinationConfig, Sink};
+use auditbridge_destinations::{CheckpointMessage, DeliveryError, DestinationConfig, Sink};
 use auditbridge_runtime::telemetry::{LOG_CHECKPOINT_FAILURES, LOG_CHECKPOINTS_FORWARDED};
 use auditbridge_store::Position;
 use auditbridge_store::log::checkpoints_cursor;
@@ -53,93 +54,183 @@ async fn run(config: DestinationConfig, ctx: Arc<RelayContext>, shutdown: Cancel
     }
 }
 
+/// Checkpoints of refused tenants held in memory at most; beyond, no new ones are read until
+/// some go.
+const MAX_WAITING: usize = 10_000;
+
+/// What became of one offer of a checkpoint.
+enum Offer {
+    Delivered,
+    /// The destination refused this checkpoint (a 4xx, a RabbitMQ return): its tenant's
+    /// checkpoints wait, the others go on.
+    Refused,
+    /// The lease was lost or shutdown came while the destination was failing.
+    Stop,
+}
+
 /// Forwards checkpoints after id `cursor` until `held` is cancelled.
+///
+/// One tenant's checkpoint that the destination refuses never holds another tenant's: it and
+/// that tenant's later ones wait in memory, offered again after a backoff, while the rest go
+/// on. The stored cursor stays before the oldest waiting one, so after a takeover they are
+/// offered again (with some already delivered: at least once). A failure of the destination
+/// itself (connection, timeout, 5xx) holds everything, in order, as for events.
 async fn forward_while_held(
     config: &DestinationConfig,
     ctx: &RelayContext,
     row: &str,
     sink: &mut Sink,
-    mut cursor: i64,
+    cursor: i64,
     held: &CancellationToken,
 ) {
-    let name = config.name.as_str();
     let pause = async |d: Duration| {
         tokio::select! {
             _ = held.cancelled() => false,
             _ = tokio::time::sleep(d) => true,
         }
     };
+    let (mut stored, mut read) = (cursor, cursor);
+    let mut waiting: VecDeque<CheckpointMessage> = VecDeque::new();
+    let mut refused: HashSet<String> = HashSet::new();
+    let mut retry = crate::relay::backoff(config).build();
+    let mut retry_at = Instant::now();
+    let (mut delivered, mut passed) = (0u64, 0u64);
     while !held.is_cancelled() {
-        let batch = match ctx.store.checkpoints_after(cursor, BATCH).await {
-            Ok(b) => b,
-            Err(e) => {
-                tracing::warn!(error = %e, message = "Cannot read checkpoints now; retrying.");
-                if !pause(Duration::from_secs(5)).await {
-                    return;
+        // The waiting ones first, when their backoff is over, oldest first.
+        if !waiting.is_empty() && Instant::now() >= retry_at {
+            refused.clear();
+            let mut still = VecDeque::new();
+            let mut any = false;
+            for message in std::mem::take(&mut waiting) {
+                if refused.contains(&message.tenant) {
+                    still.push_back(message);
+                    continue;
                 }
-                continue;
+                match offer(config, ctx, row, sink, &message, held).await {
+                    Offer::Delivered => {
+                        delivered += 1;
+                        any = true;
+                    }
+                    Offer::Refused => {
+                        refused.insert(message.tenant.clone());
+                        still.push_back(message);
+                    }
+                    Offer::Stop => return,
+                }
+            }
+            waiting = still;
+            if any {
+                retry = crate::relay::backoff(config).build();
+            }
+            retry_at = Instant::now() + retry.next().unwrap_or(config.retry_max);
+        }
+        let batch = if waiting.len() >= MAX_WAITING {
+            Vec::new()
+        } else {
+            match ctx.store.checkpoints_after(read, BATCH).await {
+                Ok(b) => b,
+                Err(e) => {
+                    tracing::warn!(error = %e, message = "Cannot read checkpoints now; retrying.");
+                    if !pause(Duration::from_secs(5)).await {
+                        return;
+                    }
+                    continue;
+                }
             }
         };
-        if batch.is_empty() {
-            if !pause(POLL).await {
+        let idle = batch.is_empty();
+        for c in batch {
+            read = c.id;
+            if !config.filter.takes_tenant(&c.tenant) {
+                passed += 1;
+                continue;
+            }
+            let message = CheckpointMessage {
+                id: c.id,
+                tenant: c.tenant,
+                note: c.note,
+            };
+            if refused.contains(&message.tenant) {
+                waiting.push_back(message);
+                continue;
+            }
+            match offer(config, ctx, row, sink, &message, held).await {
+                Offer::Delivered => delivered += 1,
+                Offer::Refused => {
+                    if waiting.is_empty() {
+                        retry_at = Instant::now() + retry.next().unwrap_or(config.retry_max);
+                    }
+                    refused.insert(message.tenant.clone());
+                    waiting.push_back(message);
+                }
+                Offer::Stop => return,
+            }
+        }
+        // The stored cursor: just before the oldest waiting checkpoint, else all read.
+        let to = waiting.front().map_or(read, |m| m.id - 1).max(stored);
+        if to > stored || delivered > 0 || passed > 0 {
+            if !advance(ctx, row, to, delivered, passed).await {
                 return;
             }
-            continue;
+            (stored, delivered, passed) = (to, 0, 0);
         }
-        let (mut delivered, mut passed) = (0u64, 0u64);
-        let mut to = cursor;
-        for c in batch {
-            if config.filter.takes_tenant(&c.tenant) {
-                // Everything passed over so far is recorded first: a delivery can wait long.
-                if passed > 0 && !advance(ctx, row, to, 0, passed).await {
-                    return;
-                }
-                passed = 0;
-                let message = CheckpointMessage {
-                    id: c.id,
-                    tenant: c.tenant,
-                    note: c.note,
-                };
-                let mut backoff = crate::relay::backoff(config).build();
-                let mut failures = 0u32;
-                loop {
-                    match sink.deliver_checkpoint(&message).await {
-                        Ok(()) => break,
-                        Err(e) => {
-                            failures += 1;
-                            counter!(LOG_CHECKPOINT_FAILURES, "destination" => name.to_owned(), "reason" => e.reason()).increment(1);
-                            if failures == 1 || failures.is_multiple_of(20) {
-                                tracing::warn!(error = %e, tenant = %message.tenant, attempts = failures, message = "Cannot deliver a checkpoint; retrying.");
-                            }
-                            let _ = ctx
-                                .store
-                                .record_failure(row, &ctx.holder, &e.to_string(), true)
-                                .await;
-                            let delay = e
-                                .retry_after()
-                                .unwrap_or_else(|| backoff.next().unwrap_or(config.retry_max));
-                            if !pause(delay).await {
-                                return;
-                            }
-                        }
-                    }
-                }
-                counter!(LOG_CHECKPOINTS_FORWARDED, "destination" => name.to_owned()).increment(1);
-                delivered += 1;
-                to = message.id;
-                if !advance(ctx, row, to, delivered, 0).await {
-                    return;
-                }
-                delivered = 0;
+        if idle {
+            let wait = if waiting.is_empty() {
+                POLL
             } else {
-                passed += 1;
-                to = c.id;
+                retry_at
+                    .saturating_duration_since(Instant::now())
+                    .clamp(Duration::from_millis(10), POLL)
+            };
+            if !pause(wait).await {
+                return;
             }
         }
-        if passed > 0 && !advance(ctx, row, to, delivered, passed).await {
-            return;
+    }
+}
+
+/// Offers one checkpoint: delivered; refused (its tenant waits); or, while the destination
+/// itself fails, retried here with backoff until it goes, the lease is lost or shutdown.
+async fn offer(
+    config: &DestinationConfig,
+    ctx: &RelayContext,
+    row: &str,
+    sink: &mut Sink,
+    message: &CheckpointMessage,
+    held: &CancellationToken,
+) -> Offer {
+    let name = config.name.as_str();
+    let mut backoff = crate::relay::backoff(config).build();
+    let mut failures = 0u32;
+    loop {
+        let e = match sink.deliver_checkpoint(message).await {
+            Ok(()) => {
+                counter!(LOG_CHECKPOINTS_FORWARDED, "destination" => name.to_owned()).increment(1);
+                return Offer::Delivered;
+            }
+            Err(e) => e,
+        };
+        failures += 1;
+        counter!(LOG_CHECKPOINT_FAILURES, "destination" => name.to_owned(), "reason" => e.reason())
+            .increment(1);
+        let _ = ctx
+            .store
+            .record_failure(row, &ctx.holder, &e.to_string(), true)
+            .await;
+        if matches!(e, DeliveryError::Refused { .. }) {
+            tracing::warn!(error = %e, tenant = %message.tenant, message = "The destination refused a checkpoint; that tenant's checkpoints wait and are offered again, the others go on.");
+            return Offer::Refused;
         }
-        cursor = to;
+        if failures == 1 || failures.is_multiple_of(20) {
+            tracing::warn!(error = %e, tenant = %message.tenant, attempts = failures, message = "Cannot deliver a checkpoint; retrying.");
+        }
+        let delay = e
+            .retry_after()
+            .unwrap_or_else(|| backoff.next().unwrap_or(config.retry_max));
+        tokio::select! {
+            _ = held.cancelled() => return Offer::Stop,
+            _ = tokio::time::sleep(delay) => {}
+        }
     }
 }
 

@@ -532,10 +532,17 @@ async fn checkpoints_reach_the_destinations_that_ask_for_them() -> anyhow::Resul
     let broker = TestBroker::new(&env.tag).await?;
     let events = env.events(300);
     let wanted = events[0].tenant.clone();
+    // A broker that routes only `wanted`'s checkpoints: it returns every other tenant's (and
+    // every event), which must not hold `wanted`'s back.
+    let picky = TestBroker::bound(&format!("{}p", env.tag), &format!("_log.{wanted}")).await?;
     let destinations = serde_json::json!([
         broker.destination(
             "bus",
             serde_json::json!({"checkpoints": true, "filter": {"tenants": [wanted]}})
+        ),
+        picky.destination(
+            "picky",
+            serde_json::json!({"checkpoints": true, "retry_min": "50ms", "retry_max": "1s"})
         ),
         {"name": "siem", "type": "http", "params": {"url": rx.url("/siem"), "checkpoints": true,
             "start": "earliest", "retry_min": "50ms", "retry_max": "500ms"}},
@@ -620,6 +627,18 @@ async fn checkpoints_reach_the_destinations_that_ask_for_them() -> anyhow::Resul
             })
         })
         .await?;
+    // The picky broker: `wanted`'s newest checkpoint arrives although the others' are refused.
+    let mut picked = Vec::new();
+    picky
+        .collect_until(WAIT, &mut picked, |got| {
+            got.iter().any(|m| {
+                checkpoint_note(&m.body).is_some_and(|(_, note)| {
+                    open_checkpoint(&note, &key_v).is_ok_and(|c| c.checkpoint.size == size)
+                })
+            })
+        })
+        .await
+        .context("one tenant's refused checkpoints held another's back")?;
     for m in got.iter().filter(|m| m.routing_key.starts_with("_log.")) {
         let (tenant, _) = checkpoint_note(&m.body).context("a checkpoint body")?;
         ensure!(
@@ -640,7 +659,7 @@ async fn checkpoints_reach_the_destinations_that_ask_for_them() -> anyhow::Resul
     let doc: serde_json::Value = serde_json::from_slice(&out.stdout)?;
     let list = doc["destinations"].as_array().context("destinations")?;
     ensure!(
-        list.len() == 2
+        list.len() == 3
             && list
                 .iter()
                 .all(|d| !d["name"].as_str().unwrap_or("_").starts_with('_')),

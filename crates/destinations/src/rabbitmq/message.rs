@@ -196,6 +196,7 @@ pub(crate) fn checkpoint_message<'a>(
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
     Message {
+        // No event's: error details name the message id instead.
         id: Uuid::nil(),
         first: 0,
         count: 1,

@@ -401,7 +401,12 @@ async fn publish_window(
             .message_id()
             .as_ref()
             .map(|m| m.as_str().to_owned());
-        let Some(i) = window.iter().position(|m| Some(m.id.to_string()) == id) else {
+        // Matched by the message id each message was published with (an event's id, a
+        // batch's first event's, `checkpoint-<id>`).
+        let Some(i) = window
+            .iter()
+            .position(|m| m.properties.message_id().as_ref().map(|p| p.as_str()) == id.as_deref())
+        else {
             let error = retry(
                 "returned",
                 format!(
@@ -454,7 +459,11 @@ async fn check_confirm(
 }
 
 fn returned_detail(exchange: &str, message: &Message<'_>, returned: &BasicReturnMessage) -> String {
-    let what = if message.count == 1 {
+    let what = if message.id.is_nil() {
+        // Not an event's: a checkpoint, named by its message id.
+        let id = message.properties.message_id();
+        id.as_ref().map_or("a message", |m| m.as_str()).to_string()
+    } else if message.count == 1 {
         format!("event {}", message.id)
     } else {
         format!("a batch of {} events from {}", message.count, message.id)
