@@ -291,11 +291,16 @@ fn columns_differ(body: &LoggedBody, tenant: &str) -> Option<String> {
         Err(e) => return Some(format!("the stored event is not JSON: {e}")),
     };
     let text = |pointer: &str| event.pointer(pointer).and_then(|v| v.as_str());
-    let occurred = text("/occurred_at").and_then(|t| {
-        time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339).ok()
-    });
+    let occurred = text("/occurred_at")
+        .and_then(|t| {
+            time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339).ok()
+        })
+        .and_then(to_microseconds);
     let checks: [(&str, bool); 8] = [
-        ("id", text("/id") == Some(c.id.to_string().as_str())),
+        (
+            "id",
+            text("/id").and_then(|t| t.parse::<uuid::Uuid>().ok()) == Some(c.id),
+        ),
         ("tenant", text("/tenant") == Some(c.tenant.as_str())),
         ("action", text("/action") == Some(c.action.as_str())),
         ("outcome", text("/outcome") == Some(c.outcome.as_str())),
@@ -310,4 +315,77 @@ fn columns_differ(body: &LoggedBody, tenant: &str) -> Option<String> {
              destinations see an altered event"
         )
     })
+}
+
+/// A time as PostgreSQL stores it: rounded to the microsecond, half up (the event keeps the
+/// nanoseconds its producer wrote; the column cannot).
+fn to_microseconds(t: time::OffsetDateTime) -> Option<time::OffsetDateTime> {
+    let sub = i64::from(t.nanosecond() % 1000);
+    if sub >= 500 {
+        t.checked_add(time::Duration::nanoseconds(1000 - sub))
+    } else {
+        t.checked_sub(time::Duration::nanoseconds(sub))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use auditbridge_store::Position;
+    use auditbridge_store::log::EventColumns;
+    use time::macros::datetime;
+
+    use super::*;
+
+    fn body(occurred_json: &str, column: time::OffsetDateTime, action: &str) -> LoggedBody {
+        let id = uuid::Uuid::nil();
+        LoggedBody {
+            text: format!(
+                r#"{{"id": "{id}", "tenant": "acme", "action": "doc.read", "outcome": "success", "occurred_at": "{occurred_json}", "actor": {{"id": "u1"}}, "source": "s"}}"#
+            ),
+            columns: EventColumns {
+                id,
+                tenant: "acme".into(),
+                action: action.into(),
+                outcome: "success".into(),
+                occurred_at: column,
+                actor_id: "u1".into(),
+                target_id: None,
+                source: "s".into(),
+            },
+            position: Position::start(),
+        }
+    }
+
+    /// The columns agree with an event whose time has nanoseconds (PostgreSQL keeps
+    /// microseconds, rounded half up) or another offset; an altered column does not.
+    #[test]
+    fn columns_are_compared_as_postgresql_stores_them() {
+        let col = datetime!(2026-12-03 18:36:44.123457 UTC);
+        for written in [
+            "2026-12-03T18:36:44.1234565Z",
+            "2026-12-03T18:36:44.123457Z",
+            "2026-12-03T19:36:44.123456501+01:00",
+        ] {
+            assert_eq!(
+                columns_differ(&body(written, col, "doc.read"), "acme"),
+                None,
+                "{written}"
+            );
+        }
+        let changed = columns_differ(&body("2026-12-03T18:36:44.123457Z", col, "x.y"), "acme");
+        assert!(changed.is_some_and(|w| w.contains("action")));
+        let later = datetime!(2026-12-03 18:36:44.123458 UTC);
+        let moved = columns_differ(
+            &body("2026-12-03T18:36:44.123457Z", later, "doc.read"),
+            "acme",
+        );
+        assert!(moved.is_some_and(|w| w.contains("occurred_at")));
+        assert!(
+            columns_differ(
+                &body("2026-12-03T18:36:44.123457Z", col, "doc.read"),
+                "other"
+            )
+            .is_some_and(|w| w.contains("tenant"))
+        );
+    }
 }
