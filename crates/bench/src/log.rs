@@ -22,11 +22,6 @@ use crate::{Bench, BenchApi, STOP_GRACE, latencies, spawn_worker};
 /// Proofs per latency figure.
 const SAMPLES: usize = 1_000;
 
-/// Events in a log now.
-pub(crate) async fn sequenced(store: &Store) -> anyhow::Result<i64> {
-    Ok(store.log_leaf_count().await?)
-}
-
 /// Waits until `n` events are in a log; when they were.
 pub(crate) async fn wait_sequenced(
     store: &Store,

@@ -74,6 +74,15 @@ macro_rules! leaf_sql {
     };
 }
 
+/// The outbox generation of the `audit_events` row `e` (its `seq` in `outbox_generations`' ranges;
+/// 0 before any rebase), in SQL.
+macro_rules! generation_sql {
+    () => {
+        "COALESCE((SELECT g.generation FROM outbox_generations g \
+             WHERE g.first_seq <= e.seq ORDER BY g.first_seq DESC LIMIT 1), 0)"
+    };
+}
+
 /// [`crate::outbox::READ_OUTBOX`], reading what the sequencer needs.
 const READ_FOR_LOG: &str = concat!(
     "SELECT tx_id::text AS tx_text, seq, id, tenant, ",
@@ -471,17 +480,16 @@ impl Store {
         limit: usize,
     ) -> Result<Vec<LoggedEvent>, StoreError> {
         use sqlx::Row as _;
-        let rows = sqlx::query(
+        let rows = sqlx::query(concat!(
             "SELECT l.log_index, l.event_id, l.leaf_hash, e.event::text AS text, e.id, e.tenant, \
                     e.action, e.outcome, e.occurred_at, e.actor_id, e.target_id, e.source, \
-                    e.tx_id::text AS tx_text, e.seq, \
-                    COALESCE((SELECT g.generation FROM outbox_generations g \
-                        WHERE g.first_seq <= e.seq ORDER BY g.first_seq DESC LIMIT 1), 0) \
-                        AS generation \
+                    e.tx_id::text AS tx_text, e.seq, ",
+            generation_sql!(),
+            " AS generation \
              FROM log_leaves l LEFT JOIN audit_events e ON e.id = l.event_id \
              WHERE l.tenant = $1 AND l.log_index >= $2 AND l.log_index < $3 \
-             ORDER BY l.log_index LIMIT $4",
-        )
+             ORDER BY l.log_index LIMIT $4"
+        ))
         .bind(tenant)
         .bind(int(from))
         .bind(int(end))
@@ -666,15 +674,15 @@ impl Store {
         else {
             return Ok(Vec::new());
         };
-        Ok(sqlx::query_scalar(
+        Ok(sqlx::query_scalar(concat!(
             "SELECT e.id FROM audit_events e \
              WHERE e.tenant = $1 \
                AND NOT EXISTS (SELECT 1 FROM log_leaves l WHERE l.event_id = e.id) \
-               AND (COALESCE((SELECT g.generation FROM outbox_generations g \
-                        WHERE g.first_seq <= e.seq ORDER BY g.first_seq DESC LIMIT 1), 0), \
-                    e.tx_id, e.seq) <= ($2, $3::text::xid8, $4) \
-             ORDER BY e.tx_id, e.seq LIMIT $5",
-        )
+               AND (",
+            generation_sql!(),
+            ", e.tx_id, e.seq) <= ($2, $3::text::xid8, $4) \
+             ORDER BY e.tx_id, e.seq LIMIT $5"
+        ))
         .bind(tenant)
         .bind(cursor.generation)
         .bind(&cursor.tx_id)

@@ -680,6 +680,7 @@ async fn checkpoints_reach_the_destinations_that_ask_for_them() -> anyhow::Resul
 /// and each verifies against the reference root.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stored_tiles_give_the_reference_proofs_for_many_sizes() -> anyhow::Result<()> {
+    use auditbridge_store::log::{LOG_CURSOR, LogLeaf, LogNode};
     use auditbridge_tlog::Frontier;
     use auditbridge_tlog::stored::stored_node;
     use auditbridge_tlog::tree::{
@@ -689,53 +690,49 @@ async fn stored_tiles_give_the_reference_proofs_for_many_sizes() -> anyhow::Resu
     let env = TestEnv::new().await?;
     const N: u64 = 66_000;
     let leaves: Vec<Hash> = (0..N).map(|i| leaf_hash(&i.to_be_bytes())).collect();
+    // Appended the sequencer's way: the leaves and the subtrees they complete, under its lease.
+    let store = auditbridge_store::Store::connect_lazy(&env.database_url, 2)?;
+    store.register_log().await?;
+    let state = store
+        .acquire_lease(LOG_CURSOR, "test", Duration::from_secs(600))
+        .await?
+        .context("the log's lease")?;
     let mut tree = Frontier::new();
-    let mut nodes: Vec<(i16, i64, Vec<u8>)> = Vec::new();
-    for leaf in &leaves {
+    let (mut log_leaves, mut log_nodes) = (Vec::new(), Vec::new());
+    for (i, leaf) in leaves.iter().enumerate() {
+        log_leaves.push(LogLeaf {
+            tenant: "acme".into(),
+            index: i as u64,
+            event_id: uuid::Uuid::now_v7(),
+            hash: *leaf,
+        });
         for (subtree, hash) in tree.push(*leaf) {
             let (level, index) = stored_node(subtree).context("a stored node")?;
-            nodes.push((level as i16, index as i64, hash.to_vec()));
+            log_nodes.push(LogNode {
+                tenant: "acme".into(),
+                level,
+                index,
+                hash,
+            });
         }
     }
     ensure!(
-        nodes.iter().any(|n| n.0 == 2),
+        log_nodes.iter().any(|n| n.level == 2),
         "a subtree of height 16 is stored"
     );
-    for chunk in leaves.chunks(10_000).enumerate() {
-        let (c, part) = chunk;
-        let indexes: Vec<i64> = (0..part.len()).map(|i| (c * 10_000 + i) as i64).collect();
-        let ids: Vec<uuid::Uuid> = part.iter().map(|_| uuid::Uuid::now_v7()).collect();
-        let hashes: Vec<&[u8]> = part.iter().map(|h| h.as_slice()).collect();
-        sqlx::query(
-            "INSERT INTO log_leaves (tenant, log_index, event_id, leaf_hash) \
-             SELECT 'acme', * FROM unnest($1::bigint[], $2::uuid[], $3::bytea[])",
-        )
-        .bind(&indexes)
-        .bind(&ids)
-        .bind(&hashes)
-        .execute(&env.pool)
-        .await?;
-    }
-    let (levels, indexes, hashes): (Vec<i16>, Vec<i64>, Vec<Vec<u8>>) =
-        nodes
-            .into_iter()
-            .fold(Default::default(), |mut acc, (l, i, h)| {
-                acc.0.push(l);
-                acc.1.push(i);
-                acc.2.push(h);
-                acc
-            });
-    sqlx::query(
-        "INSERT INTO log_nodes (tenant, level, node_index, hash) \
-         SELECT 'acme', * FROM unnest($1::smallint[], $2::bigint[], $3::bytea[])",
-    )
-    .bind(&levels)
-    .bind(&indexes)
-    .bind(&hashes)
-    .execute(&env.pool)
-    .await?;
+    ensure!(
+        store
+            .append_log(
+                "test",
+                &state.cursor,
+                &state.cursor,
+                &log_leaves,
+                &log_nodes
+            )
+            .await?,
+        "appended under the lease"
+    );
 
-    let store = auditbridge_store::Store::connect_lazy(&env.database_url, 2)?;
     let sizes = [
         1u64, 2, 3, 7, 8, 255, 256, 257, 511, 512, 513, 4_095, 4_096, 65_535, 65_536, 65_537, N,
     ];

@@ -18,10 +18,7 @@ use auditbridge_tlog::VerifierKey;
 use auditbridge_tlog::note::{NoteError, SignedCheckpoint, open_checkpoint};
 
 use super::replay::{Entry, Replay};
-use super::{TAMPERED, UNREADABLE, USAGE, origin_tenant, read_text, unix_time};
-
-/// Entries read per query.
-const BATCH: usize = 5_000;
+use super::{BATCH, TAMPERED, UNREADABLE, USAGE, origin_tenant, read_text, unix_time};
 
 /// A checkpoint kept outside the database, and its tenant.
 struct External {
@@ -49,12 +46,9 @@ pub(crate) async fn run(
         );
         return ExitCode::from(USAGE);
     }
-    let store = match Store::connect_lazy(config.database_url.expose(), 2) {
+    let store = match super::connect(config) {
         Ok(s) => s,
-        Err(e) => {
-            eprintln!("error: AUDITBRIDGE_DATABASE_URL: {e}");
-            return ExitCode::from(USAGE);
-        }
+        Err(code) => return code,
     };
     let code = match audit(&store, tenant, external.as_ref(), key).await {
         Ok(true) => ExitCode::SUCCESS,

@@ -24,7 +24,7 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
 
 use super::replay::{Entry, Replay};
-use super::{TAMPERED, UNREADABLE, USAGE, origin_tenant, read_text, unix_time};
+use super::{BATCH, TAMPERED, UNREADABLE, USAGE, origin_tenant, read_text, unix_time};
 
 pub(crate) const EVENTS: &str = "events.jsonl";
 pub(crate) const CHECKPOINT: &str = "checkpoint";
@@ -32,8 +32,6 @@ pub(crate) const KEY: &str = "verifier-key";
 pub(crate) const LEAVES: &str = "leaves.txt";
 const README: &str = "README.txt";
 
-/// Entries read per query.
-const BATCH: usize = 5_000;
 /// The longest line `verify` reads from `events.jsonl` (far above any event a worker
 /// accepts) and from `leaves.txt`, and the largest checkpoint note: a crafted bundle cannot
 /// make it read without bound.
@@ -47,12 +45,9 @@ pub(crate) async fn export(
     out: &Path,
     key: &VerifierKey,
 ) -> ExitCode {
-    let store = match auditbridge_store::Store::connect_lazy(config.database_url.expose(), 2) {
+    let store = match super::connect(config) {
         Ok(s) => s,
-        Err(e) => {
-            eprintln!("error: AUDITBRIDGE_DATABASE_URL: {e}");
-            return ExitCode::from(USAGE);
-        }
+        Err(code) => return code,
     };
     let code = match export_from(&store, tenant, out, key).await {
         Ok(code) => code,

@@ -24,6 +24,9 @@ const USAGE: u8 = 2;
 /// The bundle or the database could not be read.
 const UNREADABLE: u8 = 3;
 
+/// Log entries read from the database per query (`export`, `audit`).
+const BATCH: usize = 5_000;
+
 #[derive(Debug, clap::Subcommand)]
 pub(crate) enum LogCommand {
     /// Make the log's Ed25519 signing key: write the private key (signed-note format, mode
@@ -116,6 +119,15 @@ pub(crate) async fn run(command: LogCommand, config: &Config) -> ExitCode {
         },
         LogCommand::Keygen { .. } | LogCommand::Verify { .. } => run_offline(command),
     }
+}
+
+/// The database of AUDITBRIDGE_DATABASE_URL (connected on first use: an unreachable one
+/// fails the first query, exit 3); a URL it cannot use is a configuration error.
+fn connect(config: &Config) -> Result<auditbridge_store::Store, ExitCode> {
+    auditbridge_store::Store::connect_lazy(config.database_url.expose(), 2).map_err(|e| {
+        eprintln!("error: AUDITBRIDGE_DATABASE_URL: {e}");
+        ExitCode::from(USAGE)
+    })
 }
 
 fn parse_key(text: &str, what: &str) -> Result<VerifierKey, ExitCode> {
