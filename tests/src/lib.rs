@@ -95,7 +95,14 @@ impl TestEnv {
     /// Creates and migrates a fresh database; names a fresh stream and consumer (created by
     /// the first worker, as in production).
     pub async fn new() -> anyhow::Result<TestEnv> {
-        let scratch = Scratch::create(Purpose::Test, PG_BASE, NATS_URL).await?;
+        TestEnv::with_retention(None).await
+    }
+
+    /// [`TestEnv::new`] whose database has `retention` stored before its first partitions.
+    pub async fn with_retention(
+        retention: Option<&auditbridge_store::RetentionPolicy>,
+    ) -> anyhow::Result<TestEnv> {
+        let scratch = Scratch::create_with(Purpose::Test, PG_BASE, NATS_URL, retention).await?;
         let nats = async_nats::connect(NATS_URL).await?;
         let seed = u64::from_str_radix(&scratch.tag[..8], 16).unwrap_or(1);
         Ok(TestEnv {

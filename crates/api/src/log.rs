@@ -1,7 +1,8 @@
 //! The verifiable log's endpoints, tenant-scoped like every other:
 //! `GET /v1/log/checkpoint?tenant=` (the newest signed checkpoint note, as text),
 //! `GET /v1/events/{id}/proof[?size=N]` (the event's inclusion proof) and
-//! `GET /v1/log/consistency?tenant=&from=M[&to=N]` (a consistency proof). Proof hashes are
+//! `GET /v1/log/consistency?tenant=&from=M[&to=N]` (a consistency proof),
+//! `GET /v1/log/receipts?tenant=` (the signed retention receipts). Proof hashes are
 //! base64, nearest the leaf first (RFC 9162 order); without a size, proofs are against the
 //! newest signed checkpoint, so a client checks them against a note it verified.
 
@@ -27,6 +28,7 @@ pub(crate) fn routes() -> Router<AppState> {
     Router::new()
         .route("/v1/log/checkpoint", get(checkpoint))
         .route("/v1/log/consistency", get(consistency))
+        .route("/v1/log/receipts", get(receipts))
         .route("/v1/events/{id}/proof", get(proof))
 }
 
@@ -64,6 +66,54 @@ async fn checkpoint(
     let _turn = state.budget.request(&principal.name).await?;
     let newest = newest_signed(&state, &tenant).await?;
     Ok(([(CONTENT_TYPE, "text/plain; charset=utf-8")], newest.note).into_response())
+}
+
+/// The tenant's retention receipts, oldest first: what expiry removed, under which policy,
+/// with the log at the cut, each a signed note ([`auditbridge_store::retention`]).
+async fn receipts(
+    State(state): State<AppState>,
+    principal: Principal,
+    Query(pairs): Query<Vec<(String, String)>>,
+) -> Result<Response, ApiError> {
+    principal.require(Scope::Read)?;
+    let parsed = params::parse(Endpoint::Receipts, &pairs, &principal)?;
+    let tenant = tenant_of(&parsed)?;
+    let _turn = state.budget.request(&principal.name).await?;
+    let rows = state.store.receipts(Some(&tenant)).await?;
+    let time = |t: Option<time::OffsetDateTime>| {
+        t.and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+    };
+    let list: Vec<serde_json::Value> = rows
+        .iter()
+        .map(|r| {
+            let indexes: Vec<[i64; 2]> =
+                auditbridge_store::retention::parse_multirange(&r.log_indexes)
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|(a, b)| [a, b])
+                    .collect();
+            json!({
+                "id": r.id,
+                "partition": r.partition_name,
+                "keep_seconds": r.keep_s,
+                "events": r.events,
+                "log_indexes": indexes,
+                "first_received": time(r.first_received),
+                "last_received": time(r.last_received),
+                "unlogged": r.unlogged,
+                "undelivered": serde_json::from_str::<serde_json::Value>(&r.undelivered)
+                    .unwrap_or_default(),
+                "tree_size": r.tree_size,
+                "signed": r.signed,
+                "note": r.note,
+                "expired_at": time(Some(r.expired_at)),
+            })
+        })
+        .collect();
+    Ok(axum::Json(json!({"tenant": tenant, "receipts": list})).into_response())
 }
 
 fn base64_all(hashes: &[auditbridge_tlog::Hash]) -> Vec<String> {

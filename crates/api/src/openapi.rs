@@ -265,6 +265,13 @@ pub(crate) fn document() -> Value {
                 "parameters": parameters(Endpoint::Consistency),
                 "responses": responses(json!({"description": "The proof.", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ConsistencyProof"}}}}), &read_errors),
             }},
+            "/v1/log/receipts": {"get": {
+                "operationId": "logReceipts",
+                "summary": "The tenant's retention receipts, oldest first: one per partition expiry dropped, naming the partition, the policy (`keep_seconds`), the count, the log indexes (half-open ranges) and times of the events that left, those not yet logged or delivered, and the tenant's checkpoint at the cut (`tree_size`); `note` is the receipt as a C2SP signed note by the log's key (`signed`: false when no key was configured).",
+                "security": security,
+                "parameters": parameters(Endpoint::Receipts),
+                "responses": responses(json!({"description": "The receipts.", "content": {"application/json": {"schema": {"type": "object"}}}}), &read_errors),
+            }},
             "/v1/events/stream": {"get": {
                 "operationId": "streamEvents",
                 "summary": "Live tail as Server-Sent Events: replays after the cursor, then follows new commits. Events are `event: audit` with the event as data and its stream position as `id`; `event: caught-up` marks the end of the replay; comments are heartbeats.",

@@ -175,6 +175,8 @@ pub enum Endpoint {
     Proof,
     /// `GET /v1/log/consistency`.
     Consistency,
+    /// `GET /v1/log/receipts`.
+    Receipts,
 }
 
 /// The parameters of the log's endpoints (besides `tenant`).
@@ -202,7 +204,7 @@ impl Endpoint {
             Endpoint::Events => FILTERS.iter().chain(PAGE).collect(),
             Endpoint::Stream => FILTERS.iter().chain(STREAM).collect(),
             Endpoint::Stats => FILTERS.iter().chain(STATS).collect(),
-            Endpoint::Checkpoint => tenant.collect(),
+            Endpoint::Checkpoint | Endpoint::Receipts => tenant.collect(),
             Endpoint::Proof => PROOF.iter().collect(),
             Endpoint::Consistency => tenant.chain(CONSISTENCY).collect(),
         }

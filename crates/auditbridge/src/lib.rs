@@ -4,6 +4,7 @@
 
 mod log;
 mod publish;
+mod retention;
 mod status;
 mod tail_file;
 
@@ -63,6 +64,12 @@ enum Command {
     /// The tenants' verifiable logs: signing key, bundles, offline verification, audit.
     #[command(subcommand)]
     Log(log::LogCommand),
+    /// Legal holds: a held range of a tenant's events is never expired.
+    #[command(subcommand)]
+    Hold(retention::HoldCommand),
+    /// Retention: expire what is due now, or say what would go.
+    #[command(subcommand)]
+    Retention(retention::RetentionCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -169,7 +176,8 @@ async fn run(command: Command, config: Config) -> anyhow::Result<ExitCode> {
             } else {
                 auditbridge_store::Roles::Manage
             };
-            let done = auditbridge_store::migrate_with(url, roles)
+            let policy = auditbridge_worker::retention::policy_of(&config);
+            let done = auditbridge_store::migrate_with(url, roles, Some(&policy))
                 .await
                 .with_context(|| format!("migrating {}", config.migrate_database_url))?;
             let name = url.rsplit('/').next().unwrap_or("");
@@ -200,6 +208,7 @@ async fn run(command: Command, config: Config) -> anyhow::Result<ExitCode> {
                     auditbridge_store::roles::READER
                 );
             }
+            println!("{}", retention::describe(&policy));
             let store = auditbridge_store::Store::connect_lazy(url, 1)?;
             let health = store.outbox_health().await;
             store.close().await;
@@ -257,6 +266,8 @@ async fn run(command: Command, config: Config) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Log(command) => Ok(log::run(command, &config).await),
+        Command::Hold(command) => retention::hold(command, &config).await,
+        Command::Retention(command) => retention::retention(command, &config).await,
         Command::Outbox(OutboxCommand::Rebase) => {
             let store =
                 auditbridge_store::Store::connect_lazy(config.migrate_database_url.expose(), 1)?;

@@ -1,7 +1,8 @@
 //! Deserializers for settings that arrive as text from the environment or as typed values from
 //! the file: bounded integers (a number, or a string holding one), bounded durations (through
-//! `humantime-serde`, the one duration parser), and secrets with a minimum length. The bounds
-//! are part of the error message, so an operator sees the accepted range at once.
+//! `humantime-serde`, the one duration parser; some counted in whole seconds), and secrets
+//! with a minimum length. The bounds are part of the error message, so an operator sees the
+//! accepted range at once.
 
 use std::fmt;
 use std::time::Duration;
@@ -90,6 +91,54 @@ where
         ));
     }
     Ok(v)
+}
+
+/// A duration setting in whole seconds, from `LO_S` to `HI_S` seconds, written as `humantime`
+/// text (`"30s"`, `"12h"`, `"1d"`). `"1500ms"` is refused rather than rounded: a setting counted
+/// in seconds would otherwise differ, without a word, from what the operator wrote.
+pub(crate) fn seconds<'de, D, const LO_S: u64, const HI_S: u64>(d: D) -> Result<Duration, D::Error>
+where
+    D: Deserializer<'de>,
+{
+    let text = Text::deserialize_from(d)?;
+    whole_seconds(&text, LO_S, HI_S).ok_or_else(|| {
+        de::Error::invalid_value(
+            Unexpected::Str(&text),
+            &seconds_expected(LO_S, HI_S).as_str(),
+        )
+    })
+}
+
+/// `text` as a duration of whole seconds from `lo` to `hi` seconds, or `None`.
+pub(crate) fn whole_seconds(text: &str, lo: u64, hi: u64) -> Option<Duration> {
+    let v: Duration = humantime_serde::deserialize(
+        de::value::StrDeserializer::<de::value::Error>::new(text.trim()),
+    )
+    .ok()?;
+    (v.subsec_nanos() == 0 && (lo..=hi).contains(&v.as_secs())).then_some(v)
+}
+
+/// What [`seconds`] says it expected.
+pub(crate) fn seconds_expected(lo: u64, hi: u64) -> String {
+    format!(
+        "a duration in whole seconds such as \"30s\", \"12h\" or \"90d\", from {} to {}",
+        short_duration(lo),
+        short_duration(hi)
+    )
+}
+
+/// A bound the way an operator writes it: `366d` or `100y`, not humantime's
+/// `1year 18h` (it counts a year as 365.25 days and a month as 30.44).
+fn short_duration(secs: u64) -> String {
+    const DAY: u64 = 86_400;
+    const YEAR: u64 = 31_557_600;
+    if secs >= YEAR && secs.is_multiple_of(YEAR) {
+        format!("{}y", secs / YEAR)
+    } else if secs >= DAY && secs.is_multiple_of(DAY) {
+        format!("{}d", secs / DAY)
+    } else {
+        humantime::format_duration(Duration::from_secs(secs)).to_string()
+    }
 }
 
 /// A positive duration without other bounds (the parameters of destinations and sources).

@@ -3,8 +3,9 @@
 //! Settings are layered by `figment`: built-in defaults that work on a local machine, an
 //! optional TOML file named by `AUDITBRIDGE_CONFIG`, then `AUDITBRIDGE_*` environment
 //! variables. [`Config::load`] reads and checks everything once, at startup — the scalar
-//! settings, and the definitions of destinations, sources and API tokens (the file's arrays of
-//! tables, extended by JSON arrays in `AUDITBRIDGE_DESTINATIONS`, `_SOURCES`, `_API_TOKENS`).
+//! settings, and the definitions of destinations, sources, API tokens and retention (the file's
+//! arrays of tables, extended by JSON arrays in `AUDITBRIDGE_DESTINATIONS`, `_SOURCES`,
+//! `_API_TOKENS`, `_RETENTION`).
 //! If it succeeds the configuration is valid: no later step refuses a definition. Every error
 //! names the setting and where its value came from (the variable, or the key and the file), so
 //! an operator can fix it without reading code. Unknown keys in the file are refused; unknown
@@ -18,6 +19,7 @@ mod de;
 pub mod destinations;
 mod lists;
 mod providers;
+pub mod retention;
 pub mod sources;
 pub mod tokens;
 mod urls;
@@ -34,6 +36,7 @@ use serde::Deserialize;
 
 pub use destinations::DestinationConfig;
 pub use lists::Origin;
+pub use retention::{Retention, TenantRetention};
 pub use sources::SourceConfig;
 pub use tokens::{ApiToken, Scope};
 pub use urls::{NatsAuth, SecretUrl, nats_credentials, redact_url};
@@ -65,10 +68,10 @@ pub enum ConfigError {
         providers::file_keys().join(", ")
     )]
     UnknownKey { path: PathBuf, key: String },
-    /// A destination, source or API token that cannot be used.
+    /// A destination, source, API token or retention item that cannot be used.
     #[error("{what} {name}: {setting}: {message} ({origin})")]
     Definition {
-        /// `destination`, `source` or `api token`.
+        /// `destination`, `source`, `api token` or `retention`.
         what: &'static str,
         /// The item's name, or its position (`#2`) when it has no usable name.
         name: String,
@@ -198,6 +201,16 @@ pub struct Config {
     /// Most often a tenant whose tree grew gets a new checkpoint (an idle tenant's is signed
     /// again every minute, so its freshness stays verifiable).
     pub log_checkpoint_interval: Duration,
+    /// `AUDITBRIDGE_PARTITION_INTERVAL`: the span of time one partition of stored events covers
+    /// (whole seconds, from 1s to 366d; default one day).
+    pub partition_interval: Duration,
+    /// `AUDITBRIDGE_DEAD_LETTER_RETENTION`: how long dead letters are kept (a duration in whole
+    /// seconds from 1s to 100y, or `forever`). `None`, the default: forever.
+    pub dead_letter_retention: Option<Duration>,
+    /// How long each tenant's events are kept: the file's `[[retention]]` items (`tenant`,
+    /// `keep`), then `AUDITBRIDGE_RETENTION` (a plain duration or `forever` for the default,
+    /// or a JSON array of items). By default every event is kept forever.
+    pub retention: Retention,
     unknown_env: Vec<String>,
 }
 
@@ -267,9 +280,15 @@ struct Settings {
     log_key_file: Option<PathBuf>,
     #[serde(deserialize_with = "de::duration::<_, 1000, 3_600_000>")]
     log_checkpoint_interval: Duration,
+    #[serde(deserialize_with = "de::seconds::<_, 1, { 366 * 86_400 }>")]
+    partition_interval: Duration,
+    /// Empty: unset (kept forever).
+    #[serde(deserialize_with = "retention::optional_keep")]
+    dead_letter_retention: Option<Duration>,
     destinations: Vec<Tagged<serde_json::Value>>,
     api_tokens: Vec<Tagged<serde_json::Value>>,
     sources: Vec<Tagged<serde_json::Value>>,
+    retention: Vec<Tagged<serde_json::Value>>,
 }
 
 impl Default for Settings {
@@ -304,18 +323,22 @@ impl Default for Settings {
             id_key: None,
             log_key_file: None,
             log_checkpoint_interval: Duration::from_secs(10),
+            partition_interval: Duration::from_secs(86_400),
+            dead_letter_retention: None,
             destinations: Vec::new(),
             api_tokens: Vec::new(),
             sources: Vec::new(),
+            retention: Vec::new(),
         }
     }
 }
 
 /// The settings that hold lists of definitions, and the variable that extends each.
-const LISTS: [(&str, &str); 3] = [
+const LISTS: [(&str, &str); 4] = [
     ("destinations", "AUDITBRIDGE_DESTINATIONS"),
     ("api_tokens", "AUDITBRIDGE_API_TOKENS"),
     ("sources", "AUDITBRIDGE_SOURCES"),
+    ("retention", "AUDITBRIDGE_RETENTION"),
 ];
 
 /// Variables that are read elsewhere and must not be reported as unknown.
@@ -404,7 +427,12 @@ impl Config {
                 })
                 .collect::<Vec<_>>()
         };
-        let [(_, destinations_var), (_, tokens_var), (_, sources_var)] = LISTS;
+        let [
+            (_, destinations_var),
+            (_, tokens_var),
+            (_, sources_var),
+            (_, retention_var),
+        ] = LISTS;
         let destinations = lists::read_list(
             "destination",
             items(s.destinations, destinations_var),
@@ -443,6 +471,7 @@ impl Config {
                 ),
             ],
         )?;
+        let retention = retention::read(items(s.retention, retention_var))?;
 
         Ok(Config {
             migrate_database_url: s
@@ -470,6 +499,9 @@ impl Config {
             id_key,
             log_key_file: s.log_key_file,
             log_checkpoint_interval: s.log_checkpoint_interval,
+            partition_interval: s.partition_interval,
+            dead_letter_retention: s.dead_letter_retention,
+            retention,
             unknown_env,
         })
     }

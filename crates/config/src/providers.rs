@@ -2,7 +2,8 @@
 //! checked against the schema, so a typo names the file and the key) and the `AUDITBRIDGE_*`
 //! variables (every value as text, as the environment holds it — figment's own `Env` guesses
 //! types, which turns `007` into 7 and a numeric-looking string into a number — and the list
-//! variables as JSON arrays). Each layer names its keys the way the operator wrote them.
+//! variables as JSON arrays, except that `AUDITBRIDGE_RETENTION` may also be a plain value).
+//! Each layer names its keys the way the operator wrote them.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -135,8 +136,21 @@ impl Provider for Env {
             if text.trim().is_empty() {
                 continue;
             }
+            let expected = if *key == "retention" {
+                let plain = text.trim();
+                if !plain.starts_with(['[', '{']) {
+                    // A plain duration or `forever`: the default, as the one item without a
+                    // tenant. Then, as the file's items, it replaces the file's default only.
+                    let mut item = Dict::new();
+                    item.insert("keep".into(), Value::from(plain.to_owned()));
+                    dict.insert((*key).to_owned(), Value::from(vec![Value::from(item)]));
+                    continue;
+                }
+                "a duration, \"forever\", or a JSON array of {\"tenant\", \"keep\"} objects"
+            } else {
+                "a JSON array of {\"name\", ...} objects"
+            };
             // The value is not quoted in these errors: a definition may hold a secret.
-            let expected = "a JSON array of {\"name\", ...} objects";
             let parsed: Value = serde_json::from_str(text)
                 .map_err(|e| figment::Error::from(format!("{var}: expected {expected} ({e})")))?;
             if !matches!(parsed, Value::Array(..)) {

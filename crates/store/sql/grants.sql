@@ -33,10 +33,12 @@ BEGIN
         WHERE c.relnamespace = 'public'::regnamespace
           AND c.relkind IN ('r', 'p', 'v', 'm', 'S')
           AND c.relowner <> 'auditbridge_owner'::regrole
-          -- Identity and serial sequences follow their table.
-          AND NOT EXISTS (SELECT 1 FROM pg_depend d
-                          WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid
-                            AND d.deptype IN ('a', 'i'))
+          -- Identity and owned sequences follow their table. (Partitions depend on their
+          -- parent too, but each has its own owner.)
+          AND NOT (c.relkind = 'S' AND EXISTS (
+                       SELECT 1 FROM pg_depend d
+                       WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid
+                         AND d.deptype IN ('a', 'i')))
     LOOP
         IF obj.relkind = 'S' THEN
             EXECUTE format('ALTER SEQUENCE %s OWNER TO auditbridge_owner', obj.name);
@@ -65,6 +67,9 @@ $$;
 REVOKE CREATE ON SCHEMA public FROM PUBLIC;
 REVOKE ALL ON ALL TABLES IN SCHEMA public FROM auditbridge_writer, auditbridge_reader;
 REVOKE ALL ON ALL SEQUENCES IN SCHEMA public FROM auditbridge_writer, auditbridge_reader;
+-- Functions: PostgreSQL lets PUBLIC execute every new function. The guarded retention path
+-- (0008, 0009) is SECURITY DEFINER, so only the roles named below may call it.
+REVOKE ALL ON ALL FUNCTIONS IN SCHEMA public FROM PUBLIC, auditbridge_writer, auditbridge_reader;
 GRANT USAGE ON SCHEMA public TO auditbridge_writer, auditbridge_reader;
 
 -- The writer (`auditbridge worker`).
@@ -74,11 +79,35 @@ GRANT USAGE ON SCHEMA public TO auditbridge_writer, auditbridge_reader;
 -- behind every destination's cursor and every live tail. No UPDATE, DELETE, TRUNCATE,
 -- TRIGGER or REFERENCES, and not the owner, so it can neither change stored events nor
 -- disable, drop or work around the triggers that refuse it. SELECT: the relay reads the
--- outbox, `ON CONFLICT (id)` and the dedup check read stored rows. (The identity column's
--- sequence needs no grant: PostgreSQL does not check it for an identity.)
+-- outbox, the dedup check reads stored rows. `retention_class` places a row in a partition
+-- (0008); it cannot make a row expire sooner (expiry judges by the tenant's policy).
+-- `seq` comes from `audit_events_seq`, whose default needs USAGE (nextval); not UPDATE, so
+-- no setval. Partitions get no grants: rows go in and come out through `audit_events`.
 GRANT SELECT ON audit_events TO auditbridge_writer;
-GRANT INSERT (id, tenant, action, outcome, occurred_at, actor_id, target_id, source, event)
+GRANT INSERT (id, tenant, action, outcome, occurred_at, actor_id, target_id, source, event,
+              retention_class)
     ON audit_events TO auditbridge_writer;
+GRANT USAGE ON SEQUENCE audit_events_seq TO auditbridge_writer;
+-- The ids of every event (0008), written only by the insert's SECURITY DEFINER trigger.
+GRANT SELECT ON audit_event_ids TO auditbridge_writer;
+-- Retention (0008): the policies `migrate` wrote, the partitions; the workers create the
+-- partitions ahead of need through the guarded function.
+GRANT SELECT ON retention_settings, retention_policies, audit_partitions TO auditbridge_writer;
+GRANT EXECUTE ON FUNCTION auditbridge_ensure_partitions(), auditbridge_keep_s(text)
+    TO auditbridge_writer;
+-- Legal holds (0009): `auditbridge hold add` runs as the writer and may add holds, with who
+-- and why; releasing one is the owner's (`hold release` uses the migrate URL), so a
+-- compromised worker can pin events but never unpin them.
+GRANT SELECT ON legal_holds TO auditbridge_writer;
+GRANT INSERT (tenant, since, until, reason, created_by) ON legal_holds TO auditbridge_writer;
+-- Expiry (0009): only through the guarded SECURITY DEFINER path, which checks the policies
+-- and the holds itself; the writer can read the receipts it signed.
+GRANT SELECT ON retention_receipts TO auditbridge_writer;
+GRANT EXECUTE ON FUNCTION auditbridge_expiry_begin(text),
+    auditbridge_expire_partition(text, text[], text[], boolean, bigint[], bytea[], integer,
+                                 integer),
+    auditbridge_expire_dead_letters(integer), auditbridge_generation_of(bigint)
+    TO auditbridge_writer;
 -- dead_letters: INSERT of what ingest refuses; SELECT because `ON CONFLICT` reads its
 -- arbiter columns. No UPDATE or DELETE: a writer cannot make a dead letter disappear.
 GRANT SELECT ON dead_letters TO auditbridge_writer;
@@ -101,5 +130,9 @@ GRANT SELECT, INSERT ON log_leaves, log_nodes, log_checkpoints TO auditbridge_wr
 
 -- The reader (`auditbridge serve`, `auditbridge status`): SELECT, nothing else.
 GRANT SELECT ON audit_events, dead_letters, destinations, destination_dead_letters,
-    outbox_generations, log_leaves, log_nodes, log_checkpoints, _sqlx_migrations
+    outbox_generations, log_leaves, log_nodes, log_checkpoints, _sqlx_migrations,
+    audit_event_ids, retention_settings, retention_policies, audit_partitions,
+    legal_holds, retention_receipts, retention_pending
+    TO auditbridge_reader;
+GRANT EXECUTE ON FUNCTION auditbridge_keep_s(text), auditbridge_generation_of(bigint)
     TO auditbridge_reader;

@@ -51,6 +51,24 @@ pub enum StoreError {
 }
 
 impl StoreError {
+    /// The database's error, where there is one.
+    pub(crate) fn sql(&self) -> Option<&sqlx::Error> {
+        match self {
+            StoreError::Unavailable(e) | StoreError::Rejected(e) => Some(e),
+            _ => None,
+        }
+    }
+
+    /// The database's SQLSTATE, where there is one.
+    pub fn sqlstate(&self) -> Option<String> {
+        self.sql().and_then(code)
+    }
+
+    /// A lock was not granted within the statement's `lock_timeout` (SQLSTATE 55P03).
+    pub fn is_lock_timeout(&self) -> bool {
+        self.sql().and_then(code).as_deref() == Some("55P03")
+    }
+
     pub fn is_retryable(&self) -> bool {
         matches!(
             self,
@@ -78,10 +96,48 @@ impl From<sqlx::Error> for StoreError {
 /// lock timeout (55P03). A control insert could not observe these (a timeout or a deadlock
 /// need not repeat), so they never make an event a dead letter. Every other refusal may be
 /// the rows' fault: the writer isolates the batch and asks a control insert.
+///
+/// Two more say nothing about the rows: a race for an id with another batch ([`is_race`]) and
+/// a row that found no partition ([`is_missing_partition`]; the writer creates it).
 pub(crate) fn is_transient(e: &sqlx::Error) -> bool {
     match e {
-        sqlx::Error::Database(db) => is_transient_code(db.as_ref()),
+        sqlx::Error::Database(db) => {
+            is_transient_code(db.as_ref()) || is_race(e) || is_missing_partition(e)
+        }
         _ => true,
+    }
+}
+
+fn code(e: &sqlx::Error) -> Option<String> {
+    match e {
+        sqlx::Error::Database(db) => db.code().map(|c| c.into_owned()),
+        _ => None,
+    }
+}
+
+/// Another transaction wrote one of the batch's ids first (a unique violation on
+/// `audit_event_ids_pkey`, which the `NOT EXISTS` of the insert could not see while the
+/// other was uncommitted), or a deadlock: written again, the batch finds the id stored.
+pub(crate) fn is_race(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Database(db) => match db.code().as_deref() {
+            Some("40P01") => true,
+            Some("23505") => db.constraint() == Some("audit_event_ids_pkey"),
+            _ => false,
+        },
+        _ => false,
+    }
+}
+
+/// A row's (retention class, time) has no partition yet (SQLSTATE 23514, "no partition of
+/// relation ... found for row").
+pub(crate) fn is_missing_partition(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Database(db) => {
+            db.code().as_deref() == Some("23514")
+                && db.message().starts_with("no partition of relation")
+        }
+        _ => false,
     }
 }
 

@@ -10,6 +10,8 @@
 //! - [`StoredEvent`]: the one type of a stored event every reader gets (with its position in
 //!   the outbox order: [`OutboxEvent`]).
 //! - [`Store::record_undeliverable`]: per-destination dead letters.
+//! - [`retention`]: the policies, the class each row is written with, the partitions of
+//!   `audit_events`.
 //! - [`log`]: the tenants' verifiable logs (leaves, stored subtrees, checkpoints), appended by
 //!   the sequencer under the `_log` lease.
 //!
@@ -23,6 +25,7 @@ pub mod log;
 pub mod outbox;
 mod persist;
 pub mod query;
+pub mod retention;
 pub mod roles;
 mod status;
 mod stored;
@@ -35,6 +38,7 @@ pub use persist::{
     PersistOutcome, encode_copy_row,
 };
 pub use query::{Condition, EventFilter, Order, PageQuery, StatsRow, TailScan};
+pub use retention::{Partition, RetentionPolicy};
 pub use roles::SessionRole;
 pub use status::{DeadLetterCount, Status};
 pub use stored::{OutboxEvent, StoredEvent};
@@ -70,17 +74,27 @@ pub struct Migrated {
     pub created_roles: Vec<&'static str>,
 }
 
-/// [`migrate_with`] with [`Roles::Manage`]; returns whether the database was created.
+/// [`migrate_with`] with [`Roles::Manage`] and the stored retention policy; returns whether
+/// the database was created.
 pub async fn migrate(url: &str) -> Result<bool, StoreError> {
-    Ok(migrate_with(url, Roles::Manage).await?.created_database)
+    Ok(migrate_with(url, Roles::Manage, None)
+        .await?
+        .created_database)
 }
 
 /// Creates the database named in `url` if it does not exist (connecting to the server's
 /// maintenance database to do so), then applies every pending migration, then (with
-/// [`Roles::Manage`]) creates the missing roles and applies the grants. Safe to run
-/// concurrently, on one database (sqlx takes an advisory lock; so do the grants) and on many
-/// databases of one cluster (role creation is serialised cluster-wide).
-pub async fn migrate_with(url: &str, roles: Roles) -> Result<Migrated, StoreError> {
+/// [`Roles::Manage`]) creates the missing roles and applies the grants, then stores
+/// `retention` (the configuration's; `None` keeps what is stored, on a new database the
+/// defaults: daily partitions, kept forever) and creates the partitions of `audit_events`
+/// it needs ahead of time. Safe to run concurrently, on one database (sqlx takes an advisory
+/// lock; so do the grants and the partition maintenance) and on many databases of one
+/// cluster (role creation is serialised cluster-wide).
+pub async fn migrate_with(
+    url: &str,
+    roles: Roles,
+    retention: Option<&RetentionPolicy>,
+) -> Result<Migrated, StoreError> {
     let created_database = if Postgres::database_exists(url).await? {
         false
     } else {
@@ -105,7 +119,14 @@ pub async fn migrate_with(url: &str, roles: Roles) -> Result<Migrated, StoreErro
         let mut conn = pool.acquire().await?;
         roles::apply_grants(&mut conn).await?;
     }
-    pool.close().await;
+    let store = Store::from_pool(pool);
+    match retention {
+        Some(policy) => store.apply_retention(policy).await?,
+        None => {
+            store.ensure_partitions().await?;
+        }
+    }
+    store.close().await;
     Ok(Migrated {
         created_database,
         created_roles,
@@ -137,9 +158,20 @@ pub async fn drop_database(url: &str) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// Every connection of ours plans with `enable_sort = off`. The trail's reads are ordered
+/// walks of an index with a `LIMIT` (the outbox order, the live tail, keyset pages), and on a
+/// partitioned `audit_events` (migration 0008) the planner chooses between merging each
+/// partition's index in order (reads as many rows as the limit) and sorting everything
+/// after the cursor (reads them all) by its row estimate alone. Where the estimate is low and
+/// wrong (every row after a cursor in one large transaction, statistics older than the rows
+/// just written) it sorts: 372 ms instead of 8 ms for 500 rows behind 350,000 (ARCHITECTURE.md,
+/// "Retention"). Off, a sort is only chosen where nothing else can answer (the few groups of
+/// a stats query).
 fn connect_options(url: &str) -> Result<PgConnectOptions, StoreError> {
     let options = PgConnectOptions::from_str(url).map_err(StoreError::Config)?;
-    Ok(options.application_name("auditbridge"))
+    Ok(options
+        .application_name("auditbridge")
+        .options([("enable_sort", "off")]))
 }
 
 /// A pool of connections to the trail's database.
@@ -152,6 +184,10 @@ pub struct Store {
     recent_conflict: std::sync::Arc<std::sync::atomic::AtomicBool>,
     /// Whether each committed batch notifies relays (only needed when destinations exist).
     notify: bool,
+    /// The retention class of each tenant, as last read ([`retention`]).
+    classes: std::sync::Arc<std::sync::RwLock<std::sync::Arc<retention::Classes>>>,
+    /// What readers hide, as last read ([`retention::Hidden`]).
+    hidden: std::sync::Arc<std::sync::RwLock<std::sync::Arc<retention::Hidden>>>,
 }
 
 impl Store {
@@ -195,6 +231,8 @@ impl Store {
             pool,
             recent_conflict: Default::default(),
             notify: false,
+            classes: Default::default(),
+            hidden: Default::default(),
         }
     }
 

@@ -486,7 +486,11 @@ impl Store {
                     e.tx_id::text AS tx_text, e.seq, ",
             generation_sql!(),
             " AS generation \
-             FROM log_leaves l LEFT JOIN audit_events e ON e.id = l.event_id \
+             FROM log_leaves l \
+             LEFT JOIN audit_event_ids ids ON ids.id = l.event_id \
+             LEFT JOIN audit_events e \
+                 ON (e.retention_class, e.received_at, e.tx_id, e.seq) \
+                    = (ids.retention_class, ids.received_at, ids.tx_id, ids.seq) \
              WHERE l.tenant = $1 AND l.log_index >= $2 AND l.log_index < $3 \
              ORDER BY l.log_index LIMIT $4"
         ))

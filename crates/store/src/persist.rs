@@ -1,6 +1,7 @@
 //! The batch writer: one transaction per batch, events and dead letters together.
 
 use std::collections::{HashMap, HashSet};
+use std::io::Write as _;
 use std::sync::atomic::Ordering;
 
 use auditbridge_event::Event;
@@ -9,7 +10,8 @@ use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 use uuid::Uuid;
 
-use crate::error::is_transient;
+use crate::error::{is_missing_partition, is_race, is_transient};
+use crate::retention::Classes;
 use crate::{Store, StoreError};
 
 /// One validated event and the exact bytes it arrived as (stored as the `event` jsonb).
@@ -94,39 +96,48 @@ pub struct PersistOutcome {
 
 /// The columns of `audit_events` a batch writes, in the order [`encode_copy_row`] writes
 /// their values.
-pub const COPY_COLUMNS: &str =
-    "id, tenant, action, outcome, occurred_at, actor_id, target_id, source, event";
+pub const COPY_COLUMNS: &str = "id, tenant, action, outcome, occurred_at, actor_id, target_id, source, event, \
+     retention_class";
 
 const COPY_EVENTS: &str = "COPY audit_events \
-    (id, tenant, action, outcome, occurred_at, actor_id, target_id, source, event) \
+    (id, tenant, action, outcome, occurred_at, actor_id, target_id, source, event, \
+     retention_class) \
     FROM STDIN";
 
-const INSERT_EVENTS: &str = "INSERT INTO audit_events \
-    (id, tenant, action, outcome, occurred_at, actor_id, target_id, source, event) \
-    SELECT u.id, u.tenant, u.action, u.outcome, u.occurred_at, u.actor_id, u.target_id, \
-           u.source, u.event::jsonb \
-    FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::timestamptz[], \
-                $6::text[], $7::text[], $8::text[], $9::text[]) \
-         AS u(id, tenant, action, outcome, occurred_at, actor_id, target_id, source, event) \
-    ON CONFLICT (id) DO NOTHING";
+/// Writes the events whose id is not stored yet. A partitioned table has no `ON CONFLICT
+/// (id)` (its unique indexes must hold the partition key): the ids are in `audit_event_ids`
+/// (migration 0008), which the insert's trigger fills in the same statement. Two batches
+/// racing with one id both pass the `NOT EXISTS`; the second then fails on
+/// `audit_event_ids_pkey` once the first commits, and is written again ([`is_race`]).
+macro_rules! insert_events {
+    ($returning:literal) => {
+        concat!(
+            "INSERT INTO audit_events \
+             (id, tenant, action, outcome, occurred_at, actor_id, target_id, source, event, \
+              retention_class) \
+             SELECT u.id, u.tenant, u.action, u.outcome, u.occurred_at, u.actor_id, \
+                    u.target_id, u.source, u.event::jsonb, u.class \
+             FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::timestamptz[], \
+                         $6::text[], $7::text[], $8::text[], $9::text[], $10::int8[]) \
+                  AS u(id, tenant, action, outcome, occurred_at, actor_id, target_id, source, \
+                       event, class) \
+             WHERE NOT EXISTS (SELECT 1 FROM audit_event_ids i WHERE i.id = u.id)",
+            $returning
+        )
+    };
+}
+const INSERT_EVENTS: &str = insert_events!("");
 
 /// [`INSERT_EVENTS`] that says which rows it inserted: the others' ids were already stored.
-const INSERT_EVENTS_RETURNING: &str = "INSERT INTO audit_events \
-    (id, tenant, action, outcome, occurred_at, actor_id, target_id, source, event) \
-    SELECT u.id, u.tenant, u.action, u.outcome, u.occurred_at, u.actor_id, u.target_id, \
-           u.source, u.event::jsonb \
-    FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::timestamptz[], \
-                $6::text[], $7::text[], $8::text[], $9::text[]) \
-         AS u(id, tenant, action, outcome, occurred_at, actor_id, target_id, source, event) \
-    ON CONFLICT (id) DO NOTHING \
-    RETURNING id";
+const INSERT_EVENTS_RETURNING: &str = insert_events!(" RETURNING id");
 
 /// A row nobody will see (it is rolled back at once), written through the same columns as
 /// events: if the database refuses it, the database refuses writes, whatever the event.
 const CONTROL_INSERT: &str = "INSERT INTO audit_events \
-    (id, tenant, action, outcome, occurred_at, actor_id, target_id, source, event) \
+    (id, tenant, action, outcome, occurred_at, actor_id, target_id, source, event, \
+     retention_class) \
     VALUES ($1, 'auditbridge-control', 'auditbridge.control', 'unknown', now(), \
-            'auditbridge-control', NULL, 'auditbridge', '{}'::jsonb)";
+            'auditbridge-control', NULL, 'auditbridge', '{}'::jsonb, 0)";
 
 /// For each event (by index) and the id of a stored row to compare it with (its own id, or its
 /// legacy id): the stored row's tenant, source and time, and the top-level fields in which the
@@ -134,18 +145,23 @@ const CONTROL_INSERT: &str = "INSERT INTO audit_events \
 /// received`) `occurred_at` is left out of the comparison. `id` is always left out: the join
 /// compares it, as a UUID (so `A1B2…` and `a1b2…` are one id), and a legacy id differs from
 /// the message's by definition. Equality is jsonb's, so key order, white space and number
-/// spelling do not count. Events with no stored row are not returned.
+/// spelling do not count. Events with no stored id are not returned. An id whose event has
+/// expired (its partition dropped, see [`crate::retention`]) is returned with no tenant,
+/// source or fields: it can be neither compared nor stored again.
 const COMPARE_STORED: &str = "WITH u AS ( \
         SELECT i, id, raw::jsonb - 'id' AS e, loose \
         FROM UNNEST($1::int4[], $2::uuid[], $3::text[], $4::bool[]) AS t(i, id, raw, loose) \
     ), c AS ( \
-        SELECT u.i, a.tenant, a.source, a.received_at, \
+        SELECT u.i, a.tenant, a.source, ids.received_at, a.event IS NULL AS gone, \
                CASE WHEN u.loose THEN a.event - 'id' - 'occurred_at' ELSE a.event - 'id' END \
                    AS stored, \
                CASE WHEN u.loose THEN u.e - 'occurred_at' ELSE u.e END AS sent \
-        FROM u JOIN audit_events a ON a.id = u.id \
+        FROM u JOIN audit_event_ids ids ON ids.id = u.id \
+        LEFT JOIN audit_events a \
+            ON (a.retention_class, a.received_at, a.tx_id, a.seq) \
+               = (ids.retention_class, ids.received_at, ids.tx_id, ids.seq) \
     ) \
-    SELECT i, tenant, source, received_at, \
+    SELECT i, tenant, source, received_at, gone, \
            ARRAY(SELECT k FROM (SELECT jsonb_object_keys(stored) \
                                 UNION SELECT jsonb_object_keys(sent)) AS keys(k) \
                  WHERE stored -> k IS DISTINCT FROM sent -> k ORDER BY k) AS differs \
@@ -183,20 +199,36 @@ impl Store {
         events: &[NewEvent<'_>],
         dead_letters: &[DeadLetter<'_>],
     ) -> Result<PersistOutcome, StoreError> {
+        let mut attempt = Attempts::default();
+        loop {
+            let classes = self.retention_classes().await?;
+            match self.persist_once(events, dead_letters, &classes).await {
+                Err(e) if attempt.again(self, &e).await? => continue,
+                done => return done,
+            }
+        }
+    }
+
+    async fn persist_once(
+        &self,
+        events: &[NewEvent<'_>],
+        dead_letters: &[DeadLetter<'_>],
+        classes: &Classes,
+    ) -> Result<PersistOutcome, StoreError> {
         let mut tx = self.pool.begin().await?;
         let mut outcome = PersistOutcome::default();
 
         if !events.is_empty() {
             let inserted = if self.recent_conflict.load(Ordering::Relaxed) {
-                insert_events(&mut tx, events).await?
+                insert_events(&mut tx, events, classes).await?
             } else {
-                match copy_events(&mut tx, events).await {
+                match copy_events(&mut tx, events, classes).await {
                     Ok(n) => n,
                     Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("23505") => {
                         // The failed COPY aborted the transaction; start again without it.
                         tx.rollback().await?;
                         tx = self.pool.begin().await?;
-                        insert_events(&mut tx, events).await?
+                        insert_events(&mut tx, events, classes).await?
                     }
                     Err(e) => return Err(e.into()),
                 }
@@ -235,10 +267,11 @@ impl Store {
 async fn copy_events(
     conn: &mut sqlx::PgConnection,
     events: &[NewEvent<'_>],
+    classes: &Classes,
 ) -> Result<u64, sqlx::Error> {
     let mut buf = Vec::with_capacity(events.iter().map(|e| e.raw.len() + 200).sum());
     for e in events {
-        encode_copy_row(&mut buf, e);
+        encode_copy_row(&mut buf, e, classes.of(&e.event.tenant));
     }
     let mut copy = conn.copy_in_raw(COPY_EVENTS).await?;
     if let Err(e) = copy.send(buf).await {
@@ -250,9 +283,10 @@ async fn copy_events(
 }
 
 /// One row of `COPY ... FROM STDIN` text format: tab-separated, `\N` for NULL, backslash,
-/// newline, carriage return and tab escaped; the values of [`COPY_COLUMNS`]. Public for the
-/// benchmarks' raw limit, which copies the very rows the writer copies.
-pub fn encode_copy_row(buf: &mut Vec<u8>, e: &NewEvent<'_>) {
+/// newline, carriage return and tab escaped; the values of [`COPY_COLUMNS`], the event's
+/// retention class last. Public for the benchmarks' raw limit, which copies the very rows the
+/// writer copies.
+pub fn encode_copy_row(buf: &mut Vec<u8>, e: &NewEvent<'_>, retention_class: i64) {
     let ev = e.event;
     let mut uuid = Uuid::encode_buffer();
     buf.extend_from_slice(ev.id.hyphenated().encode_lower(&mut uuid).as_bytes());
@@ -278,6 +312,9 @@ pub fn encode_copy_row(buf: &mut Vec<u8>, e: &NewEvent<'_>) {
     push_text(buf, ev.source.as_bytes());
     buf.push(b'\t');
     push_text(buf, e.raw);
+    buf.push(b'\t');
+    // Writing into a Vec cannot fail.
+    let _ = write!(buf, "{retention_class}");
     buf.push(b'\n');
 }
 
@@ -303,17 +340,19 @@ fn push_text(buf: &mut Vec<u8>, s: &[u8]) {
 async fn insert_events(
     conn: &mut sqlx::PgConnection,
     events: &[NewEvent<'_>],
+    classes: &Classes,
 ) -> Result<u64, sqlx::Error> {
-    let done = bind_events(sqlx::query(INSERT_EVENTS), events)
+    let done = bind_events(sqlx::query(INSERT_EVENTS), events, classes)
         .execute(&mut *conn)
         .await?;
     Ok(done.rows_affected())
 }
 
-/// Binds the nine arrays of [`INSERT_EVENTS`] (and [`INSERT_EVENTS_RETURNING`]).
+/// Binds the ten arrays of [`INSERT_EVENTS`] (and [`INSERT_EVENTS_RETURNING`]).
 fn bind_events<'q>(
     query: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
     events: &[NewEvent<'_>],
+    classes: &Classes,
 ) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
     let n = events.len();
     let mut ids = Vec::with_capacity(n);
@@ -325,7 +364,9 @@ fn bind_events<'q>(
     let mut targets = Vec::with_capacity(n);
     let mut sources = Vec::with_capacity(n);
     let mut raws = Vec::with_capacity(n);
+    let mut class = Vec::with_capacity(n);
     for e in events {
+        class.push(classes.of(&e.event.tenant));
         let ev = e.event;
         ids.push(ev.id);
         tenants.push(ev.tenant.clone());
@@ -348,6 +389,7 @@ fn bind_events<'q>(
         .bind(targets)
         .bind(sources)
         .bind(raws)
+        .bind(class)
 }
 
 /// At most this many payload bytes go into one dead-letter statement. A refused message can be
@@ -468,6 +510,23 @@ impl Store {
         refused: &[DeadLetter<'_>],
         isolated: bool,
     ) -> Result<Ingested, StoreError> {
+        let mut attempt = Attempts::default();
+        loop {
+            let classes = self.retention_classes().await?;
+            match self.ingest_once(events, refused, isolated, &classes).await {
+                Err(e) if attempt.again(self, &e).await? => continue,
+                done => return done,
+            }
+        }
+    }
+
+    async fn ingest_once(
+        &self,
+        events: &[Incoming<'_>],
+        refused: &[DeadLetter<'_>],
+        isolated: bool,
+        classes: &Classes,
+    ) -> Result<Ingested, StoreError> {
         let mut tx = self.pool.begin().await?;
         let mut out = Ingested::default();
 
@@ -480,22 +539,22 @@ impl Store {
         let mut existing = Vec::new();
         for (r, round) in rounds.iter().enumerate() {
             let inserted: HashSet<Uuid> = if isolated {
-                insert_isolated(&mut tx, events, round, &mut out.dead).await?
+                insert_isolated(&mut tx, events, round, classes, &mut out.dead).await?
             } else if r == 0 && !self.recent_conflict.load(Ordering::Relaxed) {
                 let rows: Vec<NewEvent<'_>> = round.iter().map(|&i| events[i].event).collect();
-                match copy_events(&mut tx, &rows).await {
+                match copy_events(&mut tx, &rows, classes).await {
                     Ok(_) => round.iter().map(|&i| events[i].event.event.id).collect(),
                     Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("23505") => {
                         // The failed COPY aborted the transaction; start again without it.
                         // (What the legacy lookup found is still true: rows are immutable.)
                         tx.rollback().await?;
                         tx = self.pool.begin().await?;
-                        insert_returning(&mut tx, events, round).await?
+                        insert_returning(&mut tx, events, round, classes).await?
                     }
                     Err(e) => return Err(e.into()),
                 }
             } else {
-                insert_returning(&mut tx, events, round).await?
+                insert_returning(&mut tx, events, round, classes).await?
             };
             let before = existing.len();
             existing.extend(round.iter().copied().filter(|&i| {
@@ -558,6 +617,9 @@ async fn legacy_duplicates(
     }
     let mut same = HashSet::new();
     for row in compare(conn, events, &lookups).await? {
+        if row.gone {
+            continue;
+        }
         if row.differs.is_empty() {
             same.insert(row.i);
         } else {
@@ -580,6 +642,8 @@ struct Compared {
     tenant: String,
     source: String,
     received_at: OffsetDateTime,
+    /// The id is stored but its event has expired: nothing to compare with.
+    gone: bool,
     /// The top-level fields that differ (the id aside); empty for the same event.
     differs: Vec<String>,
 }
@@ -604,21 +668,29 @@ async fn compare(
         .iter()
         .map(|&(i, _)| events[i].time_received)
         .collect();
-    let rows: Vec<(i32, String, String, OffsetDateTime, Vec<String>)> =
-        sqlx::query_as(COMPARE_STORED)
-            .bind(&is)
-            .bind(&ids)
-            .bind(&raws)
-            .bind(&loose)
-            .fetch_all(&mut *conn)
-            .await?;
+    #[allow(clippy::type_complexity)]
+    let rows: Vec<(
+        i32,
+        Option<String>,
+        Option<String>,
+        OffsetDateTime,
+        bool,
+        Vec<String>,
+    )> = sqlx::query_as(COMPARE_STORED)
+        .bind(&is)
+        .bind(&ids)
+        .bind(&raws)
+        .bind(&loose)
+        .fetch_all(&mut *conn)
+        .await?;
     Ok(rows
         .into_iter()
-        .map(|(i, tenant, source, received_at, differs)| Compared {
+        .map(|(i, tenant, source, received_at, gone, differs)| Compared {
             i: i as usize,
-            tenant,
-            source,
+            tenant: tenant.unwrap_or_default(),
+            source: source.unwrap_or_default(),
             received_at,
+            gone,
             differs,
         })
         .collect())
@@ -649,9 +721,10 @@ async fn insert_returning(
     conn: &mut sqlx::PgConnection,
     events: &[Incoming<'_>],
     idxs: &[usize],
+    classes: &Classes,
 ) -> Result<HashSet<Uuid>, sqlx::Error> {
     let rows: Vec<NewEvent<'_>> = idxs.iter().map(|&i| events[i].event).collect();
-    let rows = bind_events(sqlx::query(INSERT_EVENTS_RETURNING), &rows)
+    let rows = bind_events(sqlx::query(INSERT_EVENTS_RETURNING), &rows, classes)
         .fetch_all(&mut *conn)
         .await?;
     rows.iter().map(|row| row.try_get::<Uuid, _>(0)).collect()
@@ -663,6 +736,7 @@ async fn insert_isolated(
     conn: &mut sqlx::PgConnection,
     events: &[Incoming<'_>],
     idxs: &[usize],
+    classes: &Classes,
     dead: &mut Vec<(usize, &'static str, String)>,
 ) -> Result<HashSet<Uuid>, StoreError> {
     let mut inserted = HashSet::new();
@@ -673,7 +747,7 @@ async fn insert_isolated(
             continue;
         }
         savepoint(conn, "SAVEPOINT auditbridge_part").await?;
-        match insert_returning(conn, events, part).await {
+        match insert_returning(conn, events, part, classes).await {
             Ok(ids) => {
                 savepoint(conn, "RELEASE SAVEPOINT auditbridge_part").await?;
                 inserted.extend(ids);
@@ -777,10 +851,21 @@ async fn compare_stored(
     }
     let mut conflicts = Vec::new();
     for row in rows {
+        let e = &events[row.i];
+        if row.gone {
+            let received = row.received_at.format(&Rfc3339).unwrap_or_default();
+            conflicts.push((
+                row.i,
+                format!(
+                    "id {} was stored (received {received}) and has expired under its tenant's retention policy; an expired id is never stored again",
+                    e.event.event.id
+                ),
+            ));
+            continue;
+        }
         if row.differs.is_empty() {
             continue;
         }
-        let e = &events[row.i];
         let fields: Vec<String> = row
             .differs
             .iter()
@@ -803,6 +888,41 @@ async fn compare_stored(
         ));
     }
     Ok(conflicts)
+}
+
+/// How often one batch is written again after losing a race for an id to another batch
+/// (the other one committed it: the next attempt finds it stored), before the error goes to
+/// the caller, which holds the batch and retries later.
+const RACE_ATTEMPTS: u32 = 5;
+
+/// The retries of one batch inside the writer: after a race for an id, and once after a row
+/// found no partition (the partitions are created, the classes read again).
+#[derive(Default)]
+struct Attempts {
+    races: u32,
+    ensured: bool,
+}
+
+impl Attempts {
+    /// Whether to write the batch again after `e`.
+    async fn again(&mut self, store: &Store, e: &StoreError) -> Result<bool, StoreError> {
+        let Some(sql) = e.sql() else {
+            return Ok(false);
+        };
+        if is_race(sql) && self.races + 1 < RACE_ATTEMPTS {
+            self.races += 1;
+            tracing::debug!(error = %sql, attempt = self.races, message = "Another batch stored an id of this batch meanwhile; writing the batch again.");
+            return Ok(true);
+        }
+        if is_missing_partition(sql) && !self.ensured {
+            self.ensured = true;
+            tracing::info!(error = %sql, message = "A row found no partition; creating the partitions that are missing and writing the batch again.");
+            store.refresh_retention().await?;
+            store.ensure_partitions().await?;
+            return Ok(true);
+        }
+        Ok(false)
+    }
 }
 
 #[cfg(test)]

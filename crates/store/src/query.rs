@@ -11,7 +11,7 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 use crate::outbox::{Generation, Position, StartAt};
-use crate::stored::{OutboxEvent, OutboxRecord, StoredEvent, stored_columns};
+use crate::stored::{OutboxEvent, OutboxRecord, StoredEvent, row_of_id, stored_columns};
 use crate::{Store, StoreError};
 
 /// Values a field must (or must not) have. Empty lists mean "no condition".
@@ -223,12 +223,14 @@ fn push_range(q: &mut QueryBuilder<Postgres>, from: &Position, g: &Generation) {
 impl Store {
     /// One page of the trail, newest or oldest first, after the keyset `after`.
     pub async fn page(&self, query: &PageQuery) -> Result<Vec<StoredEvent>, StoreError> {
+        let hidden = self.hidden().await?;
         let mut q = QueryBuilder::<Postgres>::new(concat!(
             "SELECT ",
             stored_columns!(),
             " FROM audit_events WHERE true"
         ));
         query.filter.push_sql(&mut q);
+        hidden.push_sql(&mut q, query.filter.tenant.as_deref());
         let (cmp, dir) = match query.order {
             Order::Asc => (">", "ASC"),
             Order::Desc => ("<", "DESC"),
@@ -251,15 +253,19 @@ impl Store {
         id: Uuid,
         tenant: Option<&str>,
     ) -> Result<Option<StoredEvent>, StoreError> {
-        Ok(sqlx::query_as(concat!(
+        let hidden = self.hidden().await?;
+        let row: Option<StoredEvent> = sqlx::query_as(concat!(
             "SELECT ",
             stored_columns!(),
-            " FROM audit_events WHERE id = $1 AND ($2::text IS NULL OR tenant = $2)"
+            " FROM audit_events e WHERE ",
+            row_of_id!("e", "$1"),
+            " AND ($2::text IS NULL OR tenant = $2)"
         ))
         .bind(id)
         .bind(tenant)
         .fetch_optional(&self.pool)
-        .await?)
+        .await?;
+        Ok(row.filter(|r| !hidden.hides(&r.tenant, r.received_at, r.occurred_at)))
     }
 
     /// Up to `limit` events after `after` in commit-safe order (see [`crate::outbox`]) that
@@ -275,6 +281,7 @@ impl Store {
         let (gens, Some(mut i), mut from) = self.read_plan(after).await? else {
             return Ok(Vec::new());
         };
+        let hidden = self.hidden().await?;
         let mut out = Vec::new();
         loop {
             let g = &gens[i];
@@ -283,6 +290,7 @@ impl Store {
             if let Some(f) = filter {
                 f.push_sql(&mut q);
             }
+            hidden.push_sql(&mut q, filter.and_then(|f| f.tenant.as_deref()));
             q.push(" ORDER BY tx_id, seq LIMIT ")
                 .push_bind(i64::try_from(limit - out.len()).unwrap_or(i64::MAX));
             let rows: Vec<OutboxRecord> = q.build_query_as().fetch_all(&self.pool).await?;
@@ -315,6 +323,7 @@ impl Store {
         let (gens, Some(mut i), mut from) = self.read_plan(after).await? else {
             return Ok(TailScan::default());
         };
+        let hidden = self.hidden().await?;
         let scan = i64::from(scan.max(1));
         loop {
             let g = &gens[i];
@@ -341,6 +350,7 @@ impl Store {
                     .push(")");
             }
             filter.push_sql(&mut q);
+            hidden.push_sql(&mut q, filter.tenant.as_deref());
             q.push(" ORDER BY tx_id, seq LIMIT ")
                 .push_bind(i64::from(limit));
             let rows: Vec<OutboxRecord> = q.build_query_as().fetch_all(&self.pool).await?;
@@ -403,6 +413,9 @@ impl Store {
             .push_bind(i32::try_from(depth).unwrap_or(i32::MAX))
             .push("], '.') AS grp, outcome, count(*) FROM audit_events WHERE true");
         filter.push_sql(&mut q);
+        self.hidden()
+            .await?
+            .push_sql(&mut q, filter.tenant.as_deref());
         q.push(" GROUP BY 1, 2, 3 ORDER BY 1, 2, 3");
         let rows: Vec<(OffsetDateTime, String, String, i64)> =
             q.build_query_as().fetch_all(&self.pool).await?;

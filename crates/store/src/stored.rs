@@ -34,6 +34,31 @@ macro_rules! stored_columns {
 }
 pub(crate) use stored_columns;
 
+/// A condition that selects the row of `audit_events` stored under the id `$id` (an SQL
+/// expression), for a reader of one event: `audit_events` has no index on `id`, and
+/// `audit_event_ids` says where the row is (migration 0008). Its class and time prune the
+/// scan to one partition when the statement runs, its (tx_id, seq) is that partition's index.
+/// No row when the id is unknown or its event has expired.
+macro_rules! row_of_id {
+    ($alias:literal, $id:literal) => {
+        concat!(
+            "(",
+            $alias,
+            ".retention_class, ",
+            $alias,
+            ".received_at, ",
+            $alias,
+            ".tx_id, ",
+            $alias,
+            ".seq) = (SELECT ids.retention_class, ids.received_at, ids.tx_id, ids.seq \
+             FROM audit_event_ids ids WHERE ids.id = ",
+            $id,
+            ")"
+        )
+    };
+}
+pub(crate) use row_of_id;
+
 /// A stored event with its place in the outbox order (commit-safe, see [`crate::outbox`]):
 /// what relays and the live tail read.
 #[derive(Debug, Clone, PartialEq, Eq)]

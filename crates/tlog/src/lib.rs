@@ -22,4 +22,4 @@ pub mod tree;
 pub use frontier::Frontier;
 pub use hash::{Hash, leaf_hash, node_hash};
 pub use keys::{KeyError, SignerKey, VerifierKey};
-pub use note::{Checkpoint, NoteError, SignedCheckpoint};
+pub use note::{Checkpoint, NoteError, SignedCheckpoint, open_note, sign_note};

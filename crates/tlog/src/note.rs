@@ -93,6 +93,19 @@ impl Checkpoint {
     }
 }
 
+/// A C2SP signed note of any `text` (which must end in a newline and hold no blank line):
+/// the text, a blank line, and one Ed25519 signature line by `key`. Retention receipts are
+/// such notes; [`open_note`] verifies them.
+pub fn sign_note(text: &str, key: &SignerKey) -> String {
+    let mut plain = key.verifier().id().to_vec();
+    plain.extend_from_slice(&key.sign(text.as_bytes()));
+    format!(
+        "{text}\n\u{2014} {} {}\n",
+        key.name(),
+        STANDARD.encode(plain)
+    )
+}
+
 fn cosigned_message(time: u64, text: &str) -> String {
     format!("cosignature/v1\ntime {time}\n{text}")
 }
@@ -211,6 +224,7 @@ mod tests {
         let expected = "x08go/ZJkuBS9UG/SffcvIAQxVBtiFupLLr8pAcElZInNIuGUgYN1FFYC2pZSNXgKvqfqdngotpRZb6KE6RyyBwJnAM=";
         assert_eq!(STANDARD.encode(&sig), expected);
         let note = format!("{text}\n\u{2014} PeterNeumann {expected}\n");
+        assert_eq!(sign_note(text, &key), note);
         assert_eq!(open_note(&note, &key.verifier()).unwrap(), text);
         let altered = note.replace("problem is", "problem was");
         assert!(matches!(

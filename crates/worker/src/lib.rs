@@ -9,6 +9,7 @@ mod checkpoints;
 mod ingest;
 mod lease;
 mod relay;
+pub mod retention;
 mod sequencer;
 
 use std::net::SocketAddr;
@@ -124,6 +125,20 @@ impl Worker {
             nats.clone(),
             health.clone(),
             background.clone(),
+        ));
+
+        tasks.spawn(retention::maintain(
+            store.clone(),
+            retention::policy_of(&config),
+            background.clone(),
+        ));
+        // Expiry, on a pool of its own, by the holder of the `_retention` lease.
+        tasks.spawn(retention::supervise(
+            Store::connect_lazy(config.database_url.expose(), 2)?,
+            log_key.clone(),
+            holder_id(),
+            config.lease_ttl,
+            stopping.clone(),
         ));
 
         // The sequencer, on a pool of its own (two connections: it works one batch at a time,

@@ -21,6 +21,7 @@ mod log_audit;
 mod outbox;
 mod page;
 mod poison;
+mod retention;
 mod roles;
 mod schema;
 mod sources;

@@ -145,7 +145,8 @@ fn bypasses(role: &str) -> Vec<Bypass> {
         bypass("CREATE FUNCTION public.shadow() RETURNS int LANGUAGE sql AS 'SELECT 1'"),
         // Placing a row behind every cursor: the columns the database fills.
         bypass(insert_setting("tx_id", "'1'::xid8")),
-        bypass(insert_setting("received_at", "'2000-01-01T00:00:00Z'")),
+        // (An hour ago: a partition holds it, so the refusal is the role's.)
+        bypass(insert_setting("received_at", "now() - interval '1 hour'")),
         bypass(insert_setting("seq", "1")),
         // Hiding what ingest refused, or the relays' progress.
         bypass("UPDATE dead_letters SET reason = 'nothing to see'"),
@@ -155,6 +156,39 @@ fn bypasses(role: &str) -> Vec<Bypass> {
         bypass("DELETE FROM destinations"),
         bypass("TRUNCATE destinations"),
         bypass("DELETE FROM _sqlx_migrations"),
+        // Retention (0008, 0009): the ids that keep a re-send of an expired event out, the
+        // sequence, the policies, a partition, the holds and the receipts.
+        Bypass {
+            sql: "DELETE FROM audit_event_ids".into(),
+            owner_can: false,
+        },
+        Bypass {
+            sql: "TRUNCATE audit_event_ids".into(),
+            owner_can: false,
+        },
+        bypass("INSERT INTO audit_event_ids VALUES (gen_random_uuid(), 0, now(), '1'::xid8, 1)"),
+        bypass("SELECT setval('audit_events_seq', 1)"),
+        bypass("UPDATE retention_policies SET keep_s = 1"),
+        bypass("INSERT INTO retention_policies (tenant, keep_s) VALUES ('acme', 1)"),
+        bypass("UPDATE retention_settings SET default_keep_s = 1"),
+        bypass(
+            "DO $$ BEGIN EXECUTE (SELECT format('DROP TABLE %I', name) FROM audit_partitions \
+             ORDER BY name LIMIT 1); END $$",
+        ),
+        bypass(
+            "DO $$ BEGIN EXECUTE (SELECT format('INSERT INTO %I (id, tenant, action, outcome, \
+             occurred_at, actor_id, source, event) VALUES (gen_random_uuid(), ''acme'', \
+             ''x.y'', ''success'', now(), ''u'', ''s'', ''{}'')', name) \
+             FROM audit_partitions WHERE class = 0 AND lower_at <= now() AND upper_at > now()); \
+             END $$",
+        ),
+        bypass("UPDATE legal_holds SET released_at = now(), released_by = 'x'"),
+        bypass("DELETE FROM legal_holds"),
+        bypass("DELETE FROM retention_receipts"),
+        bypass("UPDATE retention_receipts SET note = ''"),
+        bypass(
+            "INSERT INTO retention_receipts (tenant, partition_name, keep_s, events, log_indexes, signed, note) VALUES ('acme', 'p', 1, 0, '{}', false, '')",
+        ),
     ];
     if role == READER {
         // The reader writes nothing at all.
@@ -174,6 +208,21 @@ fn bypasses(role: &str) -> Vec<Bypass> {
                  VALUES ('x', 'http', '0', 0)",
             ),
             bypass("UPDATE destinations SET cursor_seq = 0"),
+            bypass(
+                "INSERT INTO legal_holds (tenant, reason, created_by) VALUES ('acme', 'r', 'x')",
+            ),
+            bypass("SELECT auditbridge_ensure_partitions()"),
+            Bypass {
+                sql: "SELECT * FROM auditbridge_expiry_begin('audit_events_legacy')".into(),
+                owner_can: false,
+            },
+            Bypass {
+                sql:
+                    "SELECT auditbridge_expire_partition('p', '{}', '{}', false, '{}', '{}', 1, 1)"
+                        .into(),
+                owner_can: false,
+            },
+            bypass("SELECT auditbridge_expire_dead_letters(1)"),
         ]);
     }
     all
@@ -282,9 +331,11 @@ async fn every_bypass_of_immutability_is_refused_for_the_writer_and_the_reader()
         }
 
         // COPY naming a column the database fills is refused like the INSERT.
+        let an_hour_ago = (time::OffsetDateTime::now_utc() - time::Duration::hours(1))
+            .format(&time::format_description::well_known::Rfc3339)?;
         for (column, value) in [
             ("tx_id", "1"),
-            ("received_at", "2000-01-01T00:00:00Z"),
+            ("received_at", an_hour_ago.as_str()),
             ("seq", "1"),
         ] {
             let result = copy_with(&mut conn, Some((column, value))).await;
@@ -319,9 +370,32 @@ async fn every_bypass_of_immutability_is_refused_for_the_writer_and_the_reader()
         triggers,
         [
             ("audit_events_no_truncate".to_owned(), "A".to_owned()),
-            ("audit_events_no_update_delete".to_owned(), "A".to_owned())
+            ("audit_events_no_update_delete".to_owned(), "A".to_owned()),
+            ("audit_events_note_ids".to_owned(), "A".to_owned())
         ]
     );
+    // Every partition carries both immutability triggers, firing always (TRUNCATE triggers
+    // are not cloned: auditbridge_ensure_partitions adds its own to each).
+    let partitions: Vec<(String, Vec<String>)> = sqlx::query_as(
+        "SELECT c.relname::text, \
+                ARRAY(SELECT t.tgname || '=' || t.tgenabled::text FROM pg_trigger t \
+                      WHERE t.tgrelid = c.oid AND NOT t.tgisinternal ORDER BY t.tgname)::text[] \
+         FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid \
+         WHERE i.inhparent = 'audit_events'::regclass ORDER BY 1",
+    )
+    .fetch_all(&env.pool)
+    .await?;
+    ensure!(!partitions.is_empty(), "audit_events has no partitions");
+    for (name, triggers) in &partitions {
+        assert_eq!(
+            triggers,
+            &[
+                "audit_events_no_truncate=A",
+                "audit_events_no_update_delete=A"
+            ],
+            "{name}"
+        );
+    }
     let dead_letters: i64 = sqlx::query_scalar("SELECT count(*) FROM dead_letters")
         .fetch_one(&env.pool)
         .await?;
@@ -353,9 +427,10 @@ async fn the_grants_are_exactly_the_listed_ones_and_migrate_restores_them() -> a
 
     // Every table belongs to the owner role; the reader can read each one (a table a
     // migration adds without a line in grants.sql fails here).
-    let tables: Vec<(String, String, bool)> = sqlx::query_as(
+    // Partitions of audit_events (0008) are read through it, never by themselves: no grants.
+    let tables: Vec<(String, String, bool, bool)> = sqlx::query_as(
         "SELECT c.relname::text, pg_get_userbyid(c.relowner)::text, \
-             has_table_privilege($1, c.oid, 'SELECT') \
+             has_table_privilege($1, c.oid, 'SELECT'), c.relispartition \
          FROM pg_class c WHERE c.relnamespace = 'public'::regnamespace \
            AND c.relkind IN ('r', 'p', 'v', 'm') ORDER BY 1",
     )
@@ -363,12 +438,20 @@ async fn the_grants_are_exactly_the_listed_ones_and_migrate_restores_them() -> a
     .fetch_all(&env.pool)
     .await?;
     ensure!(tables.len() >= 4, "{tables:?}");
-    for (table, owner, readable) in &tables {
+    ensure!(tables.iter().any(|t| t.3), "no partitions: {tables:?}");
+    for (table, owner, readable, partition) in &tables {
         assert_eq!(owner, OWNER, "{table} is owned by {owner}");
-        assert!(
-            readable,
-            "{READER} cannot read {table}: grant it in grants.sql"
-        );
+        if *partition {
+            assert!(
+                !readable,
+                "{READER} can read the partition {table} directly"
+            );
+        } else {
+            assert!(
+                readable,
+                "{READER} cannot read {table}: grant it in grants.sql"
+            );
+        }
     }
 
     // Table privileges beyond SELECT, per role and table.
@@ -424,6 +507,7 @@ async fn the_grants_are_exactly_the_listed_ones_and_migrate_restores_them() -> a
             "id",
             "occurred_at",
             "outcome",
+            "retention_class",
             "source",
             "target_id",
             "tenant"
@@ -894,7 +978,7 @@ async fn migrating_many_databases_at_once_creates_each_role_once() -> anyhow::Re
         .collect();
     let results = futures::future::join_all(
         urls.iter()
-            .map(|u| auditbridge_store::migrate_with(u, auditbridge_store::Roles::Manage)),
+            .map(|u| auditbridge_store::migrate_with(u, auditbridge_store::Roles::Manage, None)),
     )
     .await;
     let mut created = Vec::new();

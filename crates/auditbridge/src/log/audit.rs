@@ -229,6 +229,45 @@ async fn audit_tenant(
         }
         next = last + 1;
     }
+    // Retention receipts, read after the entries: every drop that removed one of them
+    // committed its receipts with it. Only those signed by the key vouch for anything.
+    for r in store.receipts(Some(tenant)).await? {
+        match super::receipts::vouched(&r.note, key, tenant) {
+            Ok(ranges) => {
+                let stored: Vec<(u64, u64)> =
+                    auditbridge_store::retention::parse_multirange(&r.log_indexes)
+                        .unwrap_or_default()
+                        .into_iter()
+                        .map(|(a, b)| (a.max(0) as u64, b.max(0) as u64))
+                        .collect();
+                if stored != ranges {
+                    replay.find(
+                        None,
+                        None,
+                        format!(
+                            "retention receipt #{} lists other log indexes ({}) than its signed \
+                             note: altered",
+                            r.id, r.log_indexes
+                        ),
+                    );
+                }
+                replay.vouch(&ranges);
+            }
+            Err(why) if r.signed => replay.find(
+                None,
+                None,
+                format!(
+                    "retention receipt #{} does not count: {why}: forged or altered",
+                    r.id
+                ),
+            ),
+            Err(_) => eprintln!(
+                "note: tenant {tenant}: retention receipt #{} is unsigned (no key when it was \
+                 made) and vouches for nothing",
+                r.id
+            ),
+        }
+    }
     // Events the sequencer passed that no log holds: inserted behind its cursor.
     for id in store.unlogged_events(tenant, 50).await? {
         replay.find(
@@ -253,9 +292,10 @@ async fn audit_tenant(
     }
     match newest {
         Some((size, at)) => println!(
-            "tenant {tenant}: {} entries, {} checkpoint(s) hold; the newest, of size {size}, \
-             signed at {}",
+            "tenant {tenant}: {} entries ({} expired under signed retention receipts), {} \
+             checkpoint(s) hold; the newest, of size {size}, signed at {}",
             outcome.size,
+            outcome.expired,
             outcome.checked,
             at.map_or("an unknown time".into(), unix_time)
         ),

@@ -9,6 +9,10 @@
 //! - `leaves.txt`: per index, the leaf hash the log stored when it appended the event and the
 //!   event's place in commit order (`generation tx_id seq`), or `-`. Not signed: it only lets
 //!   `verify` name the index that differs; the proof is the checkpoint.
+//! - `receipts.jsonl`: the tenant's retention receipts, one JSON object per line with the
+//!   signed `note`: an event whose line is empty because it expired is no finding where a
+//!   receipt signed by the key names its index (its leaf in `leaves.txt` still has to give
+//!   the checkpoint's root).
 
 use std::fs::File;
 use std::io::{BufReader, BufWriter, Write as _};
@@ -30,6 +34,10 @@ pub(crate) const EVENTS: &str = "events.jsonl";
 pub(crate) const CHECKPOINT: &str = "checkpoint";
 pub(crate) const KEY: &str = "verifier-key";
 pub(crate) const LEAVES: &str = "leaves.txt";
+pub(crate) const RECEIPTS: &str = "receipts.jsonl";
+/// The most receipts `verify` reads, and the longest line of [`RECEIPTS`].
+const MAX_RECEIPTS: usize = 1_000_000;
+const MAX_RECEIPT_LINE: u64 = 64 << 10;
 const README: &str = "README.txt";
 
 /// The longest line `verify` reads from `events.jsonl` (far above any event a worker
@@ -128,7 +136,19 @@ async fn export_from(
         next = next.max(last + 1);
     }
     let written = next;
-    for (name, mut w) in [(EVENTS, events), (LEAVES, leaves)] {
+    // After the events: every drop that removed one of them committed its receipts with it.
+    let mut receipts = create(RECEIPTS)?;
+    let mut expired = 0u64;
+    for r in store.receipts(Some(tenant)).await? {
+        expired += u64::try_from(r.events).unwrap_or(0);
+        serde_json::to_writer(
+            &mut receipts,
+            &serde_json::json!({"id": r.id, "signed": r.signed, "note": r.note}),
+        )?;
+        receipts.write_all(b"\n")?;
+    }
+    let gone = gone.saturating_sub(expired);
+    for (name, mut w) in [(EVENTS, events), (LEAVES, leaves), (RECEIPTS, receipts)] {
         w.flush()?;
         w.get_ref()
             .sync_all()
@@ -190,7 +210,9 @@ fn readme(tenant: &str, size: u64) -> String {
          <log name>/{tenant}; its root is the RFC 6962 Merkle tree hash of the {size} leaves.\n\
          {KEY}: the log's verifier key, for reference; verify with the key you trust.\n\
          {LEAVES}: per index, the log's stored leaf hash (base64) and the event's commit order;\n\
-         not signed, only for naming what differs.\n\n\
+         not signed, only for naming what differs.\n\
+         {RECEIPTS}: the retention receipts (C2SP signed notes): an event that expired under\n\
+         one has an empty line in {EVENTS}; its leaf still counts towards the root.\n\n\
          Check it: auditbridge log verify <this directory> --key <verifier key>\n"
     )
 }
@@ -345,6 +367,9 @@ pub(crate) fn verify(dir: &Path, key: &VerifierKey) -> ExitCode {
         }
         index += 1;
     }
+    if let Err(code) = vouch_from_receipts(&dir.join(RECEIPTS), key, tenant, &mut replay) {
+        return code;
+    }
     let outcome = replay.finish();
     if outcome.found > 0 && outcome.found == outcome.soft {
         // Only the unsigned leaves.txt disagrees; the signed root holds.
@@ -364,6 +389,60 @@ pub(crate) fn verify(dir: &Path, key: &VerifierKey) -> ExitCode {
         outcome.print_findings();
         ExitCode::from(TAMPERED)
     }
+}
+
+/// Reads the bundle's receipts (none if the file is missing): each signed by `key` for
+/// `tenant` vouches for its indexes; any other is a finding.
+fn vouch_from_receipts(
+    path: &Path,
+    key: &VerifierKey,
+    tenant: &str,
+    replay: &mut Replay,
+) -> Result<(), ExitCode> {
+    #[derive(serde::Deserialize)]
+    struct Line {
+        note: String,
+    }
+    let file = match File::open(path) {
+        Ok(f) if f.metadata().is_ok_and(|m| m.is_file()) => f,
+        _ => return Ok(()),
+    };
+    let mut reader = BufReader::new(file);
+    let mut line = Vec::new();
+    for n in 1..=MAX_RECEIPTS {
+        match read_line(&mut reader, &mut line, MAX_RECEIPT_LINE) {
+            Ok(true) => {}
+            Ok(false) => return Ok(()),
+            Err(e) => {
+                eprintln!("error: cannot read line {n} of {}: {e}", path.display());
+                return Err(ExitCode::from(UNREADABLE));
+            }
+        }
+        let note = match serde_json::from_slice::<Line>(&line) {
+            Ok(l) => l.note,
+            Err(e) => {
+                replay.find(
+                    None,
+                    None,
+                    format!("{RECEIPTS} line {n} is not a receipt: {e}"),
+                );
+                continue;
+            }
+        };
+        match super::receipts::vouched(&note, key, tenant) {
+            Ok(ranges) => replay.vouch(&ranges),
+            Err(why) => replay.find(
+                None,
+                None,
+                format!("{RECEIPTS} line {n} does not count: {why}"),
+            ),
+        }
+    }
+    eprintln!(
+        "error: {} has more than {MAX_RECEIPTS} receipts",
+        path.display()
+    );
+    Err(ExitCode::from(UNREADABLE))
 }
 
 /// What `verify` reads of an event: enough to name it.

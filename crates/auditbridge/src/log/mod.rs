@@ -9,6 +9,7 @@
 mod audit;
 mod bundle;
 mod keygen;
+mod receipts;
 mod replay;
 
 use std::path::{Path, PathBuf};

@@ -54,6 +54,13 @@ pub(crate) struct Replay {
     /// not evidence (the database's, which proofs are served from).
     stored_unsigned: bool,
     checked: usize,
+    /// Log indexes whose payloads signed retention receipts say expired.
+    expired: Vec<(u64, u64)>,
+    /// Entries without payload that a receipt covers.
+    expired_seen: u64,
+    /// Entries without payload that no receipt read so far covers: a finding at
+    /// [`Replay::finish`] unless one read later does ([`Replay::vouch`]).
+    unvouched: Vec<(u64, Option<uuid::Uuid>)>,
 }
 
 impl Replay {
@@ -69,7 +76,22 @@ impl Replay {
             soft: 0,
             stored_unsigned: false,
             checked: 0,
+            expired: Vec::new(),
+            expired_seen: 0,
+            unvouched: Vec::new(),
         }
+    }
+
+    /// The payloads at these log indexes (half-open ranges) expired under signed receipts:
+    /// missing, they are no finding (their stored leaves still count).
+    /// Also for entries already replayed: a reader that reads the receipts after the events
+    /// sees every drop that removed one of them.
+    pub(crate) fn vouch(&mut self, ranges: &[(u64, u64)]) {
+        self.expired.extend_from_slice(ranges);
+        let before = self.unvouched.len();
+        self.unvouched
+            .retain(|(i, _)| !ranges.iter().any(|&(a, b)| a <= *i && *i < b));
+        self.expired_seen += (before - self.unvouched.len()) as u64;
     }
 
     /// The stored leaf hashes and positions are unsigned hints: a difference they alone show
@@ -177,12 +199,12 @@ impl Replay {
                 }
                 computed
             }
+            None if self.expired.iter().any(|&(a, b)| a <= index && index < b) => {
+                self.expired_seen += 1;
+                stored.unwrap_or([0; 32])
+            }
             None => {
-                self.find(
-                    Some(index),
-                    event_id,
-                    "the event is gone: the log holds it, the trail does not (deleted)",
-                );
+                self.unvouched.push((index, event_id));
                 stored.unwrap_or([0; 32])
             }
         };
@@ -262,6 +284,14 @@ impl Replay {
     /// findings to print (at most [`SHOWN`]), how many there were in all, and how many
     /// claims were checked.
     pub(crate) fn finish(mut self) -> Outcome {
+        for (index, event_id) in std::mem::take(&mut self.unvouched) {
+            self.find(
+                Some(index),
+                event_id,
+                "the event is gone: the log holds it, the trail does not, and no retention \
+                 receipt covers it (deleted)",
+            );
+        }
         // The empty tree's claims.
         if self.tree.size() == 0 {
             self.check_claims();
@@ -287,6 +317,7 @@ impl Replay {
             found: self.found,
             soft: self.soft,
             checked: self.checked,
+            expired: self.expired_seen,
         }
     }
 }
@@ -300,6 +331,8 @@ pub(crate) struct Outcome {
     /// Of `found`, those resting only on unsigned hints (see [`Replay::with_unsigned_stored`]).
     pub soft: usize,
     pub checked: usize,
+    /// Entries whose payload expired under a signed receipt.
+    pub expired: u64,
 }
 
 impl Outcome {
