@@ -147,6 +147,13 @@ pub(crate) async fn run(args: Args, config: &Config) -> anyhow::Result<ExitCode>
                 doc["log"] = json!({"error": format!("{e:#}")});
             }
         }
+        match retention(&store).await {
+            Ok(r) => doc["retention"] = r,
+            Err(e) => {
+                ok = false;
+                doc["retention"] = json!({"error": format!("{e:#}")});
+            }
+        }
     }
     store.close().await;
 
@@ -336,6 +343,7 @@ fn print_text(doc: &serde_json::Value) {
         None => {}
     }
     print_log(&doc["log"]);
+    print_retention(&doc["retention"]);
     match &doc["destinations"] {
         serde_json::Value::Array(list) if !list.is_empty() => {
             println!("destinations:");
@@ -393,6 +401,69 @@ fn print_text(doc: &serde_json::Value) {
             );
         }
         _ => {}
+    }
+}
+
+/// Retention: the stored policy, each partition (size, tenants, when it becomes droppable),
+/// holds in force, receipts, and where each tenant's oldest partition begins.
+async fn retention(store: &Store) -> anyhow::Result<serde_json::Value> {
+    let r = store.retention_status().await?;
+    let time = |t: Option<time::OffsetDateTime>| t.and_then(|t| t.format(&Rfc3339).ok());
+    let keep = |d: Option<Duration>| d.map(|d| d.as_secs());
+    Ok(json!({
+        "partition_interval_seconds": r.policy.partition_interval.as_secs(),
+        "default_keep_seconds": keep(r.policy.default_keep),
+        "tenant_policies": r.policy.tenants.iter()
+            .map(|(t, k)| json!({"tenant": t, "keep_seconds": keep(*k)}))
+            .collect::<Vec<_>>(),
+        "dead_letter_keep_seconds": keep(r.policy.dead_letter_keep),
+        "partitions": r.partitions.iter().map(|p| json!({
+            "name": p.partition.name,
+            "class": p.partition.class,
+            "from": time(p.partition.lower_at),
+            "to": time(Some(p.partition.upper_at)),
+            "bytes": p.bytes,
+            "tenants": p.tenants,
+            "due_at": time(p.due_at),
+        })).collect::<Vec<_>>(),
+        "bytes": r.partitions.iter().map(|p| p.bytes).sum::<i64>(),
+        "next_expiry": time(r.next_expiry()),
+        "holds_in_force": r.holds_in_force,
+        "receipts": r.receipts,
+        "oldest": r.oldest.iter()
+            .map(|(t, from)| json!({"tenant": t, "oldest_partition_from": time(*from)}))
+            .collect::<Vec<_>>(),
+    }))
+}
+
+fn print_retention(r: &serde_json::Value) {
+    if r.is_null() {
+        return;
+    }
+    if let Some(e) = r["error"].as_str() {
+        println!("retention   ERROR: {e}");
+        return;
+    }
+    let keep = |v: &serde_json::Value| v.as_u64().map_or("forever".to_owned(), |s| format!("{s}s"));
+    let partitions = r["partitions"].as_array().map_or(0, Vec::len);
+    println!(
+        "retention   default {}, {} tenant polic(ies), partitions of {}s: {partitions} ({} MiB), next expiry {}, {} hold(s) in force, {} receipt(s)",
+        keep(&r["default_keep_seconds"]),
+        r["tenant_policies"].as_array().map_or(0, Vec::len),
+        r["partition_interval_seconds"],
+        r["bytes"].as_i64().unwrap_or(0) / (1 << 20),
+        r["next_expiry"].as_str().unwrap_or("none due"),
+        r["holds_in_force"],
+        r["receipts"],
+    );
+    for t in r["oldest"].as_array().into_iter().flatten() {
+        println!(
+            "  {:<16} oldest partition from {}",
+            t["tenant"].as_str().unwrap_or(""),
+            t["oldest_partition_from"]
+                .as_str()
+                .unwrap_or("the beginning (legacy)")
+        );
     }
 }
 

@@ -15,6 +15,7 @@ mod http;
 mod ingest;
 mod log;
 mod query;
+mod retention;
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -85,6 +86,13 @@ pub struct Args {
     /// Log: tenants of those events (1: one tree of all of them, the deepest proofs).
     #[arg(long, default_value_t = 1)]
     log_tenants: usize,
+    /// Retention: events in the partition that is expired while ingest runs.
+    #[arg(long, default_value_t = 1_000_000)]
+    retention_events: usize,
+    /// The partition interval of the benchmark's database (the query part's load of
+    /// --query-events spans about a dozen partitions of 20 s on this machine).
+    #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
+    partition_interval: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -95,15 +103,21 @@ enum Part {
     Query,
     HttpIngest,
     Log,
+    Retention,
 }
 
 /// Runs the parts `args` asks for, in a scratch corner of the services `config` names, and
 /// prints their figures.
 pub async fn run(args: Args, config: &Config) -> anyhow::Result<ExitCode> {
-    let scratch = Scratch::create(
+    let policy = auditbridge_store::RetentionPolicy {
+        partition_interval: Duration::from_secs(args.partition_interval.as_secs().max(1)),
+        ..Default::default()
+    };
+    let scratch = Scratch::create_with(
         Purpose::Bench,
         config.database_url.expose(),
         config.nats_url.expose(),
+        Some(&policy),
     )
     .await?;
     let bench_config = scratch_config(&scratch, config);
@@ -134,6 +148,9 @@ pub async fn run(args: Args, config: &Config) -> anyhow::Result<ExitCode> {
     }
     if result.is_ok() && matches!(args.only, Part::All | Part::Log) {
         result = log::measure(bench).await;
+    }
+    if result.is_ok() && matches!(args.only, Part::All | Part::Retention) {
+        result = retention::measure(bench).await;
     }
 
     store.close().await;

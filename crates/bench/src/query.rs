@@ -38,6 +38,13 @@ pub(crate) async fn measure(bench: Bench<'_>) -> anyhow::Result<()> {
     );
     load(scratch, store, args.query_events, args.tenants).await?;
     scratch.analyze().await?;
+    let partitions = store.retention_status().await?.partitions;
+    println!(
+        "partitions    the events are in {} partitions of audit_events ({} in all, interval {}s)",
+        partitions.iter().filter(|p| p.tenants > 0).count(),
+        partitions.len(),
+        args.partition_interval.as_secs()
+    );
 
     let api = BenchApi::start(config, &[Scope::Read]).await?;
     let http = reqwest::Client::new();

@@ -105,6 +105,7 @@ fn describe() {
     describe_gauge!(NATS_UP, "1 when the NATS connection is up.");
     describe_destinations();
     describe_log();
+    describe_retention();
     describe_api();
     describe_sources();
 }
@@ -295,6 +296,82 @@ pub const LOG_FAILURES: &str = "auditbridge_log_sequencer_failures_total";
 pub const LOG_CHECKPOINTS_FORWARDED: &str = "auditbridge_log_checkpoints_forwarded_total";
 /// Label `destination`, `reason`: failed checkpoint deliveries (each is retried).
 pub const LOG_CHECKPOINT_FAILURES: &str = "auditbridge_log_checkpoint_delivery_failures_total";
+
+// Retention (issue 12): counters on the worker (or `retention run`) that expires; gauges on
+// the holder of the `_retention` lease, set after each run.
+pub const RETENTION_PARTITIONS_DROPPED: &str = "auditbridge_retention_partitions_dropped_total";
+pub const RETENTION_EVENTS_EXPIRED: &str = "auditbridge_retention_events_expired_total";
+pub const RETENTION_RECEIPTS: &str = "auditbridge_retention_receipts_total";
+pub const RETENTION_DEAD_LETTERS_EXPIRED: &str = "auditbridge_retention_dead_letters_expired_total";
+pub const RETENTION_PARTITIONS_KEPT: &str = "auditbridge_retention_partitions_kept_total";
+pub const RETENTION_FAILURES: &str = "auditbridge_retention_failures_total";
+pub const PARTITIONS_CREATED: &str = "auditbridge_partitions_created_total";
+pub const RETENTION_PARTITIONS: &str = "auditbridge_retention_partitions";
+pub const RETENTION_BYTES: &str = "auditbridge_retention_bytes";
+pub const RETENTION_HOLDS: &str = "auditbridge_retention_holds_in_force";
+/// Seconds until the next partition is droppable (negative: overdue, e.g. held).
+pub const RETENTION_NEXT_EXPIRY: &str = "auditbridge_retention_next_expiry_seconds";
+/// Age of the start of the oldest partition (the oldest stored event is at most this old).
+pub const RETENTION_OLDEST_AGE: &str = "auditbridge_retention_oldest_partition_age_seconds";
+
+fn describe_retention() {
+    describe_counter!(
+        RETENTION_PARTITIONS_DROPPED,
+        Unit::Count,
+        "Partitions of audit_events that expiry dropped (with events in them)."
+    );
+    describe_counter!(
+        RETENTION_EVENTS_EXPIRED,
+        Unit::Count,
+        "Events that left the trail by expiry, each under a signed receipt."
+    );
+    describe_counter!(
+        RETENTION_RECEIPTS,
+        Unit::Count,
+        "Retention receipts stored (one per tenant and dropped partition)."
+    );
+    describe_counter!(
+        RETENTION_DEAD_LETTERS_EXPIRED,
+        Unit::Count,
+        "Dead letters deleted after AUDITBRIDGE_DEAD_LETTER_RETENTION."
+    );
+    describe_counter!(
+        RETENTION_PARTITIONS_KEPT,
+        Unit::Count,
+        "Partitions past their end that an expiry run kept (not yet due, held, busy)."
+    );
+    describe_counter!(
+        RETENTION_FAILURES,
+        Unit::Count,
+        "Expiry runs that failed (retried at the next run)."
+    );
+    describe_counter!(
+        PARTITIONS_CREATED,
+        Unit::Count,
+        "Partitions of audit_events created ahead of need."
+    );
+    describe_gauge!(
+        RETENTION_PARTITIONS,
+        Unit::Count,
+        "Partitions of audit_events."
+    );
+    describe_gauge!(
+        RETENTION_BYTES,
+        Unit::Bytes,
+        "Bytes of audit_events' partitions on disk, with their indexes."
+    );
+    describe_gauge!(RETENTION_HOLDS, Unit::Count, "Legal holds in force.");
+    describe_gauge!(
+        RETENTION_NEXT_EXPIRY,
+        Unit::Seconds,
+        "Seconds until the next partition becomes droppable (negative: overdue, e.g. held)."
+    );
+    describe_gauge!(
+        RETENTION_OLDEST_AGE,
+        Unit::Seconds,
+        "Age of the start of the oldest partition of audit_events."
+    );
+}
 
 fn describe_log() {
     describe_counter!(

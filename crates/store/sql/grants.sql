@@ -65,6 +65,14 @@ $$;
 -- longer lets PUBLIC, but a cluster upgraded from an older version still does): a writer
 -- that could would be able to add functions or tables beside the trail's.
 REVOKE CREATE ON SCHEMA public FROM PUBLIC;
+-- Nor temporary tables: a temporary table shadows a table of the same name for its session,
+-- and the guarded retention path must only ever see the real ones (its functions also put
+-- pg_temp last on their search_path: migration 0010).
+DO $$
+BEGIN
+    EXECUTE format('REVOKE TEMPORARY ON DATABASE %I FROM PUBLIC', current_database());
+END
+$$;
 REVOKE ALL ON ALL TABLES IN SCHEMA public FROM auditbridge_writer, auditbridge_reader;
 REVOKE ALL ON ALL SEQUENCES IN SCHEMA public FROM auditbridge_writer, auditbridge_reader;
 -- Functions: PostgreSQL lets PUBLIC execute every new function. The guarded retention path

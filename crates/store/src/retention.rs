@@ -192,6 +192,37 @@ impl Store {
     }
 }
 
+/// One partition as `status` shows it.
+#[derive(Debug, Clone)]
+pub struct PartitionStatus {
+    pub partition: Partition,
+    /// On disk, with its indexes.
+    pub bytes: i64,
+    pub tenants: usize,
+    /// When every tenant in it is past its retention (`None`: empty, or a tenant keeps
+    /// forever); a hold can keep it longer.
+    pub due_at: Option<OffsetDateTime>,
+}
+
+/// What [`Store::retention_status`] reads.
+#[derive(Debug, Clone)]
+pub struct RetentionStatus {
+    pub policy: RetentionPolicy,
+    pub partitions: Vec<PartitionStatus>,
+    /// Per tenant, where its oldest partition begins (`None`: the legacy table, from the
+    /// beginning): its oldest stored event was received then or later.
+    pub oldest: Vec<(String, Option<OffsetDateTime>)>,
+    pub holds_in_force: i64,
+    pub receipts: i64,
+}
+
+impl RetentionStatus {
+    /// The soonest time a partition becomes droppable.
+    pub fn next_expiry(&self) -> Option<OffsetDateTime> {
+        self.partitions.iter().filter_map(|p| p.due_at).min()
+    }
+}
+
 /// A partition expiry may drop, with the tenants it holds and whether each is due.
 #[derive(Debug, Clone)]
 pub struct Candidate {
@@ -344,31 +375,7 @@ impl Store {
             if !ended {
                 continue;
             }
-            let lower = partition.lower_at;
-            let tenants: Vec<(String, Option<i64>, bool)> = sqlx::query_as(
-                "WITH RECURSIVE t(tenant) AS ( \
-                     (SELECT tenant FROM audit_events \
-                      WHERE retention_class = $1 AND received_at >= COALESCE($2, '-infinity') \
-                        AND received_at < $3 ORDER BY tenant LIMIT 1) \
-                     UNION ALL \
-                     SELECT (SELECT e.tenant FROM audit_events e \
-                             WHERE e.retention_class = $1 \
-                               AND e.received_at >= COALESCE($2, '-infinity') \
-                               AND e.received_at < $3 AND e.tenant > t.tenant \
-                             ORDER BY e.tenant LIMIT 1) \
-                     FROM t WHERE t.tenant IS NOT NULL \
-                 ) \
-                 SELECT t.tenant, k.keep_s, \
-                        k.keep_s IS NOT NULL \
-                            AND $3 + make_interval(secs => k.keep_s) <= now() \
-                 FROM t, LATERAL (SELECT auditbridge_keep_s(t.tenant) AS keep_s) k \
-                 WHERE t.tenant IS NOT NULL ORDER BY t.tenant",
-            )
-            .bind(partition.class)
-            .bind(lower)
-            .bind(partition.upper_at)
-            .fetch_all(&self.pool)
-            .await?;
+            let tenants = self.partition_tenants(&partition).await?;
             out.push(Candidate {
                 partition,
                 tenants,
@@ -377,6 +384,97 @@ impl Store {
         }
         out.sort_by_key(|c| c.partition.upper_at);
         Ok(out)
+    }
+
+    /// The tenants with rows in `partition` (a skip scan of its (tenant, …) index: one probe
+    /// per tenant, whatever the rows), each with its retention and whether it is due.
+    async fn partition_tenants(
+        &self,
+        partition: &Partition,
+    ) -> Result<Vec<(String, Option<i64>, bool)>, StoreError> {
+        let lower = partition.lower_at;
+        Ok(sqlx::query_as(
+            "WITH RECURSIVE t(tenant) AS ( \
+                 (SELECT tenant FROM audit_events \
+                  WHERE retention_class = $1 AND received_at >= COALESCE($2, '-infinity') \
+                    AND received_at < $3 ORDER BY tenant LIMIT 1) \
+                 UNION ALL \
+                 SELECT (SELECT e.tenant FROM audit_events e \
+                         WHERE e.retention_class = $1 \
+                           AND e.received_at >= COALESCE($2, '-infinity') \
+                           AND e.received_at < $3 AND e.tenant > t.tenant \
+                         ORDER BY e.tenant LIMIT 1) \
+                 FROM t WHERE t.tenant IS NOT NULL \
+             ) \
+             SELECT t.tenant, k.keep_s, \
+                    k.keep_s IS NOT NULL \
+                        AND $3 + make_interval(secs => k.keep_s) <= now() \
+             FROM t, LATERAL (SELECT auditbridge_keep_s(t.tenant) AS keep_s) k \
+             WHERE t.tenant IS NOT NULL ORDER BY t.tenant",
+        )
+        .bind(partition.class)
+        .bind(lower)
+        .bind(partition.upper_at)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// What `status` and the retention gauges show: every partition with its size, tenants
+    /// and the time it becomes droppable, the holds in force, the receipts, and where each
+    /// tenant's oldest partition begins.
+    pub async fn retention_status(&self) -> Result<RetentionStatus, StoreError> {
+        let policy = self.retention_policy().await?;
+        let mut partitions = Vec::new();
+        let mut oldest: Vec<(String, Option<OffsetDateTime>)> = Vec::new();
+        for p in self.partitions().await? {
+            let bytes: i64 = sqlx::query_scalar(
+                "SELECT pg_total_relation_size(format('public.%I', $1::text)::regclass)",
+            )
+            .bind(&p.name)
+            .fetch_one(&self.pool)
+            .await?;
+            let tenants = self.partition_tenants(&p).await?;
+            // Droppable once every tenant in it is past its retention (holds aside).
+            let due_at = if tenants.is_empty() {
+                None
+            } else {
+                tenants
+                    .iter()
+                    .map(|(_, keep, _)| keep.map(|k| p.upper_at + time::Duration::seconds(k)))
+                    .collect::<Option<Vec<_>>>()
+                    .and_then(|d| d.into_iter().max())
+            };
+            for (t, _, _) in &tenants {
+                match oldest.iter_mut().find(|(o, _)| o == t) {
+                    Some((_, from)) => {
+                        if from.is_some_and(|f| p.lower_at.is_none_or(|l| l < f)) {
+                            *from = p.lower_at;
+                        }
+                    }
+                    None => oldest.push((t.clone(), p.lower_at)),
+                }
+            }
+            partitions.push(PartitionStatus {
+                partition: p,
+                bytes,
+                tenants: tenants.len(),
+                due_at,
+            });
+        }
+        oldest.sort();
+        let (holds, receipts): (i64, i64) = sqlx::query_as(
+            "SELECT (SELECT count(*) FROM legal_holds WHERE released_at IS NULL), \
+                    (SELECT count(*) FROM retention_receipts)",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(RetentionStatus {
+            policy,
+            partitions,
+            oldest,
+            holds_in_force: holds,
+            receipts,
+        })
     }
 
     /// Step 1 of expiring `partition` (migration 0009): locks the holds, the policies and the
@@ -652,18 +750,24 @@ impl Hidden {
                 q.push(" AND NOT (received_at < ").push_bind(cutoff);
             }
             None => {
-                // A CASE over the tenants with policies of their own; NULL (forever) never
-                // hides.
-                q.push(" AND NOT (coalesce(received_at < CASE tenant");
-                for (t, c) in &self.tenants {
-                    q.push(" WHEN ")
-                        .push_bind(t.clone())
-                        .push(" THEN ")
-                        .push_bind(*c);
+                // A CASE over the tenants with policies of their own (none: the default
+                // alone); NULL (forever) never hides.
+                q.push(" AND NOT (coalesce(received_at < ");
+                if self.tenants.is_empty() {
+                    q.push_bind(self.default_cutoff).push("::timestamptz");
+                } else {
+                    q.push("CASE tenant");
+                    for (t, c) in &self.tenants {
+                        q.push(" WHEN ")
+                            .push_bind(t.clone())
+                            .push(" THEN ")
+                            .push_bind(*c);
+                    }
+                    q.push(" ELSE ")
+                        .push_bind(self.default_cutoff)
+                        .push("::timestamptz END");
                 }
-                q.push(" ELSE ")
-                    .push_bind(self.default_cutoff)
-                    .push("::timestamptz END, false)");
+                q.push(", false)");
             }
         }
         for (t, since, until) in &self.holds {

@@ -7,6 +7,12 @@
 use std::time::Duration;
 
 use auditbridge_config::Config;
+use auditbridge_runtime::telemetry::{
+    PARTITIONS_CREATED, RETENTION_BYTES, RETENTION_DEAD_LETTERS_EXPIRED, RETENTION_EVENTS_EXPIRED,
+    RETENTION_FAILURES, RETENTION_HOLDS, RETENTION_NEXT_EXPIRY, RETENTION_OLDEST_AGE,
+    RETENTION_PARTITIONS, RETENTION_PARTITIONS_DROPPED, RETENTION_PARTITIONS_KEPT,
+    RETENTION_RECEIPTS,
+};
 use auditbridge_store::retention::{Candidate, PendingTenant, Receipt, ranges_text};
 use auditbridge_store::{RetentionPolicy, Store, StoreError};
 use auditbridge_tlog::SignerKey;
@@ -77,7 +83,7 @@ pub(crate) async fn maintain(store: Store, config: RetentionPolicy, shutdown: Ca
         match store.ensure_partitions().await {
             Ok(0) => {}
             Ok(n) => {
-                metrics::counter!("auditbridge_partitions_created_total").increment(n as u64);
+                metrics::counter!(PARTITIONS_CREATED).increment(n as u64);
                 tracing::info!(
                     created = n,
                     message = "Created partitions of audit_events ahead of need."
@@ -309,11 +315,10 @@ pub async fn expire(
                 if !empty {
                     tracing::info!(partition = %c.partition.name, events, tenants = receipts.len(), message = "Expired a partition of audit_events; receipts signed.");
                 }
-                metrics::counter!("auditbridge_retention_partitions_dropped_total").increment(1);
-                metrics::counter!("auditbridge_retention_events_expired_total")
+                metrics::counter!(RETENTION_PARTITIONS_DROPPED).increment(1);
+                metrics::counter!(RETENTION_EVENTS_EXPIRED)
                     .increment(u64::try_from(events).unwrap_or(0));
-                metrics::counter!("auditbridge_retention_receipts_total")
-                    .increment(receipts.len() as u64);
+                metrics::counter!(RETENTION_RECEIPTS).increment(receipts.len() as u64);
                 if empty {
                     report.empty_dropped += 1;
                     continue;
@@ -341,7 +346,7 @@ pub async fn expire(
             }
             let n = store.expire_dead_letters(DEAD_LETTER_BATCH).await?;
             report.dead_letters += n;
-            metrics::counter!("auditbridge_retention_dead_letters_expired_total")
+            metrics::counter!(RETENTION_DEAD_LETTERS_EXPIRED)
                 .increment(u64::try_from(n).unwrap_or(0));
             if n < i64::from(DEAD_LETTER_BATCH) {
                 break;
@@ -350,11 +355,45 @@ pub async fn expire(
     }
     for p in &report.partitions {
         if let Outcome::Kept(why) = &p.outcome {
-            metrics::counter!("auditbridge_retention_partitions_kept_total").increment(1);
+            metrics::counter!(RETENTION_PARTITIONS_KEPT).increment(1);
             tracing::debug!(partition = %p.partition, why = %why, message = "Kept a partition past its end.");
         }
     }
     Ok(report)
+}
+
+/// Sets the retention gauges from [`Store::retention_status`].
+async fn report_gauges(store: &Store) {
+    let status = match store.retention_status().await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::debug!(error = %e, message = "Cannot read the retention status now.");
+            return;
+        }
+    };
+    let now = OffsetDateTime::now_utc();
+    metrics::gauge!(RETENTION_PARTITIONS).set(status.partitions.len() as f64);
+    metrics::gauge!(RETENTION_BYTES).set(
+        status
+            .partitions
+            .iter()
+            .map(|p| p.bytes as f64)
+            .sum::<f64>(),
+    );
+    metrics::gauge!(RETENTION_HOLDS).set(status.holds_in_force as f64);
+    match status.next_expiry() {
+        Some(t) => metrics::gauge!(RETENTION_NEXT_EXPIRY).set((t - now).as_seconds_f64()),
+        None => metrics::gauge!(RETENTION_NEXT_EXPIRY).set(f64::NAN),
+    }
+    let oldest = status
+        .partitions
+        .iter()
+        .filter(|p| p.tenants > 0)
+        .map(|p| p.partition.lower_at.unwrap_or(p.partition.created_at))
+        .min();
+    if let Some(t) = oldest {
+        metrics::gauge!(RETENTION_OLDEST_AGE).set((now - t).as_seconds_f64().max(0.0));
+    }
 }
 
 /// How often the lease holder runs expiry: a quarter of the interval, between a second and
@@ -396,10 +435,11 @@ pub(crate) async fn supervise(
                 }
                 Ok(_) => {}
                 Err(e) => {
-                    metrics::counter!("auditbridge_retention_failures_total").increment(1);
+                    metrics::counter!(RETENTION_FAILURES).increment(1);
                     tracing::warn!(error = %e, message = "Expiry run failed; trying again at the next one.");
                 }
             }
+            report_gauges(&store).await;
             let period = match store.retention_policy().await {
                 Ok(p) => expiry_period(p.partition_interval),
                 Err(_) => Duration::from_secs(60),

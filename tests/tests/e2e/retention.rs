@@ -4,8 +4,10 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
+use anyhow::Context as _;
 use auditbridge_store::RetentionPolicy;
 use auditbridge_tests::TestEnv;
+use auditbridge_tests::api::{ApiServer, Token};
 use uuid::Uuid;
 
 const T: Duration = Duration::from_secs(60);
@@ -310,6 +312,40 @@ async fn expiry_drops_what_is_due_keeps_what_is_held_and_signs_receipts() -> any
     let covered: Vec<i64> = ranges.iter().flat_map(|&(a, b)| a..b).collect();
     assert_eq!(covered, logged);
 
+    // The API serves the receipt to the tenant's token, never to another tenant's; over
+    // HTTP, too, the expired events are gone and the held ones served.
+    let brief_token = Token::tenant("b", "brief", &["read"]);
+    let long_token = Token::tenant("l", "long", &["read"]);
+    let api = ApiServer::start(&env, &[&brief_token, &long_token], &[]).await?;
+    let (code, body) = api
+        .get("/v1/log/receipts?tenant=brief", Some(&brief_token))
+        .await?;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body["receipts"].as_array().map(Vec::len), Some(1), "{body}");
+    assert_eq!(body["receipts"][0]["events"], 40, "{body}");
+    assert_eq!(body["receipts"][0]["note"], r.note.as_str());
+    let (code, _) = api
+        .get("/v1/log/receipts?tenant=brief", Some(&long_token))
+        .await?;
+    assert_eq!(code, 403);
+    let pages = api.all_pages("tenant=brief", &brief_token, 100).await?;
+    assert_eq!(pages.len(), 30);
+    drop(api);
+    let status = run(&env, &["status", "--json"], &[]).await?;
+    let status: serde_json::Value = serde_json::from_str(&status)?;
+    assert_eq!(status["retention"]["receipts"], 1, "{status}");
+    assert_eq!(status["retention"]["holds_in_force"], 1, "{status}");
+    assert_eq!(
+        status["retention"]["partition_interval_seconds"], 1,
+        "{status}"
+    );
+    assert!(
+        status["retention"]["oldest"]
+            .as_array()
+            .is_some_and(|o| o.iter().any(|t| t["tenant"] == "brief")),
+        "{status}"
+    );
+
     // `log audit` accepts the missing payloads the receipt covers; so does `log verify` of an
     // exported bundle, with no database, and the checkpoints signed before still hold.
     let key_vars = [("AUDITBRIDGE_LOG_KEY_FILE", key_path.as_str())];
@@ -345,6 +381,22 @@ async fn expiry_drops_what_is_due_keeps_what_is_held_and_signs_receipts() -> any
         "{}{}",
         String::from_utf8_lossy(&verified.stdout),
         String::from_utf8_lossy(&verified.stderr)
+    );
+    // So does the independent verifier, written from the specifications.
+    let python = tokio::process::Command::new("python3")
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/scripts/verify_bundle.py"
+        ))
+        .arg(&bundle)
+        .arg(key.verifier().to_string())
+        .output()
+        .await?;
+    assert!(
+        python.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&python.stdout),
+        String::from_utf8_lossy(&python.stderr)
     );
     // A receipt altered in the bundle no longer vouches: verify finds the missing events.
     let receipts = std::fs::read_to_string(bundle.join("receipts.jsonl"))?;
@@ -560,4 +612,367 @@ async fn a_run_killed_mid_way_leaves_all_or_nothing_and_the_next_one_finishes() 
     run(&env, &["retention", "run"], &vars).await?;
     assert_eq!(state().await?, (0, 150_000, 0));
     Ok(())
+}
+
+/// Relays, the live tail and the query API keep working while partitions are dropped under
+/// them: no error, and nothing that remains is skipped (every event of the tenant that keeps
+/// forever is delivered once, tailed once, and paged).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readers_go_on_without_error_or_gap_while_partitions_are_dropped() -> anyhow::Result<()> {
+    use auditbridge_tests::receiver::Receiver;
+    let policy = RetentionPolicy {
+        partition_interval: Duration::from_secs(1),
+        tenants: vec![("fleeting".into(), Some(Duration::from_secs(1)))],
+        ..Default::default()
+    };
+    let mut env = TestEnv::with_retention(Some(&policy)).await?;
+    env.ensure_stream().await?;
+    let rx = Receiver::start().await?;
+    let dest = serde_json::json!([{"name": "siem", "type": "http", "params": {
+        "url": rx.url("/siem"), "start": "earliest", "max_batch_events": 50,
+        "filter": {"tenants": ["steady"]}
+    }}])
+    .to_string();
+    let vars = [
+        ("AUDITBRIDGE_PARTITION_INTERVAL", "1s"),
+        (
+            "AUDITBRIDGE_RETENTION",
+            r#"[{"tenant": "fleeting", "keep": "1s"}]"#,
+        ),
+        ("AUDITBRIDGE_DESTINATIONS", dest.as_str()),
+        ("AUDITBRIDGE_BATCH_SIZE", "40"),
+    ];
+    let worker = env.spawn_worker("w", &vars).await?;
+    worker.wait_ready(T).await?;
+    let admin = Token::admin("admin", &["read"]);
+    let steady_token = Token::tenant("s", "steady", &["read"]);
+    let api = ApiServer::start(&env, &[&admin, &steady_token], &[]).await?;
+    let mut tail = api.stream("tenant=steady", &steady_token, None).await?;
+    tail.caught_up(T).await?;
+
+    // Eight seconds of both tenants, in small batches: `fleeting`'s partitions expire and
+    // are dropped (one a second) while everything reads.
+    let mut steady = Vec::new();
+    let started = std::time::Instant::now();
+    let mut pages_ok = 0;
+    while started.elapsed() < Duration::from_secs(8) {
+        let mut batch = env.events(20);
+        for (i, e) in batch.iter_mut().enumerate() {
+            e.tenant = if i % 2 == 0 { "steady" } else { "fleeting" }.into();
+        }
+        env.publish(&batch).await?;
+        steady.extend(batch.into_iter().filter(|e| e.tenant == "steady"));
+        let (code, body) = api
+            .get("/v1/events?tenant=fleeting&limit=100", Some(&admin))
+            .await?;
+        assert_eq!(
+            code, 200,
+            "a page failed while partitions were dropped: {body}"
+        );
+        let (code, body) = api
+            .get("/v1/stats?tenant=fleeting&bucket=1h", Some(&admin))
+            .await?;
+        assert_eq!(
+            code, 200,
+            "stats failed while partitions were dropped: {body}"
+        );
+        pages_ok += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let want: HashSet<Uuid> = steady.iter().map(|e| e.id).collect();
+    auditbridge_tests::until("every steady event delivered", T, || {
+        rx.delivered().is_superset(&want)
+    })
+    .await?;
+    let tailed = tail.audit_events(want.len(), T).await?;
+    let tailed_ids: Vec<Uuid> = tailed
+        .iter()
+        .map(|s| {
+            serde_json::from_str::<serde_json::Value>(&s.data).unwrap()["id"]
+                .as_str()
+                .unwrap()
+                .parse()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(
+        tailed_ids.len(),
+        want.len(),
+        "the tail repeated or missed events"
+    );
+    assert_eq!(tailed_ids.iter().copied().collect::<HashSet<_>>(), want);
+    let paged = api.all_pages("tenant=steady", &steady_token, 100).await?;
+    assert_eq!(paged.len(), want.len());
+    assert_eq!(
+        rx.delivered_count(),
+        want.len(),
+        "a steady event was delivered twice"
+    );
+
+    // Partitions were dropped meanwhile, with receipts, and the relay never failed.
+    let dropped = worker
+        .metric("auditbridge_retention_partitions_dropped_total")
+        .await?;
+    assert!(dropped >= 2.0, "only {dropped} partitions dropped in 8 s");
+    let (_, metrics) = worker.get("/metrics").await?;
+    let failures: f64 = metrics
+        .lines()
+        .filter(|l| {
+            l.starts_with("auditbridge_destination_failures_total")
+                || l.starts_with("auditbridge_log_sequencer_failures_total")
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert_eq!(
+        failures, 0.0,
+        "the relay or the sequencer failed while partitions were dropped"
+    );
+    eprintln!("{pages_ok} rounds of pages and stats, {dropped} partitions dropped");
+    Ok(())
+}
+
+/// The guarded path as a hostile writer calls it (an attacker's review of 0008/0009, fixed
+/// in 0010): every crafted call is refused and nothing leaves the trail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crafted_calls_of_the_guarded_path_are_refused() -> anyhow::Result<()> {
+    use sqlx::Connection as _;
+    let policy = RetentionPolicy {
+        partition_interval: Duration::from_secs(1),
+        default_keep: Some(Duration::from_secs(1)),
+        tenants: vec![("forever".into(), None)],
+        ..Default::default()
+    };
+    let mut env = TestEnv::with_retention(Some(&policy)).await?;
+    let writer_url = crate::roles::url_as(&env, auditbridge_store::roles::WRITER);
+    let store = auditbridge_store::Store::connect_lazy(&writer_url, 2)?;
+    let mut events = env.events(30);
+    for (i, e) in events.iter_mut().enumerate() {
+        e.tenant = ["a", "b", "forever"][i % 3].into();
+    }
+    let raws: Vec<Vec<u8>> = events
+        .iter()
+        .map(|e| serde_json::to_vec(e).unwrap())
+        .collect();
+    let rows: Vec<auditbridge_store::NewEvent<'_>> = events
+        .iter()
+        .zip(&raws)
+        .map(|(event, raw)| auditbridge_store::NewEvent { event, raw })
+        .collect();
+    // Two partitions: one with a tenant kept forever, one of `a` and `b` only.
+    store.persist(&rows[..20], &[]).await?;
+    let ab: Vec<auditbridge_store::NewEvent<'_>> = rows
+        .iter()
+        .filter(|r| r.event.tenant != "forever")
+        .copied()
+        .collect();
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    store.persist(&ab[ab.len() - 3..], &[]).await?;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let count = env.count().await?;
+    let mut w = sqlx::PgConnection::connect(&writer_url).await?;
+    let refused = |sql: String| {
+        let url = writer_url.clone();
+        async move {
+            let mut c = sqlx::PgConnection::connect(&url).await?;
+            let r = sqlx::raw_sql(sqlx::AssertSqlSafe(sql.clone()))
+                .execute(&mut c)
+                .await;
+            c.close().await.ok();
+            anyhow::ensure!(r.is_err(), "`{sql}` was allowed");
+            anyhow::Ok(r.unwrap_err().to_string())
+        }
+    };
+    // A temporary table that would shadow pg_locks or a policy table: none may be made.
+    let e = refused("CREATE TEMP TABLE pg_locks (x int)".into()).await?;
+    assert!(e.contains("permission denied"), "{e}");
+    // A live partition cannot be begun (which would hold ingest into it).
+    store.ensure_partitions().await?;
+    let live: String = sqlx::query_scalar(
+        "SELECT name FROM audit_partitions WHERE class = 1 AND lower_at > now() \
+         ORDER BY lower_at LIMIT 1",
+    )
+    .fetch_one(&env.pool)
+    .await?;
+    let e = refused(format!("SELECT * FROM auditbridge_expiry_begin('{live}')")).await?;
+    assert!(e.contains("has not ended"), "{e}");
+    // A snapshot older than the locks.
+    let candidates = store.expiry_candidates().await?;
+    let due = candidates
+        .iter()
+        .find(|c| c.all_due() && c.tenants.len() >= 2)
+        .expect("a due partition of two tenants");
+    let part = &due.partition.name;
+    let e = refused(format!(
+        "BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT * FROM auditbridge_expiry_begin('{part}')"
+    ))
+    .await?;
+    assert!(e.contains("READ COMMITTED"), "{e}");
+    // Receipts that are not exactly one per counted tenant: a NULL, a missing one, a repeat.
+    let t0 = &due.tenants[0].0;
+    for tenants in [
+        format!("ARRAY['{t0}', NULL]"),
+        format!("ARRAY['{t0}']"),
+        format!("ARRAY['{t0}', '{t0}']"),
+    ] {
+        let n = if tenants.contains("NULL") || tenants.matches('\'').count() == 4 {
+            2
+        } else {
+            1
+        };
+        let notes = vec!["'n'"; n].join(", ");
+        let e = refused(format!(
+            "BEGIN; SELECT * FROM auditbridge_expiry_begin('{part}'); \
+             SELECT auditbridge_expire_partition('{part}', {tenants}, ARRAY[{notes}], false, \
+                 ARRAY[{}]::bigint[], ARRAY[{}]::bytea[], 50, 1)",
+            vec!["NULL"; n].join(", "),
+            vec!["NULL"; n].join(", "),
+        ))
+        .await?;
+        assert!(e.contains("needs one receipt"), "{tenants}: {e}");
+    }
+    // Under a caller's time zone and date style, partitions still get the bounds they are
+    // listed with (a row of now goes where the list says).
+    sqlx::raw_sql(
+        "SET TimeZone = 'EST-167'; SET DateStyle = 'SQL, DMY'; \
+         SELECT auditbridge_ensure_partitions()",
+    )
+    .execute(&mut w)
+    .await?;
+    let (listed, routed): (String, String) = sqlx::query_as(
+        "WITH r AS (INSERT INTO audit_events (id, tenant, action, outcome, occurred_at, \
+                        actor_id, source, event, retention_class) \
+                    VALUES (gen_random_uuid(), 'probe', 'x.y', 'success', now(), 'u', 's', \
+                            '{}', 0) RETURNING tableoid::regclass::text AS part, received_at) \
+         SELECT p.name, r.part FROM r JOIN audit_partitions p \
+           ON p.class = 0 AND p.lower_at <= r.received_at AND p.upper_at > r.received_at",
+    )
+    .fetch_one(&env.pool)
+    .await?;
+    assert_eq!(listed, routed);
+    w.close().await?;
+    assert_eq!(env.count().await?, count + 1, "a crafted call removed rows");
+    store.close().await;
+    Ok(())
+}
+
+/// A trail written before partitioning (migrations up to 0007) migrates without losing or
+/// duplicating a row: the old table becomes the legacy partition, every id stays a
+/// duplicate, `seq` goes on where it was, partitions are made (the legacy bound is not on a
+/// second), and new events land in partitions of their own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trail_of_before_partitioning_migrates_without_losing_or_repeating_a_row()
+-> anyhow::Result<()> {
+    use sqlx::Connection as _;
+    let mut env = TestEnv::new().await?;
+    let name = format!("ab_test_{}_old", env.tag);
+    let url = env
+        .database_url
+        .replace(env.database_url.rsplit('/').next().unwrap(), &name);
+    let mut admin = sqlx::PgConnection::connect(&env.database_url).await?;
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE \"{name}\"")))
+        .execute(&mut admin)
+        .await?;
+    let result = async {
+        let pool = sqlx::PgPool::connect(&url).await?;
+        let full = &auditbridge_store::MIGRATOR;
+        let before = sqlx::migrate::Migrator {
+            migrations: std::borrow::Cow::Owned(
+                full.migrations
+                    .iter()
+                    .filter(|m| m.version <= 7)
+                    .cloned()
+                    .collect(),
+            ),
+            ignore_missing: false,
+            locking: true,
+            no_tx: false,
+            table_name: full.table_name.clone(),
+            create_schemas: full.create_schemas.clone(),
+        };
+        before.run(&pool).await?;
+        let old = env.events(500);
+        for e in &old {
+            sqlx::query(
+                "INSERT INTO audit_events (id, tenant, action, outcome, occurred_at, actor_id, \
+                     source, event) VALUES ($1, $2, $3, 'success', $4, 'u', 's', $5::jsonb)",
+            )
+            .bind(e.id)
+            .bind(&e.tenant)
+            .bind(&e.action)
+            .bind(e.occurred_at)
+            .bind(serde_json::to_string(e)?)
+            .execute(&pool)
+            .await?;
+        }
+        let (old_rows, old_max): (i64, i64) =
+            sqlx::query_as("SELECT count(*), max(seq) FROM audit_events")
+                .fetch_one(&pool)
+                .await?;
+        // The rest of the migrations, as an operator runs them, bounded in time.
+        let out = tokio::time::timeout(
+            Duration::from_secs(120),
+            env.command(&["migrate"], &[("AUDITBRIDGE_DATABASE_URL", url.as_str())])
+                .output(),
+        )
+        .await
+        .context("migrate did not finish within 120 s")??;
+        anyhow::ensure!(
+            out.status.success(),
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let (rows, ids, legacy): (i64, i64, i64) = sqlx::query_as(
+            "SELECT (SELECT count(*) FROM audit_events), (SELECT count(*) FROM audit_event_ids), \
+                    (SELECT count(*) FROM audit_events_legacy)",
+        )
+        .fetch_one(&pool)
+        .await?;
+        assert_eq!((rows, ids, legacy), (old_rows, old_rows, old_rows));
+        // Old ids are duplicates; new events are stored after the old ones, elsewhere.
+        let store = auditbridge_store::Store::connect_lazy(&url, 2)?;
+        let raws: Vec<Vec<u8>> = old.iter().map(|e| serde_json::to_vec(e).unwrap()).collect();
+        let again: Vec<auditbridge_store::NewEvent<'_>> = old
+            .iter()
+            .zip(&raws)
+            .map(|(event, raw)| auditbridge_store::NewEvent { event, raw })
+            .collect();
+        let done = store.persist(&again, &[]).await?;
+        assert_eq!((done.inserted, done.duplicates), (0, 500));
+        let new = env.events(50);
+        let raws: Vec<Vec<u8>> = new.iter().map(|e| serde_json::to_vec(e).unwrap()).collect();
+        let rows: Vec<auditbridge_store::NewEvent<'_>> = new
+            .iter()
+            .zip(&raws)
+            .map(|(event, raw)| auditbridge_store::NewEvent { event, raw })
+            .collect();
+        assert_eq!(store.persist(&rows, &[]).await?.inserted, 50);
+        let (min_new, in_legacy): (i64, i64) = sqlx::query_as(
+            "SELECT min(seq) FILTER (WHERE tableoid <> 'audit_events_legacy'::regclass), \
+                    count(*) FILTER (WHERE tableoid = 'audit_events_legacy'::regclass) \
+             FROM audit_events",
+        )
+        .fetch_one(&pool)
+        .await?;
+        assert!(
+            min_new > old_max,
+            "seq went back: {min_new} after {old_max}"
+        );
+        assert_eq!(
+            in_legacy, old_rows,
+            "a new event went into the legacy table"
+        );
+        // And the maintenance goes on (a worker's call, again).
+        assert_eq!(store.ensure_partitions().await?, 0);
+        store.close().await;
+        pool.close().await;
+        anyhow::Ok(())
+    }
+    .await;
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"
+    )))
+    .execute(&mut admin)
+    .await?;
+    result
 }

@@ -25,7 +25,7 @@ use uuid::Uuid;
 const T: Duration = Duration::from_secs(60);
 
 /// The test database's URL as `role` (the local server trusts 127.0.0.1, so no password).
-fn url_as(env: &TestEnv, role: &str) -> String {
+pub(crate) fn url_as(env: &TestEnv, role: &str) -> String {
     let rest = env
         .database_url
         .strip_prefix("postgres://postgres@")
