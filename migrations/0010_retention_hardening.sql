@@ -305,8 +305,9 @@ BEGIN
         WHERE received_at < now() - make_interval(secs => keep_s)
         ORDER BY received_at LIMIT greatest(max_rows, 0));
     GET DIAGNOSTICS n = ROW_COUNT;
-    DELETE FROM public.destination_dead_letters WHERE id IN (
-        SELECT id FROM public.destination_dead_letters
+    -- (destination_dead_letters has no id column: its key is (destination, event_id).)
+    DELETE FROM public.destination_dead_letters WHERE (destination, event_id) IN (
+        SELECT destination, event_id FROM public.destination_dead_letters
         WHERE created_at < now() - make_interval(secs => keep_s)
         ORDER BY created_at LIMIT greatest(max_rows, 0));
     GET DIAGNOSTICS m = ROW_COUNT;

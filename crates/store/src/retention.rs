@@ -788,6 +788,24 @@ impl Hidden {
 }
 
 impl Store {
+    /// How many of `tenant`'s stored events are hidden now (past its retention, under no
+    /// hold, not yet dropped).
+    pub async fn hidden_count(&self, tenant: &str) -> Result<i64, StoreError> {
+        let hidden = self.hidden().await?;
+        let mut q = sqlx::QueryBuilder::<sqlx::Postgres>::new(
+            "SELECT count(*) FROM audit_events WHERE tenant = ",
+        );
+        q.push_bind(tenant.to_owned());
+        // The rows the filter keeps are the served ones: count the others.
+        let all: i64 = sqlx::query_scalar("SELECT count(*) FROM audit_events WHERE tenant = $1")
+            .bind(tenant)
+            .fetch_one(&self.pool)
+            .await?;
+        hidden.push_sql(&mut q, Some(tenant));
+        let served: i64 = q.build_query_scalar().fetch_one(&self.pool).await?;
+        Ok(all - served)
+    }
+
     /// What readers must hide now, read again when older than a second.
     pub async fn hidden(&self) -> Result<Arc<Hidden>, StoreError> {
         {

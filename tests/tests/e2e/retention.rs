@@ -284,6 +284,25 @@ async fn expiry_drops_what_is_due_keeps_what_is_held_and_signs_receipts() -> any
     assert_eq!(replay.len(), 70, "the live tail replays expired events");
     reader.close().await;
 
+    // Nor exported: a bundle would miss their payloads before a receipt vouches for them.
+    let refused = env
+        .command(
+            &[
+                "log",
+                "export",
+                "--tenant",
+                "brief",
+                "--out",
+                "/nonexistent/never",
+            ],
+            &[("AUDITBRIDGE_LOG_KEY_FILE", key_path.as_str())],
+        )
+        .output()
+        .await?;
+    let said = String::from_utf8_lossy(&refused.stderr).into_owned();
+    assert_eq!(refused.status.code(), Some(3), "{said}");
+    assert!(said.contains("40 events past its retention"), "{said}");
+
     let ran = run(&env, &["retention", "run"], &vars).await?;
     assert!(ran.contains("expired 1 partition(s), 40 event(s)"), "{ran}");
     let brief = ids_of(&env, "brief").await?;
@@ -975,4 +994,72 @@ async fn a_trail_of_before_partitioning_migrates_without_losing_or_repeating_a_r
     .execute(&mut admin)
     .await?;
     result
+}
+
+/// Dead letters have a retention of their own: older ones go at the next run, newer ones
+/// stay; and a tenant whose policy shortens has its older events (in the partitions of its
+/// old class, shared with tenants that keep longer) hidden at once, and kept until their
+/// partition goes, which the dry run says.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_expire_by_their_own_retention_and_a_shortened_policy_hides_at_once()
+-> anyhow::Result<()> {
+    let policy = RetentionPolicy {
+        partition_interval: Duration::from_secs(1),
+        dead_letter_keep: Some(Duration::from_secs(2)),
+        ..Default::default()
+    };
+    let mut env = TestEnv::with_retention(Some(&policy)).await?;
+    env.ensure_stream().await?;
+    let worker = env.spawn_worker("w", &[]).await?;
+    worker.wait_ready(T).await?;
+    let mut events = env.events(20);
+    for (i, e) in events.iter_mut().enumerate() {
+        e.tenant = if i % 2 == 0 { "shortened" } else { "steady" }.into();
+    }
+    env.publish(&events).await?;
+    env.publish_raw(&events[0].subject(&env.prefix), b"{not json".to_vec(), None)
+        .await?
+        .await?;
+    env.wait_for_count(20, T).await?;
+    env.wait_for_drained(T).await?;
+    assert_eq!(env.dead_letters().await?.len(), 1);
+    drop(worker);
+
+    // `shortened` now keeps one second; its events stay in class 0, with `steady`'s.
+    let vars = [
+        ("AUDITBRIDGE_PARTITION_INTERVAL", "1s"),
+        ("AUDITBRIDGE_DEAD_LETTER_RETENTION", "2s"),
+        (
+            "AUDITBRIDGE_RETENTION",
+            r#"[{"tenant": "shortened", "keep": "1s"}]"#,
+        ),
+    ];
+    migrate(&env, &vars).await?;
+    tokio::time::sleep(Duration::from_millis(2600)).await;
+    let reader = auditbridge_store::Store::connect_lazy(&env.database_url, 1)?;
+    let page = auditbridge_store::PageQuery {
+        filter: auditbridge_store::EventFilter {
+            tenant: Some("shortened".into()),
+            ..Default::default()
+        },
+        order: auditbridge_store::Order::Asc,
+        after: None,
+        limit: 100,
+    };
+    assert!(
+        reader.page(&page).await?.is_empty(),
+        "shortened's events are still served"
+    );
+    reader.close().await;
+    let dry = run(&env, &["retention", "run", "--dry-run"], &vars).await?;
+    assert!(dry.contains("tenant steady keeps forever"), "{dry}");
+    let ran = run(&env, &["retention", "run"], &vars).await?;
+    assert!(ran.contains("1 dead letter(s)"), "{ran}");
+    assert!(env.dead_letters().await?.is_empty());
+    assert_eq!(
+        env.count().await?,
+        20,
+        "a partition shared with steady was dropped"
+    );
+    Ok(())
 }

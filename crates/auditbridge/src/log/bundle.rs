@@ -93,6 +93,18 @@ async fn export_from(
         }
     };
     let size = signed.checkpoint.size;
+    // Events past the tenant's retention are no longer served, by export either; with their
+    // payloads missing and no receipt yet, the bundle would not verify. Expiry drops them
+    // within a quarter interval, with the receipts that vouch for them.
+    let hidden = store.hidden_count(tenant).await?;
+    if hidden > 0 {
+        eprintln!(
+            "error: tenant {tenant:?} has {hidden} events past its retention that expiry has not \
+             dropped yet (no longer served); run `auditbridge retention run` (or wait for the \
+             worker's next run) and export again"
+        );
+        return Ok(ExitCode::from(UNREADABLE));
+    }
     match std::fs::read_dir(out) {
         Ok(mut entries) => {
             if entries.next().is_some() {
