@@ -2,6 +2,7 @@
 //! command line, loads the configuration, and maps failures to an exit code and one clear
 //! message.
 
+mod dead_letters;
 mod log;
 mod publish;
 mod retention;
@@ -70,6 +71,9 @@ enum Command {
     /// Retention: expire what is due now, or say what would go.
     #[command(subcommand)]
     Retention(retention::RetentionCommand),
+    /// What ingest refused: list and show dead letters.
+    #[command(subcommand)]
+    DeadLetters(dead_letters::DeadLettersCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -268,6 +272,7 @@ async fn run(command: Command, config: Config) -> anyhow::Result<ExitCode> {
         Command::Log(command) => Ok(log::run(command, &config).await),
         Command::Hold(command) => retention::hold(command, &config).await,
         Command::Retention(command) => retention::retention(command, &config).await,
+        Command::DeadLetters(command) => dead_letters::run(command, &config).await,
         Command::Outbox(OutboxCommand::Rebase) => {
             let store =
                 auditbridge_store::Store::connect_lazy(config.migrate_database_url.expose(), 1)?;

@@ -5,7 +5,8 @@
 //! - [`Store::ingest`] writes one batch of the worker (events, conflicts and dead letters) in
 //!   one transaction; [`Store::ingest_isolated`] writes a batch the database refused event by
 //!   event, to find the event at fault. [`Store::persist`] is the plain writer tools use.
-//! - [`Store::status`] answers `auditbridge status`.
+//! - [`Store::status`] answers `auditbridge status`; [`dead_letters`] reads what ingest
+//!   refused (`auditbridge dead-letters`).
 //! - [`query`]: the query API's reads (pages, one event, the live tail, stats).
 //! - [`StoredEvent`]: the one type of a stored event every reader gets (with its position in
 //!   the outbox order: [`OutboxEvent`]).
@@ -20,6 +21,7 @@
 //! database refused this statement", which the worker answers by isolating the batch: an event
 //! that fails alone while a control row succeeds is at fault, anything else is the database's.
 
+pub mod dead_letters;
 mod error;
 pub mod log;
 pub mod outbox;

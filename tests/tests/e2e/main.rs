@@ -11,6 +11,7 @@
 mod api;
 mod cli;
 mod client;
+mod dead_letters;
 mod destinations;
 mod faults;
 mod forwarding;
