@@ -362,19 +362,18 @@ impl Store {
     /// its (tenant, …) index: one probe per tenant, whatever the rows) and whether each is
     /// due. Oldest first.
     pub async fn expiry_candidates(&self) -> Result<Vec<Candidate>, StoreError> {
+        // The database's clock, as the guarded path will judge by it.
+        let (now, interval_s): (OffsetDateTime, i64) =
+            sqlx::query_as("SELECT now(), partition_interval_s FROM retention_settings")
+                .fetch_one(&self.pool)
+                .await?;
+        let interval = time::Duration::seconds(interval_s);
         let mut out = Vec::new();
         for partition in self.partitions().await? {
-            let (ended, settled): (bool, bool) = sqlx::query_as(
-                "SELECT $1::timestamptz <= now(), \
-                        $1::timestamptz + make_interval(secs => partition_interval_s) <= now() \
-                 FROM retention_settings",
-            )
-            .bind(partition.upper_at)
-            .fetch_one(&self.pool)
-            .await?;
-            if !ended {
+            if partition.upper_at > now {
                 continue;
             }
+            let settled = partition.upper_at + interval <= now;
             let tenants = self.partition_tenants(&partition).await?;
             out.push(Candidate {
                 partition,
