@@ -39,6 +39,21 @@ pub(crate) struct Item {
 /// A setting of one definition that cannot be used: (setting, message).
 pub(crate) type Refusal = (String, String);
 
+/// The next number of an item written at `origin` (from 1 per origin): how an item without a
+/// usable name is called, in every list.
+pub(crate) fn number_in(position: &mut Vec<(Origin, usize)>, origin: &Origin) -> usize {
+    match position.iter_mut().find(|(o, _)| o == origin) {
+        Some((_, n)) => {
+            *n += 1;
+            *n
+        }
+        None => {
+            position.push((origin.clone(), 1));
+            1
+        }
+    }
+}
+
 pub(crate) fn refuse(setting: impl Into<String>, message: impl Into<String>) -> Refusal {
     (setting.into(), message.into())
 }
@@ -164,16 +179,7 @@ pub(crate) fn read_list<T>(
     // An item without a usable name is called by its position where it was written.
     let mut position: Vec<(Origin, usize)> = Vec::new();
     for item in items {
-        let n = match position.iter_mut().find(|(o, _)| *o == item.origin) {
-            Some((_, n)) => {
-                *n += 1;
-                *n
-            }
-            None => {
-                position.push((item.origin.clone(), 1));
-                1
-            }
-        };
+        let n = number_in(&mut position, &item.origin);
         let label = item
             .value
             .get("name")

@@ -11,7 +11,7 @@ use serde_json::Value;
 
 use crate::ConfigError;
 use crate::de::{self, Text};
-use crate::lists::{Item, Origin, Refusal, check_tenants, refuse, typed};
+use crate::lists::{Item, Origin, Refusal, check_tenants, number_in, refuse, typed};
 
 /// The longest `keep` other than `forever`: 100 years, as `humantime` counts them (`"100y"`).
 /// A longer one is more likely a typo than a policy (`forever` says what it means), and
@@ -97,16 +97,7 @@ pub(crate) fn read(items: Vec<Item>) -> Result<Retention, ConfigError> {
     let mut position: Vec<(Origin, usize)> = Vec::new();
     for item in items {
         // Numbered from 1 where it was written, as the other lists' unnamed items are.
-        let n = match position.iter_mut().find(|(o, _)| *o == item.origin) {
-            Some((_, n)) => {
-                *n += 1;
-                *n
-            }
-            None => {
-                position.push((item.origin.clone(), 1));
-                1
-            }
-        };
+        let n = number_in(&mut position, &item.origin);
         let name = match item.value.get("tenant") {
             None => format!("#{n} (default)"),
             Some(Value::String(t)) if auditbridge_event::validate_tenant(t).is_ok() => {
