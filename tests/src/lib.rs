@@ -380,3 +380,26 @@ pub(crate) fn log_path(name: &str) -> PathBuf {
     let _ = std::fs::create_dir_all(&dir);
     dir.join(format!("{name}.log"))
 }
+
+/// A scratch directory of a test's own under the system's temporary directory, removed when
+/// dropped (also when the test fails).
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    /// Creates `<tmp>/<label>-<random>`.
+    pub fn new(label: &str) -> anyhow::Result<TempDir> {
+        let path = std::env::temp_dir().join(format!("{label}-{}", Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&path)?;
+        Ok(TempDir(path))
+    }
+
+    pub fn path(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}

@@ -87,7 +87,7 @@ pub(crate) enum RetentionCommand {
 }
 
 /// The operating-system user, for `--by`'s default.
-fn os_user() -> String {
+pub(crate) fn os_user() -> String {
     for var in ["USER", "LOGNAME"] {
         if let Ok(u) = std::env::var(var)
             && !u.is_empty()
@@ -106,7 +106,7 @@ fn os_user() -> String {
 }
 
 /// A name for `--by` or a reason: printable, not empty, at most `max` characters.
-fn text_arg(what: &str, value: &str, max: usize) -> anyhow::Result<String> {
+pub(crate) fn text_arg(what: &str, value: &str, max: usize) -> anyhow::Result<String> {
     let value = value.trim();
     anyhow::ensure!(!value.is_empty(), "{what} is empty");
     anyhow::ensure!(

@@ -104,7 +104,9 @@ pub(crate) async fn run(args: Args, config: &Config) -> anyhow::Result<ExitCode>
                     json!({
                         "kind": d.kind,
                         "count": d.count,
-                        "newest": d.newest.format(&Rfc3339).ok(),
+                        "replayed": d.replayed,
+                        "failed_again": d.failed_again,
+                        "newest": d.newest.and_then(|t| t.format(&Rfc3339).ok()),
                         "latest_reason": d.latest_reason,
                     })
                 })
@@ -328,14 +330,25 @@ fn print_text(doc: &serde_json::Value) {
     }
     match doc["dead_letters"].as_array() {
         Some(list) if !list.is_empty() => {
-            println!("dead letters (not replayed):");
+            println!("dead letters by kind (open: still to replay):");
             for l in list {
+                let example = match l["latest_reason"].as_str() {
+                    Some(reason) => format!(
+                        "  newest {}  e.g. {}",
+                        l["newest"].as_str().unwrap_or("-"),
+                        crate::dead_letters::safe(reason)
+                            .chars()
+                            .take(160)
+                            .collect::<String>()
+                    ),
+                    None => String::new(),
+                };
                 println!(
-                    "  {:<18} {:>8}  newest {}  e.g. {}",
-                    l["kind"].as_str().unwrap_or(""),
+                    "  {:<18} {:>8} open {:>8} replayed {:>6} failed again{example}",
+                    crate::dead_letters::safe(l["kind"].as_str().unwrap_or("")),
                     l["count"],
-                    l["newest"].as_str().unwrap_or("-"),
-                    l["latest_reason"].as_str().unwrap_or("")
+                    l["replayed"],
+                    l["failed_again"],
                 );
             }
         }

@@ -119,8 +119,17 @@ GRANT EXECUTE ON FUNCTION auditbridge_expiry_begin(text),
 -- dead_letters: INSERT of what ingest refuses; SELECT because `ON CONFLICT` reads its
 -- arbiter columns. No UPDATE or DELETE: a writer cannot make a dead letter disappear.
 GRANT SELECT ON dead_letters TO auditbridge_writer;
-GRANT INSERT (stream, stream_seq, stream_stored_at, subject, payload, kind, reason)
+GRANT INSERT (stream, stream_seq, stream_stored_at, subject, payload, kind, reason, replay_of)
     ON dead_letters TO auditbridge_writer;
+-- Dead-letter replay (0011): `auditbridge dead-letters replay` runs as the writer and records
+-- each replay (the nonce, the payload's hash, who) and where JetStream stored it; the worker
+-- records its verdict. The columns of the request are never updated, so the link a replay
+-- makes cannot be moved to another dead letter or payload afterwards. No DELETE.
+GRANT SELECT ON dead_letter_replays TO auditbridge_writer;
+GRANT INSERT (dead_letter_id, nonce, corrected, payload_sha256, requested_by)
+    ON dead_letter_replays TO auditbridge_writer;
+GRANT UPDATE (stream, stream_seq, published_at, result, event_id, new_dead_letter_id, decided_at)
+    ON dead_letter_replays TO auditbridge_writer;
 -- destinations: the relays' coordination state (created on first start, cursors, leases,
 -- counters, last error). Whole rows, since every column but the name is the relay's to keep.
 -- No DELETE: removing a destination's progress is an operator's decision.
@@ -140,7 +149,7 @@ GRANT SELECT, INSERT ON log_leaves, log_nodes, log_checkpoints TO auditbridge_wr
 GRANT SELECT ON audit_events, dead_letters, destinations, destination_dead_letters,
     outbox_generations, log_leaves, log_nodes, log_checkpoints, _sqlx_migrations,
     audit_event_ids, retention_settings, retention_policies, audit_partitions,
-    legal_holds, retention_receipts, retention_pending
+    legal_holds, retention_receipts, retention_pending, dead_letter_replays
     TO auditbridge_reader;
 GRANT EXECUTE ON FUNCTION auditbridge_keep_s(text), auditbridge_generation_of(bigint)
     TO auditbridge_reader;

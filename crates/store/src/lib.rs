@@ -37,7 +37,7 @@ pub use error::StoreError;
 pub use outbox::{Backlog, DestinationState, Position, StartAt};
 pub use persist::{
     CONFLICT, COPY_COLUMNS, DB_REJECTED, DeadLetter, Incoming, Ingested, NewEvent, Origin,
-    PersistOutcome, encode_copy_row,
+    PersistOutcome, Replay, encode_copy_row,
 };
 pub use query::{Condition, EventFilter, Order, PageQuery, StatsRow, TailScan};
 pub use retention::{Partition, RetentionPolicy};

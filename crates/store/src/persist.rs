@@ -32,6 +32,18 @@ pub struct Origin<'a> {
     /// and created again (migration 0004); a redelivery carries the same timestamp.
     pub stored_at: OffsetDateTime,
     pub subject: &'a str,
+    /// The message is a replay of a dead letter (`auditbridge dead-letters replay`): the
+    /// `Auditbridge-Replay` nonce and the SHA-256 of the payload as it arrived. The verdict on
+    /// it is recorded in `dead_letter_replays` (migration 0011) in the batch's transaction, if
+    /// and only if a replay with this nonce and payload hash is waiting for one there.
+    pub replay: Option<Replay>,
+}
+
+/// What identifies a replayed message to the replay that published it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Replay {
+    pub nonce: Uuid,
+    pub payload_sha256: [u8; 32],
 }
 
 /// One refused message, kept with its reason (guarantee 5).
@@ -167,11 +179,30 @@ const COMPARE_STORED: &str = "WITH u AS ( \
                  WHERE stored -> k IS DISTINCT FROM sent -> k ORDER BY k) AS differs \
     FROM c";
 
+/// A dead letter of a replayed message names the dead letter it was replayed from, found by
+/// the replay's nonce and payload hash (never taken from the message).
 const INSERT_DEAD_LETTERS: &str = "INSERT INTO dead_letters \
-    (stream, stream_seq, stream_stored_at, subject, payload, kind, reason) \
-    SELECT * FROM UNNEST($1::text[], $2::int8[], $3::timestamptz[], $4::text[], $5::bytea[], \
-                         $6::text[], $7::text[]) \
+    (stream, stream_seq, stream_stored_at, subject, payload, kind, reason, replay_of) \
+    SELECT u.stream, u.seq, u.stored_at, u.subject, u.payload, u.kind, u.reason, \
+           (SELECT p.dead_letter_id FROM dead_letter_replays p \
+            WHERE p.nonce = u.nonce AND p.payload_sha256 = u.sha) \
+    FROM UNNEST($1::text[], $2::int8[], $3::timestamptz[], $4::text[], $5::bytea[], \
+                $6::text[], $7::text[], $8::uuid[], $9::bytea[]) \
+         AS u(stream, seq, stored_at, subject, payload, kind, reason, nonce, sha) \
     ON CONFLICT (stream, stream_seq, stream_stored_at) DO NOTHING";
+
+/// Records the worker's verdict on replayed messages: only on a replay waiting for one, with
+/// the nonce and the payload hash the message arrived with. A verdict is never changed (a
+/// redelivery of a stored replay is a duplicate, but the replay stored it).
+const RECORD_REPLAYS: &str = "UPDATE dead_letter_replays p \
+    SET result = r.result, event_id = r.event_id, decided_at = now(), \
+        new_dead_letter_id = CASE WHEN r.result = 'dead_letter' THEN \
+            (SELECT d.id FROM dead_letters d \
+             WHERE d.stream = r.stream AND d.stream_seq = r.seq \
+               AND d.stream_stored_at = r.stored_at) END \
+    FROM UNNEST($1::uuid[], $2::bytea[], $3::text[], $4::uuid[], $5::text[], $6::int8[], \
+                $7::timestamptz[]) AS r(nonce, sha, result, event_id, stream, seq, stored_at) \
+    WHERE p.nonce = r.nonce AND p.payload_sha256 = r.sha AND p.decided_at IS NULL";
 
 /// The longest reason written for `conflict` and `db_rejected` (the database's message can
 /// quote a whole value).
@@ -439,6 +470,14 @@ async fn insert_dead_letter_chunk(
     let payloads: Vec<&[u8]> = dead_letters.iter().map(|d| d.payload).collect();
     let kinds: Vec<&str> = dead_letters.iter().map(|d| d.kind).collect();
     let reasons: Vec<String> = dead_letters.iter().map(|d| clean(d.reason)).collect();
+    let nonces: Vec<Option<Uuid>> = dead_letters
+        .iter()
+        .map(|d| d.origin.replay.map(|r| r.nonce))
+        .collect();
+    let hashes: Vec<Option<&[u8]>> = dead_letters
+        .iter()
+        .map(|d| d.origin.replay.as_ref().map(|r| &r.payload_sha256[..]))
+        .collect();
     let done = sqlx::query(INSERT_DEAD_LETTERS)
         .bind(&streams)
         .bind(&seqs)
@@ -447,6 +486,8 @@ async fn insert_dead_letter_chunk(
         .bind(&payloads)
         .bind(&kinds)
         .bind(&reasons)
+        .bind(&nonces)
+        .bind(&hashes)
         .execute(&mut *conn)
         .await?;
     Ok(done.rows_affected())
@@ -590,9 +631,93 @@ impl Store {
                 .await
                 .map_err(dead_letters_failed)?;
         }
+        let replays = verdicts(events, refused, &out, &legacy, &existing);
+        if !replays.is_empty() {
+            record_replays(&mut tx, &replays).await?;
+        }
         self.commit_batch(tx, out.inserted).await?;
         Ok(out)
     }
+}
+
+/// The worker's verdict on one replayed message ([`RECORD_REPLAYS`]).
+struct Verdict<'a> {
+    origin: Origin<'a>,
+    replay: Replay,
+    result: &'static str,
+    event_id: Option<Uuid>,
+}
+
+/// The verdicts on the replayed messages of a batch: each refused one is a new dead letter; an
+/// event is a dead letter if it became one, a duplicate if its id was stored already (or its
+/// legacy id), and stored otherwise.
+fn verdicts<'a>(
+    events: &[Incoming<'a>],
+    refused: &[DeadLetter<'a>],
+    out: &Ingested,
+    legacy: &HashSet<usize>,
+    existing: &[usize],
+) -> Vec<Verdict<'a>> {
+    let mut verdicts = Vec::new();
+    for (i, e) in events.iter().enumerate() {
+        let Some(replay) = e.origin.replay else {
+            continue;
+        };
+        let result = if out.dead.iter().any(|(d, _, _)| *d == i) {
+            "dead_letter"
+        } else if legacy.contains(&i) || existing.contains(&i) {
+            "duplicate"
+        } else {
+            "stored"
+        };
+        verdicts.push(Verdict {
+            origin: e.origin,
+            replay,
+            result,
+            event_id: Some(e.event.event.id),
+        });
+    }
+    for d in refused {
+        if let Some(replay) = d.origin.replay {
+            verdicts.push(Verdict {
+                origin: d.origin,
+                replay,
+                result: "dead_letter",
+                event_id: None,
+            });
+        }
+    }
+    verdicts
+}
+
+async fn record_replays(
+    conn: &mut sqlx::PgConnection,
+    verdicts: &[Verdict<'_>],
+) -> Result<(), sqlx::Error> {
+    let nonces: Vec<Uuid> = verdicts.iter().map(|v| v.replay.nonce).collect();
+    let hashes: Vec<&[u8]> = verdicts
+        .iter()
+        .map(|v| &v.replay.payload_sha256[..])
+        .collect();
+    let results: Vec<&str> = verdicts.iter().map(|v| v.result).collect();
+    let ids: Vec<Option<Uuid>> = verdicts.iter().map(|v| v.event_id).collect();
+    let streams: Vec<&str> = verdicts.iter().map(|v| v.origin.stream).collect();
+    let seqs: Vec<i64> = verdicts
+        .iter()
+        .map(|v| i64::try_from(v.origin.stream_seq).unwrap_or(i64::MAX))
+        .collect();
+    let stored: Vec<OffsetDateTime> = verdicts.iter().map(|v| v.origin.stored_at).collect();
+    sqlx::query(RECORD_REPLAYS)
+        .bind(&nonces)
+        .bind(&hashes)
+        .bind(&results)
+        .bind(&ids)
+        .bind(&streams)
+        .bind(&seqs)
+        .bind(&stored)
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
 }
 
 /// Which events carry a legacy id under which the same event is stored: a re-delivery of an

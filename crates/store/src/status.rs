@@ -4,14 +4,18 @@ use time::OffsetDateTime;
 
 use crate::{Store, StoreError};
 
-/// Dead letters of one kind that have not been replayed.
+/// Dead letters of one kind: those still to replay (`open` or `pending`), those replayed,
+/// and those whose replay failed again (the new dead letter counts among the open ones).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeadLetterCount {
     pub kind: String,
+    /// Still to replay.
     pub count: i64,
-    pub newest: OffsetDateTime,
-    /// The reason given for the newest one, as an example.
-    pub latest_reason: String,
+    pub replayed: i64,
+    pub failed_again: i64,
+    /// The newest one still to replay, and its reason, as an example.
+    pub newest: Option<OffsetDateTime>,
+    pub latest_reason: Option<String>,
 }
 
 /// What is stored.
@@ -32,10 +36,27 @@ impl Store {
         )
         .fetch_optional(&self.pool)
         .await?;
-        let rows: Vec<(String, i64, OffsetDateTime, String)> = sqlx::query_as(
-            "SELECT kind, count(*), max(received_at), (array_agg(reason ORDER BY id DESC))[1] \
-             FROM dead_letters WHERE replayed_at IS NULL GROUP BY kind ORDER BY kind",
-        )
+        #[allow(clippy::type_complexity)]
+        let rows: Vec<(
+            String,
+            i64,
+            i64,
+            i64,
+            Option<OffsetDateTime>,
+            Option<String>,
+        )> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "WITH s AS (SELECT d.id, d.kind, d.received_at, d.reason, \
+                                   {} AS state FROM dead_letters d) \
+                 SELECT kind, \
+                        count(*) FILTER (WHERE state IN ('open', 'pending')), \
+                        count(*) FILTER (WHERE state = 'replayed'), \
+                        count(*) FILTER (WHERE state = 'failed_again'), \
+                        max(received_at) FILTER (WHERE state IN ('open', 'pending')), \
+                        (array_agg(reason ORDER BY id DESC) \
+                             FILTER (WHERE state IN ('open', 'pending')))[1] \
+                 FROM s GROUP BY kind ORDER BY kind",
+            crate::dead_letters::STATE_SQL
+        )))
         .fetch_all(&self.pool)
         .await?;
         Ok(Status {
@@ -43,12 +64,18 @@ impl Store {
             newest_received_at,
             dead_letters: rows
                 .into_iter()
-                .map(|(kind, count, newest, latest_reason)| DeadLetterCount {
-                    kind,
-                    count,
-                    newest,
-                    latest_reason,
-                })
+                .map(
+                    |(kind, count, replayed, failed_again, newest, latest_reason)| {
+                        DeadLetterCount {
+                            kind,
+                            count,
+                            replayed,
+                            failed_again,
+                            newest,
+                            latest_reason,
+                        }
+                    },
+                )
                 .collect(),
         })
     }

@@ -14,7 +14,10 @@ use async_nats::jetstream::consumer::pull::MessagesErrorKind;
 use async_nats::jetstream::{AckKind, Message};
 use auditbridge_config::IngestConfig;
 use auditbridge_event::{Event, Invalid};
-use auditbridge_store::{CONFLICT, DeadLetter, Incoming, Ingested, NewEvent, Origin, StoreError};
+use auditbridge_store::dead_letters::REPLAY_HEADER;
+use auditbridge_store::{
+    CONFLICT, DeadLetter, Incoming, Ingested, NewEvent, Origin, Replay, StoreError,
+};
 use futures::stream::FuturesUnordered;
 use metrics::{counter, histogram};
 use time::OffsetDateTime;
@@ -346,8 +349,22 @@ impl Ingest {
             stream_seq,
             stored_at,
             subject: msg.subject.as_str(),
+            replay: replay(msg),
         }
     }
+}
+
+/// A message published by `auditbridge dead-letters replay`: its nonce and the hash of its
+/// payload, which the store matches with the replay waiting for a verdict. A header that names
+/// no waiting replay (any producer can set one) links nothing.
+fn replay(msg: &Message) -> Option<Replay> {
+    use sha2::Digest as _;
+    let nonce = header(msg, REPLAY_HEADER)?;
+    let nonce = auditbridge_event::Uuid::parse_str(nonce.trim()).ok()?;
+    Some(Replay {
+        nonce,
+        payload_sha256: sha2::Sha256::digest(&msg.payload).into(),
+    })
 }
 
 /// A batch split by validation: the events to store, each with the message it came from

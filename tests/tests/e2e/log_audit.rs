@@ -5,12 +5,12 @@
 //! tenant, the index and the event, and the untouched tenant stays clean. A bundle is also
 //! checked by an independent verifier written in Python with hashlib and `cryptography`.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Output;
 use std::time::Duration;
 
 use anyhow::ensure;
-use auditbridge_tests::TestEnv;
+use auditbridge_tests::{TempDir, TestEnv};
 
 use super::log::{check_checkpoints, check_logs, key_file};
 
@@ -24,15 +24,6 @@ fn text(out: &Output) -> String {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     )
-}
-
-/// A scratch directory of the test's own, removed when dropped.
-struct Dir(PathBuf);
-
-impl Drop for Dir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 async fn run(env: &TestEnv, args: &[&str], key_file: &str) -> anyhow::Result<Output> {
@@ -92,8 +83,7 @@ async fn tampering_by_a_superuser_is_found_by_audit_and_by_verify() -> anyhow::R
     let (key, path) = key_file(&env)?;
     let key_path = path.to_string_lossy().into_owned();
     let vk = key.verifier().to_string();
-    let scratch = Dir(std::env::temp_dir().join(format!("ab-bundles-{}", env.tag)));
-    std::fs::create_dir_all(&scratch.0)?;
+    let scratch = TempDir::new("ab-bundles")?;
     let mut worker = env
         .spawn_worker(
             "w",
@@ -139,7 +129,7 @@ async fn tampering_by_a_superuser_is_found_by_audit_and_by_verify() -> anyhow::R
     // Untampered: audit is clean, a bundle verifies with our verifier and the independent one.
     let out = run(&env, &["log", "audit"], &key_path).await?;
     ensure!(out.status.code() == Some(0), "{}", text(&out));
-    let bundle = scratch.0.join("clean-before");
+    let bundle = scratch.path().join("clean-before");
     export(&env, clean, &bundle, &key_path).await?;
     let out = verify(&bundle, &vk).await?;
     ensure!(out.status.code() == Some(0), "{}", text(&out));
@@ -158,7 +148,7 @@ async fn tampering_by_a_superuser_is_found_by_audit_and_by_verify() -> anyhow::R
     let out = python_verify(&bundle, &stranger).await?;
     ensure!(out.status.code() == Some(1), "{}", text(&out));
     // The cut tenant's newest checkpoint, kept outside the database.
-    let kept = scratch.0.join("kept-checkpoint");
+    let kept = scratch.path().join("kept-checkpoint");
     let note: String = sqlx::query_scalar(
         "SELECT note FROM log_checkpoints WHERE tenant = $1 AND signed ORDER BY id DESC LIMIT 1",
     )
@@ -333,7 +323,7 @@ async fn tampering_by_a_superuser_is_found_by_audit_and_by_verify() -> anyhow::R
         (deleted, "index 2: the event is gone".to_owned()),
         (swapped, "the log was reordered".to_owned()),
     ] {
-        let bundle = scratch.0.join(tenant);
+        let bundle = scratch.path().join(tenant);
         export(&env, tenant, &bundle, &key_path).await?;
         let out = verify(&bundle, &vk).await?;
         let t = text(&out);
@@ -350,13 +340,13 @@ async fn tampering_by_a_superuser_is_found_by_audit_and_by_verify() -> anyhow::R
             text(&out)
         );
     }
-    let bundle = scratch.0.join("clean-after");
+    let bundle = scratch.path().join("clean-after");
     export(&env, clean, &bundle, &key_path).await?;
     let out = verify(&bundle, &vk).await?;
     ensure!(out.status.code() == Some(0), "{}", text(&out));
 
     // Unreadable input exits 3; a malformed key 2.
-    let out = verify(&scratch.0.join("no-such-bundle"), &vk).await?;
+    let out = verify(&scratch.path().join("no-such-bundle"), &vk).await?;
     ensure!(out.status.code() == Some(3), "{}", text(&out));
     let out = verify(&bundle, "not-a-key").await?;
     ensure!(out.status.code() == Some(2), "{}", text(&out));

@@ -151,8 +151,15 @@ fn bypasses(role: &str) -> Vec<Bypass> {
         // Hiding what ingest refused, or the relays' progress.
         bypass("UPDATE dead_letters SET reason = 'nothing to see'"),
         bypass("DELETE FROM dead_letters"),
-        bypass("TRUNCATE dead_letters"),
-        bypass("DROP TABLE dead_letters"),
+        bypass("TRUNCATE dead_letters CASCADE"),
+        bypass("DROP TABLE dead_letters CASCADE"),
+        // Replays (0011): moving a replay's link to another dead letter or payload, or
+        // removing the record of one.
+        bypass("UPDATE dead_letters SET replay_of = id"),
+        bypass("UPDATE dead_letter_replays SET dead_letter_id = 1"),
+        bypass("UPDATE dead_letter_replays SET payload_sha256 = sha256('x'::bytea)"),
+        bypass("UPDATE dead_letter_replays SET nonce = gen_random_uuid()"),
+        bypass("DELETE FROM dead_letter_replays"),
         bypass("DELETE FROM destinations"),
         bypass("TRUNCATE destinations"),
         bypass("DELETE FROM _sqlx_migrations"),
@@ -287,6 +294,7 @@ async fn every_bypass_of_immutability_is_refused_for_the_writer_and_the_reader()
             stream_seq: 1,
             stored_at: time::OffsetDateTime::UNIX_EPOCH,
             subject: "audit.acme.x",
+            replay: None,
         },
         payload: b"not json",
         kind: "not_json",
@@ -483,23 +491,24 @@ async fn the_grants_are_exactly_the_listed_ones_and_migrate_restores_them() -> a
     );
     // Column INSERT grants of the writer: the columns a batch carries, nothing the database
     // fills.
-    let columns = |table: &'static str| {
+    let columns_of = |table: &'static str, privilege: &'static str| {
         let pool = env.pool.clone();
         async move {
             let rows: Vec<String> = sqlx::query_scalar(
                 "SELECT column_name::text FROM information_schema.column_privileges \
-                 WHERE grantee = $1 AND table_name = $2 AND privilege_type = 'INSERT' \
+                 WHERE grantee = $1 AND table_name = $2 AND privilege_type = $3 \
                  ORDER BY 1",
             )
             .bind(WRITER)
             .bind(table)
+            .bind(privilege)
             .fetch_all(&pool)
             .await?;
             anyhow::Ok(rows)
         }
     };
     assert_eq!(
-        columns("audit_events").await?,
+        columns_of("audit_events", "INSERT").await?,
         [
             "action",
             "actor_id",
@@ -514,15 +523,40 @@ async fn the_grants_are_exactly_the_listed_ones_and_migrate_restores_them() -> a
         ]
     );
     assert_eq!(
-        columns("dead_letters").await?,
+        columns_of("dead_letters", "INSERT").await?,
         [
             "kind",
             "payload",
             "reason",
+            "replay_of",
             "stream",
             "stream_seq",
             "stream_stored_at",
             "subject"
+        ]
+    );
+    // A replay's request is written once; only where it was published and the verdict are
+    // updated.
+    assert_eq!(
+        columns_of("dead_letter_replays", "INSERT").await?,
+        [
+            "corrected",
+            "dead_letter_id",
+            "nonce",
+            "payload_sha256",
+            "requested_by"
+        ]
+    );
+    assert_eq!(
+        columns_of("dead_letter_replays", "UPDATE").await?,
+        [
+            "decided_at",
+            "event_id",
+            "new_dead_letter_id",
+            "published_at",
+            "result",
+            "stream",
+            "stream_seq"
         ]
     );
 

@@ -333,6 +333,7 @@ async fn persist_deduplicates_events_and_dead_letters() -> anyhow::Result<()> {
         stream_seq: 7,
         stored_at,
         subject: "x.acme.user.login",
+        replay: None,
     };
     let letter = DeadLetter {
         origin,
@@ -430,6 +431,7 @@ async fn a_statement_timeout_holds_the_batch_and_makes_no_dead_letter() -> anyho
         stream_seq: 1,
         stored_at: OffsetDateTime::now_utc(),
         subject: "x",
+        replay: None,
     };
     let incoming: Vec<Incoming<'_>> = batch(&items)
         .into_iter()
