@@ -3,6 +3,7 @@
 //! message.
 
 mod dead_letters;
+mod destinations;
 mod log;
 mod publish;
 mod retention;
@@ -50,9 +51,9 @@ enum Command {
     Bench(auditbridge_bench::Args),
     /// Follow JSONL files (the `file` sources of the configuration) and publish their lines.
     TailFile(tail_file::Args),
-    /// Manage destinations' progress.
+    /// Destinations: rewind one, list and redeliver the events it could not take.
     #[command(subcommand)]
-    Destinations(DestinationsCommand),
+    Destinations(destinations::DestinationsCommand),
     /// Serve the query API (search, pages, live tail, stats, a small page) on
     /// AUDITBRIDGE_API_ADDR.
     Serve,
@@ -102,19 +103,6 @@ enum TokenCommand {
         /// Comma-separated scopes: read, ingest.
         #[arg(long, default_value = "read", value_delimiter = ',')]
         scopes: Vec<String>,
-    },
-}
-
-#[derive(Debug, Subcommand)]
-enum DestinationsCommand {
-    /// Replay a destination from a point in time: its cursor moves to just before the first
-    /// event stored at or after --to, and the relay delivers from there again.
-    Rewind {
-        /// The destination's name.
-        name: String,
-        /// An RFC 3339 timestamp, e.g. 2026-11-22T10:00:00Z.
-        #[arg(long, value_parser = parse_timestamp)]
-        to: time::OffsetDateTime,
     },
 }
 
@@ -294,40 +282,7 @@ async fn run(command: Command, config: Config) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Destinations(DestinationsCommand::Rewind { name, to }) => {
-            if name == auditbridge_store::log::LOG_CURSOR {
-                eprintln!(
-                    "error: {name:?} is the verifiable log's sequencer, not a destination: a log is \
-                     appended once and never rewound"
-                );
-                return Ok(ExitCode::from(2));
-            }
-            if name.starts_with('_') {
-                eprintln!(
-                    "error: {name:?} is a checkpoint cursor, not a destination (rewind the \
-                     destination by its own name)"
-                );
-                return Ok(ExitCode::from(2));
-            }
-            let store = auditbridge_store::Store::connect_lazy(config.database_url.expose(), 2)?;
-            let moved = store.rewind(&name, to).await?;
-            store.close().await;
-            match moved {
-                Some(cursor) => {
-                    println!(
-                        "destination {name} rewound to {to}: cursor ({}, {}, {}); its relay restarts from there within one lease renewal",
-                        cursor.generation, cursor.tx_id, cursor.seq
-                    );
-                    Ok(ExitCode::SUCCESS)
-                }
-                None => {
-                    eprintln!(
-                        "error: no destination named {name:?} (it is created when a worker first starts with it configured)"
-                    );
-                    Ok(ExitCode::FAILURE)
-                }
-            }
-        }
+        Command::Destinations(command) => destinations::run(command, &config).await,
     }
 }
 

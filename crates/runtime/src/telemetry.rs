@@ -276,6 +276,8 @@ pub const DEST_FAILURES: &str = "auditbridge_destination_failures_total";
 pub const DEST_SKIPPED: &str = "auditbridge_destination_skipped_total";
 /// Label `reason` too: routing_key | returned | status_4xx | status_3xx | ...
 pub const DEST_DEAD_LETTERED: &str = "auditbridge_destination_dead_lettered_total";
+/// Label `outcome` too: delivered | refused.
+pub const DEST_REDELIVERED: &str = "auditbridge_destination_redeliveries_total";
 pub const DEST_BACKLOG_EVENTS: &str = "auditbridge_destination_backlog_events";
 pub const DEST_BACKLOG_SECONDS: &str = "auditbridge_destination_backlog_age_seconds";
 pub const DEST_UP: &str = "auditbridge_destination_up";
@@ -437,6 +439,11 @@ fn describe_destinations() {
         DEST_DEAD_LETTERED,
         Unit::Count,
         "Events the destination cannot take, kept in destination_dead_letters (on_undeliverable = dead_letter), by reason."
+    );
+    describe_counter!(
+        DEST_REDELIVERED,
+        Unit::Count,
+        "Dead letters of the destination offered again (destinations redeliver), by outcome."
     );
     describe_gauge!(
         DEST_BACKLOG_EVENTS,

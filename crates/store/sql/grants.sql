@@ -138,6 +138,11 @@ GRANT SELECT, INSERT, UPDATE ON destinations TO auditbridge_writer;
 GRANT SELECT ON _sqlx_migrations TO auditbridge_writer;
 -- Per-destination dead letters (0005): the relay records an event a destination cannot take.
 GRANT SELECT, INSERT ON destination_dead_letters TO auditbridge_writer;
+-- Re-delivery (0012): `destinations redeliver` (as the writer) asks; the relay records what
+-- happened. Which event, where it was and why it was first refused are never updated.
+GRANT UPDATE (redeliver_requested_at, redeliver_requested_by, redelivered_at, attempts,
+              last_attempt_at, last_reason)
+    ON destination_dead_letters TO auditbridge_writer;
 -- Outbox generations (0006): read by relays and the start-up check; only the owner writes
 -- them (`auditbridge outbox rebase`).
 GRANT SELECT ON outbox_generations TO auditbridge_writer;

@@ -44,7 +44,9 @@ pub use retention::{Partition, RetentionPolicy};
 pub use roles::SessionRole;
 pub use status::{DeadLetterCount, Status};
 pub use stored::{OutboxEvent, StoredEvent};
-pub use undeliverable::{DestinationDeadLetter, DestinationDeadLetterCount};
+pub use undeliverable::{
+    DestinationDeadLetter, DestinationDeadLetterCount, Redelivery, StoredDestinationDeadLetter,
+};
 
 use std::str::FromStr;
 use std::time::Duration;

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use auditbridge_destinations::{
     Delivered, DeliveryError, DestinationConfig, OnUndeliverable, Sink, Start, StoredEvent,
 };
-use auditbridge_store::{DestinationDeadLetter, OutboxEvent, Position, StartAt, Store};
+use auditbridge_store::{DestinationDeadLetter, OutboxEvent, Position, Redelivery, StartAt, Store};
 use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
 use metrics::{counter, gauge, histogram};
 use time::OffsetDateTime;
@@ -42,6 +42,10 @@ pub(crate) struct RelayContext {
 /// How long a caught-up relay waits for a notification before polling anyway (a commit can
 /// become readable without one, when an older transaction elsewhere held the horizon).
 const POLL: Duration = Duration::from_millis(500);
+/// How often a relay looks for re-deliveries of its dead letters that an operator asked for.
+const REDELIVERY_CHECK: Duration = Duration::from_secs(2);
+/// Re-deliveries offered per check.
+const REDELIVERIES_PER_CHECK: i64 = 100;
 
 /// Registers the destination (keeping its progress if it exists), then competes for its
 /// lease and relays while holding it, until shutdown.
@@ -154,6 +158,7 @@ async fn relay_while_held(
         sink,
         backoff: backoff(config),
         suspects: Suspects::new(cursor),
+        redeliveries_due: tokio::time::Instant::now(),
     };
     relay.run().await;
     reporter.abort();
@@ -179,6 +184,8 @@ struct Relay<'a> {
     sink: &'a mut Sink,
     backoff: ExponentialBackoff,
     suspects: Suspects,
+    /// When to look for re-deliveries asked for ([`Relay::redeliver`]).
+    redeliveries_due: tokio::time::Instant,
 }
 
 /// Isolating an event a destination refuses, without blaming events for a destination that
@@ -348,6 +355,12 @@ impl Relay<'_> {
         let mut ahead: Option<(Position, ReadAhead)> = None;
         while !self.held.is_cancelled() {
             wake.borrow_and_update();
+            if tokio::time::Instant::now() >= self.redeliveries_due {
+                self.redeliveries_due = tokio::time::Instant::now() + REDELIVERY_CHECK;
+                if !self.redeliver().await {
+                    return;
+                }
+            }
             let from = self.suspects.frontier.clone();
             let read = match ahead.take() {
                 // Used only if the current batch was relayed to its end (the usual case);
@@ -847,6 +860,67 @@ impl Relay<'_> {
         s.taken += n;
         s.allowance = FIRST_PROBES;
         s.new = 0;
+    }
+
+    /// Offers again, each alone, the dead letters an operator asked to redeliver
+    /// (`auditbridge destinations redeliver`), and records what each came to. They go out of
+    /// the outbox order, beside it: the cursor does not move. A delivery that fails (the
+    /// destination is down) leaves the request for the next check. False if the relay must
+    /// stop.
+    async fn redeliver(&mut self) -> bool {
+        let name = self.name().to_owned();
+        let requests = match self
+            .ctx
+            .store
+            .redelivery_requests(&name, REDELIVERIES_PER_CHECK)
+            .await
+        {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::debug!(error = %e, message = "Cannot read the re-deliveries asked for; trying again later.");
+                return true;
+            }
+        };
+        for (id, requested_at) in requests {
+            let event = match self.ctx.store.event(id, None).await {
+                Ok(e) => e,
+                Err(e) => {
+                    tracing::debug!(error = %e, message = "Cannot read an event to redeliver; trying again later.");
+                    return true;
+                }
+            };
+            let outcome = match event {
+                None => Redelivery::Refused(
+                    "the event can no longer be read: it has expired under its tenant's retention policy".into(),
+                ),
+                Some(event) => match self.offer_alone(&event).await {
+                    Answer::Taken => Redelivery::Delivered,
+                    Answer::Refused(e) => Redelivery::Refused(e.to_string()),
+                    Answer::Failed(e) => {
+                        tracing::warn!(event = %id, error = %e, message = "A re-delivery failed; it is tried again at the next check.");
+                        return true;
+                    }
+                },
+            };
+            let label = match outcome {
+                Redelivery::Delivered => "delivered",
+                Redelivery::Refused(_) => "refused",
+            };
+            counter!(DEST_REDELIVERED, "destination" => name.clone(), "outcome" => label)
+                .increment(1);
+            tracing::info!(event = %id, outcome = label, message = "Offered a dead letter of the destination again.");
+            let (store, holder) = (self.ctx.store.clone(), self.ctx.holder.clone());
+            let recorded = self
+                .write_under_lease(
+                    "Cannot record a re-delivery; giving the lease up (it will be offered again).",
+                    || store.settle_redelivery(&name, &holder, id, requested_at, &outcome),
+                )
+                .await;
+            if !recorded {
+                return false;
+            }
+        }
+        true
     }
 
     /// Records dead letters for this destination, retrying while the lease may still be ours

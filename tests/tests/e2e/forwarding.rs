@@ -1033,3 +1033,116 @@ async fn a_destination_setting_its_sink_cannot_use_stops_the_worker_at_start_nam
     }
     Ok(())
 }
+
+/// `auditbridge destinations …` with the destinations configured, and its exit code and output.
+async fn destinations_cli(
+    env: &TestEnv,
+    dest: &str,
+    args: &[&str],
+) -> anyhow::Result<(Option<i32>, String)> {
+    let mut all = vec!["destinations"];
+    all.extend_from_slice(args);
+    let out = env
+        .command(&all, &[("AUDITBRIDGE_DESTINATIONS", dest)])
+        .output()
+        .await?;
+    Ok((
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+    ))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_destinations_dead_letters_are_listed_and_redelivered_once_it_takes_them()
+-> anyhow::Result<()> {
+    let mut env = TestEnv::new().await?;
+    env.ensure_stream().await?;
+    let rx = Receiver::start().await?;
+    let events = env.events(20);
+    let (first, second) = (events[3].id, events[7].id);
+    rx.refuse_ids([first, second]);
+    let dest = json!([{"name": "siem", "type": "http", "params": {
+        "url": rx.url("/in"), "start": "earliest", "retry_min": "50ms", "retry_max": "300ms"}}])
+    .to_string();
+    let _worker = env
+        .spawn_worker("w", &[("AUDITBRIDGE_DESTINATIONS", &dest)])
+        .await?;
+    env.publish(&events).await?;
+    let all = ids(&events);
+    let taken: HashSet<Uuid> = all
+        .iter()
+        .copied()
+        .filter(|id| *id != first && *id != second)
+        .collect();
+    until("every event but the two refused", T, || {
+        rx.delivered() == taken
+    })
+    .await?;
+    until_status(&env, &dest, "two dead letters", T, |s| {
+        destination(s, "siem")["dead_letters"]["count"] == 2
+    })
+    .await?;
+
+    let (code, out) = destinations_cli(&env, &dest, &["dead-letters", "siem", "--json"]).await?;
+    assert_eq!(code, Some(0), "{out}");
+    let list: serde_json::Value = serde_json::from_str(&out)?;
+    let listed: HashSet<Uuid> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|d| d["event_id"].as_str()?.parse().ok())
+        .collect();
+    assert_eq!(listed, HashSet::from([first, second]), "{out}");
+    assert_eq!(list[0]["kind"], "status_4xx", "{out}");
+
+    // Still refused: each is offered again, refused again, and kept with the new answer.
+    let (code, out) =
+        destinations_cli(&env, &dest, &["redeliver", "siem", "--wait", "20s"]).await?;
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("0 delivered, 2 refused again"), "{out}");
+    let (_, out) = destinations_cli(&env, &dest, &["dead-letters", "siem", "--json"]).await?;
+    let list: serde_json::Value = serde_json::from_str(&out)?;
+    assert_eq!(list.as_array().map(Vec::len), Some(2), "{out}");
+    assert!(
+        list.as_array()
+            .unwrap()
+            .iter()
+            .all(|d| d["attempts"] == 1 && d["last_reason"].as_str().is_some()),
+        "{out}"
+    );
+    // An event that is not one of its dead letters.
+    let stranger = events[0].id.to_string();
+    let (code, out) = destinations_cli(&env, &dest, &["redeliver", "siem", &stranger]).await?;
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("not among siem's dead letters"), "{out}");
+
+    // The receiver is fixed: one by id, then the rest.
+    rx.refuse_ids([]);
+    let (code, out) =
+        destinations_cli(&env, &dest, &["redeliver", "siem", &first.to_string()]).await?;
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains(&format!("{first}: delivered")), "{out}");
+    assert!(rx.delivered().contains(&first));
+    assert!(!rx.delivered().contains(&second));
+    let (code, out) = destinations_cli(&env, &dest, &["redeliver", "siem"]).await?;
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("1 delivered, 0 refused again"), "{out}");
+    assert_eq!(rx.delivered(), all);
+    // Nothing left; the record stays.
+    let (code, out) = destinations_cli(&env, &dest, &["redeliver", "siem"]).await?;
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("nothing to redeliver"), "{out}");
+    let (_, out) = destinations_cli(&env, &dest, &["dead-letters", "siem"]).await?;
+    assert!(out.contains("no dead letters"), "{out}");
+    let (_, out) = destinations_cli(&env, &dest, &["dead-letters", "siem", "--all"]).await?;
+    assert_eq!(out.matches("redelivered 20").count(), 2, "{out}");
+    let s = status_json(&env, &dest).await?;
+    assert_eq!(destination(&s, "siem")["dead_letters"]["count"], 0, "{s}");
+    // Names that are not destinations.
+    let (code, out) = destinations_cli(&env, &dest, &["dead-letters", "nope"]).await?;
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("no destination named \"nope\""), "{out}");
+    let (code, out) = destinations_cli(&env, &dest, &["redeliver", "_log"]).await?;
+    assert_eq!(code, Some(2), "{out}");
+    Ok(())
+}

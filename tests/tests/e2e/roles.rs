@@ -160,6 +160,10 @@ fn bypasses(role: &str) -> Vec<Bypass> {
         bypass("UPDATE dead_letter_replays SET payload_sha256 = sha256('x'::bytea)"),
         bypass("UPDATE dead_letter_replays SET nonce = gen_random_uuid()"),
         bypass("DELETE FROM dead_letter_replays"),
+        // Re-delivery (0012): rewriting why or which event a destination refused.
+        bypass("UPDATE destination_dead_letters SET reason = 'fine'"),
+        bypass("UPDATE destination_dead_letters SET event_id = gen_random_uuid()"),
+        bypass("DELETE FROM destination_dead_letters"),
         bypass("DELETE FROM destinations"),
         bypass("TRUNCATE destinations"),
         bypass("DELETE FROM _sqlx_migrations"),
@@ -545,6 +549,17 @@ async fn the_grants_are_exactly_the_listed_ones_and_migrate_restores_them() -> a
             "nonce",
             "payload_sha256",
             "requested_by"
+        ]
+    );
+    assert_eq!(
+        columns_of("destination_dead_letters", "UPDATE").await?,
+        [
+            "attempts",
+            "last_attempt_at",
+            "last_reason",
+            "redeliver_requested_at",
+            "redeliver_requested_by",
+            "redelivered_at"
         ]
     );
     assert_eq!(
