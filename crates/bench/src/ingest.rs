@@ -44,7 +44,11 @@ pub(crate) async fn measure(bench: Bench<'_>) -> anyhow::Result<()> {
     // 1. Raw limit.
     let rows: Vec<NewEvent<'_>> = events
         .iter()
-        .map(|(event, raw)| NewEvent { event, raw })
+        .map(|(event, raw)| NewEvent {
+            event,
+            raw,
+            redaction: None,
+        })
         .collect();
     let raw = scratch.raw_copy(&rows, 10_000).await?;
     let raw_rate = events.len() as f64 / raw.as_secs_f64();

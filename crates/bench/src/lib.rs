@@ -225,7 +225,11 @@ fn latencies(mut seen: Vec<f64>) -> Option<(f64, f64, f64, usize)> {
 async fn persist_synthetic(store: &Store, events: &[(Event, Bytes)]) -> anyhow::Result<()> {
     let rows: Vec<NewEvent<'_>> = events
         .iter()
-        .map(|(event, raw)| NewEvent { event, raw })
+        .map(|(event, raw)| NewEvent {
+            event,
+            raw,
+            redaction: None,
+        })
         .collect();
     store.persist(&rows, &[]).await?;
     Ok(())

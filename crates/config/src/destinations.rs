@@ -34,6 +34,8 @@ pub struct DestinationConfig {
     pub retry_max: Duration,
     /// What the relay does with an event this destination can never take.
     pub on_undeliverable: OnUndeliverable,
+    /// Redaction rules (`params.redact`) applied to each event before the sink sees it.
+    pub redact: auditbridge_event::redact::Redactor,
 }
 
 /// A destination's type and its own parameters: `{"type": "rabbitmq", "params": {..}}`.
@@ -513,6 +515,10 @@ struct Common {
     retry_max: Duration,
     #[serde(default)]
     on_undeliverable: OnUndeliverable,
+    /// Redaction rules applied to what this destination is sent (the trail keeps the event
+    /// whole).
+    #[serde(default)]
+    redact: Vec<Value>,
 }
 
 impl Common {
@@ -525,7 +531,7 @@ impl Common {
     }
 }
 
-const COMMON_KEYS: [&str; 7] = [
+const COMMON_KEYS: [&str; 8] = [
     "filter",
     "start",
     "max_backlog_age",
@@ -533,6 +539,7 @@ const COMMON_KEYS: [&str; 7] = [
     "retry_min",
     "retry_max",
     "on_undeliverable",
+    "redact",
 ];
 
 #[derive(Deserialize, Default)]
@@ -556,8 +563,12 @@ struct Definition {
 }
 
 /// Reads and checks one definition.
-pub(crate) fn read(value: &Value) -> Result<DestinationConfig, Refusal> {
+pub(crate) fn read(
+    value: &Value,
+    redact_key: Option<&SecretString>,
+) -> Result<DestinationConfig, Refusal> {
     let Definition { name, common, kind } = typed_definition(value, &COMMON_KEYS)?;
+    let redact = crate::redact::read_param(&common.redact, redact_key)?;
     check_name(&name)?;
     let mut kind = kind;
     match &mut kind {
@@ -606,6 +617,7 @@ pub(crate) fn read(value: &Value) -> Result<DestinationConfig, Refusal> {
         retry_min: common.retry_min,
         retry_max: common.retry_max,
         on_undeliverable: common.on_undeliverable,
+        redact,
     })
 }
 

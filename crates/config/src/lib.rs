@@ -19,6 +19,7 @@ mod de;
 pub mod destinations;
 mod lists;
 mod providers;
+pub mod redact;
 pub mod retention;
 pub mod sources;
 pub mod tokens;
@@ -211,6 +212,11 @@ pub struct Config {
     /// `keep`), then `AUDITBRIDGE_RETENTION` (a plain duration or `forever` for the default,
     /// or a JSON array of items). By default every event is kept forever.
     pub retention: Retention,
+    /// The ingest redaction rules (`[[redact]]`, then `AUDITBRIDGE_REDACT`): applied by the
+    /// worker before an event is stored (README, "Redaction").
+    pub redact: auditbridge_event::redact::Redactor,
+    /// `AUDITBRIDGE_REDACT_KEY`: the key of every `hmac` redaction (ingest and destinations).
+    pub redact_key: Option<SecretString>,
     unknown_env: Vec<String>,
 }
 
@@ -289,6 +295,10 @@ struct Settings {
     api_tokens: Vec<Tagged<serde_json::Value>>,
     sources: Vec<Tagged<serde_json::Value>>,
     retention: Vec<Tagged<serde_json::Value>>,
+    redact: Vec<Tagged<serde_json::Value>>,
+    /// Empty: unset. A secret: never part of an error message.
+    #[serde(deserialize_with = "de::id_key")]
+    redact_key: Option<SecretString>,
 }
 
 impl Default for Settings {
@@ -329,16 +339,19 @@ impl Default for Settings {
             api_tokens: Vec::new(),
             sources: Vec::new(),
             retention: Vec::new(),
+            redact: Vec::new(),
+            redact_key: None,
         }
     }
 }
 
 /// The settings that hold lists of definitions, and the variable that extends each.
-const LISTS: [(&str, &str); 4] = [
+const LISTS: [(&str, &str); 5] = [
     ("destinations", "AUDITBRIDGE_DESTINATIONS"),
     ("api_tokens", "AUDITBRIDGE_API_TOKENS"),
     ("sources", "AUDITBRIDGE_SOURCES"),
     ("retention", "AUDITBRIDGE_RETENTION"),
+    ("redact", "AUDITBRIDGE_REDACT"),
 ];
 
 /// Variables that are read elsewhere and must not be reported as unknown.
@@ -432,11 +445,13 @@ impl Config {
             (_, tokens_var),
             (_, sources_var),
             (_, retention_var),
+            (_, redact_var),
         ] = LISTS;
+        let redact_key = s.redact_key;
         let destinations = lists::read_list(
             "destination",
             items(s.destinations, destinations_var),
-            destinations::read,
+            |v| destinations::read(v, redact_key.as_ref()),
             &[(
                 "name",
                 |d: &DestinationConfig| d.name.clone().into_bytes(),
@@ -472,6 +487,7 @@ impl Config {
             ],
         )?;
         let retention = retention::read(items(s.retention, retention_var))?;
+        let redact = redact::read(items(s.redact, redact_var), redact_key.as_ref())?;
 
         Ok(Config {
             migrate_database_url: s
@@ -502,6 +518,8 @@ impl Config {
             partition_interval: s.partition_interval,
             dead_letter_retention: s.dead_letter_retention,
             retention,
+            redact,
+            redact_key,
             unknown_env,
         })
     }

@@ -128,9 +128,16 @@ impl CheckpointMessage {
     }
 }
 
-/// A connected (or connecting) destination.
+/// A connected (or connecting) destination, and what is done to each event before it goes
+/// there (the destination's `redact` rules).
 #[derive(Debug)]
-pub enum Sink {
+pub struct Sink {
+    kind: SinkKind,
+    redact: auditbridge_event::redact::Redactor,
+}
+
+#[derive(Debug)]
+enum SinkKind {
     RabbitMq(rabbitmq::RabbitSink),
     Http(http::HttpSink),
 }
@@ -138,21 +145,37 @@ pub enum Sink {
 impl Sink {
     /// Builds the sink for a destination. Connects lazily: the first `deliver` connects.
     pub fn new(config: &DestinationConfig) -> Result<Sink, DeliveryError> {
-        Ok(match &config.kind {
+        let kind = match &config.kind {
             Kind::RabbitMq(params) => {
-                Sink::RabbitMq(rabbitmq::RabbitSink::new(&config.name, params.clone()))
+                SinkKind::RabbitMq(rabbitmq::RabbitSink::new(&config.name, params.clone()))
             }
-            Kind::Http(params) => Sink::Http(http::HttpSink::new(&config.name, params.clone())?),
+            Kind::Http(params) => {
+                SinkKind::Http(http::HttpSink::new(&config.name, params.clone())?)
+            }
+        };
+        Ok(Sink {
+            kind,
+            redact: config.redact.clone(),
         })
     }
 
     /// Delivers a prefix of `events` and says how much of it is settled (see [`Delivered`]).
     /// Events past that prefix were not confirmed (a size limit, a failure after the prefix)
     /// and will be offered again. A sink may settle nothing; the relay then backs off.
+    ///
+    /// With `redact` rules, each event is redacted first: the destination gets the redacted
+    /// JSON, the trail keeps the event whole.
     pub async fn deliver(&mut self, events: &[StoredEvent]) -> Result<Delivered, DeliveryError> {
-        match self {
-            Sink::RabbitMq(s) => s.deliver(events).await,
-            Sink::Http(s) => s.deliver(events).await,
+        let redacted;
+        let events = if self.redact.is_empty() {
+            events
+        } else {
+            redacted = redact(&self.redact, events)?;
+            &redacted[..]
+        };
+        match &mut self.kind {
+            SinkKind::RabbitMq(s) => s.deliver(events).await,
+            SinkKind::Http(s) => s.deliver(events).await,
         }
     }
 
@@ -161,9 +184,40 @@ impl Sink {
         &mut self,
         checkpoint: &CheckpointMessage,
     ) -> Result<(), DeliveryError> {
-        match self {
-            Sink::RabbitMq(s) => s.deliver_checkpoint(checkpoint).await,
-            Sink::Http(s) => s.deliver_checkpoint(checkpoint).await,
+        match &mut self.kind {
+            SinkKind::RabbitMq(s) => s.deliver_checkpoint(checkpoint).await,
+            SinkKind::Http(s) => s.deliver_checkpoint(checkpoint).await,
         }
     }
+}
+
+/// The events with the destination's rules applied to their JSON. Routing keys and filters
+/// read the stored columns (tenant, action, outcome, source), which no rule may touch.
+fn redact(
+    rules: &auditbridge_event::redact::Redactor,
+    events: &[StoredEvent],
+) -> Result<Vec<StoredEvent>, DeliveryError> {
+    events
+        .iter()
+        .map(|e| {
+            let mut e = e.clone();
+            match rules.redact(&e.json, Some(&e.tenant)) {
+                Ok(Some(auditbridge_event::redact::Redacted {
+                    json: Some(json), ..
+                })) => {
+                    e.json = json;
+                }
+                Ok(_) => {}
+                // Stored JSON always parses; should it not, nothing unredacted goes out: the
+                // refusal isolates the event, which becomes the destination's dead letter.
+                Err(auditbridge_event::redact::NotJson(why)) => {
+                    return Err(DeliveryError::Refused {
+                        reason: "redaction",
+                        detail: format!("cannot redact event {}: {why}", e.id),
+                    });
+                }
+            }
+            Ok(e)
+        })
+        .collect()
 }

@@ -22,6 +22,7 @@ pub mod limits;
 mod model;
 #[cfg(test)]
 mod properties;
+pub mod redact;
 pub mod synth;
 mod validate;
 

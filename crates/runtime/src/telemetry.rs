@@ -16,6 +16,8 @@ pub const EVENTS_DUPLICATE: &str = "auditbridge_events_duplicate_total";
 pub const EVENTS_DEAD_LETTERED: &str = "auditbridge_events_dead_lettered_total";
 /// A re-sent id with other content than the stored event (also a `conflict` dead letter).
 pub const EVENTS_CONFLICT: &str = "auditbridge_events_conflict_total";
+/// Events stored with values redacted by the ingest rules (`[[redact]]`).
+pub const EVENTS_REDACTED: &str = "auditbridge_events_redacted_total";
 pub const BATCH_SIZE: &str = "auditbridge_batch_size_messages";
 /// Bytes of the messages of one batch (subjects, headers and payloads, as JetStream counts
 /// them), at most `AUDITBRIDGE_BATCH_MAX_BYTES` but for a single larger message.
@@ -64,6 +66,11 @@ fn describe() {
         EVENTS_CONFLICT,
         Unit::Count,
         "Re-sent ids whose content differs from the stored event, kept as conflict dead letters."
+    );
+    describe_counter!(
+        EVENTS_REDACTED,
+        Unit::Count,
+        "Events whose values the ingest redaction rules redacted before they were stored."
     );
     describe_histogram!(BATCH_SIZE, Unit::Count, "Messages per persisted batch.");
     describe_histogram!(

@@ -93,8 +93,10 @@ GRANT USAGE ON SCHEMA public TO auditbridge_writer, auditbridge_reader;
 -- no setval. Partitions get no grants: rows go in and come out through `audit_events`.
 GRANT SELECT ON audit_events TO auditbridge_writer;
 GRANT INSERT (id, tenant, action, outcome, occurred_at, actor_id, target_id, source, event,
-              retention_class)
+              retention_class, redaction)
     ON audit_events TO auditbridge_writer;
+-- The comparison of a re-sent event without the paths either side redacted (0013).
+GRANT EXECUTE ON FUNCTION auditbridge_without(jsonb, text[]) TO auditbridge_writer;
 GRANT USAGE ON SEQUENCE audit_events_seq TO auditbridge_writer;
 -- The ids of every event (0008), written only by the insert's SECURITY DEFINER trigger.
 GRANT SELECT ON audit_event_ids TO auditbridge_writer;

@@ -18,8 +18,12 @@ use crate::{Store, StoreError};
 #[derive(Debug, Clone, Copy)]
 pub struct NewEvent<'a> {
     pub event: &'a Event,
-    /// The payload as received: UTF-8 JSON that [`auditbridge_event::decode`] accepted.
+    /// The payload as received: UTF-8 JSON that [`auditbridge_event::decode`] accepted (or
+    /// that JSON with ingest redaction applied).
     pub raw: &'a [u8],
+    /// What ingest redaction did (`{"rules": version, "paths": [...]}`, JSON), stored in the
+    /// `redaction` column beside the event; `None` when nothing was redacted.
+    pub redaction: Option<&'a str>,
 }
 
 /// Where a message came from in the stream: what identifies it, and what a dead letter keeps.
@@ -109,11 +113,11 @@ pub struct PersistOutcome {
 /// The columns of `audit_events` a batch writes, in the order [`encode_copy_row`] writes
 /// their values.
 pub const COPY_COLUMNS: &str = "id, tenant, action, outcome, occurred_at, actor_id, target_id, source, event, \
-     retention_class";
+     retention_class, redaction";
 
 const COPY_EVENTS: &str = "COPY audit_events \
     (id, tenant, action, outcome, occurred_at, actor_id, target_id, source, event, \
-     retention_class) \
+     retention_class, redaction) \
     FROM STDIN";
 
 /// Writes the events whose id is not stored yet. A partitioned table has no `ON CONFLICT
@@ -126,13 +130,14 @@ macro_rules! insert_events {
         concat!(
             "INSERT INTO audit_events \
              (id, tenant, action, outcome, occurred_at, actor_id, target_id, source, event, \
-              retention_class) \
+              retention_class, redaction) \
              SELECT u.id, u.tenant, u.action, u.outcome, u.occurred_at, u.actor_id, \
-                    u.target_id, u.source, u.event::jsonb, u.class \
+                    u.target_id, u.source, u.event::jsonb, u.class, u.redaction::jsonb \
              FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::timestamptz[], \
-                         $6::text[], $7::text[], $8::text[], $9::text[], $10::int8[]) \
+                         $6::text[], $7::text[], $8::text[], $9::text[], $10::int8[], \
+                         $11::text[]) \
                   AS u(id, tenant, action, outcome, occurred_at, actor_id, target_id, source, \
-                       event, class) \
+                       event, class, redaction) \
              WHERE NOT EXISTS (SELECT 1 FROM audit_event_ids i WHERE i.id = u.id)",
             $returning
         )
@@ -161,17 +166,29 @@ const CONTROL_INSERT: &str = "INSERT INTO audit_events \
 /// expired (its partition dropped, see [`crate::retention`]) is returned with no tenant,
 /// source or fields: it can be neither compared nor stored again.
 const COMPARE_STORED: &str = "WITH u AS ( \
-        SELECT i, id, raw::jsonb - 'id' AS e, loose \
-        FROM UNNEST($1::int4[], $2::uuid[], $3::text[], $4::bool[]) AS t(i, id, raw, loose) \
-    ), c AS ( \
+        SELECT i, id, raw::jsonb - 'id' AS e, loose, redaction::jsonb AS red \
+        FROM UNNEST($1::int4[], $2::uuid[], $3::text[], $4::bool[], $5::text[]) \
+             AS t(i, id, raw, loose, redaction) \
+    ), r AS ( \
         SELECT u.i, a.tenant, a.source, ids.received_at, a.event IS NULL AS gone, \
                CASE WHEN u.loose THEN a.event - 'id' - 'occurred_at' ELSE a.event - 'id' END \
                    AS stored, \
-               CASE WHEN u.loose THEN u.e - 'occurred_at' ELSE u.e END AS sent \
+               CASE WHEN u.loose THEN u.e - 'occurred_at' ELSE u.e END AS sent, \
+               ARRAY(SELECT jsonb_array_elements_text(COALESCE(u.red -> 'paths', '[]')) \
+                     UNION \
+                     SELECT jsonb_array_elements_text(COALESCE(a.redaction -> 'paths', '[]'))) \
+                   AS strip \
         FROM u JOIN audit_event_ids ids ON ids.id = u.id \
         LEFT JOIN audit_events a \
             ON (a.retention_class, a.received_at, a.tx_id, a.seq) \
                = (ids.retention_class, ids.received_at, ids.tx_id, ids.seq) \
+    ), c AS ( \
+        SELECT i, tenant, source, received_at, gone, \
+               CASE WHEN cardinality(strip) = 0 THEN stored \
+                    ELSE auditbridge_without(stored, strip) END AS stored, \
+               CASE WHEN cardinality(strip) = 0 THEN sent \
+                    ELSE auditbridge_without(sent, strip) END AS sent \
+        FROM r \
     ) \
     SELECT i, tenant, source, received_at, gone, \
            ARRAY(SELECT k FROM (SELECT jsonb_object_keys(stored) \
@@ -346,6 +363,11 @@ pub fn encode_copy_row(buf: &mut Vec<u8>, e: &NewEvent<'_>, retention_class: i64
     buf.push(b'\t');
     // Writing into a Vec cannot fail.
     let _ = write!(buf, "{retention_class}");
+    buf.push(b'\t');
+    match e.redaction {
+        Some(r) => push_text(buf, r.as_bytes()),
+        None => buf.extend_from_slice(b"\\N"),
+    }
     buf.push(b'\n');
 }
 
@@ -379,7 +401,7 @@ async fn insert_events(
     Ok(done.rows_affected())
 }
 
-/// Binds the ten arrays of [`INSERT_EVENTS`] (and [`INSERT_EVENTS_RETURNING`]).
+/// Binds the eleven arrays of [`INSERT_EVENTS`] (and [`INSERT_EVENTS_RETURNING`]).
 fn bind_events<'q>(
     query: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
     events: &[NewEvent<'_>],
@@ -396,7 +418,9 @@ fn bind_events<'q>(
     let mut sources = Vec::with_capacity(n);
     let mut raws = Vec::with_capacity(n);
     let mut class = Vec::with_capacity(n);
+    let mut redactions = Vec::with_capacity(n);
     for e in events {
+        redactions.push(e.redaction);
         class.push(classes.of(&e.event.tenant));
         let ev = e.event;
         ids.push(ev.id);
@@ -421,6 +445,7 @@ fn bind_events<'q>(
         .bind(sources)
         .bind(raws)
         .bind(class)
+        .bind(redactions)
 }
 
 /// At most this many payload bytes go into one dead-letter statement. A refused message can be
@@ -793,6 +818,10 @@ async fn compare(
         .iter()
         .map(|&(i, _)| events[i].time_received)
         .collect();
+    let redactions: Vec<Option<&str>> = lookups
+        .iter()
+        .map(|&(i, _)| events[i].event.redaction)
+        .collect();
     #[allow(clippy::type_complexity)]
     let rows: Vec<(
         i32,
@@ -806,6 +835,7 @@ async fn compare(
         .bind(&ids)
         .bind(&raws)
         .bind(&loose)
+        .bind(&redactions)
         .fetch_all(&mut *conn)
         .await?;
     Ok(rows

@@ -13,6 +13,7 @@ use async_nats::jetstream::consumer::PullConsumer;
 use async_nats::jetstream::consumer::pull::MessagesErrorKind;
 use async_nats::jetstream::{AckKind, Message};
 use auditbridge_config::IngestConfig;
+use auditbridge_event::redact::Redactor;
 use auditbridge_event::{Event, Invalid};
 use auditbridge_store::dead_letters::REPLAY_HEADER;
 use auditbridge_store::{
@@ -48,6 +49,9 @@ pub(crate) struct Ingest {
     pub health: Arc<Health>,
     /// For the server's `max_payload` (see [`Ingest::pull_max_bytes`]).
     pub nats: async_nats::Client,
+    /// The ingest redaction rules (`[[redact]]`): applied before an event is stored, and to
+    /// what a dead letter keeps.
+    pub redact: Redactor,
 }
 
 /// The result of checking one message.
@@ -55,8 +59,20 @@ pub(crate) struct Ingest {
 // shrink the rare variants.
 #[allow(clippy::large_enum_variant)]
 enum Verdict {
-    Accept(Event),
-    Refuse { kind: &'static str, reason: String },
+    Accept(Event, Option<Redaction>),
+    Refuse {
+        kind: &'static str,
+        reason: String,
+        /// The payload with the redaction rules applied, when they changed it.
+        redacted: Option<Vec<u8>>,
+    },
+}
+
+/// What ingest redaction did to an accepted event: its new text (when it changed) and the
+/// record kept beside it (`{"rules": version, "paths": [...]}`).
+struct Redaction {
+    json: Option<String>,
+    record: String,
 }
 
 /// Header set by sources whose mapping filled `occurred_at` at receive time (value `received`):
@@ -183,12 +199,94 @@ impl Ingest {
                 Ok(event)
             });
         match decoded {
-            Ok(event) => Verdict::Accept(event),
+            Ok(event) if self.redact.applies_to(&event.tenant) => self.redact_event(msg, event),
+            Ok(event) => Verdict::Accept(event, None),
             Err(Invalid { kind, detail }) => Verdict::Refuse {
                 kind: kind.as_str(),
                 reason: detail,
+                redacted: self.redact_letter(msg),
             },
         }
+    }
+
+    /// Applies the ingest rules to a valid event: the event stored is the redacted one (its
+    /// columns too: `actor.id` may be keyed), with the paths and the rules' version beside it.
+    fn redact_event(&self, msg: &Message, event: Event) -> Verdict {
+        // `decode` accepted the payload: it is UTF-8 JSON.
+        let text = String::from_utf8_lossy(&msg.payload);
+        let redacted = match self.redact.redact(&text, Some(&event.tenant)) {
+            Ok(Some(r)) => r,
+            Ok(None) => return Verdict::Accept(event, None),
+            Err(e) => {
+                return Verdict::Refuse {
+                    kind: "redaction",
+                    reason: format!("the redaction rules could not read the event: {}", e.0),
+                    redacted: None,
+                };
+            }
+        };
+        let record = serde_json::json!({
+            "rules": self.redact.version(),
+            "paths": redacted.paths,
+        })
+        .to_string();
+        let event = match &redacted.json {
+            None => event,
+            // Read back without the checks of `decode`: a masked `actor.ip` is no address, and
+            // the event was valid before it was redacted.
+            Some(json) => match serde_json::from_str::<Event>(json) {
+                Ok(e) => e,
+                Err(e) => {
+                    return Verdict::Refuse {
+                        kind: "redaction",
+                        reason: format!("the event cannot be read once redacted: {e}"),
+                        redacted: Some(json.clone().into_bytes()),
+                    };
+                }
+            },
+        };
+        counter!(EVENTS_REDACTED).increment(1);
+        Verdict::Accept(
+            event,
+            Some(Redaction {
+                json: redacted.json,
+                record,
+            }),
+        )
+    }
+
+    /// A refused message is kept with the same rules applied, where it is JSON: those for
+    /// every tenant, the tenant its subject names, and the tenant its payload names.
+    fn redact_letter(&self, msg: &Message) -> Option<Vec<u8>> {
+        if self.redact.is_empty() {
+            return None;
+        }
+        let text = std::str::from_utf8(&msg.payload).ok()?;
+        let subject_tenant = msg
+            .subject
+            .as_str()
+            .strip_prefix(self.subject_prefix.as_str())
+            .and_then(|r| r.strip_prefix('.'))
+            .and_then(|r| r.split('.').next())
+            .map(str::to_owned);
+        let payload_tenant = serde_json::from_str::<serde_json::Value>(text)
+            .ok()
+            .and_then(|v| v.get("tenant")?.as_str().map(str::to_owned));
+        let mut current = text.to_owned();
+        let mut changed = false;
+        let mut tenants = vec![subject_tenant];
+        if payload_tenant != tenants[0] {
+            tenants.push(payload_tenant);
+        }
+        for tenant in tenants {
+            if let Ok(Some(r)) = self.redact.redact(&current, tenant.as_deref())
+                && let Some(json) = r.json
+            {
+                current = json;
+                changed = true;
+            }
+        }
+        changed.then(|| current.into_bytes())
     }
 
     /// Validates, persists and acknowledges one batch, in a span that carries its size. Never
@@ -225,12 +323,17 @@ impl Ingest {
         for (msg, verdict) in batch.iter().zip(verdicts) {
             let origin = self.origin(msg);
             match verdict {
-                Verdict::Accept(event) => {
+                Verdict::Accept(event, redaction) => {
                     split.accepted.push(msg);
+                    let raw = match redaction.as_ref().and_then(|r| r.json.as_deref()) {
+                        Some(json) => json.as_bytes(),
+                        None => &msg.payload[..],
+                    };
                     split.events.push(Incoming {
                         event: NewEvent {
                             event,
-                            raw: &msg.payload,
+                            raw,
+                            redaction: redaction.as_ref().map(|r| r.record.as_str()),
                         },
                         origin,
                         time_received: header(msg, TIME_HEADER)
@@ -239,11 +342,15 @@ impl Ingest {
                             .and_then(|v| auditbridge_event::Uuid::parse_str(v.trim()).ok()),
                     });
                 }
-                Verdict::Refuse { kind, reason } => {
+                Verdict::Refuse {
+                    kind,
+                    reason,
+                    redacted,
+                } => {
                     split.refused.push(msg);
                     split.letters.push(DeadLetter {
                         origin,
-                        payload: &msg.payload,
+                        payload: redacted.as_deref().unwrap_or(&msg.payload),
                         kind,
                         reason,
                     });

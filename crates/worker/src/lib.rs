@@ -194,6 +194,7 @@ impl Worker {
             config: config.ingest.clone(),
             health: health.clone(),
             nats: nats.clone(),
+            redact: config.redact.clone(),
         };
         let work = ingest_until_stopped(&config, &js, &ingest, &health, &background, &shutdown);
         tokio::pin!(work);

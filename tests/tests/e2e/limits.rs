@@ -35,6 +35,7 @@ fn batch(items: &[Owned]) -> Vec<NewEvent<'_>> {
         .map(|o| NewEvent {
             event: &o.event,
             raw: &o.raw,
+            redaction: None,
         })
         .collect()
 }
@@ -139,6 +140,7 @@ async fn a_3000_character_actor_id_is_refused_by_validation_not_by_the_database(
             &[NewEvent {
                 event: &unchecked,
                 raw: &raw,
+                redaction: None,
             }],
             &[],
         )
@@ -398,6 +400,7 @@ fn whatever_validation_accepts_the_batch_writer_stores() -> anyhow::Result<()> {
                 .map(|o| NewEvent {
                     event: &o.event,
                     raw: &o.raw,
+                    redaction: None,
                 })
                 .collect();
             let outcome = store

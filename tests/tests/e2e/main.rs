@@ -22,6 +22,7 @@ mod log_audit;
 mod outbox;
 mod page;
 mod poison;
+mod redact;
 mod replay;
 mod retention;
 mod roles;

@@ -173,7 +173,11 @@ async fn the_outbox_read_walks_the_commit_order_index() -> anyhow::Result<()> {
         let rows: Vec<auditbridge_store::NewEvent<'_>> = events
             .iter()
             .zip(&raws)
-            .map(|(event, raw)| auditbridge_store::NewEvent { event, raw })
+            .map(|(event, raw)| auditbridge_store::NewEvent {
+                event,
+                raw,
+                redaction: None,
+            })
             .collect();
         store.persist(&rows, &[]).await?;
     }
@@ -324,7 +328,11 @@ async fn persist(store: &Store, events: &[auditbridge_event::Event]) -> anyhow::
     let rows: Vec<auditbridge_store::NewEvent<'_>> = events
         .iter()
         .zip(&raws)
-        .map(|(event, raw)| auditbridge_store::NewEvent { event, raw })
+        .map(|(event, raw)| auditbridge_store::NewEvent {
+            event,
+            raw,
+            redaction: None,
+        })
         .collect();
     store.persist(&rows, &[]).await?;
     Ok(())

@@ -517,7 +517,11 @@ async fn a_hold_added_during_a_run_wins_and_the_guarded_path_checks_it_itself() 
     let rows: Vec<auditbridge_store::NewEvent<'_>> = events
         .iter()
         .zip(&raws)
-        .map(|(event, raw)| auditbridge_store::NewEvent { event, raw })
+        .map(|(event, raw)| auditbridge_store::NewEvent {
+            event,
+            raw,
+            redaction: None,
+        })
         .collect();
     store.persist(&rows, &[]).await?;
     tokio::time::sleep(Duration::from_millis(2500)).await;
@@ -775,7 +779,11 @@ async fn crafted_calls_of_the_guarded_path_are_refused() -> anyhow::Result<()> {
     let rows: Vec<auditbridge_store::NewEvent<'_>> = events
         .iter()
         .zip(&raws)
-        .map(|(event, raw)| auditbridge_store::NewEvent { event, raw })
+        .map(|(event, raw)| auditbridge_store::NewEvent {
+            event,
+            raw,
+            redaction: None,
+        })
         .collect();
     // Two partitions: one with a tenant kept forever, one of `a` and `b` only.
     store.persist(&rows[..20], &[]).await?;
@@ -954,7 +962,11 @@ async fn a_trail_of_before_partitioning_migrates_without_losing_or_repeating_a_r
         let again: Vec<auditbridge_store::NewEvent<'_>> = old
             .iter()
             .zip(&raws)
-            .map(|(event, raw)| auditbridge_store::NewEvent { event, raw })
+            .map(|(event, raw)| auditbridge_store::NewEvent {
+                event,
+                raw,
+                redaction: None,
+            })
             .collect();
         let done = store.persist(&again, &[]).await?;
         assert_eq!((done.inserted, done.duplicates), (0, 500));
@@ -963,7 +975,11 @@ async fn a_trail_of_before_partitioning_migrates_without_losing_or_repeating_a_r
         let rows: Vec<auditbridge_store::NewEvent<'_>> = new
             .iter()
             .zip(&raws)
-            .map(|(event, raw)| auditbridge_store::NewEvent { event, raw })
+            .map(|(event, raw)| auditbridge_store::NewEvent {
+                event,
+                raw,
+                redaction: None,
+            })
             .collect();
         assert_eq!(store.persist(&rows, &[]).await?.inserted, 50);
         let (min_new, in_legacy): (i64, i64) = sqlx::query_as(

@@ -58,7 +58,11 @@ fn owned(events: &[Event]) -> Vec<(Event, Vec<u8>)> {
 fn batch(items: &[(Event, Vec<u8>)]) -> Vec<NewEvent<'_>> {
     items
         .iter()
-        .map(|(event, raw)| NewEvent { event, raw })
+        .map(|(event, raw)| NewEvent {
+            event,
+            raw,
+            redaction: None,
+        })
         .collect()
 }
 
@@ -520,6 +524,7 @@ async fn the_grants_are_exactly_the_listed_ones_and_migrate_restores_them() -> a
             "id",
             "occurred_at",
             "outcome",
+            "redaction",
             "retention_class",
             "source",
             "target_id",

@@ -40,6 +40,7 @@ fn batch(items: &[Owned]) -> Vec<NewEvent<'_>> {
         .map(|o| NewEvent {
             event: &o.event,
             raw: &o.raw,
+            redaction: None,
         })
         .collect()
 }
