@@ -53,6 +53,29 @@ if ! python3 -c 'import cryptography' >/dev/null 2>&1; then
 fi
 python3 -c 'import cryptography; print("cryptography:", cryptography.__version__)'
 
+step "schema checkers that are not ours (tests/tests/e2e/formats.rs)"
+# The destinations' schemas are validated by the packages of their own communities, pinned:
+# pycadf (CADF 1.0, OpenStack), ocsf-json-schema (the schema.ocsf.io exports, OCSF 1.8.0) with
+# jsonschema, and @elastic/ecs (the ECS 9.4.0 field list), installed outside the clone.
+SCHEMA_VENV=${AB_SCHEMA_VENV:-/var/tmp/auditbridge-schema-venv}
+ECS_DIR=${AB_ECS_DIR:-/var/tmp/auditbridge-ecs}
+if ! "$SCHEMA_VENV/bin/python" -c 'import pycadf, ocsf_json_schema, jsonschema' >/dev/null 2>&1; then
+    python3 -m venv "$SCHEMA_VENV" || { ab_apt_install python3-venv && python3 -m venv "$SCHEMA_VENV"; } ||
+        die "cannot make a Python venv at $SCHEMA_VENV"
+    "$SCHEMA_VENV/bin/pip" install --quiet pycadf==4.1.0 ocsf-json-schema==1.2.0 jsonschema==4.26.0 ||
+        die "cannot install pycadf, ocsf-json-schema and jsonschema from PyPI"
+fi
+if [[ ! -f "$ECS_DIR/node_modules/@elastic/ecs/package.json" ]]; then
+    command -v npm >/dev/null 2>&1 || ab_apt_install nodejs npm || die "cannot install npm"
+    mkdir -p "$ECS_DIR"
+    (cd "$ECS_DIR" && { [[ -f package.json ]] || echo '{"name":"ab-ecs","private":true}' >package.json; } &&
+        npm install --silent --no-audit --no-fund --save-exact @elastic/ecs@9.4.0) ||
+        die "cannot install @elastic/ecs from the npm registry"
+fi
+export AB_SCHEMA_VENV=$SCHEMA_VENV AB_ECS_DIR=$ECS_DIR
+printf 'schema checkers: %s, %s\n' "$("$SCHEMA_VENV/bin/pip" list 2>/dev/null | grep -Ei '^(pycadf|ocsf-json-schema) ' | tr -s ' ' | paste -sd, -)" \
+    "ecs $(node -p "require('$ECS_DIR/node_modules/@elastic/ecs').EcsVersion")"
+
 step "cargo fmt --all -- --check"
 cargo fmt --version >/dev/null 2>&1 || die "rustfmt is missing: rustup component add rustfmt"
 cargo fmt --all -- --check || die "code is not formatted: run 'cargo fmt --all'"

@@ -361,9 +361,10 @@ async fn replay(store: &Store, config: &Config, plan: Plan) -> anyhow::Result<Ex
     };
     if let Some(kind) = &plan.kind {
         let mut after = 0;
+        let upto = store.last_dead_letter_id().await?;
         loop {
             let page = store
-                .open_dead_letters(kind, plan.since, after, PAGE)
+                .open_dead_letters(kind, plan.since, after, upto, PAGE)
                 .await
                 .context("reading dead_letters")?;
             let Some(last) = page.last() else { break };

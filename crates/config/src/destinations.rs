@@ -36,6 +36,10 @@ pub struct DestinationConfig {
     pub on_undeliverable: OnUndeliverable,
     /// Redaction rules (`params.redact`) applied to each event before the sink sees it.
     pub redact: auditbridge_event::redact::Redactor,
+    /// The schema events are sent in (`params.schema`), after redaction.
+    pub schema: Schema,
+    /// `params.ocsf_map`: which actions are of which OCSF class, before the defaults.
+    pub ocsf_map: Vec<OcsfMapping>,
 }
 
 /// A destination's type and its own parameters: `{"type": "rabbitmq", "params": {..}}`.
@@ -63,6 +67,55 @@ impl Kind {
             Kind::Http(p) => p.checkpoints,
         }
     }
+}
+
+/// The schema events are sent in (`params.schema`): ours, or one a SIEM already parses
+/// (README, "Formats").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Schema {
+    /// The event as stored.
+    #[default]
+    Native,
+    /// DMTF CADF 1.0, as OpenStack's pycadf writes it.
+    Cadf,
+    /// OCSF (the release [`OCSF_VERSION`]).
+    Ocsf,
+    /// Elastic Common Schema ([`ECS_VERSION`]).
+    Ecs,
+    /// Splunk's HTTP Event Collector envelope (HTTP only).
+    SplunkHec,
+}
+
+impl Schema {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Schema::Native => "native",
+            Schema::Cadf => "cadf",
+            Schema::Ocsf => "ocsf",
+            Schema::Ecs => "ecs",
+            Schema::SplunkHec => "splunk_hec",
+        }
+    }
+}
+
+/// The OCSF release the `ocsf` schema writes.
+pub const OCSF_VERSION: &str = "1.8.0";
+/// The ECS release the `ecs` schema writes.
+pub const ECS_VERSION: &str = "9.4.0";
+
+/// The OCSF classes actions may map to.
+pub const OCSF_CLASSES: [u32; 3] = [3001, 3002, 6003];
+
+/// One entry of `params.ocsf_map`: actions matching `actions` (a pattern, `*` for any
+/// characters) are of this OCSF class, with this activity (default: by the action's verb).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OcsfMapping {
+    pub actions: String,
+    pub class_uid: u32,
+    #[serde(default)]
+    pub activity_id: Option<u8>,
 }
 
 /// What the relay does with an event the destination cannot take: one whose message cannot be
@@ -330,6 +383,8 @@ pub enum HttpFormat {
 #[derive(Debug, Clone)]
 pub enum HttpAuth {
     Bearer(SecretString),
+    /// `Authorization: Splunk <token>` (`hec_token`, for `schema = "splunk_hec"`).
+    Splunk(SecretString),
     Basic {
         username: String,
         password: SecretString,
@@ -370,6 +425,15 @@ pub struct HttpParams {
     /// `{"type": "checkpoint", "tenant": …, "note": …}` (README, "The verifiable log").
     #[serde(default)]
     pub checkpoints: bool,
+    /// `schema = "splunk_hec"`: the collector's token, sent as `Authorization: Splunk <token>`.
+    #[serde(default, deserialize_with = "de::optional_secret")]
+    pub hec_token: Option<SecretString>,
+    /// `splunk_hec`: the envelope's `index` (default: the token's).
+    #[serde(default)]
+    pub hec_index: Option<String>,
+    /// `splunk_hec`: the envelope's `sourcetype`.
+    #[serde(default = "HttpParams::default_hec_sourcetype")]
+    pub hec_sourcetype: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -419,6 +483,9 @@ impl HttpParams {
             timeout: HttpParams::default_timeout(),
             secret: None,
             checkpoints: false,
+            hec_token: None,
+            hec_index: None,
+            hec_sourcetype: HttpParams::default_hec_sourcetype(),
         }
     }
 
@@ -434,6 +501,10 @@ impl HttpParams {
         Duration::from_secs(10)
     }
 
+    fn default_hec_sourcetype() -> String {
+        "auditbridge:event".into()
+    }
+
     fn check(&mut self) -> Result<(), Refusal> {
         if let Some(token) = &self.bearer_token
             && !header_value_ok(&format!("Bearer {}", token.expose_secret()))
@@ -442,6 +513,28 @@ impl HttpParams {
                 "params.bearer_token",
                 "expected no control characters (it is sent in the Authorization header)",
             ));
+        }
+        if let Some(token) = &self.hec_token
+            && (token.expose_secret().is_empty()
+                || !header_value_ok(&format!("Splunk {}", token.expose_secret())))
+        {
+            return Err(refuse(
+                "params.hec_token",
+                "expected a token with no control characters (it is sent in the Authorization header)",
+            ));
+        }
+        for (setting, value) in [
+            ("params.hec_index", self.hec_index.as_deref()),
+            ("params.hec_sourcetype", Some(self.hec_sourcetype.as_str())),
+        ] {
+            if let Some(v) = value
+                && (v.is_empty() || v.len() > 256 || v.chars().any(char::is_control))
+            {
+                return Err(refuse(
+                    setting,
+                    "expected 1 to 256 characters, no control characters",
+                ));
+            }
         }
         self.auth = match (self.bearer_token.take(), self.basic_auth.take()) {
             (Some(_), Some(_)) => {
@@ -455,8 +548,14 @@ impl HttpParams {
                 username: b.username,
                 password: b.password,
             }),
-            (None, None) => None,
+            (None, None) => self.hec_token.clone().map(HttpAuth::Splunk),
         };
+        if self.hec_token.is_some() && !matches!(self.auth, Some(HttpAuth::Splunk(_))) {
+            return Err(refuse(
+                "params.hec_token",
+                "set either hec_token or bearer_token/basic_auth, not both",
+            ));
+        }
         for (k, v) in &self.headers {
             // The name by our own (narrower) rule than the http crate's; the value is not
             // quoted: it may be an API key.
@@ -519,6 +618,10 @@ struct Common {
     /// whole).
     #[serde(default)]
     redact: Vec<Value>,
+    #[serde(default)]
+    schema: Schema,
+    #[serde(default)]
+    ocsf_map: Vec<OcsfMapping>,
 }
 
 impl Common {
@@ -531,7 +634,7 @@ impl Common {
     }
 }
 
-const COMMON_KEYS: [&str; 8] = [
+const COMMON_KEYS: [&str; 10] = [
     "filter",
     "start",
     "max_backlog_age",
@@ -540,6 +643,8 @@ const COMMON_KEYS: [&str; 8] = [
     "retry_max",
     "on_undeliverable",
     "redact",
+    "schema",
+    "ocsf_map",
 ];
 
 #[derive(Deserialize, Default)]
@@ -575,6 +680,7 @@ pub(crate) fn read(
         Kind::RabbitMq(r) => r.check()?,
         Kind::Http(h) => h.check()?,
     }
+    check_schema(&common, &kind)?;
     let filter = common.filter;
     check_tenants("params.filter.tenants", &filter.tenants)?;
     for a in &filter.actions {
@@ -618,7 +724,80 @@ pub(crate) fn read(
         retry_max: common.retry_max,
         on_undeliverable: common.on_undeliverable,
         redact,
+        schema: common.schema,
+        ocsf_map: common.ocsf_map,
     })
+}
+
+/// Checks `params.schema` and what goes with it.
+fn check_schema(common: &Common, kind: &Kind) -> Result<(), Refusal> {
+    let hec = matches!(kind, Kind::Http(h) if matches!(h.auth, Some(HttpAuth::Splunk(_))));
+    match (common.schema, kind) {
+        (Schema::SplunkHec, Kind::RabbitMq(_)) => {
+            return Err(refuse(
+                "params.schema",
+                "splunk_hec is HTTP's (the HEC event envelope); use native, cadf, ocsf or ecs",
+            ));
+        }
+        (Schema::SplunkHec, Kind::Http(h)) => {
+            if !hec {
+                return Err(refuse(
+                    "params.hec_token",
+                    "splunk_hec needs the collector's token (sent as Authorization: Splunk <token>)",
+                ));
+            }
+            if h.format != HttpFormat::Ndjson {
+                return Err(refuse(
+                    "params.format",
+                    "splunk_hec sends HEC's own framing (one event object after another)",
+                ));
+            }
+        }
+        _ if hec => {
+            return Err(refuse(
+                "params.hec_token",
+                "only with \"schema\": \"splunk_hec\"",
+            ));
+        }
+        _ => {}
+    }
+    if !common.ocsf_map.is_empty() && common.schema != Schema::Ocsf {
+        return Err(refuse("params.ocsf_map", "only with \"schema\": \"ocsf\""));
+    }
+    for (i, m) in common.ocsf_map.iter().enumerate() {
+        if !OCSF_CLASSES.contains(&m.class_uid) {
+            return Err(refuse(
+                format!("params.ocsf_map[{i}].class_uid"),
+                format!(
+                    "{} is not a class this schema writes: 3001 (Account Change), 3002 (Authentication) or 6003 (API Activity)",
+                    m.class_uid
+                ),
+            ));
+        }
+        if m.actions.is_empty() || m.actions.len() > 191 {
+            return Err(refuse(
+                format!("params.ocsf_map[{i}].actions"),
+                "expected a pattern of 1 to 191 characters",
+            ));
+        }
+        if let Some(a) = m.activity_id {
+            let max = match m.class_uid {
+                3001 => 14,
+                3002 => 7,
+                _ => 4,
+            };
+            if !(a <= max || a == 99) {
+                return Err(refuse(
+                    format!("params.ocsf_map[{i}].activity_id"),
+                    format!(
+                        "expected 0 to {max}, or 99 (Other), for class {}",
+                        m.class_uid
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -13,6 +13,7 @@
 pub mod config;
 pub mod http;
 pub mod rabbitmq;
+pub mod schema;
 
 use std::time::Duration;
 
@@ -134,6 +135,7 @@ impl CheckpointMessage {
 pub struct Sink {
     kind: SinkKind,
     redact: auditbridge_event::redact::Redactor,
+    shape: schema::Shape,
 }
 
 #[derive(Debug)]
@@ -156,6 +158,7 @@ impl Sink {
         Ok(Sink {
             kind,
             redact: config.redact.clone(),
+            shape: schema::Shape::new(config),
         })
     }
 
@@ -166,12 +169,12 @@ impl Sink {
     /// With `redact` rules, each event is redacted first: the destination gets the redacted
     /// JSON, the trail keeps the event whole.
     pub async fn deliver(&mut self, events: &[StoredEvent]) -> Result<Delivered, DeliveryError> {
-        let redacted;
-        let events = if self.redact.is_empty() {
+        let shaped;
+        let events = if self.redact.is_empty() && self.shape.is_native() {
             events
         } else {
-            redacted = redact(&self.redact, events)?;
-            &redacted[..]
+            shaped = shape(&self.redact, &self.shape, events)?;
+            &shaped[..]
         };
         match &mut self.kind {
             SinkKind::RabbitMq(s) => s.deliver(events).await,
@@ -191,10 +194,12 @@ impl Sink {
     }
 }
 
-/// The events with the destination's rules applied to their JSON. Routing keys and filters
-/// read the stored columns (tenant, action, outcome, source), which no rule may touch.
-fn redact(
+/// The events with the destination's rules applied to their JSON, then written in its schema.
+/// Routing keys and filters read the stored columns (tenant, action, outcome, source), which
+/// no rule may touch.
+fn shape(
     rules: &auditbridge_event::redact::Redactor,
+    shape: &schema::Shape,
     events: &[StoredEvent],
 ) -> Result<Vec<StoredEvent>, DeliveryError> {
     events
@@ -216,6 +221,12 @@ fn redact(
                         detail: format!("cannot redact event {}: {why}", e.id),
                     });
                 }
+            }
+            if !shape.is_native() {
+                e.json = shape.render(&e).map_err(|why| DeliveryError::Refused {
+                    reason: "schema",
+                    detail: format!("cannot write event {} in its schema: {why}", e.id),
+                })?;
             }
             Ok(e)
         })

@@ -35,6 +35,35 @@ pub const HMAC_PREFIX: &str = "hmac-sha256:";
 const MAX_PATTERN_CHARS: usize = 1000;
 /// The most segments of a path.
 const MAX_PATH_SEGMENTS: usize = 64;
+/// The deepest nesting redacted (an accepted event nests at most about 70 levels: `metadata`
+/// allows 64). Deeper text is refused before it is walked: the walk recurses per level.
+pub const MAX_DEPTH: usize = 128;
+
+/// How deep `json` nests objects and arrays, counted outside strings, in one pass.
+fn depth(json: &str) -> usize {
+    let (mut depth, mut max, mut in_string, mut escaped) = (0usize, 0usize, false, false);
+    for b in json.bytes() {
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'{' | b'[' => {
+                depth += 1;
+                max = max.max(depth);
+            }
+            b'}' | b']' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    max
+}
 
 /// What a rule does to the values it selects.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -379,6 +408,12 @@ impl Redactor {
         let rules: Vec<&Rule> = self.rules.iter().filter(|r| r.applies_to(tenant)).collect();
         if rules.is_empty() {
             return Ok(None);
+        }
+        let deep = depth(json);
+        if deep > MAX_DEPTH {
+            return Err(NotJson(format!(
+                "nested {deep} levels deep, more than the {MAX_DEPTH} redaction reads"
+            )));
         }
         let raw: &RawValue = serde_json::from_str(json).map_err(|e| NotJson(e.to_string()))?;
         let mut paths = Vec::new();
@@ -759,6 +794,18 @@ mod tests {
         );
         assert!(r.redact(&event().to_string(), None).unwrap().is_none());
         assert!(!r.applies_to("acme"));
+    }
+
+    #[test]
+    fn text_nested_too_deep_is_refused_not_walked() {
+        let r = redactor(vec![json!({"key": "password", "action": "drop"})]);
+        let deep = format!("{{\"metadata\":{}1{}}}", "[".repeat(5000), "]".repeat(5000));
+        assert!(r.redact(&deep, None).is_err());
+        let strings = format!("{{\"metadata\":\"{}\"}}", "[\\\"".repeat(5000));
+        assert!(
+            r.redact(&strings, None).unwrap().is_none(),
+            "brackets in strings count not"
+        );
     }
 
     #[test]

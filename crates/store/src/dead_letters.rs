@@ -112,18 +112,21 @@ impl Store {
 
     /// The dead letters still to replay (`open` or `pending`) of `kind` received at or after
     /// `since`, oldest first, after id `after`: pages of at most `limit`.
+    /// Ids up to `upto` only: a replay run takes what was there when it started, not the
+    /// dead letters its own replays make.
     pub async fn open_dead_letters(
         &self,
         kind: &str,
         since: Option<OffsetDateTime>,
         after: i64,
+        upto: i64,
         limit: i64,
     ) -> Result<Vec<StoredDeadLetter>, StoreError> {
         Ok(sqlx::query_as(sqlx::AssertSqlSafe(format!(
             "SELECT * FROM (SELECT {} FROM dead_letters d \
                             WHERE d.kind = $1 \
                               AND ($2::timestamptz IS NULL OR d.received_at >= $2) \
-                              AND d.id > $3 \
+                              AND d.id > $3 AND d.id <= $5 \
                             ORDER BY d.id) AS l \
              WHERE l.state IN ('open', 'pending') LIMIT $4",
             columns()
@@ -132,8 +135,18 @@ impl Store {
         .bind(since)
         .bind(after)
         .bind(limit.max(0))
+        .bind(upto)
         .fetch_all(&self.pool)
         .await?)
+    }
+
+    /// The newest dead letter's id (0 without any).
+    pub async fn last_dead_letter_id(&self) -> Result<i64, StoreError> {
+        Ok(
+            sqlx::query_scalar("SELECT COALESCE(max(id), 0)::int8 FROM dead_letters")
+                .fetch_one(&self.pool)
+                .await?,
+        )
     }
 
     /// One dead letter by id.

@@ -165,6 +165,9 @@ const CONTROL_INSERT: &str = "INSERT INTO audit_events \
 /// spelling do not count. Events with no stored id are not returned. An id whose event has
 /// expired (its partition dropped, see [`crate::retention`]) is returned with no tenant,
 /// source or fields: it can be neither compared nor stored again.
+// Redacted paths: under the same rules both sides are redacted alike and are compared whole;
+// after a rule change the union of both sides' paths is left out (but array elements, whose
+// indexes a drop shifts: a rule change that drops array elements can make a conflict).
 const COMPARE_STORED: &str = "WITH u AS ( \
         SELECT i, id, raw::jsonb - 'id' AS e, loose, redaction::jsonb AS red \
         FROM UNNEST($1::int4[], $2::uuid[], $3::text[], $4::bool[], $5::text[]) \
@@ -174,9 +177,14 @@ const COMPARE_STORED: &str = "WITH u AS ( \
                CASE WHEN u.loose THEN a.event - 'id' - 'occurred_at' ELSE a.event - 'id' END \
                    AS stored, \
                CASE WHEN u.loose THEN u.e - 'occurred_at' ELSE u.e END AS sent, \
-               ARRAY(SELECT jsonb_array_elements_text(COALESCE(u.red -> 'paths', '[]')) \
-                     UNION \
-                     SELECT jsonb_array_elements_text(COALESCE(a.redaction -> 'paths', '[]'))) \
+               CASE WHEN u.red ->> 'rules' IS NOT DISTINCT FROM a.redaction ->> 'rules' \
+                    THEN '{}'::text[] \
+                    ELSE ARRAY(SELECT p FROM ( \
+                             SELECT jsonb_array_elements_text(COALESCE(u.red -> 'paths', '[]')) \
+                             UNION \
+                             SELECT jsonb_array_elements_text( \
+                                        COALESCE(a.redaction -> 'paths', '[]'))) AS x(p) \
+                         WHERE p !~ '/[0-9]+$') END \
                    AS strip \
         FROM u JOIN audit_event_ids ids ON ids.id = u.id \
         LEFT JOIN audit_events a \

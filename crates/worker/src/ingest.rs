@@ -261,7 +261,9 @@ impl Ingest {
         if self.redact.is_empty() {
             return None;
         }
-        let text = std::str::from_utf8(&msg.payload).ok()?;
+        let Ok(text) = std::str::from_utf8(&msg.payload) else {
+            return Some(withheld(&msg.payload, "it is not UTF-8"));
+        };
         let subject_tenant = msg
             .subject
             .as_str()
@@ -279,11 +281,16 @@ impl Ingest {
             tenants.push(payload_tenant);
         }
         for tenant in tenants {
-            if let Ok(Some(r)) = self.redact.redact(&current, tenant.as_deref())
-                && let Some(json) = r.json
-            {
-                current = json;
-                changed = true;
+            match self.redact.redact(&current, tenant.as_deref()) {
+                Ok(Some(r)) => {
+                    if let Some(json) = r.json {
+                        current = json;
+                        changed = true;
+                    }
+                }
+                Ok(None) => {}
+                // Rules that cannot read it cannot vouch for it: the payload is not kept.
+                Err(e) => return Some(withheld(&msg.payload, &e.0)),
             }
         }
         changed.then(|| current.into_bytes())
@@ -459,6 +466,25 @@ impl Ingest {
             replay: replay(msg),
         }
     }
+}
+
+/// What a dead letter keeps, with redaction rules configured, of a payload the rules cannot
+/// read (not UTF-8, not JSON, nested too deep): its size and SHA-256, not its bytes, which
+/// might hold what the rules exist to remove. JetStream keeps the message itself for
+/// `AUDITBRIDGE_STREAM_MAX_AGE` (the dead letter names its stream sequence).
+fn withheld(payload: &[u8], why: &str) -> Vec<u8> {
+    use sha2::Digest as _;
+    serde_json::json!({"auditbridge_withheld": {
+        "reason": format!("the redaction rules could not read the payload: {why}"),
+        "bytes": payload.len(),
+        "sha256": hex_of(&sha2::Sha256::digest(payload)),
+    }})
+    .to_string()
+    .into_bytes()
+}
+
+fn hex_of(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// A message published by `auditbridge dead-letters replay`: its nonce and the hash of its

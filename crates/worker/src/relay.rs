@@ -893,6 +893,16 @@ impl Relay<'_> {
                 None => Redelivery::Refused(
                     "the event can no longer be read: it has expired under its tenant's retention policy".into(),
                 ),
+                Some(event)
+                    if !self
+                        .config
+                        .filter
+                        .matches(&event.tenant, &event.action, &event.outcome) =>
+                {
+                    Redelivery::Refused(
+                        "the event no longer matches the destination's filter".into(),
+                    )
+                }
                 Some(event) => match self.offer_alone(&event).await {
                     Answer::Taken => Redelivery::Delivered,
                     Answer::Refused(e) => Redelivery::Refused(e.to_string()),

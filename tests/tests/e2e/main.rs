@@ -14,6 +14,7 @@ mod client;
 mod dead_letters;
 mod destinations;
 mod faults;
+mod formats;
 mod forwarding;
 mod ingest;
 mod limits;

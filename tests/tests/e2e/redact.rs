@@ -315,3 +315,53 @@ async fn destination_rules_redact_what_is_sent_and_the_trail_keeps_the_event() -
     }
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_shapes_neither_crash_the_worker_nor_hold_a_batch() -> anyhow::Result<()> {
+    let mut env = TestEnv::new().await?;
+    env.ensure_stream().await?;
+    let rules = json!([{"key": "password", "action": "drop"}]).to_string();
+    let mut worker = env
+        .spawn_worker("w", &[("AUDITBRIDGE_REDACT", rules.as_str())])
+        .await?;
+    let events = env.events(2);
+    let subject = events[0].subject(&env.prefix);
+    // Nested 5,000 levels (not JSON to the event parser): a walk per level would overflow
+    // the stack; the dead letter keeps its size and hash only.
+    let deep = format!(
+        "{{\"metadata\":{}1{}, \"password\": \"p\"}}",
+        "[".repeat(5000),
+        "]".repeat(5000)
+    );
+    env.publish_raw(&subject, deep.clone().into_bytes(), None)
+        .await?
+        .await?;
+    // Not UTF-8, with a password in it.
+    env.publish_raw(&subject, b"{\"password\":\"p\xff\"}".to_vec(), None)
+        .await?
+        .await?;
+    env.publish(&events).await?;
+    env.wait_for_count(2, T).await?;
+    env.wait_for_drained(T).await?;
+    assert!(worker.is_running(), "the worker died");
+    let kept: Vec<Vec<u8>> = sqlx::query_scalar("SELECT payload FROM dead_letters ORDER BY id")
+        .fetch_all(&env.pool)
+        .await?;
+    assert_eq!(kept.len(), 2);
+    for p in &kept {
+        let v: Value = serde_json::from_slice(p)?;
+        assert!(
+            v["auditbridge_withheld"]["sha256"].as_str().is_some(),
+            "{v}"
+        );
+    }
+    // A pointer through an array with a step that is no index removes nothing, and errs not.
+    let same: Value = sqlx::query_scalar(
+        "SELECT auditbridge_without('{\"metadata\": {\"x\": [1, 2]}}', \
+                                    ARRAY['/metadata/x/password', '/metadata/x/7', '/nope/a'])",
+    )
+    .fetch_one(&env.pool)
+    .await?;
+    assert_eq!(same, json!({"metadata": {"x": [1, 2]}}));
+    Ok(())
+}

@@ -87,10 +87,10 @@ async fn a_resend_after_a_partition_boundary_is_still_a_duplicate() -> anyhow::R
     }
     env.wait_for_drained(T).await?;
     assert_eq!(env.count().await?, 60);
-    assert_eq!(
-        worker.metric("auditbridge_events_duplicate_total").await?,
-        60.0
-    );
+    // At least the 60 re-sends (a loaded machine may also redeliver a batch whose ack came
+    // after the 3 s ack wait: more duplicates, never another row).
+    let duplicates = worker.metric("auditbridge_events_duplicate_total").await?;
+    assert!(duplicates >= 60.0, "{duplicates} duplicates");
     assert_eq!(partition_of(&env).await?, first, "the stored rows changed");
     assert!(env.dead_letters().await?.is_empty());
 

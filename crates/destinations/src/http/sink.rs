@@ -54,6 +54,7 @@ impl fmt::Debug for HttpSink {
                 "auth",
                 &self.auth.as_ref().map(|a| match a {
                     HttpAuth::Bearer(_) => "bearer",
+                    HttpAuth::Splunk(_) => "splunk",
                     HttpAuth::Basic { .. } => "basic",
                 }),
             )
@@ -106,7 +107,9 @@ impl HttpSink {
         headers.insert(DESTINATION_HEADER, destination);
 
         match &params.auth {
-            Some(HttpAuth::Bearer(token)) => redact.push(token.expose_secret().to_owned()),
+            Some(HttpAuth::Bearer(token) | HttpAuth::Splunk(token)) => {
+                redact.push(token.expose_secret().to_owned());
+            }
             Some(HttpAuth::Basic { password, .. }) => {
                 redact.push(password.expose_secret().to_owned());
             }
@@ -194,6 +197,10 @@ impl HttpSink {
             .body(body);
         request = match &self.auth {
             Some(HttpAuth::Bearer(token)) => request.bearer_auth(token.expose_secret()),
+            Some(HttpAuth::Splunk(token)) => request.header(
+                reqwest::header::AUTHORIZATION,
+                format!("Splunk {}", token.expose_secret()),
+            ),
             Some(HttpAuth::Basic { username, password }) => {
                 request.basic_auth(username, Some(password.expose_secret()))
             }
