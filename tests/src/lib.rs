@@ -131,6 +131,20 @@ impl TestEnv {
         cmd
     }
 
+    /// Runs `auditbridge <args>` to its end: its exit code and its stdout then stderr.
+    pub async fn run(
+        &self,
+        args: &[&str],
+        extra: &[(&str, &str)],
+    ) -> anyhow::Result<(Option<i32>, String)> {
+        let out = self.command(args, extra).output().await?;
+        Ok((
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr),
+        ))
+    }
+
     /// Starts a worker process; its log goes to `target/test-logs/<tag>-<name>.log`.
     pub async fn spawn_worker(&self, name: &str, extra: &[(&str, &str)]) -> anyhow::Result<Worker> {
         self.spawn(name, &["worker"], extra)

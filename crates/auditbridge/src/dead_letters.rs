@@ -82,7 +82,8 @@ pub(crate) enum DeadLettersCommand {
     },
 }
 
-fn time(t: Option<OffsetDateTime>) -> Option<String> {
+/// An optional time in RFC 3339.
+pub(crate) fn time(t: Option<OffsetDateTime>) -> Option<String> {
     t.and_then(|t| t.format(&Rfc3339).ok())
 }
 

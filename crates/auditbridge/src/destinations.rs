@@ -8,10 +8,9 @@ use anyhow::Context as _;
 use auditbridge_config::Config;
 use auditbridge_store::{Store, StoredDestinationDeadLetter};
 use time::OffsetDateTime;
-use time::format_description::well_known::Rfc3339;
 use uuid::Uuid;
 
-use crate::dead_letters::safe;
+use crate::dead_letters::{safe, time};
 
 #[derive(Debug, clap::Subcommand)]
 pub(crate) enum DestinationsCommand {
@@ -57,10 +56,6 @@ pub(crate) enum DestinationsCommand {
         #[arg(long)]
         by: Option<String>,
     },
-}
-
-fn time(t: Option<OffsetDateTime>) -> Option<String> {
-    t.and_then(|t| t.format(&Rfc3339).ok())
 }
 
 fn dead_json(d: &StoredDestinationDeadLetter) -> serde_json::Value {

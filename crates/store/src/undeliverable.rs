@@ -89,16 +89,7 @@ impl Store {
             .map(|d| d.reason.replace('\0', "\u{FFFD}"))
             .collect();
         let mut tx = self.pool.begin().await?;
-        // Locks the destination's row, so the lease cannot change hands until commit.
-        let held: Option<i32> = sqlx::query_scalar(
-            "SELECT 1 FROM destinations \
-             WHERE name = $1 AND lease_holder = $2 AND lease_expires_at > now() FOR UPDATE",
-        )
-        .bind(destination)
-        .bind(holder)
-        .fetch_optional(&mut *tx)
-        .await?;
-        if held.is_none() {
+        if !holds_lease(&mut tx, destination, holder).await? {
             return Ok(false);
         }
         sqlx::query(
@@ -191,15 +182,7 @@ impl Store {
         outcome: &Redelivery,
     ) -> Result<bool, StoreError> {
         let mut tx = self.pool.begin().await?;
-        let held: Option<i32> = sqlx::query_scalar(
-            "SELECT 1 FROM destinations \
-             WHERE name = $1 AND lease_holder = $2 AND lease_expires_at > now() FOR UPDATE",
-        )
-        .bind(destination)
-        .bind(holder)
-        .fetch_optional(&mut *tx)
-        .await?;
-        if held.is_none() {
+        if !holds_lease(&mut tx, destination, holder).await? {
             return Ok(false);
         }
         let (delivered, reason) = match outcome {
@@ -254,4 +237,22 @@ impl Store {
             )
             .collect())
     }
+}
+
+/// Whether `holder` holds `destination`'s lease, locking its row so that the lease cannot
+/// change hands before `tx` commits: what fences every write a relay makes under its lease.
+async fn holds_lease(
+    tx: &mut sqlx::PgConnection,
+    destination: &str,
+    holder: &str,
+) -> Result<bool, sqlx::Error> {
+    let held: Option<i32> = sqlx::query_scalar(
+        "SELECT 1 FROM destinations \
+         WHERE name = $1 AND lease_holder = $2 AND lease_expires_at > now() FOR UPDATE",
+    )
+    .bind(destination)
+    .bind(holder)
+    .fetch_optional(&mut *tx)
+    .await?;
+    Ok(held.is_some())
 }

@@ -221,7 +221,7 @@ impl Ingest {
                 return Verdict::Refuse {
                     kind: "redaction",
                     reason: format!("the redaction rules could not read the event: {}", e.0),
-                    redacted: None,
+                    redacted: Some(withheld(&msg.payload, &e.0)),
                 };
             }
         };

@@ -9,11 +9,7 @@ use base64::Engine as _;
 const T: Duration = Duration::from_secs(60);
 
 async fn run(env: &TestEnv, args: &[&str]) -> anyhow::Result<(Option<i32>, String)> {
-    let out = env.command(args, &[]).output().await?;
-    Ok((
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
-    ))
+    env.run(args, &[]).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

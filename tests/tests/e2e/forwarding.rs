@@ -1042,14 +1042,7 @@ async fn destinations_cli(
 ) -> anyhow::Result<(Option<i32>, String)> {
     let mut all = vec!["destinations"];
     all.extend_from_slice(args);
-    let out = env
-        .command(&all, &[("AUDITBRIDGE_DESTINATIONS", dest)])
-        .output()
-        .await?;
-    Ok((
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
-    ))
+    env.run(&all, &[("AUDITBRIDGE_DESTINATIONS", dest)]).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -16,11 +16,7 @@ use sha2::Digest as _;
 const T: Duration = Duration::from_secs(60);
 
 async fn run(env: &TestEnv, args: &[&str]) -> anyhow::Result<(Option<i32>, String)> {
-    let out = env.command(args, &[]).output().await?;
-    Ok((
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
-    ))
+    env.run(args, &[]).await
 }
 
 /// The dead letters as `dead-letters list --json` shows them, oldest first.
