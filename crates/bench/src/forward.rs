@@ -32,13 +32,13 @@ use crate::{Args, Bench, STOP_GRACE, latencies, persist_synthetic, spawn_worker}
 
 /// The benchmark's exchange and queue, and one connection to the broker for the raw limit
 /// and the consumers.
-struct Bus {
-    exchange: Exchange,
+pub(crate) struct Bus {
+    pub(crate) exchange: Exchange,
     conn: Connection,
 }
 
 impl Bus {
-    async fn declare(tag: &str) -> anyhow::Result<Bus> {
+    pub(crate) async fn declare(tag: &str) -> anyhow::Result<Bus> {
         // A durable queue that keeps the newest 200k messages: every message is really
         // persisted, but a million-event drain does not fill the broker's disk.
         let options = QueueOptions {
@@ -53,12 +53,12 @@ impl Bus {
         Ok(Bus { exchange, conn })
     }
 
-    async fn purge(&self) -> anyhow::Result<()> {
+    pub(crate) async fn purge(&self) -> anyhow::Result<()> {
         self.exchange.purge().await?;
         Ok(())
     }
 
-    async fn delete(self) {
+    pub(crate) async fn delete(self) {
         let _ = self.conn.close(200, "done".into()).await;
         self.exchange.delete().await;
     }
@@ -67,7 +67,7 @@ impl Bus {
     /// bus would, so the queue stays short during the raw run and the drains alike (a queue
     /// at its length limit makes every publish also drop a message, which is extra broker
     /// work the raw run would not see). Runs until the returned channel is closed.
-    async fn downstream(&self) -> anyhow::Result<Channel> {
+    pub(crate) async fn downstream(&self) -> anyhow::Result<Channel> {
         let channel = self.conn.create_channel().await?;
         channel
             .basic_qos(1000, lapin::options::BasicQosOptions::default())
@@ -245,15 +245,15 @@ async fn fill_backlog(store: &Store, n: usize, tenants: usize) -> anyhow::Result
     Ok(())
 }
 
-struct Drain {
-    rate: f64,
+pub(crate) struct Drain {
+    pub(crate) rate: f64,
     first_tenth_rate: f64,
     last_tenth_rate: f64,
     rss_mb: Vec<f64>,
 }
 
 /// Watches a destination's delivered count until it reaches `total`.
-async fn watch_drain(
+pub(crate) async fn watch_drain(
     store: &Store,
     name: &str,
     total: usize,

@@ -6,10 +6,12 @@
 //! database, subject prefix, stream and consumer: [`auditbridge_fixtures::Scratch`]) with
 //! real worker processes of the running binary, so the figures include NATS, validation, the
 //! transactions and the acks, and a worker's resident set can be read from `/proc`. The parts:
-//! `ingest.rs` (NATS to PostgreSQL), `forward.rs` (PostgreSQL to RabbitMQ), `http.rs`
+//! `ingest.rs` (NATS to PostgreSQL), `forward.rs` (PostgreSQL to RabbitMQ), `formats.rs`
+//! (schemas and redaction rules in forwarding), `http.rs`
 //! (`POST /v1/ingest`), `query.rs` (the query API and the live tail), `log.rs` (the verifiable
 //! log: catch-up, storage, proofs).
 
+mod formats;
 mod forward;
 mod http;
 mod ingest;
@@ -56,6 +58,9 @@ pub struct Args {
     /// Forwarding: stored events to drain as a backlog, per mode.
     #[arg(long, default_value_t = 1_000_000)]
     backlog: usize,
+    /// Formats: stored events drained through each schema and transport.
+    #[arg(long, default_value_t = 200_000)]
+    formats_backlog: usize,
     /// Forwarding: messages for the raw RabbitMQ limit.
     #[arg(long, default_value_t = 60_000)]
     raw_messages: usize,
@@ -100,6 +105,7 @@ enum Part {
     All,
     Ingest,
     Forward,
+    Formats,
     Query,
     HttpIngest,
     Log,
@@ -139,6 +145,9 @@ pub async fn run(args: Args, config: &Config) -> anyhow::Result<ExitCode> {
     }
     if result.is_ok() && matches!(args.only, Part::All | Part::Forward) {
         result = forward::measure(bench).await;
+    }
+    if result.is_ok() && matches!(args.only, Part::All | Part::Formats) {
+        result = formats::measure(bench).await;
     }
     if result.is_ok() && matches!(args.only, Part::All | Part::HttpIngest) {
         result = http::measure(bench).await;

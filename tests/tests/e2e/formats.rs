@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use auditbridge_event::{Event, Outcome, Target};
+use auditbridge_tests::rabbit::TestBroker;
 use auditbridge_tests::receiver::Receiver;
 use auditbridge_tests::{TestEnv, until};
 use serde_json::{Value, json};
@@ -293,6 +294,143 @@ async fn cadf_ocsf_ecs_and_hec_are_what_their_own_tools_accept() -> anyhow::Resu
             "the event is the native one"
         );
         assert_eq!(v["fields"]["tenant"], e.tenant.as_str());
+    }
+    Ok(())
+}
+
+/// RabbitMQ carries the schemas too: OCSF one message per event (`message_id` the event's
+/// id, routing keys from the stored columns), CADF and ECS as NDJSON batches, after the
+/// destination's redaction rules, each accepted by its community's checker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rabbitmq_destinations_send_each_schema_after_redaction() -> anyhow::Result<()> {
+    let mut env = TestEnv::new().await?;
+    env.ensure_stream().await?;
+    let (ocsf, cadf, ecs) = (
+        TestBroker::new(&format!("{}o", env.tag)).await?,
+        TestBroker::new(&format!("{}c", env.tag)).await?,
+        TestBroker::new(&format!("{}e", env.tag)).await?,
+    );
+    let rules = json!([
+        {"key": "(?i)^password$", "action": "drop"},
+        {"path": "/actor/user_agent", "action": "mask"},
+    ]);
+    let dests = Value::from(vec![
+        ocsf.destination("ocsf", json!({"schema": "ocsf", "redact": rules})),
+        cadf.destination(
+            "cadf",
+            json!({"schema": "cadf", "mode": "batch", "redact": rules}),
+        ),
+        ecs.destination("ecs", json!({"schema": "ecs", "mode": "batch"})),
+    ])
+    .to_string();
+    let mut events = events(&mut env);
+    for e in &mut events {
+        let mut metadata = serde_json::Map::new();
+        metadata.insert("password".into(), json!("hunter2"));
+        metadata.insert("kept".into(), json!(1));
+        e.metadata = Some(metadata);
+    }
+    let _worker = env
+        .spawn_worker("w", &[("AUDITBRIDGE_DESTINATIONS", &dests)])
+        .await?;
+    env.publish(&events).await?;
+    let n = events.len();
+    let (mut o, mut c, mut x) = (Vec::new(), Vec::new(), Vec::new());
+    ocsf.collect_until(T, &mut o, |g| g.len() >= n).await?;
+    cadf.collect_until(T, &mut c, |g| {
+        g.iter().map(|m| m.ids(true).len()).sum::<usize>() >= n
+    })
+    .await?;
+    let lines_of = |got: &[auditbridge_tests::rabbit::Got]| -> Vec<Value> {
+        got.iter()
+            .flat_map(|m| {
+                String::from_utf8_lossy(&m.body)
+                    .lines()
+                    .filter(|l| !l.trim().is_empty())
+                    .map(|l| serde_json::from_str(l).expect("a JSON line"))
+                    .collect::<Vec<Value>>()
+            })
+            .collect()
+    };
+    // ECS batches carry `event.id`, not `id`.
+    ecs.collect_until(T, &mut x, |g| lines_of(g).len() >= n)
+        .await?;
+    let python = venv().join("bin/python").to_string_lossy().into_owned();
+
+    // OCSF, one message per event: the message id and the routing key are the stored event's.
+    let sent = lines_of(&o);
+    assert_eq!(sent.len(), n, "one OCSF object per message");
+    for (m, v) in o.iter().zip(&sent) {
+        let id = v["metadata"]["uid"].as_str().context("metadata.uid")?;
+        assert_eq!(m.message_id.as_deref(), Some(id));
+        let e = events
+            .iter()
+            .find(|e| e.id.to_string() == id)
+            .context("sent")?;
+        assert_eq!(m.routing_key, format!("{}.{}", e.tenant, e.action));
+        let kept = &v["unmapped"]["auditbridge"];
+        assert!(kept["metadata"].get("password").is_none(), "redacted: {v}");
+        assert_eq!(kept["metadata"]["kept"], 1);
+    }
+    check(
+        &python,
+        &[
+            scripts()
+                .join("ocsf_check.py")
+                .to_string_lossy()
+                .into_owned(),
+            "--version".into(),
+            auditbridge_destinations::schema::OCSF_VERSION.into(),
+        ],
+        &[],
+        &ndjson(&sent),
+    )
+    .await?;
+
+    // CADF in NDJSON batches, after the rules: the user agent masked, the password gone.
+    let sent = lines_of(&c);
+    assert_eq!(sent.len(), n);
+    check(
+        &python,
+        &[
+            scripts()
+                .join("cadf_check.py")
+                .to_string_lossy()
+                .into_owned(),
+            "--pycadf-time".into(),
+        ],
+        &[],
+        &ndjson(&sent),
+    )
+    .await?;
+    let login = sent
+        .iter()
+        .find(|v| v["id"] == events[0].id.to_string())
+        .context("login")?;
+    assert_eq!(login["initiator"]["host"]["agent"], "[REDACTED]");
+    let original = &login["attachments"][0]["content"];
+    assert!(original["metadata"].get("password").is_none(), "{login}");
+
+    // ECS in batches, without rules: the whole event kept in event.original.
+    let sent = lines_of(&x);
+    assert_eq!(sent.len(), n);
+    check(
+        "node",
+        &[
+            scripts()
+                .join("ecs_check.js")
+                .to_string_lossy()
+                .into_owned(),
+            "--pin-version".into(),
+            "--strict-arrays".into(),
+        ],
+        &[("NODE_PATH", ecs_modules())],
+        &ndjson(&sent),
+    )
+    .await?;
+    for v in &sent {
+        let original: Value = serde_json::from_str(v["event"]["original"].as_str().unwrap())?;
+        assert_eq!(original["metadata"]["password"], "hunter2", "no rules here");
     }
     Ok(())
 }
