@@ -98,7 +98,7 @@ impl Webhooks {
             .iter()
             .filter_map(|s| match &s.kind {
                 SourceKind::Webhook(params) => Some((s.name.clone(), params.clone())),
-                SourceKind::File(_) => None,
+                SourceKind::File(_) | SourceKind::Api(_) => None,
             })
             .collect();
         Webhooks::new(webhooks)

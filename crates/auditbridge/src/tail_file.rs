@@ -36,7 +36,7 @@ pub(crate) async fn run(args: Args, config: &Config) -> anyhow::Result<ExitCode>
         .iter()
         .filter_map(|s| match &s.kind {
             SourceKind::File(p) => Some((s.name.clone(), p.clone())),
-            SourceKind::Webhook(_) => None,
+            SourceKind::Webhook(_) | SourceKind::Api(_) => None,
         })
         .filter(|(name, _)| args.name.as_ref().is_none_or(|n| n == name))
         .collect();

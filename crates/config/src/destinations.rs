@@ -438,10 +438,10 @@ pub struct HttpParams {
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct BasicAuth {
-    username: String,
+pub(crate) struct BasicAuth {
+    pub(crate) username: String,
     #[serde(deserialize_with = "de::secret")]
-    password: SecretString,
+    pub(crate) password: SecretString,
 }
 
 impl de::Hidden for BasicAuth {
@@ -456,9 +456,28 @@ fn optional_basic_auth<'de, D: serde::Deserializer<'de>>(
 
 /// An `http://` or `https://` URL with a host, by the parser the sink uses (reqwest's `Url` is
 /// the `url` crate's).
-fn http_url<'de, D: serde::Deserializer<'de>>(d: D) -> Result<SecretUrl, D::Error> {
+pub(crate) fn http_url<'de, D: serde::Deserializer<'de>>(d: D) -> Result<SecretUrl, D::Error> {
     let text = de::Text::deserialize_from(d)?;
     SecretUrl::parse(&text, &["http", "https"], false).map_err(serde::de::Error::custom)
+}
+
+/// Extra request headers (`params.headers`): the name by our own (narrower) rule than the
+/// http crate's; the value is not quoted in the refusal: it may be an API key.
+pub(crate) fn check_headers(headers: &BTreeMap<String, SecretString>) -> Result<(), Refusal> {
+    for (k, v) in headers {
+        let ok = !k.is_empty()
+            && k.len() <= 256
+            && k.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_".contains(&b))
+            && header_value_ok(v.expose_secret());
+        if !ok {
+            return Err(refuse(
+                format!("params.headers.{k}"),
+                "expected a header name of at most 256 letters, digits, '-' or '_' and a value without control characters",
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// A header value as the `http` crate takes it (`HeaderValue::from_str`): visible ASCII,
@@ -556,21 +575,7 @@ impl HttpParams {
                 "set either hec_token or bearer_token/basic_auth, not both",
             ));
         }
-        for (k, v) in &self.headers {
-            // The name by our own (narrower) rule than the http crate's; the value is not
-            // quoted: it may be an API key.
-            let ok = !k.is_empty()
-                && k.len() <= 256
-                && k.bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b"-_".contains(&b))
-                && header_value_ok(v.expose_secret());
-            if !ok {
-                return Err(refuse(
-                    format!("params.headers.{k}"),
-                    "expected a header name of at most 256 letters, digits, '-' or '_' and a value without control characters",
-                ));
-            }
-        }
+        check_headers(&self.headers)?;
         if self
             .secret
             .as_ref()

@@ -15,6 +15,7 @@
 //!
 //! This crate does no network I/O; it reads the configuration file and nothing else.
 
+pub mod api_source;
 mod de;
 pub mod destinations;
 mod lists;

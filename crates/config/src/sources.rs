@@ -1,7 +1,7 @@
 //! Ingest source definitions (`[[sources]]`, `AUDITBRIDGE_SOURCES`): `{"name", "type",
-//! "params"}` for signed webhooks and followed files, read into typed settings and checked
-//! here, at load, including their field mappings. Secrets are [`SecretString`]s: `Debug` never
-//! shows them.
+//! "params"}` for signed webhooks, followed files and polled APIs (`api_source.rs`), read
+//! into typed settings and checked here, at load, including their field mappings. Secrets are
+//! [`SecretString`]s: `Debug` never shows them.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -36,6 +36,7 @@ pub struct SourceConfig {
 pub enum SourceKind {
     Webhook(WebhookParams),
     File(FileParams),
+    Api(Box<crate::api_source::ApiParams>),
 }
 
 impl SourceKind {
@@ -43,6 +44,7 @@ impl SourceKind {
         match self {
             SourceKind::Webhook(_) => "webhook",
             SourceKind::File(_) => "file",
+            SourceKind::Api(_) => "api",
         }
     }
 }
@@ -483,6 +485,23 @@ pub(crate) fn read(value: &Value, id_key: Option<&SecretString>) -> Result<Sourc
         SourceKind::File(f) => {
             f.check(&name)?;
             f.mapping = read_mapping(f.mapping_json.take(), id_key)?;
+        }
+        SourceKind::Api(a) => {
+            a.check()?;
+            // A remote event's id is the API's, not ours: the event's is derived from it.
+            let Some(raw) = a.mapping_json.take() else {
+                return Err(refuse(
+                    "params.mapping",
+                    "an api source needs a mapping (its events' ids are derived from each remote event's own id)",
+                ));
+            };
+            a.mapping = read_mapping(Some(raw), id_key)?;
+            if matches!(a.mapping, MappingConfig::Identity) {
+                return Err(refuse(
+                    "params.mapping",
+                    "an api source needs a field mapping, not \"identity\" (its events' ids are derived from each remote event's own id)",
+                ));
+            }
         }
     }
     Ok(SourceConfig { name, kind })

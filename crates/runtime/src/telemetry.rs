@@ -160,7 +160,58 @@ pub const TAIL_FILES_LOST: &str = "auditbridge_tail_files_lost_total";
 /// Label `source`: publish attempts that failed and are being retried.
 pub const TAIL_PUBLISH_FAILURES: &str = "auditbridge_tail_publish_failures_total";
 
+/// Labels `source`, `outcome`: ok | one of the error kinds of [`POLL_ERRORS`].
+pub const POLL_REQUESTS: &str = "auditbridge_poll_requests_total";
+/// Label `source`: pages accounted for (their events acknowledged, their rejects kept).
+pub const POLL_PAGES: &str = "auditbridge_poll_pages_total";
+/// Labels `source`, `result`: published | rejected | seen (already published in a window's
+/// overlap).
+pub const POLL_EVENTS: &str = "auditbridge_poll_events_total";
+/// Labels `source`, `kind`: auth | rate_limited | unavailable | http_5xx | http_4xx | network |
+/// timeout | too_large | malformed | foreign_link | oauth | publish | database.
+pub const POLL_ERRORS: &str = "auditbridge_poll_errors_total";
+/// Label `source`: seconds since the cursor last moved.
+pub const POLL_CURSOR_AGE: &str = "auditbridge_poll_cursor_age_seconds";
+/// Label `source`: now minus the newest published event's `occurred_at`.
+pub const POLL_LAG: &str = "auditbridge_poll_lag_seconds";
+/// Label `source`: 1 while this process holds the source's lease.
+pub const POLL_LEASE_HELD: &str = "auditbridge_poll_lease_held";
+
 fn describe_sources() {
+    describe_counter!(
+        POLL_REQUESTS,
+        Unit::Count,
+        "Requests an api source made, by source and outcome."
+    );
+    describe_counter!(
+        POLL_PAGES,
+        Unit::Count,
+        "Pages of an api source accounted for (events acknowledged, rejects kept)."
+    );
+    describe_counter!(
+        POLL_EVENTS,
+        Unit::Count,
+        "Items of an api source's pages, by source and result."
+    );
+    describe_counter!(
+        POLL_ERRORS,
+        Unit::Count,
+        "Failed polls of an api source, by source and kind."
+    );
+    describe_gauge!(
+        POLL_CURSOR_AGE,
+        Unit::Seconds,
+        "Seconds since an api source's cursor last moved."
+    );
+    describe_gauge!(
+        POLL_LAG,
+        Unit::Seconds,
+        "Now minus the occurred_at of the newest event an api source published."
+    );
+    describe_gauge!(
+        POLL_LEASE_HELD,
+        "1 while this process holds the api source's lease."
+    );
     describe_counter!(
         WEBHOOK_REQUESTS,
         Unit::Count,

@@ -1,7 +1,7 @@
 //! Ingest sources for systems that cannot speak NATS: signed webhooks (served by the API),
 //! followed JSONL files (`auditbridge tail-file`) and, through the API, plain HTTP ingest.
 //! Every path ends in the same JetStream subjects, so the worker stays the only way into the
-//! trail: sources map, validate and publish with acks; they never write to PostgreSQL.
+//! trail: sources map, validate and publish with acks; they never write events to PostgreSQL.
 //!
 //! - [`config`]: `[[sources]]` / `AUDITBRIDGE_SOURCES` definitions, as the configuration
 //!   read and checked them.
@@ -12,9 +12,13 @@
 //!   with backoff.
 //! - [`tail`]: the file follower (position persisted as inode + offset, rotation,
 //!   truncation, partial lines).
+//! - [`poll`]: the API poller (`type = "api"`): cursor styles, leases, pages accounted for in
+//!   PostgreSQL only after JetStream acknowledged their events. The one source that writes
+//!   PostgreSQL, and only its own cursor, lease and rejected items.
 
 pub mod config;
 pub mod mapping;
+pub mod poll;
 pub mod publish;
 pub mod signature;
 pub mod tail;

@@ -263,21 +263,49 @@ impl Mapping {
                 }
                 let doc: Value = serde_json::from_slice(payload)
                     .map_err(|e| refuse(RefusalKind::NotJson, format!("not JSON: {e}")))?;
-                if !doc.is_object() {
-                    return Err(refuse(RefusalKind::NotJson, "expected a JSON object"));
-                }
-                let mapped = m.map(source, &doc, received_at)?;
-                let size = serde_json::to_vec(&mapped.event).map_or(0, |v| v.len());
-                if size > max_bytes {
-                    return Err(refuse(
-                        RefusalKind::Oversize,
-                        format!("the mapped event is {size} bytes, more than {max_bytes}"),
-                    ));
-                }
-                Ok(mapped)
+                map_value(m, source, &doc, max_bytes, received_at)
             }
         }
     }
+
+    /// Maps one foreign object already parsed (an item of a polled page). Only a field
+    /// mapping can: an identity mapping is refused with `invalid`.
+    pub fn apply_value(
+        &self,
+        source: &str,
+        doc: &Value,
+        max_bytes: usize,
+        received_at: OffsetDateTime,
+    ) -> Result<Mapped, Refusal> {
+        match self {
+            Mapping::Identity => Err(refuse(
+                RefusalKind::Invalid,
+                "an identity mapping takes payloads, not parsed items",
+            )),
+            Mapping::Fields(m) => map_value(m, source, doc, max_bytes, received_at),
+        }
+    }
+}
+
+fn map_value(
+    m: &FieldMapping,
+    source: &str,
+    doc: &Value,
+    max_bytes: usize,
+    received_at: OffsetDateTime,
+) -> Result<Mapped, Refusal> {
+    if !doc.is_object() {
+        return Err(refuse(RefusalKind::NotJson, "expected a JSON object"));
+    }
+    let mapped = m.map(source, doc, received_at)?;
+    let size = serde_json::to_vec(&mapped.event).map_or(0, |v| v.len());
+    if size > max_bytes {
+        return Err(refuse(
+            RefusalKind::Oversize,
+            format!("the mapped event is {size} bytes, more than {max_bytes}"),
+        ));
+    }
+    Ok(mapped)
 }
 
 /// Refuses an event whose tenant is not in `allowed` (an empty list allows every tenant).

@@ -16,6 +16,8 @@
 --                       still alter the trail (an owner always can); the signed log detects it.
 --   auditbridge_writer  `auditbridge worker`: inserts events and dead letters, relays.
 --   auditbridge_reader  `auditbridge serve` and `auditbridge status`: reads, nothing else.
+--   auditbridge_poller  `auditbridge poll`: its sources' cursors, leases and rejected items,
+--                       nothing of the trail (events reach it through JetStream and a worker).
 
 -- Two `migrate`s of the same database at once would otherwise collide on the catalog rows
 -- they both rewrite ("tuple concurrently updated").
@@ -73,12 +75,15 @@ BEGIN
     EXECUTE format('REVOKE TEMPORARY ON DATABASE %I FROM PUBLIC', current_database());
 END
 $$;
-REVOKE ALL ON ALL TABLES IN SCHEMA public FROM auditbridge_writer, auditbridge_reader;
-REVOKE ALL ON ALL SEQUENCES IN SCHEMA public FROM auditbridge_writer, auditbridge_reader;
+REVOKE ALL ON ALL TABLES IN SCHEMA public FROM auditbridge_writer, auditbridge_reader,
+    auditbridge_poller;
+REVOKE ALL ON ALL SEQUENCES IN SCHEMA public FROM auditbridge_writer, auditbridge_reader,
+    auditbridge_poller;
 -- Functions: PostgreSQL lets PUBLIC execute every new function. The guarded retention path
 -- (0008, 0009) is SECURITY DEFINER, so only the roles named below may call it.
-REVOKE ALL ON ALL FUNCTIONS IN SCHEMA public FROM PUBLIC, auditbridge_writer, auditbridge_reader;
-GRANT USAGE ON SCHEMA public TO auditbridge_writer, auditbridge_reader;
+REVOKE ALL ON ALL FUNCTIONS IN SCHEMA public FROM PUBLIC, auditbridge_writer, auditbridge_reader,
+    auditbridge_poller;
+GRANT USAGE ON SCHEMA public TO auditbridge_writer, auditbridge_reader, auditbridge_poller;
 
 -- The writer (`auditbridge worker`).
 --
@@ -156,7 +161,21 @@ GRANT SELECT, INSERT ON log_leaves, log_nodes, log_checkpoints TO auditbridge_wr
 GRANT SELECT ON audit_events, dead_letters, destinations, destination_dead_letters,
     outbox_generations, log_leaves, log_nodes, log_checkpoints, _sqlx_migrations,
     audit_event_ids, retention_settings, retention_policies, audit_partitions,
-    legal_holds, retention_receipts, retention_pending, dead_letter_replays
+    legal_holds, retention_receipts, retention_pending, dead_letter_replays, api_sources,
+    api_source_seen, api_source_rejects
     TO auditbridge_reader;
 GRANT EXECUTE ON FUNCTION auditbridge_keep_s(text), auditbridge_generation_of(bigint)
     TO auditbridge_reader;
+
+-- The poller (`auditbridge poll`, 0015): it publishes to JetStream like any producer and keeps
+-- in PostgreSQL only what a takeover needs. api_sources: its row (created on first start,
+-- cursor, lease, counters, last error). api_source_seen: the ids of a window's overlap, pruned
+-- as it moves. api_source_rejects: items no mapping took; a replay records only its outcome.
+-- Nothing of audit_events, dead_letters or the log.
+GRANT SELECT, INSERT, UPDATE ON api_sources TO auditbridge_poller;
+GRANT SELECT, INSERT, DELETE ON api_source_seen TO auditbridge_poller;
+GRANT SELECT ON api_source_rejects TO auditbridge_poller;
+GRANT INSERT (source, cursor, item_index, item, reason, kind) ON api_source_rejects
+    TO auditbridge_poller;
+GRANT UPDATE (replayed_at, replay_result, event_id) ON api_source_rejects TO auditbridge_poller;
+GRANT SELECT ON _sqlx_migrations TO auditbridge_poller;

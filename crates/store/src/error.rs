@@ -40,6 +40,10 @@ pub enum StoreError {
     /// Stored data that cannot be what this version wrote (a log hash of the wrong length).
     #[error("stored data is not what it should be: {0}")]
     Corrupt(String),
+    /// What is stored does not fit the configuration (an api source's saved cursor of another
+    /// style); the message says what to do.
+    #[error("{0}")]
+    Mismatch(String),
     #[error("applying migrations failed: {0}")]
     Migrate(sqlx::migrate::MigrateError),
     /// Creating the least-privilege roles or applying their grants failed (usually: the

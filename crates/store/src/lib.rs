@@ -21,6 +21,7 @@
 //! database refused this statement", which the worker answers by isolating the batch: an event
 //! that fails alone while a control row succeeds is at fault, anything else is the database's.
 
+pub mod api_sources;
 pub mod dead_letters;
 mod error;
 pub mod log;

@@ -16,8 +16,11 @@ pub const WRITER: &str = "auditbridge_writer";
 /// `auditbridge serve` and `auditbridge status`: reads only.
 pub const READER: &str = "auditbridge_reader";
 
-/// The three roles, in the order they are created.
-pub const ALL: [&str; 3] = [OWNER, WRITER, READER];
+/// `auditbridge poll`: its api sources' cursors, leases and rejected items only.
+pub const POLLER: &str = "auditbridge_poller";
+
+/// The roles, in the order they are created.
+pub const ALL: [&str; 4] = [OWNER, WRITER, READER, POLLER];
 
 /// The grants, applied by [`apply_grants`].
 pub const GRANTS_SQL: &str = include_str!("../sql/grants.sql");

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use anyhow::{Context as _, bail, ensure};
 use auditbridge_event::Event;
-use auditbridge_store::roles::{OWNER, READER, WRITER};
+use auditbridge_store::roles::{OWNER, POLLER, READER, WRITER};
 use auditbridge_store::{DeadLetter, NewEvent, Store};
 use auditbridge_tests::api::{ApiServer, Token};
 use auditbridge_tests::receiver::{Answer, Receiver};
@@ -1044,10 +1044,10 @@ async fn migrating_many_databases_at_once_creates_each_role_once() -> anyhow::Re
     created.sort();
     assert_eq!(
         created,
-        [OWNER, READER, WRITER],
+        [OWNER, POLLER, READER, WRITER],
         "each role is created exactly once"
     );
-    assert_eq!(roles(&mut admin).await?, [OWNER, READER, WRITER]);
+    assert_eq!(roles(&mut admin).await?, [OWNER, POLLER, READER, WRITER]);
     for url in &urls {
         let mut conn = PgConnection::connect(url).await?;
         let owner: String = sqlx::query_scalar(

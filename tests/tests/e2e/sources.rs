@@ -62,7 +62,7 @@ fn webhooks(sources: &Value) -> anyhow::Result<Vec<WebhookParams>> {
         .into_iter()
         .map(|s| match s.kind {
             SourceKind::Webhook(params) => Ok(params),
-            SourceKind::File(_) => bail!("source {} is not a webhook", s.name),
+            SourceKind::File(_) | SourceKind::Api(_) => bail!("source {} is not a webhook", s.name),
         })
         .collect()
 }
