@@ -10,7 +10,7 @@
 --
 -- The roles are cluster-global and created by `migrate` unless `--no-roles` (crates/store/src/
 -- roles.rs). This file can also be applied by hand with psql where roles are managed
--- elsewhere, once the three roles exist.
+-- elsewhere, once the four roles exist.
 --
 --   auditbridge_owner   owns every object of the schema; used only by `migrate`. It can
 --                       still alter the trail (an owner always can); the signed log detects it.
