@@ -252,6 +252,8 @@ const BOUNDARIES: &[(&str, &[&str])] = &[
             "auditbridge-config",
             "auditbridge-event",
             "auditbridge-runtime",
+            // The api poller keeps its cursor, lease and rejects (never events) there.
+            "auditbridge-store",
         ],
     ),
     (
