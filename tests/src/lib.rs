@@ -26,6 +26,7 @@ pub mod nats_server;
 pub mod proxy;
 pub mod rabbit;
 pub mod receiver;
+pub mod remote_api;
 pub mod sources;
 
 pub use auditbridge_fixtures::run_cleanup;
@@ -376,6 +377,27 @@ impl Worker {
                     .ok()
             })
             .unwrap_or(0.0))
+    }
+
+    /// The sum of the series of `name` whose labels include every one of `labels` (label
+    /// order as the exporter writes them does not matter); 0 when there are none.
+    pub async fn metric_sum(&self, name: &str, labels: &[(&str, &str)]) -> anyhow::Result<f64> {
+        let (_, body) = self.get("/metrics").await?;
+        Ok(body
+            .lines()
+            .filter_map(|l| {
+                let rest = l.strip_prefix(name)?;
+                let (series, value) = rest.rsplit_once(' ')?;
+                if !(series.is_empty() || series.starts_with('{')) {
+                    return None;
+                }
+                labels
+                    .iter()
+                    .all(|(k, v)| series.contains(&format!("{k}=\"{v}\"")))
+                    .then(|| value.trim().parse::<f64>().ok())
+                    .flatten()
+            })
+            .sum())
     }
 
     pub fn log_text(&self) -> String {

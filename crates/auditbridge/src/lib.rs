@@ -5,6 +5,7 @@
 mod dead_letters;
 mod destinations;
 mod log;
+mod poll;
 mod publish;
 mod retention;
 mod status;
@@ -51,6 +52,8 @@ enum Command {
     Bench(auditbridge_bench::Args),
     /// Follow JSONL files (the `file` sources of the configuration) and publish their lines.
     TailFile(tail_file::Args),
+    /// Pull audit logs from other systems' APIs (the `api` sources of the configuration).
+    Poll(poll::Args),
     /// Destinations: rewind one, list and redeliver the events it could not take.
     #[command(subcommand)]
     Destinations(destinations::DestinationsCommand),
@@ -223,6 +226,7 @@ async fn run(command: Command, config: Config) -> anyhow::Result<ExitCode> {
         Command::Status(args) => status::run(args, &config).await,
         Command::Bench(args) => auditbridge_bench::run(args, &config).await,
         Command::TailFile(args) => tail_file::run(args, &config).await,
+        Command::Poll(args) => poll::run(args, &config).await,
         Command::Serve => {
             let shutdown = CancellationToken::new();
             tokio::spawn(cancel_on_signal(shutdown.clone()));

@@ -156,6 +156,13 @@ pub(crate) async fn run(args: Args, config: &Config) -> anyhow::Result<ExitCode>
                 doc["retention"] = json!({"error": format!("{e:#}")});
             }
         }
+        match api_sources(&store, config).await {
+            Ok(a) => doc["api_sources"] = a,
+            Err(e) => {
+                ok = false;
+                doc["api_sources"] = json!({"error": format!("{e:#}")});
+            }
+        }
     }
     store.close().await;
 
@@ -357,6 +364,7 @@ fn print_text(doc: &serde_json::Value) {
     }
     print_log(&doc["log"]);
     print_retention(&doc["retention"]);
+    print_api_sources(&doc["api_sources"]);
     match &doc["destinations"] {
         serde_json::Value::Array(list) if !list.is_empty() => {
             println!("destinations:");
@@ -410,6 +418,93 @@ fn print_text(doc: &serde_json::Value) {
         serde_json::Value::Object(o) => {
             println!(
                 "destinations: ERROR: {}",
+                o.get("error").and_then(|e| e.as_str()).unwrap_or("")
+            );
+        }
+        _ => {}
+    }
+}
+
+/// Each `api` source: who polls it, how far its cursor and its events are behind, what it
+/// counted, its errors by kind, and the items it kept as rejects.
+async fn api_sources(store: &Store, config: &Config) -> anyhow::Result<serde_json::Value> {
+    let now = store.now().await?;
+    let time = |t: Option<time::OffsetDateTime>| t.and_then(|t| t.format(&Rfc3339).ok());
+    let age = |t: Option<time::OffsetDateTime>| t.map(|t| (now - t).as_seconds_f64().max(0.0));
+    let list = store
+        .api_sources()
+        .await?
+        .into_iter()
+        .map(|s| {
+            json!({
+                "name": s.name,
+                "cursor": s.cursor_style,
+                "configured": config.sources.iter().any(|c| c.name == s.name),
+                "lease_holder": s.lease_holder,
+                "cursor_moved_at": time(s.cursor_moved_at),
+                "cursor_age_seconds": age(s.cursor_moved_at),
+                "newest_event_at": time(s.newest_event_at),
+                "lag_seconds": age(s.newest_event_at),
+                "last_poll_at": time(s.last_poll_at),
+                "polls_total": s.polls_total,
+                "pages_total": s.pages_total,
+                "events_total": s.events_total,
+                "rejected_total": s.rejected_total,
+                "open_rejects": s.open_rejects,
+                "errors": s.errors,
+                "failing": s.failing,
+                "last_error": s.last_error,
+                "last_error_kind": s.last_error_kind,
+                "last_error_at": time(s.last_error_at),
+            })
+        })
+        .collect();
+    Ok(serde_json::Value::Array(list))
+}
+
+fn print_api_sources(list: &serde_json::Value) {
+    match list {
+        serde_json::Value::Array(list) if !list.is_empty() => {
+            println!("api sources:");
+            for s in list {
+                let secs = |v: &serde_json::Value| {
+                    v.as_f64().map_or("-".to_owned(), |s| format!("{s:.1}s"))
+                };
+                println!(
+                    "  {:<16} {:<6} cursor moved {} ago, lag {}, {} polls, {} pages, {} events, {} open reject(s), {}{}",
+                    crate::dead_letters::safe(s["name"].as_str().unwrap_or("")),
+                    s["cursor"].as_str().unwrap_or(""),
+                    secs(&s["cursor_age_seconds"]),
+                    secs(&s["lag_seconds"]),
+                    s["polls_total"],
+                    s["pages_total"],
+                    s["events_total"],
+                    s["open_rejects"],
+                    match s["lease_holder"].as_str() {
+                        Some(h) => format!("polled by {h}"),
+                        None => "no poller holds it".to_owned(),
+                    },
+                    if s["failing"].as_bool() == Some(true) {
+                        ", FAILING"
+                    } else {
+                        ""
+                    },
+                );
+                if let Some(e) = s["last_error"].as_str() {
+                    println!(
+                        "  {:<16} last error ({}) at {}: {}; errors by kind {}",
+                        "",
+                        s["last_error_kind"].as_str().unwrap_or("-"),
+                        s["last_error_at"].as_str().unwrap_or("-"),
+                        crate::dead_letters::safe(e),
+                        s["errors"]
+                    );
+                }
+            }
+        }
+        serde_json::Value::Object(o) => {
+            println!(
+                "api sources: ERROR: {}",
                 o.get("error").and_then(|e| e.as_str()).unwrap_or("")
             );
         }

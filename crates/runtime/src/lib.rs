@@ -36,3 +36,13 @@ pub fn retry_backoff() -> impl Iterator<Item = Duration> {
         .without_max_times()
         .build()
 }
+
+/// A lease holder's name, unique per process: host, pid and a random suffix (a pid is reused
+/// after a restart, a container's host name too).
+pub fn holder_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "unknown".into());
+    let nonce = &uuid::Uuid::new_v4().simple().to_string()[..8];
+    format!("{host}-{}-{nonce}", std::process::id())
+}

@@ -136,7 +136,7 @@ impl Worker {
         tasks.spawn(retention::supervise(
             Store::connect_lazy(config.database_url.expose(), 2)?,
             log_key.clone(),
-            holder_id(),
+            auditbridge_runtime::holder_id(),
             config.lease_ttl,
             stopping.clone(),
         ));
@@ -147,7 +147,7 @@ impl Worker {
         tasks.spawn(sequencer::supervise(
             sequencer::Sequencer {
                 store: Store::connect_lazy(config.database_url.expose(), 2)?,
-                holder: holder_id(),
+                holder: auditbridge_runtime::holder_id(),
                 lease_ttl: config.lease_ttl,
                 key: log_key,
                 checkpoint_interval: config.log_checkpoint_interval,
@@ -170,7 +170,7 @@ impl Worker {
             ));
             let ctx = Arc::new(relay::RelayContext {
                 store: relay_store,
-                holder: holder_id(),
+                holder: auditbridge_runtime::holder_id(),
                 lease_ttl: config.lease_ttl,
                 wake: wake_rx,
             });
@@ -372,12 +372,4 @@ pub fn read_log_key(path: &std::path::Path) -> anyhow::Result<auditbridge_tlog::
             path.display()
         )
     })
-}
-
-fn holder_id() -> String {
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_owned())
-        .unwrap_or_else(|_| "unknown".into());
-    let nonce = &auditbridge_event::Uuid::new_v4().simple().to_string()[..8];
-    format!("{host}-{}-{nonce}", std::process::id())
 }

@@ -23,6 +23,7 @@ mod log_audit;
 mod outbox;
 mod page;
 mod poison;
+mod poll;
 mod redact;
 mod replay;
 mod retention;

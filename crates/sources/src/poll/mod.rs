@@ -159,6 +159,11 @@ impl<S: Sink> Poller<S> {
         })
     }
 
+    /// The source's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
     fn style_name(&self) -> &'static str {
         match self.params.cursor {
             CursorStyle::Link => "link",
