@@ -8,9 +8,11 @@
 //! transactions and the acks, and a worker's resident set can be read from `/proc`. The parts:
 //! `ingest.rs` (NATS to PostgreSQL), `forward.rs` (PostgreSQL to RabbitMQ), `formats.rs`
 //! (schemas and redaction rules in forwarding), `http.rs`
-//! (`POST /v1/ingest`), `query.rs` (the query API and the live tail), `log.rs` (the verifiable
-//! log: catch-up, storage, proofs).
+//! (`POST /v1/ingest`), `api_poll.rs` (an `api` source pulling pages from a local API),
+//! `query.rs` (the query API and the live tail), `log.rs` (the verifiable log: catch-up,
+//! storage, proofs).
 
+mod api_poll;
 mod formats;
 mod forward;
 mod http;
@@ -61,6 +63,9 @@ pub struct Args {
     /// Formats: stored events drained through each schema and transport.
     #[arg(long, default_value_t = 200_000)]
     formats_backlog: usize,
+    /// Api poll: events pulled from the local API (rounded up to whole pages of 1,000).
+    #[arg(long, default_value_t = 200_000)]
+    poll_events: usize,
     /// Forwarding: messages for the raw RabbitMQ limit.
     #[arg(long, default_value_t = 60_000)]
     raw_messages: usize,
@@ -108,6 +113,7 @@ enum Part {
     Formats,
     Query,
     HttpIngest,
+    ApiPoll,
     Log,
     Retention,
 }
@@ -151,6 +157,9 @@ pub async fn run(args: Args, config: &Config) -> anyhow::Result<ExitCode> {
     }
     if result.is_ok() && matches!(args.only, Part::All | Part::HttpIngest) {
         result = http::measure(bench).await;
+    }
+    if result.is_ok() && matches!(args.only, Part::All | Part::ApiPoll) {
+        result = api_poll::measure(bench).await;
     }
     if result.is_ok() && matches!(args.only, Part::All | Part::Query) {
         result = query::measure(bench).await;

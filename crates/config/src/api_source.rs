@@ -409,3 +409,147 @@ impl ApiParams {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use serde_json::{Value, json};
+
+    use super::*;
+    use crate::Config;
+    use crate::sources::SourceKind;
+
+    const KEY: &str = "test-id-key-0123456789abcdef0123456789";
+
+    fn definition(params: &Value) -> Value {
+        let mut p = json!({
+            "url": "https://acme.okta.com/api/v1/logs",
+            "cursor": "link",
+            "mapping": {"id": "/uuid", "tenant": {"const": "acme"}, "type": "/eventType",
+                "actions": {"user.session.start": "session.create"}, "actor": {"id": "/actor/id"}}
+        });
+        for (k, v) in params.as_object().expect("an object") {
+            if v.is_null() {
+                p.as_object_mut().unwrap().remove(k);
+            } else {
+                p[k] = v.clone();
+            }
+        }
+        json!({"name": "okta", "type": "api", "params": p})
+    }
+
+    fn load(params: &Value) -> Result<ApiParams, String> {
+        let vars = [
+            (
+                "AUDITBRIDGE_SOURCES".to_owned(),
+                json!([definition(params)]).to_string(),
+            ),
+            ("AUDITBRIDGE_ID_KEY".to_owned(), KEY.to_owned()),
+        ];
+        let config = Config::from_env(vars).map_err(|e| e.to_string())?;
+        match config.sources.into_iter().next().map(|s| s.kind) {
+            Some(SourceKind::Api(p)) => Ok(*p),
+            other => panic!("not an api source: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn defaults_of_each_preset() {
+        let p = load(&json!({})).unwrap();
+        assert_eq!(p.cursor, CursorStyle::Link);
+        assert_eq!(p.interval, Duration::from_secs(10));
+        assert_eq!((p.page_size, p.page_size_param.as_str()), (1000, "limit"));
+        assert_eq!(p.items, "");
+        assert_eq!(p.rate_limit_reset, ResetStyle::Epoch);
+        let p = load(&json!({"cursor": "token"})).unwrap();
+        assert_eq!(
+            p.cursor,
+            CursorStyle::Token {
+                pointer: "/next_page_token".into(),
+                param: "page_token".into()
+            }
+        );
+        let p =
+            load(&json!({"cursor": "window", "time_format": "unix_ms", "overlap": "0s"})).unwrap();
+        let CursorStyle::Window(w) = p.cursor else {
+            panic!("a window")
+        };
+        assert_eq!(
+            (w.since_param.as_str(), w.until_param.as_str()),
+            ("since", "until")
+        );
+        assert_eq!(w.time_format, TimeFormat::UnixMs);
+        assert_eq!(
+            (w.overlap, w.settle),
+            (Duration::ZERO, Duration::from_secs(30))
+        );
+        assert_eq!(w.token, None);
+    }
+
+    #[test]
+    fn secrets_never_reach_debug_output() {
+        for params in [
+            json!({"headers": {"Authorization": "SSWS 00very-secret-okta-token"}}),
+            json!({"bearer_token": "00very-secret-okta-token"}),
+            json!({"basic_auth": {"username": "u", "password": "00very-secret-okta-token"}}),
+            json!({"oauth2": {"token_url": "https://acme.okta.com/token", "client_id": "c",
+                "client_secret": "00very-secret-okta-token", "scopes": ["okta.logs.read"]}}),
+        ] {
+            let p = load(&params).unwrap();
+            assert!(!format!("{p:?}").contains("00very-secret"), "{p:?}");
+        }
+    }
+
+    /// Each refusal names the setting it is about.
+    #[test]
+    fn what_is_refused_is_named() {
+        for (params, named) in [
+            (json!({"url": "ftp://acme.okta.com/logs"}), "params.url"),
+            (json!({"cursor": "offset"}), "cursor"),
+            (json!({"since_param": "from"}), "params.since_param"),
+            (
+                json!({"cursor": "token", "overlap": "5m"}),
+                "params.overlap",
+            ),
+            (json!({"token_param": "p"}), "params.token_param"),
+            (
+                json!({"cursor": "window", "since_param": "t", "until_param": "t"}),
+                "params.until_param",
+            ),
+            (
+                json!({"cursor": "window", "settle": "30d"}),
+                "params.settle",
+            ),
+            (json!({"cursor": "window", "start": "yesterday"}), "start"),
+            (json!({"page_size": 0}), "params.page_size"),
+            (
+                json!({"page_size_param": "limit&x=1"}),
+                "params.page_size_param",
+            ),
+            (json!({"items": "events"}), "params.items"),
+            (json!({"max_page_bytes": 10}), "params.max_page_bytes"),
+            (json!({"interval": "0s"}), "interval"),
+            (
+                json!({"bearer_token": "t0123", "basic_auth": {"username": "u", "password": "p"}}),
+                "params.bearer_token",
+            ),
+            (
+                json!({"bearer_token": "t0123", "headers": {"authorization": "SSWS x"}}),
+                "params.headers.Authorization",
+            ),
+            (
+                json!({"oauth2": {"token_url": "https://a/t", "client_id": "", "client_secret": "s", "scopes": []}}),
+                "params.oauth2.client_id",
+            ),
+            (
+                json!({"oauth2": {"token_url": "https://a/t", "client_id": "c", "client_secret": "s", "scopes": ["a b"]}}),
+                "params.oauth2.scopes",
+            ),
+            (json!({"tenants": ["acme", ""]}), "params.tenants"),
+            (json!({"mapping": null}), "mapping"),
+        ] {
+            let e = load(&params).unwrap_err();
+            assert!(e.contains("okta"), "{params}: {e}");
+            assert!(e.contains(named), "{params}: expected {named} in {e}");
+        }
+    }
+}
